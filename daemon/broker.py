@@ -1,0 +1,383 @@
+"""The embedded amqtt broker: the gateway's event bus.
+
+amqtt is asyncio-only, so it runs on its own event loop in one dedicated thread (measured in shared/notes to be close to
+standalone speed; trio-asyncio was 3-4x costlier). This is the only module that touches asyncio. Messages cross to trio
+in batches: the broker thread appends to a deque and wakes trio once when the deque turns non-empty.
+
+amqtt 0.12.1 defects worked around here (see shared/notes/amqtt-under-trio.md):
+- retained messages are sent to any subscriber without an ACL check, so this broker keeps none;
+- a client publishing to a `$` topic (or a wildcard topic) was left as a zombie, so such a client is disconnected;
+- a second connection with the same client id did not close the first, so the first is closed (MQTT-3.1.4-2);
+- a broadcast iterating the subscriptions failed with "dictionary changed size during iteration" (and the message was
+  lost) when a client subscribed meanwhile, so the subscription table hands out snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from daemon.ingest import in_device_space
+from daemon.registry import ADMIN_USER, verify_secret
+
+log = logging.getLogger("edgetrio.broker")
+
+
+class BrokerStartError(Exception):
+    """The broker could not listen (port in use, bad address); the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BusEvent:
+    """Something that happened on the bus, handed to trio. kind: message, connected, disconnected, subscribed."""
+
+    kind: str
+    client_id: str
+    username: str | None
+    topic: str = ""
+    payload: bytes = b""
+
+
+class Credentials:
+    """Who may connect. Written by the trio side, read by the broker thread (whole-value swaps only)."""
+
+    def __init__(self, admin_secret: str, devices: dict[str, str]) -> None:
+        self.admin_secret = admin_secret
+        self.devices = dict(devices)  # device id -> secret hash
+
+    def check(self, username: str | None, password: str | bytes | None, client_id: str | None) -> str | None:
+        """None if allowed, else the reason for refusing."""
+        if not username:
+            return "no username (anonymous access is off)"
+        if username == ADMIN_USER:
+            if isinstance(password, bytes):
+                password = password.decode("utf-8", "replace")
+            return None if password == self.admin_secret else "wrong admin password"
+        stored = self.devices.get(username)
+        if stored is None:
+            return f"unknown device {username!r}"
+        if not verify_secret(password, stored):
+            return f"wrong password for device {username!r}"
+        if client_id != username:
+            # a device's client id is its device id, so no device can take over another's session
+            return f"device {username!r} must connect with client id {username!r}"
+        return None
+
+
+def _gateway(context: Any) -> GatewayBroker:
+    broker = context._broker_instance
+    assert isinstance(broker, GatewayBroker)
+    return broker
+
+
+class DeviceAuth(BaseAuthPlugin):
+    """Each device authenticates with its own credential; the CLI and local apps with the admin credential."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        broker = _gateway(self.context)
+        reason = broker.credentials.check(session.username, session.password, session.client_id)
+        if reason is None:
+            return True
+        broker.counters["auth_refused"] += 1
+        log.warning("connection refused client=%s reason=%s", session.client_id, reason)
+        return False
+
+
+class DeviceTopics(BaseTopicPlugin):
+    """A device may publish, subscribe and receive only under edgetrio/{its id}/."""
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        if session is None or topic is None:
+            return False
+        if session.username == ADMIN_USER:
+            return True
+        allowed = session.username is not None and in_device_space(session.username, topic)
+        if not allowed:
+            broker = _gateway(self.context)
+            broker.counters[f"acl_refused_{action.value if action else 'unknown'}"] += 1
+            log.warning("topic refused device=%s action=%s topic=%s", session.username, action, topic[:200])
+        return allowed
+
+
+class BusEvents(BasePlugin[Any]):
+    """Forwards connection and subscription events to trio."""
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        _gateway(self.context).hand_off(BusEvent("connected", client_id, client_session.username))
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        _gateway(self.context).hand_off(BusEvent("disconnected", client_id, client_session.username))
+
+    async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
+        broker = _gateway(self.context)
+        entry = broker._sessions.get(client_id)
+        username = entry[0].username if entry else None
+        broker.hand_off(BusEvent("subscribed", client_id, username, topic))
+
+
+PLUGINS: dict[str, dict[str, Any]] = {
+    f"{__name__}.DeviceAuth": {},
+    f"{__name__}.DeviceTopics": {},
+    f"{__name__}.BusEvents": {},
+}
+
+
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose items() is a snapshot, safe to iterate across awaits while others add keys."""
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+
+class GatewayBroker(Broker):
+    """amqtt's Broker with the gateway's hand-off to trio and the defect workarounds."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        credentials: Credentials,
+        deliver: Callable[[BusEvent], None],
+        max_payload: int,
+    ) -> None:
+        self.credentials = credentials
+        self.counters: Counter[str] = Counter()
+        self.hand_off = deliver
+        self.max_payload = max_payload
+        super().__init__(config, loop=loop)
+        self._subscriptions = _SnapshotDict()
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
+        message = wait_deliver.result()
+        if message is not None:
+            topic = message.topic or ""
+            if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
+                self.counters["invalid_topic"] += 1
+                log.warning("disconnecting client=%s: invalid publish topic %r", client_session.client_id, topic[:200])
+                await handler.handle_connection_closed()
+                return True
+            if message.data is not None and len(message.data) > self.max_payload:
+                self.counters["oversize"] += 1
+                log.warning(
+                    "dropped oversize message client=%s topic=%s bytes=%d limit=%d",
+                    client_session.client_id, topic[:200], len(message.data), self.max_payload,
+                )
+                return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
+    ) -> None:
+        # Called for every accepted client publish (after the ACL) and for will messages; session is None for
+        # the daemon's own publishes, which need no hand-off.
+        if session is not None and topic and data is not None and session.client_id:
+            self.hand_off(BusEvent("message", session.client_id, session.username, topic, bytes(data)))
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def retain_message(
+        self, source_session: Session | None, topic_name: str | None, data: bytes | bytearray | None, qos: int | None = None
+    ) -> None:
+        # No retained messages at all: amqtt sends them to other clients without an ACL check.
+        if data:
+            self.counters["retain_ignored"] += 1
+
+    async def _delete_session(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.is_connected():
+            log.info("client=%s connected again; closing its previous connection", client_id)
+            await entry[1].handle_connection_closed()
+        await super()._delete_session(client_id)
+
+    def bound_port(self) -> int:
+        server = self._servers["default"].instance
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1])
+
+    async def publish_all(self, messages: list[tuple[str, bytes]]) -> None:
+        for topic, payload in messages:
+            await self.internal_message_broadcast(topic, payload, 1)
+
+
+class BrokerLink:
+    """The trio side of the embedded broker: receive bus events in batches, publish to devices."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._pending: deque[BusEvent] = deque()
+        self._wake_scheduled = False
+        self._wakeup = trio.Event()
+        self._closed = False
+        self._stopping = False
+        self._token = trio.lowlevel.current_trio_token()
+        self._broker: GatewayBroker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    # -- broker thread side --
+    def deliver(self, event: BusEvent) -> None:
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                # overload: refuse rather than queue without bound; the device resends what was never acked
+                self.dropped += 1
+                return
+            self._pending.append(event)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._wake)
+
+    # -- trio side --
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def receive_batch(self) -> list[BusEvent]:
+        """Wait for bus events and return all that are pending; [] once the broker has stopped and all are taken."""
+        while True:
+            with self._lock:
+                if self._pending:
+                    batch = list(self._pending)
+                    self._pending.clear()
+                    self._wake_scheduled = False
+                    return batch
+                self._wake_scheduled = False
+                if self._closed:
+                    return []
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        """Queue messages for devices (QoS 1). Never blocks; a no-op once the broker is stopping."""
+        broker, loop = self._broker, self._loop
+        if not messages or broker is None or loop is None or self._stopping:
+            return
+        coro = broker.publish_all(messages)
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop closed during shutdown
+            coro.close()
+
+    def disconnect(self, client_id: str) -> None:
+        """Close a client's connection if it has one (a removed device must not stay connected)."""
+        broker, loop = self._broker, self._loop
+        if broker is None or loop is None or self._stopping:
+            return
+        entry = broker._sessions.get(client_id)
+        if entry is not None:
+            asyncio.run_coroutine_threadsafe(entry[1].handle_connection_closed(), loop)
+
+    def counters(self) -> Counter[str]:
+        out: Counter[str] = Counter(self._broker.counters if self._broker else {})
+        if self.dropped:
+            out["dropped_overload"] = self.dropped
+        return out
+
+    def connected_clients(self) -> int:
+        broker = self._broker
+        if broker is None:
+            return 0
+        return sum(1 for session, _ in list(broker._sessions.values()) if session.transitions.is_connected())
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wakeup.set()
+
+
+def _broker_config(host: str, port: int, tls: tuple[str, str] | None) -> dict[str, Any]:
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
+    if tls:
+        listener.update({"ssl": True, "certfile": tls[0], "keyfile": tls[1]})
+    return {"listeners": {"default": listener}, "plugins": PLUGINS}
+
+
+@asynccontextmanager
+async def open_broker(
+    host: str,
+    port: int,
+    credentials: Credentials,
+    *,
+    max_pending: int = 50_000,
+    max_payload: int = 64 * 1024,
+    tls: tuple[str, str] | None = None,
+    shutdown_timeout: float = 5.0,
+) -> AsyncIterator[BrokerLink]:
+    """Run the broker in its own thread for the duration of the block; yields once it listens.
+
+    Raises BrokerStartError if it cannot listen. On exit (also on cancellation) the broker is shut down within
+    `shutdown_timeout` seconds and its thread joined; no bus event is delivered after that.
+    """
+    link = BrokerLink(max_pending)
+    started: trio.Event = trio.Event()
+    failure: list[BaseException] = []
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def run_thread() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop_box.append(loop)
+        try:
+            broker = GatewayBroker(_broker_config(host, port, tls), loop, credentials, link.deliver, max_payload)
+            loop.run_until_complete(broker.start())
+            link._broker, link._loop = broker, loop
+            link.port = broker.bound_port()
+        except BaseException as exc:  # reported to trio below
+            failure.append(exc)
+            loop.close()
+            trio.from_thread.run_sync(started.set, trio_token=link._token)
+            return
+        trio.from_thread.run_sync(started.set, trio_token=link._token)
+        loop.run_forever()
+        try:
+            loop.run_until_complete(asyncio.wait_for(broker.shutdown(), shutdown_timeout))
+        except Exception as exc:
+            log.warning("broker shutdown incomplete: %s", exc)
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    thread = threading.Thread(target=run_thread, name="amqtt-broker", daemon=True)
+    thread.start()
+    with trio.CancelScope(shield=True):
+        await started.wait()
+    if failure:
+        await trio.to_thread.run_sync(thread.join)
+        exc = failure[0]
+        cause = exc.__cause__ or exc
+        if isinstance(exc, BrokerError | OSError):
+            raise BrokerStartError(f"cannot listen for MQTT on {host}:{port}: {cause}") from exc
+        raise exc
+    try:
+        yield link
+    finally:
+        with trio.CancelScope(shield=True):
+            loop = loop_box[0]
+            link._stopping = True
+            loop.call_soon_threadsafe(loop.stop)
+            with trio.move_on_after(shutdown_timeout + 2):
+                await trio.to_thread.run_sync(thread.join)
+            link._close()

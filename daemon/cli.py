@@ -1,0 +1,357 @@
+"""The `edgetrio` command line: run the daemon, manage devices, models, twins and commands, read readings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon import store
+from daemon.config import ConfigError, build_config, load_config_file
+from daemon.control import ControlClient, ControlError
+from daemon.gateway import DaemonError, daemon_running, read_run_file
+from daemon.registry import RegistryError, load_model_file
+from daemon.twin import VersionConflict, set_desired
+
+EXIT_FAILED = 1  # the operation was refused or did not complete (conflict, timeout, unknown device)
+EXIT_USAGE = 2  # bad arguments, bad config, cannot start
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data"))
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """key=value pairs; a value is JSON where it parses (21.5, true, null, {...}), else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"expected key=value, got {item!r}", EXIT_USAGE)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(value, indent=2))
+    else:
+        human()
+
+
+def open_store(data_dir: Path, must_exist: bool = True) -> Any:
+    if must_exist and not (data_dir / store.DB_FILE).exists():
+        raise CliError(f"no gateway data in {data_dir} (set --data-dir, or start with `edgetrio device add`)", EXIT_USAGE)
+    try:
+        return store.open_db(data_dir)
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offline: Callable[[Any], Any]) -> Any:
+    """Write commands go through the running daemon (the one writer); with no daemon they write the store directly."""
+    if daemon_running(data_dir):
+        try:
+            with ControlClient(data_dir) as control:
+                return control.request(op, op_args)
+        except ControlError as exc:
+            raise CliError(str(exc)) from exc
+    db = open_store(data_dir, must_exist=False)
+    try:
+        with db.atomic():
+            return offline(db)
+    except (RegistryError, VersionConflict) as exc:
+        raise CliError(str(exc)) from exc
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    file_settings = load_config_file(args.config) if args.config else {}
+    cfg = build_config(file_settings, {
+        "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
+        "log_level": args.log_level,
+    })
+    if cfg.data_dir is None:
+        cfg.data_dir = default_data_dir()
+    setup_logging(cfg.log_level)
+    from daemon.broker import BrokerStartError
+    from daemon.gateway import run
+
+    try:
+        trio.run(run, cfg)
+    except (BrokerStartError, DaemonError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_device_add(args: argparse.Namespace) -> None:
+    result = via_daemon_or_store(
+        args.data_dir, "device.add", {"id": args.id, "model": args.model},
+        lambda db: {"id": args.id, "username": args.id,
+                    "password": store.add_device(db, args.id, args.model)},
+    )
+    emit(args, result, lambda: print(
+        f"registered {result['id']}\n  username: {result['username']}\n  password: {result['password']}\n"
+        "Keep the password now: it is stored only hashed and cannot be shown again."))
+
+
+def cmd_device_remove(args: argparse.Namespace) -> None:
+    via_daemon_or_store(args.data_dir, "device.remove", {"id": args.id},
+                        lambda db: store.remove_device(db, args.id))
+    print(f"removed {args.id} (its stored readings are kept)")
+
+
+def cmd_device_list(args: argparse.Namespace) -> None:
+    db = open_store(args.data_dir)
+    devices = store.list_devices(db)
+
+    def human() -> None:
+        if not devices:
+            print("no devices registered")
+            return
+        print(f"{'DEVICE':<20} {'MODEL':<16} {'STATE':<8} {'LAST SEEN':<20} READINGS")
+        for d in devices:
+            state = "online" if d["online"] else "offline"
+            print(f"{d['id']:<20} {d['model'] or '-':<16} {state:<8} {fmt_time(d['last_seen']):<20} "
+                  f"{store.reading_count(db, d['id'])}")
+
+    emit(args, devices, human)
+
+
+def cmd_model_add(args: argparse.Namespace) -> None:
+    try:
+        model = load_model_file(args.file)
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    via_daemon_or_store(args.data_dir, "model.add", {"model": model.as_dict()},
+                        lambda db: store.add_model(db, model))
+    print(f"model {model.name} stored with {len(model.resources)} resources")
+
+
+def cmd_model_list(args: argparse.Namespace) -> None:
+    models = store.list_models(open_store(args.data_dir))
+
+    def human() -> None:
+        for m in models:
+            names = ", ".join(f"{r['name']}:{r['type']}" for r in m["resources"])
+            print(f"{m['name']:<24} ({m['source']}) {names}")
+
+    emit(args, models, human)
+
+
+def print_twin(twin: dict[str, Any]) -> None:
+    print(f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}")
+    print(f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}")
+    print(f"delta: {json.dumps(twin['delta'])}")
+
+
+def cmd_twin_get(args: argparse.Namespace) -> None:
+    try:
+        twin = store.get_twin(open_store(args.data_dir), args.id).as_json()
+    except RegistryError as exc:
+        raise CliError(str(exc)) from exc
+    emit(args, twin, lambda: print_twin(twin))
+
+
+def cmd_twin_set(args: argparse.Namespace) -> None:
+    patch = parse_assignments(args.assignments)
+    if not patch:
+        raise CliError("give at least one key=value", EXIT_USAGE)
+
+    def offline(db: Any) -> dict[str, Any]:
+        twin = set_desired(store.get_twin(db, args.id), patch, args.version)
+        store.save_twin(db, args.id, twin)
+        return twin.as_json()
+
+    twin = via_daemon_or_store(args.data_dir, "twin.set", {"id": args.id, "patch": patch, "version": args.version},
+                               offline)
+    emit(args, twin, lambda: print_twin(twin))
+
+
+def cmd_cmd(args: argparse.Namespace) -> None:
+    if not daemon_running(args.data_dir):
+        raise CliError(f"no daemon is running on {args.data_dir}: commands need the daemon and the device online")
+    try:
+        with ControlClient(args.data_dir) as control:
+            result = control.request("cmd", {"id": args.id, "name": args.name,
+                                             "args": parse_assignments(args.assignments), "timeout": args.timeout},
+                                     timeout=args.timeout + 10)
+    except ControlError as exc:
+        raise CliError(str(exc)) from exc
+
+    def human() -> None:
+        if result.get("ok"):
+            print(json.dumps(result.get("value")))
+        else:
+            print(f"{args.id} answered with an error: {result.get('error')}")
+
+    emit(args, result, human)
+    if not result.get("ok"):
+        raise SystemExit(EXIT_FAILED)
+
+
+def cmd_readings(args: argparse.Namespace) -> None:
+    try:
+        since = store.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    db = open_store(args.data_dir)
+    if store.get_device(db, args.id) is None and store.reading_count(db, args.id) == 0:
+        raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
+    rows = store.query_readings(db, args.id, since, args.limit)
+
+    def human() -> None:
+        for r in rows:
+            values = " ".join(f"{k}={v}" for k, v in r["values"].items())
+            print(f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} {values}")
+        if not rows:
+            print("no readings")
+
+    emit(args, rows, human)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    db = open_store(args.data_dir)
+    status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
+                              "devices": len(store.list_devices(db)), "readings": store.reading_count(db),
+                              "counters": store.counters(db)}
+    if status["running"]:
+        try:
+            with ControlClient(args.data_dir) as control:
+                status["daemon"] = control.request("status", {})
+            status["mqtt"] = read_run_file(args.data_dir)
+        except (ControlError, ConfigError) as exc:
+            status["daemon_error"] = str(exc)
+
+    def human() -> None:
+        print(f"data dir:  {status['data_dir']}")
+        print(f"daemon:    {'running' if status['running'] else 'stopped'}")
+        if "mqtt" in status:
+            print(f"mqtt:      {status['mqtt']['mqtt_host']}:{status['mqtt']['mqtt_port']}")
+        if "daemon" in status:
+            d = status["daemon"]
+            print(f"uptime:    {d['uptime']} s   connected: {', '.join(d['devices_connected']) or '-'}")
+            counters = d["counters"]
+            print("this run:  " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "-"))
+        print(f"devices:   {status['devices']}   readings stored: {status['readings']}")
+        print("all time:  " + (", ".join(f"{k}={v}" for k, v in status["counters"].items()) or "-"))
+
+    emit(args, status, human)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tools.demo import run_demo
+
+    run_demo(args.data_dir, args.devices, args.duration)
+
+
+# -- argument parsing -------------------------------------------------------------------------------------------------
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if level.lower() != "debug":
+        for noisy in ("amqtt", "transitions", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetrio", description="edgetrio gateway, devices and fleet")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=None,
+                        help="the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("daemon", parents=[common], help="run the gateway daemon in the foreground")
+    p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
+    p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
+    p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+    p.set_defaults(func=cmd_daemon)
+
+    device = sub.add_parser("device", help="register, list and remove devices").add_subparsers(dest="action", required=True)
+    p = device.add_parser("add", parents=[common, as_json], help="register a device and print its credential once")
+    p.add_argument("id")
+    p.add_argument("--model", help="device model name (see `edgetrio model add`)")
+    p.set_defaults(func=cmd_device_add)
+    p = device.add_parser("list", parents=[common, as_json], help="devices with online state and last seen")
+    p.set_defaults(func=cmd_device_list)
+    p = device.add_parser("remove", parents=[common], help="remove a device (its readings stay)")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_device_remove)
+
+    model = sub.add_parser("model", help="device models").add_subparsers(dest="action", required=True)
+    p = model.add_parser("add", parents=[common], help="add or replace a model from a .json or .toml file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_model_add)
+    p = model.add_parser("list", parents=[common, as_json])
+    p.set_defaults(func=cmd_model_list)
+
+    twin = sub.add_parser("twin", help="desired and reported state").add_subparsers(dest="action", required=True)
+    p = twin.add_parser("get", parents=[common, as_json])
+    p.add_argument("id")
+    p.set_defaults(func=cmd_twin_get)
+    p = twin.add_parser("set", parents=[common, as_json], help="change desired state: key=value ... (null removes)")
+    p.add_argument("id")
+    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("--version", type=int, help="the desired version this change is based on (refused if stale)")
+    p.set_defaults(func=cmd_twin_set)
+
+    p = sub.add_parser("cmd", parents=[common, as_json], help="send a command to a device and print its result")
+    p.add_argument("id")
+    p.add_argument("name")
+    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result (default 10)")
+    p.set_defaults(func=cmd_cmd)
+
+    p = sub.add_parser("readings", parents=[common, as_json], help="stored readings of a device")
+    p.add_argument("id")
+    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
+    p.add_argument("--limit", type=int, help="only the newest N")
+    p.set_defaults(func=cmd_readings)
+
+    p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="run a daemon with simulated devices and show readings arriving")
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "data_dir") and args.data_dir is None and args.func is not cmd_daemon:
+        args.data_dir = default_data_dir()
+    try:
+        args.func(args)
+    except (CliError, ConfigError) as exc:
+        print(f"edgetrio: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.code if isinstance(exc, CliError) else EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+

@@ -1,0 +1,94 @@
+"""Daemon settings: defaults, a TOML config file, and command-line flags (flags win)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from daemon.registry import ADMIN_USER, new_secret
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is one line naming the file and the key."""
+
+
+@dataclass
+class DaemonConfig:
+    data_dir: Path = Path("edgetrio-data")
+    mqtt_host: str = "0.0.0.0"  # devices reach the gateway over Wi-Fi
+    mqtt_port: int = 1883
+    max_payload: int = 64 * 1024  # bytes; larger MQTT messages are dropped and counted
+    max_pending: int = 50_000  # bus events waiting for ingest before new ones are refused (overload)
+    log_level: str = "info"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    serial: list[str] = field(default_factory=list)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "data_dir": str, "mqtt_host": str, "mqtt_port": int, "max_payload": int, "max_pending": int,
+    "log_level": str, "tls_cert": str, "tls_key": str, "serial": list,
+}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into checked settings; raise ConfigError on any problem."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    known = {f.name for f in fields(DaemonConfig)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        expected = _TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"config file {path}: {key} must be a {getattr(expected, '__name__', expected)}")
+        out[name] = Path(str(value)) if name == "data_dir" else value
+    return out
+
+
+def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> DaemonConfig:
+    settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None and v != []}}
+    cfg = DaemonConfig(**settings)
+    if not 0 <= cfg.mqtt_port <= 65535:
+        raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
+    if cfg.max_payload < 256:
+        raise ConfigError("max_payload must be at least 256 bytes")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level {cfg.log_level!r}: use debug, info, warning or error")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together")
+    return cfg
+
+
+# -- files the daemon keeps in its data dir --------------------------------------------------------------------------
+
+ADMIN_FILE = "admin.json"
+RUN_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
+
+
+def admin_credential(data_dir: Path) -> tuple[str, str]:
+    """The admin username and password for the broker, created on first use (file mode 0600)."""
+    path = data_dir / ADMIN_FILE
+    if path.exists():
+        try:
+            body = json.loads(path.read_text())
+            return body["username"], body["password"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is corrupt; delete it to issue a new admin credential") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"username": ADMIN_USER, "password": secret}, f)
+    return ADMIN_USER, secret

@@ -1,0 +1,476 @@
+"""The gateway daemon: broker -> ingest -> store, with the twin, commands and the local control channel.
+
+One trio process. The broker thread hands bus events over in batches; ingest sorts them into store operations; the
+writer commits them in groups and only then are devices acknowledged (`ack`) and callers answered.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import outcome
+import trio
+from sqlite_utils import Database
+
+from daemon import store
+from daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
+from daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
+from daemon.ingest import (
+    CONTROL_REPLY_ROOT,
+    CONTROL_REQUEST,
+    DEVICE_CHANNELS,
+    Reading,
+    Rejected,
+    device_topic,
+    parse_object,
+    parse_telemetry,
+    parse_topic,
+)
+from daemon.registry import ADMIN_USER, Model, RegistryError, check_values_without_model
+from daemon.twin import Twin, VersionConflict, set_desired, set_reported
+
+log = logging.getLogger("edgetrio.gateway")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message is one line for the user."""
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching for one concrete topic."""
+    fparts, tparts = topic_filter.split("/"), topic.split("/")
+    for i, part in enumerate(fparts):
+        if part == "#":
+            return True
+        if i >= len(tparts) or (part != "+" and part != tparts[i]):
+            return False
+    return len(fparts) == len(tparts)
+
+
+@dataclass
+class DeviceEntry:
+    model: Model | None
+
+
+class Gateway:
+    """Sorts bus events into store operations and answers the local control channel."""
+
+    def __init__(self, link: BrokerLink, writer: store.Writer, credentials: Credentials, db: Database) -> None:
+        self.link = link
+        self.writer = writer
+        self.credentials = credentials
+        self.counts: Counter[str] = Counter()
+        self._flushed: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()
+        self.devices: dict[str, DeviceEntry] = {}
+        self.pending_commands: dict[str, tuple[str, trio.MemorySendChannel[dict[str, Any]]]] = {}
+        self.requests: trio.Nursery | None = None
+        # store writes decided while sorting one batch, queued after it
+        self._pending_writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
+        self.started = time.time()
+        for row in store.list_devices(db):
+            self.devices[row["id"]] = DeviceEntry(store.device_model(db, row["id"]))
+        # presence left over from a previous run that ended abruptly
+        db.execute("UPDATE devices SET online = 0 WHERE online = 1")
+        db.conn.commit()
+
+    # -- ingest ------------------------------------------------------------------------------------------------------
+
+    async def ingest(self) -> None:
+        """Take bus events in batches until the broker has stopped and every event is handed to the writer."""
+        while batch := await self.link.receive_batch():
+            readings: list[Reading] = []
+            invalid: list[tuple[Reading, str]] = []
+            for event in batch:
+                try:
+                    self._classify(event, readings, invalid)
+                except Rejected as exc:
+                    self._reject(event, exc.reason, str(exc))
+            writes, self._pending_writes = self._pending_writes, []
+            for apply, done in writes:
+                await self.writer.submit(apply, done)
+            if readings or invalid:
+                self.counts["readings_received"] += len(readings)
+                await self.writer.submit(
+                    partial(store.commit_readings, readings=readings, rejects=invalid, now=time.time()),
+                    self._acknowledge,
+                )
+
+    def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
+        self.counts[f"rejected_{reason}"] += 1
+        parsed = parse_topic(event.topic)
+        device = parsed[0] if parsed else event.username
+        log.warning("rejected reason=%s device=%s topic=%s detail=%s", reason, device, event.topic[:200], detail)
+        self._spawn_write(partial(store.record_reject, device_id=device, reason=reason, detail=detail,
+                                  payload=event.payload, now=time.time()))
+
+    def _spawn_write(self, apply: Callable[[Database], Any]) -> None:
+        """Queue a store write whose result nobody waits for; a failure is logged."""
+        def done(result: outcome.Outcome[Any]) -> None:
+            if isinstance(result, outcome.Error):
+                log.error("store write failed: %s", result.error)
+        self._pending_writes.append((apply, done))
+
+    def _classify(self, event: BusEvent, readings: list[Reading], invalid: list[tuple[Reading, str]]) -> None:
+        device_client = event.username is not None and event.username != ADMIN_USER
+        now = time.time()
+        if event.kind == "connected" and device_client:
+            self.connections[event.client_id] += 1
+            if self.connections[event.client_id] == 1 and event.client_id in self.devices:
+                log.info("device online device=%s", event.client_id)
+                self._spawn_write(partial(store.set_presence, device_id=event.client_id, online=True, now=now))
+            return
+        if event.kind == "disconnected" and device_client:
+            # presence counts connections: the will of a replaced connection arrives after the new one's birth
+            self.connections[event.client_id] -= 1
+            if self.connections[event.client_id] <= 0:
+                del self.connections[event.client_id]
+                if event.client_id in self.devices:
+                    log.info("device offline device=%s", event.client_id)
+                    self._spawn_write(partial(store.set_presence, device_id=event.client_id, online=False, now=now))
+            return
+        if event.kind == "subscribed" and device_client:
+            desired_topic = device_topic(event.client_id, "twin/desired")
+            if topic_matches(event.topic, desired_topic):
+                self._send_desired(event.client_id)
+            return
+        if event.kind != "message":
+            return
+        if event.topic == CONTROL_REQUEST and event.username == ADMIN_USER:
+            self._start_request(event.payload)
+            return
+        parsed = parse_topic(event.topic)
+        if parsed is None:
+            return  # admin traffic outside the device space is not ours to judge
+        device, channel = parsed
+        if channel not in DEVICE_CHANNELS:
+            if device_client:
+                raise Rejected("unknown_channel", f"devices do not publish on {channel!r}")
+            return  # edge -> device traffic (ack, twin/desired, cmd) sent by an admin app
+        entry = self.devices.get(device)
+        if entry is None:
+            raise Rejected("unknown_device", f"device {device!r} is not registered")
+        if channel == "telemetry":
+            reading = parse_telemetry(device, event.payload)
+            model = entry.model
+            reason = model.check_values(reading.values) if model else check_values_without_model(reading.values)
+            if reason:
+                self.counts["rejected_invalid_value"] += 1
+                log.warning("rejected reason=invalid_value device=%s boot=%d seq=%d detail=%s",
+                            device, reading.boot, reading.seq, reason)
+                invalid.append((reading, reason))
+            else:
+                readings.append(reading)
+        elif channel == "twin/reported":
+            body = parse_object(event.payload)
+            state = body.get("state")
+            if not isinstance(state, dict):
+                raise Rejected("bad_envelope", "twin/reported needs {\"state\": {...}}")
+            self._spawn_write(partial(self._apply_reported, device=device, state=state))
+        elif channel == "meta":
+            meta = parse_object(event.payload)
+            if "resources" in meta:
+                try:
+                    Model.from_dict({"resources": meta["resources"]}, name=f"device:{device}")
+                except RegistryError as exc:
+                    raise Rejected("bad_meta", str(exc)) from exc
+            self._spawn_write(partial(store.record_meta, device_id=device, meta=meta, now=now))
+            self._refresh_model(device)
+        elif channel == "cmd/result":
+            body = parse_object(event.payload)
+            cmd_id = body.get("id")
+            if not isinstance(cmd_id, str):
+                raise Rejected("bad_envelope", "cmd/result needs a string 'id'")
+            waiter = self.pending_commands.get(cmd_id)
+            if waiter is not None and waiter[0] == device:
+                waiter[1].send_nowait(body)
+            else:
+                self._spawn_write(partial(self._late_result, cmd_id=cmd_id, body=body, now=now))
+        elif channel in ("log", "status"):
+            note: Any
+            try:
+                note = json.loads(event.payload)
+            except ValueError:
+                note = event.payload[:4096].decode("utf-8", "replace")
+            self._spawn_write(partial(store.record_event, device_id=device, kind=channel, body=note, now=now))
+
+    def _refresh_model(self, device: str) -> None:
+        def done(result: outcome.Outcome[Model | None]) -> None:
+            if isinstance(result, outcome.Value) and device in self.devices:
+                self.devices[device] = DeviceEntry(result.value)
+        self._pending_writes.append((partial(store.device_model, device_id=device), done))
+
+    @staticmethod
+    def _apply_reported(db: Database, device: str, state: dict[str, Any]) -> Twin:
+        twin = set_reported(store.get_twin(db, device), state)
+        store.save_twin(db, device, twin)
+        return twin
+
+    @staticmethod
+    def _late_result(db: Database, cmd_id: str, body: dict[str, Any], now: float) -> None:
+        status = "ok" if body.get("ok") else "error"
+        if store.finish_command(db, cmd_id, status, body, now):
+            log.info("late command result stored id=%s", cmd_id)
+
+    def _acknowledge(self, result: outcome.Outcome[dict[tuple[str, int], int]]) -> None:
+        if isinstance(result, outcome.Error):
+            log.error("readings not committed, not acknowledged: %s", result.error)
+            return
+        assert isinstance(result, outcome.Value)
+        self.link.publish([
+            (device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
+            for (device, boot), seq in result.value.items()
+        ])
+
+    def _send_desired(self, device: str) -> None:
+        def done(result: outcome.Outcome[Twin]) -> None:
+            if isinstance(result, outcome.Value):
+                self.publish_desired(device, result.value)
+        self._pending_writes.append((partial(store.get_twin, device_id=device), done))
+
+    def publish_desired(self, device: str, twin: Twin) -> None:
+        self.link.publish([(device_topic(device, "twin/desired"), json.dumps(twin.desired_message()).encode())])
+
+    # -- local control channel -------------------------------------------------------------------------------------
+
+    def _start_request(self, payload: bytes) -> None:
+        try:
+            request = parse_object(payload)
+        except Rejected as exc:
+            log.warning("control request is not a JSON object: %s", exc)
+            return
+        reply_to = request.get("reply_to")
+        if not isinstance(reply_to, str) or not reply_to.startswith(CONTROL_REPLY_ROOT):
+            log.warning("control request without a usable reply_to")
+            return
+        assert self.requests is not None
+        self.requests.start_soon(self._answer, request, reply_to)
+
+    async def _answer(self, request: dict[str, Any], reply_to: str) -> None:
+        reply: dict[str, Any] = {"id": request.get("id")}
+        try:
+            reply["result"] = await self.handle(str(request.get("op")), request.get("args") or {})
+        except VersionConflict as exc:
+            reply["error"], reply["code"] = str(exc), "conflict"
+        except (RegistryError, ValueError, KeyError, TypeError) as exc:
+            reply["error"], reply["code"] = str(exc), "invalid"
+        except CommandFailed as exc:
+            reply["error"], reply["code"] = str(exc), exc.code
+        self.link.publish([(reply_to, json.dumps(reply).encode())])
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """Carry out one control operation; raises RegistryError/ValueError/VersionConflict/CommandFailed."""
+        if op == "device.add":
+            device_id, model = args["id"], args.get("model")
+            secret = await self.writer.write(partial(store.add_device, device_id=device_id, model=model))
+            stored = await self.writer.write(partial(store.device_secrets))
+            self.credentials.devices = stored
+            self.devices[device_id] = DeviceEntry(await self.writer.write(partial(store.device_model, device_id=device_id)))
+            return {"id": device_id, "username": device_id, "password": secret}
+        if op == "device.remove":
+            device_id = args["id"]
+            await self.writer.write(partial(store.remove_device, device_id=device_id))
+            self.credentials.devices = {k: v for k, v in self.credentials.devices.items() if k != device_id}
+            self.devices.pop(device_id, None)
+            self.link.disconnect(device_id)
+            return {"id": device_id, "removed": True}
+        if op == "model.add":
+            model = Model.from_dict(args.get("model"))
+            await self.writer.write(partial(store.add_model, model=model))
+            for device_id in list(self.devices):
+                self.devices[device_id] = DeviceEntry(
+                    await self.writer.write(partial(store.device_model, device_id=device_id)))
+            return model.as_dict()
+        if op == "twin.set":
+            device_id, patch, version = args["id"], args["patch"], args.get("version")
+            if not isinstance(patch, dict) or not patch:
+                raise ValueError("twin set needs at least one key=value")
+            twin = await self.writer.write(partial(self._apply_desired, device=device_id, patch=patch, version=version))
+            self.publish_desired(device_id, twin)
+            return twin.as_json()
+        if op == "cmd":
+            return await self.command(args["id"], str(args["name"]), args.get("args") or {},
+                                      float(args.get("timeout", 10)))
+        if op == "status":
+            return self.status()
+        raise ValueError(f"unknown operation {op!r}")
+
+    @staticmethod
+    def _apply_desired(db: Database, device: str, patch: dict[str, Any], version: int | None) -> Twin:
+        twin = set_desired(store.get_twin(db, device), patch, version)
+        store.save_twin(db, device, twin)
+        return twin
+
+    async def command(self, device: str, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a command and wait for its result; records it and its outcome in the store."""
+        if device not in self.devices:
+            raise store.UnknownDevice(device)
+        if device not in self.connections:
+            raise CommandFailed("offline", f"device {device!r} is not connected")
+        cmd_id = uuid.uuid4().hex[:16]
+        await self.writer.write(partial(store.record_command, cmd_id=cmd_id, device_id=device, name=name, args=args,
+                                        now=time.time()))
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self.pending_commands[cmd_id] = (device, send)
+        try:
+            self.link.publish([(device_topic(device, "cmd"),
+                                json.dumps({"id": cmd_id, "name": name, "args": args}).encode())])
+            with trio.move_on_after(timeout):
+                result = await receive.receive()
+                status = "ok" if result.get("ok") else "error"
+                await self.writer.write(partial(store.finish_command, cmd_id=cmd_id, status=status, result=result,
+                                                now=time.time()))
+                return result
+        finally:
+            del self.pending_commands[cmd_id]
+        await self.writer.write(partial(store.finish_command, cmd_id=cmd_id, status="timeout", result=None,
+                                        now=time.time()))
+        raise CommandFailed("timeout", f"device {device!r} did not answer command {name!r} within {timeout:g} s")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "devices_connected": sorted(d for d in self.connections if d in self.devices),
+            "counters": dict(self.live_counters()),
+            "writer": {"batches": self.writer.batches, "operations": self.writer.ops},
+        }
+
+    def live_counters(self) -> Counter[str]:
+        out = Counter(self.counts)
+        out.update(self.link.counters())
+        return out
+
+    async def flush_counters(self) -> None:
+        """Add what was counted since the last flush to the persistent counters."""
+        current = self.live_counters()
+        delta = current - self._flushed
+        if delta:
+            await self.writer.write(partial(store.add_counters, counts=delta))
+            self._flushed = current
+
+    async def flush_counters_every(self, seconds: float) -> None:
+        while True:
+            await trio.sleep(seconds)
+            await self.flush_counters()
+
+
+class CommandFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def lock_data_dir(cfg: DaemonConfig) -> int:
+    """Hold an exclusive lock on the data dir for the life of the process, so two daemons never share it."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"another daemon is already running on {cfg.data_dir}") from None
+    return fd
+
+
+def daemon_running(data_dir: Any) -> bool:
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the gateway until SIGINT or SIGTERM; then stop the broker, commit what was received, and return.
+
+    Reports the bound MQTT port through task_status once devices can connect. Raises DaemonError or ConfigError
+    (one-line messages) when it cannot start.
+    """
+    lock_fd = lock_data_dir(cfg)
+    try:
+        try:
+            db = store.open_db(cfg.data_dir)
+        except RegistryError as exc:
+            raise DaemonError(str(exc)) from exc
+        _, admin_secret = admin_credential(cfg.data_dir)
+        credentials = Credentials(admin_secret, store.device_secrets(db))
+        writer = store.Writer(db)
+        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                ingest_done = trio.Event()
+                periodic = trio.CancelScope()
+                async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
+                                       max_payload=cfg.max_payload, tls=tls) as link:
+                    gateway = Gateway(link, writer, credentials, db)
+
+                    async def ingest() -> None:
+                        try:
+                            await gateway.ingest()
+                        finally:
+                            ingest_done.set()
+
+                    async def flush_periodically() -> None:
+                        with periodic:
+                            await gateway.flush_counters_every(5)
+
+                    nursery.start_soon(ingest)
+                    nursery.start_soon(flush_periodically)
+                    async with trio.open_nursery() as requests:
+                        gateway.requests = requests
+                        _write_run_file(cfg, link.port)
+                        log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d", cfg.data_dir, cfg.mqtt_host,
+                                 link.port, len(gateway.devices))
+                        task_status.started(link.port)
+                        async for signum in signals:
+                            log.info("stopping on %s", signal.Signals(signum).name)
+                            break
+                        requests.cancel_scope.cancel()
+                # the broker has stopped: commit what it handed over, then let the writer finish
+                await ingest_done.wait()
+                periodic.cancel()
+                await gateway.flush_counters()
+                await writer.close()
+            log.info("daemon stopped; %d operations committed in %d batches", writer.ops, writer.batches)
+    finally:
+        (cfg.data_dir / RUN_FILE).unlink(missing_ok=True)
+        os.close(lock_fd)
+
+
+def _write_run_file(cfg: DaemonConfig, port: int) -> None:
+    host = cfg.mqtt_host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    tmp = cfg.data_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port}))
+    tmp.replace(cfg.data_dir / RUN_FILE)
+
+
+def read_run_file(data_dir: Any) -> dict[str, Any]:
+    path = data_dir / RUN_FILE
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no running daemon found in {data_dir} (start one with `edgetrio daemon`)") from exc

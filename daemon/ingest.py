@@ -1,0 +1,97 @@
+"""Ingest rules: the device topic space, parsing what devices send, and the ack watermark (pure functions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = "edgetrio"
+# What a device may send; everything else under its root is refused and counted.
+DEVICE_CHANNELS = frozenset({"status", "meta", "telemetry", "twin/reported", "cmd/result", "log"})
+# Local apps and the CLI talk to the daemon here (admin credential only); outside every device's root.
+CONTROL_REQUEST = "edgetrio-api/request"
+CONTROL_REPLY_ROOT = "edgetrio-api/reply/"
+
+
+class Rejected(Exception):
+    """A message that cannot be accepted: `reason` is a short counter name, the message says what was wrong."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Reading:
+    device: str
+    boot: int
+    seq: int
+    ts: float | None
+    values: dict[str, Any]
+    # Lowest seq of this boot the device still buffers: lower ones were dropped on the device (buffer full),
+    # so the watermark may pass them instead of waiting forever.
+    first: int = 1
+
+
+def device_topic(device_id: str, channel: str) -> str:
+    return f"{ROOT}/{device_id}/{channel}"
+
+
+def parse_topic(topic: str) -> tuple[str, str] | None:
+    """Split `edgetrio/{device}/{channel}` into (device, channel); None for anything else."""
+    parts = topic.split("/", 2)
+    if len(parts) != 3 or parts[0] != ROOT or not parts[1]:
+        return None
+    return parts[1], parts[2]
+
+
+def in_device_space(device_id: str, topic: str) -> bool:
+    """True if a topic or filter lies inside the device's own root (wildcards allowed only below it)."""
+    prefix = f"{ROOT}/{device_id}/"
+    return topic.startswith(prefix) and len(topic) > len(prefix)
+
+
+def parse_object(payload: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejected("malformed_json", f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise Rejected("malformed_json", "expected a JSON object")
+    return body
+
+
+def _counter(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Rejected("bad_envelope", f"'{key}' must be a non-negative integer")
+    return value
+
+
+def parse_telemetry(device: str, payload: bytes) -> Reading:
+    """Parse `{"boot", "seq", "ts", "values"}`; raise Rejected if the envelope is unusable."""
+    body = parse_object(payload)
+    boot = _counter(body, "boot")
+    seq = _counter(body, "seq")
+    ts = body.get("ts")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
+        raise Rejected("bad_envelope", "'ts' must be a number of seconds")
+    values = body.get("values")
+    if not isinstance(values, dict) or not values:
+        raise Rejected("bad_envelope", "'values' must be a non-empty object")
+    first = _counter(body, "first") if "first" in body else 1
+    return Reading(device, boot, seq, float(ts) if ts is not None else None, values, min(first, seq))
+
+
+def advance_watermark(watermark: int, seqs: Iterable[int]) -> int:
+    """Highest contiguous seq reached from `watermark` through the sorted committed `seqs`."""
+    for seq in seqs:
+        if seq <= watermark:
+            continue
+        if seq != watermark + 1:
+            break
+        watermark = seq
+    return watermark

@@ -1,0 +1,179 @@
+"""Device registry rules: device ids, credentials and device models (pure functions, no I/O but model files)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ADMIN_USER = "edgetrio-admin"
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# Resource value types, with the KubeEdge / EdgeX spellings users bring along.
+TYPE_ALIASES = {
+    "int": "int", "integer": "int", "int32": "int", "int64": "int",
+    "float": "float", "double": "float", "float32": "float", "float64": "float", "number": "float",
+    "bool": "bool", "boolean": "bool",
+    "string": "string", "str": "string",
+}
+ACCESS_ALIASES = {"r": "r", "ro": "r", "readonly": "r", "read": "r", "rw": "rw", "readwrite": "rw", "w": "rw"}
+
+
+class RegistryError(ValueError):
+    """A device id, credential or model that cannot be accepted; the message says why."""
+
+
+def check_device_id(device_id: str) -> str:
+    """Return the id if it can name a device and an MQTT topic level, else raise RegistryError."""
+    if device_id == ADMIN_USER or not DEVICE_ID.match(device_id):
+        raise RegistryError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return device_id
+
+
+def new_secret() -> str:
+    """A fresh random credential (144 bits), printed once and stored only hashed."""
+    return secrets.token_urlsafe(18)
+
+
+def hash_secret(secret: str) -> str:
+    # A salted SHA-256 is enough for random 144-bit secrets (nothing to brute-force), and it keeps
+    # a reconnect storm of hundreds of devices from costing seconds of CPU as a slow KDF would.
+    salt = secrets.token_hex(8)
+    digest = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return f"sha256${salt}${digest}"
+
+
+def verify_secret(secret: str | bytes | None, stored: str) -> bool:
+    if secret is None:
+        return False
+    if isinstance(secret, bytes):
+        secret = secret.decode("utf-8", "replace")
+    try:
+        scheme, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "sha256":
+        return False
+    candidate = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return hmac.compare_digest(candidate, digest)
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    type: str
+    unit: str = ""
+    access: str = "r"
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, value: Any) -> str | None:
+        """None if the value fits this resource, else the reason it does not."""
+        if self.type == "bool":
+            ok = isinstance(value, bool)
+        elif self.type == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.type == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            return f"{self.name}: expected {self.type}, got {json.dumps(value)[:40]}"
+        if self.type in ("int", "float"):
+            if self.minimum is not None and value < self.minimum:
+                return f"{self.name}: {value} below minimum {self.minimum}"
+            if self.maximum is not None and value > self.maximum:
+                return f"{self.name}: {value} above maximum {self.maximum}"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "unit": self.unit, "access": self.access}
+        if self.minimum is not None:
+            out["min"] = self.minimum
+        if self.maximum is not None:
+            out["max"] = self.maximum
+        return out
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    resources: dict[str, Resource] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, body: Any, name: str | None = None) -> Model:
+        """Parse a model document; raise RegistryError naming the first thing wrong."""
+        if not isinstance(body, dict):
+            raise RegistryError("a model must be an object with 'name' and 'resources'")
+        name = name or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise RegistryError("a model needs a non-empty 'name'")
+        items = body.get("resources")
+        if not isinstance(items, list) or not items:
+            raise RegistryError(f"model {name!r}: 'resources' must be a non-empty list")
+        resources: dict[str, Resource] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+                raise RegistryError(f"model {name!r}: resource #{i + 1} needs a 'name'")
+            rname = item["name"]
+            rtype = TYPE_ALIASES.get(str(item.get("type", "")).lower())
+            if rtype is None:
+                raise RegistryError(
+                    f"model {name!r}: resource {rname!r} has type {item.get('type')!r}; use int, float, bool or string"
+                )
+            access = ACCESS_ALIASES.get(str(item.get("access", "r")).lower())
+            if access is None:
+                raise RegistryError(f"model {name!r}: resource {rname!r} has access {item.get('access')!r}; use r or rw")
+            bounds = []
+            for key in ("min", "max"):
+                bound = item.get(key, item.get(key + "imum"))
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
+                    raise RegistryError(f"model {name!r}: resource {rname!r} has a non-numeric {key}")
+                bounds.append(bound)
+            unit = item.get("unit", item.get("units", ""))
+            resources[rname] = Resource(rname, rtype, str(unit), access, bounds[0], bounds[1])
+        return cls(name, resources)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "resources": [r.as_dict() for r in self.resources.values()]}
+
+    def check_values(self, values: dict[str, Any]) -> str | None:
+        """None if every value names a resource of this model and fits it, else the first reason it does not."""
+        for key, value in values.items():
+            resource = self.resources.get(key)
+            if resource is None:
+                return f"{key}: not a resource of model {self.name!r}"
+            reason = resource.check(value)
+            if reason:
+                return reason
+        return None
+
+
+def check_values_without_model(values: dict[str, Any]) -> str | None:
+    """A device without a model may report any scalar values."""
+    for key, value in values.items():
+        if not isinstance(value, int | float | str | bool) or (isinstance(value, float) and not math.isfinite(value)):
+            return f"{key}: expected a number, boolean or string"
+    return None
+
+
+def load_model_file(path: Path) -> Model:
+    """Read a model from a .json or .toml file; raise RegistryError with the file name on any problem."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RegistryError(f"cannot read model file {path}: {exc.strerror}") from exc
+    try:
+        body = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise RegistryError(f"model file {path} is not valid {path.suffix.lstrip('.') or 'json'}: {exc}") from exc
+    return Model.from_dict(body)

@@ -1,0 +1,401 @@
+"""The SQLite store: owns all durable state of the gateway.
+
+One writer task groups whatever is waiting into one transaction (group commit, WAL, synchronous=FULL so a commit
+survives power loss, which a Raspberry Pi-class gateway must expect). Each operation runs in its own savepoint, so one
+failing operation (a version conflict, say) does not undo the others in its batch. The functions below are plain
+synchronous SQLite work: the daemon runs them through the writer, the CLI runs them directly when no daemon is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import outcome
+import trio
+from sqlite_utils import Database
+
+from daemon.ingest import Reading, advance_watermark
+from daemon.registry import Model, RegistryError, check_device_id, hash_secret, new_secret
+from daemon.twin import Twin
+
+log = logging.getLogger("edgetrio.store")
+T = TypeVar("T")
+DB_FILE = "edgetrio.db"
+
+
+class UnknownDevice(RegistryError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"unknown device {device_id!r} (see `edgetrio device list`)")
+
+
+def open_db(data_dir: Path) -> Database:
+    """Open (creating if needed) the gateway database in data_dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(data_dir / DB_FILE), check_same_thread=False, timeout=30)
+    db = Database(conn)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{data_dir / DB_FILE} is not a usable SQLite database: {exc}") from exc
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    _create_schema(db)
+    return db
+
+
+def _create_schema(db: Database) -> None:
+    with db.atomic():
+        db.table("devices").create(
+            {"id": str, "model": str, "secret_hash": str, "created": float, "online": int,
+             "last_seen": float, "last_connect": float, "meta": str},
+            pk="id", not_null={"secret_hash"}, if_not_exists=True,
+        )
+        db.table("models").create({"name": str, "body": str, "source": str}, pk="name", if_not_exists=True)
+        db.table("readings").create(
+            {"device": str, "boot": int, "seq": int, "ts": float, "received": float, "data": str},
+            pk=("device", "boot", "seq"), if_not_exists=True,
+        )
+        db.table("watermarks").create({"device": str, "boot": int, "seq": int}, pk=("device", "boot"), if_not_exists=True)
+        db.table("rejects").create(
+            {"id": int, "received": float, "device": str, "boot": int, "seq": int, "reason": str, "detail": str,
+             "payload": str},
+            pk="id", if_not_exists=True,
+        )
+        db.table("twins").create(
+            {"device": str, "desired": str, "desired_version": int, "reported": str, "reported_version": int},
+            pk="device", if_not_exists=True,
+        )
+        db.table("commands").create(
+            {"id": str, "device": str, "name": str, "args": str, "sent": float, "status": str, "result": str,
+             "finished": float},
+            pk="id", if_not_exists=True,
+        )
+        db.table("events").create(
+            {"id": int, "ts": float, "device": str, "kind": str, "body": str}, pk="id", if_not_exists=True
+        )
+        db.table("counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        db.table("readings").create_index(["received"], if_not_exists=True)
+        db.table("events").create_index(["device", "ts"], if_not_exists=True)
+
+
+# -- registry ----------------------------------------------------------------------------------------------------
+
+def add_device(db: Database, device_id: str, model: str | None = None) -> str:
+    """Register a device; return its credential (shown once, stored hashed)."""
+    check_device_id(device_id)
+    if get_device(db, device_id) is not None:
+        raise RegistryError(f"device {device_id!r} is already registered (remove it first to issue a new credential)")
+    if model is not None and get_model(db, model) is None:
+        raise RegistryError(f"unknown model {model!r} (add it with `edgetrio model add FILE`)")
+    secret = new_secret()
+    db.table("devices").insert({
+        "id": device_id, "model": model, "secret_hash": hash_secret(secret), "created": time.time(),
+        "online": 0, "last_seen": None, "last_connect": None, "meta": None,
+    })
+    return secret
+
+
+def remove_device(db: Database, device_id: str) -> None:
+    """Remove a device and its twin; its stored readings stay (nothing recorded is thrown away)."""
+    if get_device(db, device_id) is None:
+        raise UnknownDevice(device_id)
+    db.table("devices").delete(device_id)
+    db.execute("DELETE FROM twins WHERE device = ?", [device_id])
+
+
+def get_device(db: Database, device_id: str) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM devices WHERE id = ?", [device_id]))
+    return rows[0] if rows else None
+
+
+def list_devices(db: Database) -> list[dict[str, Any]]:
+    out = []
+    for row in db.query("SELECT id, model, online, last_seen, last_connect, meta FROM devices ORDER BY id"):
+        row["online"] = bool(row["online"])
+        row["meta"] = json.loads(row["meta"]) if row["meta"] else None
+        out.append(row)
+    return out
+
+
+def device_secrets(db: Database) -> dict[str, str]:
+    return {row["id"]: row["secret_hash"] for row in db.query("SELECT id, secret_hash FROM devices")}
+
+
+def add_model(db: Database, model: Model, source: str = "file") -> None:
+    db.table("models").upsert({"name": model.name, "body": json.dumps(model.as_dict()), "source": source}, pk="name")
+
+
+def get_model(db: Database, name: str) -> Model | None:
+    rows = list(db.query("SELECT body FROM models WHERE name = ?", [name]))
+    return Model.from_dict(json.loads(rows[0]["body"])) if rows else None
+
+
+def list_models(db: Database) -> list[dict[str, Any]]:
+    return [json.loads(row["body"]) | {"source": row["source"]}
+            for row in db.query("SELECT body, source FROM models ORDER BY name")]
+
+
+def device_model(db: Database, device_id: str) -> Model | None:
+    """The model telemetry is checked against: the registered one, else the one the device announced."""
+    device = get_device(db, device_id)
+    if device is None:
+        return None
+    if device["model"]:
+        return get_model(db, device["model"])
+    return get_model(db, f"device:{device_id}")
+
+
+def set_presence(db: Database, device_id: str, online: bool, now: float) -> None:
+    fields: dict[str, Any] = {"online": int(online), "last_seen": now}
+    if online:
+        fields["last_connect"] = now
+    db.table("devices").update(device_id, fields)
+
+
+def record_meta(db: Database, device_id: str, meta: dict[str, Any], now: float) -> None:
+    """Store what the device says about itself; announced resources become its model unless one is registered."""
+    db.table("devices").update(device_id, {"meta": json.dumps(meta), "last_seen": now})
+    resources = meta.get("resources")
+    if resources:
+        model = Model.from_dict({"resources": resources}, name=f"device:{device_id}")
+        add_model(db, model, source="meta")
+
+
+def record_event(db: Database, device_id: str, kind: str, body: Any, now: float) -> None:
+    db.table("events").insert({"ts": now, "device": device_id, "kind": kind, "body": json.dumps(body)})
+
+
+def events(db: Database, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    rows = db.query(
+        "SELECT ts, kind, body FROM events WHERE device = ? ORDER BY id DESC LIMIT ?", [device_id, limit]
+    )
+    return [{"ts": r["ts"], "kind": r["kind"], "body": json.loads(r["body"])} for r in rows]
+
+
+# -- readings ------------------------------------------------------------------------------------------------------
+
+def commit_readings(
+    db: Database, readings: list[Reading], rejects: list[tuple[Reading, str]], now: float
+) -> dict[tuple[str, int], int]:
+    """Store readings once per (device, boot, seq) and rejected ones for inspection; advance the watermarks.
+
+    Returns the new watermark of every (device, boot) touched, including those touched only by duplicates, so a
+    device that missed an ack gets it again. A rejected reading counts as done: it would never become valid.
+    """
+    if readings:
+        db.table("readings").insert_all(
+            ({"device": r.device, "boot": r.boot, "seq": r.seq, "ts": r.ts, "received": now,
+              "data": json.dumps(r.values)} for r in readings),
+            ignore=True, batch_size=500,
+        )
+    for reading, reason in rejects:
+        db.table("rejects").insert({"received": now, "device": reading.device, "boot": reading.boot, "seq": reading.seq,
+                              "reason": "invalid_value", "detail": reason, "payload": json.dumps(reading.values)})
+        # keep the slot so the watermark can pass it; the values live in `rejects`
+        db.execute(
+            "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, NULL)",
+            [reading.device, reading.boot, reading.seq, reading.ts, now],
+        )
+    floors: dict[tuple[str, int], int] = {}
+    for r in [*readings, *(r for r, _ in rejects)]:
+        key = (r.device, r.boot)
+        floors[key] = max(floors.get(key, 0), r.first - 1)
+    acks = {}
+    for (device, boot), floor in floors.items():
+        rows = list(db.query("SELECT seq FROM watermarks WHERE device = ? AND boot = ?", [device, boot]))
+        mark = max(rows[0]["seq"] if rows else 0, floor)
+        while True:
+            seqs = [row["seq"] for row in db.query(
+                "SELECT seq FROM readings WHERE device = ? AND boot = ? AND seq > ? ORDER BY seq LIMIT 1000",
+                [device, boot, mark])]
+            mark = advance_watermark(mark, seqs)
+            if len(seqs) < 1000 or mark != seqs[-1]:
+                break
+        db.table("watermarks").upsert({"device": device, "boot": boot, "seq": mark}, pk=("device", "boot"))
+        acks[(device, boot)] = mark
+    return acks
+
+
+def record_reject(db: Database, device_id: str | None, reason: str, detail: str, payload: bytes, now: float) -> None:
+    """Keep what could not be parsed (truncated) so an operator can see what the device sent."""
+    db.table("rejects").insert({"received": now, "device": device_id, "boot": None, "seq": None, "reason": reason,
+                          "detail": detail, "payload": payload[:2048].decode("utf-8", "replace")})
+
+
+def query_readings(
+    db: Database, device_id: str, since: float | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Readings of a device in time order (the newest `limit` of them), skipping rejected slots."""
+    where = ["device = ?", "data IS NOT NULL"]
+    params: list[Any] = [device_id]
+    if since is not None:
+        where.append("COALESCE(ts, received) >= ?")
+        params.append(since)
+    sql = (f"SELECT boot, seq, ts, received, data FROM readings WHERE {' AND '.join(where)}"
+           " ORDER BY received DESC, boot DESC, seq DESC")
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    rows = list(db.query(sql, params))
+    rows.reverse()
+    return [{"boot": r["boot"], "seq": r["seq"], "ts": r["ts"] if r["ts"] is not None else r["received"],
+             "values": json.loads(r["data"])} for r in rows]
+
+
+def reading_count(db: Database, device_id: str | None = None) -> int:
+    if device_id is None:
+        return int(db.execute("SELECT count(*) FROM readings WHERE data IS NOT NULL").fetchone()[0])
+    return int(db.execute(
+        "SELECT count(*) FROM readings WHERE device = ? AND data IS NOT NULL", [device_id]).fetchone()[0])
+
+
+# -- twin ------------------------------------------------------------------------------------------------------------
+
+def get_twin(db: Database, device_id: str) -> Twin:
+    if get_device(db, device_id) is None:
+        raise UnknownDevice(device_id)
+    rows = list(db.query("SELECT * FROM twins WHERE device = ?", [device_id]))
+    if not rows:
+        return Twin()
+    row = rows[0]
+    return Twin(json.loads(row["desired"]), row["desired_version"], json.loads(row["reported"]), row["reported_version"])
+
+
+def save_twin(db: Database, device_id: str, twin: Twin) -> None:
+    db.table("twins").upsert({
+        "device": device_id, "desired": json.dumps(twin.desired), "desired_version": twin.desired_version,
+        "reported": json.dumps(twin.reported), "reported_version": twin.reported_version,
+    }, pk="device")
+
+
+# -- commands and counters -------------------------------------------------------------------------------------------
+
+def record_command(db: Database, cmd_id: str, device_id: str, name: str, args: dict[str, Any], now: float) -> None:
+    db.table("commands").insert({"id": cmd_id, "device": device_id, "name": name, "args": json.dumps(args), "sent": now,
+                           "status": "sent", "result": None, "finished": None})
+
+
+def finish_command(db: Database, cmd_id: str, status: str, result: Any, now: float) -> bool:
+    """Record a command's outcome; False if the id is unknown or already finished (a late or repeated result)."""
+    cursor = db.execute(
+        "UPDATE commands SET status = ?, result = ?, finished = ? WHERE id = ? AND status = 'sent'",
+        [status, json.dumps(result), now, cmd_id],
+    )
+    return cursor.rowcount > 0
+
+
+def add_counters(db: Database, counts: Counter[str]) -> None:
+    for name, value in counts.items():
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+            [name, value, value],
+        )
+
+
+def counters(db: Database) -> dict[str, int]:
+    return {row["name"]: row["value"] for row in db.query("SELECT name, value FROM counters ORDER BY name")}
+
+
+def parse_since(text: str) -> float:
+    """A time given as epoch seconds, an ISO date/time, or an age like 10m, 2h, 3d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise ValueError(f"cannot read time {text!r}: use epoch seconds, an ISO time, or an age such as 10m") from exc
+
+
+# -- the writer ------------------------------------------------------------------------------------------------------
+
+class Write(Generic[T]):
+    """One operation for the writer: `apply` runs inside the batch transaction; `done` gets its outcome after commit."""
+
+    __slots__ = ("apply", "done")
+
+    def __init__(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
+        self.apply = apply
+        self.done = done
+
+
+class Writer:
+    """The single task that writes to the store. Operations wait in a bounded queue (backpressure on ingest)."""
+
+    def __init__(self, db: Database, max_batch: int = 256, queue_size: int = 128) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
+        self.batches = 0
+        self.ops = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit operations until `close()` and then everything still queued. A batch in progress always finishes."""
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                results = await trio.to_thread.run_sync(self._commit, batch)
+                self.batches += 1
+                self.ops += len(batch)
+                for op, result in zip(batch, results, strict=True):
+                    try:
+                        op.done(result)
+                    except Exception:
+                        log.exception("error after commit")
+
+    def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
+        results: list[outcome.Outcome[Any]] = []
+        try:
+            with self.db.atomic():
+                for op in batch:
+                    try:
+                        with self.db.atomic():
+                            results.append(outcome.Value(op.apply(self.db)))
+                    except Exception as exc:
+                        results.append(outcome.Error(exc))
+        except Exception as exc:
+            log.error("commit failed, %d operations not stored: %s", len(batch), exc)
+            return [outcome.Error(exc)] * len(batch)
+        return results
+
+    async def submit(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Queue an operation; waits only while the queue is full."""
+        await self._send.send(Write(apply, done))
+
+    async def write(self, apply: Callable[[Database], T]) -> T:
+        """Run an operation in the next batch and return its result (or raise its error) once committed."""
+        finished = trio.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def done(result: outcome.Outcome[T]) -> None:
+            box.append(result)
+            finished.set()
+
+        await self.submit(apply, done)
+        await finished.wait()
+        return box[0].unwrap()
+
+    async def close(self) -> None:
+        await self._send.aclose()
