@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -369,7 +370,8 @@ async def open_broker(
         exc = failure[0]
         cause = exc.__cause__ or exc
         if isinstance(exc, BrokerError | OSError):
-            raise BrokerStartError(f"cannot listen for MQTT on {host}:{port}: {cause}") from exc
+            reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause)
+            raise BrokerStartError(f"cannot listen for MQTT on {host}:{port}: {reason}") from exc
         raise exc
     try:
         yield link

@@ -99,10 +99,13 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     from daemon.broker import BrokerStartError
     from daemon.gateway import run
 
+    failure: BaseException | None = None
     try:
         trio.run(run, cfg)
-    except (BrokerStartError, DaemonError) as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
+    except* (BrokerStartError, DaemonError, ConfigError) as group:  # start-up errors come out of the nursery
+        failure = group.exceptions[0]
+    if failure is not None:
+        raise CliError(str(failure), EXIT_USAGE)
 
 
 def cmd_device_add(args: argparse.Namespace) -> None:
@@ -272,8 +275,9 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if level.lower() != "debug":
+        # amqtt logs tracebacks for what the daemon reports itself in one line
         for noisy in ("amqtt", "transitions", "asyncio"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def build_parser() -> argparse.ArgumentParser:

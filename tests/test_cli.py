@@ -1,0 +1,130 @@
+"""The command line and start-up errors: one-line messages and exit code 2, nothing half-started."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, Daemon, cli
+
+
+def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", "daemon", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgetrio: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_bad_config_file_is_a_one_line_error(tmp_path: Path) -> None:
+    config = tmp_path / "edgetrio.toml"
+    config.write_text("mqtt_port = [not toml")
+    assert "not valid TOML" in one_line_error(run_daemon("--config", str(config), "--data-dir", str(tmp_path)))
+    config.write_text('mqtt_port = 1883\nbroker_colour = "blue"\n')
+    assert "unknown setting 'broker_colour'" in one_line_error(run_daemon("--config", str(config)))
+    config.write_text('mqtt_port = "high"\n')
+    assert "mqtt_port must be a int" in one_line_error(run_daemon("--config", str(config)))
+    assert "cannot read config file" in one_line_error(run_daemon("--config", str(tmp_path / "missing.toml")))
+
+
+def test_config_file_sets_what_flags_set(tmp_path: Path) -> None:
+    data = tmp_path / "from-config"
+    config = tmp_path / "edgetrio.toml"
+    config.write_text(f'data_dir = "{data}"\nmqtt_host = "127.0.0.1"\nmqtt_port = 0\nlog_level = "warning"\n')
+    daemon = Daemon(data, extra=("--config", str(config)))
+    daemon.start()
+    try:
+        assert json.loads((data / "daemon.json").read_text())["mqtt_host"] == "127.0.0.1"
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_port_in_use_and_second_daemon_are_one_line_errors(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        error = one_line_error(run_daemon("--data-dir", str(tmp_path / "a"), "--mqtt-host", "127.0.0.1",
+                                          "--mqtt-port", str(port)))
+        assert f"cannot listen for MQTT on 127.0.0.1:{port}" in error
+    daemon = Daemon(tmp_path / "b").start()
+    try:
+        error = one_line_error(run_daemon("--data-dir", str(tmp_path / "b"), "--mqtt-port", "0"))
+        assert "another daemon is already running" in error
+    finally:
+        daemon.stop()
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "edgetrio.db").write_bytes(b"this is not a database" * 100)
+    proc = cli(tmp_path, "device", "list", check=False)
+    assert proc.returncode == 2 and "not a usable SQLite database" in proc.stderr
+    assert "not a usable SQLite database" in one_line_error(run_daemon("--data-dir", str(tmp_path), "--mqtt-port", "0"))
+
+
+def test_registry_and_twin_work_without_a_daemon(tmp_path: Path) -> None:
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps({"name": "m1", "resources": [{"name": "t", "type": "float", "unit": "C"}]}))
+    cli(tmp_path, "model", "add", str(model))
+    added = json.loads(cli(tmp_path, "device", "add", "node-1", "--model", "m1", "--json").stdout)
+    assert set(added) == {"id", "username", "password"} and added["id"] == "node-1" and len(added["password"]) >= 20
+    again = cli(tmp_path, "device", "add", "node-1", check=False)
+    assert again.returncode == 1 and "already registered" in again.stderr
+    bad = cli(tmp_path, "device", "add", "bad/id", check=False)
+    assert bad.returncode == 1 and "invalid device id" in bad.stderr
+    nomodel = cli(tmp_path, "device", "add", "node-2", "--model", "nope", check=False)
+    assert nomodel.returncode == 1 and "unknown model 'nope'" in nomodel.stderr
+    # the credential is stored hashed only
+    assert added["password"].encode() not in (tmp_path / "edgetrio.db").read_bytes()
+
+    twin = json.loads(cli(tmp_path, "twin", "set", "node-1", "period=5", 'cfg={"a": 1}', "name=hall", "--json").stdout)
+    assert twin["desired"] == {"state": {"period": 5, "cfg": {"a": 1}, "name": "hall"}, "version": 1}
+    stale = cli(tmp_path, "twin", "set", "node-1", "period=6", "--version", "0", check=False)
+    assert stale.returncode == 1 and "conflict" in stale.stderr
+
+    listed = json.loads(cli(tmp_path, "device", "list", "--json").stdout)
+    assert [(d["id"], d["model"], d["online"]) for d in listed] == [("node-1", "m1", False)]
+    assert json.loads(cli(tmp_path, "readings", "node-1", "--json").stdout) == []
+    cmd = cli(tmp_path, "cmd", "node-1", "ping", check=False)
+    assert cmd.returncode == 1 and "no daemon is running" in cmd.stderr
+    cli(tmp_path, "device", "remove", "node-1")
+    gone = cli(tmp_path, "twin", "get", "node-1", check=False)
+    assert gone.returncode == 1 and "unknown device 'node-1'" in gone.stderr
+
+
+def test_bad_model_files_are_refused(tmp_path: Path) -> None:
+    cases = {
+        "a.json": ("{", "not valid json"),
+        "b.json": (json.dumps({"name": "x", "resources": []}), "non-empty list"),
+        "c.json": (json.dumps({"name": "x", "resources": [{"name": "t", "type": "complex"}]}), "has type 'complex'"),
+        "d.toml": ('name = "x"\n[[resources]]\nname = "t"\ntype = "int"\nmin = "low"\n', "non-numeric min"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        proc = cli(tmp_path, "model", "add", str(tmp_path / name), check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr)
+
+
+def test_readings_filters(daemon: Daemon, device: object) -> None:
+    device_id, _, probe = device()  # type: ignore[operator]
+    for seq in range(1, 6):
+        probe.publish(f"edgetrio/{device_id}/telemetry",
+                      json.dumps({"boot": 1, "seq": seq, "ts": 1_000_000 + seq, "values": {"v": seq}}))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 5:
+        pass
+    newest = json.loads(daemon.cli("readings", device_id, "--limit", "2", "--json").stdout)
+    assert [r["seq"] for r in newest] == [4, 5]
+    since = json.loads(daemon.cli("readings", device_id, "--since", "1000004", "--json").stdout)
+    assert [r["values"]["v"] for r in since] == [4, 5]
+    human = daemon.cli("readings", device_id).stdout
+    assert "seq 3" in human and "v=3" in human
+    bad = daemon.cli("readings", device_id, "--since", "yesterday-ish", check=False)
+    assert bad.returncode == 2 and "cannot read time" in bad.stderr

@@ -1,0 +1,132 @@
+"""Durable ingest against the real daemon: exactly-once storage, the ack watermark, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conftest import Daemon
+
+
+def telemetry(boot: int, seq: int, **values: Any) -> str:
+    return json.dumps({"boot": boot, "seq": seq, "ts": 1_700_000_000 + seq, "values": values or {"t": 20.0 + seq}})
+
+
+def readings(daemon: Daemon, device_id: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = json.loads(daemon.cli("readings", device_id, "--json").stdout)
+    return result
+
+
+def test_resent_telemetry_is_stored_once(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    ack = f"edgetrio/{device_id}/ack"
+    for _ in range(3):
+        for seq in (1, 2, 3):
+            probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(4, seq))
+        # every resend is acknowledged again, so a device that missed an ack is not stuck
+        while probe.next_json(ack) != {"boot": 4, "seq": 3}:
+            pass
+    stored = readings(daemon, device_id)
+    assert [(r["boot"], r["seq"]) for r in stored] == [(4, 1), (4, 2), (4, 3)]
+    assert stored[0]["values"] == {"t": 21.0} and stored[0]["ts"] == 1_700_000_001
+
+
+def test_ack_is_the_highest_contiguous_committed_seq_of_the_boot(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
+    probe.publish(topic, telemetry(9, 1))
+    assert probe.next_json(ack) == {"boot": 9, "seq": 1}
+    probe.publish(topic, telemetry(9, 3))  # seq 2 is missing: 3 is stored but not acknowledged
+    assert probe.next_json(ack) == {"boot": 9, "seq": 1}
+    probe.publish(topic, telemetry(9, 4))
+    assert probe.next_json(ack) == {"boot": 9, "seq": 1}
+    probe.publish(topic, telemetry(9, 2))
+    assert probe.next_json(ack) == {"boot": 9, "seq": 4}
+    # each boot has its own sequence
+    probe.publish(topic, telemetry(10, 1))
+    assert probe.next_json(ack) == {"boot": 10, "seq": 1}
+    # a device that dropped its oldest readings (buffer full) says so with "first"; the watermark passes the gap
+    probe.publish(topic, json.dumps({"boot": 11, "seq": 7, "first": 7, "values": {"t": 1}}))
+    assert probe.next_json(ack) == {"boot": 11, "seq": 7}
+    assert len(readings(daemon, device_id)) == 6
+
+
+def test_bad_input_is_rejected_counted_and_the_daemon_keeps_serving(daemon: Daemon, device: Any, tmp_path: Path,
+                                                                     connect: Any) -> None:
+    model = tmp_path / "climate.toml"
+    model.write_text('name = "climate"\n[[resources]]\nname = "temperature"\ntype = "float"\nunit = "C"\n'
+                     'min = -40\nmax = 85\n[[resources]]\nname = "door"\ntype = "bool"\n')
+    daemon.cli("model", "add", str(model))
+    device_id, _, probe = device(model="climate")
+    topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
+    before = daemon.counters()
+
+    probe.publish(topic, b"{not json")
+    probe.publish(topic, json.dumps({"boot": 1, "values": {"temperature": 1.0}}))  # no seq
+    probe.publish(topic, json.dumps([1, 2, 3]))
+    probe.publish(topic, b"x" * (1024 * 1024))  # 1 MB
+    probe.publish(topic, telemetry(1, 1, temperature="warm"))  # wrong type
+    probe.publish(topic, telemetry(1, 2, temperature=120.0))  # out of range
+    probe.publish(topic, telemetry(1, 3, humidity=40.0))  # not a resource of the model
+    probe.publish(topic, telemetry(1, 4, temperature=21.5, door=True))  # valid
+    # invalid readings are settled (kept in `rejects`), so the watermark is not stuck behind them
+    while (got := probe.next_json(ack)) != {"boot": 1, "seq": 4}:
+        assert got["boot"] == 1
+
+    # a registered-nowhere device id, published by an admin app on the device's behalf
+    user, password = daemon.admin()
+    app = connect(user, password, "bad-input-app")
+    assert app.accepted()
+    app.publish("edgetrio/ghost-device/telemetry", telemetry(1, 1))
+
+    # the daemon still serves: another reading from the same device is stored and acknowledged
+    probe.publish(topic, telemetry(1, 5, temperature=22.0))
+    assert probe.next_json(ack) == {"boot": 1, "seq": 5}
+    assert [r["values"] for r in readings(daemon, device_id)] == [{"temperature": 21.5, "door": True},
+                                                                  {"temperature": 22.0}]
+    after = daemon.counters()
+
+    def grew(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew("rejected_malformed_json") == 2
+    assert grew("rejected_bad_envelope") == 1
+    assert grew("oversize") == 1
+    assert grew("rejected_invalid_value") == 3
+    assert grew("rejected_unknown_device") == 1
+    log = daemon.log_text()
+    assert "reason=invalid_value" in log and "above maximum 85" in log and "not a resource" in log
+
+
+def test_meta_announces_a_model_that_checks_telemetry(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    meta = {"firmware": "1.0", "resources": [{"name": "lux", "type": "int", "min": 0, "max": 100000, "unit": "lx"}]}
+    probe.publish(f"edgetrio/{device_id}/meta", json.dumps(meta))
+    listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+    assert listed[device_id]["meta"]["firmware"] == "1.0"
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1, lux=1.5))  # not an int
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 2, lux=300))
+    while probe.next_json(f"edgetrio/{device_id}/ack") != {"boot": 1, "seq": 2}:
+        pass
+    assert [r["values"] for r in readings(daemon, device_id)] == [{"lux": 300}]
+
+
+def test_status_log_and_presence_are_recorded(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    probe.publish(f"edgetrio/{device_id}/log", json.dumps({"level": "warning", "message": "low battery"}))
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1))
+    probe.next_json(f"edgetrio/{device_id}/ack")
+    listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+    assert listed[device_id]["online"] is True and listed[device_id]["last_seen"] is not None
+    probe.close()
+    for _ in range(50):
+        listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+        if not listed[device_id]["online"]:
+            break
+    assert listed[device_id]["online"] is False
+    from daemon import store
+
+    db = store.open_db(daemon.data_dir)
+    kinds = [e["kind"] for e in store.events(db, device_id)]
+    assert "log" in kinds

@@ -1,0 +1,74 @@
+"""Pure rules: twin merge and versions, topic space, telemetry parsing, watermark, models, credentials."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.gateway import topic_matches
+from daemon.ingest import Rejected, advance_watermark, in_device_space, parse_telemetry, parse_topic
+from daemon.registry import Model, RegistryError, check_device_id, hash_secret, verify_secret
+from daemon.twin import Twin, VersionConflict, set_desired, set_reported
+
+
+def test_twin_delta_and_versions() -> None:
+    twin = set_desired(Twin(), {"period": 10, "led": True})
+    twin = set_reported(twin, {"period": 10, "led": False, "extra": 1})
+    assert twin.delta == {"led": True}
+    twin = set_desired(twin, {"led": None}, based_on=1)
+    assert twin.desired == {"period": 10} and twin.desired_version == 2 and twin.delta == {}
+    with pytest.raises(VersionConflict) as info:
+        set_desired(twin, {"period": 5}, based_on=1)
+    assert info.value.current == 2
+
+
+def test_topic_space() -> None:
+    assert parse_topic("edgetrio/dev-1/twin/reported") == ("dev-1", "twin/reported")
+    assert parse_topic("edgetrio//telemetry") is None and parse_topic("other/dev/telemetry") is None
+    assert in_device_space("a", "edgetrio/a/#") and not in_device_space("a", "edgetrio/ab/x")
+    assert not in_device_space("a", "edgetrio/a/") and not in_device_space("a", "edgetrio/+/x")
+    assert topic_matches("edgetrio/a/#", "edgetrio/a/twin/desired")
+    assert topic_matches("edgetrio/+/twin/desired", "edgetrio/a/twin/desired")
+    assert not topic_matches("edgetrio/a/cmd", "edgetrio/a/twin/desired")
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\xff\xfe", "malformed_json"),
+    (b"[]", "malformed_json"),
+    (b'{"boot": -1, "seq": 1, "values": {"t": 1}}', "bad_envelope"),
+    (b'{"boot": 1, "seq": true, "values": {"t": 1}}', "bad_envelope"),
+    (b'{"boot": 1, "seq": 1, "values": {}}', "bad_envelope"),
+    (b'{"boot": 1, "seq": 1, "ts": "noon", "values": {"t": 1}}', "bad_envelope"),
+])
+def test_telemetry_envelope_errors(payload: bytes, reason: str) -> None:
+    with pytest.raises(Rejected) as info:
+        parse_telemetry("d", payload)
+    assert info.value.reason == reason
+
+
+def test_watermark_stops_at_the_first_gap() -> None:
+    assert advance_watermark(0, [1, 2, 3, 5]) == 3
+    assert advance_watermark(3, [2, 3, 4]) == 4
+    assert advance_watermark(0, [2, 3]) == 0
+
+
+def test_model_checks_types_and_ranges() -> None:
+    model = Model.from_dict({"name": "m", "resources": [
+        {"name": "t", "type": "DOUBLE", "min": -40, "max": 85},
+        {"name": "n", "type": "int"}, {"name": "on", "type": "boolean"}, {"name": "s", "type": "string"}]})
+    assert model.check_values({"t": 21, "n": 3, "on": False, "s": "x"}) is None
+    assert "expected int" in (model.check_values({"n": True}) or "")
+    assert "expected float" in (model.check_values({"t": float("nan")}) or "")
+    assert "below minimum" in (model.check_values({"t": -41}) or "")
+    assert "not a resource" in (model.check_values({"x": 1}) or "")
+    with pytest.raises(RegistryError):
+        Model.from_dict({"name": "m", "resources": [{"name": "t", "type": "float", "access": "sometimes"}]})
+
+
+def test_credentials() -> None:
+    stored = hash_secret("s3cret")
+    assert verify_secret("s3cret", stored) and verify_secret(b"s3cret", stored)
+    assert not verify_secret("s3cret!", stored) and not verify_secret(None, stored) and not verify_secret("x", "junk")
+    assert hash_secret("s3cret") != stored  # salted
+    for bad in ("", "a/b", "+", "#", "edgetrio-admin", "x" * 65, "-lead"):
+        with pytest.raises(RegistryError):
+            check_device_id(bad)

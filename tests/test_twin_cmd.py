@@ -1,0 +1,87 @@
+"""Twin and commands end to end: CLI -> daemon -> device and back, with real MQTT devices."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from conftest import Daemon
+
+
+def test_desired_is_delivered_on_connect_and_on_change(daemon: Daemon, device: Any, connect: Any) -> None:
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    # set while the device is away
+    daemon.cli("twin", "set", device_id, "period=30", "led=true", "label=kitchen")
+    probe = connect(device_id, password)
+    assert probe.accepted() and probe.subscribe(f"edgetrio/{device_id}/twin/desired")
+    assert probe.next_json(f"edgetrio/{device_id}/twin/desired") == {
+        "state": {"period": 30, "led": True, "label": "kitchen"}, "version": 1}
+    # changed while connected
+    daemon.cli("twin", "set", device_id, "led=false", "label=null")
+    assert probe.next_json(f"edgetrio/{device_id}/twin/desired") == {"state": {"period": 30, "led": False},
+                                                                       "version": 2}
+
+
+def test_reported_state_updates_the_delta(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    daemon.cli("twin", "set", device_id, "period=10", "threshold=0.5")
+    twin = json.loads(daemon.cli("twin", "get", device_id, "--json").stdout)
+    assert twin["delta"] == {"period": 10, "threshold": 0.5}
+    probe.publish(f"edgetrio/{device_id}/twin/reported", json.dumps({"state": {"period": 10, "threshold": 1}}))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        twin = json.loads(daemon.cli("twin", "get", device_id, "--json").stdout)
+        if twin["reported"]["version"] == 1:
+            break
+    assert twin == {
+        "desired": {"state": {"period": 10, "threshold": 0.5}, "version": 1},
+        "reported": {"state": {"period": 10, "threshold": 1}, "version": 1},
+        "delta": {"threshold": 0.5},
+    }
+
+
+def test_a_stale_version_is_refused(daemon: Daemon, device: Any) -> None:
+    device_id, _, _probe = device()
+    daemon.cli("twin", "set", device_id, "period=5", "--version", "0")
+    stale = daemon.cli("twin", "set", device_id, "period=7", "--version", "0", check=False)
+    assert stale.returncode == 1
+    assert "conflict" in stale.stderr and "current desired version is 1" in stale.stderr
+    twin = json.loads(daemon.cli("twin", "get", device_id, "--json").stdout)
+    assert twin["desired"] == {"state": {"period": 5}, "version": 1}
+    daemon.cli("twin", "set", device_id, "period=7", "--version", "1")
+
+
+def answer_commands(probe: Any, device_id: str) -> None:
+    """Play the device: answer the next command on its cmd topic."""
+    command = probe.next_json(f"edgetrio/{device_id}/cmd")
+    result = {"id": command["id"], "ok": True, "value": {"echo": command["args"], "name": command["name"]}}
+    probe.publish(f"edgetrio/{device_id}/cmd/result", json.dumps(result))
+
+
+def test_command_round_trip(daemon: Daemon, device: Any) -> None:
+    import threading
+
+    device_id, _, probe = device()
+    responder = threading.Thread(target=answer_commands, args=(probe, device_id))
+    responder.start()
+    out = daemon.cli("cmd", device_id, "blink", "times=3", "color=red", "--json")
+    responder.join()
+    result = json.loads(out.stdout)
+    assert result["ok"] is True
+    assert result["value"] == {"echo": {"times": 3, "color": "red"}, "name": "blink"}
+
+
+def test_command_timeout_and_offline_device(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    slow = daemon.cli("cmd", device_id, "reboot", "--timeout", "1", check=False)
+    assert slow.returncode == 1
+    assert f"device '{device_id}' did not answer command 'reboot' within 1 s" in slow.stderr
+    assert probe.next_json(f"edgetrio/{device_id}/cmd")["name"] == "reboot"  # it was sent
+    probe.close()
+    time.sleep(0.5)
+    offline = daemon.cli("cmd", device_id, "ping", check=False)
+    assert offline.returncode == 1 and "not connected" in offline.stderr
+    unknown = daemon.cli("cmd", "nobody-here", "ping", check=False)
+    assert unknown.returncode == 1 and "unknown device" in unknown.stderr
