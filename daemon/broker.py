@@ -165,6 +165,8 @@ class GatewayBroker(Broker):
         self.max_payload = max_payload
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
+        self._index: dict[str, list[str]] | None = None  # filters by their first two levels; rebuilt after changes
+        self._direct_tasks: set[asyncio.Future[Any]] = set()
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
@@ -191,7 +193,61 @@ class GatewayBroker(Broker):
         # the daemon's own publishes, which need no hand-off.
         if session is not None and topic and data is not None and session.client_id:
             self.hand_off(BusEvent("message", session.client_id, session.username, topic, bytes(data)))
+            if not self._filters_for(topic):
+                # Usually the daemon is the only consumer of device traffic. amqtt has one broadcast queue for
+                # everything, so queueing unread telemetry there would delay the acks and commands behind it.
+                return
         await super()._broadcast_message(session, topic, data, force_qos)
+
+    def _filters_for(self, topic: str) -> list[str]:
+        """Subscription filters that match a topic, found through an index instead of a scan of all filters."""
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for f in self._subscriptions:
+                levels = f.split("/", 2)
+                if len(levels) >= 2 and "#" not in levels[0] + levels[1] and "+" not in levels[0] + levels[1]:
+                    index.setdefault(f"{levels[0]}/{levels[1]}", []).append(f)
+                else:
+                    index.setdefault("", []).append(f)  # wildcards in the first two levels: check always
+            self._index = index
+        levels = topic.split("/", 2)
+        candidates = self._index.get("/".join(levels[:2]), []) + self._index.get("", [])
+        return [f for f in candidates if f == topic or self._matches(topic, f)]
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        self._index = None
+        return await super().add_subscription(subscription, session)
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        self._index = None
+        return super()._del_subscription(a_filter, session)
+
+    def deliver_direct(self, messages: list[tuple[str, bytes]], qos: int) -> None:
+        """Send the daemon's own messages straight to the sessions subscribed to them.
+
+        amqtt's single broadcast queue awaits a plugin task per subscriber check, so under 1k msg/s of incoming
+        telemetry the daemon's acks waited about a second in it. The daemon's messages need no ACL round trip:
+        a device's topics reach only that device (its filters are confined to its root) and admin clients.
+        """
+        for topic, payload in messages:
+            targets: dict[str, tuple[Session, int]] = {}
+            for f in self._filters_for(topic):
+                for session, sub_qos in self._subscriptions.get(f, []):
+                    best = targets.get(session.client_id or "")
+                    if best is None or sub_qos > best[1]:
+                        targets[session.client_id or ""] = (session, sub_qos)
+            for session, sub_qos in targets.values():
+                handler = self._get_handler(session)
+                if handler is None or not session.transitions.is_connected():
+                    continue
+                task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, min(qos, sub_qos), retain=False))
+                self._direct_tasks.add(task)
+                task.add_done_callback(self._direct_done)
+
+    def _direct_done(self, task: asyncio.Future[Any]) -> None:
+        self._direct_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("delivery failed: %s", task.exception())
 
     async def retain_message(
         self, source_session: Session | None, topic_name: str | None, data: bytes | bytearray | None, qos: int | None = None
@@ -211,10 +267,6 @@ class GatewayBroker(Broker):
         server = self._servers["default"].instance
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1])
-
-    async def publish_all(self, messages: list[tuple[str, bytes]]) -> None:
-        for topic, payload in messages:
-            await self.internal_message_broadcast(topic, payload, 1)
 
 
 class BrokerLink:
@@ -267,16 +319,13 @@ class BrokerLink:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
 
-    def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        """Queue messages for devices (QoS 1). Never blocks; a no-op once the broker is stopping."""
+    def publish(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
+        """Queue messages for devices. Never blocks; a no-op once the broker is stopping."""
         broker, loop = self._broker, self._loop
         if not messages or broker is None or loop is None or self._stopping:
             return
-        coro = broker.publish_all(messages)
-        try:
-            asyncio.run_coroutine_threadsafe(coro, loop)
-        except RuntimeError:  # the loop closed during shutdown
-            coro.close()
+        with suppress(RuntimeError):  # the loop closed during shutdown
+            loop.call_soon_threadsafe(broker.deliver_direct, messages, qos)
 
     def disconnect(self, client_id: str) -> None:
         """Close a client's connection if it has one (a removed device must not stay connected)."""

@@ -78,6 +78,13 @@ class Gateway:
         self.requests: trio.Nursery | None = None
         # store writes decided while sorting one batch, queued after it
         self._pending_writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
+        # readings sorted by ingest, waiting for the next group commit
+        self._readings: list[Reading] = []
+        self._invalid: list[tuple[Reading, str]] = []
+        self._readings_waiting = trio.Event()
+        self._readings_taken = trio.Event()
+        self._ingest_finished = False
+        self.max_uncommitted = 20_000
         self.started = time.time()
         for row in store.list_devices(db):
             self.devices[row["id"]] = DeviceEntry(store.device_model(db, row["id"]))
@@ -89,23 +96,54 @@ class Gateway:
 
     async def ingest(self) -> None:
         """Take bus events in batches until the broker has stopped and every event is handed to the writer."""
-        while batch := await self.link.receive_batch():
-            readings: list[Reading] = []
-            invalid: list[tuple[Reading, str]] = []
-            for event in batch:
-                try:
-                    self._classify(event, readings, invalid)
-                except Rejected as exc:
-                    self._reject(event, exc.reason, str(exc))
-            writes, self._pending_writes = self._pending_writes, []
-            for apply, done in writes:
-                await self.writer.submit(apply, done)
-            if readings or invalid:
-                self.counts["readings_received"] += len(readings)
-                await self.writer.submit(
-                    partial(store.commit_readings, readings=readings, rejects=invalid, now=time.time()),
-                    self._acknowledge,
-                )
+        try:
+            while batch := await self.link.receive_batch():
+                for event in batch:
+                    try:
+                        self._classify(event)
+                    except Rejected as exc:
+                        self._reject(event, exc.reason, str(exc))
+                writes, self._pending_writes = self._pending_writes, []
+                for apply, done in writes:
+                    await self.writer.submit(apply, done)
+                if self._readings or self._invalid:
+                    self._readings_waiting.set()
+                # backpressure: past this many uncommitted readings, stop taking events (the broker then refuses)
+                while len(self._readings) >= self.max_uncommitted:
+                    await self._readings_taken.wait()
+        finally:
+            self._ingest_finished = True
+            self._readings_waiting.set()
+
+    async def commit_readings(self) -> None:
+        """Group commit: one readings transaction in flight; what arrives meanwhile goes into the next one.
+
+        Keeping a single commit in flight makes one `ack` per device per commit, however fast readings arrive.
+        Returns once ingest has finished and everything it collected is committed.
+        """
+        while True:
+            await self._readings_waiting.wait()
+            self._readings_waiting = trio.Event()
+            if not (self._readings or self._invalid):
+                if self._ingest_finished:
+                    return
+                continue
+            readings, self._readings = self._readings, []
+            invalid, self._invalid = self._invalid, []
+            self._readings_taken.set()
+            self._readings_taken = trio.Event()
+            self.counts["readings_received"] += len(readings)
+            try:
+                acks = await self.writer.write(
+                    partial(store.commit_readings, readings=readings, rejects=invalid, now=time.time()))
+            except Exception as exc:  # the readings stay on the devices, which resend them
+                log.error("readings not committed, not acknowledged: %s", exc)
+                continue
+            # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
+            self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
+                               for (device, boot), seq in acks.items()], qos=0)
+            if self._ingest_finished and not (self._readings or self._invalid):
+                return
 
     def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
         self.counts[f"rejected_{reason}"] += 1
@@ -122,7 +160,7 @@ class Gateway:
                 log.error("store write failed: %s", result.error)
         self._pending_writes.append((apply, done))
 
-    def _classify(self, event: BusEvent, readings: list[Reading], invalid: list[tuple[Reading, str]]) -> None:
+    def _classify(self, event: BusEvent) -> None:
         device_client = event.username is not None and event.username != ADMIN_USER
         now = time.time()
         if event.kind == "connected" and device_client:
@@ -169,9 +207,9 @@ class Gateway:
                 self.counts["rejected_invalid_value"] += 1
                 log.warning("rejected reason=invalid_value device=%s boot=%d seq=%d detail=%s",
                             device, reading.boot, reading.seq, reason)
-                invalid.append((reading, reason))
+                self._invalid.append((reading, reason))
             else:
-                readings.append(reading)
+                self._readings.append(reading)
         elif channel == "twin/reported":
             body = parse_object(event.payload)
             state = body.get("state")
@@ -222,16 +260,6 @@ class Gateway:
         status = "ok" if body.get("ok") else "error"
         if store.finish_command(db, cmd_id, status, body, now):
             log.info("late command result stored id=%s", cmd_id)
-
-    def _acknowledge(self, result: outcome.Outcome[dict[tuple[str, int], int]]) -> None:
-        if isinstance(result, outcome.Error):
-            log.error("readings not committed, not acknowledged: %s", result.error)
-            return
-        assert isinstance(result, outcome.Value)
-        self.link.publish([
-            (device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
-            for (device, boot), seq in result.value.items()
-        ])
 
     def _send_desired(self, device: str) -> None:
         def done(result: outcome.Outcome[Twin]) -> None:
@@ -424,10 +452,10 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                     gateway = Gateway(link, writer, credentials, db)
 
                     async def ingest() -> None:
-                        try:
-                            await gateway.ingest()
-                        finally:
-                            ingest_done.set()
+                        async with trio.open_nursery() as pipeline:
+                            pipeline.start_soon(gateway.ingest)
+                            pipeline.start_soon(gateway.commit_readings)
+                        ingest_done.set()
 
                     async def flush_periodically() -> None:
                         with periodic:

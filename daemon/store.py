@@ -190,12 +190,11 @@ def commit_readings(
     Returns the new watermark of every (device, boot) touched, including those touched only by duplicates, so a
     device that missed an ack gets it again. A rejected reading counts as done: it would never become valid.
     """
-    if readings:
-        db.table("readings").insert_all(
-            ({"device": r.device, "boot": r.boot, "seq": r.seq, "ts": r.ts, "received": now,
-              "data": json.dumps(r.values)} for r in readings),
-            ignore=True, batch_size=500,
-        )
+    # plain executemany on the hot path: sqlite-utils' insert_all re-reads the schema on every call
+    db.conn.executemany(
+        "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?)",
+        [(r.device, r.boot, r.seq, r.ts, now, json.dumps(r.values)) for r in readings],
+    )
     for reading, reason in rejects:
         db.table("rejects").insert({"received": now, "device": reading.device, "boot": reading.boot, "seq": reading.seq,
                               "reason": "invalid_value", "detail": reason, "payload": json.dumps(reading.values)})
@@ -219,7 +218,7 @@ def commit_readings(
             mark = advance_watermark(mark, seqs)
             if len(seqs) < 1000 or mark != seqs[-1]:
                 break
-        db.table("watermarks").upsert({"device": device, "boot": boot, "seq": mark}, pk=("device", "boot"))
+        db.execute("INSERT OR REPLACE INTO watermarks (device, boot, seq) VALUES (?, ?, ?)", [device, boot, mark])
         acks[(device, boot)] = mark
     return acks
 
