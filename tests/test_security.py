@@ -85,3 +85,13 @@ def test_second_connection_with_same_client_id_replaces_the_first(daemon: Daemon
     assert second.next_json(f"edgetrio/{device_id}/ack") == {"boot": 1, "seq": 1}
     devices = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
     assert devices[device_id]["online"] is True
+
+
+def test_removing_a_device_disconnects_it_and_revokes_its_credential(daemon: Daemon, device: Any, connect: Any) -> None:
+    device_id, password, probe = device()
+    probe.client.reconnect_delay_set(30, 60)
+    daemon.cli("device", "remove", device_id)
+    assert probe.closed.wait(10), "a removed device must not stay connected"
+    assert not connect(device_id, password).accepted()
+    listed = [d["id"] for d in json.loads(daemon.cli("device", "list", "--json").stdout)]
+    assert device_id not in listed
