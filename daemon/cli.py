@@ -91,7 +91,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     file_settings = load_config_file(args.config) if args.config else {}
     cfg = build_config(file_settings, {
         "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "cloud_url": args.cloud, "node_id": args.node_id, "cloud_token": args.token,
     })
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
@@ -238,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
                               "devices": len(store.list_devices(db)), "readings": store.reading_count(db),
-                              "counters": store.counters(db)}
+                              "counters": store.counters(db), "outbox": store.outbox_state(db)}
     if status["running"]:
         try:
             with ControlClient(args.data_dir) as control:
@@ -257,6 +257,11 @@ def cmd_status(args: argparse.Namespace) -> None:
             print(f"uptime:    {d['uptime']} s   connected: {', '.join(d['devices_connected']) or '-'}")
             counters = d["counters"]
             print("this run:  " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "-"))
+        cloud = status.get("daemon", {}).get("cloud")
+        if cloud:
+            state = "connected" if cloud["connected"] else f"disconnected ({cloud['last_error'] or 'connecting'})"
+            print(f"cloud:     {cloud['url']} as {cloud['node']}: {state}, outbox {status['outbox']['rows']} rows, "
+                  f"{cloud['dropped']} dropped")
         print(f"devices:   {status['devices']}   readings stored: {status['readings']}")
         print("all time:  " + (", ".join(f"{k}={v}" for k, v in status["counters"].items()) or "-"))
 
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
     p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
     p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--cloud", metavar="URL", help="relay to dial out to: ws://HOST:PORT or wss://HOST:PORT")
+    p.add_argument("--node-id", help="this gateway's node name at the relay")
+    p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`)")
     p.set_defaults(func=cmd_daemon)
 
     device = sub.add_parser("device", help="register, list and remove devices").add_subparsers(dest="action", required=True)
@@ -340,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
     p.set_defaults(func=cmd_status)
 
+    from cloud.cli import add_parser as add_cloud_parser
+
+    add_cloud_parser(sub)
+
     p = sub.add_parser("demo", parents=[common], help="run a daemon with simulated devices and show readings arriving")
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
@@ -348,14 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cloud.cli import CloudCliError
+
     args = build_parser().parse_args(argv)
-    if hasattr(args, "data_dir") and args.data_dir is None and args.func is not cmd_daemon:
+    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud"):
         args.data_dir = default_data_dir()
     try:
         args.func(args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, CloudCliError) as exc:
         print(f"edgetrio: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.code if isinstance(exc, CliError) else EXIT_USAGE) from None
+        raise SystemExit(getattr(exc, "code", EXIT_USAGE)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

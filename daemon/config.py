@@ -27,11 +27,18 @@ class DaemonConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     serial: list[str] = field(default_factory=list)
+    cloud_url: str | None = None  # ws://host:port or wss://host:port of the relay
+    node_id: str | None = None
+    cloud_token: str | None = None
+    cloud_cafile: str | None = None  # CA to trust for wss (default: the system's)
+    outbox_max_rows: int = 1_000_000
+    outbox_max_age: float = 7 * 86400.0  # seconds
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_dir": str, "mqtt_host": str, "mqtt_port": int, "max_payload": int, "max_pending": int,
-    "log_level": str, "tls_cert": str, "tls_key": str, "serial": list,
+    "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
+    "cloud_token": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
 }
 
 
@@ -67,6 +74,11 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
         raise ConfigError(f"log_level {cfg.log_level!r}: use debug, info, warning or error")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together")
+    if cfg.cloud_url:
+        if not cfg.cloud_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"cloud url {cfg.cloud_url!r} must start with ws:// or wss://")
+        if not cfg.node_id or not cfg.cloud_token:
+            raise ConfigError("a cloud link needs a node id and a token (--node-id, --token)")
     return cfg
 
 

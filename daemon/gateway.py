@@ -26,6 +26,7 @@ from sqlite_utils import Database
 from daemon import store
 from daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
 from daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
+from daemon.edgehub import EdgeHub
 from daemon.ingest import (
     CONTROL_REPLY_ROOT,
     CONTROL_REQUEST,
@@ -66,8 +67,10 @@ class DeviceEntry:
 class Gateway:
     """Sorts bus events into store operations and answers the local control channel."""
 
-    def __init__(self, link: BrokerLink, writer: store.Writer, credentials: Credentials, db: Database) -> None:
+    def __init__(self, link: BrokerLink, writer: store.Writer, credentials: Credentials, db: Database,
+                 cloud: bool = False) -> None:
         self.link = link
+        self.cloud = cloud  # with a cloud link, state changes also go into the outbox, in the same transaction
         self.writer = writer
         self.credentials = credentials
         self.counts: Counter[str] = Counter()
@@ -76,6 +79,7 @@ class Gateway:
         self.devices: dict[str, DeviceEntry] = {}
         self.pending_commands: dict[str, tuple[str, trio.MemorySendChannel[dict[str, Any]]]] = {}
         self.requests: trio.Nursery | None = None
+        self.hub: EdgeHub | None = None
         # store writes decided while sorting one batch, queued after it
         self._pending_writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
         # readings sorted by ingest, waiting for the next group commit
@@ -135,7 +139,7 @@ class Gateway:
             self.counts["readings_received"] += len(readings)
             try:
                 acks = await self.writer.write(
-                    partial(store.commit_readings, readings=readings, rejects=invalid, now=time.time()))
+                    partial(self._commit_readings, readings=readings, invalid=invalid, now=time.time()))
             except Exception as exc:  # the readings stay on the devices, which resend them
                 log.error("readings not committed, not acknowledged: %s", exc)
                 continue
@@ -167,7 +171,7 @@ class Gateway:
             self.connections[event.client_id] += 1
             if self.connections[event.client_id] == 1 and event.client_id in self.devices:
                 log.info("device online device=%s", event.client_id)
-                self._spawn_write(partial(store.set_presence, device_id=event.client_id, online=True, now=now))
+                self._spawn_write(partial(self._presence, device=event.client_id, online=True, now=now))
             return
         if event.kind == "disconnected" and device_client:
             # presence counts connections: the will of a replaced connection arrives after the new one's birth
@@ -176,7 +180,7 @@ class Gateway:
                 del self.connections[event.client_id]
                 if event.client_id in self.devices:
                     log.info("device offline device=%s", event.client_id)
-                    self._spawn_write(partial(store.set_presence, device_id=event.client_id, online=False, now=now))
+                    self._spawn_write(partial(self._presence, device=event.client_id, online=False, now=now))
             return
         if event.kind == "subscribed" and device_client:
             desired_topic = device_topic(event.client_id, "twin/desired")
@@ -223,7 +227,7 @@ class Gateway:
                     Model.from_dict({"resources": meta["resources"]}, name=f"device:{device}")
                 except RegistryError as exc:
                     raise Rejected("bad_meta", str(exc)) from exc
-            self._spawn_write(partial(store.record_meta, device_id=device, meta=meta, now=now))
+            self._spawn_write(partial(self._record_meta, device=device, meta=meta, now=now))
             self._refresh_model(device)
         elif channel == "cmd/result":
             body = parse_object(event.payload)
@@ -249,11 +253,39 @@ class Gateway:
                 self.devices[device] = DeviceEntry(result.value)
         self._pending_writes.append((partial(store.device_model, device_id=device), done))
 
-    @staticmethod
-    def _apply_reported(db: Database, device: str, state: dict[str, Any]) -> Twin:
+    def _up(self, db: Database, resource: str, body: Any) -> None:
+        if self.cloud:
+            store.outbox_add(db, resource, body, time.time())
+
+    def snapshot_up(self, db: Database) -> None:
+        """Queue the registry and twins for the cloud, so it knows devices registered before the link existed."""
+        for row in store.list_devices(db):
+            self._up(db, "device", {"device": row["id"], "registered": True, "model": row["model"],
+                                    "online": row["online"], "last_seen": row["last_seen"], "meta": row["meta"]})
+            self._up(db, "twin", {"device": row["id"], "twin": store.get_twin(db, row["id"]).as_json()})
+
+    def _presence(self, db: Database, device: str, online: bool, now: float) -> None:
+        store.set_presence(db, device, online, now)
+        self._up(db, "device", {"device": device, "online": online, "last_seen": now})
+
+    def _record_meta(self, db: Database, device: str, meta: dict[str, Any], now: float) -> None:
+        store.record_meta(db, device, meta, now)
+        self._up(db, "device", {"device": device, "meta": meta, "last_seen": now})
+
+    def _apply_reported(self, db: Database, device: str, state: dict[str, Any]) -> Twin:
         twin = set_reported(store.get_twin(db, device), state)
         store.save_twin(db, device, twin)
+        self._up(db, "twin", {"device": device, "twin": twin.as_json()})
         return twin
+
+    def _commit_readings(self, db: Database, readings: list[Reading], invalid: list[tuple[Reading, str]],
+                         now: float) -> dict[tuple[str, int], int]:
+        acks = store.commit_readings(db, readings, invalid, now)
+        for start in range(0, len(readings), 1000):  # rows of bounded size: each must fit a WebSocket frame
+            self._up(db, "readings", {"readings": [
+                {"device": r.device, "boot": r.boot, "seq": r.seq, "ts": r.ts if r.ts is not None else now,
+                 "values": r.values} for r in readings[start:start + 1000]]})
+        return acks
 
     @staticmethod
     def _late_result(db: Database, cmd_id: str, body: dict[str, Any], now: float) -> None:
@@ -301,24 +333,18 @@ class Gateway:
         """Carry out one control operation; raises RegistryError/ValueError/VersionConflict/CommandFailed."""
         if op == "device.add":
             device_id, model = args["id"], args.get("model")
-            secret = await self.writer.write(partial(store.add_device, device_id=device_id, model=model))
-            stored = await self.writer.write(partial(store.device_secrets))
-            self.credentials.devices = stored
-            self.devices[device_id] = DeviceEntry(await self.writer.write(partial(store.device_model, device_id=device_id)))
+            secret = await self.writer.write(partial(self._register, device=device_id, model=model))
+            await self._after_registry_change(device_id)
             return {"id": device_id, "username": device_id, "password": secret}
         if op == "device.remove":
             device_id = args["id"]
-            await self.writer.write(partial(store.remove_device, device_id=device_id))
-            self.credentials.devices = {k: v for k, v in self.credentials.devices.items() if k != device_id}
-            self.devices.pop(device_id, None)
-            self.link.disconnect(device_id)
+            await self.writer.write(partial(self._unregister, device=device_id))
+            await self._after_registry_change(device_id)
             return {"id": device_id, "removed": True}
         if op == "model.add":
             model = Model.from_dict(args.get("model"))
             await self.writer.write(partial(store.add_model, model=model))
-            for device_id in list(self.devices):
-                self.devices[device_id] = DeviceEntry(
-                    await self.writer.write(partial(store.device_model, device_id=device_id)))
+            await self._refresh_models()
             return model.as_dict()
         if op == "twin.set":
             device_id, patch, version = args["id"], args["patch"], args.get("version")
@@ -334,11 +360,96 @@ class Gateway:
             return self.status()
         raise ValueError(f"unknown operation {op!r}")
 
-    @staticmethod
-    def _apply_desired(db: Database, device: str, patch: dict[str, Any], version: int | None) -> Twin:
+    def _apply_desired(self, db: Database, device: str, patch: dict[str, Any], version: int | None) -> Twin:
         twin = set_desired(store.get_twin(db, device), patch, version)
         store.save_twin(db, device, twin)
+        self._up(db, "twin", {"device": device, "twin": twin.as_json()})
         return twin
+
+    def _register(self, db: Database, device: str, model: str | None, secret_hash: str | None = None) -> str:
+        secret = store.add_device(db, device, model, secret_hash)
+        self._up(db, "device", {"device": device, "registered": True, "model": model})
+        return secret
+
+    def _unregister(self, db: Database, device: str) -> None:
+        store.remove_device(db, device)
+        self._up(db, "device", {"device": device, "registered": False})
+
+    async def _after_registry_change(self, device_id: str) -> None:
+        self.credentials.devices = await self.writer.write(store.device_secrets)
+        if device_id in self.credentials.devices:
+            self.devices[device_id] = DeviceEntry(await self.writer.write(partial(store.device_model, device_id=device_id)))
+        else:
+            self.devices.pop(device_id, None)
+            self.link.disconnect(device_id)
+
+    async def _refresh_models(self) -> None:
+        for device_id in list(self.devices):
+            self.devices[device_id] = DeviceEntry(await self.writer.write(partial(store.device_model, device_id=device_id)))
+
+    # -- messages from the cloud ---------------------------------------------------------------------------------------
+
+    async def apply_down(self, message_id: str, resource: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Apply one message from the cloud in one transaction, once: a repeated id returns the first result."""
+        now = time.time()
+
+        def apply(db: Database) -> tuple[bool, dict[str, Any]]:
+            prior = store.inbox_result(db, message_id)
+            if prior is not None:
+                return False, prior
+            try:
+                with db.atomic():
+                    result = self._apply_down(db, resource, body)
+            except (RegistryError, VersionConflict, KeyError, TypeError, ValueError) as exc:
+                result = {"ok": False, "error": str(exc) or type(exc).__name__}
+            store.inbox_record(db, message_id, result, now)
+            return True, result
+
+        new, result = await self.writer.write(apply)
+        if not new or not result.get("ok"):
+            return result
+        device = body.get("device")
+        if resource == "twin" and isinstance(device, str):
+            self.publish_desired(device, Twin(result["twin"]["desired"]["state"], result["twin"]["desired"]["version"]))
+        elif resource == "device" and isinstance(device, str):
+            await self._after_registry_change(device)
+        elif resource == "model":
+            await self._refresh_models()
+        elif resource == "cmd":
+            assert self.requests is not None
+            self.requests.start_soon(self._cloud_command, body)
+        return result
+
+    def _apply_down(self, db: Database, resource: str, body: dict[str, Any]) -> dict[str, Any]:
+        if resource == "twin":
+            twin = self._apply_desired(db, str(body["device"]), dict(body["patch"]), None)
+            return {"ok": True, "twin": twin.as_json()}
+        if resource == "device":
+            if body.get("remove"):
+                self._unregister(db, str(body["device"]))
+            else:
+                self._register(db, str(body["device"]), body.get("model"), str(body["secret_hash"]))
+            return {"ok": True}
+        if resource == "model":
+            store.add_model(db, Model.from_dict(body["model"]))
+            return {"ok": True}
+        if resource == "cmd":
+            if body.get("device") not in self.devices:
+                raise store.UnknownDevice(str(body.get("device")))
+            return {"ok": True, "dispatched": True}
+        raise ValueError(f"unknown resource {resource!r}")
+
+    async def _cloud_command(self, body: dict[str, Any]) -> None:
+        """Run a command that came from the cloud; its result goes up through the outbox."""
+        outcome_: dict[str, Any]
+        try:
+            result = await self.command(str(body["device"]), str(body["name"]), body.get("args") or {},
+                                        float(body.get("timeout", 10)))
+            outcome_ = {"result": result}
+        except (CommandFailed, RegistryError) as exc:
+            outcome_ = {"error": str(exc), "code": getattr(exc, "code", "invalid")}
+        up = {"cmd": body.get("cmd"), "device": body.get("device"), **outcome_}
+        await self.writer.write(partial(self._up, resource="cmd_result", body=up))
 
     async def command(self, device: str, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send a command and wait for its result; records it and its outcome in the store."""
@@ -373,6 +484,7 @@ class Gateway:
             "devices_connected": sorted(d for d in self.connections if d in self.devices),
             "counters": dict(self.live_counters()),
             "writer": {"batches": self.writer.batches, "operations": self.writer.ops},
+            "cloud": self.hub.state() if self.hub else None,
         }
 
     def live_counters(self) -> Counter[str]:
@@ -449,7 +561,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                 periodic = trio.CancelScope()
                 async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
                                        max_payload=cfg.max_payload, tls=tls) as link:
-                    gateway = Gateway(link, writer, credentials, db)
+                    gateway = Gateway(link, writer, credentials, db, cloud=bool(cfg.cloud_url))
 
                     async def ingest() -> None:
                         async with trio.open_nursery() as pipeline:
@@ -465,6 +577,14 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                     nursery.start_soon(flush_periodically)
                     async with trio.open_nursery() as requests:
                         gateway.requests = requests
+                        if cfg.cloud_url:
+                            hub = EdgeHub(cfg.cloud_url, str(cfg.node_id), str(cfg.cloud_token), writer, gateway,
+                                          max_rows=cfg.outbox_max_rows, max_age=cfg.outbox_max_age,
+                                          cafile=cfg.cloud_cafile)
+                            gateway.hub = hub
+                            writer.on_commit = hub.wake
+                            await writer.write(gateway.snapshot_up)
+                            await requests.start(hub.run)
                         _write_run_file(cfg, link.port)
                         log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d", cfg.data_dir, cfg.mqtt_host,
                                  link.port, len(gateway.devices))

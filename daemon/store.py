@@ -82,22 +82,29 @@ def _create_schema(db: Database) -> None:
             {"id": int, "ts": float, "device": str, "kind": str, "body": str}, pk="id", if_not_exists=True
         )
         db.table("counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        # the cloud link: what goes up waits here until the relay has committed it; applied down-message ids
+        db.execute("CREATE TABLE IF NOT EXISTS outbox (offset INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,"
+                   " resource TEXT NOT NULL, body TEXT NOT NULL)")
+        db.table("inbox").create({"id": str, "applied": float, "result": str}, pk="id", if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
 
-def add_device(db: Database, device_id: str, model: str | None = None) -> str:
-    """Register a device; return its credential (shown once, stored hashed)."""
+def add_device(db: Database, device_id: str, model: str | None = None, secret_hash: str | None = None) -> str:
+    """Register a device; return its credential (shown once, stored hashed).
+
+    With `secret_hash` (a registration from the cloud, which made the credential) nothing new is made and "" returned.
+    """
     check_device_id(device_id)
     if get_device(db, device_id) is not None:
         raise RegistryError(f"device {device_id!r} is already registered (remove it first to issue a new credential)")
     if model is not None and get_model(db, model) is None:
         raise RegistryError(f"unknown model {model!r} (add it with `edgetrio model add FILE`)")
-    secret = new_secret()
+    secret = "" if secret_hash else new_secret()
     db.table("devices").insert({
-        "id": device_id, "model": model, "secret_hash": hash_secret(secret), "created": time.time(),
+        "id": device_id, "model": model, "secret_hash": secret_hash or hash_secret(secret), "created": time.time(),
         "online": 0, "last_seen": None, "last_connect": None, "meta": None,
     })
     return secret
@@ -343,6 +350,7 @@ class Writer:
         self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
         self.batches = 0
         self.ops = 0
+        self.on_commit: Callable[[], None] | None = None  # called in trio after each batch (wakes the cloud link)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit operations until `close()` and then everything still queued. A batch in progress always finishes."""
@@ -363,6 +371,8 @@ class Writer:
                         op.done(result)
                     except Exception:
                         log.exception("error after commit")
+                if self.on_commit is not None:
+                    self.on_commit()
 
     def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
         results: list[outcome.Outcome[Any]] = []
@@ -398,3 +408,49 @@ class Writer:
 
     async def close(self) -> None:
         await self._send.aclose()
+
+
+# -- the cloud link's outbox and inbox ---------------------------------------------------------------------------------
+
+def outbox_add(db: Database, resource: str, body: Any, now: float) -> None:
+    db.execute("INSERT INTO outbox (ts, resource, body) VALUES (?, ?, ?)", [now, resource, json.dumps(body)])
+
+
+def outbox_after(db: Database, offset: int, limit: int) -> list[dict[str, Any]]:
+    """The next rows to send, oldest first."""
+    rows = db.execute(
+        "SELECT offset, ts, resource, body FROM outbox WHERE offset > ? ORDER BY offset LIMIT ?", [offset, limit]
+    ).fetchall()
+    return [{"offset": o, "ts": ts, "resource": r, "body": json.loads(b)} for o, ts, r, b in rows]
+
+
+def outbox_acknowledged(db: Database, offset: int) -> int:
+    """The relay committed everything up to `offset`: those rows may go."""
+    return int(db.execute("DELETE FROM outbox WHERE offset <= ?", [offset]).rowcount)
+
+
+def outbox_bound(db: Database, max_rows: int, max_age: float, now: float) -> int:
+    """Drop what exceeds the outbox bounds (oldest first); returns how many rows were dropped."""
+    dropped = int(db.execute("DELETE FROM outbox WHERE ts < ?", [now - max_age]).rowcount)
+    count = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    if count > max_rows:
+        dropped += int(db.execute(
+            "DELETE FROM outbox WHERE offset IN (SELECT offset FROM outbox ORDER BY offset LIMIT ?)",
+            [count - max_rows]).rowcount)
+    return dropped
+
+
+def outbox_state(db: Database) -> dict[str, Any]:
+    count, oldest = db.execute("SELECT count(*), min(ts) FROM outbox").fetchone()
+    return {"rows": int(count), "oldest": oldest}
+
+
+def inbox_result(db: Database, message_id: str) -> Any | None:
+    """The stored result of a down message already applied, or None if it is new."""
+    row = db.execute("SELECT result FROM inbox WHERE id = ?", [message_id]).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def inbox_record(db: Database, message_id: str, result: Any, now: float) -> None:
+    db.execute("INSERT OR REPLACE INTO inbox (id, applied, result) VALUES (?, ?, ?)",
+               [message_id, now, json.dumps(result)])

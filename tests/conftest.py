@@ -191,3 +191,63 @@ def device(daemon: Daemon, connect: Any, request: pytest.FixtureRequest) -> Any:
             assert probe.subscribe(f"edgetrio/{device_id}/#")
         return device_id, password, probe
     return make
+
+
+class Relay:
+    """A real relay process on loopback."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> Relay:
+        log = open(self.data_dir.parent / f"{self.data_dir.name}-relay.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+             "--port", str(self.port)], cwd=ROOT, stdout=log, stderr=log)
+        run_file = self.data_dir / "relay.json"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}")
+            if run_file.exists():
+                info = json.loads(run_file.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.port = info["port"]
+                    self.url = info["edge_url"]
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError("relay did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "daemon", "cloud", *args, "--data-dir", str(self.data_dir)],
+                              capture_output=True, text=True, timeout=90, cwd=ROOT)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"edgetrio cloud {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def add_node(self, name: str) -> str:
+        token: str = self.json("node", "add", name)["token"]
+        return token
+
+
+def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.2) -> Any:
+    """Poll until predicate() is truthy; return its value (AssertionError on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

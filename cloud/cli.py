@@ -1,0 +1,211 @@
+"""`edgetrio cloud ...`: run the relay, add nodes, and steer the fleet through the relay's HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cloud import store
+from cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
+from daemon.registry import RegistryError
+
+
+class CloudCliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def api_target(args: argparse.Namespace) -> tuple[str, str]:
+    """The API base URL and operator token: from --url/--token, else from the relay's data dir."""
+    if args.url and args.token:
+        return args.url.rstrip("/"), args.token
+    data_dir = args.data_dir or Path("edgetrio-relay")
+    try:
+        info = json.loads((data_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        raise CloudCliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", 2) from None
+    return args.url or info["api_url"], args.token or operator_token(data_dir)
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+    base, token = api_target(args)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json"})
+    context = ssl.create_default_context(cafile=args.cafile) if base.startswith("https") else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise CloudCliError(f"{message} (HTTP {exc.code})") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CloudCliError(f"cannot reach the relay at {base}: {getattr(exc, 'reason', exc)}") from None
+
+
+def show(args: argparse.Namespace, value: Any, lines: list[str]) -> None:
+    print(json.dumps(value, indent=2) if args.json else "\n".join(lines))
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    from daemon.cli import parse_assignments as parse
+
+    return parse(items)
+
+
+def run(args: argparse.Namespace) -> None:
+    action = args.cloud_action
+    if action == "serve":
+        from daemon.cli import setup_logging
+
+        setup_logging(args.log_level or "info")
+        logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+        cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
+                          8765 if args.port is None else args.port, args.cert, args.key)
+        if (cfg.cert is None) != (cfg.key is None):
+            raise CloudCliError("--cert and --key go together", 2)
+        try:
+            trio.run(serve, cfg)
+        except OSError as exc:
+            raise CloudCliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", 2) from None
+        except RegistryError as exc:
+            raise CloudCliError(str(exc), 2) from None
+        return
+    if action == "node":
+        db = store.open_db(args.data_dir or Path("edgetrio-relay"))
+        try:
+            with db.atomic():
+                token = store.add_node(db, args.name)
+        except RegistryError as exc:
+            raise CloudCliError(str(exc)) from None
+        show(args, {"node": args.name, "token": token}, [
+            f"node {args.name} added\n  token: {token}",
+            f"Start its gateway with: edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token {token}",
+            "Keep the token now: it is stored only hashed and cannot be shown again."])
+        return
+    if action == "nodes":
+        nodes = call(args, "GET", "/api/nodes")
+        show(args, nodes, [f"{'NODE':<20} {'STATE':<8} {'DEVICES':>7} {'QUEUED':>6}  LAST SEEN"] + [
+            f"{n['name']:<20} {'online' if n['online'] else 'offline':<8} {n['devices']:>7} {n['queued']:>6}  "
+            f"{fmt_time(n['last_seen'])}" for n in nodes])
+    elif action == "devices":
+        devices = call(args, "GET", f"/api/nodes/{args.node}/devices" if args.node else "/api/devices")
+        show(args, devices, [f"{'NODE':<16} {'DEVICE':<20} {'STATE':<8} LAST SEEN"] + [
+            f"{d['node']:<16} {d['id']:<20} {'online' if d['online'] else 'offline':<8} {fmt_time(d['last_seen'])}"
+            for d in devices])
+    elif action == "twin":
+        path = f"/api/nodes/{args.node}/devices/{args.device}/twin"
+        if args.twin_action == "get":
+            twin = call(args, "GET", path)
+        else:
+            patch = parse_assignments(args.assignments)
+            if not patch:
+                raise CloudCliError("give at least one key=value", 2)
+            twin = call(args, "PATCH", path, {"desired": patch, "version": args.version})
+        show(args, twin, [
+            f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}",
+            f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}",
+            f"delta: {json.dumps(twin['delta'])}"])
+    elif action == "cmd":
+        result = call(args, "POST", f"/api/nodes/{args.node}/devices/{args.device}/commands",
+                      {"name": args.name, "args": parse_assignments(args.assignments), "timeout": args.timeout},
+                      timeout=args.timeout + 30)
+        show(args, result, [json.dumps(result.get("value")) if result.get("ok") else f"error: {result.get('error')}"])
+        if not result.get("ok"):
+            raise SystemExit(1)
+    elif action == "readings":
+        query = []
+        if args.since:
+            query.append(f"since={store_since(args.since)}")
+        if args.limit:
+            query.append(f"limit={args.limit}")
+        rows = call(args, "GET", f"/api/nodes/{args.node}/devices/{args.device}/readings"
+                    + ("?" + "&".join(query) if query else ""))
+        show(args, rows, [f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} "
+                          + " ".join(f"{k}={v}" for k, v in r["values"].items()) for r in rows] or ["no readings"])
+    elif action == "device":
+        added = call(args, "POST", f"/api/nodes/{args.node}/devices", {"id": args.device, "model": args.model})
+        show(args, added, [f"registered {added['id']} on {args.node}\n  username: {added['username']}\n"
+                           f"  password: {added['password']}\nIt reaches the gateway when the node is connected."])
+
+
+def fmt_time(ts: float | None) -> str:
+    from daemon.cli import fmt_time as fmt
+
+    return fmt(ts)
+
+
+def store_since(text: str) -> float:
+    from daemon.store import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise CloudCliError(str(exc), 2) from None
+
+
+def add_parser(sub: Any) -> None:
+    cloud = sub.add_parser("cloud", help="the cloud relay and the fleet")
+    actions = cloud.add_subparsers(dest="cloud_action", required=True)
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", type=Path, help="the relay's data directory (default ./edgetrio-relay)")
+    api = argparse.ArgumentParser(add_help=False, parents=[data])
+    api.add_argument("--url", help="relay API URL, e.g. http://relay:8765")
+    api.add_argument("--token", help="operator token")
+    api.add_argument("--cafile", help="CA file to trust for https")
+    api.add_argument("--json", action="store_true")
+
+    p = actions.add_parser("serve", parents=[data], help="run the relay in the foreground")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="port for edges (WebSocket /edge) and the API (default 8765)")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--log-level")
+    p = actions.add_parser("node", help="nodes")
+    node_actions = p.add_subparsers(dest="node_action", required=True)
+    p = node_actions.add_parser("add", parents=[data], help="add a node and print its token once")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    actions.add_parser("nodes", parents=[api], help="nodes with online state")
+    p = actions.add_parser("devices", parents=[api], help="devices of all nodes or one")
+    p.add_argument("node", nargs="?")
+    p = actions.add_parser("twin", help="twin of a device")
+    twin_actions = p.add_subparsers(dest="twin_action", required=True)
+    p = twin_actions.add_parser("get", parents=[api])
+    p.add_argument("node")
+    p.add_argument("device")
+    p = twin_actions.add_parser("set", parents=[api])
+    p.add_argument("node")
+    p.add_argument("device")
+    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("--version", type=int)
+    p = actions.add_parser("cmd", parents=[api], help="run a command on a device")
+    p.add_argument("node")
+    p.add_argument("device")
+    p.add_argument("name")
+    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p = actions.add_parser("readings", parents=[api])
+    p.add_argument("node")
+    p.add_argument("device")
+    p.add_argument("--since")
+    p.add_argument("--limit", type=int)
+    p = actions.add_parser("device", help="register a device from the cloud")
+    device_actions = p.add_subparsers(dest="device_action", required=True)
+    p = device_actions.add_parser("add", parents=[api])
+    p.add_argument("node")
+    p.add_argument("device")
+    p.add_argument("--model")
+    cloud.set_defaults(func=run)

@@ -1,0 +1,281 @@
+"""The cloud relay: edges dial in over WebSocket (`/edge`), operators use the HTTP API (`/api/...`), on one port.
+
+One trio process. Each connection starts as HTTP/1.1 (read with h11); an upgrade request for `/edge` is handed, with
+the bytes already read, to trio-websocket. An edge authenticates with its node name and token in the handshake; from
+then on everything it sends is attributed to that node, so no node can act for another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import h11
+import trio
+from sqlite_utils import Database
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+from cloud import store
+from daemon.edgehub import MAX_FRAME, envelope
+from daemon.registry import new_secret
+
+log = logging.getLogger("edgetrio.relay")
+T = TypeVar("T")
+OPERATOR_FILE = "operator.json"
+RUN_FILE = "relay.json"
+MAX_HTTP_BODY = 1024 * 1024
+
+
+@dataclass
+class RelayConfig:
+    data_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8765
+    cert: str | None = None
+    key: str | None = None
+
+
+def operator_token(data_dir: Path) -> str:
+    """The operator API token, created on first start (file mode 0600)."""
+    path = data_dir / OPERATOR_FILE
+    if path.exists():
+        try:
+            return str(json.loads(path.read_text())["token"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise store.RegistryError(f"{path} is corrupt; delete it to issue a new operator token") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"token": token}, f)
+    return token
+
+
+class Replay(trio.abc.Stream):
+    """A stream that first returns bytes already read, so a handshake read by h11 can be read again by wsproto."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class EdgeSession:
+    def __init__(self, node: str, ws: WebSocketConnection) -> None:
+        self.node = node
+        self.ws = ws
+        self.wakeup = trio.Event()
+        self.sent: set[str] = set()
+
+
+class Relay:
+    def __init__(self, db: Database, token: str) -> None:
+        self.db = db
+        self.token = token
+        self.sessions: dict[str, EdgeSession] = {}
+        self.counters: Counter[str] = Counter()
+        self.command_waiters: dict[str, trio.Event] = {}
+        self._lock = trio.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run store work in one transaction in a worker thread, one at a time."""
+        async with self._lock:
+            def transaction() -> T:
+                with self.db.atomic():
+                    return fn(self.db, *args)
+            return await trio.to_thread.run_sync(transaction)
+
+    def notify(self, node: str) -> None:
+        """Something was queued for a node: its session sends it now if it is connected."""
+        session = self.sessions.get(node)
+        if session is not None:
+            session.wakeup.set()
+
+    # -- connections -------------------------------------------------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection. Whatever happens on it ends that connection only, never the relay."""
+        try:
+            await self._handle(stream)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                 ssl.SSLError, OSError) as group:
+            log.debug("connection ended: %r", group.exceptions[0])
+        except* Exception as group:
+            self.counters["connection_errors"] += 1
+            log.error("connection failed: %r", group.exceptions[0], exc_info=group.exceptions[0])
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        raw = bytearray()
+        with trio.move_on_after(15) as timeout:
+            event = await self._next_event(conn, stream, raw)
+        if timeout.cancelled_caught or not isinstance(event, h11.Request):
+            return
+        headers = {k.lower(): v for k, v in event.headers}
+        if headers.get(b"upgrade", b"").lower() == b"websocket":
+            if event.target.split(b"?")[0] != b"/edge":
+                await self._respond(conn, stream, 404, {"error": "WebSocket endpoint is /edge"})
+                return
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(nursery, Replay(stream, bytes(raw)), max_message_size=MAX_FRAME)
+                await self._edge(request)
+                nursery.cancel_scope.cancel()
+            return
+        from cloud.api import handle_http
+
+        await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None))
+
+    @staticmethod
+    async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, raw: bytearray | None) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = bytes(await stream.receive_some(64 * 1024))
+            if raw is not None:
+                raw.extend(data)
+            conn.receive_data(data)
+
+    @staticmethod
+    async def _respond(conn: h11.Connection, stream: trio.abc.Stream, status: int, body: Any) -> None:
+        payload = json.dumps(body).encode()
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+            ("content-type", "application/json"), ("content-length", str(len(payload))), ("connection", "close")])))
+        await stream.send_all(conn.send(h11.Data(data=payload)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    # -- edges -------------------------------------------------------------------------------------------------------
+
+    async def _edge(self, request: WebSocketRequest) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        node = headers.get("x-edgetrio-node", "")
+        auth = headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not node or not token or not await self.run(store.check_node, node, token):
+            self.counters["edge_refused"] += 1
+            log.warning("edge refused node=%r remote=%s", node, request.remote)
+            await request.reject(401, body=b"unknown node or wrong token")
+            return
+        ws = await request.accept()
+        session = EdgeSession(node, ws)
+        previous = self.sessions.get(node)
+        self.sessions[node] = session
+        if previous is not None:  # the edge reconnected before its old connection timed out
+            await previous.ws.aclose(1000, "replaced by a new connection")
+        await self.run(store.node_presence, node, True, time.time())
+        log.info("edge connected node=%s", node)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_down, session)
+                await self._receive_up(session)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.sessions.get(node) is session:
+                del self.sessions[node]
+                with trio.CancelScope(shield=True):
+                    await self.run(store.node_presence, node, False, time.time())
+                log.info("edge disconnected node=%s", node)
+
+    async def _receive_up(self, session: EdgeSession) -> None:
+        while True:
+            raw = await session.ws.get_message()
+            try:
+                message = json.loads(raw)
+                op = message["op"]
+                body = message.get("body") or {}
+                if not isinstance(body, dict):
+                    raise TypeError("body must be an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                self.counters["malformed_frames"] += 1
+                log.warning("malformed frame from node=%s: %s", session.node, exc)
+                await session.ws.send_message(envelope("error", body={"message": f"malformed frame: {exc}"}))
+                continue
+            if op == "up":
+                items = body.get("items")
+                if not isinstance(items, list):
+                    await session.ws.send_message(envelope("error", body={"message": "up needs a list of items"}))
+                    continue
+                offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
+                if skipped:
+                    self.counters["items_skipped"] += skipped
+                    log.warning("node=%s sent %d items this relay cannot use", session.node, skipped)
+                await session.ws.send_message(envelope("ack", body={"offset": offset}, parent=message.get("id")))
+                for cmd_id in finished:
+                    waiter = self.command_waiters.get(cmd_id)
+                    if waiter is not None:
+                        waiter.set()
+            elif op == "applied":
+                parent = message.get("parent")
+                if isinstance(parent, str):
+                    refused = await self.run(store.down_applied, session.node, parent, body)
+                    session.sent.discard(parent)
+                    if refused and refused in self.command_waiters:
+                        self.command_waiters[refused].set()
+            else:
+                self.counters["malformed_frames"] += 1
+                await session.ws.send_message(envelope("error", body={"message": f"unknown op {op!r}"}))
+
+    async def _send_down(self, session: EdgeSession) -> None:
+        """Send what is queued for the node, in order, until the edge confirms each one (resent on reconnect)."""
+        while True:
+            session.wakeup = trio.Event()
+            for row in await self.run(store.pending_down, session.node):
+                if row["id"] in session.sent:
+                    continue
+                await session.ws.send_message(envelope("apply", row["resource"], row["body"], message_id=row["id"]))
+                session.sent.add(row["id"])
+            await session.wakeup.wait()
+
+
+async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve edges and operators until SIGINT/SIGTERM. Reports the bound port once listening."""
+    db = store.open_db(cfg.data_dir)
+    relay = Relay(db, operator_token(cfg.data_dir))
+    listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
+    if cfg.cert and cfg.key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.cert, cfg.key)
+        listeners = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+    port = listeners[0].socket.getsockname()[1] if not cfg.cert else listeners[0].transport_listener.socket.getsockname()[1]
+    scheme = "wss" if cfg.cert else "ws"
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    run_file = cfg.data_dir / RUN_FILE
+    run_file.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
+                                    "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}"}))
+    log.info("relay ready data_dir=%s port=%d", cfg.data_dir, port)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
+                task_status.started(port)
+                async for signum in signals:
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+    finally:
+        run_file.unlink(missing_ok=True)

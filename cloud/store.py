@@ -1,0 +1,293 @@
+"""The relay's SQLite store: nodes, their devices and twin replicas, readings, and the queue of what must go down.
+
+Plain synchronous functions over one sqlite-utils Database; the relay runs them one at a time in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from daemon.twin import Twin, set_desired
+
+DB_FILE = "relay.db"
+
+
+class NotFound(RegistryError):
+    pass
+
+
+def open_db(data_dir: Path) -> Database:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(data_dir / DB_FILE), check_same_thread=False, timeout=30)
+    db = Database(conn)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{data_dir / DB_FILE} is not a usable SQLite database: {exc}") from exc
+    conn.execute("PRAGMA synchronous=FULL")
+    with db.atomic():
+        db.table("nodes").create(
+            {"name": str, "token_hash": str, "created": float, "online": int, "last_seen": float, "connects": int,
+             "last_offset": int}, pk="name", if_not_exists=True)
+        db.table("devices").create(
+            {"node": str, "id": str, "registered": int, "model": str, "online": int, "last_seen": float,
+             "meta": str, "twin": str}, pk=("node", "id"), if_not_exists=True)
+        db.table("readings").create(
+            {"node": str, "device": str, "boot": int, "seq": int, "ts": float, "received": float, "data": str},
+            pk=("node", "device", "boot", "seq"), if_not_exists=True)
+        db.table("downqueue").create(
+            {"id": str, "node": str, "created": float, "resource": str, "body": str}, pk="id", if_not_exists=True)
+        db.table("commands").create(
+            {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
+             "result": str}, pk="id", if_not_exists=True)
+        db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
+    return db
+
+
+# -- nodes -----------------------------------------------------------------------------------------------------------
+
+def add_node(db: Database, name: str) -> str:
+    """Register a node; return its token (shown once, stored hashed)."""
+    check_device_id(name)
+    if get_node(db, name) is not None:
+        raise RegistryError(f"node {name!r} already exists")
+    token = new_secret()
+    db.table("nodes").insert({"name": name, "token_hash": hash_secret(token), "created": time.time(), "online": 0,
+                              "last_seen": None, "connects": 0, "last_offset": 0})
+    return token
+
+
+def get_node(db: Database, name: str) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM nodes WHERE name = ?", [name]))
+    return rows[0] if rows else None
+
+
+def check_node(db: Database, name: str, token: str) -> bool:
+    node = get_node(db, name)
+    return node is not None and verify_secret(token, node["token_hash"])
+
+
+def node_presence(db: Database, name: str, online: bool, now: float) -> None:
+    db.execute("UPDATE nodes SET online = ?, last_seen = ?, connects = connects + ? WHERE name = ?",
+               [int(online), now, int(online), name])
+
+
+def list_nodes(db: Database) -> list[dict[str, Any]]:
+    rows = db.query(
+        "SELECT n.name, n.online, n.last_seen, n.connects, (SELECT count(*) FROM devices d WHERE d.node = n.name"
+        " AND d.registered = 1) AS devices, (SELECT count(*) FROM downqueue q WHERE q.node = n.name) AS queued"
+        " FROM nodes n ORDER BY n.name")
+    return [{**r, "online": bool(r["online"])} for r in rows]
+
+
+def require_node(db: Database, name: str) -> None:
+    if get_node(db, name) is None:
+        raise NotFound(f"unknown node {name!r}")
+
+
+# -- what comes up ---------------------------------------------------------------------------------------------------
+
+def _device(db: Database, node: str, device: str) -> dict[str, Any]:
+    rows = list(db.query("SELECT * FROM devices WHERE node = ? AND id = ?", [node, device]))
+    if rows:
+        return rows[0]
+    row = {"node": node, "id": device, "registered": 1, "model": None, "online": 0, "last_seen": None,
+           "meta": None, "twin": None}
+    db.table("devices").insert(row)
+    return row
+
+
+def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -> tuple[int, list[str], int]:
+    """Store a batch from an edge once: items at or below the node's last offset were stored before.
+
+    Returns (highest offset now stored, ids of commands whose result arrived, number of items skipped as unusable).
+    """
+    last = int(db.execute("SELECT last_offset FROM nodes WHERE name = ?", [node]).fetchone()[0])
+    finished: list[str] = []
+    skipped = 0
+    for item in items:
+        try:
+            offset = int(item["offset"])
+            resource, body = item["resource"], item["body"]
+        except (KeyError, TypeError, ValueError):
+            skipped += 1
+            continue
+        if offset <= last:
+            continue
+        try:
+            done = _apply_item(db, node, resource, body, now)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            skipped += 1  # an item this relay cannot use must not block the ones behind it
+            done = None
+        if done:
+            finished.append(done)
+        last = offset
+    db.execute("UPDATE nodes SET last_offset = ?, last_seen = ? WHERE name = ?", [last, now, node])
+    return last, finished, skipped
+
+
+def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], now: float) -> str | None:
+    if resource == "readings":
+        rows = [(node, str(r["device"]), int(r["boot"]), int(r["seq"]), float(r["ts"]), now, json.dumps(r["values"]))
+                for r in body["readings"]]
+        db.conn.executemany(
+            "INSERT OR IGNORE INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows)
+        for device in {r[1] for r in rows}:
+            _device(db, node, device)
+            db.execute("UPDATE devices SET last_seen = ? WHERE node = ? AND id = ?", [now, node, device])
+    elif resource == "twin":
+        _device(db, node, str(body["device"]))
+        db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?",
+                   [json.dumps(body["twin"]), node, body["device"]])
+    elif resource == "device":
+        device = str(body["device"])
+        _device(db, node, device)
+        fields: dict[str, Any] = {k: body[k] for k in ("online", "last_seen", "model") if k in body}
+        if "meta" in body:
+            fields["meta"] = json.dumps(body["meta"])
+        if "registered" in body:
+            fields["registered"] = int(bool(body["registered"]))
+        if "online" in fields:
+            fields["online"] = int(bool(fields["online"]))
+        if fields:
+            db.table("devices").update((node, device), fields)
+    elif resource == "cmd_result":
+        cmd_id = str(body["cmd"])
+        status = "ok" if body.get("result", {}).get("ok") else "error"
+        db.execute("UPDATE commands SET status = ?, result = ? WHERE id = ? AND node = ?",
+                   [status, json.dumps(body), cmd_id, node])
+        return cmd_id
+    else:
+        raise ValueError(f"unknown resource {resource!r}")
+    return None
+
+
+# -- what goes down --------------------------------------------------------------------------------------------------
+
+def queue_down(db: Database, node: str, resource: str, body: dict[str, Any]) -> str:
+    message_id = uuid.uuid4().hex
+    db.table("downqueue").insert({"id": message_id, "node": node, "created": time.time(), "resource": resource,
+                                  "body": json.dumps(body)})
+    return message_id
+
+
+def pending_down(db: Database, node: str) -> list[dict[str, Any]]:
+    return [{**r, "body": json.loads(r["body"])} for r in db.query(
+        "SELECT id, resource, body FROM downqueue WHERE node = ? ORDER BY created, rowid", [node])]
+
+
+def down_applied(db: Database, node: str, message_id: str, result: Any) -> str | None:
+    """The edge applied a message: it leaves the queue; a twin result refreshes the replica.
+
+    Returns the command id when the edge refused a command (its result is then final)."""
+    row = db.execute("SELECT resource, body FROM downqueue WHERE id = ? AND node = ?", [message_id, node]).fetchone()
+    if row is None:
+        return None  # a repeated confirmation
+    db.execute("DELETE FROM downqueue WHERE id = ?", [message_id])
+    resource, body = row[0], json.loads(row[1])
+    if not isinstance(result, dict):
+        return None
+    if resource == "twin" and result.get("ok") and isinstance(result.get("twin"), dict):
+        db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?",
+                   [json.dumps(result["twin"]), node, body["device"]])
+    if resource == "cmd" and not result.get("ok"):
+        db.execute("UPDATE commands SET status = 'error', result = ? WHERE id = ?",
+                   [json.dumps({"cmd": body["cmd"], "error": result.get("error"), "code": "refused"}), body["cmd"]])
+        return str(body["cmd"])
+    return None
+
+
+# -- operator views and actions ---------------------------------------------------------------------------------------
+
+def list_devices(db: Database, node: str | None = None) -> list[dict[str, Any]]:
+    sql = "SELECT node, id, model, online, last_seen, meta FROM devices WHERE registered = 1"
+    params: list[Any] = []
+    if node is not None:
+        require_node(db, node)
+        sql += " AND node = ?"
+        params.append(node)
+    return [{**r, "online": bool(r["online"]), "meta": json.loads(r["meta"]) if r["meta"] else None}
+            for r in db.query(sql + " ORDER BY node, id", params)]
+
+
+def _replica(db: Database, node: str, device: str) -> Twin:
+    require_node(db, node)
+    rows = list(db.query("SELECT twin FROM devices WHERE node = ? AND id = ? AND registered = 1", [node, device]))
+    if not rows:
+        raise NotFound(f"unknown device {device!r} on node {node!r}")
+    if not rows[0]["twin"]:
+        return Twin()
+    t = json.loads(rows[0]["twin"])
+    return Twin(t["desired"]["state"], t["desired"]["version"], t["reported"]["state"], t["reported"]["version"])
+
+
+def get_twin(db: Database, node: str, device: str) -> dict[str, Any]:
+    return _replica(db, node, device).as_json()
+
+
+def set_twin(db: Database, node: str, device: str, patch: dict[str, Any], version: int | None) -> dict[str, Any]:
+    """Check the change against the replica (a stale version is a VersionConflict), queue it, update the replica.
+
+    The edge applies the patch when it gets it and sends its twin back, which then replaces the replica.
+    """
+    twin = set_desired(_replica(db, node, device), patch, version)
+    queue_down(db, node, "twin", {"device": device, "patch": patch})
+    db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?", [json.dumps(twin.as_json()), node, device])
+    return twin.as_json()
+
+
+def register_device(db: Database, node: str, device: str, model: str | None) -> str:
+    """Register a device on an edge from the cloud; the credential is made here, returned once, sent down hashed."""
+    require_node(db, node)
+    check_device_id(device)
+    rows = list(db.query("SELECT registered FROM devices WHERE node = ? AND id = ?", [node, device]))
+    if rows and rows[0]["registered"]:
+        raise RegistryError(f"device {device!r} is already registered on node {node!r}")
+    secret = new_secret()
+    queue_down(db, node, "device", {"device": device, "model": model, "secret_hash": hash_secret(secret)})
+    _device(db, node, device)
+    db.execute("UPDATE devices SET registered = 1, model = ? WHERE node = ? AND id = ?", [model, node, device])
+    return secret
+
+
+def start_command(db: Database, node: str, device: str, name: str, args: dict[str, Any], timeout: float) -> str:
+    _replica(db, node, device)  # node and device must exist
+    cmd_id = uuid.uuid4().hex[:16]
+    db.table("commands").insert({"id": cmd_id, "node": node, "device": device, "name": name, "args": json.dumps(args),
+                                 "created": time.time(), "status": "queued", "result": None})
+    queue_down(db, node, "cmd", {"cmd": cmd_id, "device": device, "name": name, "args": args, "timeout": timeout})
+    return cmd_id
+
+
+def command_outcome(db: Database, cmd_id: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT status, result FROM commands WHERE id = ?", [cmd_id]).fetchone()
+    if row is None or row[0] == "queued":
+        return None
+    return dict(json.loads(row[1])) if row[1] else {"error": row[0]}
+
+
+def query_readings(db: Database, node: str, device: str, since: float | None, limit: int | None) -> list[dict[str, Any]]:
+    _replica(db, node, device)
+    sql = "SELECT boot, seq, ts, data FROM readings WHERE node = ? AND device = ?"
+    params: list[Any] = [node, device]
+    if since is not None:
+        sql += " AND ts >= ?"
+        params.append(since)
+    sql += " ORDER BY ts DESC, boot DESC, seq DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    rows = list(db.query(sql, params))
+    rows.reverse()
+    return [{"boot": r["boot"], "seq": r["seq"], "ts": r["ts"], "values": json.loads(r["data"])} for r in rows]
+
+

@@ -1,0 +1,186 @@
+"""The edge's link to the cloud relay (KubeEdge's EdgeHub): a WebSocket the edge dials out on.
+
+Up: rows of the durable outbox, in offset order, in batches; a row is deleted only after the relay acknowledges its
+offset, and a new connection resumes from the first unacknowledged row. Down: each message is applied once, in one
+transaction (`Gateway.apply_down`), then acknowledged by id. The edge keeps working while the link is down; the
+outbox is bounded by rows and age, and what the bound drops is counted, never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from daemon import store
+
+if TYPE_CHECKING:
+    from daemon.gateway import Gateway
+
+log = logging.getLogger("edgetrio.edgehub")
+MAX_FRAME = 8 * 1024 * 1024  # bytes, both directions
+BATCH_ROWS = 200
+BATCHES_IN_FLIGHT = 4
+
+
+def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
+    """Exponential backoff with full jitter: 0..base, 0..2*base, ... capped, so a fleet does not reconnect in step."""
+    attempt = 0
+    while True:
+        yield random.uniform(0, min(cap, base * 2**attempt))
+        attempt += 1
+
+
+def envelope(op: str, resource: str = "", body: Any = None, parent: str | None = None,
+             message_id: str | None = None) -> str:
+    return json.dumps({"id": message_id or uuid.uuid4().hex, "parent": parent, "op": op, "resource": resource,
+                       "body": body if body is not None else {}, "ts": time.time()})
+
+
+class EdgeHub:
+    def __init__(self, url: str, node: str, token: str, writer: store.Writer, gateway: Gateway, *,
+                 max_rows: int, max_age: float, keepalive: float = 15.0, cafile: str | None = None) -> None:
+        self.url = url.rstrip("/") + "/edge"
+        self.node = node
+        self.token = token
+        self.writer = writer
+        self.gateway = gateway
+        self.max_rows = max_rows
+        self.max_age = max_age
+        self.keepalive = keepalive
+        self.ssl_context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
+        self.connected = False
+        self.connects = 0
+        self.last_change: float | None = None
+        self.last_error: str | None = None
+        self.acked_upto = 0
+        self.sent_upto = 0
+        self.dropped = 0
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        """Something was committed; the sender looks at the outbox again."""
+        self._wakeup.set()
+
+    def state(self) -> dict[str, Any]:
+        return {"url": self.url, "node": self.node, "connected": self.connected, "connects": self.connects,
+                "since": self.last_change, "last_error": self.last_error, "acked_offset": self.acked_upto,
+                "dropped": self.dropped}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link up until cancelled, reconnecting with jittered exponential backoff."""
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._bound_outbox)
+            delays = backoff_delays()
+            while True:
+                try:
+                    await self._session()
+                    delays = backoff_delays()
+                except HandshakeError as exc:
+                    await self._down(f"cannot connect to {self.url}: {exc}")
+                except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    await self._down(f"link lost: {type(exc).__name__} {exc}")
+                await trio.sleep(next(delays))
+
+    async def _down(self, reason: str) -> None:
+        if self.connected or reason != self.last_error:
+            log.warning("cloud link down node=%s reason=%s", self.node, reason)
+        if self.connected:
+            await self._record_link_event(False, reason)
+        self.connected = False
+        self.last_change = time.time()
+        self.last_error = reason
+
+    async def _record_link_event(self, up: bool, reason: str = "") -> None:
+        await self.writer.write(partial(store.record_event, device_id="", kind="cloud_link",
+                                        body={"connected": up, "reason": reason}, now=time.time()))
+
+    async def _session(self) -> None:
+        headers = [(b"authorization", f"Bearer {self.token}".encode()), (b"x-edgetrio-node", self.node.encode())]
+        async with open_websocket_url(self.url, self.ssl_context, extra_headers=headers, max_message_size=MAX_FRAME,
+                                      connect_timeout=10, disconnect_timeout=5) as ws:
+            self.connected = True
+            self.connects += 1
+            self.last_change = time.time()
+            self.last_error = None
+            log.info("cloud link up node=%s url=%s", self.node, self.url)
+            await self._record_link_event(True)
+            self.sent_upto = self.acked_upto  # resume from the first row the relay has not confirmed
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_up, ws)
+                    nursery.start_soon(self._receive, ws)
+                    nursery.start_soon(self._ping, ws)
+            except BaseExceptionGroup as group:
+                # the link's tasks end together; report the first transport error as the reason
+                first = group.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+
+    async def _send_up(self, ws: WebSocketConnection) -> None:
+        in_flight: list[int] = []
+        while True:
+            in_flight = [o for o in in_flight if o > self.acked_upto]
+            rows: list[dict[str, Any]] = []
+            if len(in_flight) < BATCHES_IN_FLIGHT:
+                rows = await self.writer.write(partial(store.outbox_after, offset=self.sent_upto, limit=BATCH_ROWS))
+            if not rows:
+                self._wakeup = trio.Event()
+                with trio.move_on_after(1):
+                    await self._wakeup.wait()
+                continue
+            frame = envelope("up", "batch", {"items": rows})
+            while len(frame) > MAX_FRAME and len(rows) > 1:
+                rows = rows[: len(rows) // 2]
+                frame = envelope("up", "batch", {"items": rows})
+            await ws.send_message(frame)
+            self.sent_upto = rows[-1]["offset"]
+            in_flight.append(self.sent_upto)
+
+    async def _receive(self, ws: WebSocketConnection) -> None:
+        while True:
+            raw = await ws.get_message()
+            try:
+                message = json.loads(raw)
+                op, body = message["op"], message.get("body") or {}
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed frame from the relay")
+                continue
+            if op == "ack":
+                offset = int(body.get("offset", 0))
+                if offset > self.acked_upto:
+                    await self.writer.write(partial(store.outbox_acknowledged, offset=offset))
+                    self.acked_upto = offset
+                    self.wake()
+            elif op == "apply":
+                result = await self.gateway.apply_down(str(message["id"]), str(message.get("resource")), body)
+                await ws.send_message(envelope("applied", message.get("resource", ""), result, parent=message["id"]))
+            elif op == "error":
+                log.error("the relay refused this node: %s", body.get("message"))
+
+    async def _ping(self, ws: WebSocketConnection) -> None:
+        while True:
+            await trio.sleep(self.keepalive)
+            with trio.fail_after(self.keepalive):
+                await ws.ping()
+
+    async def _bound_outbox(self) -> None:
+        while True:
+            dropped = await self.writer.write(partial(store.outbox_bound, max_rows=self.max_rows,
+                                                      max_age=self.max_age, now=time.time()))
+            if dropped:
+                self.dropped += dropped
+                self.gateway.counts["outbox_dropped"] += dropped
+                log.error("outbox over its bounds: dropped %d oldest rows (not sent to the cloud)", dropped)
+            await trio.sleep(10)
