@@ -1,0 +1,125 @@
+"""The relay refuses wrong tokens, impersonation, malformed and oversize frames, without disturbing other nodes."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import Relay
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from daemon.edgehub import envelope
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    r = Relay(tmp_path_factory.mktemp("relay") / "data").start()
+    yield r
+    r.stop()
+
+
+def headers(node: str, token: str) -> list[tuple[bytes, bytes]]:
+    auth = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    return [*auth, (b"x-edgetrio-node", node.encode())]
+
+
+def up(offset: int, device: str, seq: int) -> str:
+    item = {"offset": offset, "ts": 1.0, "resource": "readings",
+            "body": {"readings": [{"device": device, "boot": 1, "seq": seq, "ts": 1.0, "values": {"t": 1}}]}}
+    return envelope("up", "batch", {"items": [item]})
+
+
+async def test_wrong_token_and_impersonation_are_refused(relay: Relay) -> None:
+    token_a = relay.add_node("node-a")
+    relay.add_node("node-b")
+    for node, token in (("node-a", "wrong"), ("node-b", token_a), ("nobody", token_a), ("node-a", "")):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(relay.url + "/edge", extra_headers=headers(node, token)):
+                pass
+        assert info.value.status_code == 401
+    async with open_websocket_url(relay.url + "/edge", extra_headers=headers("node-a", token_a)) as ws:
+        await ws.send_message(up(1, "d1", 1))
+        ack = json.loads(await ws.get_message())
+        assert ack["op"] == "ack" and ack["body"] == {"offset": 1}
+    # what node-a sent is node-a's, and node-b has nothing
+    assert [d["id"] for d in relay.json("devices", "node-a")] == ["d1"]
+    assert relay.json("devices", "node-b") == []
+
+
+async def test_malformed_and_oversize_frames_do_not_disturb_other_nodes(relay: Relay) -> None:
+    token_c, token_d = relay.add_node("node-c"), relay.add_node("node-d")
+    async with open_websocket_url(relay.url + "/edge", extra_headers=headers("node-d", token_d)) as good:
+        async with open_websocket_url(relay.url + "/edge", extra_headers=headers("node-c", token_c),
+                                      max_message_size=16 * 1024 * 1024) as bad:
+            for frame in ("{not json", "[1, 2]", json.dumps({"op": "up", "body": {"items": "x"}}),
+                          json.dumps({"op": "teleport"}), json.dumps({"op": "up", "body": {"items": [{"junk": 1}]}})):
+                await bad.send_message(frame)
+                reply = json.loads(await bad.get_message())
+                assert reply["op"] in ("error", "ack"), reply
+            # an item the relay cannot use is skipped but acknowledged, so it cannot block the items behind it
+            await bad.send_message(up(5, "d9", 1))
+            assert json.loads(await bad.get_message())["body"] == {"offset": 5}
+            with pytest.raises(ConnectionClosed) as closed:
+                with trio.fail_after(10):
+                    await bad.send_message("x" * (9 * 1024 * 1024))  # over the relay's frame limit
+                    await bad.get_message()
+            assert closed.value.reason.code == 1009  # message too big
+        await good.send_message(up(1, "d2", 1))
+        assert json.loads(await good.get_message())["body"] == {"offset": 1}
+    assert [r["seq"] for r in relay.json("readings", "node-d", "d2")] == [1]
+
+
+def http(relay: Relay, path: str, token: str | None, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{relay.port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_operator_api_needs_the_token_and_serves_openapi(relay: Relay) -> None:
+    token = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    status, doc = http(relay, "/openapi.json", None)
+    assert status == 200 and doc["openapi"].startswith("3.") and "/api/nodes/{node}/devices/{device}/twin" in doc["paths"]
+    assert http(relay, "/api/nodes", None)[0] == 401
+    assert http(relay, "/api/nodes", "not-the-token")[0] == 401
+    status, nodes = http(relay, "/api/nodes", token)
+    assert status == 200 and isinstance(nodes, list)
+    assert http(relay, "/api/nodes/ghost/devices", token)[0] == 404
+    assert http(relay, "/api/nowhere", token)[0] == 404
+    assert http(relay, "/api/nodes", token, method="DELETE")[0] == 405
+    relay.add_node("node-e")
+    assert http(relay, "/api/nodes/node-e/devices", token, "POST", {"id": "bad/id"})[0] == 400
+    status, added = http(relay, "/api/nodes/node-e/devices", token, "POST", {"id": "dev-1"})
+    assert status == 201 and added["username"] == "dev-1" and added["password"]
+    status, twin = http(relay, "/api/nodes/node-e/devices/dev-1/twin", token, "PATCH", {"desired": {"a": 1}})
+    assert status == 200 and twin["desired"] == {"state": {"a": 1}, "version": 1}
+    status, error = http(relay, "/api/nodes/node-e/devices/dev-1/twin", token, "PATCH", {"desired": {"a": 2}, "version": 0})
+    assert status == 409 and "conflict" in error["error"]
+    request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/api/nodes/node-e/devices/dev-1/twin",
+                                     method="PATCH", data=b"{oops", headers={"authorization": f"Bearer {token}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400
+    status, _ = http(relay, "/api/nodes/node-e/devices", token, "POST", {"id": "x" * 10, "pad": "y" * (2 * 1024 * 1024)})
+    assert status == 413
+    # the node is offline: commands are refused at once rather than run whenever it returns
+    status, error = http(relay, "/api/nodes/node-e/devices/dev-1/commands", token, "POST", {"name": "ping"})
+    assert status == 409 and "offline" in error["error"]
+
+
+def test_node_add_refuses_duplicates_and_bad_names(relay: Relay, tmp_path: Path) -> None:
+    relay.add_node("node-f")
+    again = relay.cli("node", "add", "node-f", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = relay.cli("node", "add", "no/slash", check=False)
+    assert bad.returncode == 1 and "invalid" in bad.stderr
