@@ -27,6 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from cloud import store
 from daemon.edgehub import MAX_FRAME, envelope
 from daemon.registry import new_secret
+from daemon.store import Writer
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -98,15 +99,12 @@ class Relay:
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
         self.command_waiters: dict[str, trio.Event] = {}
-        self._lock = trio.Lock()
+        # the daemon's group-commit writer: what thousands of edges send at once shares one transaction
+        self.writer = Writer(db, max_batch=1024, queue_size=4096)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run store work in one transaction in a worker thread, one at a time."""
-        async with self._lock:
-            def transaction() -> T:
-                with self.db.atomic():
-                    return fn(self.db, *args)
-            return await trio.to_thread.run_sync(transaction)
+        """Run store work in the next group commit and return its result once committed."""
+        return await self.writer.write(lambda db: fn(db, *args))
 
     def notify(self, node: str) -> None:
         """Something was queued for a node: its session sends it now if it is connected."""
@@ -271,11 +269,14 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
-                task_status.started(port)
-                async for signum in signals:
-                    log.info("stopping on %s", signal.Signals(signum).name)
-                    break
-                nursery.cancel_scope.cancel()
+                await nursery.start(relay.writer.run)
+                async with trio.open_nursery() as connections:
+                    connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
+                    task_status.started(port)
+                    async for signum in signals:
+                        log.info("stopping on %s", signal.Signals(signum).name)
+                        break
+                    connections.cancel_scope.cancel()
+                await relay.writer.close()  # commit what was received, then stop
     finally:
         run_file.unlink(missing_ok=True)
