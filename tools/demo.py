@@ -47,11 +47,41 @@ def demo_credentials(data_dir: Path, count: int) -> dict[str, str]:
     return {k: v for k, v in known.items() if int(k.split("-")[1]) <= count}
 
 
+def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
+    from cloud import store as cloud_store
+
+    node_file = relay_dir / "demo-node.json"
+    db = cloud_store.open_db(relay_dir)
+    if not node_file.exists() or cloud_store.get_node(db, "demo-gw") is None:
+        with db.atomic():
+            if cloud_store.get_node(db, "demo-gw") is not None:
+                db.execute("DELETE FROM nodes WHERE name = 'demo-gw'")
+            node_file.write_text(json.dumps({"node": "demo-gw", "token": cloud_store.add_node(db, "demo-gw")}))
+    db.close()
+    (relay_dir / "relay.json").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(relay_dir),
+                             "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"])
+    deadline = time.monotonic() + 30
+    while not (relay_dir / "relay.json").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the relay did not start")
+        time.sleep(0.05)
+    info = json.loads((relay_dir / "relay.json").read_text())
+    return proc, {**info, **json.loads(node_file.read_text())}
+
+
 def run_demo(data_dir: Path, count: int, duration: float) -> None:
-    print(f"edgetrio demo: data in {data_dir}/, {count} simulated devices; Ctrl-C stops", flush=True)
+    relay_dir = data_dir / "relay"
+    data_dir = data_dir / "gateway"
+    print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} simulated devices; "
+          "Ctrl-C stops", flush=True)
     credentials = demo_credentials(data_dir, count)
+    relay, cloud = start_relay(relay_dir)
+    print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data_dir),
-                             "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning"])
+                             "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
+                             "--cloud", cloud["edge_url"], "--node-id", cloud["node"], "--token", cloud["token"]])
     devices: list[SimDevice] = []
     try:
         info = wait_for_daemon(data_dir, proc)
@@ -60,6 +90,9 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
         devices = [SimDevice(d, pw, host, port, boot=int(time.time()) % 100000).start()
                    for d, pw in credentials.items()]
         db = store.open_db(data_dir)
+        from cloud import store as cloud_store
+
+        cloud_db = cloud_store.open_db(relay_dir)
         started = time.monotonic()
         tick = 0
         while not duration or time.monotonic() - started < duration:
@@ -70,18 +103,22 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
                 for device in devices:
                     last = store.query_readings(db, device.device_id, limit=1)
                     values = last[0]["values"] if last else {}
-                    print(f"  {device.device_id}: stored {store.reading_count(db, device.device_id):>6}  "
-                          f"acked seq {device.acked:>5}  buffered {len(device.buffer):>3}  last {values}", flush=True)
+                    in_cloud = cloud_db.execute("SELECT count(*) FROM readings WHERE node = ? AND device = ?",
+                                                ["demo-gw", device.device_id]).fetchone()[0]
+                    print(f"  {device.device_id}: stored at the edge {store.reading_count(db, device.device_id):>6}, "
+                          f"in the cloud {in_cloud:>6}  acked seq {device.acked:>5}  last {values}", flush=True)
             time.sleep(1)
-        print("try: edgetrio readings sim-1 --data-dir", data_dir, "--limit 5", flush=True)
+        print(f"try: edgetrio readings sim-1 --data-dir {data_dir} --limit 5\n"
+              f"     edgetrio cloud readings demo-gw sim-1 --data-dir {relay_dir} --limit 5", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         for device in devices:
             device.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for child in (proc, relay):
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
         print("demo stopped", flush=True)
