@@ -66,10 +66,12 @@ class EdgeHub:
         self.sent_upto = 0
         self.dropped = 0
         self._wakeup = trio.Event()
+        self.commits = 0
 
     def wake(self) -> None:
         """Something was committed; the sender looks at the outbox again."""
         self._wakeup.set()
+        self.commits += 1
 
     def state(self) -> dict[str, Any]:
         return {"url": self.url, "node": self.node, "connected": self.connected, "connects": self.connects,
@@ -176,11 +178,17 @@ class EdgeHub:
                 await ws.ping()
 
     async def _bound_outbox(self) -> None:
+        """Once a second, if anything was committed since the last look, hold the outbox to its bounds."""
+        seen = -1
         while True:
+            if self.commits == seen:
+                await trio.sleep(1)
+                continue
             dropped = await self.writer.write(partial(store.outbox_bound, max_rows=self.max_rows,
                                                       max_age=self.max_age, now=time.time()))
+            seen = self.commits  # includes the commit just made
             if dropped:
                 self.dropped += dropped
                 self.gateway.counts["outbox_dropped"] += dropped
                 log.error("outbox over its bounds: dropped %d oldest rows (not sent to the cloud)", dropped)
-            await trio.sleep(10)
+            await trio.sleep(1)

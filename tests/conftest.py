@@ -200,12 +200,13 @@ class Relay:
         self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.extra: tuple[str, ...] = ()
 
     def start(self) -> Relay:
         log = open(self.data_dir.parent / f"{self.data_dir.name}-relay.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-             "--port", str(self.port)], cwd=ROOT, stdout=log, stderr=log)
+             "--port", str(self.port), *self.extra], cwd=ROOT, stdout=log, stderr=log)
         run_file = self.data_dir / "relay.json"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,0 +1,127 @@
+"""The edge's side of the cloud link against a relay played by the test: idempotent apply, outbox bounds, wss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import Daemon, Relay, wait_until
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from daemon.edgehub import backoff_delays, envelope
+from tools.simdevice import SimDevice
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    delays = backoff_delays(base=0.5, cap=4)
+    first = [next(delays) for _ in range(12)]
+    assert all(0 <= d <= 4 for d in first)
+    assert max(first[:2]) <= 1.0 and max(first[6:]) > 1.0  # grows (the chance this fails is about 1e-4)
+    assert len({round(d, 6) for d in first}) > 6  # jittered, not in step
+
+
+async def test_a_repeated_down_message_is_acknowledged_not_applied_again(tmp_path: Path) -> None:
+    frames: list[dict[str, Any]] = []
+    done = trio.Event()
+
+    async def relay(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+
+        async def next_applied() -> dict[str, Any]:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message["op"] == "up":  # the edge's snapshot and changes: acknowledge them
+                    offset = message["body"]["items"][-1]["offset"]
+                    await ws.send_message(envelope("ack", body={"offset": offset}))
+                elif message["op"] == "applied":
+                    return message
+
+        for _ in range(2):
+            await ws.send_message(envelope("apply", "twin", {"device": "dx", "patch": {"a": 1}}, message_id="m1"))
+            frames.append(await next_applied())
+        await ws.send_message(envelope("apply", "teleport", {"device": "dx"}, message_id="m2"))
+        frames.append(await next_applied())
+        done.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, relay, "127.0.0.1", 0, None)
+        daemon = Daemon(tmp_path / "gw", extra=("--cloud", f"ws://127.0.0.1:{server.port}", "--node-id", "n1",
+                                                "--token", "t"))
+        await trio.to_thread.run_sync(lambda: daemon.add_device("dx"))
+        await trio.to_thread.run_sync(daemon.start)
+        with trio.fail_after(30):
+            await done.wait()
+        twin = json.loads((await trio.to_thread.run_sync(lambda: daemon.cli("twin", "get", "dx", "--json"))).stdout)
+        outbox = await trio.to_thread.run_sync(lambda: daemon.status()["outbox"]["rows"])
+        await trio.to_thread.run_sync(daemon.stop)
+        nursery.cancel_scope.cancel()
+    assert [f["parent"] for f in frames] == ["m1", "m1", "m2"]
+    assert frames[0]["body"] == frames[1]["body"] and frames[0]["body"]["ok"] is True
+    assert twin["desired"] == {"state": {"a": 1}, "version": 1}  # applied once
+    assert frames[2]["body"]["ok"] is False and "unknown resource" in frames[2]["body"]["error"]
+    assert outbox == 0  # every row the relay acknowledged is gone
+
+
+def test_the_outbox_is_bounded_and_what_it_drops_is_counted(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text('cloud_url = "ws://127.0.0.1:9"\nnode_id = "n1"\ncloud_token = "t"\noutbox_max_rows = 3\n')
+    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config)))
+    password = daemon.add_device("bounded")
+    daemon.start()
+    sensor = SimDevice("bounded", password, daemon.host, daemon.port).start()
+    try:
+        for i in range(1, 16):
+            sensor.read({"t": i})
+            assert sensor.wait_acked(i)  # one commit, one outbox row each
+        status = wait_until(lambda: (s := daemon.status())["daemon"]["counters"].get("outbox_dropped") and s)
+        assert status["outbox"]["rows"] <= 3
+        assert status["daemon"]["cloud"]["connected"] is False and status["daemon"]["cloud"]["dropped"] > 0
+        assert "outbox over its bounds" in daemon.log_text()
+        # the edge itself lost nothing
+        assert len(json.loads(daemon.cli("readings", "bounded", "--json").stdout)) == 15
+    finally:
+        sensor.stop()
+        daemon.stop()
+
+
+def test_wss_link_and_https_api_with_a_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    relay = Relay(tmp_path / "relay")
+    relay.extra = ("--cert", str(cert), "--key", str(key))
+    relay.start()
+    token = relay.add_node("tls-gw")
+    assert relay.url.startswith("wss://")
+    config = tmp_path / "gw.toml"
+    config.write_text(f'cloud_url = "{relay.url}"\nnode_id = "tls-gw"\ncloud_token = "{token}"\n'
+                      f'cloud_cafile = "{cert}"\n')
+    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config)))
+    password = daemon.add_device("secure-1")
+    daemon.start()
+    sensor = SimDevice("secure-1", password, daemon.host, daemon.port).start()
+    try:
+        sensor.read({"t": 1})
+        info = json.loads((relay.data_dir / "relay.json").read_text())
+        operator = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+
+        def cloud_readings() -> Any:
+            out = subprocess.run(
+                [sys.executable, "-m", "daemon", "cloud", "readings", "tls-gw",
+                 "secure-1", "--url", info["api_url"], "--token", operator, "--cafile", str(cert), "--json"],
+                capture_output=True, text=True, timeout=60)
+            return out.returncode == 0 and json.loads(out.stdout)
+
+        rows = wait_until(cloud_readings)
+        assert [r["values"] for r in rows] == [{"t": 1}]
+        assert info["api_url"].startswith("https://")
+    finally:
+        sensor.stop()
+        daemon.stop()
+        relay.stop()
