@@ -1,0 +1,286 @@
+# The sensor node: Wi-Fi and MQTT with reconnects, telemetry through the flash buffer, twin and commands.
+# Every failure path leads back to the reconnect loop; readings leave the buffer only on the gateway's ack.
+import asyncio
+import gc
+import json
+import time
+
+import machine
+import network
+
+from buffer import Buffer
+from mqtt import MQTTClient
+
+VERSION = "0.1.0"
+STATE_FILE = "state.json"
+TWIN_KEYS = ("period", "led", "threshold")
+
+
+def load_json(path, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def save_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    import os
+
+    os.rename(path + ".tmp", path)
+
+
+def check_twin(key, value):
+    """None if a desired value can be applied, else why not."""
+    if key == "period":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.1 <= value <= 86400
+        return None if ok else "period must be 0.1..86400 s"
+    if key == "led":
+        return None if isinstance(value, bool) else "led must be true or false"
+    if key == "threshold":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return None if ok else "threshold must be a number >= 0"
+    return "unknown key"
+
+
+class Node:
+    def __init__(self, cfg, state, safe_mode=False):
+        self.cfg = cfg
+        self.state = state
+        self.safe_mode = safe_mode
+        self.id = cfg["device_id"]
+        self.root = "edgetrio/%s/" % self.id
+        self.boot = state["boot"]
+        self.seq = 0
+        self.twin = state.get("twin") or {"period": cfg.get("period", 10), "led": False, "threshold": 0}
+        self.buffer = Buffer("buffer.log", cfg.get("buffer", 500))
+        self.sensors = None
+        if not safe_mode:
+            import sensors
+
+            self.sensors = sensors.Sensors(cfg.get("sensors", {"chip": True}))
+        self.led = machine.Pin(cfg.get("led_pin", 2), machine.Pin.OUT)
+        self.led.value(1 if self.twin.get("led") else 0)
+        self.wlan = network.WLAN(network.STA_IF)
+        self.client = None
+        self.new_reading = asyncio.Event()
+        self.last_values = {}
+        self.last_broker = time.time()
+        self.healthy = False
+
+    # -- messages from the gateway --------------------------------------------------------------------------------
+
+    def on_message(self, topic, payload):
+        channel = topic[len(self.root):]
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            self.log("warning", "ignored non-JSON message on " + channel)
+            return
+        if channel == "ack":
+            self.buffer.ack(body["boot"], body["seq"])
+            if not self.healthy:
+                self.healthy = True  # a committed reading: this boot works
+                self.state["failed_boots"] = 0
+                save_json(STATE_FILE, self.state)
+        elif channel == "twin/desired":
+            asyncio.create_task(self.apply_desired(body.get("state") or {}))
+        elif channel == "cmd":
+            asyncio.create_task(self.command(body))
+
+    async def apply_desired(self, desired):
+        rejected = {}
+        for key, value in desired.items():
+            reason = check_twin(key, value)
+            if reason:
+                rejected[key] = reason
+            else:
+                self.twin[key] = value
+        self.led.value(1 if self.twin.get("led") else 0)
+        self.state["twin"] = self.twin
+        save_json(STATE_FILE, self.state)
+        reported = dict(self.twin)
+        reported["rejected"] = rejected or None  # null clears an earlier rejection
+        await self.publish("twin/reported", json.dumps({"state": reported}))
+        self.new_reading.set()  # a new period takes effect now
+
+    async def command(self, cmd):
+        name, args = cmd.get("name"), cmd.get("args") or {}
+        result = {"id": cmd.get("id"), "ok": True}
+        try:
+            if name == "ping":
+                result["value"] = "pong"
+            elif name == "blink":
+                for _ in range(int(args.get("times", 3))):
+                    self.led.value(1)
+                    await asyncio.sleep(0.1)
+                    self.led.value(0)
+                    await asyncio.sleep(0.1)
+                self.led.value(1 if self.twin.get("led") else 0)
+                result["value"] = "blinked"
+            elif name == "read_now":
+                if self.sensors is None:
+                    raise ValueError("safe mode: sensors are off")
+                result["value"] = self.take_reading()
+            elif name == "reboot":
+                result["value"] = "rebooting"
+            else:
+                raise ValueError("unknown command %s" % name)
+        except Exception as e:
+            result = {"id": cmd.get("id"), "ok": False, "error": str(e)}
+        await self.publish("cmd/result", json.dumps(result))
+        if name == "reboot" and result["ok"]:
+            await asyncio.sleep(0.5)
+            machine.reset()
+
+    # -- telemetry ----------------------------------------------------------------------------------------------------
+
+    def take_reading(self):
+        values = self.sensors.read() if self.sensors else {}
+        if not values:
+            return values
+        self.seq += 1
+        reading = {"boot": self.boot, "seq": self.seq, "ts": time.time(), "values": values}
+        self.buffer.add(self.boot, self.seq, json.dumps(reading))
+        self.last_values = values
+        self.new_reading.set()
+        return values
+
+    def changed(self, values):
+        threshold = self.twin.get("threshold") or 0
+        if not threshold or not self.last_values:
+            return True
+        for key, value in values.items():
+            old = self.last_values.get(key)
+            if old is None or not isinstance(value, (int, float)) or abs(value - old) >= threshold:
+                return True
+        return False
+
+    async def sample(self):
+        while True:
+            try:
+                values = self.sensors.read()
+                if values and self.changed(values):
+                    self.take_reading()
+            except Exception as e:
+                self.log("error", "sensor read failed: %s" % e)
+            await asyncio.sleep(self.twin.get("period", 10))
+
+    async def send(self, client):
+        """Publish what the buffer holds, oldest first; again after each new reading. Ends with the connection."""
+        sent = {}  # boot -> highest seq published on this connection
+        while client.connected:
+            self.new_reading.clear()
+            for boot, seq, payload in self.buffer.pending():
+                if seq <= sent.get(boot, 0):
+                    continue
+                first = self.buffer.first(boot) if self.buffer.dropped else None
+                if first and first > 1:
+                    body = json.loads(payload)
+                    body["first"] = first
+                    payload = json.dumps(body)
+                await client.publish(self.root + "telemetry", payload, qos=1)
+                sent[boot] = seq
+            try:
+                await asyncio.wait_for(self.new_reading.wait(), 30)
+            except asyncio.TimeoutError:
+                sent = {}  # nothing acknowledged for a while: offer the unacknowledged ones again
+
+    # -- connection -------------------------------------------------------------------------------------------------
+
+    async def publish(self, channel, payload, qos=1):
+        client = self.client
+        if client is None or not client.connected:
+            return False
+        try:
+            await client.publish(self.root + channel, payload, qos=qos)
+            return True
+        except Exception:
+            return False
+
+    def log(self, level, message):
+        print("[%s] %s" % (level, message))
+        client = self.client
+        if client is not None and client.connected:
+            asyncio.create_task(self.publish("log", json.dumps({"level": level, "message": message}), qos=0))
+
+    async def wifi(self):
+        if self.wlan.isconnected():
+            return True
+        self.wlan.active(True)
+        self.wlan.connect(self.cfg.get("wifi_ssid", ""), self.cfg.get("wifi_password", ""))
+        for _ in range(100):
+            if self.wlan.isconnected():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def meta(self):
+        try:
+            rssi = self.wlan.status("rssi")
+        except Exception:
+            rssi = None
+        return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
+                "resources": self.sensors.resources() if self.sensors else [], "rssi": rssi,
+                "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
+                "safe_mode": self.safe_mode, "transport": "mqtt"}
+
+    async def session(self):
+        cfg = self.cfg
+        client = MQTTClient(self.id, cfg["broker_host"], cfg.get("broker_port", 1883), self.id, cfg["password"],
+                            keepalive=cfg.get("keepalive", 15), will=(self.root + "status", "offline"),
+                            timeout=cfg.get("timeout", 10))
+        client.on_message = self.on_message
+        await client.connect()
+        self.client = client
+        self.last_broker = time.time()
+        reader = asyncio.create_task(client.run())
+        try:
+            await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd"])
+            await client.publish(self.root + "status", "online", qos=1)
+            await client.publish(self.root + "meta", json.dumps(self.meta()), qos=1)
+            self.log("info", "online, boot %d%s" % (self.boot, " (safe mode)" if self.safe_mode else ""))
+            await self.send(client)
+        finally:
+            reader.cancel()
+            await client.close()
+            self.client = None
+
+    async def connection(self):
+        delay = 1
+        while True:
+            try:
+                if await self.wifi():
+                    await self.session()
+                    delay = 1
+            except Exception as e:
+                print("connection lost:", repr(e))
+            if time.time() - self.last_broker > self.cfg.get("reboot_after", 600):
+                machine.reset()  # a long time without the gateway: start afresh
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30)
+
+    async def watchdog(self):
+        wdt = machine.WDT(timeout=self.cfg.get("watchdog_ms", 60000))
+        while True:
+            wdt.feed()
+            await asyncio.sleep(5)
+
+    async def main(self):
+        tasks = [asyncio.create_task(self.connection()), asyncio.create_task(self.watchdog())]
+        if self.sensors is not None:
+            tasks.append(asyncio.create_task(self.sample()))
+        await asyncio.gather(*tasks)
+
+
+def run():
+    cfg = load_json("config.json", None)
+    if cfg is None:
+        print("no config.json: flash the device with `edgetrio flash`")
+        return
+    state = load_json(STATE_FILE, {"boot": 0, "failed_boots": 0})
+    safe = state.get("failed_boots", 0) > cfg.get("safe_after", 5)
+    node = Node(cfg, state, safe)
+    asyncio.run(node.main())

@@ -1,0 +1,3 @@
+import node
+
+node.run()
