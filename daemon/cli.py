@@ -268,6 +268,36 @@ def cmd_status(args: argparse.Namespace) -> None:
     emit(args, status, human)
 
 
+def cmd_vdev(args: argparse.Namespace) -> None:
+    from tools.vdev import main_vdev
+
+    if not daemon_running(args.data_dir):
+        raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
+    try:
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_fault(args: argparse.Namespace) -> None:
+    from tools.vdev import set_fault
+
+    value: Any
+    if args.kind == "wifi":
+        if args.values not in (["up"], ["down"]):
+            raise CliError("wifi takes up or down", EXIT_USAGE)
+        value = args.values[0]
+    elif args.kind == "env":
+        value = parse_assignments(args.values)
+    else:
+        value = None
+    try:
+        set_fault(args.data_dir, args.id, args.kind, value)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tools.demo import run_demo
 
@@ -351,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud.cli import add_parser as add_cloud_parser
 
     add_cloud_parser(sub)
+
+    p = sub.add_parser("vdev", parents=[common], help="run virtual ESP32s (the real firmware) against the daemon")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
+    p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
+    p.add_argument("--heap", default="256K", help="MicroPython heap size, e.g. 110K for an ESP32 without PSRAM")
+    p.set_defaults(func=cmd_vdev)
+
+    p = sub.add_parser("fault", parents=[common], help="inject a fault into a running virtual device")
+    p.add_argument("id")
+    p.add_argument("kind", choices=["wifi", "env", "power"])
+    p.add_argument("values", nargs="*", help="wifi: up|down; env: key=value ...; power: nothing")
+    p.set_defaults(func=cmd_fault)
 
     p = sub.add_parser("demo", parents=[common], help="run a daemon with simulated devices and show readings arriving")
     p.add_argument("--devices", type=int, default=3)

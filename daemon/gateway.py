@@ -222,7 +222,7 @@ class Gateway:
             self._spawn_write(partial(self._apply_reported, device=device, state=state))
         elif channel == "meta":
             meta = parse_object(event.payload)
-            if "resources" in meta:
+            if meta.get("resources"):
                 try:
                     Model.from_dict({"resources": meta["resources"]}, name=f"device:{device}")
                 except RegistryError as exc:

