@@ -11,7 +11,6 @@ from pathlib import Path
 
 from daemon import store
 from daemon.config import RUN_FILE
-from tools.simdevice import SimDevice
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -27,24 +26,6 @@ def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: floa
                 return info
         time.sleep(0.05)
     raise TimeoutError("the daemon did not become ready")
-
-
-def demo_credentials(data_dir: Path, count: int) -> dict[str, str]:
-    """Register sim-1..sim-N once; their passwords are kept in the demo's data dir so a rerun reuses them."""
-    path = data_dir / "demo-devices.json"
-    known: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    db = store.open_db(data_dir)
-    for i in range(1, count + 1):
-        device_id = f"sim-{i}"
-        if device_id in known and store.get_device(db, device_id):
-            continue
-        with db.atomic():
-            if store.get_device(db, device_id):
-                store.remove_device(db, device_id)
-            known[device_id] = store.add_device(db, device_id)
-    path.write_text(json.dumps(known))
-    db.close()
-    return {k: v for k, v in known.items() if int(k.split("-")[1]) <= count}
 
 
 def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
@@ -74,51 +55,48 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
 def run_demo(data_dir: Path, count: int, duration: float) -> None:
     relay_dir = data_dir / "relay"
     data_dir = data_dir / "gateway"
-    print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} simulated devices; "
-          "Ctrl-C stops", flush=True)
-    credentials = demo_credentials(data_dir, count)
+    print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} virtual ESP32s running the "
+          "firmware on the MicroPython unix port; Ctrl-C stops", flush=True)
     relay, cloud = start_relay(relay_dir)
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
                              "--cloud", cloud["edge_url"], "--node-id", cloud["node"], "--token", cloud["token"]])
-    devices: list[SimDevice] = []
+    children = [proc, relay]
     try:
         info = wait_for_daemon(data_dir, proc)
-        host, port = str(info["mqtt_host"]), int(str(info["mqtt_port"]))
-        print(f"daemon pid {proc.pid} listening for MQTT on {host}:{port}", flush=True)
-        devices = [SimDevice(d, pw, host, port, boot=int(time.time()) % 100000).start()
-                   for d, pw in credentials.items()]
+        print(f"daemon pid {proc.pid} listening for MQTT on {info['mqtt_host']}:{info['mqtt_port']}", flush=True)
+        vdevs = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", str(count), "--period", "2",
+                                  "--data-dir", str(data_dir)])
+        children.insert(0, vdevs)
         db = store.open_db(data_dir)
         from cloud import store as cloud_store
 
         cloud_db = cloud_store.open_db(relay_dir)
+        names = [f"vdev-{i}" for i in range(1, count + 1)]
         started = time.monotonic()
-        tick = 0
         while not duration or time.monotonic() - started < duration:
-            for device in devices:
-                device.read()
-            tick += 1
-            if tick % 3 == 0:
-                for device in devices:
-                    last = store.query_readings(db, device.device_id, limit=1)
-                    values = last[0]["values"] if last else {}
-                    in_cloud = cloud_db.execute("SELECT count(*) FROM readings WHERE node = ? AND device = ?",
-                                                ["demo-gw", device.device_id]).fetchone()[0]
-                    print(f"  {device.device_id}: stored at the edge {store.reading_count(db, device.device_id):>6}, "
-                          f"in the cloud {in_cloud:>6}  acked seq {device.acked:>5}  last {values}", flush=True)
-            time.sleep(1)
-        print(f"try: edgetrio readings sim-1 --data-dir {data_dir} --limit 5\n"
-              f"     edgetrio cloud readings demo-gw sim-1 --data-dir {relay_dir} --limit 5", flush=True)
+            time.sleep(3)
+            if vdevs.poll() is not None:
+                raise RuntimeError("the virtual devices stopped; see their console.log files")
+            for name in names:
+                last = store.query_readings(db, name, limit=1)
+                values = last[0]["values"] if last else {}
+                in_cloud = cloud_db.execute("SELECT count(*) FROM readings WHERE node = ? AND device = ?",
+                                            ["demo-gw", name]).fetchone()[0]
+                print(f"  {name}: stored at the edge {store.reading_count(db, name):>5}, in the cloud {in_cloud:>5}"
+                      f"  last {values}", flush=True)
+        print(f"try: edgetrio readings vdev-1 --data-dir {data_dir} --limit 5\n"
+              f"     edgetrio cloud readings demo-gw vdev-1 --data-dir {relay_dir} --limit 5\n"
+              f"     edgetrio fault vdev-1 wifi down --data-dir {data_dir}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
-        for device in devices:
-            device.stop()
-        for child in (proc, relay):
-            child.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
             try:
-                child.wait(timeout=15)
+                child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
         print("demo stopped", flush=True)
