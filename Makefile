@@ -15,9 +15,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/edgetrio demo --data-dir .demo
 
-lint: $(STAMP)
+TYPINGS := typings/.installed
+
+# ESP32 stubs in a folder of their own (installed into the venv they would shadow CPython's time, machine, ...)
+$(TYPINGS): $(STAMP)
+	$(BIN)/pip install --quiet --target typings micropython-esp32-stubs==1.29.0.post1
+	touch $(TYPINGS)
+
+lint: $(STAMP) $(TYPINGS)
 	$(BIN)/ruff check daemon cloud tools tests
 	$(BIN)/mypy
+	$(BIN)/mypy --config-file firmware/mypy.ini
 
 test: lint
 	$(BIN)/pytest -q

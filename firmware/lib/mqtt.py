@@ -63,15 +63,21 @@ class MQTTClient:
 
     async def _send(self, data):
         async with self._lock:
-            self._w.write(data)
-            await asyncio.wait_for(self._w.drain(), self.timeout)
+            w = self._w
+            if w is None:
+                raise MQTTError("not connected")
+            w.write(data)
+            await asyncio.wait_for(w.drain(), self.timeout)
 
-    async def _read(self, n):
-        return await asyncio.wait_for(self._r.readexactly(n), self.timeout)
+    async def _read(self, n, timeout=None):
+        r = self._r
+        if r is None:
+            raise MQTTError("not connected")
+        return await asyncio.wait_for(r.readexactly(n), timeout or self.timeout)
 
     async def _packet(self):
         """Read one packet header and its length; returns (type byte, remaining length)."""
-        first = (await asyncio.wait_for(self._r.readexactly(1), self.keepalive * 2))[0]
+        first = (await self._read(1, self.keepalive * 2))[0]
         n = 0
         shift = 0
         while True:

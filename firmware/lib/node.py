@@ -162,9 +162,12 @@ class Node:
         return False
 
     async def sample(self):
+        sensors = self.sensors
+        if sensors is None:
+            return
         while True:
             try:
-                values = self.sensors.read()
+                values = sensors.read()
                 if values and self.changed(values):
                     self.take_reading()
             except Exception as e:
@@ -173,7 +176,7 @@ class Node:
 
     async def send(self, client):
         """Publish what the buffer holds, oldest first; again after each new reading. Ends with the connection."""
-        sent = {}  # boot -> highest seq published on this connection
+        sent = {}  # type: dict[int, int]  # boot -> highest seq published on this connection
         while client.connected:
             self.new_reading.clear()
             for boot, seq, payload in self.buffer.pending():
