@@ -271,11 +271,21 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_vdev(args: argparse.Namespace) -> None:
     from tools.vdev import main_vdev
 
-    if not daemon_running(args.data_dir):
+    if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap)
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank)
     except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_flash(args: argparse.Namespace) -> None:
+    from tools.flash import FlashError, flash
+
+    try:
+        flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
+              args.period, args.wait)
+    except (FlashError, RuntimeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
@@ -387,7 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
     p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
     p.add_argument("--heap", default="256K", help="MicroPython heap size, e.g. 110K for an ESP32 without PSRAM")
+    p.add_argument("--repl-pty", type=Path, metavar="PATH",
+                   help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
+    p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
     p.set_defaults(func=cmd_vdev)
+
+    p = sub.add_parser("flash", parents=[common], help="install the firmware on a board (or a virtual one) with mpremote")
+    p.add_argument("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it")
+    p.add_argument("--wifi-ssid", default="")
+    p.add_argument("--wifi-password", default="")
+    p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
+    p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
+    p.set_defaults(func=cmd_flash)
 
     p = sub.add_parser("fault", parents=[common], help="inject a fault into a running virtual device")
     p.add_argument("id")

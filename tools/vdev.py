@@ -9,11 +9,16 @@ Fault files live in FLASH/sim/: wifi, env.json (sensor values), power (a power c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import termios
+import tty
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +79,60 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
         raise ValueError(f"unknown fault {kind!r}")
 
 
+class ReplPort:
+    """The virtual device's USB serial port: a pty linked at `path`, the way /dev/ttyUSB0 looks for a board.
+
+    mpremote (through pyserial) talks to it as to a board. Behind it the interpreter runs on a pty of its own; when
+    it exits after a soft reset (Ctrl-D in the REPL) the supervisor starts it again and prints the soft-reboot banner,
+    re-entering the raw REPL if mpremote was in it, as a board does.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)  # bytes pass unchanged; the slave stays open so the master never reads EIO
+        path.unlink(missing_ok=True)
+        path.symlink_to(os.ttyname(self.slave))
+        self.path = path
+        self.stream = trio.lowlevel.FdStream(os.dup(self.master))
+        self.device: trio.lowlevel.FdStream | None = None  # the running interpreter's pty master
+        self.raw = False  # mpremote is in the raw REPL
+        self.in_repl = False  # the interpreter shows a REPL (the firmware is not running)
+
+    async def from_host(self) -> None:
+        """Forward what mpremote sends to the interpreter running now (dropped while it restarts)."""
+        while data := await self.stream.receive_some(4096):
+            if b"\x01" in data:
+                self.raw = True
+            if b"\x02" in data:
+                self.raw = False
+            if self.device is not None:
+                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.device.send_all(data)
+
+    async def to_host(self, device: trio.lowlevel.FdStream, console: Any) -> None:
+        """Forward the interpreter's output to mpremote and the console log until the interpreter exits."""
+        while True:
+            try:
+                data = await device.receive_some(4096)
+            except trio.BrokenResourceError:  # EIO: the interpreter closed its end, it exited
+                return
+            if not data:
+                return
+            if b">>> " in data or b"raw REPL; CTRL-B to exit" in data:
+                self.in_repl = True
+            console.write(data)
+            console.flush()
+            await self.stream.send_all(data)
+
+
 class VirtualDevice:
-    def __init__(self, device_id: str, flash: Path, broker: tuple[str, int], heap: str = "256K") -> None:
+    def __init__(self, device_id: str, flash: Path, broker: tuple[str, int], heap: str = "256K",
+                 repl: ReplPort | None = None) -> None:
         self.id = device_id
         self.flash = flash
         self.broker = broker
         self.heap = heap
+        self.repl = repl
         self.proxy_port = 0
         self.wifi_up = True
         self.links: set[trio.abc.Stream] = set()
@@ -102,25 +155,36 @@ class VirtualDevice:
             self.proxy_port = listeners[0].socket.getsockname()[1]
             nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
             nursery.start_soon(self._watch_wifi)
+            if self.repl is not None:
+                nursery.start_soon(self.repl.from_host)
             config_path = self.flash / "config.json"
-            config = json.loads(config_path.read_text())
-            config.update({"broker_host": "127.0.0.1", "broker_port": self.proxy_port})
-            config_path.write_text(json.dumps(config))
+            if self.broker[1] and config_path.exists():  # a blank board gets its config from `edgetrio flash`
+                config = json.loads(config_path.read_text())
+                config.update({"broker_host": "127.0.0.1", "broker_port": self.proxy_port})
+                config_path.write_text(json.dumps(config))
             task_status.started()
             await self._supervise()
 
     async def _supervise(self) -> None:
+        self.flash.mkdir(parents=True, exist_ok=True)
+        (self.flash / "sim").mkdir(exist_ok=True)
         console = open(self.flash / "console.log", "ab")  # noqa: SIM115 - open for the device's whole life
+        firmware = True
         try:
             while True:
                 self.boots += 1
                 power = self.flash / "sim" / "power"
                 power.unlink(missing_ok=True)
                 async with trio.open_nursery() as nursery:
-                    self.process = await nursery.start(self._start_process, console)
+                    self.process = await nursery.start(self._start_process, console, firmware)
                     code = await self._wait_or_power_cycle(power)
                     nursery.cancel_scope.cancel()
-                if code == RESET_EXIT:
+                soft = self.repl is not None and self.repl.in_repl and code == 0
+                firmware = not soft
+                if soft:
+                    assert self.repl is not None
+                    await self.repl.stream.send_all(b"MPY: soft reboot\r\n")
+                elif code == RESET_EXIT:
                     log.info("vdev %s reset", self.id)
                 elif code == DEEPSLEEP_EXIT:
                     sleep_file = self.flash / "sim" / "sleep_ms"
@@ -136,14 +200,45 @@ class VirtualDevice:
         finally:
             console.close()
 
-    async def _start_process(self, console: Any, *, task_status: trio.TaskStatus[trio.Process]) -> None:
-        process = await trio.lowlevel.open_process(
-            [micropython(), "-X", f"heapsize={self.heap}", str(FIRMWARE / "sim" / "board.py")],
-            cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL)
-        task_status.started(process)
+    async def _start_process(self, console: Any, firmware: bool, *,
+                             task_status: trio.TaskStatus[trio.Process]) -> None:
+        """Start the interpreter: the firmware (boot.py, main.py) after a reset, a bare REPL after a soft reset."""
+        command = [micropython(), "-X", f"heapsize={self.heap}"]
+        if self.repl is None:
+            process = await trio.lowlevel.open_process(
+                [*command, str(FIRMWARE / "sim" / "board.py")],
+                cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL)
+            task_status.started(process)
+            device = None
+        else:
+            master, slave = os.openpty()
+            attrs = termios.tcgetattr(slave)
+            attrs[1] &= ~termios.OPOST  # no \n -> \r\n rewriting: mpremote matches exact bytes
+            attrs[3] &= ~termios.ECHO  # ISIG stays: Ctrl-C interrupts the running firmware, as on a board
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            env = dict(os.environ, MICROPYPATH=f"{FIRMWARE / 'sim'}:.frozen:lib:")
+            process = await trio.lowlevel.open_process(
+                [*command, "-i", str(FIRMWARE / "sim" / "board.py")] if firmware else command,
+                cwd=str(self.flash), stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+            os.close(slave)
+            device = trio.lowlevel.FdStream(master)
+            assert self.repl is not None
+            self.repl.in_repl = False
+            self.repl.device = device
+            if not firmware and self.repl.raw:
+                await device.send_all(b"\x01")  # back into the raw REPL mpremote was using
+            task_status.started(process)
         try:
+            if device is not None:
+                assert self.repl is not None
+                await self.repl.to_host(device, console)
             await process.wait()
         finally:
+            if device is not None:
+                assert self.repl is not None
+                self.repl.device = None
+                await device.aclose()
             if process.returncode is None:
                 process.kill()
                 with trio.CancelScope(shield=True):
@@ -210,9 +305,22 @@ def device_config(device_id: str, password: str, period: float) -> dict[str, Any
             "sensors": {"bme280": {"scl": 22, "sda": 21}, "adc": {"pin": 34}, "chip": True}}
 
 
-async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str,
+async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
+                    blank: bool = False,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled."""
+    """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
+
+    With `blank`, one device starts with an empty flash (a new board): `edgetrio flash` installs it through repl_pty.
+    """
+    if repl_pty is not None and count != 1:
+        raise RuntimeError("--repl-pty exposes one device: use --count 1")
+    if blank:
+        device = VirtualDevice(f"{prefix}-1", flash_dir(data_dir, f"{prefix}-1"), ("127.0.0.1", 0), heap,
+                               ReplPort(repl_pty) if repl_pty else None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(device.run)
+            task_status.started([device])
+        return
     from daemon import store
     from daemon.control import ControlClient, ControlError
     from daemon.gateway import read_run_file
@@ -236,7 +344,8 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     password = control.request("device.add", {"id": device_id})["password"]
                 except ControlError as exc:
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
-            device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap)
+            device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
+                                   ReplPort(repl_pty) if repl_pty else None)
             device.install(bundle, device_config(device_id, str(password), period))
             devices.append(device)
     async with trio.open_nursery() as nursery:
@@ -245,10 +354,13 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
         task_status.started(devices)
 
 
-def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str) -> None:
+def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
+              blank: bool = False) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap)
+            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank)
+            if repl_pty is not None:
+                print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)
             print(f"consoles: {data_dir / 'vdevs'}/<id>/console.log; Ctrl-C stops them", flush=True)
             with trio.open_signal_receiver(2, 15) as signals:

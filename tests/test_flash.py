@@ -1,0 +1,71 @@
+"""Flashing with mpremote against a virtual board behind a pty, as against a real one on /dev/ttyUSB0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Daemon, wait_until
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
+    daemon = Daemon(tmp_path / "gw").start()
+    tty = tmp_path / "ttyUSB0"
+    log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
+    vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
+                             "board", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
+    wait_until(tty.exists)
+    yield daemon, tty
+    vdev.send_signal(signal.SIGTERM)
+    vdev.wait(timeout=20)
+    daemon.stop()
+
+
+def flash(daemon: Daemon, tty: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return daemon.cli("flash", "--port", str(tty), "--device-id", "board-1", "--broker",
+                      f"127.0.0.1:{daemon.port}", "--period", "0.3", *extra, check=False)
+
+
+def test_flash_then_reflash(board: tuple[Daemon, Path]) -> None:
+    daemon, tty = board
+    first = flash(daemon, tty)
+    assert first.returncode == 0, first.stderr
+    assert "[4/6] copying" in first.stdout and "board-1 is online" in first.stdout
+    wait_until(lambda: json.loads(daemon.cli("readings", "board-1", "--json").stdout))
+    files = subprocess.run([sys.executable, "-m", "mpremote", "connect", str(tty), "fs", "ls", ":lib"],
+                           capture_output=True, text=True, timeout=30)
+    assert "node.mpy" in files.stdout and "mqtt.mpy" in files.stdout
+    second = flash(daemon, tty)
+    assert second.returncode == 0, second.stderr
+    assert "issuing a new credential" in second.stdout
+    wait_until(lambda: 2 in {r["boot"] for r in json.loads(daemon.cli("readings", "board-1", "--json").stdout)})
+
+
+def test_flash_errors_are_one_line(board: tuple[Daemon, Path], tmp_path: Path) -> None:
+    daemon, _tty = board
+    missing = flash(daemon, tmp_path / "ttyUSB9")
+    assert missing.returncode == 2 and "no such port" in missing.stderr and "Traceback" not in missing.stderr
+    # a port where no board answers
+    master, slave = os.openpty()
+    silent = tmp_path / "silent"
+    silent.symlink_to(os.ttyname(slave))
+    try:
+        dead = flash(daemon, silent)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert dead.returncode == 2 and "mpremote failed" in dead.stderr and len(dead.stderr.strip().splitlines()) == 1
+    out = tmp_path / "bundle"
+    written = daemon.cli("flash", "--out", str(out), "--device-id", "board-2", "--broker", "10.0.0.2",
+                         "--wifi-ssid", "home", "--wifi-password", "pw")
+    config = json.loads((out / "config.json").read_text())
+    assert config["broker_host"] == "10.0.0.2" and config["broker_port"] == 1883 and config["wifi_ssid"] == "home"
+    assert (out / "lib" / "node.mpy").exists() and (out / "boot.py").exists()
+    assert "bundle written" in written.stdout

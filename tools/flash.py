@@ -1,0 +1,139 @@
+"""`edgetrio flash`: register a device, build its bundle (mpy-cross), write config.json, copy with mpremote, reset,
+and wait until the gateway sees it online. PORT is anything mpremote accepts: /dev/ttyUSB0, a virtual device's pty,
+socket://host:port, rfc2217://..."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.vdev import build_bundle, device_config
+
+
+class FlashError(Exception):
+    """A one-line reason the flashing stopped."""
+
+
+def step(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+def credential(data_dir: Path, device_id: str) -> str:
+    """Register the device (through the daemon if it runs) and return its credential; an existing one is rotated."""
+    from daemon import store
+    from daemon.control import ControlClient, ControlError
+    from daemon.gateway import daemon_running
+
+    if daemon_running(data_dir):
+        try:
+            with ControlClient(data_dir) as control:
+                db = store.open_db(data_dir)
+                exists = store.get_device(db, device_id) is not None
+                db.close()
+                if exists:
+                    print(f"      {device_id} is registered: issuing a new credential (the old one stops working)")
+                    control.request("device.remove", {"id": device_id})
+                return str(control.request("device.add", {"id": device_id})["password"])
+        except ControlError as exc:
+            raise FlashError(f"cannot register {device_id}: {exc}") from exc
+    db = store.open_db(data_dir)
+    try:
+        with db.atomic():
+            if store.get_device(db, device_id) is not None:
+                print(f"      {device_id} is registered: issuing a new credential (the old one stops working)")
+                store.remove_device(db, device_id)
+            return store.add_device(db, device_id)
+    except store.RegistryError as exc:
+        raise FlashError(str(exc)) from exc
+
+
+def mpremote(port: str, *commands: str, timeout: float = 60) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *commands], capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        raise FlashError(f"mpremote failed on {port}: {lines[-1]}")
+    return proc.stdout
+
+
+def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
+          out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None
+          ) -> None:
+    from daemon.registry import RegistryError, check_device_id
+
+    try:
+        check_device_id(device_id)
+    except RegistryError as exc:
+        raise FlashError(str(exc)) from exc
+    host, _, broker_port = broker.partition(":")
+    if not host or (broker_port and not broker_port.isdigit()):
+        raise FlashError(f"--broker {broker!r}: use HOST or HOST:PORT")
+    if out is None and port is None:
+        raise FlashError("give --port (the board's serial port) or --out DIR (write the bundle only)")
+    if port is not None and "://" not in port and not os.path.exists(port):
+        raise FlashError(f"no such port {port}: is the board plugged in? (ls /dev/ttyUSB* /dev/ttyACM*)")
+    total = 3 if out else 6
+    step(1, total, f"registering {device_id} at the gateway in {data_dir}")
+    password = credential(data_dir, device_id)
+    step(2, total, "compiling the firmware with mpy-cross")
+    with tempfile.TemporaryDirectory(prefix="edgetrio-flash-") as tmp:
+        bundle = build_bundle(Path(tmp) / "bundle")
+        config = device_config(device_id, password, period)
+        config.update({"wifi_ssid": wifi_ssid, "wifi_password": wifi_password, "broker_host": host,
+                       "broker_port": int(broker_port or 1883)})
+        if sensors is not None:
+            config["sensors"] = sensors
+        (bundle / "config.json").write_text(json.dumps(config, indent=1))
+        os.chmod(bundle / "config.json", 0o600)  # it holds the device's credential
+        if out is not None:
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(bundle, out)
+            step(3, total, f"bundle written to {out} (copy it to the board's filesystem, e.g. with mpremote)")
+            return
+        assert port is not None
+        step(3, total, f"connecting to the board on {port}")
+        mpremote(port, "exec", "import os\ntry:\n os.mkdir('lib')\nexcept OSError:\n pass", timeout=30)
+        files = sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file())
+        step(4, total, f"copying {len(files)} files")
+        commands: list[str] = []
+        for rel in files:
+            if commands:
+                commands.append("+")
+            commands += ["fs", "cp", str(bundle / rel), f":{rel}"]
+        mpremote(port, *commands, timeout=120)
+    started = time.time()
+    step(5, total, "resetting the board")
+    with contextlib.suppress(FlashError):  # the board may drop the link as it resets
+        mpremote(port, "reset", timeout=30)
+    step(6, total, f"waiting for {device_id} to come online at the gateway")
+    if not wait_online(data_dir, device_id, started, wait):
+        raise FlashError(f"{device_id} did not come online within {wait:g} s: check Wi-Fi ({wifi_ssid or 'none'}), "
+                         f"the broker address {broker}, and the board's console (mpremote connect {port} repl)")
+    print(f"{device_id} is online", flush=True)
+
+
+def wait_online(data_dir: Path, device_id: str, since: float, timeout: float) -> bool:
+    from daemon import store
+    from daemon.gateway import daemon_running
+
+    if not daemon_running(data_dir):
+        print("      no daemon is running on the data dir: start `edgetrio daemon` to see the device come online")
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        db = store.open_db(data_dir)
+        device = store.get_device(db, device_id)
+        db.close()
+        if device and device["online"] and (device["last_connect"] or 0) >= since:
+            return True
+        time.sleep(0.5)
+    return False
