@@ -23,7 +23,7 @@ $(TYPINGS): $(STAMP)
 	touch $(TYPINGS)
 
 lint: $(STAMP) $(TYPINGS)
-	$(BIN)/ruff check daemon cloud tools tests
+	$(BIN)/ruff check daemon cloud tools tests hil-tests
 	$(BIN)/mypy
 	$(BIN)/mypy --config-file firmware/mypy.ini
 

@@ -33,21 +33,6 @@ def flash(daemon: Daemon, tty: Path, *extra: str) -> subprocess.CompletedProcess
                       f"127.0.0.1:{daemon.port}", "--period", "0.3", *extra, check=False)
 
 
-def test_flash_then_reflash(board: tuple[Daemon, Path]) -> None:
-    daemon, tty = board
-    first = flash(daemon, tty)
-    assert first.returncode == 0, first.stderr
-    assert "[4/6] copying" in first.stdout and "board-1 is online" in first.stdout
-    wait_until(lambda: json.loads(daemon.cli("readings", "board-1", "--json").stdout))
-    files = subprocess.run([sys.executable, "-m", "mpremote", "connect", str(tty), "fs", "ls", ":lib"],
-                           capture_output=True, text=True, timeout=30)
-    assert "node.mpy" in files.stdout and "mqtt.mpy" in files.stdout
-    second = flash(daemon, tty)
-    assert second.returncode == 0, second.stderr
-    assert "issuing a new credential" in second.stdout
-    wait_until(lambda: 2 in {r["boot"] for r in json.loads(daemon.cli("readings", "board-1", "--json").stdout)})
-
-
 def test_flash_errors_are_one_line(board: tuple[Daemon, Path], tmp_path: Path) -> None:
     daemon, _tty = board
     missing = flash(daemon, tmp_path / "ttyUSB9")

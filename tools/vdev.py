@@ -93,10 +93,12 @@ class ReplPort:
         path.unlink(missing_ok=True)
         path.symlink_to(os.ttyname(self.slave))
         self.path = path
-        self.stream = trio.lowlevel.FdStream(os.dup(self.master))
+        self.stream = trio.lowlevel.FdStream(os.dup(self.master))  # makes the shared master non-blocking
         self.device: trio.lowlevel.FdStream | None = None  # the running interpreter's pty master
         self.raw = False  # mpremote is in the raw REPL
         self.in_repl = False  # the interpreter shows a REPL (the firmware is not running)
+        # machine.reset() announces itself: under `micropython -i` its SystemExit would only drop into the REPL
+        self.reset_requested = False
 
     async def from_host(self) -> None:
         """Forward what mpremote sends to the interpreter running now (dropped while it restarts)."""
@@ -108,6 +110,14 @@ class ReplPort:
             if self.device is not None:
                 with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.device.send_all(data)
+
+    def to_port(self, data: bytes) -> None:
+        """Write to the port without ever blocking: with no one reading it, output is lost, as on a UART."""
+        try:
+            while data:
+                data = data[os.write(self.master, data):]
+        except BlockingIOError:
+            pass
 
     async def to_host(self, device: trio.lowlevel.FdStream, console: Any) -> None:
         """Forward the interpreter's output to mpremote and the console log until the interpreter exits."""
@@ -122,7 +132,10 @@ class ReplPort:
                 self.in_repl = True
             console.write(data)
             console.flush()
-            await self.stream.send_all(data)
+            self.to_port(data)
+            if b"[sim] reset" in data:
+                self.reset_requested = True
+                return
 
 
 class VirtualDevice:
@@ -153,6 +166,8 @@ class VirtualDevice:
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             self.proxy_port = listeners[0].socket.getsockname()[1]
+            (self.flash / "sim").mkdir(parents=True, exist_ok=True)
+            (self.flash / "sim" / "proxy_port").write_text(str(self.proxy_port))
             nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
             nursery.start_soon(self._watch_wifi)
             if self.repl is not None:
@@ -179,11 +194,13 @@ class VirtualDevice:
                     self.process = await nursery.start(self._start_process, console, firmware)
                     code = await self._wait_or_power_cycle(power)
                     nursery.cancel_scope.cancel()
+                if self.repl is not None and self.repl.reset_requested:
+                    code = RESET_EXIT
                 soft = self.repl is not None and self.repl.in_repl and code == 0
                 firmware = not soft
                 if soft:
                     assert self.repl is not None
-                    await self.repl.stream.send_all(b"MPY: soft reboot\r\n")
+                    self.repl.to_port(b"MPY: soft reboot\r\n")
                 elif code == RESET_EXIT:
                     log.info("vdev %s reset", self.id)
                 elif code == DEEPSLEEP_EXIT:
@@ -225,6 +242,7 @@ class VirtualDevice:
             device = trio.lowlevel.FdStream(master)
             assert self.repl is not None
             self.repl.in_repl = False
+            self.repl.reset_requested = False
             self.repl.device = device
             if not firmware and self.repl.raw:
                 await device.send_all(b"\x01")  # back into the raw REPL mpremote was using
@@ -233,6 +251,8 @@ class VirtualDevice:
             if device is not None:
                 assert self.repl is not None
                 await self.repl.to_host(device, console)
+                if self.repl.reset_requested and process.returncode is None:
+                    process.kill()
             await process.wait()
         finally:
             if device is not None:
@@ -270,7 +290,7 @@ class VirtualDevice:
             await trio.sleep(0.1)
 
     async def _proxy(self, device_side: trio.SocketStream) -> None:
-        if not self.wifi_up:
+        if not self.wifi_up or not self.broker[1]:
             await trio.aclose_forcefully(device_side)
             return
         try:
@@ -315,7 +335,15 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     if repl_pty is not None and count != 1:
         raise RuntimeError("--repl-pty exposes one device: use --count 1")
     if blank:
-        device = VirtualDevice(f"{prefix}-1", flash_dir(data_dir, f"{prefix}-1"), ("127.0.0.1", 0), heap,
+        from daemon.config import ConfigError
+        from daemon.gateway import read_run_file
+
+        try:  # its Wi-Fi (the proxy) leads to the daemon if one runs; `edgetrio flash --broker` can point at it
+            run = read_run_file(data_dir)
+            broker = (str(run["mqtt_host"]), int(run["mqtt_port"]))
+        except ConfigError:
+            broker = ("127.0.0.1", 0)
+        device = VirtualDevice(f"{prefix}-1", flash_dir(data_dir, f"{prefix}-1"), broker, heap,
                                ReplPort(repl_pty) if repl_pty else None)
         async with trio.open_nursery() as nursery:
             await nursery.start(device.run)

@@ -1,0 +1,110 @@
+"""Device-level scenarios, written once: a virtual board by default, a real ESP32 with --port."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import Board, contiguous_per_boot
+
+from tools.testkit import wait_until
+
+
+def test_boots_goes_online_and_telemetry_is_stored_and_acked(board: Board) -> None:
+    rows = wait_until(lambda: (r := board.readings()) and len(r) >= 20 and r, timeout=90)
+    boots = contiguous_per_boot(rows)
+    assert len(boots) == 1
+    values = rows[-1]["values"]
+    assert "chip_temperature" in values or "temperature" in values
+    meta = board.device()["meta"]
+    assert meta["firmware"] and not meta["safe_mode"] and meta["free_heap"] > 0
+    if board.virtual:
+        assert values["temperature"] == 21.5  # the BME280 driver read the simulated registers
+        wait_until(lambda: len(board.buffered()) < 5)  # acknowledged readings leave the flash buffer
+        lines = len((board.flash_dir / "buffer.log").read_text().splitlines())
+        assert lines < len(rows)
+
+
+def test_desired_state_is_applied_and_reported(board: Board) -> None:
+    board.daemon.cli("twin", "set", board.id, "period=0.2", "led=true", "colour=red")
+    twin = wait_until(lambda: (t := board.twin())["reported"]["state"].get("led") and t)
+    assert twin["reported"]["state"]["period"] == 0.2 and twin["reported"]["state"]["led"] is True
+    assert twin["reported"]["state"]["rejected"] == {"colour": "unknown key"}  # not applied, reported back
+    assert twin["delta"] == {"colour": "red"}
+    board.daemon.cli("twin", "set", board.id, "colour=null", "led=false")
+    wait_until(lambda: board.twin()["reported"]["state"]["led"] is False)
+    assert board.twin()["delta"] == {}
+
+
+def test_each_command_returns_its_result(board: Board) -> None:
+    assert board.cmd("ping")["value"] == "pong"
+    assert board.cmd("blink", "times=2")["value"] == "blinked"
+    now = board.cmd("read_now")
+    assert now["ok"] and now["value"]
+    if board.virtual:
+        board.daemon.cli("fault", board.id, "env", "temperature=30.25")
+        assert board.cmd("read_now")["value"]["temperature"] == 30.25
+    unknown = board.cmd("selfdestruct", check=False)
+    assert unknown["ok"] is False and "unknown command" in unknown["error"]
+    assert board.cmd("reboot")["value"] == "rebooting"
+    wait_until(lambda: len(board.boots()) == 2, timeout=90)
+
+
+def test_wifi_down_30_s_then_up_loses_nothing(board: Board) -> None:
+    wait_until(lambda: len(board.readings()) >= 3)
+    board.wifi(False)
+    wait_until(lambda: not board.online())
+    time.sleep(30)
+    held = board.buffered()
+    assert len(held) >= 30, "readings taken offline wait on flash"
+    board.wifi(True)
+    wait_until(lambda: set(held) <= {(r["boot"], r["seq"]) for r in board.readings()}, timeout=90)
+    contiguous_per_boot(board.readings())
+
+
+def test_daemon_restarted_loses_nothing(board: Board) -> None:
+    wait_until(lambda: len(board.readings()) >= 3)
+    board.daemon.stop()
+    time.sleep(5)
+    board.daemon.start()  # same port
+    wait_until(board.online, timeout=90)
+    seen = len(board.readings())
+    wait_until(lambda: len(board.readings()) > seen + 5, timeout=90)
+    contiguous_per_boot(board.readings())
+
+
+def test_power_cycle_with_readings_buffered_delivers_them_all_once(board: Board) -> None:
+    board.wifi(False)
+    wait_until(lambda: len(board.buffered()) >= 5)
+    board.power_cycle()
+    wait_until(lambda: board.state()["boot"] == 2)
+    held = board.buffered()
+    assert {b for b, _ in held} == {1, 2} or 1 in {b for b, _ in held}  # boot 1's readings survived the power cut
+    board.wifi(True)
+    wait_until(lambda: set(held) <= {(r["boot"], r["seq"]) for r in board.readings()}, timeout=90)
+    boots = contiguous_per_boot(board.readings())
+    assert {1, 2} <= set(boots)
+
+
+def test_a_boot_loop_ends_in_safe_mode(board: Board) -> None:
+    board.wifi(False)  # no ack reaches the board, so no boot counts as good
+    for boot in range(2, 9):
+        board.power_cycle()
+        wait_until(lambda boot=boot: board.state()["boot"] == boot)
+    board.wifi(True)
+    meta = wait_until(lambda: (m := board.device().get("meta") or {}).get("safe_mode") and m, timeout=90)
+    assert meta["resources"] == []  # sensors are off
+    assert board.cmd("ping")["value"] == "pong"  # the command channel works
+    refused = board.cmd("read_now", check=False)
+    assert refused["ok"] is False and "safe mode" in refused["error"]
+    board.cmd("reboot", "normal=true")  # the operator takes it out of safe mode
+    wait_until(lambda: 9 in board.boots(), timeout=90)
+
+
+def test_flash_then_reflash(board: Board) -> None:
+    wait_until(lambda: board.readings())
+    again = board.flash()
+    assert "issuing a new credential" in again.stdout and f"{board.id} is online" in again.stdout
+    wait_until(lambda: len(board.boots()) == 2, timeout=90)
+    contiguous_per_boot(board.readings())
+    assert json.loads(board.daemon.cli("device", "list", "--json").stdout)[0]["online"] is True
