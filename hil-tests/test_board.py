@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import Board, contiguous_per_boot
-
-from tools.testkit import wait_until
+from tools.testkit import Board, contiguous_per_boot, wait_until
 
 
 def test_boots_goes_online_and_telemetry_is_stored_and_acked(board: Board) -> None:

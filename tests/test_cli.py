@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, Daemon, cli
+from tools.testkit import ROOT, Daemon, cli
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:

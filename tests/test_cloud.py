@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, Relay, wait_until
 
 from tools.simdevice import SimDevice
+from tools.testkit import Daemon, Relay, wait_until
 
 
 @pytest.fixture

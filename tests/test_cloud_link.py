@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import Daemon, Relay, wait_until
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from daemon.edgehub import backoff_delays, envelope
 from tools.simdevice import SimDevice
+from tools.testkit import Daemon, Relay, wait_until
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -6,10 +6,9 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import Daemon
-
 from daemon import store
 from tools.simdevice import SimDevice
+from tools.testkit import Daemon
 
 
 def stored_seqs(data_dir: Path, device_id: str, boot: int) -> list[int]:

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Daemon, wait_until
+
+from tools.testkit import ROOT, Daemon, wait_until
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon
+from tools.testkit import Daemon
 
 
 def telemetry(boot: int, seq: int, **values: Any) -> str:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Relay
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from daemon.edgehub import envelope
+from tools.testkit import Relay
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conftest import Daemon
+from tools.testkit import Daemon
 
 
 def test_device_with_its_credential_is_accepted(device: Any) -> None:

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from conftest import Daemon
+from tools.testkit import Daemon
 
 
 def test_desired_is_delivered_on_connect_and_on_change(daemon: Daemon, device: Any, connect: Any) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
 
 from daemon.config import admin_credential
 from tools.demo import wait_for_daemon
@@ -135,3 +140,152 @@ def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.2) -> An
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+class Probe:
+    """A raw MQTT client for tests: connect with any credential, subscribe, publish, collect what arrives."""
+
+    def __init__(self, daemon: Daemon, username: str | None, password: str | None, client_id: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connack: queue.Queue[Any] = queue.Queue()
+        self.subacks: queue.Queue[list[Any]] = queue.Queue()
+        self.closed = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if username is not None:
+            client.username_pw_set(username, password)
+        client.on_connect = lambda _c, _u, _f, reason, _p: self.connack.put(reason)
+        client.on_subscribe = lambda _c, _u, _mid, codes, _p: self.subacks.put(list(codes))
+        client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
+        client.on_disconnect = lambda *_a: self.closed.set()
+        self.client = client
+        client.connect(daemon.host, daemon.port, keepalive=15)
+        client.loop_start()
+
+    def accepted(self, timeout: float = 10) -> bool:
+        reason = self.connack.get(timeout=timeout)
+        return not reason.is_failure
+
+    def subscribe(self, topic: str, timeout: float = 10) -> bool:
+        self.client.subscribe(topic, qos=1)
+        codes = self.subacks.get(timeout=timeout)
+        return not codes[0].is_failure
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
+
+    def next(self, topic: str | None = None, timeout: float = 10) -> tuple[str, bytes]:
+        """The next message (on `topic`, skipping others)."""
+        while True:
+            got = self.messages.get(timeout=timeout)
+            if topic is None or got[0] == topic:
+                return got
+
+    def next_json(self, topic: str, timeout: float = 10) -> Any:
+        return json.loads(self.next(topic, timeout)[1])
+
+    def nothing(self, wait: float = 1.0, topic: str | None = None) -> bool:
+        """True if no message (on `topic`, if given) arrives within `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got = self.messages.get(timeout=left)
+            except queue.Empty:
+                return True
+            if topic is None or got[0] == topic:
+                return False
+        return True
+
+    def drain(self, wait: float = 1.0) -> list[tuple[str, bytes]]:
+        """Everything that arrives within `wait` seconds."""
+        deadline = time.monotonic() + wait
+        got = []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got.append(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Board:
+    def __init__(self, daemon: Daemon, port: Path | str, virtual: bool, config: pytest.Config) -> None:
+        self.daemon = daemon
+        self.port = str(port)
+        self.virtual = virtual
+        self.config = config
+        self.id = "board-1"
+        self.flash_dir = daemon.data_dir / "vdevs" / self.id
+
+    # -- actions --
+    def flash(self, period: float = 0.3) -> subprocess.CompletedProcess[str]:
+        if self.virtual:  # through the virtual board's Wi-Fi (a proxy the test can cut)
+            proxy = self.flash_dir / "sim" / "proxy_port"
+            broker = f"127.0.0.1:{wait_until(lambda: proxy.exists() and proxy.read_text())}"
+        else:
+            broker = f"{self.config.getoption('--broker-host')}:{self.daemon.port}"
+        return self.daemon.cli("flash", "--port", self.port, "--device-id", self.id, "--broker", broker,
+                               "--period", str(period), "--wifi-ssid", self.config.getoption("--wifi-ssid"),
+                               "--wifi-password", self.config.getoption("--wifi-password"), "--wait", "90")
+
+    def wifi(self, up: bool) -> None:
+        if not self.virtual:
+            pytest.skip("needs a Wi-Fi the test controls (virtual board only)")
+        self.daemon.cli("fault", self.id, "wifi", "up" if up else "down")
+
+    def power_cycle(self) -> None:
+        if not self.virtual:
+            pytest.skip("needs a power switch the test controls (virtual board only)")
+        self.daemon.cli("fault", self.id, "power")
+
+    def cmd(self, name: str, *args: str, check: bool = True) -> Any:
+        out = self.daemon.cli("cmd", self.id, name, *args, "--json", check=check)
+        return json.loads(out.stdout) if out.stdout.strip() else {"ok": False, "error": out.stderr}
+
+    # -- observations through the gateway --
+    def readings(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads(self.daemon.cli("readings", self.id, "--json").stdout)
+        return rows
+
+    def device(self) -> dict[str, Any]:
+        devices = {d["id"]: d for d in json.loads(self.daemon.cli("device", "list", "--json").stdout)}
+        return devices.get(self.id, {})
+
+    def online(self) -> bool:
+        return bool(self.device().get("online"))
+
+    def twin(self) -> dict[str, Any]:
+        twin: dict[str, Any] = json.loads(self.daemon.cli("twin", "get", self.id, "--json").stdout)
+        return twin
+
+    def boots(self) -> set[int]:
+        return {r["boot"] for r in self.readings()}
+
+    # -- observations of the virtual board's flash --
+    def buffered(self) -> list[tuple[int, int]]:
+        """(boot, seq) of readings on the board's flash not acknowledged yet (virtual board)."""
+        path = self.flash_dir / "buffer.log"
+        ack = self.flash_dir / "buffer.log.ack"
+        acked = {int(k): v for k, v in json.loads(ack.read_text())["acked"].items()} if ack.exists() else {}
+        if not path.exists():
+            return []
+        lines = [line.split(" ", 2)[:2] for line in path.read_text().splitlines()]
+        return [(int(b), int(s)) for b, s in lines if int(s) > acked.get(int(b), 0)]
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads((self.flash_dir / "state.json").read_text())
+        return state
+
+
+def contiguous_per_boot(rows: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Readings grouped by boot; fails if a seq is missing or stored twice."""
+    boots: dict[int, list[int]] = {}
+    for r in rows:
+        boots.setdefault(r["boot"], []).append(r["seq"])
+    for boot, seqs in boots.items():
+        assert sorted(seqs) == list(range(min(seqs), max(seqs) + 1)), f"boot {boot}: a reading is missing"
+        assert len(seqs) == len(set(seqs)), f"boot {boot}: a reading is stored twice"
+    return boots

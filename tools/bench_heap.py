@@ -1,0 +1,104 @@
+"""The smallest MicroPython heap in which the firmware runs full publish cycles, as .mpy (what flashing writes) and,
+as the baseline in the same invocation, as .py source.
+
+    python -m tools.bench_heap [--cycles 3]
+
+A trial runs the real firmware on the unix port (`-X heapsize=N`) against a real daemon and passes when the gateway
+has acknowledged `--cycles` readings within the time limit with the process still alive (a MemoryError anywhere ends
+the cycle). Bisection between 16 KiB and 256 KiB, to 1 KiB. 64-bit objects on the unix port overstate a real ESP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tools.testkit import Daemon
+from tools.vdev import FIRMWARE, build_bundle, device_config, micropython
+
+
+def trial(flash: Path, heap_kib: int, cycles: int, limit: float) -> bool:
+    for name in ("state.json", "buffer.log", "buffer.log.ack", "state.json.tmp"):
+        (flash / name).unlink(missing_ok=True)
+    proc = subprocess.Popen([micropython(), "-X", f"heapsize={heap_kib}K", str(FIRMWARE / "sim" / "board.py")],
+                            cwd=flash, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + limit
+    ok = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            ack = flash / "buffer.log.ack"
+            if ack.exists():
+                try:
+                    acked = json.loads(ack.read_text())["acked"].get("1", 0)
+                except (ValueError, KeyError):
+                    acked = 0
+                if acked >= cycles:
+                    ok = True
+                    break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return ok
+
+
+def smallest_heap(flash: Path, cycles: int, limit: float) -> int:
+    lo, hi = 16, 256
+    if not trial(flash, hi, cycles, limit):
+        raise RuntimeError(f"the firmware does not complete {cycles} cycles even with {hi} KiB")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if trial(flash, mid, cycles, limit):
+            hi = mid
+        else:
+            lo = mid
+        print(f"  {mid} KiB: {'ok' if hi == mid else 'fails'}", flush=True)
+    return hi
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--limit", type=float, default=15.0, help="seconds a trial may take")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgetrio-heap-") as tmp:
+        root = Path(tmp)
+        daemon = Daemon(root / "gw")
+        password = daemon.add_device("heap-1")
+        daemon.start()
+        try:
+            config = device_config("heap-1", password, 0.2)
+            config.update({"broker_host": "127.0.0.1", "broker_port": daemon.port})
+            results = {}
+            for kind in ("py", "mpy"):
+                flash = root / kind
+                if kind == "mpy":
+                    build_bundle(flash)
+                else:
+                    shutil.copytree(FIRMWARE / "lib", flash / "lib")
+                    for name in ("boot.py", "main.py"):
+                        shutil.copy2(FIRMWARE / name, flash / name)
+                (flash / "sim").mkdir(exist_ok=True)
+                (flash / "config.json").write_text(json.dumps(config))
+                print(f"firmware as .{kind}:", flush=True)
+                results[kind] = smallest_heap(flash, args.cycles, args.limit)
+        finally:
+            daemon.stop(signal.SIGTERM)
+    print(f"\nsmallest heap for {args.cycles} full publish cycles (connect, subscribe, meta, read sensors, buffer "
+          f"on flash, QoS 1 publish, ack, trim):")
+    print(f"  .py source (baseline): {results['py']} KiB")
+    print(f"  .mpy bundle:           {results['mpy']} KiB")
+    print(f"ratio .mpy/.py: {results['mpy'] / results['py']:.2f}x; aim for an ESP32 without PSRAM: 64 KiB or less")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
