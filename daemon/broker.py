@@ -285,6 +285,9 @@ class BrokerLink:
         self._broker: GatewayBroker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
+        # devices on other transports: device id -> callable(channel, payload), called in trio
+        self.sinks: dict[str, Callable[[str, bytes], None]] = {}
+        self.counters_extra: Counter[str] = Counter()  # counted by those transports
 
     # -- broker thread side --
     def deliver(self, event: BusEvent) -> None:
@@ -320,7 +323,20 @@ class BrokerLink:
             self._wakeup = trio.Event()
 
     def publish(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
-        """Queue messages for devices. Never blocks; a no-op once the broker is stopping."""
+        """Queue messages for devices. Never blocks; a no-op once the broker is stopping.
+
+        Messages for a device attached by another transport (a serial line) go to its sink instead of the broker.
+        """
+        if self.sinks:
+            rest = []
+            for topic, payload in messages:
+                parts = topic.split("/", 2)
+                sink = self.sinks.get(parts[1]) if len(parts) == 3 else None
+                if sink is not None:
+                    sink(parts[2], payload)
+                else:
+                    rest.append((topic, payload))
+            messages = rest
         broker, loop = self._broker, self._loop
         if not messages or broker is None or loop is None or self._stopping:
             return
@@ -338,6 +354,7 @@ class BrokerLink:
 
     def counters(self) -> Counter[str]:
         out: Counter[str] = Counter(self._broker.counters if self._broker else {})
+        out.update(self.counters_extra)
         if self.dropped:
             out["dropped_overload"] = self.dropped
         return out

@@ -91,7 +91,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     file_settings = load_config_file(args.config) if args.config else {}
     cfg = build_config(file_settings, {
         "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
-        "log_level": args.log_level, "cloud_url": args.cloud, "node_id": args.node_id, "cloud_token": args.token,
+        "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
+        "cloud_token": args.token,
     })
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
@@ -274,7 +275,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank)
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
     p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
     p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--serial", action="append", default=[], metavar="PORT",
+                   help="a board on a serial port speaking JSON lines (repeatable)")
     p.add_argument("--cloud", metavar="URL", help="relay to dial out to: ws://HOST:PORT or wss://HOST:PORT")
     p.add_argument("--node-id", help="this gateway's node name at the relay")
     p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`)")
@@ -400,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repl-pty", type=Path, metavar="PATH",
                    help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
     p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
+    p.add_argument("--uart", type=Path, metavar="PATH",
+                   help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
     p.set_defaults(func=cmd_vdev)
 
     p = sub.add_parser("flash", parents=[common], help="install the firmware on a board (or a virtual one) with mpremote")

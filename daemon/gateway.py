@@ -26,6 +26,7 @@ from sqlite_utils import Database
 from daemon import store
 from daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
 from daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
+from daemon.devices import SerialDevice
 from daemon.edgehub import EdgeHub
 from daemon.ingest import (
     CONTROL_REPLY_ROOT,
@@ -577,6 +578,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                     nursery.start_soon(flush_periodically)
                     async with trio.open_nursery() as requests:
                         gateway.requests = requests
+                        for port in cfg.serial:
+                            requests.start_soon(SerialDevice(port, link, credentials).run)
                         if cfg.cloud_url:
                             hub = EdgeHub(cfg.cloud_url, str(cfg.node_id), str(cfg.cloud_token), writer, gateway,
                                           max_rows=cfg.outbox_max_rows, max_age=cfg.outbox_max_age,

@@ -326,14 +326,14 @@ def device_config(device_id: str, password: str, period: float) -> dict[str, Any
 
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-                    blank: bool = False,
+                    blank: bool = False, uart: Path | None = None,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
 
     With `blank`, one device starts with an empty flash (a new board): `edgetrio flash` installs it through repl_pty.
     """
-    if repl_pty is not None and count != 1:
-        raise RuntimeError("--repl-pty exposes one device: use --count 1")
+    if (repl_pty is not None or uart is not None) and count != 1:
+        raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
     if blank:
         from daemon.config import ConfigError
         from daemon.gateway import read_run_file
@@ -374,7 +374,12 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
                                    ReplPort(repl_pty) if repl_pty else None)
-            device.install(bundle, device_config(device_id, str(password), period))
+            config = device_config(device_id, str(password), period)
+            if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
+                config["transport"] = "serial"
+            device.install(bundle, config)
+            if uart is not None:
+                (flash / "sim" / "uart").write_text(str(uart))
             devices.append(device)
     async with trio.open_nursery() as nursery:
         for device in devices:
@@ -383,10 +388,10 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
 
 
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-              blank: bool = False) -> None:
+              blank: bool = False, uart: Path | None = None) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank)
+            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)

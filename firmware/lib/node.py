@@ -69,6 +69,8 @@ class Node:
         self.last_values = {}
         self.last_broker = time.time()
         self.healthy = False
+        self.serial = cfg.get("transport") == "serial"
+        self.client_factory = self.make_client
 
     # -- messages from the gateway --------------------------------------------------------------------------------
 
@@ -213,6 +215,8 @@ class Node:
             asyncio.create_task(self.publish("log", json.dumps({"level": level, "message": message}), qos=0))
 
     async def wifi(self):
+        if self.serial:
+            return True  # the serial transport needs no Wi-Fi
         if self.wlan.isconnected():
             return True
         self.wlan.active(True)
@@ -231,13 +235,22 @@ class Node:
         return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
                 "resources": self.sensors.resources() if self.sensors else [], "rssi": rssi,
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
-                "safe_mode": self.safe_mode, "transport": "mqtt"}
+                "safe_mode": self.safe_mode, "transport": "serial" if self.serial else "mqtt"}
+
+    def make_client(self):
+        cfg = self.cfg
+        if cfg.get("transport") == "serial":
+            from seriallink import SerialLink
+
+            u = cfg.get("uart", {})
+            uart = machine.UART(u.get("id", 1), baudrate=u.get("baud", 115200), tx=u.get("tx", 17), rx=u.get("rx", 16))
+            return SerialLink(uart, self.id, cfg["password"], self.root, timeout=cfg.get("timeout", 10))
+        return MQTTClient(self.id, cfg["broker_host"], cfg.get("broker_port", 1883), self.id, cfg["password"],
+                          keepalive=cfg.get("keepalive", 15), will=(self.root + "status", "offline"),
+                          timeout=cfg.get("timeout", 10))
 
     async def session(self):
-        cfg = self.cfg
-        client = MQTTClient(self.id, cfg["broker_host"], cfg.get("broker_port", 1883), self.id, cfg["password"],
-                            keepalive=cfg.get("keepalive", 15), will=(self.root + "status", "offline"),
-                            timeout=cfg.get("timeout", 10))
+        client = self.client_factory()
         client.on_message = self.on_message
         await client.connect()
         self.client = client

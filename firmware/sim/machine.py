@@ -135,6 +135,13 @@ class I2C:
             raise OSError(19)
 
 
+def UART(id=1, baudrate=115200, tx=None, rx=None, **kwargs):
+    """The board's UART: the pty (one end of a socat pair) named in sim/uart, as a stream asyncio can poll."""
+    with open("sim/uart") as f:
+        path = f.read().strip()
+    return open(path, "r+b")
+
+
 class WDT:
     def __init__(self, id=0, timeout=5000):
         self.timeout = timeout

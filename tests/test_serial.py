@@ -1,0 +1,82 @@
+"""The serial transport: a virtual board speaking JSON lines over a socat pty pair to the daemon's serial service."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools.testkit import ROOT, Daemon, contiguous_per_boot, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package)")
+DEVICE = "serial-1"
+
+
+def socat(a: Path, b: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["socat", f"PTY,link={a},raw,echo=0", f"PTY,link={b},raw,echo=0"])
+    wait_until(lambda: a.exists() and b.exists())
+    return proc
+
+
+@pytest.fixture
+def line(tmp_path: Path) -> Iterator[tuple[Daemon, Path, Path, list[subprocess.Popen[bytes]]]]:
+    board_end, gateway_end = tmp_path / "ttyBoard", tmp_path / "ttyGateway"
+    procs = [socat(board_end, gateway_end)]
+    daemon = Daemon(tmp_path / "gw", extra=("--serial", str(gateway_end)))
+    daemon.start()
+    log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
+    vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", "1", "--prefix", "serial",
+                             "--period", "0.3", "--uart", str(board_end), "--data-dir", str(daemon.data_dir)],
+                            cwd=ROOT, stdout=log, stderr=log)
+    procs.append(vdev)
+    yield daemon, board_end, gateway_end, procs
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+    daemon.stop()
+
+
+def readings(daemon: Daemon) -> list[dict[str, object]]:
+    out = daemon.cli("readings", DEVICE, "--json", check=False)  # the device may not be registered yet
+    rows: list[dict[str, object]] = json.loads(out.stdout) if out.returncode == 0 else []
+    return rows
+
+
+def test_telemetry_twin_and_commands_over_serial(line: tuple[Daemon, Path, Path, list[subprocess.Popen[bytes]]]) -> None:
+    daemon, _board, _gateway, _procs = line
+    rows = wait_until(lambda: (r := readings(daemon)) and len(r) >= 10 and r, timeout=60)
+    contiguous_per_boot(rows)
+    device = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[DEVICE]
+    assert device["online"] and device["meta"]["transport"] == "serial"
+    flash = daemon.data_dir / "vdevs" / DEVICE
+    wait_until(lambda: json.loads((flash / "buffer.log.ack").read_text())["acked"]["1"] >= 10)  # acks arrive
+    daemon.cli("twin", "set", DEVICE, "led=true", "period=0.2")
+    twin = wait_until(lambda: (t := json.loads(daemon.cli("twin", "get", DEVICE, "--json").stdout))
+                      ["reported"]["state"].get("led") and t)
+    assert twin["delta"] == {}
+    assert json.loads(daemon.cli("cmd", DEVICE, "ping", "--json").stdout)["value"] == "pong"
+    assert json.loads(daemon.cli("cmd", DEVICE, "read_now", "--json").stdout)["value"]["temperature"] == 21.5
+
+
+def test_unplugged_and_plugged_back_loses_nothing(line: tuple[Daemon, Path, Path, list[subprocess.Popen[bytes]]]) -> None:
+    daemon, board, gateway, procs = line
+    wait_until(lambda: len(readings(daemon)) >= 5, timeout=60)
+    procs[0].send_signal(signal.SIGTERM)  # the cable is pulled: both ends of the line vanish
+    procs[0].wait(timeout=10)
+    wait_until(lambda: not {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+               [DEVICE]["online"])
+    time.sleep(3)
+    procs[0] = socat(board, gateway)  # plugged back
+    seen = len(readings(daemon))
+    wait_until(lambda: len(readings(daemon)) > seen + 10, timeout=60)
+    contiguous_per_boot(readings(daemon))
+    status = daemon.status()
+    assert status["running"]
