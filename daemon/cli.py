@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
     p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
-    p.add_argument("--heap", default="256K", help="MicroPython heap size, e.g. 110K for an ESP32 without PSRAM")
+    p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
     p.add_argument("--repl-pty", type=Path, metavar="PATH",
                    help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
     p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
