@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from cloud.relay import Relay
 
 MAX_BODY = 1024 * 1024
+log = logging.getLogger("edgetrio.api")
 
 
 class HTTPError(Exception):
@@ -152,6 +154,11 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> tuple[int, A
                 raise HTTPError(409, str(exc)) from exc
             except (RegistryError, KeyError, TypeError, ValueError) as exc:
                 raise HTTPError(400, str(exc) or f"bad request: {type(exc).__name__}") from exc
+            except (HTTPError, trio.Cancelled):
+                raise
+            except Exception as exc:
+                log.exception("request %s %s failed", method, target.path)
+                raise HTTPError(500, f"internal error: {type(exc).__name__}") from exc
     if any(pattern.match(target.path) for _, pattern, _ in ROUTES):
         raise HTTPError(405, f"{method} is not allowed on {target.path}")
     raise HTTPError(404, f"no such endpoint {target.path}")

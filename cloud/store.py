@@ -6,7 +6,6 @@ Plain synchronous functions over one sqlite-utils Database; the relay runs them 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from daemon.store import connect
 from daemon.twin import Twin, set_desired
 
 DB_FILE = "relay.db"
@@ -25,14 +25,8 @@ class NotFound(RegistryError):
 
 
 def open_db(data_dir: Path) -> Database:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(data_dir / DB_FILE), check_same_thread=False, timeout=30)
-    db = Database(conn)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.DatabaseError as exc:
-        raise RegistryError(f"{data_dir / DB_FILE} is not a usable SQLite database: {exc}") from exc
-    conn.execute("PRAGMA synchronous=FULL")
+    """Open (creating if needed) the relay database in data_dir."""
+    db = connect(data_dir / DB_FILE)
     with db.atomic():
         db.table("nodes").create(
             {"name": str, "token_hash": str, "created": float, "online": int, "last_seen": float, "connects": int,

@@ -120,8 +120,10 @@ class SerialDevice:
             return
         if channel == "hello":
             self._detach()
-            device = str((msg or {}).get("id", ""))
-            reason = self.credentials.check(device, (msg or {}).get("password"), device)
+            hello = msg if isinstance(msg, dict) else {}
+            device = str(hello.get("id", ""))
+            password = hello.get("password")
+            reason = self.credentials.check(device, password if isinstance(password, str) else None, device)
             if reason is not None:
                 self.link.counters_extra["auth_refused"] += 1
                 log.warning("serial port %s: refused %s", self.port, reason)

@@ -166,8 +166,16 @@ class EdgeHub:
                     self.acked_upto = offset
                     self.wake()
             elif op == "apply":
-                result = await self.gateway.apply_down(str(message["id"]), str(message.get("resource")), body)
-                await ws.send_message(envelope("applied", message.get("resource", ""), result, parent=message["id"]))
+                message_id = message.get("id")
+                if not isinstance(message_id, str) or not isinstance(body, dict):
+                    log.warning("ignored an apply frame without an id or an object body")
+                    continue
+                try:
+                    result = await self.gateway.apply_down(message_id, str(message.get("resource")), body)
+                except Exception as exc:  # what the relay sends must not stop the edge
+                    log.exception("could not apply message %s from the relay", message_id)
+                    result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                await ws.send_message(envelope("applied", message.get("resource", ""), result, parent=message_id))
             elif op == "error":
                 log.error("the relay refused this node: %s", body.get("message"))
 

@@ -6,6 +6,7 @@ writer commits them in groups and only then are devices acknowledged (`ack`) and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -237,7 +238,8 @@ class Gateway:
                 raise Rejected("bad_envelope", "cmd/result needs a string 'id'")
             waiter = self.pending_commands.get(cmd_id)
             if waiter is not None and waiter[0] == device:
-                waiter[1].send_nowait(body)
+                with contextlib.suppress(trio.WouldBlock):  # a repeated result: the first one counts
+                    waiter[1].send_nowait(body)
             else:
                 self._spawn_write(partial(self._late_result, cmd_id=cmd_id, body=body, now=now))
         elif channel in ("log", "status"):
@@ -328,6 +330,9 @@ class Gateway:
             reply["error"], reply["code"] = str(exc), "invalid"
         except CommandFailed as exc:
             reply["error"], reply["code"] = str(exc), exc.code
+        except Exception as exc:  # a request the daemon did not foresee must not stop it
+            log.exception("control request %r failed", request.get("op"))
+            reply["error"], reply["code"] = f"internal error: {type(exc).__name__}: {exc}", "internal"
         self.link.publish([(reply_to, json.dumps(reply).encode())])
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:

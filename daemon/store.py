@@ -36,17 +36,22 @@ class UnknownDevice(RegistryError):
         super().__init__(f"unknown device {device_id!r} (see `edgetrio device list`)")
 
 
-def open_db(data_dir: Path) -> Database:
-    """Open (creating if needed) the gateway database in data_dir."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(data_dir / DB_FILE), check_same_thread=False, timeout=30)
-    db = Database(conn)
+def connect(path: Path) -> Database:
+    """Open a SQLite file the way edgetrio keeps its state: WAL, a commit survives power loss, writers wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.DatabaseError as exc:
-        raise RegistryError(f"{data_dir / DB_FILE} is not a usable SQLite database: {exc}") from exc
+        raise RegistryError(f"{path} is not a usable SQLite database: {exc}") from exc
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
+    return Database(conn)
+
+
+def open_db(data_dir: Path) -> Database:
+    """Open (creating if needed) the gateway database in data_dir."""
+    db = connect(data_dir / DB_FILE)
     _create_schema(db)
     return db
 

@@ -57,7 +57,8 @@ def answer_commands(probe: Any, device_id: str) -> None:
     """Play the device: answer the next command on its cmd topic."""
     command = probe.next_json(f"edgetrio/{device_id}/cmd")
     result = {"id": command["id"], "ok": True, "value": {"echo": command["args"], "name": command["name"]}}
-    probe.publish(f"edgetrio/{device_id}/cmd/result", json.dumps(result))
+    for _ in range(3):  # a device that repeats itself: the first result counts, the daemon carries on
+        probe.publish(f"edgetrio/{device_id}/cmd/result", json.dumps(result))
 
 
 def test_command_round_trip(daemon: Daemon, device: Any) -> None:
@@ -71,6 +72,7 @@ def test_command_round_trip(daemon: Daemon, device: Any) -> None:
     result = json.loads(out.stdout)
     assert result["ok"] is True
     assert result["value"] == {"echo": {"times": 3, "color": "red"}, "name": "blink"}
+    assert daemon.status()["running"] and daemon.proc is not None and daemon.proc.poll() is None
 
 
 def test_command_timeout_and_offline_device(daemon: Daemon, device: Any) -> None:
