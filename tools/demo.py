@@ -74,6 +74,13 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
 
         cloud_db = cloud_store.open_db(relay_dir)
         names = [f"vdev-{i}" for i in range(1, count + 1)]
+        from tools.vdev import flash_dir, set_fault
+
+        for name in names:  # readings that change a little, as in a real room
+            wait_deadline = time.monotonic() + 30
+            while not (flash_dir(data_dir, name) / "config.json").exists() and time.monotonic() < wait_deadline:
+                time.sleep(0.1)
+            set_fault(data_dir, name, "env", {"drift": True})
         started = time.monotonic()
         while not duration or time.monotonic() - started < duration:
             time.sleep(3)

@@ -224,7 +224,8 @@ class VirtualDevice:
         if self.repl is None:
             process = await trio.lowlevel.open_process(
                 [*command, str(FIRMWARE / "sim" / "board.py")],
-                cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL)
+                cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # a Ctrl-C at the terminal is for the supervisor, which then stops it
             task_status.started(process)
             device = None
         else:

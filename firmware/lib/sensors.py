@@ -131,5 +131,5 @@ class Sensors:
 
             read_chip = getattr(esp32, "mcu_temperature", None)  # not in every port nor in the stubs
             if read_chip:
-                values["chip_temperature"] = float(read_chip())
+                values["chip_temperature"] = round(float(read_chip()), 1)
         return values

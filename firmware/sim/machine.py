@@ -16,9 +16,16 @@ _ENV = {"temperature": 21.5, "pressure": 1013.25, "humidity": 45.0, "analog": 1.
 def env(key):
     try:
         with open("sim/env.json") as f:
-            return json.load(f).get(key, _ENV[key])
+            values = json.load(f)
     except (OSError, ValueError):
-        return _ENV[key]
+        values = {}
+    value = values.get(key, _ENV[key])
+    if values.get("drift") and key not in values:
+        # a room that warms and cools a little over a few minutes, so a demo shows changing readings
+        import math
+
+        value += _ENV[key] * 0.02 * math.sin(time.time() / 60 + len(key))
+    return value
 
 
 def reset():
