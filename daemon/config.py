@@ -33,12 +33,14 @@ class DaemonConfig:
     cloud_cafile: str | None = None  # CA to trust for wss (default: the system's)
     outbox_max_rows: int = 1_000_000
     outbox_max_age: float = 7 * 86400.0  # seconds
+    retention_days: float = 90.0  # readings, events and rejects older than this are deleted; 0 keeps everything
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_dir": str, "mqtt_host": str, "mqtt_port": int, "max_payload": int, "max_pending": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
+    "retention_days": (int, float),
 }
 
 
@@ -68,6 +70,8 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
     cfg = DaemonConfig(**settings)
     if not 0 <= cfg.mqtt_port <= 65535:
         raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
+    if cfg.retention_days < 0:
+        raise ConfigError("retention_days must be 0 (keep everything) or more")
     if cfg.max_payload < 256:
         raise ConfigError("max_payload must be at least 256 bytes")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -506,6 +506,14 @@ class Gateway:
             await self.writer.write(partial(store.add_counters, counts=delta))
             self._flushed = current
 
+    async def keep_retention(self, days: float) -> None:
+        """Hourly, delete what is older than the retention period (a gateway's disk is small)."""
+        while days > 0:
+            deleted = await self.writer.write(partial(store.prune, before=time.time() - days * 86400))
+            if deleted:
+                log.info("retention: deleted %d rows older than %g days", deleted, days)
+            await trio.sleep(3600)
+
     async def flush_counters_every(self, seconds: float) -> None:
         while True:
             await trio.sleep(seconds)
@@ -575,12 +583,14 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                             pipeline.start_soon(gateway.commit_readings)
                         ingest_done.set()
 
-                    async def flush_periodically() -> None:
+                    async def chores_until_stopped() -> None:
                         with periodic:
-                            await gateway.flush_counters_every(5)
+                            async with trio.open_nursery() as chores:
+                                chores.start_soon(gateway.keep_retention, cfg.retention_days)
+                                chores.start_soon(gateway.flush_counters_every, 5)
 
                     nursery.start_soon(ingest)
-                    nursery.start_soon(flush_periodically)
+                    nursery.start_soon(chores_until_stopped)
                     async with trio.open_nursery() as requests:
                         gateway.requests = requests
                         for port in cfg.serial:

@@ -261,6 +261,18 @@ def query_readings(
              "values": json.loads(r["data"])} for r in rows]
 
 
+def prune(db: Database, before: float) -> int:
+    """Delete readings, events and rejects received before `before`; returns how many rows went.
+
+    Watermarks stay, so a device resending an old reading is still acknowledged rather than stored again.
+    """
+    deleted = 0
+    for sql in ("DELETE FROM readings WHERE received < ?", "DELETE FROM events WHERE ts < ?",
+                "DELETE FROM rejects WHERE received < ?"):
+        deleted += int(db.execute(sql, [before]).rowcount)
+    return deleted
+
+
 def reading_count(db: Database, device_id: str | None = None) -> int:
     if device_id is None:
         return int(db.execute("SELECT count(*) FROM readings WHERE data IS NOT NULL").fetchone()[0])

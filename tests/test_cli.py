@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.testkit import ROOT, Daemon, cli
+from tools.testkit import ROOT, Daemon, cli, wait_until
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
@@ -128,3 +128,26 @@ def test_readings_filters(daemon: Daemon, device: object) -> None:
     assert "seq 3" in human and "v=3" in human
     bad = daemon.cli("readings", device_id, "--since", "yesterday-ish", check=False)
     assert bad.returncode == 2 and "cannot read time" in bad.stderr
+
+
+def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> None:
+    import time as clock
+
+    from daemon import store
+    from daemon.ingest import Reading
+
+    data = tmp_path / "gw"
+    db = store.open_db(data)
+    with db.atomic():
+        store.add_device(db, "old-1")
+        store.commit_readings(db, [Reading("old-1", 1, 1, None, {"t": 1})], [], clock.time() - 40 * 86400)
+        store.commit_readings(db, [Reading("old-1", 1, 2, None, {"t": 2})], [], clock.time())
+    db.close()
+    config = tmp_path / "gw.toml"
+    config.write_text("retention_days = 30\n")
+    daemon = Daemon(data, extra=("--config", str(config))).start()
+    try:
+        wait_until(lambda: "retention: deleted 1 rows" in daemon.log_text())
+        assert [r["seq"] for r in json.loads(daemon.cli("readings", "old-1", "--json").stdout)] == [2]
+    finally:
+        daemon.stop()
