@@ -35,6 +35,7 @@ DEVICE = r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/api/nodes$"), "nodes"),
     ("GET", re.compile(r"^/api/devices$"), "devices"),
+    ("PATCH", re.compile(r"^/api/fleet/twin$"), "fleet_twin"),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices$"), "devices"),
     ("POST", re.compile(rf"^/api/nodes/{NODE}/devices$"), "device_add"),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/twin$"), "twin_get"),
@@ -60,6 +61,12 @@ def openapi() -> dict[str, Any]:
             "/api/nodes": {"get": {"summary": "Nodes with online state, last seen, devices and queued messages",
                                    "responses": {"200": ok}}},
             "/api/devices": {"get": {"summary": "Devices of all nodes", "responses": {"200": ok}}},
+            "/api/fleet/twin": {"patch": {
+                "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "desired": {"type": "object"}, "node": {"type": "string"}, "device": {"type": "string"}},
+                    "required": ["desired"]}}}},
+                "responses": {"200": ok, "400": ok, "404": ok}}},
             "/api/nodes/{node}/devices": {
                 "parameters": params[:1],
                 "get": {"summary": "Devices of a node", "responses": {"200": ok, "404": ok}},
@@ -197,6 +204,22 @@ async def twin_set(relay: Relay, path: dict[str, str], query: dict[str, str], da
     return 200, twin
 
 
+async def fleet_twin(relay: Relay, path: dict[str, str], query: dict[str, str], data: dict[str, Any]
+                     ) -> tuple[int, Any]:
+    patch = data.get("desired")
+    if not isinstance(patch, dict) or not patch:
+        raise HTTPError(400, "'desired' must be a non-empty object")
+    node, device = data.get("node"), data.get("device")
+    nodes = await relay.run(store.set_twin_fleet, patch, node, device)
+    for name in nodes:
+        relay.notify(name)
+    return 200, {"nodes": len(nodes), "devices": await relay.run(count_devices, node, device)}
+
+
+def count_devices(db: Any, node: str | None, device: str | None) -> int:
+    return sum(1 for d in store.list_devices(db, node) if device is None or d["id"] == device)
+
+
 async def command(relay: Relay, path: dict[str, str], query: dict[str, str], data: dict[str, Any]) -> tuple[int, Any]:
     name, args = data.get("name"), data.get("args") or {}
     timeout = float(data.get("timeout", 10))
@@ -231,4 +254,5 @@ async def readings(relay: Relay, path: dict[str, str], query: dict[str, str], da
 
 
 HANDLERS: dict[str, Handler] = {"nodes": nodes, "devices": devices, "device_add": device_add, "twin_get": twin_get,
-                                "twin_set": twin_set, "command": command, "readings": readings}
+                                "twin_set": twin_set, "fleet_twin": fleet_twin, "command": command,
+                                "readings": readings}

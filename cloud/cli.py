@@ -106,14 +106,22 @@ def run(args: argparse.Namespace) -> None:
             f"{d['node']:<16} {d['id']:<20} {'online' if d['online'] else 'offline':<8} {fmt_time(d['last_seen'])}"
             for d in devices])
     elif action == "twin":
-        path = f"/api/nodes/{args.node}/devices/{args.device}/twin"
         if args.twin_action == "get":
-            twin = call(args, "GET", path)
+            twin = call(args, "GET", f"/api/nodes/{args.node}/devices/{args.device}/twin")
+        elif args.twin_action == "set-all":
+            patch = parse_assignments(args.assignments)
+            if not patch:
+                raise CloudCliError("give at least one key=value", 2)
+            done = call(args, "PATCH", "/api/fleet/twin", {"desired": patch, "node": args.node,
+                                                           "device": args.device_name})
+            show(args, done, [f"queued for {done['devices']} devices on {done['nodes']} nodes"])
+            return
         else:
             patch = parse_assignments(args.assignments)
             if not patch:
                 raise CloudCliError("give at least one key=value", 2)
-            twin = call(args, "PATCH", path, {"desired": patch, "version": args.version})
+            twin = call(args, "PATCH", f"/api/nodes/{args.node}/devices/{args.device}/twin",
+                        {"desired": patch, "version": args.version})
         show(args, twin, [
             f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}",
             f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}",
@@ -186,6 +194,10 @@ def add_parser(sub: Any) -> None:
     p = twin_actions.add_parser("get", parents=[api])
     p.add_argument("node")
     p.add_argument("device")
+    p = twin_actions.add_parser("set-all", parents=[api], help="one desired change for the whole fleet")
+    p.add_argument("assignments", nargs="*", metavar="key=value")
+    p.add_argument("--node", help="only this node's devices")
+    p.add_argument("--device", dest="device_name", help="only devices with this id")
     p = twin_actions.add_parser("set", parents=[api])
     p.add_argument("node")
     p.add_argument("device")

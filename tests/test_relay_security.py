@@ -123,3 +123,20 @@ def test_node_add_refuses_duplicates_and_bad_names(relay: Relay, tmp_path: Path)
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = relay.cli("node", "add", "no/slash", check=False)
     assert bad.returncode == 1 and "invalid" in bad.stderr
+
+
+def test_one_desired_change_for_the_whole_fleet(relay: Relay) -> None:
+    token = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    for node in ("fleet-a", "fleet-b"):
+        relay.add_node(node)
+        for device in ("t1", "t2"):
+            assert http(relay, f"/api/nodes/{node}/devices", token, "POST", {"id": device})[0] == 201
+    done = relay.json("twin", "set-all", "period=60", "--node", "fleet-a")
+    assert done == {"nodes": 1, "devices": 2}
+    done = relay.json("twin", "set-all", "led=true", "--device", "t2")
+    assert done["devices"] >= 2  # t2 on both fleet nodes (and any other node with a t2)
+    assert relay.json("twin", "get", "fleet-a", "t2")["desired"]["state"] == {"period": 60, "led": True}
+    assert relay.json("twin", "get", "fleet-b", "t1")["desired"]["state"] == {}
+    queued = {n["name"]: n["queued"] for n in relay.json("nodes")}
+    assert queued["fleet-a"] == 2 + 2 + 1 and queued["fleet-b"] == 2 + 1  # registrations plus the changes
+    assert http(relay, "/api/fleet/twin", token, "PATCH", {"desired": {}})[0] == 400

@@ -5,8 +5,8 @@
 For each server (baseline: a trio-websocket server that authenticates nobody, stores nothing and acks every batch;
 then the real relay with its SQLite store) it measures:
 - memory per connection: the server's RSS after all edges connected, minus before, divided by the edges;
-- (relay only) time to push one desired change to every node: N operator API calls, from the first call until the
-  last edge has received its `apply`;
+- (relay only) time to push one desired change to every node: one fleet-wide operator API call, until the last edge
+  has received its `apply`;
 - edge -> cloud readings per second: every edge sends batches of 10 readings and waits for the ack, for --seconds.
 """
 
@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +234,12 @@ def main() -> None:
         info = json.loads((data / "relay.json").read_text())
 
         def push() -> None:
-            def one(node: str) -> None:
-                request = urllib.request.Request(
-                    f"{info['api_url']}/api/nodes/{node}/devices/d1/twin", method="PATCH",
-                    data=json.dumps({"desired": {"period": 30}}).encode(), headers={"authorization": f"Bearer {token}"})
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    response.read()
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(one, [n for n, _ in nodes]))
+            """One fleet-wide desired change through the operator API."""
+            request = urllib.request.Request(
+                f"{info['api_url']}/api/fleet/twin", method="PATCH", data=json.dumps({"desired": {"period": 30}}).encode(),
+                headers={"authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=300) as response:
+                response.read()
 
         print(f"edgetrio relay, {args.edges} edges ...", flush=True)
         ours = measure(info["edge_url"], relay.pid, nodes, args.seconds, push)
