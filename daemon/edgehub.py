@@ -92,6 +92,9 @@ class EdgeHub:
                     await self._down(f"cannot connect to {self.url}: {exc}")
                 except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                     await self._down(f"link lost: {type(exc).__name__} {exc}")
+                except Exception as exc:  # whatever the relay sends must cost the link, never the daemon
+                    log.exception("cloud link failed")
+                    await self._down(f"link error: {type(exc).__name__} {exc}")
                 await trio.sleep(next(delays))
 
     async def _down(self, reason: str) -> None:
@@ -156,18 +159,20 @@ class EdgeHub:
             try:
                 message = json.loads(raw)
                 op, body = message["op"], message.get("body") or {}
+                if not isinstance(body, dict):
+                    raise TypeError("body is not an object")
+                offset = int(body.get("offset", 0)) if op == "ack" else 0
             except (ValueError, KeyError, TypeError):
                 log.warning("ignored a malformed frame from the relay")
                 continue
             if op == "ack":
-                offset = int(body.get("offset", 0))
                 if offset > self.acked_upto:
                     await self.writer.write(partial(store.outbox_acknowledged, offset=offset))
                     self.acked_upto = offset
                     self.wake()
             elif op == "apply":
                 message_id = message.get("id")
-                if not isinstance(message_id, str) or not isinstance(body, dict):
+                if not isinstance(message_id, str):
                     log.warning("ignored an apply frame without an id or an object body")
                     continue
                 try:

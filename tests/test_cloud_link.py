@@ -41,6 +41,8 @@ async def test_a_repeated_down_message_is_acknowledged_not_applied_again(tmp_pat
                     return message
 
         await ws.send_message(json.dumps({"op": "apply", "resource": "twin", "body": [1]}))  # no id: ignored
+        await ws.send_message(json.dumps({"op": "ack", "body": [1]}))  # not an object: ignored
+        await ws.send_message(json.dumps({"op": "ack", "body": {"offset": "many"}}))  # ignored
         for _ in range(2):
             await ws.send_message(envelope("apply", "twin", {"device": "dx", "patch": {"a": 1}}, message_id="m1"))
             frames.append(await next_applied())
