@@ -210,14 +210,10 @@ async def fleet_twin(relay: Relay, path: dict[str, str], query: dict[str, str], 
     if not isinstance(patch, dict) or not patch:
         raise HTTPError(400, "'desired' must be a non-empty object")
     node, device = data.get("node"), data.get("device")
-    nodes = await relay.run(store.set_twin_fleet, patch, node, device)
-    for name in nodes:
-        relay.notify(name)
-    return 200, {"nodes": len(nodes), "devices": await relay.run(count_devices, node, device)}
-
-
-def count_devices(db: Any, node: str | None, device: str | None) -> int:
-    return sum(1 for d in store.list_devices(db, node) if device is None or d["id"] == device)
+    done = await relay.run(store.set_twin_fleet, patch, node, device)
+    for name in list(relay.sessions):
+        relay.notify(name)  # each session sends only what is queued for it
+    return 200, done
 
 
 async def command(relay: Relay, path: dict[str, str], query: dict[str, str], data: dict[str, Any]) -> tuple[int, Any]:

@@ -239,22 +239,12 @@ def set_twin(db: Database, node: str, device: str, patch: dict[str, Any], versio
     return twin.as_json()
 
 
-def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device: str | None) -> list[str]:
-    """Queue one desired change for every registered device (of a node, or of a name); returns the nodes touched."""
-    sql = "SELECT node, id FROM devices WHERE registered = 1"
-    params: list[Any] = []
-    if node is not None:
-        require_node(db, node)
-        sql += " AND node = ?"
-        params.append(node)
-    if device is not None:
-        sql += " AND id = ?"
-        params.append(device)
-    nodes = []
-    for row in list(db.query(sql, params)):
-        set_twin(db, row["node"], row["id"], patch, None)
-        nodes.append(row["node"])
-    return sorted(set(nodes))
+def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device: str | None) -> dict[str, int]:
+    """Queue one desired change for every registered device (of a node, or with an id); says how many."""
+    targets = [d for d in list_devices(db, node) if device is None or d["id"] == device]
+    for d in targets:
+        set_twin(db, d["node"], d["id"], patch, None)
+    return {"nodes": len({d["node"] for d in targets}), "devices": len(targets)}
 
 
 def register_device(db: Database, node: str, device: str, model: str | None) -> str:

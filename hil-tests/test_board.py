@@ -77,7 +77,7 @@ def test_power_cycle_with_readings_buffered_delivers_them_all_once(board: Board)
     board.power_cycle()
     wait_until(lambda: board.state()["boot"] == 2)
     held = board.buffered()
-    assert {b for b, _ in held} == {1, 2} or 1 in {b for b, _ in held}  # boot 1's readings survived the power cut
+    assert 1 in {b for b, _ in held}  # boot 1's unsent readings survived the power cut
     board.wifi(True)
     wait_until(lambda: set(held) <= {(r["boot"], r["seq"]) for r in board.readings()}, timeout=90)
     boots = contiguous_per_boot(board.readings())

@@ -50,3 +50,23 @@ for key, value in (("period", 5), ("period", 0), ("period", True), ("led", True)
         "period 5 None", "period 0 period must be 0.1..86400 s", "period True period must be 0.1..86400 s",
         "led True None", "led 1 led must be true or false", "threshold 0.5 None",
         "threshold -1 threshold must be a number >= 0", "colour red unknown key"]
+
+
+def test_buffer_does_not_compact_under_a_reader(tmp_path: Path) -> None:
+    out = run_micropython(tmp_path, """
+import os
+from buffer import Buffer
+b = Buffer("buf.log", capacity=100)
+for seq in range(1, 41):
+    b.add(1, seq, '{"seq": %d}' % seq)
+walk = b.pending()
+seen = [next(walk)[1] for _ in range(3)]
+inode = os.stat("buf.log")[1]
+b.ack(1, 30)  # would compact now, but a reader is mid-walk
+print("same file", os.stat("buf.log")[1] == inode, "lines", b.count)
+seen += [s for _, s, _ in walk]
+print("after walk lines", b.count, "pending", [s for _, s, _ in b.pending()][:3])
+""")
+    lines = out.splitlines()
+    assert lines[0] == "same file True lines 40"
+    assert lines[1] == "after walk lines 10 pending [31, 32, 33]"

@@ -21,6 +21,9 @@ class Buffer:
         self.acked = {}  # boot -> highest acked seq
         self.dropped = 0
         self.count = 0  # lines in the file, acked or not
+        # compaction renames the file, so it waits while a reader is walking it (the sender awaits mid-walk)
+        self._readers = 0
+        self._compact_due = False
         if _exists(path + ".ack"):
             try:
                 with open(path + ".ack") as f:
@@ -42,18 +45,30 @@ class Buffer:
             f.write("%d %d %s\n" % (boot, seq, payload))
         self.count += 1
         if self.count > self.capacity:
-            self.compact()
+            self._compact_soon()
 
     def pending(self):
         """(boot, seq, payload) of every reading not yet acknowledged, oldest first (read from flash)."""
         if not _exists(self.path):
             return
-        with open(self.path) as f:
-            for line in f:
-                boot, seq, payload = line.rstrip("\n").split(" ", 2)
-                boot, seq = int(boot), int(seq)
-                if not self._is_acked(boot, seq):
-                    yield boot, seq, payload
+        self._readers += 1
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    boot, seq, payload = line.rstrip("\n").split(" ", 2)
+                    boot, seq = int(boot), int(seq)
+                    if not self._is_acked(boot, seq):
+                        yield boot, seq, payload
+        finally:
+            self._readers -= 1
+        if self._compact_due and not self._readers:
+            self.compact()
+
+    def _compact_soon(self):
+        if self._readers:
+            self._compact_due = True
+        else:
+            self.compact()
 
     def first(self, boot):
         """Lowest seq of `boot` still held (the gateway may skip what is below it)."""
@@ -68,7 +83,7 @@ class Buffer:
         self.acked[boot] = seq
         self._save_ack()
         if self.count >= 16 and self.unacked() < self.count // 2:
-            self.compact()
+            self._compact_soon()
 
     def unacked(self):
         return sum(1 for _ in self.pending())
@@ -80,6 +95,7 @@ class Buffer:
 
     def compact(self):
         """Rewrite the file with the unacknowledged lines only, dropping the oldest beyond capacity."""
+        self._compact_due = False
         keep = self.unacked()
         drop = max(0, keep - self.capacity)
         count = 0
