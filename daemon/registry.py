@@ -40,8 +40,14 @@ def check_device_id(device_id: str) -> str:
 
 
 def new_secret() -> str:
-    """A fresh random credential (144 bits), printed once and stored only hashed."""
-    return secrets.token_urlsafe(18)
+    """A fresh random credential (144 bits), printed once and stored only hashed.
+
+    Never starts with '-': a token like '-I4l...' after `--token` reads as an option to argparse and to shells' tools.
+    """
+    while True:
+        secret = secrets.token_urlsafe(18)
+        if not secret.startswith("-"):
+            return secret
 
 
 def hash_secret(secret: str) -> str:

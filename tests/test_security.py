@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from daemon.registry import new_secret
 from tools.testkit import Daemon
 
 
@@ -95,3 +96,10 @@ def test_removing_a_device_disconnects_it_and_revokes_its_credential(daemon: Dae
     assert not connect(device_id, password).accepted()
     listed = [d["id"] for d in json.loads(daemon.cli("device", "list", "--json").stdout)]
     assert device_id not in listed
+
+
+def test_secrets_never_start_with_a_dash() -> None:
+    # a token such as '-I4l...' after `--token` is read as an option by argparse: one in 64 would break the CLI
+    drawn = [new_secret() for _ in range(3000)]
+    assert not [s for s in drawn if s.startswith("-")]
+    assert len(set(drawn)) == len(drawn) and {len(s) for s in drawn} == {24}
