@@ -139,7 +139,35 @@ PLUGINS: dict[str, dict[str, Any]] = {
 
 
 class _SnapshotDict(dict[str, Any]):
-    """A dict whose items() is a snapshot, safe to iterate across awaits while others add keys."""
+    """A dict whose items() is a snapshot, safe to iterate across awaits while others add keys.
+
+    `keys_changed` counts added and removed keys, so an index of the keys knows when it is stale whichever amqtt
+    path changed them (add_subscription adds its key after an await, so resetting an index on entry is not enough).
+    """
+
+    keys_changed = 0
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            self.keys_changed += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.keys_changed += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.keys_changed += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.keys_changed += 1
+        return super().pop(*args)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self.keys_changed += 1
+        return super().setdefault(key, default)
 
     def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
         return list(super().items())
@@ -165,7 +193,8 @@ class GatewayBroker(Broker):
         self.max_payload = max_payload
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
-        self._index: dict[str, list[str]] | None = None  # filters by their first two levels; rebuilt after changes
+        self._index: dict[str, list[str]] = {}  # filters by their first two levels
+        self._index_at = -1  # the subscriptions' keys_changed the index was built at
         self._direct_tasks: set[asyncio.Future[Any]] = set()
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
@@ -201,7 +230,8 @@ class GatewayBroker(Broker):
 
     def _filters_for(self, topic: str) -> list[str]:
         """Subscription filters that match a topic, found through an index instead of a scan of all filters."""
-        if self._index is None:
+        if self._index_at != self._subscriptions.keys_changed:
+            self._index_at = self._subscriptions.keys_changed
             index: dict[str, list[str]] = {}
             for f in self._subscriptions:
                 levels = f.split("/", 2)
@@ -213,14 +243,6 @@ class GatewayBroker(Broker):
         levels = topic.split("/", 2)
         candidates = self._index.get("/".join(levels[:2]), []) + self._index.get("", [])
         return [f for f in candidates if f == topic or self._matches(topic, f)]
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        self._index = None
-        return await super().add_subscription(subscription, session)
-
-    def _del_subscription(self, a_filter: str, session: Session) -> int:
-        self._index = None
-        return super()._del_subscription(a_filter, session)
 
     def deliver_direct(self, messages: list[tuple[str, bytes]], qos: int) -> None:
         """Send the daemon's own messages straight to the sessions subscribed to them.

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
+from daemon.control import ControlClient
+from tools.simdevice import SimDevice
 from tools.testkit import Daemon
 
 
@@ -87,3 +90,29 @@ def test_command_timeout_and_offline_device(daemon: Daemon, device: Any) -> None
     assert offline.returncode == 1 and "not connected" in offline.stderr
     unknown = daemon.cli("cmd", "nobody-here", "ping", check=False)
     assert unknown.returncode == 1 and "unknown device" in unknown.stderr
+
+
+def test_control_replies_arrive_while_devices_stream(daemon: Daemon) -> None:
+    # Each CLI call subscribes to its own reply topic while the daemon keeps acking a busy device: a subscription
+    # added during that traffic once went missing from the broker's topic index, and the reply with it.
+    password = daemon.add_device("streamer")
+    sensor = SimDevice("streamer", password, daemon.host, daemon.port).start()
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            sensor.read({"t": 1})
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    try:
+        for _ in range(60):
+            with ControlClient(daemon.data_dir) as client:
+                assert "streamer" in client.request("status", {}, timeout=5)["devices_connected"]
+        stop.set()
+        thread.join()
+        assert sensor.wait_acked(sensor.seq, timeout=30)  # and the device's acks kept flowing meanwhile
+    finally:
+        stop.set()
+        sensor.stop()
