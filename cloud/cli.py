@@ -73,9 +73,11 @@ def run(args: argparse.Namespace) -> None:
         setup_logging(args.log_level or "info")
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
-                          8765 if args.port is None else args.port, args.cert, args.key)
+                          8765 if args.port is None else args.port, args.cert, args.key, args.retention_days)
         if (cfg.cert is None) != (cfg.key is None):
             raise CloudCliError("--cert and --key go together", 2)
+        if cfg.retention_days < 0:
+            raise CloudCliError("--retention-days must be 0 (keep everything) or more", 2)
         try:
             trio.run(serve, cfg)
         except OSError as exc:
@@ -181,6 +183,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--log-level")
+    p.add_argument("--retention-days", type=float, default=90.0, metavar="D",
+                   help="delete readings and finished commands older than D days, hourly (default 90; 0 keeps all)")
     p = actions.add_parser("node", help="nodes")
     node_actions = p.add_subparsers(dest="node_action", required=True)
     p = node_actions.add_parser("add", parents=[data], help="add a node and print its token once")

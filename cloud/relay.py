@@ -43,6 +43,7 @@ class RelayConfig:
     port: int = 8765
     cert: str | None = None
     key: str | None = None
+    retention_days: float = 90.0  # readings and finished commands older than this are deleted hourly; 0 keeps all
 
 
 def operator_token(data_dir: Path) -> str:
@@ -238,6 +239,15 @@ class Relay:
                 self.counters["malformed_frames"] += 1
                 await session.ws.send_message(envelope("error", body={"message": f"unknown op {op!r}"}))
 
+    async def keep_retention(self, days: float) -> None:
+        """Hourly, delete readings and finished commands older than the retention period; nodes, devices, twins
+        and queued messages are kept whatever their age."""
+        while days > 0:
+            deleted = await self.run(store.prune, time.time() - days * 86400)
+            if deleted:
+                log.info("retention: deleted %d rows older than %g days", deleted, days)
+            await trio.sleep(3600)
+
     async def _send_down(self, session: EdgeSession) -> None:
         """Send what is queued for the node, in order, until the edge confirms each one (resent on reconnect)."""
         while True:
@@ -272,6 +282,7 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                 await nursery.start(relay.writer.run)
                 async with trio.open_nursery() as connections:
                     connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
+                    connections.start_soon(relay.keep_retention, cfg.retention_days)
                     task_status.started(port)
                     async for signum in signals:
                         log.info("stopping on %s", signal.Signals(signum).name)

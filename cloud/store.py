@@ -277,6 +277,13 @@ def command_outcome(db: Database, cmd_id: str) -> dict[str, Any] | None:
     return dict(json.loads(row[1])) if row[1] else {"error": row[0]}
 
 
+def prune(db: Database, before: float) -> int:
+    """Delete readings received and commands finished before `before`; returns how many rows went."""
+    deleted = int(db.execute("DELETE FROM readings WHERE received < ?", [before]).rowcount)
+    deleted += int(db.execute("DELETE FROM commands WHERE created < ? AND status != 'queued'", [before]).rowcount)
+    return deleted
+
+
 def query_readings(db: Database, node: str, device: str, since: float | None, limit: int | None) -> list[dict[str, Any]]:
     _replica(db, node, device)
     sql = "SELECT boot, seq, ts, data FROM readings WHERE node = ? AND device = ?"

@@ -285,7 +285,7 @@ def cmd_flash(args: argparse.Namespace) -> None:
 
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
-              args.period, args.wait)
+              args.period, args.wait, watchdog=args.watchdog)
     except (FlashError, RuntimeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -414,14 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wifi-ssid", default="")
     p.add_argument("--wifi-password", default="")
     p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
+    p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
+                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600)")
     p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
     p.set_defaults(func=cmd_flash)
 
     p = sub.add_parser("fault", parents=[common], help="inject a fault into a running virtual device")
     p.add_argument("id")
-    p.add_argument("kind", choices=["wifi", "env", "power"])
-    p.add_argument("values", nargs="*", help="wifi: up|down; env: key=value ...; power: nothing")
+    p.add_argument("kind", choices=["wifi", "env", "power", "hang"])
+    p.add_argument("values", nargs="*",
+                   help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); "
+                        "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
     p.set_defaults(func=cmd_fault)
 
     p = sub.add_parser("demo", parents=[common], help="run a daemon with simulated devices and show readings arriving")

@@ -99,6 +99,19 @@ def test_a_boot_loop_ends_in_safe_mode(board: Board) -> None:
     wait_until(lambda: 9 in board.boots(), timeout=90)
 
 
+def test_a_hung_board_is_reset_by_its_watchdog_and_loses_nothing(board: Board) -> None:
+    board.flash(watchdog=4)  # reflashed with a short watchdog, so the test need not wait the default minute
+    boot = board.state()["boot"] if board.virtual else 0
+    wait_until(lambda: len([r for r in board.readings() if r["boot"] == boot]) >= 3)
+    board.hang()  # the sensor bus locks up: the read blocks the event loop, nothing feeds the watchdog
+    wait_until(lambda: board.state()["boot"] == boot + 1, timeout=60)
+    meta = wait_until(lambda: (m := board.device().get("meta") or {}).get("boot") == boot + 1 and m)
+    assert meta["reset_cause"] == "watchdog" and not meta["safe_mode"]
+    wait_until(lambda: len([r for r in board.readings() if r["boot"] == boot + 1]) >= 3)  # sampling again
+    boots = contiguous_per_boot(board.readings())  # what the hung boot had buffered arrived, each reading once
+    assert boot in boots and boot + 1 in boots
+
+
 def test_flash_then_reflash(board: Board) -> None:
     wait_until(lambda: board.readings())
     again = board.flash()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,23 @@ def test_command_from_the_cloud_and_device_added_from_the_cloud(fleet: dict[str,
     daemon.stop()
     offline = relay.cli("cmd", "gw1", "s5", "ping", check=False)
     assert offline.returncode == 1 and "offline" in offline.stderr
+
+
+def test_the_relay_deletes_readings_older_than_its_retention(fleet: dict[str, Any]) -> None:
+    relay = fleet["relay"]
+    fleet["daemon"].start()
+    s = sensor(fleet, "s7")
+    for i in range(10):
+        s.read({"t": i})
+    wait_until(lambda: cloud_seqs(relay, "s7") == list(range(1, 11)))
+    relay.stop()
+    db = sqlite3.connect(relay.data_dir / "relay.db")
+    with db:  # the first four arrived 40 days ago
+        db.execute("UPDATE readings SET received = received - 40 * 86400, ts = ts - 40 * 86400 WHERE seq <= 4")
+    db.close()
+    relay.extra = ("--retention-days", "30")
+    relay.start()
+    wait_until(lambda: cloud_seqs(relay, "s7") == list(range(5, 11)))
+    assert "retention: deleted 4 rows older than 30 days" in (relay.data_dir.parent / "relay-relay.log").read_text()
+    s.read({"t": 10})  # the link goes on as before
+    wait_until(lambda: cloud_seqs(relay, "s7") == list(range(5, 12)))

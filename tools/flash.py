@@ -65,8 +65,8 @@ def mpremote(port: str, *commands: str, timeout: float = 60) -> str:
 
 
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
-          out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None
-          ) -> None:
+          out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
+          watchdog: float = 60.0) -> None:
     from daemon.registry import RegistryError, check_device_id
 
     try:
@@ -76,6 +76,8 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
     host, _, broker_port = broker.partition(":")
     if not host or (broker_port and not broker_port.isdigit()):
         raise FlashError(f"--broker {broker!r}: use HOST or HOST:PORT")
+    if not 2 <= watchdog <= 3600:
+        raise FlashError(f"--watchdog {watchdog:g}: use 2 to 3600 seconds")
     if out is None and port is None:
         raise FlashError("give --port (the board's serial port) or --out DIR (write the bundle only)")
     if port is not None and "://" not in port and not os.path.exists(port):
@@ -88,7 +90,7 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
         bundle = build_bundle(Path(tmp) / "bundle")
         config = device_config(device_id, password, period)
         config.update({"wifi_ssid": wifi_ssid, "wifi_password": wifi_password, "broker_host": host,
-                       "broker_port": int(broker_port or 1883)})
+                       "broker_port": int(broker_port or 1883), "watchdog_ms": int(watchdog * 1000)})
         if sensors is not None:
             config["sensors"] = sensors
         (bundle / "config.json").write_text(json.dumps(config, indent=1))

@@ -221,7 +221,7 @@ class Board:
         self.flash_dir = daemon.data_dir / "vdevs" / self.id
 
     # -- actions --
-    def flash(self, period: float = 0.3) -> subprocess.CompletedProcess[str]:
+    def flash(self, period: float = 0.3, watchdog: float = 60) -> subprocess.CompletedProcess[str]:
         if self.virtual:  # through the virtual board's Wi-Fi (a proxy the test can cut)
             proxy = self.flash_dir / "sim" / "proxy_port"
             broker = f"127.0.0.1:{wait_until(lambda: proxy.exists() and proxy.read_text())}"
@@ -229,7 +229,8 @@ class Board:
             broker = f"{self.config.getoption('--broker-host')}:{self.daemon.port}"
         return self.daemon.cli("flash", "--port", self.port, "--device-id", self.id, "--broker", broker,
                                "--period", str(period), "--wifi-ssid", self.config.getoption("--wifi-ssid"),
-                               "--wifi-password", self.config.getoption("--wifi-password"), "--wait", "90")
+                               "--wifi-password", self.config.getoption("--wifi-password"), "--wait", "90",
+                               "--watchdog", str(watchdog))
 
     def wifi(self, up: bool) -> None:
         if not self.virtual:
@@ -240,6 +241,11 @@ class Board:
         if not self.virtual:
             pytest.skip("needs a power switch the test controls (virtual board only)")
         self.daemon.cli("fault", self.id, "power")
+
+    def hang(self) -> None:
+        if not self.virtual:
+            pytest.skip("needs a sensor bus the test can lock up (virtual board only)")
+        self.daemon.cli("fault", self.id, "hang")
 
     def cmd(self, name: str, *args: str, check: bool = True) -> Any:
         out = self.daemon.cli("cmd", self.id, name, *args, "--json", check=check)

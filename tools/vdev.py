@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import termios
+import time
 import tty
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
+PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32
 log = logging.getLogger("edgetrio.vdev")
 
 
@@ -75,6 +77,8 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
         path.write_text(json.dumps(env))
     elif kind == "power":
         (sim / "power").write_text("cycle")
+    elif kind == "hang":  # the sensor bus locks up; only the watchdog's reset frees it
+        (sim / "hang").write_text("i2c")
     else:
         raise ValueError(f"unknown fault {kind!r}")
 
@@ -185,11 +189,14 @@ class VirtualDevice:
         (self.flash / "sim").mkdir(exist_ok=True)
         console = open(self.flash / "console.log", "ab")  # noqa: SIM115 - open for the device's whole life
         firmware = True
+        cause = PWRON_RESET
         try:
             while True:
                 self.boots += 1
                 power = self.flash / "sim" / "power"
                 power.unlink(missing_ok=True)
+                (self.flash / "sim" / "wdt").unlink(missing_ok=True)  # the watchdog starts disarmed after any reset
+                (self.flash / "sim" / "reset_cause").write_text(str(cause))
                 async with trio.open_nursery() as nursery:
                     self.process = await nursery.start(self._start_process, console, firmware)
                     code = await self._wait_or_power_cycle(power)
@@ -198,6 +205,7 @@ class VirtualDevice:
                     code = RESET_EXIT
                 soft = self.repl is not None and self.repl.in_repl and code == 0
                 firmware = not soft
+                cause = {"power": PWRON_RESET, "watchdog": WDT_RESET, DEEPSLEEP_EXIT: DEEPSLEEP_RESET}.get(code, SOFT_RESET)
                 if soft:
                     assert self.repl is not None
                     self.repl.to_port(b"MPY: soft reboot\r\n")
@@ -207,6 +215,11 @@ class VirtualDevice:
                     sleep_file = self.flash / "sim" / "sleep_ms"
                     ms = int(sleep_file.read_text() or 0) if sleep_file.exists() else 0
                     await trio.sleep(ms / 1000)
+                elif code == "watchdog":
+                    (self.flash / "sim" / "hang").unlink(missing_ok=True)  # the reset frees the stuck bus
+                    log.warning("vdev %s: watchdog reset (the firmware stopped feeding it)", self.id)
+                    console.write(b"[sim] watchdog reset\n")
+                    console.flush()
                 elif code == "power":
                     (self.flash / "sim" / "rtcmem").unlink(missing_ok=True)  # RTC memory does not survive power loss
                     log.info("vdev %s power cycled", self.id)
@@ -268,14 +281,26 @@ class VirtualDevice:
     async def _wait_or_power_cycle(self, power: Path) -> int | str:
         process = self.process
         assert process is not None
+        wdt = power.with_name("wdt")
         while process.returncode is None:
             if power.exists():
                 process.kill()  # pull the plug: nothing gets to flush
                 await process.wait()
                 return "power"
+            if self._watchdog_expired(wdt):
+                process.kill()  # the hardware watchdog resets the chip: nothing gets to flush either
+                await process.wait()
+                return "watchdog"
             with trio.move_on_after(0.1):
                 await process.wait()
         return process.returncode
+
+    @staticmethod
+    def _watchdog_expired(wdt: Path) -> bool:
+        try:
+            return time.time() > float(wdt.read_text())
+        except (OSError, ValueError):  # not armed yet, or caught mid-write
+            return False
 
     async def _watch_wifi(self) -> None:
         wifi = self.flash / "sim" / "wifi"

@@ -14,6 +14,7 @@ from mqtt import MQTTClient
 VERSION = "0.1.0"
 STATE_FILE = "state.json"
 TWIN_KEYS = ("period", "led", "threshold")
+RESET_CAUSES = {1: "power-on", 2: "hard", 3: "watchdog", 4: "deep sleep", 5: "soft"}
 
 
 def load_json(path, default):
@@ -53,6 +54,7 @@ class Node:
         self.id = cfg["device_id"]
         self.root = "edgetrio/%s/" % self.id
         self.boot = state["boot"]
+        self.reset_cause = RESET_CAUSES.get(machine.reset_cause(), "unknown")  # a watchdog reset tells of a hang
         self.seq = 0
         self.twin = state.get("twin") or {"period": cfg.get("period", 10), "led": False, "threshold": 0}
         self.buffer = Buffer("buffer.log", cfg.get("buffer", 500))
@@ -235,7 +237,7 @@ class Node:
         return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
                 "resources": self.sensors.resources() if self.sensors else [], "rssi": rssi,
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
-                "safe_mode": self.safe_mode, "transport": "serial" if self.serial else "mqtt"}
+                "safe_mode": self.safe_mode, "reset_cause": self.reset_cause, "transport": "serial" if self.serial else "mqtt"}
 
     def make_client(self):
         cfg = self.cfg
@@ -261,7 +263,8 @@ class Node:
             await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd"])
             await client.publish(self.root + "status", "online", qos=1)
             await client.publish(self.root + "meta", json.dumps(self.meta()), qos=1)
-            self.log("info", "online, boot %d%s" % (self.boot, " (safe mode)" if self.safe_mode else ""))
+            self.log("info", "online, boot %d after a %s reset%s"
+                     % (self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else ""))
             sender = asyncio.create_task(self.send_until_closed(client))
             await reader  # returns or raises when the connection ends
         finally:
@@ -297,10 +300,11 @@ class Node:
             delay = min(delay * 2, 30)
 
     async def watchdog(self):
-        wdt = machine.WDT(timeout=self.cfg.get("watchdog_ms", 60000))
+        timeout = self.cfg.get("watchdog_ms", 60000)
+        wdt = machine.WDT(timeout=timeout)
         while True:
             wdt.feed()
-            await asyncio.sleep(5)
+            await asyncio.sleep(min(5, timeout / 4000))  # fed from the event loop: a blocked loop resets the board
 
     async def main(self):
         tasks = [asyncio.create_task(self.connection()), asyncio.create_task(self.watchdog())]

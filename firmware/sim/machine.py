@@ -2,6 +2,7 @@
 # (written by `edgetrio vdev`) set sensor values; a reset or deep sleep ends the process with a distinct exit code
 # and the supervisor starts it again in the same directory, which plays the flash.
 import json
+import os
 import struct
 import sys
 import time
@@ -26,6 +27,14 @@ def env(key):
 
         value += _ENV[key] * 0.02 * math.sin(time.time() / 60 + len(key))
     return value
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
 
 
 def reset():
@@ -53,8 +62,20 @@ def freq(hz=None):
     return 240000000
 
 
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+
+
 def reset_cause():
-    return 1
+    # the supervisor (tools/vdev.py) writes why it restarted the board, as the ESP32's reset reason register would
+    try:
+        with open("sim/reset_cause") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PWRON_RESET
 
 
 class Pin:
@@ -132,6 +153,8 @@ class I2C:
     def readfrom_mem(self, addr, reg, n):
         if addr != 0x76:
             raise OSError(19)  # ENODEV, as a board reports a missing device
+        while _exists("sim/hang"):  # a sensor holding the bus: the read blocks the whole board until a reset
+            time.sleep(0.1)
         regs = self._registers() if reg == 0xF7 else (self.regs or self._registers())
         if reg != 0xF7:
             self.regs = regs
@@ -150,12 +173,15 @@ def UART(id=1, baudrate=115200, tx=None, rx=None, **kwargs):
 
 
 class WDT:
+    """The task watchdog: each feed writes the deadline to sim/wdt; the supervisor resets the board once it passes."""
+
     def __init__(self, id=0, timeout=5000):
         self.timeout = timeout
-        self.fed = time.time()
+        self.feed()
 
     def feed(self):
-        self.fed = time.time()
+        with open("sim/wdt", "w") as f:
+            f.write(str(time.time() + self.timeout / 1000))
 
 
 class RTC:
