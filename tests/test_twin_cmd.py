@@ -9,7 +9,7 @@ from typing import Any
 
 from daemon.control import ControlClient
 from tools.simdevice import SimDevice
-from tools.testkit import Daemon
+from tools.testkit import Daemon, wait_until
 
 
 def test_desired_is_delivered_on_connect_and_on_change(daemon: Daemon, device: Any, connect: Any) -> None:
@@ -85,7 +85,7 @@ def test_command_timeout_and_offline_device(daemon: Daemon, device: Any) -> None
     assert f"device '{device_id}' did not answer command 'reboot' within 1 s" in slow.stderr
     assert probe.next_json(f"edgetrio/{device_id}/cmd")["name"] == "reboot"  # it was sent
     probe.close()
-    time.sleep(0.5)
+    wait_until(lambda: device_id not in daemon.status()["daemon"]["devices_connected"])
     offline = daemon.cli("cmd", device_id, "ping", check=False)
     assert offline.returncode == 1 and "not connected" in offline.stderr
     unknown = daemon.cli("cmd", "nobody-here", "ping", check=False)

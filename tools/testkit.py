@@ -195,6 +195,15 @@ class Probe:
                 return False
         return True
 
+    def until(self, topic: str, timeout: float = 10) -> list[tuple[str, bytes]]:
+        """Every message that arrives up to and including the first on `topic` (what came before it, in order)."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while True:
+            got.append(self.messages.get(timeout=max(0.0, deadline - time.monotonic())))
+            if got[-1][0] == topic:
+                return got
+
     def drain(self, wait: float = 1.0) -> list[tuple[str, bytes]]:
         """Everything that arrives within `wait` seconds."""
         deadline = time.monotonic() + wait
