@@ -199,7 +199,7 @@ class VirtualDevice:
                 (self.flash / "sim" / "reset_cause").write_text(str(cause))
                 async with trio.open_nursery() as nursery:
                     self.process = await nursery.start(self._start_process, console, firmware)
-                    code = await self._wait_or_power_cycle(power)
+                    code = await self._wait_for_reset(power)
                     nursery.cancel_scope.cancel()
                 if self.repl is not None and self.repl.reset_requested:
                     code = RESET_EXIT
@@ -278,7 +278,8 @@ class VirtualDevice:
                 with trio.CancelScope(shield=True):
                     await process.wait()
 
-    async def _wait_or_power_cycle(self, power: Path) -> int | str:
+    async def _wait_for_reset(self, power: Path) -> int | str:
+        """The process's exit code, or "power" / "watchdog" once the supervisor pulled the plug or the watchdog bit."""
         process = self.process
         assert process is not None
         wdt = power.with_name("wdt")

@@ -6,7 +6,7 @@ import json
 import os
 
 
-def _exists(path):
+def exists(path):
     try:
         os.stat(path)
         return True
@@ -24,7 +24,7 @@ class Buffer:
         # compaction renames the file, so it waits while a reader is walking it (the sender awaits mid-walk)
         self._readers = 0
         self._compact_due = False
-        if _exists(path + ".ack"):
+        if exists(path + ".ack"):
             try:
                 with open(path + ".ack") as f:
                     saved = json.load(f)
@@ -32,7 +32,7 @@ class Buffer:
                 self.dropped = saved.get("dropped", 0)
             except (ValueError, KeyError):
                 pass
-        if _exists(path):
+        if exists(path):
             with open(path) as f:
                 for _ in f:
                     self.count += 1
@@ -49,7 +49,7 @@ class Buffer:
 
     def pending(self):
         """(boot, seq, payload) of every reading not yet acknowledged, oldest first (read from flash)."""
-        if not _exists(self.path):
+        if not exists(self.path):
             return
         self._readers += 1
         try:

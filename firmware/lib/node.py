@@ -237,7 +237,8 @@ class Node:
         return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
                 "resources": self.sensors.resources() if self.sensors else [], "rssi": rssi,
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
-                "safe_mode": self.safe_mode, "reset_cause": self.reset_cause, "transport": "serial" if self.serial else "mqtt"}
+                "safe_mode": self.safe_mode, "reset_cause": self.reset_cause,
+                "transport": "serial" if self.serial else "mqtt"}
 
     def make_client(self):
         cfg = self.cfg

@@ -2,12 +2,12 @@
 # (written by `edgetrio vdev`) set sensor values; a reset or deep sleep ends the process with a distinct exit code
 # and the supervisor starts it again in the same directory, which plays the flash.
 import json
-import os
 import struct
 import sys
 import time
 
 import sensors
+from buffer import exists
 
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
@@ -27,14 +27,6 @@ def env(key):
 
         value += _ENV[key] * 0.02 * math.sin(time.time() / 60 + len(key))
     return value
-
-
-def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
 
 
 def reset():
@@ -153,7 +145,7 @@ class I2C:
     def readfrom_mem(self, addr, reg, n):
         if addr != 0x76:
             raise OSError(19)  # ENODEV, as a board reports a missing device
-        while _exists("sim/hang"):  # a sensor holding the bus: the read blocks the whole board until a reset
+        while exists("sim/hang"):  # a sensor holding the bus: the read blocks the whole board until a reset
             time.sleep(0.1)
         regs = self._registers() if reg == 0xF7 else (self.regs or self._registers())
         if reg != 0xF7:
