@@ -53,5 +53,9 @@ def test_flash_errors_are_one_line(board: tuple[Daemon, Path], tmp_path: Path) -
                          "--wifi-ssid", "home", "--wifi-password", "pw")
     config = json.loads((out / "config.json").read_text())
     assert config["broker_host"] == "10.0.0.2" and config["broker_port"] == 1883 and config["wifi_ssid"] == "home"
+    assert config["watchdog_ms"] == 60000
+    short = daemon.cli("flash", "--out", str(out), "--device-id", "board-2", "--broker", "10.0.0.2", "--watchdog", "1",
+                       check=False)
+    assert short.returncode == 2 and "--watchdog 1: use 2 to 3600 seconds" in short.stderr
     assert (out / "lib" / "node.mpy").exists() and (out / "boot.py").exists()
     assert "bundle written" in written.stdout

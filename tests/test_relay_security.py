@@ -125,6 +125,13 @@ def test_node_add_refuses_duplicates_and_bad_names(relay: Relay, tmp_path: Path)
     assert bad.returncode == 1 and "invalid" in bad.stderr
 
 
+def test_bad_serve_options_are_one_line_errors(relay: Relay) -> None:
+    negative = relay.cli("serve", "--retention-days", "-1", "--port", "0", check=False)
+    assert negative.returncode == 2 and "--retention-days must be 0 (keep everything) or more" in negative.stderr
+    half = relay.cli("serve", "--cert", "c.pem", "--port", "0", check=False)
+    assert half.returncode == 2 and "--cert and --key go together" in half.stderr and "Traceback" not in half.stderr
+
+
 def test_one_desired_change_for_the_whole_fleet(relay: Relay) -> None:
     token = json.loads((relay.data_dir / "operator.json").read_text())["token"]
     for node in ("fleet-a", "fleet-b"):
