@@ -70,3 +70,36 @@ print("after walk lines", b.count, "pending", [s for _, s, _ in b.pending()][:3]
     lines = out.splitlines()
     assert lines[0] == "same file True lines 40"
     assert lines[1] == "after walk lines 10 pending [31, 32, 33]"
+
+
+def test_buffer_counts_without_reading_the_file_and_survives_a_torn_line(tmp_path: Path) -> None:
+    out = run_micropython(tmp_path, """
+from buffer import Buffer
+def check(b):  # the in-memory count against a walk of the file
+    assert b.unacked() == len(list(b.pending())), (b.unacked(), len(list(b.pending())))
+b = Buffer("buf.log", capacity=50)
+for seq in range(1, 31):
+    b.add(1, seq, '{"seq": %d}' % seq)
+check(b)
+b.ack(1, 10)
+check(b)
+print("acked", b.unacked(), b.first(1), b.count)
+with open("buf.log", "a") as f:
+    f.write('1 31 {"boot": 1, "values": {"t": 1}')  # the power went mid-write
+b = Buffer("buf.log", capacity=50)  # the next boot
+check(b)
+print("reopened", b.unacked(), "dropped", b.dropped, "last", [s for _, s, _ in b.pending()][-1], "lines", b.count)
+for seq in range(1, 4):
+    b.add(2, seq, '{"seq": %d}' % seq)
+check(b)
+print("boot 2", [(bt, s) for bt, s, _ in b.pending()][-4:])
+b.ack(1, 30)
+b.ack(2, 2)
+check(b)
+print("both acked", b.unacked(), b.first(1), b.first(2))
+""")
+    assert out.splitlines() == [
+        "acked 20 11 30",  # nothing compacted yet: 30 lines, 20 unacknowledged, from 11
+        "reopened 20 dropped 1 last 30 lines 20",  # the torn reading is counted lost and gone from the file
+        "boot 2 [(1, 30), (2, 1), (2, 2), (2, 3)]",  # the next append starts on a line of its own
+        "both acked 1 None 3"]

@@ -2,6 +2,8 @@
 # One line per reading, "boot seq payload", appended as it is taken, so a reboot or power loss loses nothing
 # that was recorded. The gateway's ack (highest contiguous committed seq of a boot) is kept in a small file;
 # acknowledged lines are dropped when the file is compacted. When full, the oldest readings are dropped and counted.
+# A boot's seqs are contiguous in the file (appended in order, dropped from the head or up to an ack), so the
+# count of unacknowledged readings comes from a range per boot kept in memory, not from reading the file.
 import json
 import os
 
@@ -14,6 +16,20 @@ def exists(path):
         return False
 
 
+def parse(line):
+    """(boot, seq, payload) of a buffer line, or None for a line cut short by a power loss mid-write
+    (each line is written with its newline in one write, so a line without one is torn)."""
+    if not line.endswith("\n"):
+        return None
+    parts = line[:-1].split(" ", 2)
+    if len(parts) != 3 or not parts[2].endswith("}"):
+        return None
+    try:
+        return int(parts[0]), int(parts[1]), parts[2]
+    except ValueError:
+        return None
+
+
 class Buffer:
     def __init__(self, path="buffer.log", capacity=500):
         self.path = path
@@ -21,6 +37,7 @@ class Buffer:
         self.acked = {}  # boot -> highest acked seq
         self.dropped = 0
         self.count = 0  # lines in the file, acked or not
+        self.held = {}  # boot -> [first seq in the file, number of its lines]
         # compaction renames the file, so it waits while a reader is walking it (the sender awaits mid-walk)
         self._readers = 0
         self._compact_due = False
@@ -32,10 +49,26 @@ class Buffer:
                 self.dropped = saved.get("dropped", 0)
             except (ValueError, KeyError):
                 pass
+        torn = 0
         if exists(path):
             with open(path) as f:
-                for _ in f:
+                for line in f:
                     self.count += 1
+                    record = parse(line)
+                    if record:
+                        self._hold(record[0], record[1])
+                    else:
+                        torn += 1
+        if torn:  # a reading cut short by a power loss: count it lost, and start the next append on a fresh line
+            self.dropped += torn
+            self.compact()
+
+    def _hold(self, boot, seq):
+        held = self.held.get(boot)
+        if held is None:
+            self.held[boot] = [seq, 1]
+        else:
+            held[1] += 1
 
     def _is_acked(self, boot, seq):
         return seq <= self.acked.get(boot, 0)
@@ -44,6 +77,7 @@ class Buffer:
         with open(self.path, "a") as f:
             f.write("%d %d %s\n" % (boot, seq, payload))
         self.count += 1
+        self._hold(boot, seq)
         if self.count > self.capacity:
             self._compact_soon()
 
@@ -55,10 +89,9 @@ class Buffer:
         try:
             with open(self.path) as f:
                 for line in f:
-                    boot, seq, payload = line.rstrip("\n").split(" ", 2)
-                    boot, seq = int(boot), int(seq)
-                    if not self._is_acked(boot, seq):
-                        yield boot, seq, payload
+                    record = parse(line)
+                    if record and not self._is_acked(record[0], record[1]):
+                        yield record
         finally:
             self._readers -= 1
         if self._compact_due and not self._readers:
@@ -72,10 +105,11 @@ class Buffer:
 
     def first(self, boot):
         """Lowest seq of `boot` still held (the gateway may skip what is below it)."""
-        for b, seq, _ in self.pending():
-            if b == boot:
-                return seq
-        return None
+        held = self.held.get(boot)
+        if held is None:
+            return None
+        seq = max(held[0], self.acked.get(boot, 0) + 1)
+        return seq if seq < held[0] + held[1] else None
 
     def ack(self, boot, seq):
         if seq <= self.acked.get(boot, 0):
@@ -86,7 +120,10 @@ class Buffer:
             self._compact_soon()
 
     def unacked(self):
-        return sum(1 for _ in self.pending())
+        n = 0
+        for boot, (first, lines) in self.held.items():
+            n += lines - min(max(self.acked.get(boot, 0) - first + 1, 0), lines)
+        return n
 
     def _save_ack(self):
         with open(self.path + ".ack.tmp", "w") as f:
@@ -96,10 +133,9 @@ class Buffer:
     def compact(self):
         """Rewrite the file with the unacknowledged lines only, dropping the oldest beyond capacity."""
         self._compact_due = False
-        keep = self.unacked()
+        keep = sum(1 for _ in self.pending())  # counted from the file: compaction also drops torn lines
         drop = max(0, keep - self.capacity)
-        count = 0
-        boots = set()
+        self.held = {}
         with open(self.path + ".tmp", "w") as out:
             for boot, seq, payload in self.pending():
                 if drop:
@@ -107,11 +143,10 @@ class Buffer:
                     self.dropped += 1
                     continue
                 out.write("%d %d %s\n" % (boot, seq, payload))
-                boots.add(boot)
-                count += 1
+                self._hold(boot, seq)
         os.rename(self.path + ".tmp", self.path)
-        self.count = count
+        self.count = sum(lines for _, lines in self.held.values())
         # acks of boots with nothing left are no longer needed, except the newest
         newest = max(self.acked) if self.acked else None
-        self.acked = {b: s for b, s in self.acked.items() if b in boots or b == newest}
+        self.acked = {b: s for b, s in self.acked.items() if b in self.held or b == newest}
         self._save_ack()
