@@ -24,9 +24,16 @@ from tools.testkit import Daemon
 from tools.vdev import FIRMWARE, build_bundle, device_config, micropython
 
 
+TRIALS = iter(range(1, 1 << 30))
+
+
 def trial(flash: Path, heap_kib: int, cycles: int, limit: float) -> bool:
     for name in ("state.json", "buffer.log", "buffer.log.ack", "state.json.tmp"):
         (flash / name).unlink(missing_ok=True)
+    # A boot of its own for each trial: the daemon keeps each boot's ack watermark, so a repeated boot number
+    # would be acknowledged at once up to where an earlier trial got, and a heap too small would pass.
+    boot = next(TRIALS)
+    (flash / "state.json").write_text(json.dumps({"boot": boot - 1, "failed_boots": 0}))
     proc = subprocess.Popen([micropython(), "-X", f"heapsize={heap_kib}K", str(FIRMWARE / "sim" / "board.py")],
                             cwd=flash, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + limit
@@ -36,7 +43,7 @@ def trial(flash: Path, heap_kib: int, cycles: int, limit: float) -> bool:
             ack = flash / "buffer.log.ack"
             if ack.exists():
                 try:
-                    acked = json.loads(ack.read_text())["acked"].get("1", 0)
+                    acked = json.loads(ack.read_text())["acked"].get(str(boot), 0)
                 except (ValueError, KeyError):
                     acked = 0
                 if acked >= cycles:
