@@ -23,7 +23,6 @@ from pathlib import Path
 from tools.testkit import Daemon
 from tools.vdev import FIRMWARE, build_bundle, device_config, micropython
 
-
 TRIALS = iter(range(1, 1 << 30))
 
 
