@@ -285,7 +285,7 @@ def cmd_flash(args: argparse.Namespace) -> None:
 
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
-              args.period, args.wait, watchdog=args.watchdog)
+              args.period, args.wait, watchdog=args.watchdog, erase=args.erase)
     except (FlashError, RuntimeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
     p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
                    help="reset the board when its firmware stops for this long (default 60 s; 2-3600)")
+    p.add_argument("--erase", action="store_true",
+                   help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
+                        "new gateway); by default a reflash keeps them, so nothing buffered is lost")
     p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
     p.set_defaults(func=cmd_flash)

@@ -58,7 +58,7 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
         daemon.start()
         b = Board(daemon, port, False, request.config)
     try:
-        b.flash()
+        b.flash(erase=True)  # a real board keeps its flash between runs: each scenario starts from a clean one
         wait_until(b.online, timeout=90)
         yield b
     finally:

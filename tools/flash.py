@@ -64,9 +64,13 @@ def mpremote(port: str, *commands: str, timeout: float = 60) -> str:
     return proc.stdout
 
 
+# what the firmware keeps on the board's flash besides the bundle: boot counter and twin, buffered readings, acks
+DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "buffer.log.tmp", "buffer.log.ack.tmp")
+
+
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
           out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
-          watchdog: float = 60.0) -> None:
+          watchdog: float = 60.0, erase: bool = False) -> None:
     from daemon.registry import RegistryError, check_device_id
 
     try:
@@ -103,7 +107,11 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
             return
         assert port is not None
         step(3, total, f"connecting to the board on {port}")
-        mpremote(port, "exec", "import os\ntry:\n os.mkdir('lib')\nexcept OSError:\n pass", timeout=30)
+        script = "import os\ntry:\n os.mkdir('lib')\nexcept OSError:\n pass\n"
+        if erase:  # a board moving to a new gateway or test run: its old readings and boot count do not belong there
+            print("      erasing the board's boot counter, twin state and buffered readings", flush=True)
+            script += f"for f in {DATA_FILES!r}:\n try:\n  os.remove(f)\n except OSError:\n  pass\n"
+        mpremote(port, "exec", script, timeout=30)
         files = sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file())
         step(4, total, f"copying {len(files)} files")
         commands: list[str] = []

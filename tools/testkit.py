@@ -230,7 +230,7 @@ class Board:
         self.flash_dir = daemon.data_dir / "vdevs" / self.id
 
     # -- actions --
-    def flash(self, period: float = 0.3, watchdog: float = 60) -> subprocess.CompletedProcess[str]:
+    def flash(self, period: float = 0.3, watchdog: float = 60, erase: bool = False) -> subprocess.CompletedProcess[str]:
         if self.virtual:  # through the virtual board's Wi-Fi (a proxy the test can cut)
             proxy = self.flash_dir / "sim" / "proxy_port"
             broker = f"127.0.0.1:{wait_until(lambda: proxy.exists() and proxy.read_text())}"
@@ -239,7 +239,7 @@ class Board:
         return self.daemon.cli("flash", "--port", self.port, "--device-id", self.id, "--broker", broker,
                                "--period", str(period), "--wifi-ssid", self.config.getoption("--wifi-ssid"),
                                "--wifi-password", self.config.getoption("--wifi-password"), "--wait", "90",
-                               "--watchdog", str(watchdog))
+                               "--watchdog", str(watchdog), *(["--erase"] if erase else []))
 
     def wifi(self, up: bool) -> None:
         if not self.virtual:
