@@ -243,7 +243,9 @@ class Relay:
         """Hourly, delete readings and finished commands older than the retention period; nodes, devices, twins
         and queued messages are kept whatever their age."""
         while days > 0:
-            deleted = await self.run(store.prune, time.time() - days * 86400)
+            before, deleted = time.time() - days * 86400, 0
+            while chunk := await self.run(store.prune, before):
+                deleted += chunk  # in chunks, each its own group commit, so edges keep being served meanwhile
             if deleted:
                 log.info("retention: deleted %d rows older than %g days", deleted, days)
             await trio.sleep(3600)

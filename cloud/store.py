@@ -14,7 +14,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
-from daemon.store import connect
+from daemon.store import PRUNE_CHUNK, connect
 from daemon.twin import Twin, set_desired
 
 DB_FILE = "relay.db"
@@ -43,6 +43,7 @@ def open_db(data_dir: Path) -> Database:
             {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
              "result": str}, pk="id", if_not_exists=True)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
+        db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
     return db
 
 
@@ -277,10 +278,13 @@ def command_outcome(db: Database, cmd_id: str) -> dict[str, Any] | None:
     return dict(json.loads(row[1])) if row[1] else {"error": row[0]}
 
 
-def prune(db: Database, before: float) -> int:
-    """Delete readings received and commands finished before `before`; returns how many rows went."""
-    deleted = int(db.execute("DELETE FROM readings WHERE received < ?", [before]).rowcount)
-    deleted += int(db.execute("DELETE FROM commands WHERE created < ? AND status != 'queued'", [before]).rowcount)
+def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
+    """Delete up to `limit` readings received and commands finished before `before`; returns how many rows went
+    (call again until it returns 0)."""
+    deleted = int(db.execute("DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE received < ? LIMIT ?)",
+                             [before, limit]).rowcount)
+    deleted += int(db.execute("DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE created < ? "
+                              "AND status != 'queued' LIMIT ?)", [before, limit]).rowcount)
     return deleted
 
 

@@ -509,7 +509,9 @@ class Gateway:
     async def keep_retention(self, days: float) -> None:
         """Hourly, delete what is older than the retention period (a gateway's disk is small)."""
         while days > 0:
-            deleted = await self.writer.write(partial(store.prune, before=time.time() - days * 86400))
+            before, deleted = time.time() - days * 86400, 0
+            while chunk := await self.writer.write(partial(store.prune, before=before)):
+                deleted += chunk  # in chunks, each its own commit, so readings keep flowing meanwhile
             if deleted:
                 log.info("retention: deleted %d rows older than %g days", deleted, days)
             await trio.sleep(3600)

@@ -261,15 +261,19 @@ def query_readings(
              "values": json.loads(r["data"])} for r in rows]
 
 
-def prune(db: Database, before: float) -> int:
-    """Delete readings, events and rejects received before `before`; returns how many rows went.
+PRUNE_CHUNK = 5000  # rows per table per transaction: a first prune of months of rows must not stall ingest
+
+
+def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
+    """Delete up to `limit` readings, events and rejects each received before `before`; returns how many rows went
+    (call again until it returns 0).
 
     Watermarks stay, so a device resending an old reading is still acknowledged rather than stored again.
     """
     deleted = 0
-    for sql in ("DELETE FROM readings WHERE received < ?", "DELETE FROM events WHERE ts < ?",
-                "DELETE FROM rejects WHERE received < ?"):
-        deleted += int(db.execute(sql, [before]).rowcount)
+    for table, column in (("readings", "received"), ("events", "ts"), ("rejects", "received")):
+        deleted += int(db.execute(f"DELETE FROM {table} WHERE rowid IN "
+                                  f"(SELECT rowid FROM {table} WHERE {column} < ? LIMIT ?)", [before, limit]).rowcount)
     return deleted
 
 

@@ -140,14 +140,20 @@ def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> 
     db = store.open_db(data)
     with db.atomic():
         store.add_device(db, "old-1")
-        store.commit_readings(db, [Reading("old-1", 1, 1, None, {"t": 1})], [], clock.time() - 40 * 86400)
-        store.commit_readings(db, [Reading("old-1", 1, 2, None, {"t": 2})], [], clock.time())
+        for seq in range(1, 6):
+            store.commit_readings(db, [Reading("old-1", 1, seq, None, {"t": seq})], [], clock.time() - 40 * 86400)
+        store.commit_readings(db, [Reading("old-1", 1, 6, None, {"t": 6})], [], clock.time())
+    # in chunks, so that a first prune of months of rows does not hold the writer for long
+    with db.atomic():
+        assert [store.prune(db, clock.time() - 30 * 86400, limit=2) for _ in range(4)] == [2, 2, 1, 0]
+    with db.atomic():
+        store.commit_readings(db, [Reading("old-1", 1, 7, None, {"t": 7})], [], clock.time() - 40 * 86400)
     db.close()
     config = tmp_path / "gw.toml"
     config.write_text("retention_days = 30\n")
     daemon = Daemon(data, extra=("--config", str(config))).start()
     try:
         wait_until(lambda: "retention: deleted 1 rows" in daemon.log_text())
-        assert [r["seq"] for r in json.loads(daemon.cli("readings", "old-1", "--json").stdout)] == [2]
+        assert [r["seq"] for r in json.loads(daemon.cli("readings", "old-1", "--json").stdout)] == [6]
     finally:
         daemon.stop()
