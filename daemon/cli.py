@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wifi-password", default="")
     p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
     p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
-                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600)")
+                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above "
+                        "the time a reflash takes, which the running watchdog also covers)")
     p.add_argument("--erase", action="store_true",
                    help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
                         "new gateway); by default a reflash keeps them, so nothing buffered is lost")
