@@ -9,7 +9,9 @@ amqtt 0.12.1 defects worked around here (see shared/notes/amqtt-under-trio.md):
 - a client publishing to a `$` topic (or a wildcard topic) was left as a zombie, so such a client is disconnected;
 - a second connection with the same client id did not close the first, so the first is closed (MQTT-3.1.4-2);
 - a broadcast iterating the subscriptions failed with "dictionary changed size during iteration" (and the message was
-  lost) when a client subscribed meanwhile, so the subscription table hands out snapshots.
+  lost) when a client subscribed meanwhile, so the subscription table hands out snapshots;
+- add_subscription stores the new filter only after an await, so the filter index used for the daemon's own messages
+  is rebuilt whenever the table's keys change, not when a subscription starts (a CLI's reply topic went missing).
 """
 
 from __future__ import annotations
