@@ -6,6 +6,7 @@ Plain synchronous functions over one sqlite-utils Database; the relay runs them 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -112,14 +113,16 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -
         try:
             offset = int(item["offset"])
             resource, body = item["resource"], item["body"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             skipped += 1
             continue
         if offset <= last:
             continue
         try:
-            done = _apply_item(db, node, resource, body, now)
-        except (KeyError, TypeError, ValueError, AttributeError):
+            with db.atomic():  # a savepoint: an item that fails halfway leaves none of its rows
+                done = _apply_item(db, node, resource, body, now)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, sqlite3.InterfaceError,
+                sqlite3.ProgrammingError):  # a number SQLite cannot hold, a value it cannot bind
             skipped += 1  # an item this relay cannot use must not block the ones behind it
             done = None
         if done:

@@ -64,10 +64,13 @@ def parse_object(payload: bytes) -> dict[str, Any]:
     return body
 
 
+MAX_COUNTER = 2**63 - 1  # SQLite's largest INTEGER: a larger seq would fail the whole group commit, every device's
+
+
 def _counter(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise Rejected("bad_envelope", f"'{key}' must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:
+        raise Rejected("bad_envelope", f"'{key}' must be an integer from 0 to {MAX_COUNTER}")
     return value
 
 

@@ -62,9 +62,16 @@ async def test_malformed_and_oversize_frames_do_not_disturb_other_nodes(relay: R
                 await bad.send_message(frame)
                 reply = json.loads(await bad.get_message())
                 assert reply["op"] in ("error", "ack"), reply
-            # an item the relay cannot use is skipped but acknowledged, so it cannot block the items behind it
+            # an item the relay cannot use is skipped but acknowledged, so it cannot block the items behind it;
+            # one failing halfway (a seq SQLite cannot hold after a good reading) leaves none of its rows
+            half = json.loads(up(4, "d9", 7))
+            half["body"]["items"][0]["body"]["readings"].append({"device": "d9", "boot": 1, "seq": 10**23, "ts": 1.0,
+                                                                  "values": {"t": 1}})
+            await bad.send_message(json.dumps(half))
+            assert json.loads(await bad.get_message())["body"] == {"offset": 4}
             await bad.send_message(up(5, "d9", 1))
             assert json.loads(await bad.get_message())["body"] == {"offset": 5}
+            assert [r["seq"] for r in relay.json("readings", "node-c", "d9")] == [1]
             with pytest.raises(ConnectionClosed) as closed:
                 with trio.fail_after(10):
                     await bad.send_message("x" * (9 * 1024 * 1024))  # over the relay's frame limit
