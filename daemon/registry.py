@@ -142,7 +142,8 @@ class Model:
             bounds = []
             for key in ("min", "max"):
                 bound = item.get(key, item.get(key + "imum"))
-                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
+                                          or not math.isfinite(bound)):  # a NaN bound would let every value pass
                     raise RegistryError(f"model {name!r}: resource {rname!r} has a non-numeric {key}")
                 bounds.append(bound)
             unit = item.get("unit", item.get("units", ""))

@@ -106,6 +106,7 @@ def test_bad_model_files_are_refused(tmp_path: Path) -> None:
         "b.json": (json.dumps({"name": "x", "resources": []}), "non-empty list"),
         "c.json": (json.dumps({"name": "x", "resources": [{"name": "t", "type": "complex"}]}), "has type 'complex'"),
         "d.toml": ('name = "x"\n[[resources]]\nname = "t"\ntype = "int"\nmin = "low"\n', "non-numeric min"),
+        "e.toml": ('name = "x"\n[[resources]]\nname = "t"\ntype = "float"\nmax = nan\n', "non-numeric max"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
