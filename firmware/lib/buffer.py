@@ -36,7 +36,6 @@ class Buffer:
         self.capacity = capacity
         self.acked = {}  # boot -> highest acked seq
         self.dropped = 0
-        self.count = 0  # lines in the file, acked or not
         self.held = {}  # boot -> [first seq in the file, number of its lines]
         # compaction renames the file, so it waits while a reader is walking it (the sender awaits mid-walk)
         self._readers = 0
@@ -53,7 +52,6 @@ class Buffer:
         if exists(path):
             with open(path) as f:
                 for line in f:
-                    self.count += 1
                     record = parse(line)
                     if record:
                         self._hold(record[0], record[1])
@@ -62,6 +60,11 @@ class Buffer:
         if torn:  # a reading cut short by a power loss: count it lost, and start the next append on a fresh line
             self.dropped += torn
             self.compact()
+
+    @property
+    def count(self):
+        """Lines in the file, acknowledged or not."""
+        return sum(lines for _, lines in self.held.values())
 
     def _hold(self, boot, seq):
         held = self.held.get(boot)
@@ -76,7 +79,6 @@ class Buffer:
     def add(self, boot, seq, payload):
         with open(self.path, "a") as f:
             f.write("%d %d %s\n" % (boot, seq, payload))
-        self.count += 1
         self._hold(boot, seq)
         if self.count > self.capacity:
             self._compact_soon()
@@ -133,8 +135,7 @@ class Buffer:
     def compact(self):
         """Rewrite the file with the unacknowledged lines only, dropping the oldest beyond capacity."""
         self._compact_due = False
-        keep = sum(1 for _ in self.pending())  # counted from the file: compaction also drops torn lines
-        drop = max(0, keep - self.capacity)
+        drop = max(0, self.unacked() - self.capacity)
         self.held = {}
         with open(self.path + ".tmp", "w") as out:
             for boot, seq, payload in self.pending():
@@ -145,7 +146,6 @@ class Buffer:
                 out.write("%d %d %s\n" % (boot, seq, payload))
                 self._hold(boot, seq)
         os.rename(self.path + ".tmp", self.path)
-        self.count = sum(lines for _, lines in self.held.values())
         # acks of boots with nothing left are no longer needed, except the newest
         newest = max(self.acked) if self.acked else None
         self.acked = {b: s for b, s in self.acked.items() if b in self.held or b == newest}
