@@ -14,6 +14,7 @@ import h11
 import trio
 
 from cloud import store
+from daemon import wire
 from daemon.registry import RegistryError
 from daemon.twin import VersionConflict
 
@@ -142,13 +143,13 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> tuple[int, A
     if not (auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].encode(), relay.token.encode())):
         raise HTTPError(401, "missing or wrong operator token")
     for route_method, pattern, name in ROUTES:
-        match = pattern.match(target.path)
+        match = pattern.fullmatch(target.path)
         if match and route_method == method:
             query = {k: v[-1] for k, v in parse_qs(target.query).items()}
             data: Any = {}
             if body:
                 try:
-                    data = json.loads(body)
+                    data = wire.loads(body)
                 except ValueError as exc:
                     raise HTTPError(400, f"request body is not JSON: {exc}") from exc
             if not isinstance(data, dict):
@@ -166,7 +167,7 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> tuple[int, A
             except Exception as exc:
                 log.exception("request %s %s failed", method, target.path)
                 raise HTTPError(500, f"internal error: {type(exc).__name__}") from exc
-    if any(pattern.match(target.path) for _, pattern, _ in ROUTES):
+    if any(pattern.fullmatch(target.path) for _, pattern, _ in ROUTES):
         raise HTTPError(405, f"{method} is not allowed on {target.path}")
     raise HTTPError(404, f"no such endpoint {target.path}")
 

@@ -25,6 +25,7 @@ from sqlite_utils import Database
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from cloud import store
+from daemon import wire
 from daemon.edgehub import MAX_FRAME, envelope
 from daemon.registry import new_secret
 from daemon.store import Writer
@@ -51,7 +52,7 @@ def operator_token(data_dir: Path) -> str:
     path = data_dir / OPERATOR_FILE
     if path.exists():
         try:
-            return str(json.loads(path.read_text())["token"])
+            return str(wire.loads(path.read_text())["token"])
         except (ValueError, KeyError, TypeError) as exc:
             raise store.RegistryError(f"{path} is corrupt; delete it to issue a new operator token") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +205,7 @@ class Relay:
         while True:
             raw = await session.ws.get_message()
             try:
-                message = json.loads(raw)
+                message = wire.loads(raw)
                 op = message["op"]
                 body = message.get("body") or {}
                 if not isinstance(body, dict):

@@ -11,12 +11,20 @@ amqtt 0.12.1 defects worked around here (see shared/notes/amqtt-under-trio.md):
 - a broadcast iterating the subscriptions failed with "dictionary changed size during iteration" (and the message was
   lost) when a client subscribed meanwhile, so the subscription table hands out snapshots;
 - add_subscription stores the new filter only after an await, so the filter index used for the daemon's own messages
-  is rebuilt whenever the table's keys change, not when a subscription starts (a CLI's reply topic went missing).
+  is rebuilt whenever the table's keys change, not when a subscription starts (a CLI's reply topic went missing);
+- a PUBLISH whose topic holds a wildcard was "discarded" with its payload left unread in the stream, so the next
+  bytes were parsed as packets (no PUBACK, PINGREQ unanswered): such a packet now ends the connection;
+- there was no CONNECT timeout: a socket that never spoke held its fd for ever. CONNECT must arrive within
+  `connect_timeout`, and at most `max_unauthenticated` connections may wait for it;
+- a connection with a known client id closed the connected session before authentication ran (anyone who knew a
+  device id could knock it off), and a will message was not checked against the topic confinement (a device could
+  publish on another's topics after leaving). Both are checked when CONNECT arrives, before any session is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import threading
@@ -27,14 +35,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from amqtt import mqtt as amqtt_packets
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_2
+from amqtt.mqtt.packet import PUBLISH, MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
-from daemon.ingest import in_device_space
+from daemon.ingest import DEVICE_CHANNELS, in_device_space, parse_topic
 from daemon.registry import ADMIN_USER, verify_secret
+from daemon.wire import clip
 
 log = logging.getLogger("edgetrio.broker")
 
@@ -66,18 +83,61 @@ class Credentials:
         if not username:
             return "no username (anonymous access is off)"
         if username == ADMIN_USER:
-            if isinstance(password, bytes):
-                password = password.decode("utf-8", "replace")
-            return None if password == self.admin_secret else "wrong admin password"
+            if isinstance(password, str):
+                password = password.encode("utf-8", "surrogateescape")
+            return None if hmac.compare_digest(password or b"", self.admin_secret.encode()) else "wrong admin password"
         stored = self.devices.get(username)
         if stored is None:
-            return f"unknown device {username!r}"
+            return f"unknown device {clip(username, 80)!r}"
         if not verify_secret(password, stored):
             return f"wrong password for device {username!r}"
         if client_id != username:
             # a device's client id is its device id, so no device can take over another's session
             return f"device {username!r} must connect with client id {username!r}"
         return None
+
+
+def will_refusal(session: Session, max_payload: int) -> str | None:
+    """Why a CONNECT's will message may not be accepted, or None. A device's will stays inside its own topics and
+    on a channel devices send on (in practice `status`), so it cannot speak for another device once it is gone."""
+    if not session.will_flag:
+        return None
+    topic = session.will_topic or ""
+    if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
+        return f"invalid will topic {clip(topic, 80)!r}"
+    if session.will_qos is not None and not 0 <= session.will_qos <= QOS_2:
+        return "invalid will QoS"
+    if len(session.will_message or b"") > max_payload:
+        return f"will message over {max_payload} bytes"
+    if session.username == ADMIN_USER:
+        return None
+    parsed = parse_topic(topic)
+    if parsed is None or parsed[0] != session.username or parsed[1] not in DEVICE_CHANNELS:
+        return f"will topic {clip(topic, 80)!r} is outside the device's own topics"
+    return None
+
+
+class ProtocolViolation(Exception):
+    """A packet that leaves the stream unframed: the connection is closed (amqtt's reader loop ends on it)."""
+
+
+class _ClosingPublishPacket(PublishPacket):
+    """amqtt discards a PUBLISH with a wildcard topic after reading only its header; this ends the connection
+    instead, since the unread payload would be parsed as the next packets."""
+
+    @classmethod
+    async def from_stream(cls, reader: ReaderAdapter, fixed_header: MQTTFixedHeader | None = None,
+                          variable_header: Any = None) -> _ClosingPublishPacket:
+        try:
+            return await super().from_stream(reader, fixed_header, variable_header)
+        except MQTTError as exc:
+            protocol_errors["invalid_topic"] += 1
+            log.warning("disconnecting a client: %s", clip(str(exc)))
+            raise ProtocolViolation(str(exc)) from exc
+
+
+protocol_errors: Counter[str] = Counter()  # counted while decoding, where no broker is at hand (one per process)
+amqtt_packets.packet_dict[PUBLISH] = _ClosingPublishPacket
 
 
 def _gateway(context: Any) -> GatewayBroker:
@@ -95,7 +155,7 @@ class DeviceAuth(BaseAuthPlugin):
         if reason is None:
             return True
         broker.counters["auth_refused"] += 1
-        log.warning("connection refused client=%s reason=%s", session.client_id, reason)
+        log.warning("connection refused client=%s reason=%s", clip(session.client_id), clip(reason))
         return False
 
 
@@ -113,7 +173,7 @@ class DeviceTopics(BaseTopicPlugin):
         if not allowed:
             broker = _gateway(self.context)
             broker.counters[f"acl_refused_{action.value if action else 'unknown'}"] += 1
-            log.warning("topic refused device=%s action=%s topic=%s", session.username, action, topic[:200])
+            log.warning("topic refused device=%s action=%s topic=%s", clip(session.username), action, clip(topic))
         return allowed
 
 
@@ -188,16 +248,78 @@ class GatewayBroker(Broker):
         credentials: Credentials,
         deliver: Callable[[BusEvent], None],
         max_payload: int,
+        connect_timeout: float = 10.0,
+        max_unauthenticated: int = 256,
     ) -> None:
         self.credentials = credentials
         self.counters: Counter[str] = Counter()
         self.hand_off = deliver
         self.max_payload = max_payload
+        self.connect_timeout = connect_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self._unauthenticated = 0  # connections waiting for their CONNECT
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
         self._index: dict[str, list[str]] = {}  # filters by their first two levels
         self._index_at = -1  # the subscriptions' keys_changed the index was built at
         self._direct_tasks: set[asyncio.Future[Any]] = set()
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """Read CONNECT within the timeout, then authenticate it and check its will before any session is touched:
+        only a successful login may replace a connected session with the same client id.
+
+        Raises AMQTTError (amqtt then releases the connection) for anything refused, after closing the socket.
+        """
+        peer = f"{remote_address}:{remote_port}"
+        if self._unauthenticated >= self.max_unauthenticated:
+            self.counters["connect_refused_busy"] += 1
+            log.warning("refused a connection from %s: %d connections are waiting to log in", peer, self._unauthenticated)
+            await writer.close()
+            raise AMQTTError("too many connections waiting to log in")
+        self._unauthenticated += 1
+        try:
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
+        except TimeoutError:
+            self.counters["connect_timeout"] += 1
+            log.warning("closed a connection from %s: no CONNECT within %g s", peer, self.connect_timeout)
+            await writer.close()
+            raise AMQTTError("no CONNECT in time") from None
+        except Exception as exc:  # anything else a stranger can send before CONNECT ends its connection, only
+            self.counters["connect_invalid"] += 1
+            log.warning("closed a connection from %s: %s", peer, clip(str(exc) or type(exc).__name__))
+            with suppress(Exception):
+                await writer.close()
+            raise AMQTTError("invalid CONNECT") from exc
+        finally:
+            self._unauthenticated -= 1
+        reason = self.credentials.check(session.username, session.password, session.client_id)
+        if reason is None:
+            reason = will_refusal(session, self.max_payload)
+        if reason is not None:
+            self.counters["auth_refused"] += 1
+            log.warning("connection refused client=%s remote=%s reason=%s", clip(session.client_id), peer, clip(reason))
+            with suppress(Exception):
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await writer.close()
+            raise AMQTTError("connection refused")
+        if not session.client_id:
+            session.client_id = gen_client_id()
+        existing = self._sessions.get(session.client_id)
+        if session.clean_session or existing is None:
+            await self._delete_session(session.client_id)  # closes a connection it replaces (MQTT-3.1.4-2)
+            session.parent = 0
+        else:
+            # a persistent session resumes with this connection's will and credentials (checked above)
+            kept = existing[0]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
+                setattr(kept, name, getattr(session, name))
+            kept.parent = 1
+            session = kept
+        return handler, session
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
@@ -378,6 +500,7 @@ class BrokerLink:
 
     def counters(self) -> Counter[str]:
         out: Counter[str] = Counter(self._broker.counters if self._broker else {})
+        out.update(protocol_errors)
         out.update(self.counters_extra)
         if self.dropped:
             out["dropped_overload"] = self.dropped
@@ -411,6 +534,8 @@ async def open_broker(
     max_pending: int = 50_000,
     max_payload: int = 64 * 1024,
     tls: tuple[str, str] | None = None,
+    connect_timeout: float = 10.0,
+    max_unauthenticated: int = 256,
     shutdown_timeout: float = 5.0,
 ) -> AsyncIterator[BrokerLink]:
     """Run the broker in its own thread for the duration of the block; yields once it listens.
@@ -428,7 +553,8 @@ async def open_broker(
         asyncio.set_event_loop(loop)
         loop_box.append(loop)
         try:
-            broker = GatewayBroker(_broker_config(host, port, tls), loop, credentials, link.deliver, max_payload)
+            broker = GatewayBroker(_broker_config(host, port, tls), loop, credentials, link.deliver, max_payload,
+                                   connect_timeout, max_unauthenticated)
             loop.run_until_complete(broker.start())
             link._broker, link._loop = broker, loop
             link.port = broker.bound_port()

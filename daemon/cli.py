@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from daemon import store
+from daemon import store, wire
 from daemon.config import ConfigError, build_config, load_config_file
 from daemon.control import ControlClient, ControlError
 from daemon.gateway import DaemonError, daemon_running, read_run_file
@@ -43,7 +43,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise CliError(f"expected key=value, got {item!r}", EXIT_USAGE)
         try:
-            out[key] = json.loads(raw)
+            out[key] = wire.loads(raw)
         except ValueError:
             out[key] = raw
     return out

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from daemon import wire
 from daemon.registry import ADMIN_USER, new_secret
 
 
@@ -23,6 +23,8 @@ class DaemonConfig:
     mqtt_port: int = 1883
     max_payload: int = 64 * 1024  # bytes; larger MQTT messages are dropped and counted
     max_pending: int = 50_000  # bus events waiting for ingest before new ones are refused (overload)
+    connect_timeout: float = 10.0  # seconds a new connection may take to send CONNECT
+    max_unauthenticated: int = 256  # connections waiting for their CONNECT; more are closed at once
     log_level: str = "info"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -38,6 +40,7 @@ class DaemonConfig:
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_dir": str, "mqtt_host": str, "mqtt_port": int, "max_payload": int, "max_pending": int,
+    "connect_timeout": (int, float), "max_unauthenticated": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
     "retention_days": (int, float),
@@ -47,10 +50,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML config file into checked settings; raise ConfigError on any problem."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = wire.loads_toml(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, too deep
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     known = {f.name for f in fields(DaemonConfig)}
     out: dict[str, Any] = {}
@@ -72,6 +75,10 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
         raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
     if cfg.retention_days < 0:
         raise ConfigError("retention_days must be 0 (keep everything) or more")
+    if not 0.5 <= cfg.connect_timeout <= 300:
+        raise ConfigError("connect_timeout must be from 0.5 to 300 seconds")
+    if cfg.max_unauthenticated < 1:
+        raise ConfigError("max_unauthenticated must be at least 1")
     if cfg.max_payload < 256:
         raise ConfigError("max_payload must be at least 256 bytes")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -98,7 +105,7 @@ def admin_credential(data_dir: Path) -> tuple[str, str]:
     path = data_dir / ADMIN_FILE
     if path.exists():
         try:
-            body = json.loads(path.read_text())
+            body = wire.loads(path.read_text())
             return body["username"], body["password"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is corrupt; delete it to issue a new admin credential") from exc

@@ -16,6 +16,7 @@ from typing import Any
 import serial
 import trio
 
+from daemon import wire
 from daemon.broker import BrokerLink, BusEvent, Credentials
 from daemon.ingest import device_topic
 
@@ -75,7 +76,7 @@ class SerialDevice:
 
         def sink(channel: str, payload: bytes) -> None:
             try:
-                msg: Any = json.loads(payload)
+                msg: Any = wire.loads(payload)
             except ValueError:
                 msg = payload.decode("utf-8", "replace")
             try:
@@ -110,7 +111,7 @@ class SerialDevice:
         if not line:
             return
         try:
-            message = json.loads(line)
+            message = wire.loads(line)
             channel, msg = message["ch"], message.get("msg")
             if not isinstance(channel, str):
                 raise TypeError("ch must be a string")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from daemon import store
+from daemon import store, wire
 
 if TYPE_CHECKING:
     from daemon.gateway import Gateway
@@ -157,7 +157,7 @@ class EdgeHub:
         while True:
             raw = await ws.get_message()
             try:
-                message = json.loads(raw)
+                message = wire.loads(raw)
                 op, body = message["op"], message.get("body") or {}
                 if not isinstance(body, dict):
                     raise TypeError("body is not an object")

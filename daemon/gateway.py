@@ -24,7 +24,7 @@ import outcome
 import trio
 from sqlite_utils import Database
 
-from daemon import store
+from daemon import store, wire
 from daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
 from daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
 from daemon.devices import SerialDevice
@@ -109,6 +109,10 @@ class Gateway:
                         self._classify(event)
                     except Rejected as exc:
                         self._reject(event, exc.reason, str(exc))
+                    except Exception as exc:  # a message nobody foresaw costs that message, never the daemon
+                        log.exception("message not handled client=%s topic=%s", wire.clip(event.client_id),
+                                      wire.clip(event.topic))
+                        self._reject(event, "internal", f"{type(exc).__name__}: {wire.clip(str(exc))}")
                 writes, self._pending_writes = self._pending_writes, []
                 for apply, done in writes:
                     await self.writer.submit(apply, done)
@@ -245,7 +249,7 @@ class Gateway:
         elif channel in ("log", "status"):
             note: Any
             try:
-                note = json.loads(event.payload)
+                note = wire.loads(event.payload)
             except ValueError:
                 note = event.payload[:4096].decode("utf-8", "replace")
             self._spawn_write(partial(store.record_event, device_id=device, kind=channel, body=note, now=now))
@@ -576,7 +580,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                 ingest_done = trio.Event()
                 periodic = trio.CancelScope()
                 async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
-                                       max_payload=cfg.max_payload, tls=tls) as link:
+                                       max_payload=cfg.max_payload, tls=tls, connect_timeout=cfg.connect_timeout,
+                                       max_unauthenticated=cfg.max_unauthenticated) as link:
                     gateway = Gateway(link, writer, credentials, db, cloud=bool(cfg.cloud_url))
 
                     async def ingest() -> None:

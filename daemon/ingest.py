@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from daemon import wire
 
 ROOT = "edgetrio"
 # What a device may send; everything else under its root is refused and counted.
@@ -56,7 +57,7 @@ def in_device_space(device_id: str, topic: str) -> bool:
 
 def parse_object(payload: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(payload)
+        body = wire.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Rejected("malformed_json", f"not JSON: {exc}") from exc
     if not isinstance(body, dict):

@@ -8,10 +8,11 @@ import json
 import math
 import re
 import secrets
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from daemon import wire
 
 ADMIN_USER = "edgetrio-admin"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -32,7 +33,7 @@ class RegistryError(ValueError):
 
 def check_device_id(device_id: str) -> str:
     """Return the id if it can name a device and an MQTT topic level, else raise RegistryError."""
-    if device_id == ADMIN_USER or not DEVICE_ID.match(device_id):
+    if device_id == ADMIN_USER or not DEVICE_ID.fullmatch(device_id):
         raise RegistryError(
             f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -180,7 +181,7 @@ def load_model_file(path: Path) -> Model:
     except OSError as exc:
         raise RegistryError(f"cannot read model file {path}: {exc.strerror}") from exc
     try:
-        body = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        body = wire.loads_toml(text) if path.suffix == ".toml" else wire.loads(text)
+    except ValueError as exc:
         raise RegistryError(f"model file {path} is not valid {path.suffix.lstrip('.') or 'json'}: {exc}") from exc
     return Model.from_dict(body)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -304,3 +307,86 @@ def contiguous_per_boot(rows: list[dict[str, Any]]) -> dict[int, list[int]]:
         assert sorted(seqs) == list(range(min(seqs), max(seqs) + 1)), f"boot {boot}: a reading is missing"
         assert len(seqs) == len(set(seqs)), f"boot {boot}: a reading is stored twice"
     return boots
+
+
+def _mqtt_str(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _mqtt_packet(header: int, body: bytes) -> bytes:
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([header]) + bytes(encoded) + body
+
+
+class RawMQTT:
+    """A bare MQTT 3.1.1 client on a socket, for what a well-behaved library will not send: forged wills, abrupt
+    closes, wildcard publishes, sockets that never speak."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
+
+    def connect(self, client_id: str, username: str | None = None, password: str | None = None,
+                will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30) -> int | None:
+        """Send CONNECT; the CONNACK return code (0 accepted), or None if the broker closed the socket instead."""
+        flags, payload = 0x02, _mqtt_str(client_id)
+        if will is not None:
+            topic, message, qos, retain = will
+            flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+            payload += _mqtt_str(topic) + _mqtt_str(message)
+        if username is not None:
+            flags |= 0x80
+            payload += _mqtt_str(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _mqtt_str(password)
+        self.sock.sendall(_mqtt_packet(0x10, _mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+                                       + payload))
+        reply = self.read(4)
+        return reply[3] if len(reply) == 4 and reply[0] == 0x20 else None
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> None:
+        body = _mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+        self.sock.sendall(_mqtt_packet(0x30 | (qos << 1), body))
+
+    def ping(self) -> None:
+        self.sock.sendall(b"\xc0\x00")
+
+    def read(self, size: int, timeout: float = 10) -> bytes:
+        """Up to `size` bytes; fewer (b"" at once) if the broker closes the connection."""
+        self.sock.settimeout(timeout)
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while len(data) < size:
+                chunk = self.sock.recv(size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        return data
+
+    def closed_by_peer(self, timeout: float) -> bool:
+        """True if the broker closes the connection within `timeout` seconds (anything it sends first is skipped)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(4096):
+                    return True
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+        return False
+
+    def drop(self) -> None:
+        """Vanish without DISCONNECT (a reset, as a device losing power), so the broker sends the will."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

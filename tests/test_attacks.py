@@ -1,0 +1,144 @@
+"""The daemon against an attacker who holds one device's credential (or none): each test failed on the code before it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import wire
+from daemon.registry import RegistryError, check_device_id
+from tools.testkit import Daemon, RawMQTT, wait_until
+
+NESTED = b'{"boot": 7, "seq": 1, "values": {"x": ' + b"[" * 1100 + b"]" * 1100 + b"}}"
+
+
+def telemetry(boot: int, seq: int, **values: Any) -> str:
+    return json.dumps({"boot": boot, "seq": seq, "values": values or {"t": 1.0}})
+
+
+def events(daemon: Daemon, device_id: str, kind: str) -> list[Any]:
+    with sqlite3.connect(daemon.data_dir / "edgetrio.db") as db:
+        rows = db.execute("SELECT body FROM events WHERE device = ? AND kind = ?", [device_id, kind]).fetchall()
+    return [json.loads(body) for (body,) in rows]
+
+
+def raw(daemon: Daemon) -> RawMQTT:
+    return RawMQTT(daemon.host, daemon.port)
+
+
+def test_bounded_json_refuses_depth_and_size_but_reads_what_devices_send() -> None:
+    assert wire.loads(b'{"a": "[[[[{{{{", "b": [1, {"c": null}]}') == {"a": "[[[[{{{{", "b": [1, {"c": None}]}
+    for bad in (NESTED, b"[" * 40 + b"]" * 40, b"[" + b"0," * 30_000 + b"0]"):
+        with pytest.raises(ValueError):
+            wire.loads(bad)
+    with pytest.raises(ValueError):
+        wire.loads_toml("a = " + "[" * 1100 + "]" * 1100)
+    assert wire.clip("u" * 60_000).startswith("u" * 200) and len(wire.clip("u" * 60_000)) < 240
+
+
+def test_device_id_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(RegistryError):
+        check_device_id("evil\n")
+
+
+def test_deeply_nested_json_on_every_channel_leaves_the_daemon_serving(daemon: Daemon, device: Any) -> None:
+    device_id, password, probe = device()
+    before = daemon.counters().get("rejected_malformed_json", 0)
+    for channel in ("telemetry", "twin/reported", "meta", "cmd/result", "log", "status"):
+        probe.publish(f"edgetrio/{device_id}/{channel}", NESTED)
+    # and as a will message, which fires after the attacker has gone
+    attacker = raw(daemon)
+    probe.client.reconnect_delay_set(30, 60)
+    assert attacker.connect(device_id, device_id, password, will=(f"edgetrio/{device_id}/telemetry", NESTED, 1, False)) == 0
+    attacker.drop()
+    other_id, _, other = device()
+    other.publish(f"edgetrio/{other_id}/telemetry", telemetry(1, 1))
+    assert other.next_json(f"edgetrio/{other_id}/ack") == {"boot": 1, "seq": 1}
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    wait_until(lambda: daemon.counters().get("rejected_malformed_json", 0) - before >= 5)
+
+
+def test_a_will_outside_the_device_space_is_refused_at_connect(daemon: Daemon, device: Any) -> None:
+    a_id, a_password, a = device(subscribe=False)
+    a.close()
+    b_id, _, b = device()
+    for topic in (f"edgetrio/{b_id}/telemetry", f"edgetrio/{b_id}/twin/reported", f"edgetrio/{b_id}/cmd",
+                  f"edgetrio/{a_id}/+", "$SYS/x", "elsewhere"):
+        attacker = raw(daemon)
+        code = attacker.connect(a_id, a_id, a_password, will=(topic, telemetry(1, 99).encode(), 1, False))
+        assert code != 0, topic
+        attacker.drop()
+    # the broker forwards in order: had a forged will reached B, it would come before this ack
+    b.publish(f"edgetrio/{b_id}/telemetry", telemetry(2, 1))
+    arrived = [topic for topic, _ in b.until(f"edgetrio/{b_id}/ack")]
+    assert f"edgetrio/{b_id}/cmd" not in arrived
+    readings = json.loads(daemon.cli("readings", b_id, "--json").stdout)
+    assert [(r["boot"], r["seq"]) for r in readings] == [(2, 1)]
+    assert json.loads(daemon.cli("twin", "get", b_id, "--json").stdout)["reported"]["state"] == {}
+    # a will on its own status is what devices use, and it arrives
+    own = raw(daemon)
+    assert own.connect(a_id, a_id, a_password, will=(f"edgetrio/{a_id}/status", b"offline", 1, True)) == 0
+    own.drop()
+    wait_until(lambda: "offline" in events(daemon, a_id, "status"))
+
+
+def test_a_wrong_password_cannot_take_over_a_connected_device(daemon: Daemon, device: Any) -> None:
+    device_id, password, probe = device()
+    for _ in range(20):
+        attacker = raw(daemon)
+        assert attacker.connect(device_id, device_id, password + "x") not in (0, None)
+        attacker.close()
+    assert not probe.closed.is_set(), "the device was knocked off by a failed login"
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1))
+    assert probe.next_json(f"edgetrio/{device_id}/ack") == {"boot": 1, "seq": 1}
+    assert not probe.closed.is_set()
+
+
+def test_a_wildcard_publish_disconnects_the_client(daemon: Daemon, device: Any) -> None:
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    attacker = raw(daemon)
+    assert attacker.connect(device_id, device_id, password) == 0
+    attacker.publish(f"edgetrio/{device_id}/+", b"x", qos=1)
+    attacker.ping()
+    assert attacker.closed_by_peer(10)
+    assert daemon.counters()["invalid_topic"] >= 1
+
+
+def test_a_huge_username_is_not_logged_whole(daemon: Daemon) -> None:
+    attacker = raw(daemon)
+    assert attacker.connect("long-user", "u" * 60_000, "x") not in (0, None)
+    attacker.close()
+    wait_until(lambda: "long-user" in daemon.log_text() or "uuuuuuuuuu" in daemon.log_text())
+    assert "u" * 1000 not in daemon.log_text()
+
+
+@pytest.fixture(scope="module")
+def strict_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon with a short CONNECT timeout and a small cap on connections that have not logged in."""
+    base = tmp_path_factory.mktemp("strict")
+    config = base / "daemon.toml"
+    config.write_text("connect_timeout = 2\nmax_unauthenticated = 10\n")
+    d = Daemon(base / "data", extra=("--config", str(config))).start()
+    yield d
+    d.stop()
+
+
+def test_sockets_that_never_send_connect_are_closed_and_capped(strict_daemon: Daemon, tmp_path: Path) -> None:
+    silent = [raw(strict_daemon) for _ in range(30)]
+    # past the cap of 10, a silent socket is closed at once; the first ten wait for the 2 s CONNECT timeout
+    refused_at_once = sum(s.closed_by_peer(0.5) for s in silent[10:])
+    assert refused_at_once >= 15
+    assert all(s.closed_by_peer(10) for s in silent[:10])
+    for s in silent:
+        s.close()
+    # and the daemon still takes devices
+    password = strict_daemon.add_device("after-silence")
+    client = raw(strict_daemon)
+    assert client.connect("after-silence", "after-silence", password) == 0
+    client.close()
