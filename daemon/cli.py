@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     from cloud.cli import CloudCliError
 
     args = build_parser().parse_args(argv)
+    os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
     if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud"):
         args.data_dir = default_data_dir()
     try:

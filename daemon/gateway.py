@@ -129,8 +129,11 @@ class Gateway:
         """Group commit: one readings transaction in flight; what arrives meanwhile goes into the next one.
 
         Keeping a single commit in flight makes one `ack` per device per commit, however fast readings arrive.
-        Returns once ingest has finished and everything it collected is committed.
+        While the store cannot write (a full disk), readings are held here and retried; none is acknowledged.
+        Returns once ingest has finished and everything it collected is committed (when stopping with a store that
+        cannot write, after a few more tries: the devices still hold what was not acknowledged).
         """
+        retry_in = 0.25
         while True:
             await self._readings_waiting.wait()
             self._readings_waiting = trio.Event()
@@ -142,13 +145,27 @@ class Gateway:
             invalid, self._invalid = self._invalid, []
             self._readings_taken.set()
             self._readings_taken = trio.Event()
-            self.counts["readings_received"] += len(readings)
             try:
                 acks = await self.writer.write(
                     partial(self._commit_readings, readings=readings, invalid=invalid, now=time.time()))
-            except Exception as exc:  # the readings stay on the devices, which resend them
-                log.error("readings not committed, not acknowledged: %s", exc)
+            except Exception as exc:
+                if self.writer.failure is None:  # this batch itself failed, not the store: holding it would block all
+                    log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
+                    continue
+                # Held, not dropped, and not acknowledged: the devices keep them too. Past max_uncommitted held
+                # readings ingest stops taking events, so the broker refuses new ones rather than growing memory.
+                self._readings[:0], self._invalid[:0] = readings, invalid
+                log.debug("%d readings held, not committed: %s", len(readings) + len(invalid), exc)
+                if self._ingest_finished and retry_in >= 2:  # stopping: the devices still hold what was not acked
+                    log.warning("stopping with %d readings not committed (not acknowledged either)",
+                                len(self._readings) + len(self._invalid))
+                    return
+                retry_in = min(retry_in * 2, 10.0)
+                await trio.sleep(retry_in)
+                self._readings_waiting.set()
                 continue
+            retry_in = 0.25
+            self.counts["readings_received"] += len(readings)
             # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
             self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
                                for (device, boot), seq in acks.items()], qos=0)
@@ -167,7 +184,9 @@ class Gateway:
         """Queue a store write whose result nobody waits for; a failure is logged."""
         def done(result: outcome.Outcome[Any]) -> None:
             if isinstance(result, outcome.Error):
-                log.error("store write failed: %s", result.error)
+                self.counts["store_write_failed"] += 1
+                # while the store cannot write, the writer has said so once; one line per message would flood the log
+                (log.debug if self.writer.failure else log.error)("store write failed: %s", result.error)
         self._pending_writes.append((apply, done))
 
     def _classify(self, event: BusEvent) -> None:
@@ -494,6 +513,9 @@ class Gateway:
             "devices_connected": sorted(d for d in self.connections if d in self.devices),
             "counters": dict(self.live_counters()),
             "writer": {"batches": self.writer.batches, "operations": self.writer.ops},
+            "store": {"ok": self.writer.failure is None, "error": self.writer.failure,
+                      "failing_since": self.writer.failing_since,
+                      "readings_held": len(self._readings) + len(self._invalid)},
             "cloud": self.hub.state() if self.hub else None,
         }
 
@@ -507,15 +529,22 @@ class Gateway:
         current = self.live_counters()
         delta = current - self._flushed
         if delta:
-            await self.writer.write(partial(store.add_counters, counts=delta))
+            try:
+                await self.writer.write(partial(store.add_counters, counts=delta))
+            except Exception as exc:  # the store cannot write: the delta waits for the next flush
+                log.debug("counters not flushed: %s", exc)
+                return
             self._flushed = current
 
     async def keep_retention(self, days: float) -> None:
         """Hourly, delete what is older than the retention period (a gateway's disk is small)."""
         while days > 0:
             before, deleted = time.time() - days * 86400, 0
-            while chunk := await self.writer.write(partial(store.prune, before=before)):
-                deleted += chunk  # in chunks, each its own commit, so readings keep flowing meanwhile
+            try:
+                while chunk := await self.writer.write(partial(store.prune, before=before)):
+                    deleted += chunk  # in chunks, each its own commit, so readings keep flowing meanwhile
+            except Exception as exc:  # the store cannot write now; the next round deletes what this one did not
+                log.warning("retention: stopped after %d rows: %s", deleted, exc)
             if deleted:
                 log.info("retention: deleted %d rows older than %g days", deleted, days)
             await trio.sleep(3600)
@@ -535,7 +564,7 @@ class CommandFailed(Exception):
 def lock_data_dir(cfg: DaemonConfig) -> int:
     """Hold an exclusive lock on the data dir for the life of the process, so two daemons never share it."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(cfg.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -8,9 +8,11 @@ synchronous SQLite work: the daemon runs them through the writer, the CLI runs t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -37,8 +39,17 @@ class UnknownDevice(RegistryError):
 
 
 def connect(path: Path) -> Database:
-    """Open a SQLite file the way edgetrio keeps its state: WAL, a commit survives power loss, writers wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Open a SQLite file the way edgetrio keeps its state: WAL, a commit survives power loss, writers wait.
+
+    The file and its directory are its owner's alone (0600, 0700), also when an older version made them readable.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its -wal and -shm files this mode too
+    for part, mode in ((path.parent, 0o700), (path, 0o600), (path.with_name(path.name + "-wal"), 0o600),
+                       (path.with_name(path.name + "-shm"), 0o600)):
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # PermissionError: not ours to tighten
+            os.chmod(part, mode)
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -371,6 +382,10 @@ class Writer:
         self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
         self.batches = 0
         self.ops = 0
+        # Why commits fail while the store cannot write (a full disk, an I/O error), and since when; None when it can.
+        # Set by the commit thread, read by trio (whole-value swaps).
+        self.failure: str | None = None
+        self.failing_since: float | None = None
         self.on_commit: Callable[[], None] | None = None  # called in trio after each batch (wakes the cloud link)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -406,8 +421,16 @@ class Writer:
                     except Exception as exc:
                         results.append(outcome.Error(exc))
         except Exception as exc:
-            log.error("commit failed, %d operations not stored: %s", len(batch), exc)
+            if self.failure is None:
+                self.failing_since = time.time()
+                log.error("the store cannot write (%s): nothing is acknowledged until it can; retrying", exc)
+            else:
+                log.debug("commit failed, %d operations not stored: %s", len(batch), exc)
+            self.failure = str(exc) or type(exc).__name__
             return [outcome.Error(exc)] * len(batch)
+        if self.failure is not None:
+            log.warning("the store writes again after %.0f s (%s)", time.time() - (self.failing_since or 0), self.failure)
+            self.failure = self.failing_since = None
         return results
 
     async def submit(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:

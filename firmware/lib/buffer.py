@@ -114,12 +114,14 @@ class Buffer:
         return seq if seq < held[0] + held[1] else None
 
     def ack(self, boot, seq):
+        """Trim up to (boot, seq); True if that moved the watermark."""
         if seq <= self.acked.get(boot, 0):
-            return
+            return False
         self.acked[boot] = seq
         self._save_ack()
         if self.count >= 16 and self.unacked() < self.count // 2:
             self._compact_soon()
+        return True
 
     def unacked(self):
         n = 0

@@ -13,6 +13,7 @@ from mqtt import MQTTClient
 
 VERSION = "0.1.0"
 STATE_FILE = "state.json"
+RESEND_MS = 30000  # no ack progress this long with readings outstanding: send them again
 TWIN_KEYS = ("period", "led", "threshold")
 RESET_CAUSES = {1: "power-on", 2: "hard", 3: "watchdog", 4: "deep sleep", 5: "soft"}
 
@@ -68,6 +69,7 @@ class Node:
         self.wlan = network.WLAN(network.STA_IF)
         self.client = None
         self.new_reading = asyncio.Event()
+        self.acked_at = time.ticks_ms()
         self.last_values = {}
         self.last_broker = time.time()
         self.healthy = False
@@ -84,7 +86,8 @@ class Node:
             self.log("warning", "ignored non-JSON message on " + channel)
             return
         if channel == "ack":
-            self.buffer.ack(body["boot"], body["seq"])
+            if self.buffer.ack(body["boot"], body["seq"]):
+                self.acked_at = time.ticks_ms()
             if not self.healthy and not self.safe_mode:
                 self.healthy = True  # a committed reading: this boot works
                 self.state["failed_boots"] = 0
@@ -197,6 +200,13 @@ class Node:
                 await asyncio.wait_for(self.new_reading.wait(), 30)
             except asyncio.TimeoutError:
                 sent = {}  # nothing acknowledged for a while: offer the unacknowledged ones again
+            if not self.buffer.unacked():
+                self.acked_at = time.ticks_ms()
+            elif time.ticks_diff(time.ticks_ms(), self.acked_at) > RESEND_MS:
+                # Acks stopped moving while readings keep coming: one was lost on the way (a broker that refused it
+                # under load, a gateway that could not commit it). Offer the unacknowledged ones again.
+                sent = {}
+                self.acked_at = time.ticks_ms()
 
     # -- connection -------------------------------------------------------------------------------------------------
 
