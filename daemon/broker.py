@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -134,6 +135,29 @@ class _ClosingPublishPacket(PublishPacket):
             protocol_errors["invalid_topic"] += 1
             log.warning("disconnecting a client: %s", clip(str(exc)))
             raise ProtocolViolation(str(exc)) from exc
+
+
+PACE_QUEUED = 32  # messages read from one connection and not yet handled: past this, stop reading from its socket
+
+
+class _PacedReader(ReaderAdapter):
+    """Reads a client's socket only while fewer than PACE_QUEUED of its messages wait in the broker.
+
+    amqtt reads packets as fast as they arrive and queues them per session without bound (a flood of 30 KB logs
+    took the daemon from 181 to 360 MB). Not reading leaves the rest in the kernel and TCP slows the sender down.
+    """
+
+    def __init__(self, reader: ReaderAdapter, session: Session) -> None:
+        self.reader = reader
+        self.session = session
+
+    async def read(self, n: int = -1) -> bytes:
+        while self.session.delivered_message_queue.qsize() >= PACE_QUEUED:
+            await asyncio.sleep(0.005)
+        return await self.reader.read(n)
+
+    def feed_eof(self) -> None:
+        self.reader.feed_eof()
 
 
 protocol_errors: Counter[str] = Counter()  # counted while decoding, where no broker is at hand (one per process)
@@ -321,6 +345,11 @@ class GatewayBroker(Broker):
             session = kept
         return handler, session
 
+    async def _handle_client_session(self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
+                                     handler: BrokerProtocolHandler, server: Any, listener_name: str) -> None:
+        await super()._handle_client_session(_PacedReader(reader, client_session), writer, client_session, handler,
+                                             server, listener_name)
+
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
         if message is not None:
@@ -418,9 +447,15 @@ class GatewayBroker(Broker):
 class BrokerLink:
     """The trio side of the embedded broker: receive bus events in batches, publish to devices."""
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, max_pending_bytes: int = 32 << 20, max_device_bytes: int = 4 << 20) -> None:
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes  # payload bytes waiting for ingest, all clients together
+        self.max_device_bytes = max_device_bytes  # ... and from one client: a flooding device cannot take them all
         self.dropped = 0
+        self.flood_dropped = 0
+        self._pending_bytes = 0
+        self._client_bytes: Counter[str] = Counter()
+        self._flood_logged: dict[str, float] = {}
         self._lock = threading.Lock()
         self._pending: deque[BusEvent] = deque()
         self._wake_scheduled = False
@@ -437,17 +472,34 @@ class BrokerLink:
 
     # -- broker thread side --
     def deliver(self, event: BusEvent) -> None:
+        size = len(event.payload)
         with self._lock:
-            if len(self._pending) >= self.max_pending:
+            if len(self._pending) >= self.max_pending or self._pending_bytes + size > self.max_pending_bytes:
                 # overload: refuse rather than queue without bound; the device resends what was never acked
                 self.dropped += 1
                 return
+            if size and self._client_bytes[event.client_id] + size > self.max_device_bytes:
+                self.flood_dropped += 1
+                self._log_flood(event.client_id)
+                return
+            self._pending_bytes += size
+            if size:
+                self._client_bytes[event.client_id] += size
             self._pending.append(event)
             if self._wake_scheduled:
                 return
             self._wake_scheduled = True
         with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._wake)
+
+    def _log_flood(self, client_id: str) -> None:
+        now = time.monotonic()
+        if now - self._flood_logged.get(client_id, -60.0) >= 60:  # once a minute per client, or the log floods too
+            if len(self._flood_logged) > 10_000:
+                self._flood_logged.clear()
+            self._flood_logged[client_id] = now
+            log.warning("client=%s sends faster than ingest takes it: messages beyond %d bytes waiting are refused",
+                        clip(client_id), self.max_device_bytes)
 
     # -- trio side --
     def _wake(self) -> None:
@@ -460,6 +512,8 @@ class BrokerLink:
                 if self._pending:
                     batch = list(self._pending)
                     self._pending.clear()
+                    self._pending_bytes = 0
+                    self._client_bytes.clear()
                     self._wake_scheduled = False
                     return batch
                 self._wake_scheduled = False
@@ -504,6 +558,8 @@ class BrokerLink:
         out.update(self.counters_extra)
         if self.dropped:
             out["dropped_overload"] = self.dropped
+        if self.flood_dropped:
+            out["dropped_flood"] = self.flood_dropped
         return out
 
     def connected_clients(self) -> int:
@@ -532,6 +588,8 @@ async def open_broker(
     credentials: Credentials,
     *,
     max_pending: int = 50_000,
+    max_pending_bytes: int = 32 << 20,
+    max_device_bytes: int = 4 << 20,
     max_payload: int = 64 * 1024,
     tls: tuple[str, str] | None = None,
     connect_timeout: float = 10.0,
@@ -543,7 +601,7 @@ async def open_broker(
     Raises BrokerStartError if it cannot listen. On exit (also on cancellation) the broker is shut down within
     `shutdown_timeout` seconds and its thread joined; no bus event is delivered after that.
     """
-    link = BrokerLink(max_pending)
+    link = BrokerLink(max_pending, max_pending_bytes, max_device_bytes)
     started: trio.Event = trio.Event()
     failure: list[BaseException] = []
     loop_box: list[asyncio.AbstractEventLoop] = []

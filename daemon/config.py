@@ -23,6 +23,8 @@ class DaemonConfig:
     mqtt_port: int = 1883
     max_payload: int = 64 * 1024  # bytes; larger MQTT messages are dropped and counted
     max_pending: int = 50_000  # bus events waiting for ingest before new ones are refused (overload)
+    max_pending_bytes: int = 32 << 20  # payload bytes waiting for ingest, all devices together
+    max_device_pending_bytes: int = 4 << 20  # ... from one device; past it a flooding device's messages are refused
     connect_timeout: float = 10.0  # seconds a new connection may take to send CONNECT
     max_unauthenticated: int = 256  # connections waiting for their CONNECT; more are closed at once
     log_level: str = "info"
@@ -40,7 +42,8 @@ class DaemonConfig:
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_dir": str, "mqtt_host": str, "mqtt_port": int, "max_payload": int, "max_pending": int,
-    "connect_timeout": (int, float), "max_unauthenticated": int,
+    "connect_timeout": (int, float), "max_unauthenticated": int, "max_pending_bytes": int,
+    "max_device_pending_bytes": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
     "retention_days": (int, float),
@@ -77,6 +80,8 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
         raise ConfigError("retention_days must be 0 (keep everything) or more")
     if not 0.5 <= cfg.connect_timeout <= 300:
         raise ConfigError("connect_timeout must be from 0.5 to 300 seconds")
+    if not cfg.max_payload <= cfg.max_device_pending_bytes <= cfg.max_pending_bytes:
+        raise ConfigError("need max_payload <= max_device_pending_bytes <= max_pending_bytes")
     if cfg.max_unauthenticated < 1:
         raise ConfigError("max_unauthenticated must be at least 1")
     if cfg.max_payload < 256:

@@ -610,7 +610,9 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                 periodic = trio.CancelScope()
                 async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
                                        max_payload=cfg.max_payload, tls=tls, connect_timeout=cfg.connect_timeout,
-                                       max_unauthenticated=cfg.max_unauthenticated) as link:
+                                       max_unauthenticated=cfg.max_unauthenticated,
+                                       max_pending_bytes=cfg.max_pending_bytes,
+                                       max_device_bytes=cfg.max_device_pending_bytes) as link:
                     gateway = Gateway(link, writer, credentials, db, cloud=bool(cfg.cloud_url))
 
                     async def ingest() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from daemon import wire
 from daemon.registry import RegistryError, check_device_id
-from tools.testkit import Daemon, RawMQTT, wait_until
+from tools.testkit import Daemon, Probe, RawMQTT, wait_until
 
 NESTED = b'{"boot": 7, "seq": 1, "values": {"x": ' + b"[" * 1100 + b"]" * 1100 + b"}}"
 
@@ -123,7 +123,7 @@ def strict_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A daemon with a short CONNECT timeout and a small cap on connections that have not logged in."""
     base = tmp_path_factory.mktemp("strict")
     config = base / "daemon.toml"
-    config.write_text("connect_timeout = 2\nmax_unauthenticated = 10\n")
+    config.write_text("connect_timeout = 2\nmax_unauthenticated = 10\nmax_device_pending_bytes = 262144\n")
     d = Daemon(base / "data", extra=("--config", str(config))).start()
     yield d
     d.stop()
@@ -142,3 +142,24 @@ def test_sockets_that_never_send_connect_are_closed_and_capped(strict_daemon: Da
     client = raw(strict_daemon)
     assert client.connect("after-silence", "after-silence", password) == 0
     client.close()
+
+
+def test_a_flooding_device_is_refused_beyond_its_share_and_others_are_served(strict_daemon: Daemon) -> None:
+    flood_password = strict_daemon.add_device("flooder")
+    calm_password = strict_daemon.add_device("calm")
+    flooder = raw(strict_daemon)
+    assert flooder.connect("flooder", "flooder", flood_password) == 0
+    note = json.dumps({"level": "info", "message": "x" * 30_000}).encode()
+    for _ in range(3000):  # 90 MB of QoS 0 logs as fast as the socket takes them
+        flooder.publish("edgetrio/flooder/log", note)
+    calm = raw(strict_daemon)
+    assert calm.connect("calm", "calm", calm_password) == 0
+    wait_until(lambda: strict_daemon.counters().get("dropped_flood", 0) > 0)
+    flooder.close()
+    probe = Probe(strict_daemon, "calm", calm_password, "calm")
+    calm.close()
+    assert probe.accepted() and probe.subscribe("edgetrio/calm/#")
+    probe.publish("edgetrio/calm/telemetry", telemetry(1, 1))
+    assert probe.next_json("edgetrio/calm/ack", timeout=60) == {"boot": 1, "seq": 1}
+    probe.close()
+    assert "sends faster than ingest takes it" in strict_daemon.log_text()
