@@ -100,23 +100,27 @@ def openapi() -> dict[str, Any]:
 
 
 async def handle_http(relay: Relay, conn: h11.Connection, stream: trio.abc.Stream, first: Any,
-                      next_event: Callable[[], Awaitable[Any]]) -> None:
-    """Serve requests on one connection (keep-alive) until the client closes it."""
+                      next_event: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> None:
+    """Serve requests on one connection (keep-alive) until the client closes it, or takes longer than `timeout`
+    to send a whole body or, idle, its next request."""
     event = first
     while isinstance(event, h11.Request):
         body = bytearray()
         too_large = False
-        while True:
-            part = await next_event()
-            if isinstance(part, h11.Data):
-                if len(body) + len(part.data) > MAX_BODY:
-                    too_large = True
+        with trio.move_on_after(timeout):  # for the whole body: a byte now and then must not hold the connection
+            while True:
+                part = await next_event()
+                if isinstance(part, h11.Data):
+                    if len(body) + len(part.data) > MAX_BODY:
+                        too_large = True
+                    else:
+                        body.extend(part.data)
+                elif isinstance(part, h11.EndOfMessage):
+                    break
                 else:
-                    body.extend(part.data)
-            elif isinstance(part, h11.EndOfMessage):
-                break
-            else:
-                return
+                    return
+        if not isinstance(part, h11.EndOfMessage):
+            return
         try:
             if too_large:
                 raise HTTPError(413, f"request body over {MAX_BODY} bytes")
@@ -131,7 +135,9 @@ async def handle_http(relay: Relay, conn: h11.Connection, stream: trio.abc.Strea
         if conn.our_state is h11.MUST_CLOSE:
             return
         conn.start_next_cycle()
-        event = await next_event()
+        event = None
+        with trio.move_on_after(timeout):
+            event = await next_event()
 
 
 async def route(relay: Relay, request: h11.Request, body: bytes) -> tuple[int, Any]:
@@ -211,6 +217,8 @@ async def fleet_twin(relay: Relay, path: dict[str, str], query: dict[str, str], 
     if not isinstance(patch, dict) or not patch:
         raise HTTPError(400, "'desired' must be a non-empty object")
     node, device = data.get("node"), data.get("device")
+    if not isinstance(node, str | None) or not isinstance(device, str | None):
+        raise HTTPError(400, "'node' and 'device' must be strings when given")
     done = await relay.run(store.set_twin_fleet, patch, node, device)
     for name in list(relay.sessions):
         relay.notify(name)  # each session sends only what is queued for it

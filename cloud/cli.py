@@ -73,11 +73,14 @@ def run(args: argparse.Namespace) -> None:
         setup_logging(args.log_level or "info")
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
-                          8765 if args.port is None else args.port, args.cert, args.key, args.retention_days)
+                          8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
+                          args.http_timeout)
         if (cfg.cert is None) != (cfg.key is None):
             raise CloudCliError("--cert and --key go together", 2)
         if cfg.retention_days < 0:
             raise CloudCliError("--retention-days must be 0 (keep everything) or more", 2)
+        if not 0.5 <= cfg.http_timeout <= 3600:
+            raise CloudCliError("--http-timeout must be from 0.5 to 3600 seconds", 2)
         try:
             trio.run(serve, cfg)
         except OSError as exc:
@@ -185,6 +188,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--log-level")
     p.add_argument("--retention-days", type=float, default=90.0, metavar="D",
                    help="delete readings and finished commands older than D days, hourly (default 90; 0 keeps all)")
+    p.add_argument("--http-timeout", type=float, default=15.0, metavar="S",
+                   help="close a connection whose request headers or body take longer, or that idles longer between "
+                        "requests (default 15)")
     p = actions.add_parser("node", help="nodes")
     node_actions = p.add_subparsers(dest="node_action", required=True)
     p = node_actions.add_parser("add", parents=[data], help="add a node and print its token once")

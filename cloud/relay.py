@@ -29,6 +29,7 @@ from daemon import wire
 from daemon.edgehub import MAX_FRAME, envelope
 from daemon.registry import new_secret
 from daemon.store import Writer
+from daemon.wire import clip
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class RelayConfig:
     cert: str | None = None
     key: str | None = None
     retention_days: float = 90.0  # readings and finished commands older than this are deleted hourly; 0 keeps all
+    http_timeout: float = 15.0  # for a request's headers, for its whole body, and for an idle keep-alive connection
 
 
 def operator_token(data_dir: Path) -> str:
@@ -86,6 +88,16 @@ class Replay(trio.abc.Stream):
         await self.stream.aclose()
 
 
+def peer(stream: trio.abc.Stream) -> str:
+    """host:port of the other end of a TCP or TLS stream, for logs."""
+    transport = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = transport.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "unknown"
+    return f"{host}:{port}"
+
+
 class EdgeSession:
     def __init__(self, node: str, ws: WebSocketConnection) -> None:
         self.node = node
@@ -95,9 +107,10 @@ class EdgeSession:
 
 
 class Relay:
-    def __init__(self, db: Database, token: str) -> None:
+    def __init__(self, db: Database, token: str, http_timeout: float = 15.0) -> None:
         self.db = db
         self.token = token
+        self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
         self.command_waiters: dict[str, trio.Event] = {}
@@ -132,7 +145,7 @@ class Relay:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         raw = bytearray()
-        with trio.move_on_after(15) as timeout:
+        with trio.move_on_after(self.http_timeout) as timeout:
             event = await self._next_event(conn, stream, raw)
         if timeout.cancelled_caught or not isinstance(event, h11.Request):
             return
@@ -143,12 +156,12 @@ class Relay:
                 return
             async with trio.open_nursery() as nursery:
                 request = await wrap_server_stream(nursery, Replay(stream, bytes(raw)), max_message_size=MAX_FRAME)
-                await self._edge(request)
+                await self._edge(request, peer(stream))
                 nursery.cancel_scope.cancel()
             return
         from cloud.api import handle_http
 
-        await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None))
+        await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None), self.http_timeout)
 
     @staticmethod
     async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, raw: bytearray | None) -> Any:
@@ -171,14 +184,14 @@ class Relay:
 
     # -- edges -------------------------------------------------------------------------------------------------------
 
-    async def _edge(self, request: WebSocketRequest) -> None:
+    async def _edge(self, request: WebSocketRequest, remote: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         node = headers.get("x-edgetrio-node", "")
         auth = headers.get("authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not node or not token or not await self.run(store.check_node, node, token):
             self.counters["edge_refused"] += 1
-            log.warning("edge refused node=%r remote=%s", node, request.remote)
+            log.warning("edge refused node=%s remote=%s", clip(node), remote)
             await request.reject(401, body=b"unknown node or wrong token")
             return
         ws = await request.accept()
@@ -188,7 +201,7 @@ class Relay:
         if previous is not None:  # the edge reconnected before its old connection timed out
             await previous.ws.aclose(1000, "replaced by a new connection")
         await self.run(store.node_presence, node, True, time.time())
-        log.info("edge connected node=%s", node)
+        log.info("edge connected node=%s remote=%s", node, remote)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_down, session)
@@ -266,7 +279,7 @@ class Relay:
 async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve edges and operators until SIGINT/SIGTERM. Reports the bound port once listening."""
     db = store.open_db(cfg.data_dir)
-    relay = Relay(db, operator_token(cfg.data_dir))
+    relay = Relay(db, operator_token(cfg.data_dir), cfg.http_timeout)
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
     if cfg.cert and cfg.key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

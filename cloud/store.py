@@ -17,6 +17,7 @@ from sqlite_utils import Database
 from daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from daemon.store import PRUNE_CHUNK, connect
 from daemon.twin import Twin, set_desired
+from daemon.wire import MAX_INTEGER
 
 DB_FILE = "relay.db"
 
@@ -113,6 +114,8 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -
         try:
             offset = int(item["offset"])
             resource, body = item["resource"], item["body"]
+            if not 0 < offset <= MAX_INTEGER:
+                raise ValueError("offset out of range")
         except (KeyError, TypeError, ValueError, OverflowError):
             skipped += 1
             continue

@@ -65,7 +65,7 @@ def parse_object(payload: bytes) -> dict[str, Any]:
     return body
 
 
-MAX_COUNTER = 2**63 - 1  # SQLite's largest INTEGER: a larger seq would fail the whole group commit, every device's
+MAX_COUNTER = wire.MAX_INTEGER  # a larger seq would fail the whole group commit, every device's
 
 
 def _counter(body: dict[str, Any], key: str) -> int:

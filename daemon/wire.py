@@ -14,6 +14,7 @@ from typing import Any
 
 MAX_DEPTH = 32  # the deepest legitimate message (a twin state holding an object) needs 4
 MAX_ITEMS = 20_000  # object members plus array elements in one document
+MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER: a larger counter or offset fails the whole group commit
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal, escapes included
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")

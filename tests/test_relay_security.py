@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -154,3 +158,64 @@ def test_one_desired_change_for_the_whole_fleet(relay: Relay) -> None:
     queued = {n["name"]: n["queued"] for n in relay.json("nodes")}
     assert queued["fleet-a"] == 2 + 2 + 1 and queued["fleet-b"] == 2 + 1  # registrations plus the changes
     assert http(relay, "/api/fleet/twin", token, "PATCH", {"desired": {}})[0] == 400
+
+
+NESTED = "[" * 1100 + "]" * 1100
+
+
+async def test_attacker_inputs_get_answers_and_cost_nothing_else(relay: Relay) -> None:
+    token = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    relay.add_node("node-g")
+    assert http(relay, "/api/nodes/node-g/devices", token, "POST", {"id": "g1"})[0] == 201
+    status, error = http(relay, "/api/fleet/twin", token, "PATCH", {"desired": {"x": 1}, "node": ["node-g"]})
+    assert status == 400 and "node" in error["error"]
+    request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/api/nodes/node-g/devices/g1/twin", method="PATCH",
+                                     data=f'{{"desired": {NESTED}}}'.encode(), headers={"authorization": f"Bearer {token}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400 and "deep" in json.loads(info.value.read())["error"]
+    token_h = relay.add_node("node-h")
+    async with open_websocket_url(relay.url + "/edge", extra_headers=headers("node-h", token_h)) as ws:
+        await ws.send_message(json.dumps({"op": "up", "body": {"items": NESTED}}))
+        assert json.loads(await ws.get_message())["op"] == "error"
+        # an offset SQLite cannot hold is skipped like any unusable item; the batch's good items are stored
+        batch = json.loads(up(1, "h1", 1))
+        batch["body"]["items"].insert(0, {**batch["body"]["items"][0], "offset": 2**64})
+        await ws.send_message(json.dumps(batch))
+        assert json.loads(await ws.get_message())["body"] == {"offset": 1}
+    assert [r["seq"] for r in relay.json("readings", "node-h", "h1")] == [1]
+    assert "Replay object" not in (relay.data_dir.parent / f"{relay.data_dir.name}-relay.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def impatient_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    r = Relay(tmp_path_factory.mktemp("impatient") / "data")
+    r.extra = ("--http-timeout", "2")
+    r.start()
+    yield r
+    r.stop()
+
+
+def test_trickled_bodies_and_idle_keep_alive_connections_are_closed(impatient_relay: Relay) -> None:
+    def opened() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", impatient_relay.port), timeout=15)
+
+    trickle = opened()
+    trickle.sendall(b"POST /api/fleet/twin HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+
+    def drip() -> None:  # one byte every half second: each read is quick, the body never completes
+        with contextlib.suppress(OSError):
+            for _ in range(60):
+                time.sleep(0.5)
+                trickle.sendall(b" ")
+
+    dripping = threading.Thread(target=drip, daemon=True)
+    dripping.start()
+    idle = opened()
+    idle.sendall(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
+    silent = opened()
+    started = time.monotonic()
+    for sock in (trickle, idle, silent):
+        while sock.recv(65536):  # the idle one first gets its answer, then nothing more; all end with a close
+            pass
+    assert time.monotonic() - started < 12, "connections were held past the relay's 2 s timeout"
