@@ -92,7 +92,7 @@ def peer(stream: trio.abc.Stream) -> str:
     """host:port of the other end of a TCP or TLS stream, for logs."""
     transport = getattr(stream, "transport_stream", stream)
     try:
-        host, port = transport.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        host, port = transport.socket.getpeername()[:2]  # type: ignore[union-attr]
     except (AttributeError, OSError):
         return "unknown"
     return f"{host}:{port}"
