@@ -92,7 +92,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     cfg = build_config(file_settings, {
         "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
         "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
-        "cloud_token": args.token,
+        "cloud_token": args.token or os.environ.get("EDGETRIO_CLOUD_TOKEN") or None,
+        "cloud_token_file": args.token_file,
     })
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
@@ -344,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a board on a serial port speaking JSON lines (repeatable)")
     p.add_argument("--cloud", metavar="URL", help="relay to dial out to: ws://HOST:PORT or wss://HOST:PORT")
     p.add_argument("--node-id", help="this gateway's node name at the relay")
-    p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`)")
+    p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`); visible in `ps`, so prefer "
+                                   "--token-file or $EDGETRIO_CLOUD_TOKEN")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="read this node's token from FILE")
     p.set_defaults(func=cmd_daemon)
 
     device = sub.add_parser("device", help="register, list and remove devices").add_subparsers(dest="action", required=True)

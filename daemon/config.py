@@ -34,6 +34,7 @@ class DaemonConfig:
     cloud_url: str | None = None  # ws://host:port or wss://host:port of the relay
     node_id: str | None = None
     cloud_token: str | None = None
+    cloud_token_file: Path | None = None  # the token from a file instead (keeps it out of `ps` and the config)
     cloud_cafile: str | None = None  # CA to trust for wss (default: the system's)
     outbox_max_rows: int = 1_000_000
     outbox_max_age: float = 7 * 86400.0  # seconds
@@ -45,7 +46,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "connect_timeout": (int, float), "max_unauthenticated": int, "max_pending_bytes": int,
     "max_device_pending_bytes": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
-    "cloud_token": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
+    "cloud_token": str, "cloud_token_file": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
     "retention_days": (int, float),
 }
 
@@ -67,7 +68,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         expected = _TYPES[name]
         if isinstance(value, bool) or not isinstance(value, expected):
             raise ConfigError(f"config file {path}: {key} must be a {getattr(expected, '__name__', expected)}")
-        out[name] = Path(str(value)) if name == "data_dir" else value
+        out[name] = Path(str(value)) if name in ("data_dir", "cloud_token_file") else value
     return out
 
 
@@ -90,11 +91,19 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
         raise ConfigError(f"log_level {cfg.log_level!r}: use debug, info, warning or error")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together")
+    if cfg.cloud_token_file is not None and not cfg.cloud_token:
+        try:
+            cfg.cloud_token = cfg.cloud_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file {cfg.cloud_token_file}: {exc}") from exc
+        if not cfg.cloud_token:
+            raise ConfigError(f"the token file {cfg.cloud_token_file} is empty")
     if cfg.cloud_url:
         if not cfg.cloud_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"cloud url {cfg.cloud_url!r} must start with ws:// or wss://")
         if not cfg.node_id or not cfg.cloud_token:
-            raise ConfigError("a cloud link needs a node id and a token (--node-id, --token)")
+            raise ConfigError("a cloud link needs a node id and a token (--node-id, and --token-file, "
+                              "$EDGETRIO_CLOUD_TOKEN or --token)")
     return cfg
 
 

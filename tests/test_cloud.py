@@ -20,7 +20,9 @@ def fleet(tmp_path: Path) -> Any:
     """A relay with node gw1 and a gateway daemon linked to it; sensors registered on the gateway."""
     relay = Relay(tmp_path / "relay").start()
     token = relay.add_node("gw1")
-    daemon = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token))
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    daemon = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token-file", str(token_file)))
     parts: dict[str, Any] = {"relay": relay, "daemon": daemon, "token": token, "sensors": []}
     yield parts
     for sensor in parts["sensors"]:
@@ -44,6 +46,8 @@ def cloud_seqs(relay: Relay, device: str) -> list[int]:
 
 def test_readings_reach_the_relay_and_twin_flows_both_ways(fleet: dict[str, Any]) -> None:
     relay, daemon = fleet["relay"], fleet["daemon"].start()
+    # the token came from a file: it is not in the daemon's command line for `ps` to show
+    assert fleet["token"] not in Path(f"/proc/{daemon.proc.pid}/cmdline").read_text()
     s = sensor(fleet, "s1")
     for i in range(20):
         s.read({"t": 20 + i})

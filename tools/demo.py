@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
-                             "--cloud", cloud["edge_url"], "--node-id", cloud["node"], "--token", cloud["token"]])
+                             "--cloud", cloud["edge_url"], "--node-id", cloud["node"]],
+                            env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]})  # not in argv, not in `ps`
     children = [proc, relay]
     try:
         info = wait_for_daemon(data_dir, proc)
