@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench chaos soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench_ingest
 	$(BIN)/python -m tools.bench_relay
+	$(BIN)/python -m tools.bench_flood
+
+# long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
+chaos: $(STAMP)
+	$(BIN)/python -m tools.chaos --boards 20 --readings 100000 $(if $(SEED),--seed $(SEED))
+
+soak: $(STAMP)
+	$(BIN)/python -m tools.soak --minutes 60
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -276,7 +276,8 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart)
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
+                  args.buffer)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -403,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
     p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
     p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
+    p.add_argument("--buffer", type=int, default=500, metavar="N",
+                   help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)")
     p.add_argument("--repl-pty", type=Path, metavar="PATH",
                    help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
     p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")

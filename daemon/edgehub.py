@@ -107,8 +107,11 @@ class EdgeHub:
         self.last_error = reason
 
     async def _record_link_event(self, up: bool, reason: str = "") -> None:
-        await self.writer.write(partial(store.record_event, device_id="", kind="cloud_link",
-                                        body={"connected": up, "reason": reason}, now=time.time()))
+        try:
+            await self.writer.write(partial(store.record_event, device_id="", kind="cloud_link",
+                                            body={"connected": up, "reason": reason}, now=time.time()))
+        except Exception as exc:  # a note for the history; a store that cannot write has said so already
+            log.debug("link event not recorded: %s", exc)
 
     async def _session(self) -> None:
         headers = [(b"authorization", f"Bearer {self.token}".encode()), (b"x-edgetrio-node", self.node.encode())]
@@ -197,8 +200,13 @@ class EdgeHub:
             if self.commits == seen:
                 await trio.sleep(1)
                 continue
-            dropped = await self.writer.write(partial(store.outbox_bound, max_rows=self.max_rows,
-                                                      max_age=self.max_age, now=time.time()))
+            try:
+                dropped = await self.writer.write(partial(store.outbox_bound, max_rows=self.max_rows,
+                                                          max_age=self.max_age, now=time.time()))
+            except Exception as exc:  # the store cannot write now (a full disk): look again in a second
+                log.debug("outbox bounds not applied: %s", exc)
+                await trio.sleep(1)
+                continue
             seen = self.commits  # includes the commit just made
             if dropped:
                 self.dropped += dropped

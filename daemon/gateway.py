@@ -477,8 +477,13 @@ class Gateway:
             outcome_ = {"result": result}
         except (CommandFailed, RegistryError) as exc:
             outcome_ = {"error": str(exc), "code": getattr(exc, "code", "invalid")}
+        except Exception as exc:  # a store that cannot write, say: the command fails, the daemon goes on
+            outcome_ = {"error": f"{type(exc).__name__}: {exc}", "code": "failed"}
         up = {"cmd": body.get("cmd"), "device": body.get("device"), **outcome_}
-        await self.writer.write(partial(self._up, resource="cmd_result", body=up))
+        try:
+            await self.writer.write(partial(self._up, resource="cmd_result", body=up))
+        except Exception as exc:  # the relay times the command out; the daemon goes on
+            log.error("result of cloud command %s not queued for the cloud: %s", wire.clip(body.get("cmd")), exc)
 
     async def command(self, device: str, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send a command and wait for its result; records it and its outcome in the store."""

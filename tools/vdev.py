@@ -346,14 +346,14 @@ class VirtualDevice:
             self.links.discard(broker_side)
 
 
-def device_config(device_id: str, password: str, period: float) -> dict[str, Any]:
+def device_config(device_id: str, password: str, period: float, buffer: int = 500) -> dict[str, Any]:
     return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
-            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period,
+            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period, "buffer": buffer,
             "sensors": {"bme280": {"scl": 22, "sda": 21}, "adc": {"pin": 34}, "chip": True}}
 
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-                    blank: bool = False, uart: Path | None = None,
+                    blank: bool = False, uart: Path | None = None, buffer: int = 500,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
 
@@ -401,7 +401,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
                                    ReplPort(repl_pty) if repl_pty else None)
-            config = device_config(device_id, str(password), period)
+            config = device_config(device_id, str(password), period, buffer)
             if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
                 config["transport"] = "serial"
             device.install(bundle, config)
@@ -415,10 +415,11 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
 
 
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-              blank: bool = False, uart: Path | None = None) -> None:
+              blank: bool = False, uart: Path | None = None, buffer: int = 500) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart)
+            devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart,
+                                          buffer)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)
