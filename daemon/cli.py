@@ -257,6 +257,10 @@ def cmd_status(args: argparse.Namespace) -> None:
         if "daemon" in status:
             d = status["daemon"]
             print(f"uptime:    {d['uptime']} s   connected: {', '.join(d['devices_connected']) or '-'}")
+            held = d["store"]
+            print("store:     " + ("ok" if held["ok"] else f"cannot write ({held['error']}) since "
+                                   f"{fmt_time(held['failing_since'])}; {held['readings_held']} readings held, "
+                                   "none acknowledged until it can"))
             counters = d["counters"]
             print("this run:  " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "-"))
         cloud = status.get("daemon", {}).get("cloud")

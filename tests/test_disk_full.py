@@ -67,6 +67,7 @@ def test_a_full_disk_holds_readings_unacknowledged_and_resumes_when_space_frees(
             probe.publish("edgetrio/d1/telemetry", reading(seq))
         status = wait_until(lambda: (s := daemon.status()["daemon"])["store"]["ok"] is False and s, timeout=30)
         assert "full" in status["store"]["error"]
+        assert "store:     cannot write" in daemon.cli("status").stdout
         acked_while_full = acked_seq(probe, ack, 12)  # past the 5 s counter flush that used to kill the daemon
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon exited on a full disk"
         assert acked_while_full < 301, "the test proves nothing: every reading was committed before the disk filled"
