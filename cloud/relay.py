@@ -289,8 +289,10 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     scheme = "wss" if cfg.cert else "ws"
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     run_file = cfg.data_dir / RUN_FILE
-    run_file.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
-                                    "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}"}))
+    tmp = run_file.with_name(RUN_FILE + ".tmp")  # replaced whole: a reader never sees it half written
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
+                               "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}"}))
+    tmp.replace(run_file)
     log.info("relay ready data_dir=%s port=%d", cfg.data_dir, port)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
