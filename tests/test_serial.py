@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
 import signal
 import subprocess
@@ -80,3 +82,36 @@ def test_unplugged_and_plugged_back_loses_nothing(line: tuple[Daemon, Path, Path
     contiguous_per_boot(readings(daemon))
     status = daemon.status()
     assert status["running"]
+
+
+def test_deeply_nested_lines_are_dropped_and_the_line_keeps_serving(tmp_path: Path) -> None:
+    board, gateway = tmp_path / "ttyRawBoard", tmp_path / "ttyRawGateway"
+    link = socat(board, gateway)
+    daemon = Daemon(tmp_path / "gw", extra=("--serial", str(gateway))).start()
+    nested = "[" * 1100 + "]" * 1100
+    try:
+        password = daemon.add_device("raw-1")
+        fd = os.open(board, os.O_RDWR | os.O_NOCTTY)
+        received = b""
+
+        def until(text: bytes) -> None:
+            nonlocal received
+            deadline = time.monotonic() + 20
+            while text not in received:
+                assert time.monotonic() < deadline, f"no {text!r} from the gateway; got {received[-300:]!r}"
+                if select.select([fd], [], [], 0.5)[0]:
+                    received += os.read(fd, 65536)
+
+        os.write(fd, f'{{"ch": "hello", "msg": {nested}}}\n'.encode())
+        os.write(fd, json.dumps({"ch": "hello", "msg": {"id": "raw-1", "password": password}}).encode() + b"\n")
+        until(b'"welcome"')
+        os.write(fd, f'{{"ch": "telemetry", "msg": {{"boot": 1, "seq": 1, "values": {{"x": {nested}}}}}}}\n'.encode())
+        os.write(fd, json.dumps({"ch": "telemetry", "msg": {"boot": 1, "seq": 1, "values": {"t": 1}}}).encode() + b"\n")
+        until(b'"ack"')
+        os.close(fd)
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert daemon.counters().get("serial_malformed", 0) >= 2
+    finally:
+        daemon.stop()
+        link.terminate()
+        link.wait(timeout=10)
