@@ -5,41 +5,23 @@ The data dir lives on a small tmpfs (tests and CI run as root); a filler file ta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tools.testkit import Daemon, Probe, wait_until
+from tools.testkit import Daemon, Probe, fill, small_disk, wait_until
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write until the disk refuses another byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
+def disk(tmp_path: Path) -> Iterator[Path]:
+    with small_disk(tmp_path / "disk", 4) as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a small tmpfs")
+        yield tmp_path / "disk"
 
 
 def reading(seq: int) -> str:
@@ -51,8 +33,8 @@ def acked_seq(probe: Probe, topic: str, wait: float) -> int:
     return max((json.loads(p)["seq"] for t, p in probe.drain(wait) if t == topic), default=0)
 
 
-def test_a_full_disk_holds_readings_unacknowledged_and_resumes_when_space_frees(small_disk: Path) -> None:
-    daemon = Daemon(small_disk / "data").start()
+def test_a_full_disk_holds_readings_unacknowledged_and_resumes_when_space_frees(disk: Path) -> None:
+    daemon = Daemon(disk / "data").start()
     try:
         password = daemon.add_device("d1")
         probe = Probe(daemon, "d1", password, "d1")
@@ -61,7 +43,7 @@ def test_a_full_disk_holds_readings_unacknowledged_and_resumes_when_space_frees(
         probe.publish("edgetrio/d1/telemetry", reading(1))
         assert probe.next_json(ack)["seq"] == 1
 
-        filler = small_disk / "filler"
+        filler = disk / "filler"
         fill(filler)
         for seq in range(2, 302):  # about 450 KB: more than the WAL can take without growing
             probe.publish("edgetrio/d1/telemetry", reading(seq))

@@ -22,11 +22,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.testkit import ROOT, Daemon, Relay
+from tools.testkit import ROOT, Daemon, Relay, fill, small_disk
 from tools.vdev import set_fault
 
 
@@ -52,30 +52,6 @@ class Tally:
                 f"{self.at_edge}, in the cloud {self.in_cloud}, duplicates {self.duplicates}, lost at the edge "
                 f"{self.lost_at_edge}, lost in the cloud {self.lost_in_cloud}, dropped on boards before any ack "
                 f"{self.dropped_on_boards}; faults: {', '.join(self.faults) or '-'}")
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, megabytes: int) -> Iterator[bool]:
-    """A tmpfs at `path` (True), or a plain directory when it cannot be mounted (False: no disk faults)."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
 
 
 def edge_count(data_dir: Path) -> int:
