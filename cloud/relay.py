@@ -26,7 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from cloud import store
 from daemon import wire
-from daemon.edgehub import MAX_FRAME, envelope
+from daemon.edgehub import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
 from daemon.registry import new_secret
 from daemon.store import Writer
 from daemon.wire import clip
@@ -214,25 +214,34 @@ class Relay:
                     await self.run(store.node_presence, node, False, time.time())
                 log.info("edge disconnected node=%s", node)
 
+    async def _refuse(self, session: EdgeSession, reason: str) -> None:
+        """Answer a frame that may have carried readings this relay could not take, and end the link.
+
+        Batches are pipelined: acknowledging the next one would tell the edge to delete what this one held. On its
+        next connection the edge resends from the last offset acknowledged.
+        """
+        self.counters["malformed_frames"] += 1
+        log.warning("unusable frame from node=%s: %s", session.node, clip(reason))
+        await session.ws.send_message(envelope("error", body={"message": reason}))
+        await session.ws.aclose(1007, "unusable frame")
+
     async def _receive_up(self, session: EdgeSession) -> None:
         while True:
             raw = await session.ws.get_message()
             try:
-                message = wire.loads(raw)
+                message = wire.loads(raw, max_depth=FRAME_DEPTH, max_items=FRAME_ITEMS)
                 op = message["op"]
                 body = message.get("body") or {}
                 if not isinstance(body, dict):
                     raise TypeError("body must be an object")
             except (ValueError, KeyError, TypeError) as exc:
-                self.counters["malformed_frames"] += 1
-                log.warning("malformed frame from node=%s: %s", session.node, exc)
-                await session.ws.send_message(envelope("error", body={"message": f"malformed frame: {exc}"}))
-                continue
+                await self._refuse(session, f"malformed frame: {exc}")
+                return
             if op == "up":
                 items = body.get("items")
                 if not isinstance(items, list):
-                    await session.ws.send_message(envelope("error", body={"message": "up needs a list of items"}))
-                    continue
+                    await self._refuse(session, "up needs a list of items")
+                    return
                 offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
                 if skipped:
                     self.counters["items_skipped"] += skipped

@@ -28,8 +28,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgetrio.edgehub")
 MAX_FRAME = 8 * 1024 * 1024  # bytes, both directions
+# JSON bounds for a frame: the envelope wraps device data (itself at most wire.MAX_DEPTH deep) in a few levels, and a
+# batch of 200 outbox rows holds tens of thousands of items. A frame refused for its shape would be lost data.
+FRAME_DEPTH = 64
+FRAME_ITEMS = MAX_FRAME // 4
 BATCH_ROWS = 200
 BATCHES_IN_FLIGHT = 4
+
+
+class RelayRefused(Exception):
+    """The relay could not use a frame this edge sent; the link starts again from the last acknowledged offset."""
 
 
 def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
@@ -90,6 +98,8 @@ class EdgeHub:
                     delays = backoff_delays()
                 except HandshakeError as exc:
                     await self._down(f"cannot connect to {self.url}: {exc}")
+                except RelayRefused as exc:
+                    await self._down(f"the relay refused a frame ({exc}); resending from offset {self.acked_upto}")
                 except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                     await self._down(f"link lost: {type(exc).__name__} {exc}")
                 except Exception as exc:  # whatever the relay sends must cost the link, never the daemon
@@ -160,7 +170,7 @@ class EdgeHub:
         while True:
             raw = await ws.get_message()
             try:
-                message = wire.loads(raw)
+                message = wire.loads(raw, max_depth=FRAME_DEPTH, max_items=FRAME_ITEMS)
                 op, body = message["op"], message.get("body") or {}
                 if not isinstance(body, dict):
                     raise TypeError("body is not an object")
@@ -185,7 +195,9 @@ class EdgeHub:
                     result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 await ws.send_message(envelope("applied", message.get("resource", ""), result, parent=message_id))
             elif op == "error":
-                log.error("the relay refused this node: %s", body.get("message"))
+                # Something sent was not taken. Batches are pipelined, so the relay may acknowledge later offsets:
+                # end the link and resume from the last acknowledged offset rather than risk passing a gap.
+                raise RelayRefused(str(body.get("message")))
 
     async def _ping(self, ws: WebSocketConnection) -> None:
         while True:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -217,6 +218,9 @@ def run(workdir: Path, seed: int, boards: int, readings: int, period: float, dis
         daemon.stop()
         relay.stop()
         result = tally(seed, faults, gw_data, relay.data_dir, watch)
+        if not result.ok:  # keep the edge's store for a look: the tmpfs goes with the run
+            for part in gw_data.glob("edgetrio.db*"):
+                shutil.copy2(part, workdir / part.name)
     return result
 
 
