@@ -219,8 +219,8 @@ def run(workdir: Path, seed: int, boards: int, readings: int, period: float, dis
         relay.stop()
         result = tally(seed, faults, gw_data, relay.data_dir, watch)
         if not result.ok:  # keep the edge's store for a look: the tmpfs goes with the run
-            for part in gw_data.glob("edgetrio.db*"):
-                shutil.copy2(part, workdir / part.name)
+            for db_file in gw_data.glob("edgetrio.db*"):
+                shutil.copy2(db_file, workdir / db_file.name)
     return result
 
 
