@@ -103,7 +103,8 @@ class EdgeHub:
                 except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                     await self._down(f"link lost: {type(exc).__name__} {exc}")
                 except Exception as exc:  # whatever the relay sends must cost the link, never the daemon
-                    log.exception("cloud link failed")
+                    if self.writer.failure is None:  # a full disk has been reported already, a traceback adds nothing
+                        log.exception("cloud link failed")
                     await self._down(f"link error: {type(exc).__name__} {exc}")
                 await trio.sleep(next(delays))
 
