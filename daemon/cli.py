@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -31,6 +32,13 @@ class CliError(Exception):
         self.code = code
 
 
+def edgetrio_version() -> str:
+    try:
+        return importlib.metadata.version("edgetrio")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data"))
 
@@ -47,6 +55,13 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
+
+
+def require_positive(**options: float | None) -> None:
+    """A count, period or limit that is zero, negative or not a number is a usage error, not a traceback later."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise CliError(f"--{name} must be more than 0, not {value:g}", EXIT_USAGE)
 
 
 def fmt_time(ts: float | None) -> str:
@@ -124,7 +139,7 @@ def cmd_device_add(args: argparse.Namespace) -> None:
 def cmd_device_remove(args: argparse.Namespace) -> None:
     via_daemon_or_store(args.data_dir, "device.remove", {"id": args.id},
                         lambda db: store.remove_device(db, args.id))
-    print(f"removed {args.id} (its stored readings are kept)")
+    emit(args, {"id": args.id, "removed": True}, lambda: print(f"removed {args.id} (its stored readings are kept)"))
 
 
 def cmd_device_list(args: argparse.Namespace) -> None:
@@ -151,7 +166,7 @@ def cmd_model_add(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_USAGE) from exc
     via_daemon_or_store(args.data_dir, "model.add", {"model": model.as_dict()},
                         lambda db: store.add_model(db, model))
-    print(f"model {model.name} stored with {len(model.resources)} resources")
+    emit(args, model.as_dict(), lambda: print(f"model {model.name} stored with {len(model.resources)} resources"))
 
 
 def cmd_model_list(args: argparse.Namespace) -> None:
@@ -195,6 +210,7 @@ def cmd_twin_set(args: argparse.Namespace) -> None:
 
 
 def cmd_cmd(args: argparse.Namespace) -> None:
+    require_positive(timeout=args.timeout)
     if not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: commands need the daemon and the device online")
     try:
@@ -217,6 +233,7 @@ def cmd_cmd(args: argparse.Namespace) -> None:
 
 
 def cmd_readings(args: argparse.Namespace) -> None:
+    require_positive(limit=args.limit)
     try:
         since = store.parse_since(args.since) if args.since else None
     except ValueError as exc:
@@ -277,6 +294,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_vdev(args: argparse.Namespace) -> None:
     from tools.vdev import main_vdev
 
+    require_positive(count=args.count, period=args.period, buffer=args.buffer)
     if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
@@ -312,12 +330,14 @@ def cmd_fault(args: argparse.Namespace) -> None:
         set_fault(args.data_dir, args.id, args.kind, value)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip())
+    emit(args, {"id": args.id, "fault": args.kind, "value": value},
+         lambda: print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip()))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from tools.demo import run_demo
 
+    require_positive(devices=args.devices)
     run_demo(args.data_dir, args.devices, args.duration)
 
 
@@ -338,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--data-dir", type=Path, default=None,
                         help="the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)")
     as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="print JSON")
+    as_json.add_argument("--json", action="store_true", help="print JSON (an error is a JSON object on stderr)")
+    parser.add_argument("--version", action="version", version=f"edgetrio {edgetrio_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("daemon", parents=[common], help="run the gateway daemon in the foreground")
+    p = sub.add_parser("daemon", parents=[common, as_json], help="run the gateway daemon in the foreground")
     p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
     p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
@@ -362,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_device_add)
     p = device.add_parser("list", parents=[common, as_json], help="devices with online state and last seen")
     p.set_defaults(func=cmd_device_list)
-    p = device.add_parser("remove", parents=[common], help="remove a device (its readings stay)")
+    p = device.add_parser("remove", parents=[common, as_json], help="remove a device (its readings stay)")
     p.add_argument("id")
     p.set_defaults(func=cmd_device_remove)
 
     model = sub.add_parser("model", help="device models").add_subparsers(dest="action", required=True)
-    p = model.add_parser("add", parents=[common], help="add or replace a model from a .json or .toml file")
+    p = model.add_parser("add", parents=[common, as_json], help="add or replace a model from a .json or .toml file")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_model_add)
     p = model.add_parser("list", parents=[common, as_json])
@@ -403,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cloud_parser(sub)
 
-    p = sub.add_parser("vdev", parents=[common], help="run virtual ESP32s (the real firmware) against the daemon")
+    p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
     p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
@@ -417,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
     p.set_defaults(func=cmd_vdev)
 
-    p = sub.add_parser("flash", parents=[common], help="install the firmware on a board (or a virtual one) with mpremote")
+    p = sub.add_parser("flash", parents=[common, as_json],
+                       help="install the firmware on a board (or a virtual one) with mpremote")
     p.add_argument("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT")
     p.add_argument("--device-id", required=True)
     p.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it")
@@ -434,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
     p.set_defaults(func=cmd_flash)
 
-    p = sub.add_parser("fault", parents=[common], help="inject a fault into a running virtual device")
+    p = sub.add_parser("fault", parents=[common, as_json], help="inject a fault into a running virtual device")
     p.add_argument("id")
     p.add_argument("kind", choices=["wifi", "env", "power", "hang"])
     p.add_argument("values", nargs="*",
@@ -442,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
     p.set_defaults(func=cmd_fault)
 
-    p = sub.add_parser("demo", parents=[common], help="run a daemon with simulated devices and show readings arriving")
+    p = sub.add_parser("demo", parents=[common, as_json], help="run a daemon with simulated devices and show readings arriving")
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
@@ -459,8 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (CliError, ConfigError, CloudCliError) as exc:
-        print(f"edgetrio: error: {exc}", file=sys.stderr)
-        raise SystemExit(getattr(exc, "code", EXIT_USAGE)) from None
+        code = getattr(exc, "code", EXIT_USAGE)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "exit_code": code}), file=sys.stderr)
+        else:
+            print(f"edgetrio: error: {exc}", file=sys.stderr)
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

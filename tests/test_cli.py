@@ -158,3 +158,24 @@ def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> 
         assert [r["seq"] for r in json.loads(daemon.cli("readings", "old-1", "--json").stdout)] == [6]
     finally:
         daemon.stop()
+
+
+def test_version_json_everywhere_and_nonsense_numbers(tmp_path: Path) -> None:
+    version = subprocess.run([sys.executable, "-m", "daemon", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert version.returncode == 0 and version.stdout.startswith("edgetrio ")
+    data = tmp_path / "data"
+    cli(data, "device", "add", "d1")
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps({"name": "m1", "resources": [{"name": "t", "type": "float"}]}))
+    assert json.loads(cli(data, "model", "add", str(model), "--json").stdout)["name"] == "m1"
+    assert json.loads(cli(data, "device", "remove", "d1", "--json").stdout) == {"id": "d1", "removed": True}
+    # under --json an error is a JSON object on stderr, with the same exit code as without
+    failed = cli(data, "device", "remove", "d1", "--json", check=False)
+    assert failed.returncode == 1 and "unknown device" in json.loads(failed.stderr)["error"]
+    assert json.loads(failed.stderr)["exit_code"] == 1
+    for args in (("readings", "d1", "--limit", "-3"), ("readings", "d1", "--limit", "0"),
+                 ("cmd", "d1", "ping", "--timeout", "-1"), ("vdev", "--count", "0"), ("vdev", "--period", "nan")):
+        proc = cli(data, *args, check=False)
+        assert proc.returncode == 2 and "must be more than 0" in one_line_error(proc), args
+    proc = cli(data, "readings", "d1", "--limit", "-3", "--json", check=False)
+    assert proc.returncode == 2 and "--limit" in json.loads(proc.stderr)["error"]

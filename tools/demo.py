@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from daemon import store
 from daemon.config import RUN_FILE
+from tools.vdev import die_with_parent
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -43,7 +46,7 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
     db.close()
     (relay_dir / "relay.json").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(relay_dir),
-                             "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"])
+                             "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"], **CHILD)
     deadline = time.monotonic() + 30
     while not (relay_dir / "relay.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -51,6 +54,11 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
         time.sleep(0.05)
     info = json.loads((relay_dir / "relay.json").read_text())
     return proc, {**info, **json.loads(node_file.read_text())}
+
+
+# The demo's parts run in sessions of their own, so a terminal's Ctrl-C reaches the demo alone, which then stops them
+# in order (boards, daemon, relay); and they get SIGTERM from the kernel if the demo itself is killed.
+CHILD: dict[str, Any] = {"start_new_session": True, "preexec_fn": partial(die_with_parent, signal.SIGTERM)}
 
 
 def run_demo(data_dir: Path, count: int, duration: float) -> None:
@@ -63,13 +71,14 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
                              "--cloud", cloud["edge_url"], "--node-id", cloud["node"]],
-                            env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]})  # not in argv, not in `ps`
+                            env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]},  # not in argv, not in `ps`
+                            **CHILD)
     children = [proc, relay]
     try:
         info = wait_for_daemon(data_dir, proc)
         print(f"daemon pid {proc.pid} listening for MQTT on {info['mqtt_host']}:{info['mqtt_port']}", flush=True)
         vdevs = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", str(count), "--period", "2",
-                                  "--data-dir", str(data_dir)])
+                                  "--data-dir", str(data_dir)], **CHILD)
         children.insert(0, vdevs)
         db = store.open_db(data_dir)
         from cloud import store as cloud_store

@@ -10,11 +10,13 @@ Fault files live in FLASH/sim/: wifi, env.json (sensor values), power (a power c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
+PR_SET_PDEATHSIG = 1  # prctl(2)
 PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32
 log = logging.getLogger("edgetrio.vdev")
 
@@ -83,6 +86,21 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
         raise ValueError(f"unknown fault {kind!r}")
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child, before exec: the kernel sends `sig` when the process that started it dies, however it dies.
+
+    Boards and demo children run in sessions of their own (a terminal's Ctrl-C is for their supervisor), so without
+    this a supervisor killed hard would leave them running.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
+
+
+def _repl_child() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is the interpreter's terminal: Ctrl-C from mpremote interrupts it
+    die_with_parent()
+
+
 class ReplPort:
     """The virtual device's USB serial port: a pty linked at `path`, the way /dev/ttyUSB0 looks for a board.
 
@@ -114,6 +132,15 @@ class ReplPort:
             if self.device is not None:
                 with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.device.send_all(data)
+
+    def close(self) -> None:
+        """Remove the link (if it is still ours) and close the pty: no dangling /dev/ttyUSB0 look-alike is left."""
+        with contextlib.suppress(OSError):
+            if self.path.is_symlink() and os.readlink(self.path) == os.ttyname(self.slave):
+                self.path.unlink()
+        for fd in (self.slave, self.master):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def to_port(self, data: bytes) -> None:
         """Write to the port without ever blocking: with no one reading it, output is lost, as on a UART."""
@@ -167,22 +194,27 @@ class VirtualDevice:
         (self.flash / "config.json").write_text(json.dumps(config))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            self.proxy_port = listeners[0].socket.getsockname()[1]
-            (self.flash / "sim").mkdir(parents=True, exist_ok=True)
-            (self.flash / "sim" / "proxy_port").write_text(str(self.proxy_port))
-            nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
-            nursery.start_soon(self._watch_wifi)
+        """Run the board (its Wi-Fi proxy and its supervisor) until cancelled; its REPL link goes with it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                self.proxy_port = listeners[0].socket.getsockname()[1]
+                (self.flash / "sim").mkdir(parents=True, exist_ok=True)
+                (self.flash / "sim" / "proxy_port").write_text(str(self.proxy_port))
+                nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
+                nursery.start_soon(self._watch_wifi)
+                if self.repl is not None:
+                    nursery.start_soon(self.repl.from_host)
+                config_path = self.flash / "config.json"
+                if self.broker[1] and config_path.exists():  # a blank board gets its config from `edgetrio flash`
+                    config = json.loads(config_path.read_text())
+                    config.update({"broker_host": "127.0.0.1", "broker_port": self.proxy_port})
+                    config_path.write_text(json.dumps(config))
+                task_status.started()
+                await self._supervise()
+        finally:
             if self.repl is not None:
-                nursery.start_soon(self.repl.from_host)
-            config_path = self.flash / "config.json"
-            if self.broker[1] and config_path.exists():  # a blank board gets its config from `edgetrio flash`
-                config = json.loads(config_path.read_text())
-                config.update({"broker_host": "127.0.0.1", "broker_port": self.proxy_port})
-                config_path.write_text(json.dumps(config))
-            task_status.started()
-            await self._supervise()
+                self.repl.close()
 
     async def _supervise(self) -> None:
         self.flash.mkdir(parents=True, exist_ok=True)
@@ -238,7 +270,8 @@ class VirtualDevice:
             process = await trio.lowlevel.open_process(
                 [*command, str(FIRMWARE / "sim" / "board.py")],
                 cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # a Ctrl-C at the terminal is for the supervisor, which then stops it
+                start_new_session=True,  # a Ctrl-C at the terminal is for the supervisor, which then stops it
+                preexec_fn=die_with_parent)
             task_status.started(process)
             device = None
         else:
@@ -251,7 +284,7 @@ class VirtualDevice:
             process = await trio.lowlevel.open_process(
                 [*command, "-i", str(FIRMWARE / "sim" / "board.py")] if firmware else command,
                 cwd=str(self.flash), stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                preexec_fn=_repl_child)
             os.close(slave)
             device = trio.lowlevel.FdStream(master)
             assert self.repl is not None
