@@ -31,16 +31,16 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m tools.bench_ingest
-	$(BIN)/python -m tools.bench_relay
-	$(BIN)/python -m tools.bench_flood
+	$(BIN)/python -m edgetrio.tools.bench.bench_ingest
+	$(BIN)/python -m edgetrio.tools.bench.bench_relay
+	$(BIN)/python -m edgetrio.tools.bench.bench_flood
 
 # long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
 chaos: $(STAMP)
-	$(BIN)/python -m tools.chaos --boards 20 --readings 100000 $(if $(SEED),--seed $(SEED))
+	$(BIN)/python -m edgetrio.tools.bench.chaos --boards 20 --readings 100000 $(if $(SEED),--seed $(SEED))
 
 soak: $(STAMP)
-	$(BIN)/python -m tools.soak --minutes 60
+	$(BIN)/python -m edgetrio.tools.bench.soak --minutes 60
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

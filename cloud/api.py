@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from cloud import store
-from daemon import wire
-from daemon.registry import RegistryError
-from daemon.twin import VersionConflict
+from edgetrio.cloud import store
+from edgetrio.daemon import wire
+from edgetrio.daemon.registry import RegistryError
+from edgetrio.daemon.twin import VersionConflict
 
 if TYPE_CHECKING:
-    from cloud.relay import Relay
+    from edgetrio.cloud.relay import Relay
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("edgetrio.api")

@@ -13,9 +13,9 @@ from typing import Any
 
 import trio
 
-from cloud import store
-from cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from daemon.registry import RegistryError
+from edgetrio.cloud import store
+from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
+from edgetrio.daemon.registry import RegistryError
 
 
 class CloudCliError(Exception):
@@ -60,7 +60,7 @@ def show(args: argparse.Namespace, value: Any, lines: list[str]) -> None:
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
-    from daemon.cli import parse_assignments as parse
+    from edgetrio.daemon.cli import parse_assignments as parse
 
     return parse(items)
 
@@ -68,7 +68,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     action = args.cloud_action
     if action == "serve":
-        from daemon.cli import setup_logging
+        from edgetrio.daemon.cli import setup_logging
 
         setup_logging(args.log_level or "info")
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
@@ -155,13 +155,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def fmt_time(ts: float | None) -> str:
-    from daemon.cli import fmt_time as fmt
+    from edgetrio.daemon.cli import fmt_time as fmt
 
     return fmt(ts)
 
 
 def store_since(text: str) -> float:
-    from daemon.store import parse_since
+    from edgetrio.daemon.store import parse_since
 
     try:
         return parse_since(text)

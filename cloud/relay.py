@@ -24,12 +24,12 @@ import trio
 from sqlite_utils import Database
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from cloud import store
-from daemon import wire
-from daemon.edgehub import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
-from daemon.registry import new_secret
-from daemon.store import Writer
-from daemon.wire import clip
+from edgetrio.cloud import store
+from edgetrio.daemon import wire
+from edgetrio.daemon.edgehub import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
+from edgetrio.daemon.registry import new_secret
+from edgetrio.daemon.store import Writer
+from edgetrio.daemon.wire import clip
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -159,7 +159,7 @@ class Relay:
                 await self._edge(request, peer(stream))
                 nursery.cancel_scope.cancel()
             return
-        from cloud.api import handle_http
+        from edgetrio.cloud.api import handle_http
 
         await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None), self.http_timeout)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
-from daemon.store import PRUNE_CHUNK, connect
-from daemon.twin import Twin, set_desired
-from daemon.wire import MAX_INTEGER
+from edgetrio.daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from edgetrio.daemon.store import PRUNE_CHUNK, connect
+from edgetrio.daemon.twin import Twin, set_desired
+from edgetrio.daemon.wire import MAX_INTEGER
 
 DB_FILE = "relay.db"
 

@@ -50,9 +50,9 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from daemon.ingest import DEVICE_CHANNELS, in_device_space, parse_topic
-from daemon.registry import ADMIN_USER, verify_secret
-from daemon.wire import clip
+from edgetrio.daemon.ingest import DEVICE_CHANNELS, in_device_space, parse_topic
+from edgetrio.daemon.registry import ADMIN_USER, verify_secret
+from edgetrio.daemon.wire import clip
 
 log = logging.getLogger("edgetrio.broker")
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import trio
 
-from daemon import store, wire
-from daemon.config import ConfigError, build_config, load_config_file
-from daemon.control import ControlClient, ControlError
-from daemon.gateway import DaemonError, daemon_running, read_run_file
-from daemon.registry import RegistryError, load_model_file
-from daemon.twin import VersionConflict, set_desired
+from edgetrio.daemon import store, wire
+from edgetrio.daemon.config import ConfigError, build_config, load_config_file
+from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.daemon.gateway import DaemonError, daemon_running, read_run_file
+from edgetrio.daemon.registry import RegistryError, load_model_file
+from edgetrio.daemon.twin import VersionConflict, set_desired
 
 EXIT_FAILED = 1  # the operation was refused or did not complete (conflict, timeout, unknown device)
 EXIT_USAGE = 2  # bad arguments, bad config, cannot start
@@ -113,8 +113,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
     setup_logging(cfg.log_level)
-    from daemon.broker import BrokerStartError
-    from daemon.gateway import run
+    from edgetrio.daemon.broker import BrokerStartError
+    from edgetrio.daemon.gateway import run
 
     failure: BaseException | None = None
     try:
@@ -292,9 +292,13 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_vdev(args: argparse.Namespace) -> None:
-    from tools.vdev import main_vdev
+    from edgetrio.tools.vdev import main_vdev, require_device_tools
 
     require_positive(count=args.count, period=args.period, buffer=args.buffer)
+    try:
+        require_device_tools(virtual=True)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
     if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
@@ -305,7 +309,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
 
 
 def cmd_flash(args: argparse.Namespace) -> None:
-    from tools.flash import FlashError, flash
+    from edgetrio.tools.flash import FlashError, flash
 
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
@@ -315,7 +319,7 @@ def cmd_flash(args: argparse.Namespace) -> None:
 
 
 def cmd_fault(args: argparse.Namespace) -> None:
-    from tools.vdev import set_fault
+    from edgetrio.tools.vdev import set_fault
 
     value: Any
     if args.kind == "wifi":
@@ -335,7 +339,7 @@ def cmd_fault(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tools.demo import run_demo
+    from edgetrio.tools.demo import run_demo
 
     require_positive(devices=args.devices)
     run_demo(args.data_dir, args.devices, args.duration)
@@ -420,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
     p.set_defaults(func=cmd_status)
 
-    from cloud.cli import add_parser as add_cloud_parser
+    from edgetrio.cloud.cli import add_parser as add_cloud_parser
 
     add_cloud_parser(sub)
 
@@ -472,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cloud.cli import CloudCliError
+    from edgetrio.cloud.cli import CloudCliError
 
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone

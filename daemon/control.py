@@ -11,9 +11,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from daemon.config import admin_credential
-from daemon.gateway import read_run_file
-from daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST
+from edgetrio.daemon.config import admin_credential
+from edgetrio.daemon.gateway import read_run_file
+from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST
 
 
 class ControlError(Exception):

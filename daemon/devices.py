@@ -16,9 +16,9 @@ from typing import Any
 import serial
 import trio
 
-from daemon import wire
-from daemon.broker import BrokerLink, BusEvent, Credentials
-from daemon.ingest import device_topic
+from edgetrio.daemon import wire
+from edgetrio.daemon.broker import BrokerLink, BusEvent, Credentials
+from edgetrio.daemon.ingest import device_topic
 
 log = logging.getLogger("edgetrio.serial")
 MAX_LINE = 64 * 1024

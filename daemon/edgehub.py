@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from daemon import store, wire
+from edgetrio.daemon import store, wire
 
 if TYPE_CHECKING:
-    from daemon.gateway import Gateway
+    from edgetrio.daemon.gateway import Gateway
 
 log = logging.getLogger("edgetrio.edgehub")
 MAX_FRAME = 8 * 1024 * 1024  # bytes, both directions

@@ -24,12 +24,12 @@ import outcome
 import trio
 from sqlite_utils import Database
 
-from daemon import store, wire
-from daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
-from daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
-from daemon.devices import SerialDevice
-from daemon.edgehub import EdgeHub
-from daemon.ingest import (
+from edgetrio.daemon import store, wire
+from edgetrio.daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
+from edgetrio.daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
+from edgetrio.daemon.devices import SerialDevice
+from edgetrio.daemon.edgehub import EdgeHub
+from edgetrio.daemon.ingest import (
     CONTROL_REPLY_ROOT,
     CONTROL_REQUEST,
     DEVICE_CHANNELS,
@@ -40,8 +40,8 @@ from daemon.ingest import (
     parse_telemetry,
     parse_topic,
 )
-from daemon.registry import ADMIN_USER, Model, RegistryError, check_values_without_model
-from daemon.twin import Twin, VersionConflict, set_desired, set_reported
+from edgetrio.daemon.registry import ADMIN_USER, Model, RegistryError, check_values_without_model
+from edgetrio.daemon.twin import Twin, VersionConflict, set_desired, set_reported
 
 log = logging.getLogger("edgetrio.gateway")
 

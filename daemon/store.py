@@ -24,9 +24,9 @@ import outcome
 import trio
 from sqlite_utils import Database
 
-from daemon.ingest import Reading, advance_watermark
-from daemon.registry import Model, RegistryError, check_device_id, hash_secret, new_secret
-from daemon.twin import Twin
+from edgetrio.daemon.ingest import Reading, advance_watermark
+from edgetrio.daemon.registry import Model, RegistryError, check_device_id, hash_secret, new_secret
+from edgetrio.daemon.twin import Twin
 
 log = logging.getLogger("edgetrio.store")
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.testkit import ROOT, Board, Daemon, wait_until
+from edgetrio.tools.testkit import ROOT, Board, Daemon, wait_until
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,7 +45,7 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
         daemon.start()
         tty = tmp_path / "ttyUSB0"
         log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
-        vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--blank", "--repl-pty", str(tty),
+        vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty),
                                  "--prefix", "board", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
                                 stderr=log)
         wait_until(tty.exists)

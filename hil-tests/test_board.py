@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tools.testkit import Board, contiguous_per_boot, wait_until
+from edgetrio.tools.testkit import Board, contiguous_per_boot, wait_until
 
 
 def test_boots_goes_online_and_telemetry_is_stored_and_acked(board: Board) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tools.testkit import Daemon, Probe
+from edgetrio.tools.testkit import Daemon, Probe
 
 
 @pytest.fixture(scope="module")

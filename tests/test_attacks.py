@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from daemon import wire
-from daemon.registry import RegistryError, check_device_id
-from tools.testkit import Daemon, Probe, RawMQTT, wait_until
+from edgetrio.daemon import wire
+from edgetrio.daemon.registry import RegistryError, check_device_id
+from edgetrio.tools.testkit import Daemon, Probe, RawMQTT, wait_until
 
 NESTED = b'{"boot": 7, "seq": 1, "values": {"x": ' + b"[" * 1100 + b"]" * 1100 + b"}}"
 

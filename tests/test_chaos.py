@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tools import chaos
+from edgetrio.tools.bench import chaos
 
 
 def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path: Path) -> None:

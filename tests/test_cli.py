@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.testkit import ROOT, Daemon, cli, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, cli, wait_until
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon", "daemon", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgetrio", "daemon", *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
 
 
@@ -134,8 +134,8 @@ def test_readings_filters(daemon: Daemon, device: object) -> None:
 def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> None:
     import time as clock
 
-    from daemon import store
-    from daemon.ingest import Reading
+    from edgetrio.daemon import store
+    from edgetrio.daemon.ingest import Reading
 
     data = tmp_path / "gw"
     db = store.open_db(data)
@@ -161,7 +161,7 @@ def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> 
 
 
 def test_version_json_everywhere_and_nonsense_numbers(tmp_path: Path) -> None:
-    version = subprocess.run([sys.executable, "-m", "daemon", "--version"], capture_output=True, text=True, cwd=ROOT)
+    version = subprocess.run([sys.executable, "-m", "edgetrio", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert version.returncode == 0 and version.stdout.startswith("edgetrio ")
     data = tmp_path / "data"
     cli(data, "device", "add", "d1")

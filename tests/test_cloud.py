@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tools.simdevice import SimDevice
-from tools.testkit import Daemon, Relay, wait_until
+from edgetrio.tools.testkit import Daemon, Relay, wait_until
+from edgetrio.tools.testkit.simdevice import SimDevice
 
 
 @pytest.fixture

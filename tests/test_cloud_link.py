@@ -11,9 +11,9 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from daemon.edgehub import backoff_delays, envelope
-from tools.simdevice import SimDevice
-from tools.testkit import Daemon, Relay, wait_until
+from edgetrio.daemon.edgehub import backoff_delays, envelope
+from edgetrio.tools.testkit import Daemon, Relay, wait_until
+from edgetrio.tools.testkit.simdevice import SimDevice
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -116,7 +116,7 @@ def test_wss_link_and_https_api_with_a_certificate(tmp_path: Path) -> None:
 
         def cloud_readings() -> Any:
             out = subprocess.run(
-                [sys.executable, "-m", "daemon", "cloud", "readings", "tls-gw",
+                [sys.executable, "-m", "edgetrio", "cloud", "readings", "tls-gw",
                  "secure-1", "--url", info["api_url"], "--token", operator, "--cafile", str(cert), "--json"],
                 capture_output=True, text=True, timeout=60)
             return out.returncode == 0 and json.loads(out.stdout)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tools.testkit import Daemon, Probe, fill, small_disk, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, fill, small_disk, wait_until
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import signal
 import time
 from pathlib import Path
 
-from daemon import store
-from tools.simdevice import SimDevice
-from tools.testkit import Daemon
+from edgetrio.daemon import store
+from edgetrio.tools.testkit import Daemon
+from edgetrio.tools.testkit.simdevice import SimDevice
 
 
 def stored_seqs(data_dir: Path, device_id: str, boot: int) -> list[int]:

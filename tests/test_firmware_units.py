@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tools.vdev import FIRMWARE, micropython
+from edgetrio.tools.vdev import FIRMWARE, micropython
 
 
 def run_micropython(tmp_path: Path, code: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.testkit import ROOT, Daemon, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, wait_until
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def board(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     daemon = Daemon(tmp_path / "gw").start()
     tty = tmp_path / "ttyUSB0"
     log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
-    vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
+    vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
                              "board", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
     wait_until(tty.exists)
     yield daemon, tty

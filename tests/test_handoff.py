@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import store
-from daemon.broker import BrokerLink, BusEvent
-from daemon.registry import RegistryError
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink, BusEvent
+from edgetrio.daemon.registry import RegistryError
 
 
 async def test_handoff_batches_and_refuses_past_the_bound() -> None:
@@ -52,7 +52,7 @@ async def test_writer_isolates_a_failing_operation_and_commits_the_rest(tmp_path
 
 
 def test_max_payload_and_port_are_checked() -> None:
-    from daemon.config import ConfigError, build_config
+    from edgetrio.daemon.config import ConfigError, build_config
 
     with pytest.raises(ConfigError):
         build_config({}, {"mqtt_port": 70000})

@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.testkit import ROOT, wait_until
+from edgetrio.tools.testkit import ROOT, wait_until
 
 
 def test_the_real_board_path_of_the_hil_suite_passes_against_a_board_on_a_serial_port(tmp_path: Path) -> None:
     tty = tmp_path / "ttyUSB0"
     with open(tmp_path / "vdev.log", "ab") as log:
-        board = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
+        board = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
                                   "board", "--data-dir", str(tmp_path / "bench")], cwd=ROOT, stdout=log, stderr=log)
     try:
         wait_until(tty.exists)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tools.testkit import Daemon
+from edgetrio.tools.testkit import Daemon
 
 
 def telemetry(boot: int, seq: int, **values: Any) -> str:
@@ -126,7 +126,7 @@ def test_status_log_and_presence_are_recorded(daemon: Daemon, device: Any) -> No
         if not listed[device_id]["online"]:
             break
     assert listed[device_id]["online"] is False
-    from daemon import store
+    from edgetrio.daemon import store
 
     db = store.open_db(daemon.data_dir)
     kinds = [e["kind"] for e in store.events(db, device_id)]

@@ -17,8 +17,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from daemon.edgehub import envelope
-from tools.testkit import Relay
+from edgetrio.daemon.edgehub import envelope
+from edgetrio.tools.testkit import Relay
 
 
 @pytest.fixture(scope="module")

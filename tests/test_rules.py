@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.gateway import topic_matches
-from daemon.ingest import Rejected, advance_watermark, in_device_space, parse_telemetry, parse_topic
-from daemon.registry import Model, RegistryError, check_device_id, hash_secret, verify_secret
-from daemon.twin import Twin, VersionConflict, set_desired, set_reported
+from edgetrio.daemon.gateway import topic_matches
+from edgetrio.daemon.ingest import Rejected, advance_watermark, in_device_space, parse_telemetry, parse_topic
+from edgetrio.daemon.registry import Model, RegistryError, check_device_id, hash_secret, verify_secret
+from edgetrio.daemon.twin import Twin, VersionConflict, set_desired, set_reported
 
 
 def test_twin_delta_and_versions() -> None:

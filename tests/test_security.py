@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.registry import new_secret
-from tools.testkit import Daemon
+from edgetrio.daemon.registry import new_secret
+from edgetrio.tools.testkit import Daemon
 
 
 def test_device_with_its_credential_is_accepted(device: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.testkit import ROOT, Daemon, contiguous_per_boot, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, contiguous_per_boot, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package)")
 DEVICE = "serial-1"
@@ -34,7 +34,7 @@ def line(tmp_path: Path) -> Iterator[tuple[Daemon, Path, Path, list[subprocess.P
     daemon = Daemon(tmp_path / "gw", extra=("--serial", str(gateway_end)))
     daemon.start()
     log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
-    vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", "1", "--prefix", "serial",
+    vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "serial",
                              "--period", "0.3", "--uart", str(board_end), "--data-dir", str(daemon.data_dir)],
                             cwd=ROOT, stdout=log, stderr=log)
     procs.append(vdev)

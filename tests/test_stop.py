@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tools.testkit import ROOT, wait_until
+from edgetrio.tools.testkit import ROOT, wait_until
 
 
 def leftovers(marker: Path) -> list[str]:
@@ -27,7 +27,7 @@ def test_ctrl_c_on_the_demo_stops_every_part(tmp_path: Path) -> None:
     out = tmp_path / "demo.out"
     with open(out, "wb") as log:
         # a new session, like a terminal's foreground job: the Ctrl-C below goes to its whole process group
-        demo = subprocess.Popen([sys.executable, "-m", "daemon", "demo", "--devices", "2", "--data-dir",
+        demo = subprocess.Popen([sys.executable, "-m", "edgetrio", "demo", "--devices", "2", "--data-dir",
                                  str(tmp_path / "demo")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
@@ -47,7 +47,7 @@ def test_a_board_supervisor_stopped_or_killed_leaves_no_board_and_no_link(tmp_pa
     for sig in (signal.SIGTERM, signal.SIGKILL):
         link = tmp_path / f"ttyV-{sig.name}"
         data = tmp_path / f"data-{sig.name}"
-        vdev = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--blank", "--repl-pty", str(link),
+        vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(link),
                                  "--data-dir", str(data)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:

@@ -7,9 +7,9 @@ import threading
 import time
 from typing import Any
 
-from daemon.control import ControlClient
-from tools.simdevice import SimDevice
-from tools.testkit import Daemon, wait_until
+from edgetrio.daemon.control import ControlClient
+from edgetrio.tools.testkit import Daemon, wait_until
+from edgetrio.tools.testkit.simdevice import SimDevice
 
 
 def test_desired_is_delivered_on_connect_and_on_change(daemon: Daemon, device: Any, connect: Any) -> None:

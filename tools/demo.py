@@ -12,9 +12,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from daemon import store
-from daemon.config import RUN_FILE
-from tools.vdev import die_with_parent
+from edgetrio.daemon import store
+from edgetrio.daemon.config import RUN_FILE
+from edgetrio.tools.vdev import die_with_parent
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -34,7 +34,7 @@ def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: floa
 
 def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
-    from cloud import store as cloud_store
+    from edgetrio.cloud import store as cloud_store
 
     node_file = relay_dir / "demo-node.json"
     db = cloud_store.open_db(relay_dir)
@@ -45,7 +45,7 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
             node_file.write_text(json.dumps({"node": "demo-gw", "token": cloud_store.add_node(db, "demo-gw")}))
     db.close()
     (relay_dir / "relay.json").unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(relay_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(relay_dir),
                              "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"], **CHILD)
     deadline = time.monotonic() + 30
     while not (relay_dir / "relay.json").exists():
@@ -68,7 +68,7 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
           "firmware on the MicroPython unix port; Ctrl-C stops", flush=True)
     relay, cloud = start_relay(relay_dir)
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
                              "--cloud", cloud["edge_url"], "--node-id", cloud["node"]],
                             env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]},  # not in argv, not in `ps`
@@ -77,15 +77,15 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     try:
         info = wait_for_daemon(data_dir, proc)
         print(f"daemon pid {proc.pid} listening for MQTT on {info['mqtt_host']}:{info['mqtt_port']}", flush=True)
-        vdevs = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", str(count), "--period", "2",
+        vdevs = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(count), "--period", "2",
                                   "--data-dir", str(data_dir)], **CHILD)
         children.insert(0, vdevs)
         db = store.open_db(data_dir)
-        from cloud import store as cloud_store
+        from edgetrio.cloud import store as cloud_store
 
         cloud_db = cloud_store.open_db(relay_dir)
         names = [f"vdev-{i}" for i in range(1, count + 1)]
-        from tools.vdev import flash_dir, set_fault
+        from edgetrio.tools.vdev import flash_dir, set_fault
 
         for name in names:  # readings that change a little, as in a real room
             wait_deadline = time.monotonic() + 30

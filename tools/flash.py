@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.vdev import build_bundle, device_config
+from edgetrio.tools.vdev import build_bundle, device_config, require_device_tools
 
 
 class FlashError(Exception):
@@ -28,9 +28,9 @@ def step(n: int, total: int, text: str) -> None:
 
 def credential(data_dir: Path, device_id: str) -> str:
     """Register the device (through the daemon if it runs) and return its credential; an existing one is rotated."""
-    from daemon import store
-    from daemon.control import ControlClient, ControlError
-    from daemon.gateway import daemon_running
+    from edgetrio.daemon import store
+    from edgetrio.daemon.control import ControlClient, ControlError
+    from edgetrio.daemon.gateway import daemon_running
 
     if daemon_running(data_dir):
         try:
@@ -71,7 +71,7 @@ DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "b
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
           out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
           watchdog: float = 60.0, erase: bool = False) -> None:
-    from daemon.registry import RegistryError, check_device_id
+    from edgetrio.daemon.registry import RegistryError, check_device_id
 
     try:
         check_device_id(device_id)
@@ -86,6 +86,10 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
         raise FlashError("give --port (the board's serial port) or --out DIR (write the bundle only)")
     if port is not None and "://" not in port and not os.path.exists(port):
         raise FlashError(f"no such port {port}: is the board plugged in? (ls /dev/ttyUSB* /dev/ttyACM*)")
+    try:
+        require_device_tools(flashing=out is None)  # before the device is registered
+    except RuntimeError as exc:
+        raise FlashError(str(exc)) from exc
     total = 3 if out else 6
     step(1, total, f"registering {device_id} at the gateway in {data_dir}")
     password = credential(data_dir, device_id)
@@ -132,8 +136,8 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
 
 
 def wait_online(data_dir: Path, device_id: str, since: float, timeout: float) -> bool:
-    from daemon import store
-    from daemon.gateway import daemon_running
+    from edgetrio.daemon import store
+    from edgetrio.daemon.gateway import daemon_running
 
     if not daemon_running(data_dir):
         print("      no daemon is running on the data dir: start `edgetrio daemon` to see the device come online")

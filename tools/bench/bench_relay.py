@@ -1,6 +1,6 @@
 """Relay benchmark: N simulated edges on one relay process, against a bare trio-websocket server, one invocation.
 
-    python -m tools.bench_relay [--edges 5000] [--seconds 10]
+    python -m edgetrio.tools.bench.bench_relay [--edges 5000] [--seconds 10]
 
 For each server (baseline: a trio-websocket server that authenticates nobody, stores nothing and acks every batch;
 then the real relay with its SQLite store) it measures:
@@ -29,9 +29,9 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketRequest, open_websocket_url, serve_websocket
 
-from daemon.edgehub import MAX_FRAME, envelope
+from edgetrio.daemon.edgehub import MAX_FRAME, envelope
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def rss_mb(pid: int) -> float:
@@ -217,8 +217,8 @@ def main() -> None:
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=30)
 
-    from cloud import store
-    from cloud.relay import operator_token
+    from edgetrio.cloud import store
+    from edgetrio.cloud.relay import operator_token
 
     with tempfile.TemporaryDirectory(prefix="edgetrio-relay-bench-") as tmp:
         data = Path(tmp) / "relay"
@@ -227,7 +227,7 @@ def main() -> None:
             nodes = [(f"edge-{i:05d}", store.add_node(db, f"edge-{i:05d}")) for i in range(args.edges)]
         db.close()
         token = operator_token(data)
-        relay = subprocess.Popen([sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(data), "--host",
+        relay = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(data), "--host",
                                   "127.0.0.1", "--port", "0", "--log-level", "warning"], cwd=ROOT)
         while not (data / "relay.json").exists():
             time.sleep(0.05)

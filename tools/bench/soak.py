@@ -5,7 +5,7 @@ every 10 minutes all 200 simulated devices lose their connections at once and re
 and the relay's RSS, open fds and threads are sampled. Passes when, after the first storm, RSS stays within 1.2x of
 its level right after that storm and fds and threads stay flat; prints the table for docs/reliability.md.
 
-    python -m tools.soak --minutes 60     (make soak)
+    python -m edgetrio.tools.bench.soak --minutes 60     (make soak)
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import psutil
 
-from daemon.control import ControlClient
-from tools.simdevice import SimDevice
-from tools.testkit import ROOT, Daemon, Relay
+from edgetrio.daemon.control import ControlClient
+from edgetrio.tools.testkit import ROOT, Daemon, Relay
+from edgetrio.tools.testkit.simdevice import SimDevice
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run(workdir: Path, minutes: float, devices: int, rate: float, storm_every: f
             for i in range(devices):
                 password = control.request("device.add", {"id": f"sim-{i}"})["password"]
                 sims.append(SimDevice(f"sim-{i}", password, daemon.host, daemon.port).start(timeout=30))
-        vdevs = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", "3", "--period", "2",
+        vdevs = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "3", "--period", "2",
                                   "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         d, r = psutil.Process(daemon.proc.pid), psutil.Process(relay.proc.pid)

@@ -1,6 +1,6 @@
 """Ingest benchmark: the gateway daemon against a standalone amqtt broker, same load, one invocation.
 
-    python -m tools.bench_ingest [--devices 100] [--duration 8] [--rate 1000]
+    python -m edgetrio.tools.bench.bench_ingest [--devices 100] [--duration 8] [--rate 1000]
 
 Load: N device connections (paho, driven from one selector loop per load process), QoS 1, ~100-byte JSON readings.
 Every device keeps at most WINDOW readings unconfirmed: confirmed means delivered to the subscriber (baseline) or
@@ -33,7 +33,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 WINDOW = 10  # unconfirmed readings per device in the saturated phase
 # The baseline's subscriber takes delivery at QoS 0 (amqtt delivers at the subscription's QoS): the cheapest
 # delivery amqtt offers, so the baseline is as fast as it gets and the ratio is conservative.
@@ -243,7 +243,7 @@ def main() -> None:
     server.wait(timeout=30)
 
     # the daemon
-    from daemon import store
+    from edgetrio.daemon import store
 
     with tempfile.TemporaryDirectory(prefix="edgetrio-bench-") as tmp:
         data = Path(tmp) / "data"
@@ -251,9 +251,9 @@ def main() -> None:
         creds = [(f"dev-{i:03d}", store.add_device(db, f"dev-{i:03d}")) for i in range(args.devices)]
         db.conn.commit()
         db.close()
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--data-dir", str(data), "--mqtt-host",
+        daemon = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data), "--mqtt-host",
                                    "127.0.0.1", "--mqtt-port", "0", "--log-level", "error"], cwd=ROOT)
-        from tools.demo import wait_for_daemon
+        from edgetrio.tools.demo import wait_for_daemon
 
         info = wait_for_daemon(data, daemon)
         dport = int(str(info["mqtt_port"]))

@@ -5,7 +5,7 @@ dropping, a board's power cut, and (as root) the gateway's disk full for a few s
 stored the boards stop and the edge's outbox drains; then every reading a board had acknowledged must be at the edge
 and in the cloud exactly once. Prints the counts and the seed; exits 1 on any loss or duplicate.
 
-    python -m tools.chaos --boards 20 --readings 100000 --seed 7     (make chaos)
+    python -m edgetrio.tools.bench.chaos --boards 20 --readings 100000 --seed 7     (make chaos)
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.testkit import ROOT, Daemon, Relay, fill, small_disk
-from tools.vdev import set_fault
+from edgetrio.tools.testkit import ROOT, Daemon, Relay, fill, small_disk
+from edgetrio.tools.vdev import set_fault
 
 
 @dataclass
@@ -155,7 +155,7 @@ def run(workdir: Path, seed: int, boards: int, readings: int, period: float, dis
         daemon = Daemon(gw_data, extra=("--cloud", relay.url, "--node-id", "chaos-gw", "--token-file", str(token_file),
                                         "--log-level", "warning"))
         daemon.start()
-        vdevs = subprocess.Popen([sys.executable, "-m", "daemon", "vdev", "--count", str(boards), "--prefix", "chaos",
+        vdevs = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(boards), "--prefix", "chaos",
                                   "--period", str(period), "--buffer", "50000", "--data-dir", str(gw_data)],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(workdir / "vdev.log", "ab"),  # noqa: SIM115
                                  start_new_session=True)

@@ -1,7 +1,7 @@
 """The smallest MicroPython heap in which the firmware runs full publish cycles, as .mpy (what flashing writes) and,
 as the baseline in the same invocation, as .py source.
 
-    python -m tools.bench_heap [--cycles 3]
+    python -m edgetrio.tools.bench.bench_heap [--cycles 3]
 
 A trial runs the real firmware on the unix port (`-X heapsize=N`) against a real daemon and passes when the gateway
 has acknowledged `--cycles` readings within the time limit with the process still alive (a MemoryError anywhere ends
@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.testkit import Daemon
-from tools.vdev import FIRMWARE, build_bundle, device_config, micropython
+from edgetrio.tools.testkit import Daemon
+from edgetrio.tools.vdev import FIRMWARE, build_bundle, device_config, micropython
 
 TRIALS = iter(range(1, 1 << 30))
 

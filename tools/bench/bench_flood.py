@@ -1,7 +1,7 @@
 """Daemon memory under one device's flood: 8,000 x 30 KB QoS 0 logs, as in the attack that found the unbounded queue.
 
 Prints the daemon's RSS idle (the baseline, same run), at the flood's peak and after the flooder left, with ratios.
-Run: python -m tools.bench_flood
+Run: python -m edgetrio.tools.bench.bench_flood
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from tools.testkit import Daemon, RawMQTT
+from edgetrio.tools.testkit import Daemon, RawMQTT
 
 
 def main(messages: int = 8000, size: int = 30_000) -> None:

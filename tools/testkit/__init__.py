@@ -20,15 +20,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from daemon.config import admin_credential
-from tools.demo import wait_for_daemon
+from edgetrio.daemon.config import admin_credential
+from edgetrio.tools.demo import wait_for_daemon
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def cli(data_dir: Path, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real `edgetrio` command line."""
-    proc = subprocess.run([sys.executable, "-m", "daemon", *args, "--data-dir", str(data_dir)],
+    proc = subprocess.run([sys.executable, "-m", "edgetrio", *args, "--data-dir", str(data_dir)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgetrio {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -46,7 +46,7 @@ class Daemon:
     def start(self) -> Daemon:
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-daemon.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "daemon", "--data-dir", str(self.data_dir), "--mqtt-host", self.host,
+            [sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(self.data_dir), "--mqtt-host", self.host,
              "--mqtt-port", str(self.port), *self.extra],
             cwd=ROOT, stdout=self.log, stderr=self.log,
         )
@@ -97,7 +97,7 @@ class Relay:
     def start(self) -> Relay:
         log = open(self.data_dir.parent / f"{self.data_dir.name}-relay.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+            [sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
              "--port", str(self.port), *self.extra], cwd=ROOT, stdout=log, stderr=log)
         run_file = self.data_dir / "relay.json"
         deadline = time.monotonic() + 30
@@ -120,7 +120,7 @@ class Relay:
         return self.proc.wait(timeout=30)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "daemon", "cloud", *args, "--data-dir", str(self.data_dir)],
+        proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", *args, "--data-dir", str(self.data_dir)],
                               capture_output=True, text=True, timeout=90, cwd=ROOT)
         if check and proc.returncode != 0:
             raise AssertionError(f"edgetrio cloud {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")

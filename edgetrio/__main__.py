@@ -1,0 +1,3 @@
+from edgetrio.daemon.cli import main
+
+main()

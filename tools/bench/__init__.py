@@ -1,0 +1,1 @@
+"""Benchmarks, the chaos run and the soak: run from a checkout, not shipped in the wheel."""
