@@ -23,9 +23,10 @@ $(TYPINGS): $(STAMP)
 	touch $(TYPINGS)
 
 lint: $(STAMP) $(TYPINGS)
-	$(BIN)/ruff check daemon cloud tools tests hil-tests
+	$(BIN)/ruff check edgetrio daemon cloud tools tests hil-tests
 	$(BIN)/mypy
 	$(BIN)/mypy --config-file firmware/mypy.ini
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -q

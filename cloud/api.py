@@ -7,22 +7,32 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
 
+from edgetrio import wire
 from edgetrio.cloud import store
-from edgetrio.daemon import wire
-from edgetrio.daemon.registry import RegistryError
-from edgetrio.daemon.twin import VersionConflict
-
-if TYPE_CHECKING:
-    from edgetrio.cloud.relay import Relay
+from edgetrio.identity import RegistryError
+from edgetrio.twin import VersionConflict
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("edgetrio.api")
+T = TypeVar("T")
+
+
+class Relay(Protocol):
+    """What the API needs of the relay (edgetrio.cloud.relay.Relay), so the API does not import the relay."""
+
+    token: str
+    sessions: dict[str, Any]  # node -> its live edge session
+    command_waiters: dict[str, trio.Event]
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    def notify(self, node: str) -> None: ...
 
 
 class HTTPError(Exception):
@@ -178,7 +188,7 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> tuple[int, A
     raise HTTPError(404, f"no such endpoint {target.path}")
 
 
-Handler = Callable[["Relay", dict[str, str], dict[str, str], dict[str, Any]], Awaitable[tuple[int, Any]]]
+Handler = Callable[[Relay, dict[str, str], dict[str, str], dict[str, Any]], Awaitable[tuple[int, Any]]]
 
 
 async def nodes(relay: Relay, path: dict[str, str], query: dict[str, str], data: dict[str, Any]) -> tuple[int, Any]:

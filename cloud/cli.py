@@ -15,13 +15,8 @@ import trio
 
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from edgetrio.daemon.registry import RegistryError
-
-
-class CloudCliError(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
+from edgetrio.identity import RegistryError
 
 
 def api_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -32,7 +27,7 @@ def api_target(args: argparse.Namespace) -> tuple[str, str]:
     try:
         info = json.loads((data_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
-        raise CloudCliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", 2) from None
+        raise CliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", 2) from None
     return args.url or info["api_url"], args.token or operator_token(data_dir)
 
 
@@ -50,43 +45,35 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, tim
             message = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             message = exc.reason
-        raise CloudCliError(f"{message} (HTTP {exc.code})") from None
+        raise CliError(f"{message} (HTTP {exc.code})") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise CloudCliError(f"cannot reach the relay at {base}: {getattr(exc, 'reason', exc)}") from None
+        raise CliError(f"cannot reach the relay at {base}: {getattr(exc, 'reason', exc)}") from None
 
 
 def show(args: argparse.Namespace, value: Any, lines: list[str]) -> None:
     print(json.dumps(value, indent=2) if args.json else "\n".join(lines))
 
 
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    from edgetrio.daemon.cli import parse_assignments as parse
-
-    return parse(items)
-
-
 def run(args: argparse.Namespace) -> None:
     action = args.cloud_action
     if action == "serve":
-        from edgetrio.daemon.cli import setup_logging
-
         setup_logging(args.log_level or "info")
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
                           8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
                           args.http_timeout)
         if (cfg.cert is None) != (cfg.key is None):
-            raise CloudCliError("--cert and --key go together", 2)
+            raise CliError("--cert and --key go together", 2)
         if cfg.retention_days < 0:
-            raise CloudCliError("--retention-days must be 0 (keep everything) or more", 2)
+            raise CliError("--retention-days must be 0 (keep everything) or more", 2)
         if not 0.5 <= cfg.http_timeout <= 3600:
-            raise CloudCliError("--http-timeout must be from 0.5 to 3600 seconds", 2)
+            raise CliError("--http-timeout must be from 0.5 to 3600 seconds", 2)
         try:
             trio.run(serve, cfg)
         except OSError as exc:
-            raise CloudCliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", 2) from None
+            raise CliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", 2) from None
         except RegistryError as exc:
-            raise CloudCliError(str(exc), 2) from None
+            raise CliError(str(exc), 2) from None
         return
     if action == "node":
         db = store.open_db(args.data_dir or Path("edgetrio-relay"))
@@ -94,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
             with db.atomic():
                 token = store.add_node(db, args.name)
         except RegistryError as exc:
-            raise CloudCliError(str(exc)) from None
+            raise CliError(str(exc)) from None
         show(args, {"node": args.name, "token": token}, [
             f"node {args.name} added\n  token: {token}",
             f"Start its gateway with: edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token {token}",
@@ -116,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.twin_action == "set-all":
             patch = parse_assignments(args.assignments)
             if not patch:
-                raise CloudCliError("give at least one key=value", 2)
+                raise CliError("give at least one key=value", 2)
             done = call(args, "PATCH", "/api/fleet/twin", {"desired": patch, "node": args.node,
                                                            "device": args.device_name})
             show(args, done, [f"queued for {done['devices']} devices on {done['nodes']} nodes"])
@@ -124,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             patch = parse_assignments(args.assignments)
             if not patch:
-                raise CloudCliError("give at least one key=value", 2)
+                raise CliError("give at least one key=value", 2)
             twin = call(args, "PATCH", f"/api/nodes/{args.node}/devices/{args.device}/twin",
                         {"desired": patch, "version": args.version})
         show(args, twin, [
@@ -154,19 +141,11 @@ def run(args: argparse.Namespace) -> None:
                            f"  password: {added['password']}\nIt reaches the gateway when the node is connected."])
 
 
-def fmt_time(ts: float | None) -> str:
-    from edgetrio.daemon.cli import fmt_time as fmt
-
-    return fmt(ts)
-
-
 def store_since(text: str) -> float:
-    from edgetrio.daemon.store import parse_since
-
     try:
         return parse_since(text)
     except ValueError as exc:
-        raise CloudCliError(str(exc), 2) from None
+        raise CliError(str(exc), 2) from None
 
 
 def add_parser(sub: Any) -> None:

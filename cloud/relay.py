@@ -24,12 +24,12 @@ import trio
 from sqlite_utils import Database
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from edgetrio import wire
 from edgetrio.cloud import store
-from edgetrio.daemon import wire
-from edgetrio.daemon.edgehub import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
-from edgetrio.daemon.registry import new_secret
-from edgetrio.daemon.store import Writer
-from edgetrio.daemon.wire import clip
+from edgetrio.cloud.api import handle_http
+from edgetrio.identity import new_secret
+from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
+from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -159,8 +159,6 @@ class Relay:
                 await self._edge(request, peer(stream))
                 nursery.cancel_scope.cancel()
             return
-        from edgetrio.cloud.api import handle_http
-
         await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None), self.http_timeout)
 
     @staticmethod

@@ -14,10 +14,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from edgetrio.daemon.registry import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
-from edgetrio.daemon.store import PRUNE_CHUNK, connect
-from edgetrio.daemon.twin import Twin, set_desired
-from edgetrio.daemon.wire import MAX_INTEGER
+from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from edgetrio.twin import Twin, set_desired
+from edgetrio.wire import MAX_INTEGER
+from edgetrio.writer import PRUNE_CHUNK, connect
 
 DB_FILE = "relay.db"
 

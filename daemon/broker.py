@@ -51,8 +51,8 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from edgetrio.daemon.ingest import DEVICE_CHANNELS, in_device_space, parse_topic
-from edgetrio.daemon.registry import ADMIN_USER, verify_secret
-from edgetrio.daemon.wire import clip
+from edgetrio.identity import ADMIN_USER, verify_secret
+from edgetrio.wire import clip
 
 log = logging.getLogger("edgetrio.broker")
 

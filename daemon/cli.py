@@ -1,78 +1,36 @@
-"""The `edgetrio` command line: run the daemon, manage devices, models, twins and commands, read readings."""
+"""`edgetrio daemon|device|model|twin|cmd|readings|status`: run the gateway, manage its devices, read what it stored."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import logging
 import os
-import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from edgetrio.daemon import store, wire
+from edgetrio.console import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliError,
+    default_data_dir,
+    emit,
+    fmt_time,
+    parse_assignments,
+    parse_since,
+    require_positive,
+    setup_logging,
+)
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerStartError
 from edgetrio.daemon.config import ConfigError, build_config, load_config_file
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.gateway import DaemonError, daemon_running, read_run_file
-from edgetrio.daemon.registry import RegistryError, load_model_file
-from edgetrio.daemon.twin import VersionConflict, set_desired
-
-EXIT_FAILED = 1  # the operation was refused or did not complete (conflict, timeout, unknown device)
-EXIT_USAGE = 2  # bad arguments, bad config, cannot start
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def edgetrio_version() -> str:
-    try:
-        return importlib.metadata.version("edgetrio")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data"))
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """key=value pairs; a value is JSON where it parses (21.5, true, null, {...}), else a string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"expected key=value, got {item!r}", EXIT_USAGE)
-        try:
-            out[key] = wire.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
-def require_positive(**options: float | None) -> None:
-    """A count, period or limit that is zero, negative or not a number is a usage error, not a traceback later."""
-    for name, value in options.items():
-        if value is not None and not value > 0:
-            raise CliError(f"--{name} must be more than 0, not {value:g}", EXIT_USAGE)
-
-
-def fmt_time(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def emit(args: argparse.Namespace, value: Any, human: Callable[[], None]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(value, indent=2))
-    else:
-        human()
+from edgetrio.daemon.gateway import DaemonError, daemon_running, read_run_file, run
+from edgetrio.daemon.registry import load_model_file
+from edgetrio.identity import RegistryError
+from edgetrio.twin import VersionConflict, set_desired
 
 
 def open_store(data_dir: Path, must_exist: bool = True) -> Any:
@@ -113,8 +71,6 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
     setup_logging(cfg.log_level)
-    from edgetrio.daemon.broker import BrokerStartError
-    from edgetrio.daemon.gateway import run
 
     failure: BaseException | None = None
     try:
@@ -235,7 +191,7 @@ def cmd_cmd(args: argparse.Namespace) -> None:
 def cmd_readings(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
     try:
-        since = store.parse_since(args.since) if args.since else None
+        since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     db = open_store(args.data_dir)
@@ -291,81 +247,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     emit(args, status, human)
 
 
-def cmd_vdev(args: argparse.Namespace) -> None:
-    from edgetrio.tools.vdev import main_vdev, require_device_tools
-
-    require_positive(count=args.count, period=args.period, buffer=args.buffer)
-    try:
-        require_device_tools(virtual=True)
-    except RuntimeError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-    if not args.blank and not daemon_running(args.data_dir):
-        raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
-    try:
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
-                  args.buffer)
-    except RuntimeError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-
-
-def cmd_flash(args: argparse.Namespace) -> None:
-    from edgetrio.tools.flash import FlashError, flash
-
-    try:
-        flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
-              args.period, args.wait, watchdog=args.watchdog, erase=args.erase)
-    except (FlashError, RuntimeError) as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-
-
-def cmd_fault(args: argparse.Namespace) -> None:
-    from edgetrio.tools.vdev import set_fault
-
-    value: Any
-    if args.kind == "wifi":
-        if args.values not in (["up"], ["down"]):
-            raise CliError("wifi takes up or down", EXIT_USAGE)
-        value = args.values[0]
-    elif args.kind == "env":
-        value = parse_assignments(args.values)
-    else:
-        value = None
-    try:
-        set_fault(args.data_dir, args.id, args.kind, value)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    emit(args, {"id": args.id, "fault": args.kind, "value": value},
-         lambda: print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip()))
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from edgetrio.tools.demo import run_demo
-
-    require_positive(devices=args.devices)
-    run_demo(args.data_dir, args.devices, args.duration)
-
-
 # -- argument parsing -------------------------------------------------------------------------------------------------
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if level.lower() != "debug":
-        # amqtt logs tracebacks for what the daemon reports itself in one line
-        for noisy in ("amqtt", "transitions", "asyncio"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetrio", description="edgetrio gateway, devices and fleet")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, default=None,
-                        help="the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)")
-    as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="print JSON (an error is a JSON object on stderr)")
-    parser.add_argument("--version", action="version", version=f"edgetrio {edgetrio_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    """The gateway's sub-commands: daemon, device, model, twin, cmd, readings, status."""
     p = sub.add_parser("daemon", parents=[common, as_json], help="run the gateway daemon in the foreground")
     p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
@@ -423,74 +308,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
     p.set_defaults(func=cmd_status)
-
-    from edgetrio.cloud.cli import add_parser as add_cloud_parser
-
-    add_cloud_parser(sub)
-
-    p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
-    p.add_argument("--count", type=int, default=1)
-    p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
-    p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
-    p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
-    p.add_argument("--buffer", type=int, default=500, metavar="N",
-                   help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)")
-    p.add_argument("--repl-pty", type=Path, metavar="PATH",
-                   help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
-    p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
-    p.add_argument("--uart", type=Path, metavar="PATH",
-                   help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
-    p.set_defaults(func=cmd_vdev)
-
-    p = sub.add_parser("flash", parents=[common, as_json],
-                       help="install the firmware on a board (or a virtual one) with mpremote")
-    p.add_argument("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT")
-    p.add_argument("--device-id", required=True)
-    p.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it")
-    p.add_argument("--wifi-ssid", default="")
-    p.add_argument("--wifi-password", default="")
-    p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
-    p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
-                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above "
-                        "the time a reflash takes, which the running watchdog also covers)")
-    p.add_argument("--erase", action="store_true",
-                   help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
-                        "new gateway); by default a reflash keeps them, so nothing buffered is lost")
-    p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
-    p.set_defaults(func=cmd_flash)
-
-    p = sub.add_parser("fault", parents=[common, as_json], help="inject a fault into a running virtual device")
-    p.add_argument("id")
-    p.add_argument("kind", choices=["wifi", "env", "power", "hang"])
-    p.add_argument("values", nargs="*",
-                   help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); "
-                        "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
-    p.set_defaults(func=cmd_fault)
-
-    p = sub.add_parser("demo", parents=[common, as_json], help="run a daemon with simulated devices and show readings arriving")
-    p.add_argument("--devices", type=int, default=3)
-    p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
-    p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    from edgetrio.cloud.cli import CloudCliError
-
-    args = build_parser().parse_args(argv)
-    os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
-    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud"):
-        args.data_dir = default_data_dir()
-    try:
-        args.func(args)
-    except (CliError, ConfigError, CloudCliError) as exc:
-        code = getattr(exc, "code", EXIT_USAGE)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": code}), file=sys.stderr)
-        else:
-            print(f"edgetrio: error: {exc}", file=sys.stderr)
-        raise SystemExit(code) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgetrio.daemon import wire
-from edgetrio.daemon.registry import ADMIN_USER, new_secret
+from edgetrio import wire
+from edgetrio.identity import ADMIN_USER, new_secret
 
 
 class ConfigError(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 import serial
 import trio
 
-from edgetrio.daemon import wire
+from edgetrio import wire
 from edgetrio.daemon.broker import BrokerLink, BusEvent, Credentials
 from edgetrio.daemon.ingest import device_topic
 

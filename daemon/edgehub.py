@@ -2,36 +2,31 @@
 
 Up: rows of the durable outbox, in offset order, in batches; a row is deleted only after the relay acknowledges its
 offset, and a new connection resumes from the first unacknowledged row. Down: each message is applied once, in one
-transaction (`Gateway.apply_down`), then acknowledged by id. The edge keeps working while the link is down; the
+transaction (by the `apply_down` it is given), then acknowledged by id. The edge keeps working while the link is down; the
 outbox is bounded by rows and age, and what the bound drops is counted, never silent.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import ssl
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from edgetrio.daemon import store, wire
+from edgetrio import wire
+from edgetrio.daemon import store
+from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
+from edgetrio.writer import Writer
 
-if TYPE_CHECKING:
-    from edgetrio.daemon.gateway import Gateway
-
+# (message id, resource, body) -> result: applies one message from the cloud once, in one transaction
+ApplyDown = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 log = logging.getLogger("edgetrio.edgehub")
-MAX_FRAME = 8 * 1024 * 1024  # bytes, both directions
-# JSON bounds for a frame: the envelope wraps device data (itself at most wire.MAX_DEPTH deep) in a few levels, and a
-# batch of 200 outbox rows holds tens of thousands of items. A frame refused for its shape would be lost data.
-FRAME_DEPTH = 64
-FRAME_ITEMS = MAX_FRAME // 4
 BATCH_ROWS = 200
 BATCHES_IN_FLIGHT = 4
 
@@ -48,20 +43,14 @@ def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
         attempt += 1
 
 
-def envelope(op: str, resource: str = "", body: Any = None, parent: str | None = None,
-             message_id: str | None = None) -> str:
-    return json.dumps({"id": message_id or uuid.uuid4().hex, "parent": parent, "op": op, "resource": resource,
-                       "body": body if body is not None else {}, "ts": time.time()})
-
-
 class EdgeHub:
-    def __init__(self, url: str, node: str, token: str, writer: store.Writer, gateway: Gateway, *,
+    def __init__(self, url: str, node: str, token: str, writer: Writer, apply_down: ApplyDown, *,
                  max_rows: int, max_age: float, keepalive: float = 15.0, cafile: str | None = None) -> None:
         self.url = url.rstrip("/") + "/edge"
         self.node = node
         self.token = token
         self.writer = writer
-        self.gateway = gateway
+        self.apply_down = apply_down
         self.max_rows = max_rows
         self.max_age = max_age
         self.keepalive = keepalive
@@ -190,7 +179,7 @@ class EdgeHub:
                     log.warning("ignored an apply frame without an id or an object body")
                     continue
                 try:
-                    result = await self.gateway.apply_down(message_id, str(message.get("resource")), body)
+                    result = await self.apply_down(message_id, str(message.get("resource")), body)
                 except Exception as exc:  # what the relay sends must not stop the edge
                     log.exception("could not apply message %s from the relay", message_id)
                     result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -223,6 +212,5 @@ class EdgeHub:
             seen = self.commits  # includes the commit just made
             if dropped:
                 self.dropped += dropped
-                self.gateway.counts["outbox_dropped"] += dropped
                 log.error("outbox over its bounds: dropped %d oldest rows (not sent to the cloud)", dropped)
             await trio.sleep(1)

@@ -24,7 +24,8 @@ import outcome
 import trio
 from sqlite_utils import Database
 
-from edgetrio.daemon import store, wire
+from edgetrio import wire
+from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, BusEvent, Credentials, open_broker
 from edgetrio.daemon.config import LOCK_FILE, RUN_FILE, ConfigError, DaemonConfig, admin_credential
 from edgetrio.daemon.devices import SerialDevice
@@ -40,8 +41,10 @@ from edgetrio.daemon.ingest import (
     parse_telemetry,
     parse_topic,
 )
-from edgetrio.daemon.registry import ADMIN_USER, Model, RegistryError, check_values_without_model
-from edgetrio.daemon.twin import Twin, VersionConflict, set_desired, set_reported
+from edgetrio.daemon.registry import Model, check_values_without_model
+from edgetrio.identity import ADMIN_USER, RegistryError
+from edgetrio.twin import Twin, VersionConflict, set_desired, set_reported
+from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.gateway")
 
@@ -69,7 +72,7 @@ class DeviceEntry:
 class Gateway:
     """Sorts bus events into store operations and answers the local control channel."""
 
-    def __init__(self, link: BrokerLink, writer: store.Writer, credentials: Credentials, db: Database,
+    def __init__(self, link: BrokerLink, writer: Writer, credentials: Credentials, db: Database,
                  cloud: bool = False) -> None:
         self.link = link
         self.cloud = cloud  # with a cloud link, state changes also go into the outbox, in the same transaction
@@ -527,6 +530,8 @@ class Gateway:
     def live_counters(self) -> Counter[str]:
         out = Counter(self.counts)
         out.update(self.link.counters())
+        if self.hub is not None and self.hub.dropped:
+            out["outbox_dropped"] = self.hub.dropped
         return out
 
     async def flush_counters(self) -> None:
@@ -606,7 +611,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
             raise DaemonError(str(exc)) from exc
         _, admin_secret = admin_credential(cfg.data_dir)
         credentials = Credentials(admin_secret, store.device_secrets(db))
-        writer = store.Writer(db)
+        writer = Writer(db)
         tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -639,7 +644,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         for port in cfg.serial:
                             requests.start_soon(SerialDevice(port, link, credentials).run)
                         if cfg.cloud_url:
-                            hub = EdgeHub(cfg.cloud_url, str(cfg.node_id), str(cfg.cloud_token), writer, gateway,
+                            hub = EdgeHub(cfg.cloud_url, str(cfg.node_id), str(cfg.cloud_token), writer, gateway.apply_down,
                                           max_rows=cfg.outbox_max_rows, max_age=cfg.outbox_max_age,
                                           cafile=cfg.cloud_cafile)
                             gateway.hub = hub

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from edgetrio.daemon import wire
+from edgetrio import wire
 
 ROOT = "edgetrio"
 # What a device may send; everything else under its root is refused and counted.

@@ -1,32 +1,25 @@
 """The SQLite store: owns all durable state of the gateway.
 
-One writer task groups whatever is waiting into one transaction (group commit, WAL, synchronous=FULL so a commit
-survives power loss, which a Raspberry Pi-class gateway must expect). Each operation runs in its own savepoint, so one
-failing operation (a version conflict, say) does not undo the others in its batch. The functions below are plain
-synchronous SQLite work: the daemon runs them through the writer, the CLI runs them directly when no daemon is running.
+The functions below are plain synchronous SQLite work: the daemon runs them through its one writer (edgetrio.writer:
+group commits, one savepoint per operation), the CLI runs them directly when no daemon is running.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import os
-import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-import outcome
-import trio
 from sqlite_utils import Database
 
 from edgetrio.daemon.ingest import Reading, advance_watermark
-from edgetrio.daemon.registry import Model, RegistryError, check_device_id, hash_secret, new_secret
-from edgetrio.daemon.twin import Twin
+from edgetrio.daemon.registry import Model
+from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret
+from edgetrio.twin import Twin
+from edgetrio.writer import PRUNE_CHUNK, connect
 
 log = logging.getLogger("edgetrio.store")
 T = TypeVar("T")
@@ -36,28 +29,6 @@ DB_FILE = "edgetrio.db"
 class UnknownDevice(RegistryError):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"unknown device {device_id!r} (see `edgetrio device list`)")
-
-
-def connect(path: Path) -> Database:
-    """Open a SQLite file the way edgetrio keeps its state: WAL, a commit survives power loss, writers wait.
-
-    The file and its directory are its owner's alone (0600, 0700), also when an older version made them readable.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its -wal and -shm files this mode too
-    for part, mode in ((path.parent, 0o700), (path, 0o600), (path.with_name(path.name + "-wal"), 0o600),
-                       (path.with_name(path.name + "-shm"), 0o600)):
-        with contextlib.suppress(FileNotFoundError, PermissionError):  # PermissionError: not ours to tighten
-            os.chmod(part, mode)
-    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.DatabaseError as exc:
-        raise RegistryError(f"{path} is not a usable SQLite database: {exc}") from exc
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return Database(conn)
 
 
 def open_db(data_dir: Path) -> Database:
@@ -272,7 +243,6 @@ def query_readings(
              "values": json.loads(r["data"])} for r in rows]
 
 
-PRUNE_CHUNK = 5000  # rows per table per transaction: a first prune of months of rows must not stall ingest
 
 
 def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
@@ -340,118 +310,6 @@ def add_counters(db: Database, counts: Counter[str]) -> None:
 
 def counters(db: Database) -> dict[str, int]:
     return {row["name"]: row["value"] for row in db.query("SELECT name, value FROM counters ORDER BY name")}
-
-
-def parse_since(text: str) -> float:
-    """A time given as epoch seconds, an ISO date/time, or an age like 10m, 2h, 3d."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * units[text[-1]]
-    try:
-        value = float(text)
-        if math.isfinite(value):
-            return value
-    except ValueError:
-        pass
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError as exc:
-        raise ValueError(f"cannot read time {text!r}: use epoch seconds, an ISO time, or an age such as 10m") from exc
-
-
-# -- the writer ------------------------------------------------------------------------------------------------------
-
-class Write(Generic[T]):
-    """One operation for the writer: `apply` runs inside the batch transaction; `done` gets its outcome after commit."""
-
-    __slots__ = ("apply", "done")
-
-    def __init__(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
-        self.apply = apply
-        self.done = done
-
-
-class Writer:
-    """The single task that writes to the store. Operations wait in a bounded queue (backpressure on ingest)."""
-
-    def __init__(self, db: Database, max_batch: int = 256, queue_size: int = 128) -> None:
-        self.db = db
-        self.max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
-        self.batches = 0
-        self.ops = 0
-        # Why commits fail while the store cannot write (a full disk, an I/O error), and since when; None when it can.
-        # Set by the commit thread, read by trio (whole-value swaps).
-        self.failure: str | None = None
-        self.failing_since: float | None = None
-        self.on_commit: Callable[[], None] | None = None  # called in trio after each batch (wakes the cloud link)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Commit operations until `close()` and then everything still queued. A batch in progress always finishes."""
-        task_status.started()
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                results = await trio.to_thread.run_sync(self._commit, batch)
-                self.batches += 1
-                self.ops += len(batch)
-                for op, result in zip(batch, results, strict=True):
-                    try:
-                        op.done(result)
-                    except Exception:
-                        log.exception("error after commit")
-                if self.on_commit is not None:
-                    self.on_commit()
-
-    def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
-        results: list[outcome.Outcome[Any]] = []
-        try:
-            with self.db.atomic():
-                for op in batch:
-                    try:
-                        with self.db.atomic():
-                            results.append(outcome.Value(op.apply(self.db)))
-                    except Exception as exc:
-                        results.append(outcome.Error(exc))
-        except Exception as exc:
-            if self.failure is None:
-                self.failing_since = time.time()
-                log.error("the store cannot write (%s): nothing is acknowledged until it can; retrying", exc)
-            else:
-                log.debug("commit failed, %d operations not stored: %s", len(batch), exc)
-            self.failure = str(exc) or type(exc).__name__
-            return [outcome.Error(exc)] * len(batch)
-        if self.failure is not None:
-            log.warning("the store writes again after %.0f s (%s)", time.time() - (self.failing_since or 0), self.failure)
-            self.failure = self.failing_since = None
-        return results
-
-    async def submit(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
-        """Queue an operation; waits only while the queue is full."""
-        await self._send.send(Write(apply, done))
-
-    async def write(self, apply: Callable[[Database], T]) -> T:
-        """Run an operation in the next batch and return its result (or raise its error) once committed."""
-        finished = trio.Event()
-        box: list[outcome.Outcome[T]] = []
-
-        def done(result: outcome.Outcome[T]) -> None:
-            box.append(result)
-            finished.set()
-
-        await self.submit(apply, done)
-        await finished.wait()
-        return box[0].unwrap()
-
-    async def close(self) -> None:
-        await self._send.aclose()
 
 
 # -- the cloud link's outbox and inbox ---------------------------------------------------------------------------------

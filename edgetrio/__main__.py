@@ -1,3 +1,3 @@
-from edgetrio.daemon.cli import main
+from edgetrio.cli import main
 
 main()

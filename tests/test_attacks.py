@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edgetrio.daemon import wire
-from edgetrio.daemon.registry import RegistryError, check_device_id
+from edgetrio import wire
+from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.tools.testkit import Daemon, Probe, RawMQTT, wait_until
 
 NESTED = b'{"boot": 7, "seq": 1, "values": {"x": ' + b"[" * 1100 + b"]" * 1100 + b"}}"

@@ -11,9 +11,10 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from edgetrio.daemon.edgehub import backoff_delays, envelope
+from edgetrio.daemon.edgehub import backoff_delays
 from edgetrio.tools.testkit import Daemon, Relay, wait_until
 from edgetrio.tools.testkit.simdevice import SimDevice
+from edgetrio.wire import envelope
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

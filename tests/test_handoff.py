@@ -9,7 +9,8 @@ import trio
 
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, BusEvent
-from edgetrio.daemon.registry import RegistryError
+from edgetrio.identity import RegistryError
+from edgetrio.writer import Writer
 
 
 async def test_handoff_batches_and_refuses_past_the_bound() -> None:
@@ -32,7 +33,7 @@ async def test_handoff_batches_and_refuses_past_the_bound() -> None:
 
 async def test_writer_isolates_a_failing_operation_and_commits_the_rest(tmp_path: Path) -> None:
     db = store.open_db(tmp_path)
-    writer = store.Writer(db)
+    writer = Writer(db)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         results: dict[str, object] = {}

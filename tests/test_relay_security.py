@@ -17,8 +17,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from edgetrio.daemon.edgehub import envelope
 from edgetrio.tools.testkit import Relay
+from edgetrio.wire import envelope
 
 
 @pytest.fixture(scope="module")

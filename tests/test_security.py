@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from edgetrio.daemon.registry import new_secret
+from edgetrio.identity import new_secret
 from edgetrio.tools.testkit import Daemon
 
 

@@ -12,9 +12,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE
-from edgetrio.tools.vdev import die_with_parent
+from edgetrio.tools.vdev import die_with_parent, flash_dir, set_fault
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -34,8 +35,6 @@ def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: floa
 
 def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
-    from edgetrio.cloud import store as cloud_store
-
     node_file = relay_dir / "demo-node.json"
     db = cloud_store.open_db(relay_dir)
     if not node_file.exists() or cloud_store.get_node(db, "demo-gw") is None:
@@ -81,11 +80,9 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
                                   "--data-dir", str(data_dir)], **CHILD)
         children.insert(0, vdevs)
         db = store.open_db(data_dir)
-        from edgetrio.cloud import store as cloud_store
 
         cloud_db = cloud_store.open_db(relay_dir)
         names = [f"vdev-{i}" for i in range(1, count + 1)]
-        from edgetrio.tools.vdev import flash_dir, set_fault
 
         for name in names:  # readings that change a little, as in a real room
             wait_deadline = time.monotonic() + 30

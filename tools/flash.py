@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetrio.daemon import store
+from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.daemon.gateway import daemon_running
+from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.tools.vdev import build_bundle, device_config, require_device_tools
 
 
@@ -28,10 +32,6 @@ def step(n: int, total: int, text: str) -> None:
 
 def credential(data_dir: Path, device_id: str) -> str:
     """Register the device (through the daemon if it runs) and return its credential; an existing one is rotated."""
-    from edgetrio.daemon import store
-    from edgetrio.daemon.control import ControlClient, ControlError
-    from edgetrio.daemon.gateway import daemon_running
-
     if daemon_running(data_dir):
         try:
             with ControlClient(data_dir) as control:
@@ -71,8 +71,6 @@ DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "b
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
           out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
           watchdog: float = 60.0, erase: bool = False) -> None:
-    from edgetrio.daemon.registry import RegistryError, check_device_id
-
     try:
         check_device_id(device_id)
     except RegistryError as exc:
@@ -136,9 +134,6 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
 
 
 def wait_online(data_dir: Path, device_id: str, since: float, timeout: float) -> bool:
-    from edgetrio.daemon import store
-    from edgetrio.daemon.gateway import daemon_running
-
     if not daemon_running(data_dir):
         print("      no daemon is running on the data dir: start `edgetrio daemon` to see the device come online")
         return True

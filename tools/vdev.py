@@ -28,6 +28,11 @@ from typing import Any
 
 import trio
 
+from edgetrio.daemon import store
+from edgetrio.daemon.config import ConfigError
+from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.daemon.gateway import read_run_file
+
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 RESET_EXIT = 75
@@ -35,7 +40,6 @@ DEEPSLEEP_EXIT = 76
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32
 log = logging.getLogger("edgetrio.vdev")
-
 
 DEVICES_EXTRA = "pip install 'edgetrio[devices]'"
 
@@ -412,9 +416,6 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     if (repl_pty is not None or uart is not None) and count != 1:
         raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
     if blank:
-        from edgetrio.daemon.config import ConfigError
-        from edgetrio.daemon.gateway import read_run_file
-
         try:  # its Wi-Fi (the proxy) leads to the daemon if one runs; `edgetrio flash --broker` can point at it
             run = read_run_file(data_dir)
             broker = (str(run["mqtt_host"]), int(run["mqtt_port"]))
@@ -426,9 +427,6 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
             await nursery.start(device.run)
             task_status.started([device])
         return
-    from edgetrio.daemon import store
-    from edgetrio.daemon.control import ControlClient, ControlError
-    from edgetrio.daemon.gateway import read_run_file
 
     info = read_run_file(data_dir)
     bundle = build_bundle(data_dir / "vdevs" / ".bundle")

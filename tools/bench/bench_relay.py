@@ -29,7 +29,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketRequest, open_websocket_url, serve_websocket
 
-from edgetrio.daemon.edgehub import MAX_FRAME, envelope
+from edgetrio.wire import MAX_FRAME, envelope
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 

@@ -1,4 +1,5 @@
-"""What crosses a wire: JSON decoding with bounds, for everything the gateway and the relay read from others.
+"""What crosses a wire, shared by the gateway and the relay: the edge <-> cloud envelope and its frame limits, and JSON
+decoding with bounds for everything either reads from others.
 
 Python's JSON decoder recurses once per nesting level, so 1,100 nested brackets (2.2 KB) raise RecursionError, which
 no `except ValueError` catches. `loads` measures depth and size on the raw text first and refuses what is out of
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import tomllib
+import uuid
 from typing import Any
 
 MAX_DEPTH = 32  # the deepest legitimate message (a twin state holding an object) needs 4
@@ -18,6 +21,12 @@ MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER: a larger counter or offset 
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal, escapes included
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
+
+MAX_FRAME = 8 * 1024 * 1024  # bytes, both directions
+# JSON bounds for a frame: the envelope wraps device data (itself at most MAX_DEPTH deep) in a few levels, and a
+# batch of 200 outbox rows holds tens of thousands of items. A frame refused for its shape would be lost data.
+FRAME_DEPTH = 64
+FRAME_ITEMS = MAX_FRAME // 4
 
 
 class TooComplex(ValueError):
@@ -69,3 +78,9 @@ def clip(text: object, limit: int = 200) -> str:
     """A user-controlled value cut for a log line: a 60,000-character username must not be logged whole."""
     shown = repr(text) if not isinstance(text, str) else text
     return shown if len(shown) <= limit else f"{shown[:limit]}...(+{len(shown) - limit} chars)"
+
+
+def envelope(op: str, resource: str = "", body: Any = None, parent: str | None = None,
+             message_id: str | None = None) -> str:
+    return json.dumps({"id": message_id or uuid.uuid4().hex, "parent": parent, "op": op, "resource": resource,
+                       "body": body if body is not None else {}, "ts": time.time()})

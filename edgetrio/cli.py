@@ -1,0 +1,48 @@
+"""The `edgetrio` command line: one root that assembles the gateway's, the cloud's and the device tier's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgetrio import console
+from edgetrio.cloud import cli as cloud_cli
+from edgetrio.daemon import cli as daemon_cli
+from edgetrio.daemon.config import ConfigError
+from edgetrio.tools import cli as tools_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetrio", description="edgetrio gateway, devices and fleet")
+    parser.add_argument("--version", action="version", version=f"edgetrio {console.edgetrio_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=None,
+                        help="the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON (an error is a JSON object on stderr)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    daemon_cli.add_parsers(sub, common, as_json)
+    cloud_cli.add_parser(sub)
+    tools_cli.add_parsers(sub, common, as_json)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
+    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud"):
+        args.data_dir = console.default_data_dir()
+    try:
+        args.func(args)
+    except (console.CliError, ConfigError) as exc:
+        code = getattr(exc, "code", console.EXIT_USAGE)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "exit_code": code}), file=sys.stderr)
+        else:
+            print(f"edgetrio: error: {exc}", file=sys.stderr)
+        raise SystemExit(code) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

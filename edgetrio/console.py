@@ -1,0 +1,96 @@
+"""How the command line talks to a person, for every tier's sub-commands: exit codes, errors, JSON, times, logging."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edgetrio import wire
+
+EXIT_FAILED = 1  # the operation was refused or did not complete (conflict, timeout, unknown device)
+EXIT_USAGE = 2  # bad arguments, bad config, cannot start
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def edgetrio_version() -> str:
+    try:
+        return importlib.metadata.version("edgetrio")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data"))
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """key=value pairs; a value is JSON where it parses (21.5, true, null, {...}), else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"expected key=value, got {item!r}", EXIT_USAGE)
+        try:
+            out[key] = wire.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def require_positive(**options: float | None) -> None:
+    """A count, period or limit that is zero, negative or not a number is a usage error, not a traceback later."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise CliError(f"--{name} must be more than 0, not {value:g}", EXIT_USAGE)
+
+
+def fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(value, indent=2))
+    else:
+        human()
+
+
+def parse_since(text: str) -> float:
+    """A time given as epoch seconds, an ISO date/time, or an age like 10m, 2h, 3d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise ValueError(f"cannot read time {text!r}: use epoch seconds, an ISO time, or an age such as 10m") from exc
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if level.lower() != "debug":
+        # amqtt logs tracebacks for what the daemon reports itself in one line
+        for noisy in ("amqtt", "transitions", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)

@@ -1,0 +1,58 @@
+"""Who is who, shared by the gateway and the relay: device ids, fresh secrets, and how secrets are stored (hashed)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+ADMIN_USER = "edgetrio-admin"  # the gateway's admin credential; never a device id
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RegistryError(ValueError):
+    """A device id, credential or model that cannot be accepted; the message says why."""
+
+
+def check_device_id(device_id: str) -> str:
+    """Return the id if it can name a device and an MQTT topic level, else raise RegistryError."""
+    if device_id == ADMIN_USER or not DEVICE_ID.fullmatch(device_id):
+        raise RegistryError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return device_id
+
+
+def new_secret() -> str:
+    """A fresh random credential (144 bits), printed once and stored only hashed.
+
+    Never starts with '-': a token like '-I4l...' after `--token` reads as an option to argparse and to shells' tools.
+    """
+    while True:
+        secret = secrets.token_urlsafe(18)
+        if not secret.startswith("-"):
+            return secret
+
+
+def hash_secret(secret: str) -> str:
+    # A salted SHA-256 is enough for random 144-bit secrets (nothing to brute-force), and it keeps
+    # a reconnect storm of hundreds of devices from costing seconds of CPU as a slow KDF would.
+    salt = secrets.token_hex(8)
+    digest = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return f"sha256${salt}${digest}"
+
+
+def verify_secret(secret: str | bytes | None, stored: str) -> bool:
+    if secret is None:
+        return False
+    if isinstance(secret, bytes):
+        secret = secret.decode("utf-8", "replace")
+    try:
+        scheme, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "sha256":
+        return False
+    candidate = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return hmac.compare_digest(candidate, digest)

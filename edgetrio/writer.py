@@ -1,0 +1,140 @@
+"""The SQLite store's one writer, shared by the gateway and the relay.
+
+One writer task groups whatever is waiting into one transaction (group commit, WAL, synchronous=FULL so a commit
+survives power loss, which a Raspberry Pi-class gateway must expect). Each operation runs in its own savepoint, so one
+failing operation (a version conflict, say) does not undo the others in its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import outcome
+import trio
+from sqlite_utils import Database
+
+from edgetrio.identity import RegistryError
+
+log = logging.getLogger("edgetrio.store")
+T = TypeVar("T")
+PRUNE_CHUNK = 5000  # rows per table per transaction: a first prune of months of rows must not stall ingest
+
+
+def connect(path: Path) -> Database:
+    """Open a SQLite file the way edgetrio keeps its state: WAL, a commit survives power loss, writers wait.
+
+    The file and its directory are its owner's alone (0600, 0700), also when an older version made them readable.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its -wal and -shm files this mode too
+    for part, mode in ((path.parent, 0o700), (path, 0o600), (path.with_name(path.name + "-wal"), 0o600),
+                       (path.with_name(path.name + "-shm"), 0o600)):
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # PermissionError: not ours to tighten
+            os.chmod(part, mode)
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{path} is not a usable SQLite database: {exc}") from exc
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return Database(conn)
+
+
+class Write(Generic[T]):
+    """One operation for the writer: `apply` runs inside the batch transaction; `done` gets its outcome after commit."""
+
+    __slots__ = ("apply", "done")
+
+    def __init__(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
+        self.apply = apply
+        self.done = done
+
+
+class Writer:
+    """The single task that writes to the store. Operations wait in a bounded queue (backpressure on ingest)."""
+
+    def __init__(self, db: Database, max_batch: int = 256, queue_size: int = 128) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
+        self.batches = 0
+        self.ops = 0
+        # Why commits fail while the store cannot write (a full disk, an I/O error), and since when; None when it can.
+        # Set by the commit thread, read by trio (whole-value swaps).
+        self.failure: str | None = None
+        self.failing_since: float | None = None
+        self.on_commit: Callable[[], None] | None = None  # called in trio after each batch (wakes the cloud link)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit operations until `close()` and then everything still queued. A batch in progress always finishes."""
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                results = await trio.to_thread.run_sync(self._commit, batch)
+                self.batches += 1
+                self.ops += len(batch)
+                for op, result in zip(batch, results, strict=True):
+                    try:
+                        op.done(result)
+                    except Exception:
+                        log.exception("error after commit")
+                if self.on_commit is not None:
+                    self.on_commit()
+
+    def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
+        results: list[outcome.Outcome[Any]] = []
+        try:
+            with self.db.atomic():
+                for op in batch:
+                    try:
+                        with self.db.atomic():
+                            results.append(outcome.Value(op.apply(self.db)))
+                    except Exception as exc:
+                        results.append(outcome.Error(exc))
+        except Exception as exc:
+            if self.failure is None:
+                self.failing_since = time.time()
+                log.error("the store cannot write (%s): nothing is acknowledged until it can; retrying", exc)
+            else:
+                log.debug("commit failed, %d operations not stored: %s", len(batch), exc)
+            self.failure = str(exc) or type(exc).__name__
+            return [outcome.Error(exc)] * len(batch)
+        if self.failure is not None:
+            log.warning("the store writes again after %.0f s (%s)", time.time() - (self.failing_since or 0), self.failure)
+            self.failure = self.failing_since = None
+        return results
+
+    async def submit(self, apply: Callable[[Database], T], done: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Queue an operation; waits only while the queue is full."""
+        await self._send.send(Write(apply, done))
+
+    async def write(self, apply: Callable[[Database], T]) -> T:
+        """Run an operation in the next batch and return its result (or raise its error) once committed."""
+        finished = trio.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def done(result: outcome.Outcome[T]) -> None:
+            box.append(result)
+            finished.set()
+
+        await self.submit(apply, done)
+        await finished.wait()
+        return box[0].unwrap()
+
+    async def close(self) -> None:
+        await self._send.aclose()

@@ -1,0 +1,106 @@
+"""`edgetrio vdev|flash|fault|demo`: the device tier's commands (virtual boards, flashing, faults, the demo)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from edgetrio.console import EXIT_USAGE, CliError, emit, parse_assignments, require_positive
+from edgetrio.daemon.gateway import daemon_running
+from edgetrio.tools.demo import run_demo
+from edgetrio.tools.flash import FlashError, flash
+from edgetrio.tools.vdev import main_vdev, require_device_tools, set_fault
+
+
+def cmd_vdev(args: argparse.Namespace) -> None:
+    require_positive(count=args.count, period=args.period, buffer=args.buffer)
+    try:
+        require_device_tools(virtual=True)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    if not args.blank and not daemon_running(args.data_dir):
+        raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
+    try:
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
+                  args.buffer)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_flash(args: argparse.Namespace) -> None:
+    try:
+        flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
+              args.period, args.wait, watchdog=args.watchdog, erase=args.erase)
+    except (FlashError, RuntimeError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_fault(args: argparse.Namespace) -> None:
+    value: Any
+    if args.kind == "wifi":
+        if args.values not in (["up"], ["down"]):
+            raise CliError("wifi takes up or down", EXIT_USAGE)
+        value = args.values[0]
+    elif args.kind == "env":
+        value = parse_assignments(args.values)
+    else:
+        value = None
+    try:
+        set_fault(args.data_dir, args.id, args.kind, value)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    emit(args, {"id": args.id, "fault": args.kind, "value": value},
+         lambda: print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip()))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    require_positive(devices=args.devices)
+    run_demo(args.data_dir, args.devices, args.duration)
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
+    p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
+    p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
+    p.add_argument("--buffer", type=int, default=500, metavar="N",
+                   help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)")
+    p.add_argument("--repl-pty", type=Path, metavar="PATH",
+                   help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
+    p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
+    p.add_argument("--uart", type=Path, metavar="PATH",
+                   help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
+    p.set_defaults(func=cmd_vdev)
+
+    p = sub.add_parser("flash", parents=[common, as_json],
+                       help="install the firmware on a board (or a virtual one) with mpremote")
+    p.add_argument("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it")
+    p.add_argument("--wifi-ssid", default="")
+    p.add_argument("--wifi-password", default="")
+    p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
+    p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
+                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above "
+                        "the time a reflash takes, which the running watchdog also covers)")
+    p.add_argument("--erase", action="store_true",
+                   help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
+                        "new gateway); by default a reflash keeps them, so nothing buffered is lost")
+    p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
+    p.set_defaults(func=cmd_flash)
+
+    p = sub.add_parser("fault", parents=[common, as_json], help="inject a fault into a running virtual device")
+    p.add_argument("id")
+    p.add_argument("kind", choices=["wifi", "env", "power", "hang"])
+    p.add_argument("values", nargs="*",
+                   help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); "
+                        "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
+    p.set_defaults(func=cmd_fault)
+
+    p = sub.add_parser("demo", parents=[common, as_json], help="run a daemon with simulated devices and show readings arriving")
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_demo)
