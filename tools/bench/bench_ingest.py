@@ -230,7 +230,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     # baseline: standalone amqtt
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tools.bench_ingest", "--serve-baseline", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "edgetrio.tools.bench.bench_ingest", "--serve-baseline", str(port)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     creds = [(f"dev-{i:03d}", "x") for i in range(args.devices)]

@@ -210,7 +210,7 @@ def main() -> None:
         port = s.getsockname()[1]
     nodes = [(f"edge-{i:05d}", "x") for i in range(args.edges)]
     print(f"baseline: bare trio-websocket server, {args.edges} edges ...", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "tools.bench_relay", "--serve-baseline", str(port)], cwd=ROOT,
+    server = subprocess.Popen([sys.executable, "-m", "edgetrio.tools.bench.bench_relay", "--serve-baseline", str(port)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     base = measure(f"ws://127.0.0.1:{port}", server.pid, nodes, args.seconds)
