@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import h11
 import trio
-from sqlite_utils import Database
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from edgetrio import wire
@@ -29,7 +28,7 @@ from edgetrio.cloud import store
 from edgetrio.cloud.api import handle_http
 from edgetrio.identity import new_secret
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
-from edgetrio.writer import Writer
+from edgetrio.writer import Writer, open_writer
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -107,15 +106,13 @@ class EdgeSession:
 
 
 class Relay:
-    def __init__(self, db: Database, token: str, http_timeout: float = 15.0) -> None:
-        self.db = db
+    def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0) -> None:
+        self.writer = writer  # what thousands of edges send at once shares one group commit
         self.token = token
         self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
         self.command_waiters: dict[str, trio.Event] = {}
-        # the daemon's group-commit writer: what thousands of edges send at once shares one transaction
-        self.writer = Writer(db, max_batch=1024, queue_size=4096)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run store work in the next group commit and return its result once committed."""
@@ -286,7 +283,7 @@ class Relay:
 async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve edges and operators until SIGINT/SIGTERM. Reports the bound port once listening."""
     db = store.open_db(cfg.data_dir)
-    relay = Relay(db, operator_token(cfg.data_dir), cfg.http_timeout)
+    token = operator_token(cfg.data_dir)
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
     if cfg.cert and cfg.key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -303,8 +300,9 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     log.info("relay ready data_dir=%s port=%d", cfg.data_dir, port)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay.writer.run)
+            # leaving open_writer commits what was received, then stops the writer
+            async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
+                relay = Relay(writer, token, cfg.http_timeout)
                 async with trio.open_nursery() as connections:
                     connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                     connections.start_soon(relay.keep_retention, cfg.retention_days)
@@ -313,6 +311,5 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                         log.info("stopping on %s", signal.Signals(signum).name)
                         break
                     connections.cancel_scope.cancel()
-                await relay.writer.close()  # commit what was received, then stop
     finally:
         run_file.unlink(missing_ok=True)

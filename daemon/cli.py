@@ -75,8 +75,10 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     failure: BaseException | None = None
     try:
         trio.run(run, cfg)
-    except* (BrokerStartError, DaemonError, ConfigError) as group:  # start-up errors come out of the nursery
-        failure = group.exceptions[0]
+    except* (BrokerStartError, DaemonError, ConfigError) as group:  # start-up errors come out of nested nurseries
+        failure = group
+        while isinstance(failure, BaseExceptionGroup):
+            failure = failure.exceptions[0]
     if failure is not None:
         raise CliError(str(failure), EXIT_USAGE)
 

@@ -63,12 +63,15 @@ class EdgeHub:
         self.sent_upto = 0
         self.dropped = 0
         self._wakeup = trio.Event()
-        self.commits = 0
 
     def wake(self) -> None:
-        """Something was committed; the sender looks at the outbox again."""
+        """Something was committed or acknowledged; the sender looks at the outbox again."""
         self._wakeup.set()
-        self.commits += 1
+
+    async def _wake_on_commits(self) -> None:
+        while True:
+            await self.writer.next_commit()
+            self.wake()
 
     def state(self) -> dict[str, Any]:
         return {"url": self.url, "node": self.node, "connected": self.connected, "connects": self.connects,
@@ -80,6 +83,7 @@ class EdgeHub:
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._bound_outbox)
+            nursery.start_soon(self._wake_on_commits)
             delays = backoff_delays()
             while True:
                 try:
@@ -139,14 +143,13 @@ class EdgeHub:
     async def _send_up(self, ws: WebSocketConnection) -> None:
         in_flight: list[int] = []
         while True:
+            self._wakeup = trio.Event()  # before looking: whatever is committed or acknowledged from now on wakes us
             in_flight = [o for o in in_flight if o > self.acked_upto]
             rows: list[dict[str, Any]] = []
             if len(in_flight) < BATCHES_IN_FLIGHT:
                 rows = await self.writer.write(partial(store.outbox_after, offset=self.sent_upto, limit=BATCH_ROWS))
             if not rows:
-                self._wakeup = trio.Event()
-                with trio.move_on_after(1):
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 continue
             frame = envelope("up", "batch", {"items": rows})
             while len(frame) > MAX_FRAME and len(rows) > 1:
@@ -196,12 +199,9 @@ class EdgeHub:
                 await ws.ping()
 
     async def _bound_outbox(self) -> None:
-        """Once a second, if anything was committed since the last look, hold the outbox to its bounds."""
-        seen = -1
+        """After commits (at most once a second), hold the outbox to its bounds."""
         while True:
-            if self.commits == seen:
-                await trio.sleep(1)
-                continue
+            await self.writer.next_commit()
             try:
                 dropped = await self.writer.write(partial(store.outbox_bound, max_rows=self.max_rows,
                                                           max_age=self.max_age, now=time.time()))
@@ -209,7 +209,6 @@ class EdgeHub:
                 log.debug("outbox bounds not applied: %s", exc)
                 await trio.sleep(1)
                 continue
-            seen = self.commits  # includes the commit just made
             if dropped:
                 self.dropped += dropped
                 log.error("outbox over its bounds: dropped %d oldest rows (not sent to the cloud)", dropped)

@@ -44,7 +44,7 @@ from edgetrio.daemon.ingest import (
 from edgetrio.daemon.registry import Model, check_values_without_model
 from edgetrio.identity import ADMIN_USER, RegistryError
 from edgetrio.twin import Twin, VersionConflict, set_desired, set_reported
-from edgetrio.writer import Writer
+from edgetrio.writer import Writer, open_writer
 
 log = logging.getLogger("edgetrio.gateway")
 
@@ -88,12 +88,13 @@ class Gateway:
         # store writes decided while sorting one batch, queued after it
         self._pending_writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
         # readings sorted by ingest, waiting for the next group commit
+        # readings sorted from the bus batch being classified, then handed to the group commit as one item
         self._readings: list[Reading] = []
         self._invalid: list[tuple[Reading, str]] = []
-        self._readings_waiting = trio.Event()
-        self._readings_taken = trio.Event()
-        self._ingest_finished = False
-        self.max_uncommitted = 20_000
+        # A few bus batches may wait for the commit in flight; past that, ingest waits and the broker refuses.
+        self._to_commit, self._sorted = trio.open_memory_channel[tuple[list[Reading], list[tuple[Reading, str]]]](8)
+        self.uncommitted = 0  # readings handed to the commit and not committed yet (held while the store cannot write)
+        self.max_held = 20_000
         self.started = time.time()
         for row in store.list_devices(db):
             self.devices[row["id"]] = DeviceEntry(store.device_model(db, row["id"]))
@@ -104,8 +105,9 @@ class Gateway:
     # -- ingest ------------------------------------------------------------------------------------------------------
 
     async def ingest(self) -> None:
-        """Take bus events in batches until the broker has stopped and every event is handed to the writer."""
-        try:
+        """Take bus events in batches until the broker has stopped and every event is handed to the writer or the
+        group commit (whose channel it closes then)."""
+        async with self._to_commit:
             while batch := await self.link.receive_batch():
                 for event in batch:
                     try:
@@ -120,60 +122,59 @@ class Gateway:
                 for apply, done in writes:
                     await self.writer.submit(apply, done)
                 if self._readings or self._invalid:
-                    self._readings_waiting.set()
-                # backpressure: past this many uncommitted readings, stop taking events (the broker then refuses)
-                while len(self._readings) >= self.max_uncommitted:
-                    await self._readings_taken.wait()
-        finally:
-            self._ingest_finished = True
-            self._readings_waiting.set()
+                    sorted_, self._readings, self._invalid = (self._readings, self._invalid), [], []
+                    self.uncommitted += len(sorted_[0]) + len(sorted_[1])
+                    await self._to_commit.send(sorted_)
 
     async def commit_readings(self) -> None:
         """Group commit: one readings transaction in flight; what arrives meanwhile goes into the next one.
 
         Keeping a single commit in flight makes one `ack` per device per commit, however fast readings arrive.
-        While the store cannot write (a full disk), readings are held here and retried; none is acknowledged.
-        Returns once ingest has finished and everything it collected is committed (when stopping with a store that
-        cannot write, after a few more tries: the devices still hold what was not acknowledged).
+        While the store cannot write (a full disk), readings are held here and retried; none is acknowledged, and past
+        `max_held` this stops taking more, so ingest waits and the broker refuses. Returns once ingest has closed the
+        channel and everything it sent is committed (when stopping with a store that cannot write, after a few more
+        tries: the devices still hold what was not acknowledged).
         """
+        readings: list[Reading] = []
+        invalid: list[tuple[Reading, str]] = []
         retry_in = 0.25
-        while True:
-            await self._readings_waiting.wait()
-            self._readings_waiting = trio.Event()
-            if not (self._readings or self._invalid):
-                if self._ingest_finished:
-                    return
-                continue
-            readings, self._readings = self._readings, []
-            invalid, self._invalid = self._invalid, []
-            self._readings_taken.set()
-            self._readings_taken = trio.Event()
-            try:
-                acks = await self.writer.write(
-                    partial(self._commit_readings, readings=readings, invalid=invalid, now=time.time()))
-            except Exception as exc:
-                if self.writer.failure is None:  # this batch itself failed, not the store: holding it would block all
-                    log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
+        async with self._sorted:
+            while True:
+                if not (readings or invalid):
+                    try:
+                        readings, invalid = await self._sorted.receive()
+                    except trio.EndOfChannel:
+                        return
+                while len(readings) + len(invalid) < self.max_held:  # everything that waits joins this commit
+                    try:
+                        more, more_invalid = self._sorted.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    readings, invalid = readings + more, invalid + more_invalid
+                try:
+                    acks = await self.writer.write(
+                        partial(self._commit_readings, readings=readings, invalid=invalid, now=time.time()))
+                except Exception as exc:
+                    if self.writer.failure is None:  # this batch failed, not the store: holding it would block all
+                        log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
+                        self.uncommitted -= len(readings) + len(invalid)
+                        readings, invalid = [], []
+                        continue
+                    log.debug("%d readings held, not committed: %s", len(readings) + len(invalid), exc)
+                    if self._sorted.statistics().open_send_channels == 0 and retry_in >= 2:
+                        # stopping: the devices still hold what was not acknowledged
+                        log.warning("stopping with %d readings not committed (not acknowledged either)", self.uncommitted)
+                        return
+                    retry_in = min(retry_in * 2, 10.0)
+                    await trio.sleep(retry_in)
                     continue
-                # Held, not dropped, and not acknowledged: the devices keep them too. Past max_uncommitted held
-                # readings ingest stops taking events, so the broker refuses new ones rather than growing memory.
-                self._readings[:0], self._invalid[:0] = readings, invalid
-                log.debug("%d readings held, not committed: %s", len(readings) + len(invalid), exc)
-                if self._ingest_finished and retry_in >= 2:  # stopping: the devices still hold what was not acked
-                    log.warning("stopping with %d readings not committed (not acknowledged either)",
-                                len(self._readings) + len(self._invalid))
-                    return
-                retry_in = min(retry_in * 2, 10.0)
-                await trio.sleep(retry_in)
-                self._readings_waiting.set()
-                continue
-            retry_in = 0.25
-            self.counts["readings_received"] += len(readings)
-            # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
-            self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
-                               for (device, boot), seq in acks.items()], qos=0)
-            if self._ingest_finished and not (self._readings or self._invalid):
-                return
+                retry_in = 0.25
+                self.uncommitted -= len(readings) + len(invalid)
+                self.counts["readings_received"] += len(readings)
+                readings, invalid = [], []
+                # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
+                self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
+                                   for (device, boot), seq in acks.items()], qos=0)
 
     def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
         self.counts[f"rejected_{reason}"] += 1
@@ -523,7 +524,7 @@ class Gateway:
             "writer": {"batches": self.writer.batches, "operations": self.writer.ops},
             "store": {"ok": self.writer.failure is None, "error": self.writer.failure,
                       "failing_since": self.writer.failing_since,
-                      "readings_held": len(self._readings) + len(self._invalid)},
+                      "readings_held": self.uncommitted},
             "cloud": self.hub.state() if self.hub else None,
         }
 
@@ -611,11 +612,9 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
             raise DaemonError(str(exc)) from exc
         _, admin_secret = admin_credential(cfg.data_dir)
         credentials = Credentials(admin_secret, store.device_secrets(db))
-        writer = Writer(db)
         tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(writer.run)
+            async with open_writer(db) as writer, trio.open_nursery() as nursery:
                 ingest_done = trio.Event()
                 periodic = trio.CancelScope()
                 async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
@@ -648,7 +647,6 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                           max_rows=cfg.outbox_max_rows, max_age=cfg.outbox_max_age,
                                           cafile=cfg.cloud_cafile)
                             gateway.hub = hub
-                            writer.on_commit = hub.wake
                             await writer.write(gateway.snapshot_up)
                             await requests.start(hub.run)
                         _write_run_file(cfg, link.port)
@@ -659,11 +657,10 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                             log.info("stopping on %s", signal.Signals(signum).name)
                             break
                         requests.cancel_scope.cancel()
-                # the broker has stopped: commit what it handed over, then let the writer finish
+                # the broker has stopped: commit what it handed over; leaving open_writer lets the writer finish
                 await ingest_done.wait()
                 periodic.cancel()
                 await gateway.flush_counters()
-                await writer.close()
             log.info("daemon stopped; %d operations committed in %d batches", writer.ops, writer.batches)
     finally:
         (cfg.data_dir / RUN_FILE).unlink(missing_ok=True)

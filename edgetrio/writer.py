@@ -12,7 +12,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -72,7 +73,7 @@ class Writer:
         # Set by the commit thread, read by trio (whole-value swaps).
         self.failure: str | None = None
         self.failing_since: float | None = None
-        self.on_commit: Callable[[], None] | None = None  # called in trio after each batch (wakes the cloud link)
+        self._committed = trio.lowlevel.ParkingLot()  # who waits for the next commit (the cloud link's sender)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit operations until `close()` and then everything still queued. A batch in progress always finishes."""
@@ -93,8 +94,7 @@ class Writer:
                         op.done(result)
                     except Exception:
                         log.exception("error after commit")
-                if self.on_commit is not None:
-                    self.on_commit()
+                self._committed.unpark_all()
 
     def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
         results: list[outcome.Outcome[Any]] = []
@@ -136,5 +136,24 @@ class Writer:
         await finished.wait()
         return box[0].unwrap()
 
+    async def next_commit(self) -> None:
+        """Wait until the writer has committed another batch."""
+        await self._committed.park()
+
     async def close(self) -> None:
         await self._send.aclose()
+
+
+@asynccontextmanager
+async def open_writer(db: Database, **options: Any) -> AsyncIterator[Writer]:
+    """The store's one writer, running for the duration of the block.
+
+    On exit it commits what was queued before the block ended, then stops; a batch in progress always finishes.
+    """
+    writer = Writer(db, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        try:
+            yield writer
+        finally:
+            await writer.close()
