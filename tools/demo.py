@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE
-from edgetrio.tools.vdev import die_with_parent, flash_dir, set_fault
+from edgetrio.tools.vdev import flash_dir, set_fault
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -53,6 +54,18 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
         time.sleep(0.05)
     info = json.loads((relay_dir / "relay.json").read_text())
     return proc, {**info, **json.loads(node_file.read_text())}
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(sig: int) -> None:
+    """In a child, before exec: the kernel sends `sig` when the thread that started it ends, however it ends.
+
+    Only for children started from the main thread (subprocess.Popen here). trio starts processes from worker threads,
+    which end when idle, so a board started that way got SIGKILL about ten seconds after it booted.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 # The demo's parts run in sessions of their own, so a terminal's Ctrl-C reaches the demo alone, which then stops them

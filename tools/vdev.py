@@ -10,14 +10,12 @@ Fault files live in FLASH/sim/: wifi, env.json (sensor values), power (a power c
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import termios
@@ -37,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
-PR_SET_PDEATHSIG = 1  # prctl(2)
 PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32
 log = logging.getLogger("edgetrio.vdev")
 
@@ -107,19 +104,8 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
         raise ValueError(f"unknown fault {kind!r}")
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """In a child, before exec: the kernel sends `sig` when the process that started it dies, however it dies.
-
-    Boards and demo children run in sessions of their own (a terminal's Ctrl-C is for their supervisor), so without
-    this a supervisor killed hard would leave them running.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, sig)
-
-
 def _repl_child() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is the interpreter's terminal: Ctrl-C from mpremote interrupts it
-    die_with_parent()
 
 
 class ReplPort:
@@ -291,8 +277,7 @@ class VirtualDevice:
             process = await trio.lowlevel.open_process(
                 [*command, str(FIRMWARE / "sim" / "board.py")],
                 cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C at the terminal is for the supervisor, which then stops it
-                preexec_fn=die_with_parent)
+                start_new_session=True)  # a Ctrl-C at the terminal is for the supervisor, which then stops it
             task_status.started(process)
             device = None
         else:
