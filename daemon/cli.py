@@ -25,9 +25,16 @@ from edgetrio.console import (
 )
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerStartError
-from edgetrio.daemon.config import ConfigError, build_config, load_config_file
+from edgetrio.daemon.config import (
+    ConfigError,
+    DaemonError,
+    build_config,
+    daemon_running,
+    load_config_file,
+    read_run_file,
+)
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.gateway import DaemonError, daemon_running, read_run_file, run
+from edgetrio.daemon.gateway import run
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.identity import RegistryError
 from edgetrio.twin import VersionConflict, set_desired

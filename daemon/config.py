@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -129,3 +130,50 @@ def admin_credential(data_dir: Path) -> tuple[str, str]:
     with os.fdopen(fd, "w") as f:
         json.dump({"username": ADMIN_USER, "password": secret}, f)
     return ADMIN_USER, secret
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message is one line for the user."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the life of the process, so two daemons never share it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"another daemon is already running on {data_dir}") from None
+    return fd
+
+
+def daemon_running(data_dir: Path) -> bool:
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def write_run_file(data_dir: Path, mqtt_host: str, port: int) -> None:
+    """Tell the CLI and local apps where the running daemon listens."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
+    tmp = data_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port}))
+    tmp.replace(data_dir / RUN_FILE)
+
+
+def read_run_file(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / RUN_FILE
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no running daemon found in {data_dir} (start one with `edgetrio daemon`)") from exc

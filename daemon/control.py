@@ -1,19 +1,36 @@
-"""Client side of the local control channel: the CLI and local apps ask the running daemon over its own broker."""
+"""The local control channel: the CLI and local apps ask the running daemon over its own broker (admin credential).
+
+`ControlClient` is the asking side, `ControlServer` the daemon's answering side.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import trio
 
-from edgetrio.daemon.config import admin_credential
-from edgetrio.daemon.gateway import read_run_file
-from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink
+from edgetrio.daemon.changes import Changes
+from edgetrio.daemon.commands import CommandFailed, Commands
+from edgetrio.daemon.config import admin_credential, read_run_file
+from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, desired_message, parse_object
+from edgetrio.daemon.registry import Model
+from edgetrio.daemon.roster import Roster
+from edgetrio.identity import RegistryError
+from edgetrio.twin import VersionConflict
+from edgetrio.writer import Writer
+
+log = logging.getLogger("edgetrio.control")
 
 
 class ControlError(Exception):
@@ -90,3 +107,78 @@ class ControlClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class ControlServer:
+    """The daemon's side of the control channel: each request found on the bus is answered in a task of its own."""
+
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self.link = link
+        self.writer = writer
+        self.roster = roster
+        self.changes = changes
+        self.commands = commands
+        self.status = status
+
+    async def serve(self, requests: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Answer requests until the channel closes (the broker stopped) or this is cancelled."""
+        async with requests, trio.open_nursery() as nursery:
+            async for payload in requests:
+                try:
+                    request = parse_object(payload)
+                except Rejected as exc:
+                    log.warning("control request is not a JSON object: %s", exc)
+                    continue
+                reply_to = request.get("reply_to")
+                if not isinstance(reply_to, str) or not reply_to.startswith(CONTROL_REPLY_ROOT):
+                    log.warning("control request without a usable reply_to")
+                    continue
+                nursery.start_soon(self._answer, request, reply_to)
+
+    async def _answer(self, request: dict[str, Any], reply_to: str) -> None:
+        reply: dict[str, Any] = {"id": request.get("id")}
+        try:
+            reply["result"] = await self.handle(str(request.get("op")), request.get("args") or {})
+        except VersionConflict as exc:
+            reply["error"], reply["code"] = str(exc), "conflict"
+        except (RegistryError, ValueError, KeyError, TypeError) as exc:
+            reply["error"], reply["code"] = str(exc), "invalid"
+        except CommandFailed as exc:
+            reply["error"], reply["code"] = str(exc), exc.code
+        except Exception as exc:  # a request the daemon did not foresee must not stop it
+            log.exception("control request %r failed", request.get("op"))
+            reply["error"], reply["code"] = f"internal error: {type(exc).__name__}: {exc}", "internal"
+        self.link.publish([(reply_to, json.dumps(reply).encode())])
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """Carry out one control operation; raises RegistryError/ValueError/VersionConflict/CommandFailed."""
+        if op == "device.add":
+            device_id, model = args["id"], args.get("model")
+            secret = await self.writer.write(partial(self.changes.register, device=device_id, model=model))
+            await self.roster.reload(device_id)
+            return {"id": device_id, "username": device_id, "password": secret}
+        if op == "device.remove":
+            device_id = args["id"]
+            await self.writer.write(partial(self.changes.unregister, device=device_id))
+            await self.roster.reload(device_id)
+            return {"id": device_id, "removed": True}
+        if op == "model.add":
+            model = Model.from_dict(args.get("model"))
+            await self.writer.write(partial(store.add_model, model=model))
+            await self.roster.reload_models()
+            return model.as_dict()
+        if op == "twin.set":
+            device_id, patch, version = args["id"], args["patch"], args.get("version")
+            if not isinstance(patch, dict) or not patch:
+                raise ValueError("twin set needs at least one key=value")
+            twin = await self.writer.write(partial(self.changes.desired, device=device_id, patch=patch,
+                                                   version=version))
+            self.link.publish([desired_message(device_id, twin)])
+            return twin.as_json()
+        if op == "cmd":
+            return await self.commands.send(args["id"], str(args["name"]), args.get("args") or {},
+                                            float(args.get("timeout", 10)))
+        if op == "status":
+            return self.status()
+        raise ValueError(f"unknown operation {op!r}")

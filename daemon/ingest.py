@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from edgetrio import wire
+from edgetrio.twin import Twin
 
 ROOT = "edgetrio"
 # What a device may send; everything else under its root is refused and counted.
@@ -35,6 +37,22 @@ class Reading:
     # Lowest seq of this boot the device still buffers: lower ones were dropped on the device (buffer full),
     # so the watermark may pass them instead of waiting forever.
     first: int = 1
+
+
+def desired_message(device_id: str, twin: Twin) -> tuple[str, bytes]:
+    """The message that tells a device its desired state."""
+    return device_topic(device_id, "twin/desired"), json.dumps(twin.desired_message()).encode()
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching for one concrete topic."""
+    fparts, tparts = topic_filter.split("/"), topic.split("/")
+    for i, part in enumerate(fparts):
+        if part == "#":
+            return True
+        if i >= len(tparts) or (part != "+" and part != tparts[i]):
+            return False
+    return len(fparts) == len(tparts)
 
 
 def device_topic(device_id: str, channel: str) -> str:

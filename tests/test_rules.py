@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from edgetrio.daemon.gateway import topic_matches
-from edgetrio.daemon.ingest import Rejected, advance_watermark, in_device_space, parse_telemetry, parse_topic
+from edgetrio.daemon.ingest import (
+    Rejected,
+    advance_watermark,
+    in_device_space,
+    parse_telemetry,
+    parse_topic,
+    topic_matches,
+)
 from edgetrio.daemon.registry import Model
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, verify_secret
 from edgetrio.twin import Twin, VersionConflict, set_desired, set_reported

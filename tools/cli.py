@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetrio.console import EXIT_USAGE, CliError, emit, parse_assignments, require_positive
-from edgetrio.daemon.gateway import daemon_running
+from edgetrio.daemon.config import daemon_running
 from edgetrio.tools.demo import run_demo
 from edgetrio.tools.flash import FlashError, flash
 from edgetrio.tools.vdev import main_vdev, require_device_tools, set_fault

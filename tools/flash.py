@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetrio.daemon import store
+from edgetrio.daemon.config import daemon_running
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.gateway import daemon_running
 from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.tools.vdev import build_bundle, device_config, require_device_tools
 

@@ -27,9 +27,8 @@ from typing import Any
 import trio
 
 from edgetrio.daemon import store
-from edgetrio.daemon.config import ConfigError
+from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.gateway import read_run_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"

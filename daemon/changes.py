@@ -1,0 +1,78 @@
+"""Durable changes of the gateway's state, each written with what mirrors it to the cloud in the same transaction.
+
+The functions run inside the writer's transaction (they take the `Database`); `Mirror` is given by the cloud link
+when there is one (it adds an outbox row) and does nothing otherwise, so a change and its mirror commit together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlite_utils import Database
+
+from edgetrio.daemon import store
+from edgetrio.daemon.ingest import Reading
+from edgetrio.twin import Twin, set_desired, set_reported
+
+# (db, resource, body): record a change for the cloud, inside the transaction that makes it
+Mirror = Callable[[Database, str, Any], None]
+READINGS_PER_ROW = 1000  # rows of bounded size: each must fit one WebSocket frame
+
+
+def no_mirror(_db: Database, _resource: str, _body: Any) -> None:
+    """A gateway without a cloud link keeps its changes to itself."""
+
+
+class Changes:
+    def __init__(self, mirror: Mirror = no_mirror) -> None:
+        self.mirror = mirror
+
+    def snapshot(self, db: Database) -> None:
+        """Mirror the registry and twins, so the cloud knows devices registered before the link existed."""
+        for row in store.list_devices(db):
+            self.mirror(db, "device", {"device": row["id"], "registered": True, "model": row["model"],
+                                       "online": row["online"], "last_seen": row["last_seen"], "meta": row["meta"]})
+            self.mirror(db, "twin", {"device": row["id"], "twin": store.get_twin(db, row["id"]).as_json()})
+
+    def presence(self, db: Database, device: str, online: bool, now: float) -> None:
+        store.set_presence(db, device, online, now)
+        self.mirror(db, "device", {"device": device, "online": online, "last_seen": now})
+
+    def meta(self, db: Database, device: str, meta: dict[str, Any], now: float) -> None:
+        store.record_meta(db, device, meta, now)
+        self.mirror(db, "device", {"device": device, "meta": meta, "last_seen": now})
+
+    def reported(self, db: Database, device: str, state: dict[str, Any]) -> Twin:
+        twin = set_reported(store.get_twin(db, device), state)
+        store.save_twin(db, device, twin)
+        self.mirror(db, "twin", {"device": device, "twin": twin.as_json()})
+        return twin
+
+    def desired(self, db: Database, device: str, patch: dict[str, Any], version: int | None) -> Twin:
+        twin = set_desired(store.get_twin(db, device), patch, version)
+        store.save_twin(db, device, twin)
+        self.mirror(db, "twin", {"device": device, "twin": twin.as_json()})
+        return twin
+
+    def register(self, db: Database, device: str, model: str | None, secret_hash: str | None = None) -> str:
+        secret = store.add_device(db, device, model, secret_hash)
+        self.mirror(db, "device", {"device": device, "registered": True, "model": model})
+        return secret
+
+    def unregister(self, db: Database, device: str) -> None:
+        store.remove_device(db, device)
+        self.mirror(db, "device", {"device": device, "registered": False})
+
+    def readings(self, db: Database, readings: list[Reading], invalid: list[tuple[Reading, str]],
+                 now: float) -> dict[tuple[str, int], int]:
+        """Commit readings; returns the new ack watermark per (device, boot)."""
+        acks = store.commit_readings(db, readings, invalid, now)
+        for start in range(0, len(readings), READINGS_PER_ROW):
+            self.mirror(db, "readings", {"readings": [
+                {"device": r.device, "boot": r.boot, "seq": r.seq, "ts": r.ts if r.ts is not None else now,
+                 "values": r.values} for r in readings[start:start + READINGS_PER_ROW]]})
+        return acks
+
+    def command_result(self, db: Database, result: dict[str, Any]) -> None:
+        self.mirror(db, "cmd_result", result)

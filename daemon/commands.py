@@ -1,0 +1,78 @@
+"""Commands to devices: send one, wait for its result within a timeout, and record both in the store."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+import trio
+from sqlite_utils import Database
+
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink
+from edgetrio.daemon.ingest import device_topic
+from edgetrio.daemon.roster import Roster
+from edgetrio.writer import Writer
+
+log = logging.getLogger("edgetrio.commands")
+
+
+class CommandFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Commands:
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster) -> None:
+        self.link = link
+        self.writer = writer
+        self.roster = roster
+        self._waiting: dict[str, tuple[str, trio.MemorySendChannel[dict[str, Any]]]] = {}
+
+    async def send(self, device: str, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a command and wait for its result; raises UnknownDevice, or CommandFailed (offline, timeout)."""
+        if device not in self.roster:
+            raise store.UnknownDevice(device)
+        if not self.roster.online(device):
+            raise CommandFailed("offline", f"device {device!r} is not connected")
+        cmd_id = uuid.uuid4().hex[:16]
+        await self.writer.write(partial(store.record_command, cmd_id=cmd_id, device_id=device, name=name, args=args,
+                                        now=time.time()))
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._waiting[cmd_id] = (device, send)
+        try:
+            self.link.publish([(device_topic(device, "cmd"),
+                                json.dumps({"id": cmd_id, "name": name, "args": args}).encode())])
+            with trio.move_on_after(timeout):
+                result = await receive.receive()
+                status = "ok" if result.get("ok") else "error"
+                await self.writer.write(partial(store.finish_command, cmd_id=cmd_id, status=status, result=result,
+                                                now=time.time()))
+                return result
+        finally:
+            del self._waiting[cmd_id]
+        await self.writer.write(partial(store.finish_command, cmd_id=cmd_id, status="timeout", result=None,
+                                        now=time.time()))
+        raise CommandFailed("timeout", f"device {device!r} did not answer command {name!r} within {timeout:g} s")
+
+    def deliver(self, device: str, cmd_id: str, body: dict[str, Any]) -> bool:
+        """Hand a result to the command waiting for it; False when none waits (a late result)."""
+        waiter = self._waiting.get(cmd_id)
+        if waiter is None or waiter[0] != device:
+            return False
+        with contextlib.suppress(trio.WouldBlock):  # a repeated result: the first one counts
+            waiter[1].send_nowait(body)
+        return True
+
+
+def record_late_result(db: Database, cmd_id: str, body: dict[str, Any], now: float) -> None:
+    """A result that came after its command timed out still goes into the command's row."""
+    status = "ok" if body.get("ok") else "error"
+    if store.finish_command(db, cmd_id, status, body, now):
+        log.info("late command result stored id=%s", cmd_id)

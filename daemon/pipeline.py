@@ -1,0 +1,244 @@
+"""The ingest pipeline: bus events -> classify -> group commit -> ack.
+
+The broker thread hands bus events over in batches; `classify` sorts them into store operations (readings for the group
+commit, other changes for the writer), and `commit` writes readings in groups and only then acknowledges devices.
+Control requests found on the bus are handed to the control server over a channel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import outcome
+import trio
+from sqlite_utils import Database
+
+from edgetrio import wire
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink, BusEvent
+from edgetrio.daemon.changes import Changes
+from edgetrio.daemon.commands import Commands, record_late_result
+from edgetrio.daemon.ingest import (
+    CONTROL_REQUEST,
+    DEVICE_CHANNELS,
+    Reading,
+    Rejected,
+    desired_message,
+    device_topic,
+    parse_object,
+    parse_telemetry,
+    parse_topic,
+    topic_matches,
+)
+from edgetrio.daemon.registry import Model, check_values_without_model
+from edgetrio.daemon.roster import Roster
+from edgetrio.identity import ADMIN_USER, RegistryError
+from edgetrio.twin import Twin
+from edgetrio.writer import Writer
+
+log = logging.getLogger("edgetrio.ingest")
+Sorted = tuple[list[Reading], list[tuple[Reading, str]]]
+MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest waits and the broker refuses
+COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
+
+
+class Ingest:
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
+                 control_requests: trio.MemorySendChannel[bytes]) -> None:
+        self.link = link
+        self.writer = writer
+        self.roster = roster
+        self.changes = changes
+        self.commands = commands
+        self.control_requests = control_requests
+        self.counts: Counter[str] = Counter()
+        self.uncommitted = 0  # readings handed to the commit and not committed yet (held while the store cannot write)
+        self.max_held = MAX_HELD
+        # store writes decided while sorting one batch, queued after it
+        self._writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
+        # readings sorted from the bus batch being classified, handed to the group commit as one item
+        self._readings: list[Reading] = []
+        self._invalid: list[tuple[Reading, str]] = []
+
+    async def run(self) -> None:
+        """Classify and commit until the broker has stopped and everything it handed over is committed (or, with a
+        store that cannot write, given up after a few tries: the devices still hold what was not acknowledged)."""
+        to_commit, sorted_ = trio.open_memory_channel[Sorted](COMMITS_WAITING)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.classify, to_commit)
+            nursery.start_soon(self.commit, sorted_)
+
+    async def classify(self, to_commit: trio.MemorySendChannel[Sorted]) -> None:
+        """Take bus events in batches until the broker has stopped; closes the channel to the commit then."""
+        async with to_commit, self.control_requests:
+            while batch := await self.link.receive_batch():
+                for event in batch:
+                    try:
+                        self._classify(event)
+                    except Rejected as exc:
+                        self._reject(event, exc.reason, str(exc))
+                    except Exception as exc:  # a message nobody foresaw costs that message, never the daemon
+                        log.exception("message not handled client=%s topic=%s", wire.clip(event.client_id),
+                                      wire.clip(event.topic))
+                        self._reject(event, "internal", f"{type(exc).__name__}: {wire.clip(str(exc))}")
+                writes, self._writes = self._writes, []
+                for apply, done in writes:
+                    await self.writer.submit(apply, done)
+                if self._readings or self._invalid:
+                    batch_sorted, self._readings, self._invalid = (self._readings, self._invalid), [], []
+                    self.uncommitted += len(batch_sorted[0]) + len(batch_sorted[1])
+                    await to_commit.send(batch_sorted)
+
+    async def commit(self, sorted_: trio.MemoryReceiveChannel[Sorted]) -> None:
+        """Group commit: one readings transaction in flight; what arrives meanwhile goes into the next one.
+
+        Keeping a single commit in flight makes one `ack` per device per commit, however fast readings arrive.
+        While the store cannot write (a full disk), readings are held here and retried; none is acknowledged, and past
+        `max_held` this stops taking more, so classify waits and the broker refuses. Returns once the channel is closed
+        and everything sent on it is committed.
+        """
+        readings: list[Reading] = []
+        invalid: list[tuple[Reading, str]] = []
+        retry_in = 0.25
+        async with sorted_:
+            while True:
+                if not (readings or invalid):
+                    try:
+                        readings, invalid = await sorted_.receive()
+                    except trio.EndOfChannel:
+                        return
+                while len(readings) + len(invalid) < self.max_held:  # everything that waits joins this commit
+                    try:
+                        more, more_invalid = sorted_.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    readings, invalid = readings + more, invalid + more_invalid
+                try:
+                    acks = await self.writer.write(
+                        partial(self.changes.readings, readings=readings, invalid=invalid, now=time.time()))
+                except Exception as exc:
+                    if self.writer.failure is None:  # this batch failed, not the store: holding it would block all
+                        log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
+                        self.uncommitted -= len(readings) + len(invalid)
+                        readings, invalid = [], []
+                        continue
+                    log.debug("%d readings held, not committed: %s", len(readings) + len(invalid), exc)
+                    if sorted_.statistics().open_send_channels == 0 and retry_in >= 2:
+                        log.warning("stopping with %d readings not committed (not acknowledged either)", self.uncommitted)
+                        return
+                    retry_in = min(retry_in * 2, 10.0)
+                    await trio.sleep(retry_in)
+                    continue
+                retry_in = 0.25
+                self.uncommitted -= len(readings) + len(invalid)
+                self.counts["readings_received"] += len(readings)
+                readings, invalid = [], []
+                # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
+                self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
+                                   for (device, boot), seq in acks.items()], qos=0)
+
+    def _publish_desired(self, device: str, twin: Twin) -> None:
+        self.link.publish([desired_message(device, twin)])
+
+    def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
+        self.counts[f"rejected_{reason}"] += 1
+        parsed = parse_topic(event.topic)
+        device = parsed[0] if parsed else event.username
+        log.warning("rejected reason=%s device=%s topic=%s detail=%s", reason, device, event.topic[:200], detail)
+        self._write(partial(store.record_reject, device_id=device, reason=reason, detail=detail,
+                            payload=event.payload, now=time.time()))
+
+    def _write(self, apply: Callable[[Database], Any],
+               then: Callable[[Any], None] | None = None) -> None:
+        """Queue a store write after this batch; `then` gets its result. A failure is counted and logged."""
+        def done(result: outcome.Outcome[Any]) -> None:
+            if isinstance(result, outcome.Error):
+                self.counts["store_write_failed"] += 1
+                # while the store cannot write, the writer has said so once; one line per message would flood the log
+                (log.debug if self.writer.failure else log.error)("store write failed: %s", result.error)
+            elif then is not None and isinstance(result, outcome.Value):
+                then(result.value)
+        self._writes.append((apply, done))
+
+    def _classify(self, event: BusEvent) -> None:
+        device_client = event.username is not None and event.username != ADMIN_USER
+        now = time.time()
+        if event.kind == "connected" and device_client:
+            if self.roster.connection_opened(event.client_id):
+                log.info("device online device=%s", event.client_id)
+                self._write(partial(self.changes.presence, device=event.client_id, online=True, now=now))
+            return
+        if event.kind == "disconnected" and device_client:
+            if self.roster.connection_closed(event.client_id):
+                log.info("device offline device=%s", event.client_id)
+                self._write(partial(self.changes.presence, device=event.client_id, online=False, now=now))
+            return
+        if event.kind == "subscribed" and device_client:
+            if topic_matches(event.topic, device_topic(event.client_id, "twin/desired")):
+                self._write(partial(store.get_twin, device_id=event.client_id),
+                            partial(self._publish_desired, event.client_id))
+            return
+        if event.kind != "message":
+            return
+        if event.topic == CONTROL_REQUEST and event.username == ADMIN_USER:
+            try:
+                self.control_requests.send_nowait(event.payload)
+            except trio.WouldBlock:
+                log.warning("control request dropped: too many in progress")
+            return
+        parsed = parse_topic(event.topic)
+        if parsed is None:
+            return  # admin traffic outside the device space is not ours to judge
+        device, channel = parsed
+        if channel not in DEVICE_CHANNELS:
+            if device_client:
+                raise Rejected("unknown_channel", f"devices do not publish on {channel!r}")
+            return  # edge -> device traffic (ack, twin/desired, cmd) sent by an admin app
+        if device not in self.roster:
+            raise Rejected("unknown_device", f"device {device!r} is not registered")
+        if channel == "telemetry":
+            reading = parse_telemetry(device, event.payload)
+            model = self.roster.models[device]
+            reason = model.check_values(reading.values) if model else check_values_without_model(reading.values)
+            if reason:
+                self.counts["rejected_invalid_value"] += 1
+                log.warning("rejected reason=invalid_value device=%s boot=%d seq=%d detail=%s",
+                            device, reading.boot, reading.seq, reason)
+                self._invalid.append((reading, reason))
+            else:
+                self._readings.append(reading)
+        elif channel == "twin/reported":
+            body = parse_object(event.payload)
+            state = body.get("state")
+            if not isinstance(state, dict):
+                raise Rejected("bad_envelope", "twin/reported needs {\"state\": {...}}")
+            self._write(partial(self.changes.reported, device=device, state=state))
+        elif channel == "meta":
+            meta = parse_object(event.payload)
+            if meta.get("resources"):
+                try:
+                    Model.from_dict({"resources": meta["resources"]}, name=f"device:{device}")
+                except RegistryError as exc:
+                    raise Rejected("bad_meta", str(exc)) from exc
+            self._write(partial(self.changes.meta, device=device, meta=meta, now=now))
+            self._write(partial(store.device_model, device_id=device), partial(self.roster.set_model, device))
+        elif channel == "cmd/result":
+            body = parse_object(event.payload)
+            cmd_id = body.get("id")
+            if not isinstance(cmd_id, str):
+                raise Rejected("bad_envelope", "cmd/result needs a string 'id'")
+            if not self.commands.deliver(device, cmd_id, body):
+                self._write(partial(record_late_result, cmd_id=cmd_id, body=body, now=now))
+        elif channel in ("log", "status"):
+            note: Any
+            try:
+                note = wire.loads(event.payload)
+            except ValueError:
+                note = event.payload[:4096].decode("utf-8", "replace")
+            self._write(partial(store.record_event, device_id=device, kind=channel, body=note, now=now))
