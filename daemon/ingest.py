@@ -19,6 +19,11 @@ CONTROL_REQUEST = "edgetrio-api/request"
 CONTROL_REPLY_ROOT = "edgetrio-api/reply/"
 
 
+EARLIEST_TRUE_TIME = 1577836800.0  # 2020-01-01: earlier readings come from a board whose clock was never set
+MAX_CLOCK_AHEAD = 600.0  # seconds a board's clock may run ahead of the gateway's before its times are not trusted
+MAX_TS_MS = 1 << 53  # integers a float holds exactly
+
+
 class Rejected(Exception):
     """A message that cannot be accepted: `reason` is a short counter name, the message says what was wrong."""
 
@@ -53,6 +58,11 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(tparts) or (part != "+" and part != tparts[i]):
             return False
     return len(fparts) == len(tparts)
+
+
+def time_message(device_id: str, now: float) -> tuple[str, bytes]:
+    """The gateway's clock for a board that connects (milliseconds as an integer: a board's floats are single)."""
+    return device_topic(device_id, "time"), json.dumps({"unix_ms": int(now * 1000)}).encode()
 
 
 def device_topic(device_id: str, channel: str) -> str:
@@ -101,11 +111,25 @@ def parse_telemetry(device: str, payload: bytes) -> Reading:
     ts = body.get("ts")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
         raise Rejected("bad_envelope", "'ts' must be a number of seconds")
+    ts_ms = body.get("ts_ms")
+    if ts_ms is not None:
+        if isinstance(ts_ms, bool) or not isinstance(ts_ms, int) or abs(ts_ms) > MAX_TS_MS:
+            raise Rejected("bad_envelope", "'ts_ms' must be an integer of milliseconds")
+        ts = ts_ms / 1000
     values = body.get("values")
     if not isinstance(values, dict) or not values:
         raise Rejected("bad_envelope", "'values' must be a non-empty object")
     first = _counter(body, "first") if "first" in body else 1
     return Reading(device, boot, seq, float(ts) if ts is not None else None, values, min(first, seq))
+
+
+def trusted_time(ts: float | None, now: float) -> float | None:
+    """A reading's time if it can be true UTC, else None (the reading is then stamped with its arrival, and marked).
+
+    A board's clock counts from 2000 until it is set, and one set wrong may run ahead."""
+    if ts is None or ts < EARLIEST_TRUE_TIME or ts > now + MAX_CLOCK_AHEAD:
+        return None
+    return ts
 
 
 def advance_watermark(watermark: int, seqs: Iterable[int]) -> int:

@@ -34,7 +34,9 @@ from edgetrio.daemon.ingest import (
     parse_object,
     parse_telemetry,
     parse_topic,
+    time_message,
     topic_matches,
+    trusted_time,
 )
 from edgetrio.daemon.registry import Model, check_values_without_model
 from edgetrio.daemon.roster import Roster
@@ -119,9 +121,10 @@ class Ingest:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     readings, invalid = readings + more, invalid + more_invalid
+                now = time.time()
                 try:
                     acks = await self.writer.write(
-                        partial(self.changes.readings, readings=readings, invalid=invalid, now=time.time()))
+                        partial(self.changes.readings, readings=readings, invalid=invalid, now=now))
                 except Exception as exc:
                     if self.writer.failure is None:  # this batch failed, not the store: holding it would block all
                         log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
@@ -138,6 +141,7 @@ class Ingest:
                 retry_in = 0.25
                 self.uncommitted -= len(readings) + len(invalid)
                 self.counts["readings_received"] += len(readings)
+                self.counts["readings_arrival_time"] += sum(trusted_time(r.ts, now) is None for r in readings)
                 readings, invalid = [], []
                 # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
                 self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
@@ -180,6 +184,8 @@ class Ingest:
                 self._write(partial(self.changes.presence, device=event.client_id, online=False, now=now))
             return
         if event.kind == "subscribed" and device_client:
+            if topic_matches(event.topic, device_topic(event.client_id, "time")):
+                self.link.publish([time_message(event.client_id, time.time())])  # a board's clock starts unset
             if topic_matches(event.topic, device_topic(event.client_id, "twin/desired")):
                 self._write(partial(store.get_twin, device_id=event.client_id),
                             partial(self._publish_desired, event.client_id))

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database
 
-from edgetrio.daemon.ingest import Reading, advance_watermark
+from edgetrio.daemon.ingest import Reading, advance_watermark, trusted_time
 from edgetrio.daemon.registry import Model
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret
 from edgetrio.twin import Twin
@@ -184,10 +184,11 @@ def commit_readings(
     Returns the new watermark of every (device, boot) touched, including those touched only by duplicates, so a
     device that missed an ack gets it again. A rejected reading counts as done: it would never become valid.
     """
-    # plain executemany on the hot path: sqlite-utils' insert_all re-reads the schema on every call
+    # plain executemany on the hot path: sqlite-utils' insert_all re-reads the schema on every call.
+    # A time that cannot be true UTC is stored as NULL: the reading's time is then its arrival, and marked so.
     db.conn.executemany(
         "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?)",
-        [(r.device, r.boot, r.seq, r.ts, now, json.dumps(r.values)) for r in readings],
+        [(r.device, r.boot, r.seq, trusted_time(r.ts, now), now, json.dumps(r.values)) for r in readings],
     )
     for reading, reason in rejects:
         db.table("rejects").insert({"received": now, "device": reading.device, "boot": reading.boot, "seq": reading.seq,
@@ -195,7 +196,7 @@ def commit_readings(
         # keep the slot so the watermark can pass it; the values live in `rejects`
         db.execute(
             "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, NULL)",
-            [reading.device, reading.boot, reading.seq, reading.ts, now],
+            [reading.device, reading.boot, reading.seq, trusted_time(reading.ts, now), now],
         )
     floors: dict[tuple[str, int], int] = {}
     for r in [*readings, *(r for r, _ in rejects)]:
@@ -239,8 +240,9 @@ def query_readings(
         params.append(limit)
     rows = list(db.query(sql, params))
     rows.reverse()
-    return [{"boot": r["boot"], "seq": r["seq"], "ts": r["ts"] if r["ts"] is not None else r["received"],
-             "values": json.loads(r["data"])} for r in rows]
+    return [{"boot": r["boot"], "seq": r["seq"], "ts": r["ts"], "values": json.loads(r["data"])} if r["ts"] is not None
+            else {"boot": r["boot"], "seq": r["seq"], "ts": r["received"], "ts_arrival": True,
+                  "values": json.loads(r["data"])} for r in rows]
 
 
 

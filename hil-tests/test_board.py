@@ -123,3 +123,35 @@ def test_flash_then_reflash(board: Board) -> None:
     wait_until(lambda: len(board.boots()) == 2, timeout=90)
     contiguous_per_boot(board.readings())
     assert json.loads(board.daemon.cli("device", "list", "--json").stdout)[0]["online"] is True
+
+
+def test_readings_carry_true_utc_even_when_taken_before_the_clock_was_set(board: Board) -> None:
+    # A board's clock counts from 2000-01-01 at power-on until the gateway sets it when the board connects.
+    live = wait_until(lambda: (r := board.readings()) and len(r) >= 5 and r, timeout=90)
+    now = time.time()
+    assert all(abs(r["ts"] - now) < 120 and not r.get("ts_arrival") for r in live), live[-3:]
+
+    # Power is cut with Wi-Fi down: the clock is lost and readings are taken with no one to set it.
+    board.wifi(False)
+    board.power_cycle()
+    powered = time.time()
+    boot = wait_until(lambda: (s := board.state())["boot"] > live[-1]["boot"] and s["boot"])
+    wait_until(lambda: len([b for b, _ in board.buffered() if b == boot]) >= 5, timeout=60)
+    board.env(temperature=31.5)  # a change at a known moment: readings before it and after it are told apart
+    changed = time.time()
+    wait_until(lambda: len([b for b, _ in board.buffered() if b == boot]) >= 12, timeout=60)
+    assert not board.state()["clock"].get("set"), "the board's clock was set before Wi-Fi came back"
+    board.wifi(True)
+    back = time.time()
+    taken = wait_until(lambda: (r := [x for x in board.readings() if x["boot"] == boot]) and len(r) >= 12 and r,
+                       timeout=90)
+    offline = [r for r in taken if r["ts"] < back - 1]
+    assert len(offline) >= 10, taken  # stored with the time they were taken, not their arrival
+    assert not [r for r in taken if r.get("ts_arrival")]
+    assert all(powered - 2 <= r["ts"] for r in taken)
+    before = [r for r in offline if r["values"].get("temperature") != 31.5]
+    after = [r for r in offline if r["values"].get("temperature") == 31.5]
+    assert before and after, offline
+    assert max(r["ts"] for r in before) <= changed + 2 and min(r["ts"] for r in after) >= changed - 2
+    stamps = [r["ts"] for r in sorted(taken, key=lambda r: r["seq"])]
+    assert stamps == sorted(stamps)

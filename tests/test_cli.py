@@ -118,12 +118,12 @@ def test_readings_filters(daemon: Daemon, device: object) -> None:
     device_id, _, probe = device()  # type: ignore[operator]
     for seq in range(1, 6):
         probe.publish(f"edgetrio/{device_id}/telemetry",
-                      json.dumps({"boot": 1, "seq": seq, "ts": 1_000_000 + seq, "values": {"v": seq}}))
+                      json.dumps({"boot": 1, "seq": seq, "ts": 1_700_000_000 + seq, "values": {"v": seq}}))
     while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 5:
         pass
     newest = json.loads(daemon.cli("readings", device_id, "--limit", "2", "--json").stdout)
     assert [r["seq"] for r in newest] == [4, 5]
-    since = json.loads(daemon.cli("readings", device_id, "--since", "1000004", "--json").stdout)
+    since = json.loads(daemon.cli("readings", device_id, "--since", "1700000004", "--json").stdout)
     assert [r["values"]["v"] for r in since] == [4, 5]
     human = daemon.cli("readings", device_id).stdout
     assert "seq 3" in human and "v=3" in human

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,29 @@ def test_status_log_and_presence_are_recorded(daemon: Daemon, device: Any) -> No
     db = store.open_db(daemon.data_dir)
     kinds = [e["kind"] for e in store.events(db, device_id)]
     assert "log" in kinds
+
+
+def test_a_board_gets_the_time_and_readings_from_an_unset_clock_are_stamped_on_arrival(daemon: Daemon,
+                                                                                       device: Any) -> None:
+    device_id, _, probe = device(subscribe=False)
+    before = time.time()
+    assert probe.subscribe(f"edgetrio/{device_id}/time")  # a board asks for the time by subscribing
+    told = probe.next_json(f"edgetrio/{device_id}/time")
+    assert isinstance(told["unix_ms"], int) and before - 1 <= told["unix_ms"] / 1000 <= time.time() + 1
+    assert probe.subscribe(f"edgetrio/{device_id}/ack")
+    topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 1, "ts": 86_400.0, "values": {"t": 1}}))  # a 2000 clock
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 2, "values": {"t": 2}}))  # no time at all
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 3, "ts": time.time() + 86_400, "values": {"t": 3}}))
+    taken = 1_764_000_000_123
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 4, "ts_ms": taken, "values": {"t": 4}}))
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 5, "ts_ms": 1.5e12, "values": {"t": 5}}))  # not an integer
+    while probe.next_json(ack) != {"boot": 1, "seq": 4}:
+        pass
+    after = time.time()
+    stored = readings(daemon, device_id)
+    for row in stored[:3]:  # the board's time could not be true: its arrival, marked so
+        assert row["ts_arrival"] is True and before <= row["ts"] <= after
+    assert stored[3]["ts"] == taken / 1000 and "ts_arrival" not in stored[3]
+    assert daemon.counters()["readings_arrival_time"] == 3
+    assert daemon.counters()["rejected_bad_envelope"] == 1

@@ -233,6 +233,9 @@ class VirtualDevice:
                 self.boots += 1
                 power = self.flash / "sim" / "power"
                 power.unlink(missing_ok=True)
+                if cause == PWRON_RESET:  # the RTC's time and memory do not survive a power cut
+                    for kept_by_rtc in ("rtc", "rtcmem"):
+                        (self.flash / "sim" / kept_by_rtc).unlink(missing_ok=True)
                 (self.flash / "sim" / "wdt").unlink(missing_ok=True)  # the watchdog starts disarmed after any reset
                 (self.flash / "sim" / "reset_cause").write_text(str(cause))
                 async with trio.open_nursery() as nursery:
@@ -259,7 +262,6 @@ class VirtualDevice:
                     console.write(b"[sim] watchdog reset\n")
                     console.flush()
                 elif code == "power":
-                    (self.flash / "sim" / "rtcmem").unlink(missing_ok=True)  # RTC memory does not survive power loss
                     log.info("vdev %s power cycled", self.id)
                     await trio.sleep(0.5)
                 else:
@@ -286,8 +288,12 @@ class VirtualDevice:
             attrs[3] &= ~termios.ECHO  # ISIG stays: Ctrl-C interrupts the running firmware, as on a board
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
             env = dict(os.environ, MICROPYPATH=f"{FIRMWARE / 'sim'}:.frozen:lib:")
+            # after a soft reset the board runs boot.py again, and main.py too unless mpremote's raw REPL asked
+            start = [*command, "-i", str(FIRMWARE / "sim" / "board.py")]
+            if not firmware:
+                start += ["soft", "raw"] if self.repl.raw else ["soft"]
             process = await trio.lowlevel.open_process(
-                [*command, "-i", str(FIRMWARE / "sim" / "board.py")] if firmware else command,
+                start,
                 cwd=str(self.flash), stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
                 preexec_fn=_repl_child)
             os.close(slave)
@@ -337,7 +343,7 @@ class VirtualDevice:
     @staticmethod
     def _watchdog_expired(wdt: Path) -> bool:
         try:
-            return time.time() > float(wdt.read_text())
+            return time.time() > float(wdt.read_text())  # the sim writes host time (sim/time.py host_time)
         except (OSError, ValueError):  # not armed yet, or caught mid-write
             return False
 

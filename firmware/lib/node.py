@@ -16,6 +16,19 @@ STATE_FILE = "state.json"
 RESEND_MS = 30000  # no ack progress this long with readings outstanding: send them again
 TWIN_KEYS = ("period", "led", "threshold")
 RESET_CAUSES = {1: "power-on", 2: "hard", 3: "watchdog", 4: "deep sleep", 5: "soft"}
+# Unix seconds at the port's epoch: an ESP32 counts from 2000-01-01, the unix port from 1970.
+EPOCH_OFFSET = 946684800 if time.gmtime(0)[0] == 2000 else 0
+CLOCK_SET_AFTER = 1704067200  # unix seconds of 2024-01-01: a clock before that was never set
+CLOCK_WAIT_MS = 2000  # after connecting, how long readings wait for the gateway's time
+
+
+def now_ms():
+    """The board's clock in milliseconds since its epoch (ints: an ESP32's floats are single precision)."""
+    return time.time_ns() // 1000000
+
+
+def clock_is_set():
+    return time.time() + EPOCH_OFFSET >= CLOCK_SET_AFTER
 
 
 def load_json(path, default):
@@ -71,10 +84,66 @@ class Node:
         self.new_reading = asyncio.Event()
         self.acked_at = time.ticks_ms()
         self.last_values = {}
-        self.last_broker = time.time()
+        self.last_broker = time.ticks_ms()
+        self.clock = self.clock_epoch(state)
+        self.clock_set = asyncio.Event()
         self.healthy = False
         self.serial = cfg.get("transport") == "serial"
         self.client_factory = self.make_client
+
+    # -- the clock ------------------------------------------------------------------------------------------------------
+
+    def clock_epoch(self, state):
+        """Which run of the unset clock this boot is in: {"boot": the boot it started at, "offset": ms to add to it
+        once known}. The RTC keeps counting across soft and watchdog resets and deep sleep, and starts again at the
+        epoch on power-on; readings taken before the clock is set carry (epoch boot, board ms) and are corrected
+        with the offset learnt when the gateway or NTP sets the clock."""
+        clock = state.get("clock") or {}
+        raw = now_ms()
+        restarted = (machine.reset_cause() in (machine.PWRON_RESET, machine.HARD_RESET)
+                     or raw < clock.get("raw", 0))
+        if clock_is_set():
+            clock = {"boot": self.boot, "raw": raw, "offset": 0, "set": True}
+        elif restarted or not clock or clock.get("set"):
+            clock = {"boot": self.boot, "raw": raw, "offset": None}
+        else:
+            clock["raw"] = raw
+        state["clock"] = clock
+        save_json(STATE_FILE, state)
+        return clock
+
+    def set_clock(self, unix_ms):
+        """Set the RTC to the gateway's (or NTP's) time; learn the offset for readings taken while it was unset."""
+        if not isinstance(unix_ms, int) or unix_ms < CLOCK_SET_AFTER * 1000:
+            return
+        if not clock_is_set():
+            self.clock["offset"] = unix_ms - EPOCH_OFFSET * 1000 - now_ms()
+            self.clock["set"] = True
+            self.state["clock"] = self.clock
+            save_json(STATE_FILE, self.state)
+        t = time.gmtime(unix_ms // 1000 - EPOCH_OFFSET)
+        machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], unix_ms % 1000 * 1000))
+        self.clock_set.set()
+
+    def sync_ntp(self):
+        host = self.cfg.get("ntp_host")
+        if not host or self.serial:
+            return
+        try:
+            import ntptime
+
+            ntptime.host = host
+            ntptime.settime()  # sets the RTC in UTC
+            self.clock_set.set()
+        except Exception as e:  # no NTP today: the gateway's time does
+            print("ntp failed:", repr(e))
+
+    def stamp(self, body):
+        """Put the reading's time in true UTC milliseconds (`ts_ms`), or leave none when it cannot be known."""
+        clk = body.pop("clk", None)
+        if clk and "ts_ms" not in body and clk[0] == self.clock["boot"] and self.clock.get("offset") is not None:
+            body["ts_ms"] = clk[1] + self.clock["offset"] + EPOCH_OFFSET * 1000
+        return body
 
     # -- messages from the gateway --------------------------------------------------------------------------------
 
@@ -92,6 +161,8 @@ class Node:
                 self.healthy = True  # a committed reading: this boot works
                 self.state["failed_boots"] = 0
                 save_json(STATE_FILE, self.state)
+        elif channel == "time":
+            self.set_clock(body.get("unix_ms"))
         elif channel == "twin/desired":
             asyncio.create_task(self.apply_desired(body.get("state") or {}))
         elif channel == "cmd":
@@ -143,6 +214,7 @@ class Node:
         await self.publish("cmd/result", json.dumps(result))
         if name == "reboot" and result["ok"]:
             await asyncio.sleep(0.5)
+            self.buffer.flush()
             machine.reset()
 
     # -- telemetry ----------------------------------------------------------------------------------------------------
@@ -152,7 +224,11 @@ class Node:
         if not values:
             return values
         self.seq += 1
-        reading = {"boot": self.boot, "seq": self.seq, "ts": time.time(), "values": values}
+        reading = {"boot": self.boot, "seq": self.seq, "values": values}
+        if clock_is_set():
+            reading["ts_ms"] = now_ms() + EPOCH_OFFSET * 1000
+        else:  # corrected when sent, once the clock is set
+            reading["clk"] = [self.clock["boot"], now_ms()]
         self.buffer.add(self.boot, self.seq, json.dumps(reading))
         self.last_values = values
         self.new_reading.set()
@@ -182,30 +258,43 @@ class Node:
             await asyncio.sleep(self.twin.get("period", 10))
 
     async def send(self, client):
-        """Publish what the buffer holds, oldest first; again after each new reading. Ends with the connection."""
+        """Publish what the buffer holds, oldest first; again after each new reading. Ends with the connection.
+
+        The walk keeps a file position between readings, so a new reading costs reading one line, not the file."""
+        buffer = self.buffer
+        pos, generation = 0, buffer.generation
         sent = {}  # type: dict[int, int]  # boot -> highest seq published on this connection
         while client.connected:
             self.new_reading.clear()
-            for boot, seq, payload in self.buffer.pending():
-                if seq <= sent.get(boot, 0):
-                    continue
-                first = self.buffer.first(boot) if self.buffer.dropped else None
-                if first and first > 1:
-                    body = json.loads(payload)
-                    body["first"] = first
-                    payload = json.dumps(body)
-                await client.publish(self.root + "telemetry", payload, qos=1)
-                sent[boot] = seq
+            while True:
+                if generation != buffer.generation:  # compacted: the position is stale, `sent` skips what went
+                    pos, generation = 0, buffer.generation
+                records, next_pos = buffer.read(pos)
+                if not records:
+                    pos = next_pos
+                    break
+                for boot, seq, payload in records:
+                    if seq <= sent.get(boot, 0) or buffer.is_acked(boot, seq):
+                        continue
+                    first = buffer.first(boot) if buffer.dropped else None
+                    if (first and first > 1) or '"clk"' in payload:
+                        body = self.stamp(json.loads(payload))
+                        if first and first > 1:
+                            body["first"] = first
+                        payload = json.dumps(body)
+                    await client.publish(self.root + "telemetry", payload, qos=1)
+                    sent[boot] = seq
+                pos = next_pos
             try:
                 await asyncio.wait_for(self.new_reading.wait(), 30)
             except asyncio.TimeoutError:
-                sent = {}  # nothing acknowledged for a while: offer the unacknowledged ones again
-            if not self.buffer.unacked():
+                sent, pos = {}, 0  # nothing new for a while: offer the unacknowledged ones again
+            if not buffer.unacked():
                 self.acked_at = time.ticks_ms()
             elif time.ticks_diff(time.ticks_ms(), self.acked_at) > RESEND_MS:
                 # Acks stopped moving while readings keep coming: one was lost on the way (a broker that refused it
                 # under load, a gateway that could not commit it). Offer the unacknowledged ones again.
-                sent = {}
+                sent, pos = {}, 0
                 self.acked_at = time.ticks_ms()
 
     # -- connection -------------------------------------------------------------------------------------------------
@@ -267,15 +356,22 @@ class Node:
         client.on_message = self.on_message
         await client.connect()
         self.client = client
-        self.last_broker = time.time()
+        self.last_broker = time.ticks_ms()
         reader = asyncio.create_task(client.run())
         sender = None
         try:
-            await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd"])
+            self.clock_set.clear()
+            await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd",
+                                    self.root + "time"])
+            self.sync_ntp()
             await client.publish(self.root + "status", "online", qos=1)
             await client.publish(self.root + "meta", json.dumps(self.meta()), qos=1)
             self.log("info", "online, boot %d after a %s reset%s"
                      % (self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else ""))
+            try:  # readings taken before the clock was set go out once it is, with their true time
+                await asyncio.wait_for(self.clock_set.wait(), CLOCK_WAIT_MS / 1000)
+            except asyncio.TimeoutError:
+                pass
             sender = asyncio.create_task(self.send_until_closed(client))
             await reader  # returns or raises when the connection ends
         finally:
@@ -303,7 +399,8 @@ class Node:
                     delay = 1
             except Exception as e:
                 print("connection lost:", repr(e))
-            if time.time() - self.last_broker > self.cfg.get("reboot_after", 600):
+            if time.ticks_diff(time.ticks_ms(), self.last_broker) > self.cfg.get("reboot_after", 600) * 1000:
+                self.buffer.flush()
                 machine.reset()  # a long time without the gateway: start afresh
             if not wifi:
                 delay = 1  # back off from the broker, not from the Wi-Fi: keep looking for it

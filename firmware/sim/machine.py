@@ -25,7 +25,7 @@ def env(key):
         # a room that warms and cools a little over a few minutes, so a demo shows changing readings
         import math
 
-        value += _ENV[key] * 0.02 * math.sin(time.time() / 60 + len(key))
+        value += _ENV[key] * 0.02 * math.sin(time.host_time() / 60 + len(key))
     return value
 
 
@@ -173,12 +173,19 @@ class WDT:
 
     def feed(self):
         with open("sim/wdt", "w") as f:
-            f.write(str(time.time() + self.timeout / 1000))
+            f.write(str(time.host_time() + self.timeout / 1000))
 
 
 class RTC:
+    """The ESP32's RTC: datetime() is (year, month, day, weekday, hours, minutes, seconds, microseconds)."""
+
     def datetime(self, dt=None):
-        return time.localtime()[:7] + (0,)
+        if dt is None:
+            t = time.gmtime()
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], time.time_ns() // 1000 % 1000000)
+        seconds = time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6], 0, 0))
+        time._set_ns(seconds * 1000000000 + dt[7] * 1000)
+        return None
 
     def memory(self, data=None):
         if data is None:

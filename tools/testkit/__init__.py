@@ -256,6 +256,11 @@ class Board:
             pytest.skip("needs a power switch the test controls (virtual board only)")
         self.daemon.cli("fault", self.id, "power")
 
+    def env(self, **values: float) -> None:
+        if not self.virtual:
+            pytest.skip("needs an environment the test controls (virtual board only)")
+        self.daemon.cli("fault", self.id, "env", *(f"{k}={v}" for k, v in values.items()))
+
     def hang(self) -> None:
         if not self.virtual:
             pytest.skip("needs a sensor bus the test can lock up (virtual board only)")
