@@ -148,3 +148,88 @@ print(time.gmtime()[:6])
     assert soft_reset.strip() == "(2026, 3, 4, 5, 6)"  # a reset keeps the RTC's time
     (tmp_path / "sim" / "rtc").unlink()  # what the supervisor does on a power cut
     assert run_micropython(tmp_path, "import time\nprint(time.gmtime()[0])\n").strip() == "2000"
+
+
+def test_the_bme280_driver_gives_the_datasheets_worked_example(tmp_path: Path) -> None:
+    # Bosch's worked example (BMP280 datasheet 3.12, the same T and P compensation as the BME280): these calibration
+    # words with adc_T 519888 and adc_P 415148 give t_fine 128422, 25.08 degC and 100653.27 Pa. The driver's integer
+    # formulas and the simulated chip's floating-point ones (written separately) must both land on it.
+    out = run_micropython(tmp_path, """
+import bme280
+from sensors import compensate_t, compensate_p
+cal = {"T1": 27504, "T2": 26435, "T3": -1000, "P1": 36477, "P2": -10685, "P3": 3024, "P4": 2855, "P5": 140,
+       "P6": -7, "P7": 15500, "P8": -14600, "P9": 6000}
+t, fine = compensate_t(519888, cal)
+print(t, fine, compensate_p(415148, fine, cal))
+print(bme280.temperature(519888), bme280.pressure(415148, bme280.t_fine(519888)))
+""")
+    driver, model = out.splitlines()
+    t, fine, p = (int(v) for v in driver.split())
+    assert (t, fine) == (2508, 128422)
+    assert abs(p / 256 - 100653.27) < 0.05  # Q24.8 Pa; the integer result is within its last bits of the example
+    model_t, model_p = (float(v) for v in model.split())
+    assert round(model_t, 2) == 25.08 and round(model_p, 2) == 100653.27
+
+
+def test_the_driver_reads_back_what_an_independent_chip_model_was_set_to(tmp_path: Path) -> None:
+    # The simulated chip finds its raw values with the datasheet's floating-point formulas; the driver uses the
+    # integer ones. Each reads what the other wrote, to the sensor's resolution, across the range.
+    (tmp_path / "sim").mkdir()
+    out = run_micropython(tmp_path, """
+import json, machine
+from sensors import BME280
+cases = [(-20.0, 850.0, 10.0), (0.5, 950.25, 33.3), (21.37, 1013.25, 45.0), (38.9, 1080.0, 90.0)]
+for t, p, h in cases:
+    with open("sim/env.json", "w") as f:
+        json.dump({"temperature": t, "pressure": p, "humidity": h}, f)
+    got = BME280(machine.I2C(0)).read()
+    print(t, p, h, got["temperature"], got["pressure"], got["humidity"])
+""")
+    for line in out.splitlines():
+        t, p, h, got_t, got_p, got_h = (float(v) for v in line.split())
+        assert abs(got_t - t) <= 0.011 and abs(got_p - p) <= 0.011 and abs(got_h - h) <= 0.02, line
+
+
+def test_a_bmp280_has_no_humidity_and_forced_mode_measures_on_request(tmp_path: Path) -> None:
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "sensor").write_text("bmp280")
+    out = run_micropython(tmp_path, """
+import json, machine
+from sensors import BME280
+def pin(t):
+    with open("sim/env.json", "w") as f:
+        json.dump({"temperature": t, "pressure": 1000.0, "humidity": 50.0}, f)
+pin(20.0)
+bus = machine.I2C(0)
+forced = BME280(bus, mode="forced")
+print(sorted(forced.read()), forced.names())
+pin(30.0)
+print(forced.read()["temperature"])  # asked for a measurement: sees the change
+bus.writeto_mem(0x76, 0xF4, b"\\x24")  # sleep: the data registers keep the last measurement
+pin(10.0)
+d = bus.readfrom_mem(0x76, 0xF7, 8)
+print(((d[3] << 12) | (d[4] << 4) | (d[5] >> 4)) == forced.last_adc_t)
+""")
+    lines = out.splitlines()
+    assert lines[0] == "['pressure', 'temperature'] ['temperature', 'pressure']"
+    assert lines[1] == "30.0"
+    assert lines[2] == "True"
+
+
+def test_every_virtual_board_has_its_own_weather(tmp_path: Path) -> None:
+    out = run_micropython(tmp_path, """
+import environment
+for name in ("greenhouse-1", "greenhouse-2", "cellar"):
+    room = environment.Room(name)
+    now = 1764700000
+    a, b = room.at(now), room.at(now + 6 * 3600)
+    print(name, round(a["temperature"], 2), round(b["temperature"], 2), round(a["pressure"], 2),
+          round(a["humidity"], 1))
+print(environment.Room("cellar").at(1764700000) == environment.Room("cellar").at(1764700000))
+""")
+    lines = out.splitlines()
+    rooms = [line.split()[1:] for line in lines[:3]]
+    assert len({tuple(r) for r in rooms}) == 3  # seeded per device: no two alike
+    assert all(r[0] != r[1] for r in rooms)  # six hours later the day has moved on
+    assert all(-10 < float(r[0]) < 40 and 950 < float(r[2]) < 1050 and 0 < float(r[3]) < 100 for r in rooms)
+    assert lines[3] == "True"  # and the same board gets the same room on every run

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgetrio.tools.testkit import ROOT, Daemon, wait_until
+from edgetrio.tools.vdev import device_tool
 
 
 @pytest.fixture
@@ -59,3 +60,29 @@ def test_flash_errors_are_one_line(board: tuple[Daemon, Path], tmp_path: Path) -
     assert short.returncode == 2 and "--watchdog 1: use 2 to 3600 seconds" in short.stderr
     assert (out / "lib" / "node.mpy").exists() and (out / "boot.py").exists()
     assert "bundle written" in written.stdout
+
+
+def test_the_blank_virtual_board_behaves_like_a_board(board: tuple[Daemon, Path], tmp_path: Path) -> None:
+    daemon, tty = board
+    flash_dir = daemon.data_dir / "vdevs" / "board-1"
+
+    def mp(*args: str) -> str:
+        proc = subprocess.run([device_tool("mpremote"), "connect", str(tty), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    assert mp("exec", "import machine; print(machine.RTC().datetime()[0])").strip() == "2000"  # unset clock
+    marker = tmp_path / "boot.py"
+    marker.write_text("f = open('boots.txt', 'a')\nf.write('b')\nf.close()\n")
+    host_root_had = Path("/boot.py").exists()
+    mp("fs", "cp", str(marker), ":/boot.py")  # `:/` is the board's flash, not the host's root
+    assert (flash_dir / "boot.py").read_text() == marker.read_text()
+    assert Path("/boot.py").exists() == host_root_had
+    before = (flash_dir / "boots.txt").read_text() if (flash_dir / "boots.txt").exists() else ""
+    mp("soft-reset")
+    assert (flash_dir / "boots.txt").read_text() == before + "b"  # a soft reset runs boot.py, as on an ESP32
+    df = mp("df")
+    assert str(2 * 1024 * 1024) in df, df  # the 2 MiB partition of a 4 MB ESP32, not the host's disk
+    listing = mp("fs", "ls", ":/")
+    assert "boot.py" in listing and "etc" not in listing.split()

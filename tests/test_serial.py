@@ -66,6 +66,7 @@ def test_telemetry_twin_and_commands_over_serial(line: tuple[Daemon, Path, Path,
                       ["reported"]["state"].get("led") and t)
     assert twin["delta"] == {}
     assert json.loads(daemon.cli("cmd", DEVICE, "ping", "--json").stdout)["value"] == "pong"
+    daemon.cli("fault", DEVICE, "env", "temperature=21.5")
     assert json.loads(daemon.cli("cmd", DEVICE, "read_now", "--json").stdout)["value"]["temperature"] == 21.5
 
 

@@ -23,7 +23,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
         main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
-                  args.buffer)
+                  args.buffer, args.sensor, args.forced)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -70,6 +70,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("--repl-pty", type=Path, metavar="PATH",
                    help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
     p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
+    p.add_argument("--sensor", choices=["bme280", "bmp280"], default="bme280",
+                   help="the chip on the boards' I2C bus (a BMP280 has no humidity; default bme280)")
+    p.add_argument("--forced", action="store_true",
+                   help="run the sensor in forced mode, one measurement per reading, as battery boards do")
     p.add_argument("--uart", type=Path, metavar="PATH",
                    help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
     p.set_defaults(func=cmd_vdev)

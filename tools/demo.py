@@ -16,7 +16,6 @@ from typing import Any
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE
-from edgetrio.tools.vdev import flash_dir, set_fault
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -97,11 +96,6 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
         cloud_db = cloud_store.open_db(relay_dir)
         names = [f"vdev-{i}" for i in range(1, count + 1)]
 
-        for name in names:  # readings that change a little, as in a real room
-            wait_deadline = time.monotonic() + 30
-            while not (flash_dir(data_dir, name) / "config.json").exists() and time.monotonic() < wait_deadline:
-                time.sleep(0.1)
-            set_fault(data_dir, name, "env", {"drift": True})
         started = time.monotonic()
         while not duration or time.monotonic() - started < duration:
             time.sleep(3)

@@ -390,18 +390,22 @@ class VirtualDevice:
             self.links.discard(broker_side)
 
 
-def device_config(device_id: str, password: str, period: float, buffer: int = 500) -> dict[str, Any]:
+def device_config(device_id: str, password: str, period: float, buffer: int = 500,
+                  forced: bool = False) -> dict[str, Any]:
+    bme280: dict[str, Any] = {"scl": 22, "sda": 21, **({"mode": "forced"} if forced else {})}
     return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
             "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period, "buffer": buffer,
-            "sensors": {"bme280": {"scl": 22, "sda": 21}, "adc": {"pin": 34}, "chip": True}}
+            "sensors": {"bme280": bme280, "adc": {"pin": 34}, "chip": True}}
 
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-                    blank: bool = False, uart: Path | None = None, buffer: int = 500,
+                    blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
+                    forced: bool = False,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
 
     With `blank`, one device starts with an empty flash (a new board): `edgetrio flash` installs it through repl_pty.
+    `sensor` is the chip on the boards' I2C bus (bme280 or bmp280); `forced` puts it in forced mode (battery boards).
     """
     if (repl_pty is not None or uart is not None) and count != 1:
         raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
@@ -439,10 +443,11 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
                                    ReplPort(repl_pty) if repl_pty else None)
-            config = device_config(device_id, str(password), period, buffer)
+            config = device_config(device_id, str(password), period, buffer, forced)
             if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
                 config["transport"] = "serial"
             device.install(bundle, config)
+            (flash / "sim" / "sensor").write_text(sensor)
             if uart is not None:
                 (flash / "sim" / "uart").write_text(str(uart))
             devices.append(device)
@@ -453,11 +458,12 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
 
 
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
-              blank: bool = False, uart: Path | None = None, buffer: int = 500) -> None:
+              blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
+              forced: bool = False) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart,
-                                          buffer)
+                                          buffer, sensor, forced)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)

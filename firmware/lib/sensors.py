@@ -1,44 +1,54 @@
 # Sensors behind a thin hardware layer (machine.I2C, machine.ADC, esp32): a BME280 over I2C with the datasheet's
 # compensation formulas, an analog input, and the chip's own temperature. Each reading carries its unit.
 import struct
+import time
 from micropython import const
 
 BME280_ADDR = const(0x76)
 BME280_CHIP_ID = const(0x60)
+BMP280_CHIP_ID = const(0x58)  # the same T and P, no humidity; often sold as a BME280
+
+
+def _div(a, b):
+    """C's integer division (truncates towards zero), as the datasheet's code does."""
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q
 
 
 def compensate_t(adc_t, c):
-    """Temperature in degC and t_fine from the raw value (BME280 datasheet 4.2.3, floating point)."""
-    v1 = (adc_t / 16384.0 - c["T1"] / 1024.0) * c["T2"]
-    v2 = (adc_t / 131072.0 - c["T1"] / 8192.0) ** 2 * c["T3"]
+    """(temperature in 0.01 degC, t_fine) from the raw value: the BME280 datasheet's 32-bit integer formula (4.2.3).
+    Integers, not floats: an ESP32's floats are single precision."""
+    v1 = (((adc_t >> 3) - (c["T1"] << 1)) * c["T2"]) >> 11
+    v2 = (((((adc_t >> 4) - c["T1"]) * ((adc_t >> 4) - c["T1"])) >> 12) * c["T3"]) >> 14
     t_fine = v1 + v2
-    return t_fine / 5120.0, t_fine
+    return (t_fine * 5 + 128) >> 8, t_fine
 
 
 def compensate_p(adc_p, t_fine, c):
-    """Pressure in hPa."""
-    v1 = t_fine / 2.0 - 64000.0
-    v2 = v1 * v1 * c["P6"] / 32768.0
-    v2 = v2 + v1 * c["P5"] * 2.0
-    v2 = v2 / 4.0 + c["P4"] * 65536.0
-    v1 = (c["P3"] * v1 * v1 / 524288.0 + c["P2"] * v1) / 524288.0
-    v1 = (1.0 + v1 / 32768.0) * c["P1"]
+    """Pressure in Pa as Q24.8 (divide by 256): the datasheet's 64-bit integer formula."""
+    v1 = t_fine - 128000
+    v2 = v1 * v1 * c["P6"]
+    v2 = v2 + ((v1 * c["P5"]) << 17)
+    v2 = v2 + (c["P4"] << 35)
+    v1 = ((v1 * v1 * c["P3"]) >> 8) + ((v1 * c["P2"]) << 12)
+    v1 = (((1 << 47) + v1) * c["P1"]) >> 33
     if v1 == 0:
-        return 0.0
-    p = 1048576.0 - adc_p
-    p = (p - v2 / 4096.0) * 6250.0 / v1
-    v1 = c["P9"] * p * p / 2147483648.0
-    v2 = p * c["P8"] / 32768.0
-    return (p + (v1 + v2 + c["P7"]) / 16.0) / 100.0
+        return 0  # avoid a division by zero, as the datasheet does
+    p = 1048576 - adc_p
+    p = _div(((p << 31) - v2) * 3125, v1)
+    v1 = (c["P9"] * (p >> 13) * (p >> 13)) >> 25
+    v2 = (c["P8"] * p) >> 19
+    return ((p + v1 + v2) >> 8) + (c["P7"] << 4)
 
 
 def compensate_h(adc_h, t_fine, c):
-    """Relative humidity in %."""
-    h = t_fine - 76800.0
-    h = (adc_h - (c["H4"] * 64.0 + c["H5"] / 16384.0 * h)) * (
-        c["H2"] / 65536.0 * (1.0 + c["H6"] / 67108864.0 * h * (1.0 + c["H3"] / 67108864.0 * h)))
-    h = h * (1.0 - c["H1"] * h / 524288.0)
-    return max(0.0, min(100.0, h))
+    """Relative humidity in %RH as Q22.10 (divide by 1024): the datasheet's 32-bit integer formula."""
+    v = t_fine - 76800
+    v = (((((adc_h << 14) - (c["H4"] << 20) - (c["H5"] * v)) + 16384) >> 15)
+         * (((((((v * c["H6"]) >> 10) * (((v * c["H3"]) >> 11) + 32768)) >> 10) + 2097152) * c["H2"] + 8192) >> 14))
+    v = v - (((((v >> 15) * (v >> 15)) >> 7) * c["H1"]) >> 4)
+    v = max(0, min(v, 419430400))
+    return v >> 12
 
 
 def parse_calibration(a, b):
@@ -58,27 +68,45 @@ def _signed12(v):
 
 
 class BME280:
-    def __init__(self, i2c, addr=BME280_ADDR):
+    """A BME280, or a BMP280 (no humidity). Normal mode measures continuously; forced mode (for battery boards: the
+    sensor sleeps between readings) asks for one measurement per read and waits for it."""
+
+    def __init__(self, i2c, addr=BME280_ADDR, mode="normal"):
         self.i2c = i2c
         self.addr = addr
         chip = i2c.readfrom_mem(addr, 0xD0, 1)[0]
-        if chip != BME280_CHIP_ID:
-            raise OSError("no BME280 at 0x%02x (chip id 0x%02x)" % (addr, chip))
-        self.cal = parse_calibration(i2c.readfrom_mem(addr, 0x88, 26), i2c.readfrom_mem(addr, 0xE1, 7))
-        i2c.writeto_mem(addr, 0xF2, b"\x01")  # humidity oversampling x1
-        i2c.writeto_mem(addr, 0xF4, b"\x27")  # temperature and pressure x1, normal mode
+        if chip not in (BME280_CHIP_ID, BMP280_CHIP_ID):
+            raise OSError("no BME280 or BMP280 at 0x%02x (chip id 0x%02x)" % (addr, chip))
+        self.humidity = chip == BME280_CHIP_ID
+        self.forced = mode == "forced"
+        self.last_adc_t = 0
+        self.cal = parse_calibration(i2c.readfrom_mem(addr, 0x88, 26),
+                                     i2c.readfrom_mem(addr, 0xE1, 7) if self.humidity else bytes(7))
+        if self.humidity:
+            i2c.writeto_mem(addr, 0xF2, b"\x01")  # humidity oversampling x1 (takes effect with the next 0xF4 write)
+        # temperature and pressure oversampling x1; normal mode, or sleep until a forced measurement is asked for
+        i2c.writeto_mem(addr, 0xF4, b"\x24" if self.forced else b"\x27")
+
+    def names(self):
+        return ["temperature", "pressure", "humidity"] if self.humidity else ["temperature", "pressure"]
 
     def read(self):
+        if self.forced:
+            self.i2c.writeto_mem(self.addr, 0xF4, b"\x25")
+            for _ in range(50):  # about 10 ms at x1 oversampling; "measuring" is bit 3 of status
+                if not self.i2c.readfrom_mem(self.addr, 0xF3, 1)[0] & 0x08:
+                    break
+                time.sleep_ms(1)
         d = self.i2c.readfrom_mem(self.addr, 0xF7, 8)
         adc_p = (d[0] << 12) | (d[1] << 4) | (d[2] >> 4)
         adc_t = (d[3] << 12) | (d[4] << 4) | (d[5] >> 4)
-        adc_h = (d[6] << 8) | d[7]
+        self.last_adc_t = adc_t
         t, t_fine = compensate_t(adc_t, self.cal)
-        return {
-            "temperature": round(t, 2),
-            "pressure": round(compensate_p(adc_p, t_fine, self.cal), 2),
-            "humidity": round(compensate_h(adc_h, t_fine, self.cal), 2),
-        }
+        values = {"temperature": t / 100, "pressure": round(compensate_p(adc_p, t_fine, self.cal) / 25600, 2)}
+        if self.humidity:
+            adc_h = (d[6] << 8) | d[7]
+            values["humidity"] = round(compensate_h(adc_h, t_fine, self.cal) / 1024, 2)
+        return values
 
 
 RESOURCES = {
@@ -104,7 +132,7 @@ class Sensors:
             pins = fitted["bme280"]
             try:
                 i2c = machine.I2C(0, scl=machine.Pin(pins.get("scl", 22)), sda=machine.Pin(pins.get("sda", 21)))
-                self.bme = BME280(i2c, pins.get("addr", BME280_ADDR))
+                self.bme = BME280(i2c, pins.get("addr", BME280_ADDR), pins.get("mode", "normal"))
             except OSError as e:
                 self.errors.append("bme280: %s" % e)
         if "adc" in fitted:
@@ -113,7 +141,7 @@ class Sensors:
     def resources(self):
         names = []
         if self.bme:
-            names += ["temperature", "pressure", "humidity"]
+            names += self.bme.names()
         if self.adc:
             names.append("analog")
         if self.chip:

@@ -3,7 +3,16 @@
 # main.py only if the soft reset came from the friendly REPL (argument "raw": mpremote's raw REPL runs boot.py only).
 import sys
 
-sys.path.append("lib")
+# the simulated hardware first, from the host's firmware/sim: once the flash is mounted at "/" only it can be seen
+import esp32  # noqa: F401
+import machine  # noqa: F401
+import network  # noqa: F401
+import time  # noqa: F401
+
+import flashfs
+
+flashfs.mount_flash()
+sys.path.append("lib")  # relative to "/", the flash (the unix port does not import through "/lib")
 sys.path.append("")
 scripts = ("boot.py",) if "raw" in sys.argv[1:] else ("boot.py", "main.py")
 for script in scripts:

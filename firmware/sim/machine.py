@@ -2,31 +2,27 @@
 # (written by `edgetrio vdev`) set sensor values; a reset or deep sleep ends the process with a distinct exit code
 # and the supervisor starts it again in the same directory, which plays the flash.
 import json
-import struct
 import sys
 import time
 
-import sensors
-from buffer import exists
+import bme280
+import environment
 
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
-_ENV = {"temperature": 21.5, "pressure": 1013.25, "humidity": 45.0, "analog": 1.65, "chip_temperature": 42.0}
+
+
+def exists(path):
+    try:
+        open(path).close()
+        return True
+    except OSError:
+        return False
 
 
 def env(key):
-    try:
-        with open("sim/env.json") as f:
-            values = json.load(f)
-    except (OSError, ValueError):
-        values = {}
-    value = values.get(key, _ENV[key])
-    if values.get("drift") and key not in values:
-        # a room that warms and cools a little over a few minutes, so a demo shows changing readings
-        import math
-
-        value += _ENV[key] * 0.02 * math.sin(time.host_time() / 60 + len(key))
-    return value
+    """What the board's sensors see now (sim/environment.py; sim/env.json pins values)."""
+    return environment.value(key)
 
 
 def reset():
@@ -104,64 +100,58 @@ class ADC:
         return max(0, min(65535, int(env("analog") / 3.3 * 65535)))
 
 
-# A BME280 register map: fixed calibration words, raw values found by bisection on the driver's compensation
-# formulas so the driver reads back what sim/env.json says.
-_CAL = {"T1": 27504, "T2": 26435, "T3": -1000, "P1": 36477, "P2": -10685, "P3": 3024, "P4": 2855, "P5": 140,
-        "P6": -7, "P7": 15500, "P8": -14600, "P9": 6000, "H1": 75, "H2": 362, "H3": 0, "H4": 324, "H5": 0, "H6": 30}
-
-
-def _bisect(f, target, lo, hi, increasing=True):
-    for _ in range(24):
-        mid = (lo + hi) // 2
-        if (f(mid) < target) == increasing:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _sensor_kind():
+    try:
+        with open("sim/sensor") as f:
+            return f.read().strip() or "bme280"
+    except OSError:
+        return "bme280"
 
 
 class I2C:
+    """The board's I2C bus with one BME280 (or a BMP280 when sim/sensor says so) at 0x76."""
+
+    _chip = None  # one chip per board, whichever bus object reaches it
+
     def __init__(self, bus=0, scl=None, sda=None, freq=400000):
-        self.regs = {}
+        if I2C._chip is None:
+            I2C._chip = bme280.Chip(_sensor_kind())
 
     def scan(self):
         return [0x76]
-
-    def _registers(self):
-        c = _CAL
-        a = struct.pack("<HhhHhhhhhhhh", c["T1"], c["T2"], c["T3"], c["P1"], c["P2"], c["P3"], c["P4"], c["P5"],
-                        c["P6"], c["P7"], c["P8"], c["P9"]) + bytes([0, c["H1"]])
-        h4, h5 = c["H4"] & 0xFFF, c["H5"] & 0xFFF
-        b = struct.pack("<h", c["H2"]) + bytes([c["H3"], h4 >> 4, (h4 & 0x0F) | ((h5 & 0x0F) << 4), h5 >> 4,
-                                                c["H6"] & 0xFF])
-        adc_t = _bisect(lambda r: sensors.compensate_t(r, c)[0], env("temperature"), 0, 1 << 20)
-        t_fine = sensors.compensate_t(adc_t, c)[1]
-        adc_p = _bisect(lambda r: sensors.compensate_p(r, t_fine, c), env("pressure"), 0, 1 << 20, False)
-        adc_h = _bisect(lambda r: sensors.compensate_h(r, t_fine, c), env("humidity"), 0, 1 << 16)
-        data = bytes([adc_p >> 12, (adc_p >> 4) & 0xFF, (adc_p & 0x0F) << 4, adc_t >> 12, (adc_t >> 4) & 0xFF,
-                      (adc_t & 0x0F) << 4, adc_h >> 8, adc_h & 0xFF])
-        return {0xD0: bytes([0x60]), 0x88: a, 0xE1: b, 0xF7: data}
 
     def readfrom_mem(self, addr, reg, n):
         if addr != 0x76:
             raise OSError(19)  # ENODEV, as a board reports a missing device
         while exists("sim/hang"):  # a sensor holding the bus: the read blocks the whole board until a reset
             time.sleep(0.1)
-        regs = self._registers() if reg == 0xF7 else (self.regs or self._registers())
-        if reg != 0xF7:
-            self.regs = regs
-        return regs.get(reg, bytes(n))[:n]
+        return I2C._chip.read(reg, n)
 
     def writeto_mem(self, addr, reg, data):
         if addr != 0x76:
             raise OSError(19)
+        I2C._chip.write(reg, bytes(data))
+
+
+def _open_uart():
+    try:
+        with open("sim/uart") as f:
+            path = f.read().strip()
+    except OSError:
+        return None
+    return open(path, "r+b")
+
+
+# The board's UART: the pty (one end of a socat pair) named in sim/uart, as a stream asyncio can poll. Opened when
+# the board starts, before the flash is mounted at "/" (the pty is a host path), and one object per board, as on an
+# ESP32.
+_UART = _open_uart()
 
 
 def UART(id=1, baudrate=115200, tx=None, rx=None, **kwargs):
-    """The board's UART: the pty (one end of a socat pair) named in sim/uart, as a stream asyncio can poll."""
-    with open("sim/uart") as f:
-        path = f.read().strip()
-    return open(path, "r+b")
+    if _UART is None:
+        raise OSError(19)  # nothing wired to this UART
+    return _UART
 
 
 class WDT:

@@ -22,6 +22,7 @@ import pytest
 
 from edgetrio.daemon.config import admin_credential
 from edgetrio.tools.demo import wait_for_daemon
+from edgetrio.tools.vdev import device_tool
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
@@ -265,6 +266,13 @@ class Board:
         if not self.virtual:
             pytest.skip("needs a sensor bus the test can lock up (virtual board only)")
         self.daemon.cli("fault", self.id, "hang")
+
+    def mpremote(self, *args: str) -> str:
+        """Run mpremote against the board's serial port, as a user would."""
+        proc = subprocess.run([device_tool("mpremote"), "connect", self.port, *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
 
     def cmd(self, name: str, *args: str, check: bool = True) -> Any:
         out = self.daemon.cli("cmd", self.id, name, *args, "--json", check=check)
