@@ -32,5 +32,5 @@ def test_the_real_board_path_of_the_hil_suite_passes_against_a_board_on_a_serial
         board.wait(timeout=20)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert summary.startswith("3 passed, 1 skipped"), summary  # Wi-Fi loss needs a network the test controls
+    assert summary.startswith("4 passed, 1 skipped"), summary  # Wi-Fi loss needs a network the test controls
     assert "needs a Wi-Fi the test controls" in run.stdout

@@ -137,6 +137,7 @@ def test_status_log_and_presence_are_recorded(daemon: Daemon, device: Any) -> No
 def test_a_board_gets_the_time_and_readings_from_an_unset_clock_are_stamped_on_arrival(daemon: Daemon,
                                                                                        device: Any) -> None:
     device_id, _, probe = device(subscribe=False)
+    counted = daemon.counters()  # the daemon serves the whole module: compare with what it had counted
     before = time.time()
     assert probe.subscribe(f"edgetrio/{device_id}/time")  # a board asks for the time by subscribing
     told = probe.next_json(f"edgetrio/{device_id}/time")
@@ -156,5 +157,6 @@ def test_a_board_gets_the_time_and_readings_from_an_unset_clock_are_stamped_on_a
     for row in stored[:3]:  # the board's time could not be true: its arrival, marked so
         assert row["ts_arrival"] is True and before <= row["ts"] <= after
     assert stored[3]["ts"] == taken / 1000 and "ts_arrival" not in stored[3]
-    assert daemon.counters()["readings_arrival_time"] == 3
-    assert daemon.counters()["rejected_bad_envelope"] == 1
+    now = daemon.counters()
+    assert now["readings_arrival_time"] - counted.get("readings_arrival_time", 0) >= 3  # a resent one counts again
+    assert now["rejected_bad_envelope"] - counted.get("rejected_bad_envelope", 0) == 1

@@ -22,6 +22,10 @@ CLOCK_SET_AFTER = 1704067200  # unix seconds of 2024-01-01: a clock before that 
 CLOCK_WAIT_MS = 2000  # after connecting, how long readings wait for the gateway's time
 
 
+WIFI_FAILURES = {network.STAT_WRONG_PASSWORD: "wrong password", network.STAT_NO_AP_FOUND: "no access point",
+                 network.STAT_ASSOC_FAIL: "association failed", network.STAT_HANDSHAKE_TIMEOUT: "handshake timeout"}
+
+
 def now_ms():
     """The board's clock in milliseconds since its epoch (ints: an ESP32's floats are single precision)."""
     return time.time_ns() // 1000000
@@ -167,6 +171,22 @@ class Node:
             asyncio.create_task(self.apply_desired(body.get("state") or {}))
         elif channel == "cmd":
             asyncio.create_task(self.command(body))
+
+    def on_oversize(self, topic, size, head):
+        """A message too large to take: a command gets an error result (its id is near the start) instead of a
+        timeout at the gateway."""
+        if topic[len(self.root):] != "cmd":
+            self.log("warning", "skipped a %d-byte message on %s" % (size, topic))
+            return
+        start = head.find(b'"id": "')
+        end = head.find(b'"', start + 7) if start >= 0 else -1
+        if end < 0:
+            self.log("warning", "skipped a %d-byte command without a readable id" % size)
+            return
+        limit = self.client.max_in if self.client is not None else 0
+        result = {"id": head[start + 7:end].decode(), "ok": False,
+                  "error": "command too large (%d bytes; this board takes up to %d)" % (size, limit)}
+        asyncio.create_task(self.publish("cmd/result", json.dumps(result)))
 
     async def apply_desired(self, desired):
         rejected = {}
@@ -316,15 +336,25 @@ class Node:
             asyncio.create_task(self.publish("log", json.dumps({"level": level, "message": message}), qos=0))
 
     async def wifi(self):
+        """Join the Wi-Fi, or keep waiting while the driver is joining: an ESP32 fails with "Wifi Internal Error"
+        when connect() is called again while it is still connecting, so connect() only from a clean state."""
         if self.serial:
             return True  # the serial transport needs no Wi-Fi
-        if self.wlan.isconnected():
+        wlan = self.wlan
+        if wlan.isconnected():
             return True
-        self.wlan.active(True)
-        self.wlan.connect(self.cfg.get("wifi_ssid", ""), self.cfg.get("wifi_password", ""))
+        wlan.active(True)
+        status = wlan.status()
+        if status != network.STAT_CONNECTING:
+            if status in WIFI_FAILURES:
+                self.log("warning", "Wi-Fi %s: %s" % (self.cfg.get("wifi_ssid", ""), WIFI_FAILURES[status]))
+            wlan.disconnect()
+            wlan.connect(self.cfg.get("wifi_ssid", ""), self.cfg.get("wifi_password", ""))
         for _ in range(100):
-            if self.wlan.isconnected():
+            if wlan.isconnected():
                 return True
+            if wlan.status() in WIFI_FAILURES:
+                return False
             await asyncio.sleep(0.1)
         return False
 
@@ -354,6 +384,7 @@ class Node:
     async def session(self):
         client = self.client_factory()
         client.on_message = self.on_message
+        client.on_oversize = self.on_oversize
         await client.connect()
         self.client = client
         self.last_broker = time.ticks_ms()
@@ -364,7 +395,8 @@ class Node:
             await client.subscribe([self.root + "ack", self.root + "twin/desired", self.root + "cmd",
                                     self.root + "time"])
             self.sync_ntp()
-            await client.publish(self.root + "status", "online", qos=1)
+            # retained like the will, so a broker that keeps retained messages never shows a stale `offline`
+            await client.publish(self.root + "status", "online", qos=1, retain=True)
             await client.publish(self.root + "meta", json.dumps(self.meta()), qos=1)
             self.log("info", "online, boot %d after a %s reset%s"
                      % (self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else ""))

@@ -40,7 +40,7 @@ class SerialLink:
                 self.connected = True
                 return
 
-    async def publish(self, topic, payload, qos=0, retries=0):
+    async def publish(self, topic, payload, qos=0, retain=False, retries=0):
         if not self.connected:
             raise OSError("not connected")
         if isinstance(payload, bytes):
