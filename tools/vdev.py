@@ -62,19 +62,32 @@ def micropython() -> str:
     return device_tool("micropython")
 
 
-def build_bundle(out: Path) -> Path:
-    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
-    lib = out / "lib"
-    lib.mkdir(parents=True, exist_ok=True)
+def _compile(sources: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
     mpy_cross = device_tool("mpy-cross")
-    for source in sorted((FIRMWARE / "lib").glob("*.py")):
-        target = lib / (source.stem + ".mpy")
+    for source in sources:
+        target = dest / (source.stem + ".mpy")
         if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
-            proc = subprocess.run([mpy_cross, "-o", str(target), str(source)], capture_output=True, text=True)
+            tmp = dest / f".{source.stem}.{os.getpid()}.mpy"  # boards started together may build at once
+            proc = subprocess.run([mpy_cross, "-o", str(tmp), str(source)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"mpy-cross failed on {source.name}: {proc.stderr.strip()}")
+            tmp.replace(target)
+
+
+def build_bundle(out: Path) -> Path:
+    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
+    _compile(sorted((FIRMWARE / "lib").glob("*.py")), out / "lib")
     for name in ("boot.py", "main.py"):
         shutil.copy2(FIRMWARE / name, out / name)
+    return out
+
+
+def build_sim(out: Path) -> Path:
+    """The simulated hardware (firmware/sim) compiled to .mpy, with board.py beside it as source. A real ESP32 has
+    machine, network and time in ROM; compiled, the simulation takes less of the board's heap."""
+    _compile(sorted(p for p in (FIRMWARE / "sim").glob("*.py") if p.name != "board.py"), out)
+    shutil.copy2(FIRMWARE / "sim" / "board.py", out / "board.py")
     return out
 
 
@@ -177,8 +190,9 @@ class ReplPort:
 
 class VirtualDevice:
     def __init__(self, device_id: str, flash: Path, broker: tuple[str, int], heap: str = "256K",
-                 repl: ReplPort | None = None) -> None:
+                 repl: ReplPort | None = None, sim: Path = FIRMWARE / "sim") -> None:
         self.id = device_id
+        self.sim = sim  # the simulated hardware: firmware/sim, or its compiled copy (build_sim)
         self.flash = flash
         self.broker = broker
         self.heap = heap
@@ -276,7 +290,7 @@ class VirtualDevice:
         command = [micropython(), "-X", f"heapsize={self.heap}"]
         if self.repl is None:
             process = await trio.lowlevel.open_process(
-                [*command, str(FIRMWARE / "sim" / "board.py")],
+                [*command, str(self.sim / "board.py")], env=dict(os.environ, MICROPYPATH=f"{self.sim}:.frozen:lib:"),
                 cwd=str(self.flash), stdout=console, stderr=console, stdin=subprocess.DEVNULL,
                 start_new_session=True)  # a Ctrl-C at the terminal is for the supervisor, which then stops it
             task_status.started(process)
@@ -287,9 +301,9 @@ class VirtualDevice:
             attrs[1] &= ~termios.OPOST  # no \n -> \r\n rewriting: mpremote matches exact bytes
             attrs[3] &= ~termios.ECHO  # ISIG stays: Ctrl-C interrupts the running firmware, as on a board
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            env = dict(os.environ, MICROPYPATH=f"{FIRMWARE / 'sim'}:.frozen:lib:")
+            env = dict(os.environ, MICROPYPATH=f"{self.sim}:.frozen:lib:")
             # after a soft reset the board runs boot.py again, and main.py too unless mpremote's raw REPL asked
-            start = [*command, "-i", str(FIRMWARE / "sim" / "board.py")]
+            start = [*command, "-i", str(self.sim / "board.py")]
             if not firmware:
                 start += ["soft", "raw"] if self.repl.raw else ["soft"]
             process = await trio.lowlevel.open_process(
@@ -409,6 +423,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     """
     if (repl_pty is not None or uart is not None) and count != 1:
         raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
+    sim = build_sim(data_dir / "vdevs" / ".sim")
     if blank:
         try:  # its Wi-Fi (the proxy) leads to the daemon if one runs; `edgetrio flash --broker` can point at it
             run = read_run_file(data_dir)
@@ -416,7 +431,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
         except ConfigError:
             broker = ("127.0.0.1", 0)
         device = VirtualDevice(f"{prefix}-1", flash_dir(data_dir, f"{prefix}-1"), broker, heap,
-                               ReplPort(repl_pty) if repl_pty else None)
+                               ReplPort(repl_pty) if repl_pty else None, sim)
         async with trio.open_nursery() as nursery:
             await nursery.start(device.run)
             task_status.started([device])
@@ -442,7 +457,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                 except ControlError as exc:
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
-                                   ReplPort(repl_pty) if repl_pty else None)
+                                   ReplPort(repl_pty) if repl_pty else None, sim)
             config = device_config(device_id, str(password), period, buffer, forced)
             if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
                 config["transport"] = "serial"
