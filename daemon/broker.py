@@ -556,6 +556,10 @@ class BrokerLink:
         if entry is not None:
             asyncio.run_coroutine_threadsafe(entry[1].handle_connection_closed(), loop)
 
+    def waiting(self) -> int:
+        """Bus events handed over and not taken by ingest yet."""
+        return len(self._pending)
+
     def counters(self) -> Counter[str]:
         out: Counter[str] = Counter(self._broker.counters if self._broker else {})
         out.update(protocol_errors)

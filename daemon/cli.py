@@ -26,6 +26,7 @@ from edgetrio.console import (
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerStartError
 from edgetrio.daemon.config import (
+    ADMIN_FILE,
     ConfigError,
     DaemonError,
     build_config,
@@ -73,7 +74,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
         "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
         "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
         "cloud_token": args.token or os.environ.get("EDGETRIO_CLOUD_TOKEN") or None,
-        "cloud_token_file": args.token_file,
+        "cloud_token_file": args.token_file, "metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
     })
     if cfg.data_dir is None:
         cfg.data_dir = default_data_dir()
@@ -218,6 +219,27 @@ def cmd_readings(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+def cmd_backup(args: argparse.Namespace) -> None:
+    """A copy of the data dir that restores by copying it back (with the daemon stopped): the database through
+    SQLite's online backup, safe while the daemon runs, and the admin credential beside it."""
+    data_dir: Path = args.data_dir
+    if not (data_dir / store.DB_FILE).exists():
+        raise CliError(f"no gateway data in {data_dir} (see --data-dir)", EXIT_USAGE)
+    dest: Path = args.dest
+    if dest.exists() and any(dest.iterdir()):
+        raise CliError(f"{dest} is not empty: back up into a new folder", EXIT_USAGE)
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pages = store.backup(data_dir, dest / store.DB_FILE)
+    copied = [store.DB_FILE]
+    if (data_dir / ADMIN_FILE).exists():
+        (dest / ADMIN_FILE).write_bytes((data_dir / ADMIN_FILE).read_bytes())
+        (dest / ADMIN_FILE).chmod(0o600)
+        copied.append(ADMIN_FILE)
+    emit(args, {"backup": str(dest), "files": copied, "pages": pages},
+         lambda: print(f"backed up {data_dir} to {dest} ({', '.join(copied)}; {pages} database pages); restore by "
+                       f"stopping the daemon and copying these files back"))
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
@@ -263,6 +285,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p = sub.add_parser("daemon", parents=[common, as_json], help="run the gateway daemon in the foreground")
     p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
+    p.add_argument("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int,
+                   help="port for /metrics and /healthz (default 9883; 0 picks a free one, -1 turns them off)")
     p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--serial", action="append", default=[], metavar="PORT",
@@ -317,3 +342,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
 
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("backup", parents=[common, as_json],
+                       help="copy the gateway's data (safe while the daemon runs) into a new folder")
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=cmd_backup)

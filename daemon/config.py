@@ -40,6 +40,8 @@ class DaemonConfig:
     outbox_max_rows: int = 1_000_000
     outbox_max_age: float = 7 * 86400.0  # seconds
     retention_days: float = 90.0  # readings, events and rejects older than this are deleted; 0 keeps everything
+    metrics_host: str = "127.0.0.1"  # /metrics and /healthz; keep it local unless a scraper elsewhere needs it
+    metrics_port: int = 9883  # 0 picks a free one (written to the run file); -1 turns metrics and health off
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -48,7 +50,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_device_pending_bytes": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_token_file": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
-    "retention_days": (int, float),
+    "retention_days": (int, float), "metrics_host": str, "metrics_port": int,
 }
 
 
@@ -78,6 +80,8 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
     cfg = DaemonConfig(**settings)
     if not 0 <= cfg.mqtt_port <= 65535:
         raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
+    if not -1 <= cfg.metrics_port <= 65535:
+        raise ConfigError(f"metrics port {cfg.metrics_port} is out of range (-1 turns metrics off, 0 picks one)")
     if cfg.retention_days < 0:
         raise ConfigError("retention_days must be 0 (keep everything) or more")
     if not 0.5 <= cfg.connect_timeout <= 300:
@@ -162,11 +166,11 @@ def daemon_running(data_dir: Path) -> bool:
     return False
 
 
-def write_run_file(data_dir: Path, mqtt_host: str, port: int) -> None:
-    """Tell the CLI and local apps where the running daemon listens."""
+def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | None = None) -> None:
+    """Tell the CLI and local apps where the running daemon listens (and serves metrics, "host:port")."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
     tmp = data_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics}))
     tmp.replace(data_dir / RUN_FILE)
 
 

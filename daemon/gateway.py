@@ -11,6 +11,8 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -31,8 +33,10 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlServer
 from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
+from edgetrio.daemon.metrics import HEALTH_TIMEOUT, open_metrics
 from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.service import feed_watchdog, notify
 from edgetrio.identity import RegistryError
 from edgetrio.writer import Writer, open_writer
 
@@ -103,6 +107,67 @@ def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, count
     }
 
 
+class Health:
+    """What /metrics and /healthz report: a snapshot of the components, and whether the store and broker answer."""
+
+    def __init__(self, roster: Roster, ingest: Ingest, link: BrokerLink, writer: Writer, counters: Counters,
+                 hub: EdgeHub | None) -> None:
+        self.roster, self.ingest, self.link, self.writer = roster, ingest, link, writer
+        self.counters, self.hub = counters, hub
+        self.outbox: dict[str, Any] = {"rows": 0, "oldest": None}
+
+    def snapshot(self) -> dict[str, Any]:
+        cloud = None
+        if self.hub is not None:
+            oldest = self.outbox["oldest"]
+            cloud = {"connected": self.hub.connected, "outbox_rows": self.outbox["rows"],
+                     "outbox_age": max(0.0, time.time() - oldest) if oldest else 0.0}
+        return {"registered": len(self.roster.models), "online": len(self.roster.connected()),
+                "held": self.ingest.uncommitted, "store_ok": self.writer.failure is None,
+                "bus_pending": self.link.waiting(), "counters": dict(self.counters.live()), "cloud": cloud}
+
+    async def check(self) -> dict[str, str]:
+        store_state, broker_state = "no answer", "no answer"
+        with trio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                await self.writer.write(store.outbox_state)
+                store_state = "ok" if self.writer.failure is None else f"cannot write: {self.writer.failure}"
+            except Exception as exc:
+                store_state = f"cannot write: {exc}"
+        with trio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", self.link.port)
+                await stream.aclose()
+                broker_state = "ok"
+            except OSError as exc:
+                broker_state = f"not listening: {exc}"
+        return {"store": store_state, "broker": broker_state}
+
+    async def watch_outbox(self) -> None:
+        while self.hub is not None:
+            try:
+                self.outbox = await self.writer.write(store.outbox_state)
+            except Exception as exc:  # the store cannot read now: keep the last figures
+                log.debug("outbox state not read: %s", exc)
+            await trio.sleep(5)
+
+
+@asynccontextmanager
+async def maybe_metrics(cfg: DaemonConfig, health: Health) -> AsyncIterator[str | None]:
+    """Metrics and health while this block runs, unless turned off; a port that cannot be bound is logged and
+    skipped (they are optional: devices are served either way). Yields "host:port" or None."""
+    async with AsyncExitStack() as stack:
+        where = None
+        if cfg.metrics_port >= 0:
+            try:
+                port = await stack.enter_async_context(
+                    open_metrics(cfg.metrics_host, cfg.metrics_port, health.snapshot, health.check))
+                where = f"{cfg.metrics_host}:{port}"
+            except OSError as exc:
+                log.warning("metrics and health not served on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
+        yield where
+
+
 async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the gateway until SIGINT or SIGTERM; then stop the broker, commit what was received, and return.
 
@@ -141,6 +206,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub))
+                        health = Health(roster, ingest, link, writer, counters, hub)
 
                         async def ingest_until_drained() -> None:
                             await ingest.run()
@@ -154,20 +220,27 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
 
                         nursery.start_soon(ingest_until_drained)
                         nursery.start_soon(chores_until_stopped)
-                        async with trio.open_nursery() as services:
+                        async with trio.open_nursery() as services, maybe_metrics(cfg, health) as metrics:
                             if hub is not None:
                                 await writer.write(changes.snapshot)
                                 await services.start(hub.run)
+                                services.start_soon(health.watch_outbox)
                             services.start_soon(control.serve, requests_out)
                             for port in cfg.serial:
                                 services.start_soon(SerialDevice(port, link, credentials).run)
-                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port)
-                            log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d", cfg.data_dir,
-                                     cfg.mqtt_host, link.port, len(roster.models))
+                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics)
+                            log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s", cfg.data_dir,
+                                     cfg.mqtt_host, link.port, len(roster.models), metrics or "off")
                             task_status.started(link.port)
+                            # the broker listens and the store is open: tell systemd (Type=notify), and feed its
+                            # watchdog from this loop, so a wedged loop gets the daemon restarted
+                            notify("READY=1", f"STATUS=serving {len(roster.models)} devices on "
+                                              f"{cfg.mqtt_host}:{link.port}")
+                            services.start_soon(feed_watchdog)
                             async for signum in signals:
                                 log.info("stopping on %s", signal.Signals(signum).name)
                                 break
+                            notify("STOPPING=1")
                             services.cancel_scope.cancel()
                 # the broker has stopped: commit what it handed over; leaving open_writer lets the writer finish
                 await ingest_done.wait()

@@ -38,6 +38,7 @@ from edgetrio.daemon.ingest import (
     topic_matches,
     trusted_time,
 )
+from edgetrio.daemon.metrics import COMMIT_SECONDS
 from edgetrio.daemon.registry import Model, check_values_without_model
 from edgetrio.daemon.roster import Roster
 from edgetrio.identity import ADMIN_USER, RegistryError
@@ -123,8 +124,9 @@ class Ingest:
                     readings, invalid = readings + more, invalid + more_invalid
                 now = time.time()
                 try:
-                    acks = await self.writer.write(
-                        partial(self.changes.readings, readings=readings, invalid=invalid, now=now))
+                    with COMMIT_SECONDS.time():
+                        acks = await self.writer.write(
+                            partial(self.changes.readings, readings=readings, invalid=invalid, now=now))
                 except Exception as exc:
                     if self.writer.failure is None:  # this batch failed, not the store: holding it would block all
                         log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)

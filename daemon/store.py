@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,25 @@ DB_FILE = "edgetrio.db"
 class UnknownDevice(RegistryError):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"unknown device {device_id!r} (see `edgetrio device list`)")
+
+
+def backup(data_dir: Path, dest: Path) -> int:
+    """Copy the database to `dest` with SQLite's online backup: consistent while the daemon writes, and it holds
+    no lock for long (pages go over in steps). Returns the pages copied."""
+    source = sqlite3.connect(data_dir / DB_FILE)
+    target = sqlite3.connect(dest)
+    copied = 0
+
+    def progress(_status: int, remaining: int, total: int) -> None:
+        nonlocal copied
+        copied = total - remaining
+
+    try:
+        source.backup(target, pages=256, progress=progress)
+    finally:
+        target.close()
+        source.close()
+    return copied
 
 
 def open_db(data_dir: Path) -> Database:

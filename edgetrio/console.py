@@ -88,8 +88,9 @@ def parse_since(text: str) -> float:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # under journald (it sets JOURNAL_STREAM) every line gets its time stamped already: no second timestamp
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format=stamp + "%(levelname)s %(name)s %(message)s")
     if level.lower() != "debug":
         # amqtt logs tracebacks for what the daemon reports itself in one line
         for noisy in ("amqtt", "transitions", "asyncio"):

@@ -10,6 +10,7 @@ from edgetrio.console import EXIT_USAGE, CliError, emit, parse_assignments, requ
 from edgetrio.daemon.config import daemon_running
 from edgetrio.tools.demo import run_demo
 from edgetrio.tools.flash import FlashError, flash
+from edgetrio.tools.service import install as install_service
 from edgetrio.tools.vdev import main_vdev, require_device_tools, set_fault
 
 
@@ -59,6 +60,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.data_dir, args.devices, args.duration)
 
 
+def cmd_service_install(args: argparse.Namespace) -> None:
+    try:
+        done = install_service(args.what, args.user, args.dry_run)
+    except OSError as exc:
+        raise CliError(f"cannot write the service files: {exc} (as root, or with --user)", EXIT_USAGE) from exc
+    scope = "--user " if args.user else ""
+
+    def human() -> None:
+        for path, text, written in done:
+            if args.dry_run:
+                print(f"# {path}\n{text}")
+            else:
+                print(f"{'wrote' if written else 'kept  '} {path}")
+        if not args.dry_run:
+            print(f"then: systemctl {scope}enable --now edgetrio-{args.what}.service")
+
+    emit(args, {"files": [{"path": str(p), "written": w, "text": t} for p, t, w in done]}, human)
+
+
 def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
     p.add_argument("--count", type=int, default=1)
@@ -103,6 +123,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
                    help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); "
                         "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
     p.set_defaults(func=cmd_fault)
+
+    p = sub.add_parser("service", help="run the daemon or the relay as a systemd service")
+    actions = p.add_subparsers(dest="service_action", required=True)
+    p = actions.add_parser("install", parents=[as_json], help="write the systemd unit, a config file and a data dir")
+    p.add_argument("what", nargs="?", choices=["daemon", "relay"], default="daemon")
+    p.add_argument("--user", action="store_true", help="a user service (~/.config/systemd/user) instead of a system one")
+    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    p.set_defaults(func=cmd_service_install)
 
     p = sub.add_parser("demo", parents=[common, as_json], help="run a daemon with simulated devices and show readings arriving")
     p.add_argument("--devices", type=int, default=3)

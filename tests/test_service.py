@@ -1,0 +1,188 @@
+"""Run like a service: systemd's notify protocol (readiness, watchdog), and Prometheus metrics and health over HTTP,
+each checked with the real thing on the other side (a unix datagram socket, an HTTP client)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file
+from edgetrio.tools.demo import wait_for_daemon
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, wait_until
+
+
+def scrape(daemon: Daemon) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_and_health_move_with_the_readings(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "gw").start()
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", daemon.metrics)
+    log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
+    boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "2", "--period", "0.2",
+                               "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
+    try:
+        first = wait_until(lambda: (m := scrape(daemon)).get("edgetrio_readings_ingested_total", 0) > 5 and m,
+                           timeout=60)
+        later = wait_until(lambda: (m := scrape(daemon))["edgetrio_readings_ingested_total"]
+                           > first["edgetrio_readings_ingested_total"] + 5 and m, timeout=60)
+        assert later["edgetrio_devices_online"] == 2 and later["edgetrio_devices_registered"] == 2
+        assert later["edgetrio_store_ok"] == 1 and later["edgetrio_readings_held"] >= 0
+        assert later["edgetrio_commit_seconds_count"] > first["edgetrio_commit_seconds_count"]
+        assert later["process_resident_memory_bytes"] > 10e6
+        with urllib.request.urlopen(f"http://{daemon.metrics}/healthz", timeout=10) as reply:
+            assert reply.status == 200
+            assert json.loads(reply.read()) == {"ok": True, "store": "ok", "broker": "ok"}
+        try:
+            urllib.request.urlopen(f"http://{daemon.metrics}/nothing", timeout=10)
+            raise AssertionError("an unknown path answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+    finally:
+        boards.send_signal(signal.SIGTERM)
+        boards.wait(timeout=30)
+        daemon.stop()
+
+
+def test_the_daemon_speaks_systemds_notify_protocol(tmp_path: Path) -> None:
+    notify = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(0.1)
+    data = tmp_path / "gw"
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="400000")  # pings every 0.2 s
+    log = open(tmp_path / "daemon.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data), "--mqtt-host",
+                             "127.0.0.1", "--mqtt-port", "0", "--metrics-port", "-1"], cwd=ROOT, env=env,
+                            stdout=log, stderr=log)
+
+    def received(seconds: float) -> list[str]:
+        out, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                out.append(sock.recv(4096).decode())
+        return out
+
+    try:
+        wait_for_daemon(data, proc)
+        first = received(1.0)
+        assert first and first[0].startswith("READY=1\nSTATUS=serving 0 devices"), first
+        assert first.count("WATCHDOG=1") >= 3, first
+        proc.send_signal(signal.SIGSTOP)  # a daemon that cannot run (as a wedged loop) stops feeding the watchdog
+        received(0.1)
+        assert received(1.0) == []
+        proc.send_signal(signal.SIGCONT)
+        assert "WATCHDOG=1" in received(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "STOPPING=1" in received(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+
+
+def test_service_install_writes_a_unit_systemd_accepts_and_a_config_the_daemon_loads(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(tmp_path)
+    run = [sys.executable, "-m", "edgetrio", "service", "install", "--user"]
+    dry = subprocess.run([*run, "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "Type=notify" in dry.stdout and "WatchdogSec=" in dry.stdout
+    assert not (tmp_path / ".config").exists()  # a dry run writes nothing
+    subprocess.run(run, env=env, check=True, capture_output=True, timeout=60)
+    unit = tmp_path / ".config" / "systemd" / "user" / "edgetrio-daemon.service"
+    config = tmp_path / ".config" / "edgetrio" / "daemon.toml"
+    assert f"--config {config}" in unit.read_text()
+    settings = load_config_file(config)
+    cfg = build_config(settings, {})
+    assert cfg.data_dir == tmp_path / ".local" / "share" / "edgetrio" / "gateway" and cfg.metrics_port == 9883
+    config.write_text(config.read_text() + "# mine\n")
+    again = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert [f["written"] for f in json.loads(again.stdout)["files"]] == [True, False]  # the user's settings stay
+    assert config.read_text().endswith("# mine\n")
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        pytest.skip("systemd-analyze (Debian's systemd) is not installed: the unit was not checked by systemd")
+    checked = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "ignoring" not in checked.stderr, checked.stderr
+
+
+def test_logs_under_journald_carry_no_timestamp_of_their_own(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    for journald, stamped in ((False, True), (True, False)):
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if journald:
+            env["JOURNAL_STREAM"] = "8:12345"
+        proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data), "--mqtt-host",
+                                 "127.0.0.1", "--mqtt-port", "0", "--metrics-port", "-1"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_daemon(data, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        ready = next(line for line in err.decode().splitlines() if "daemon ready" in line)
+        assert bool(re.match(r"\d{4}-\d\d-\d\d ", ready)) is stamped, ready
+
+
+def test_a_backup_taken_while_the_daemon_writes_restores(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "gw").start()
+    try:
+        password = daemon.add_device("b1")
+        probe = Probe(daemon, "b1", password, "b1")
+        assert probe.accepted() and probe.subscribe("edgetrio/b1/ack")
+        for seq in range(1, 201):
+            probe.publish("edgetrio/b1/telemetry", json.dumps({"boot": 1, "seq": seq, "values": {"t": seq}}))
+        while probe.next_json("edgetrio/b1/ack")["seq"] < 100:
+            pass
+        out = daemon.cli("backup", str(tmp_path / "copy"), "--json")  # readings still arriving meanwhile
+        assert json.loads(out.stdout)["files"] == ["edgetrio.db", "admin.json"]
+        probe.close()
+    finally:
+        daemon.stop()
+    restored = Daemon(tmp_path / "copy").start()
+    try:
+        rows = json.loads(restored.cli("readings", "b1", "--json").stdout)
+        assert len(rows) >= 100 and [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+        again = Probe(restored, "b1", password, "b1")  # the device's credential came along
+        assert again.accepted()
+        again.close()
+    finally:
+        restored.stop()
+    refused = subprocess.run([sys.executable, "-m", "edgetrio", "backup", str(tmp_path / "copy"), "--data-dir",
+                              str(tmp_path / "gw")], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+def test_the_operations_guide_documents_every_setting_and_its_example_loads(tmp_path: Path) -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", guide, re.S)
+    assert example is not None
+    path = tmp_path / "daemon.toml"
+    path.write_text(example.group(1))
+    settings = load_config_file(path)
+    (tmp_path / "token").write_text("t0ken\n")
+    cfg = build_config({**settings, "cloud_token_file": tmp_path / "token"}, {})
+    assert cfg.node_id == "greenhouse-gw" and cfg.serial == ["/dev/ttyUSB0"] and cfg.cloud_token == "t0ken"
+    table = {m for row in re.findall(r"^\| (`.*?`) \|", guide, re.M) for m in re.findall(r"`(\w+)`", row)}
+    assert {f.name for f in fields(DaemonConfig)} <= table, {f.name for f in fields(DaemonConfig)} - table
