@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from edgetrio.daemon.broker import BrokerStartError
 from edgetrio.daemon.config import (
     ADMIN_FILE,
     ConfigError,
+    DaemonConfig,
     DaemonError,
     build_config,
     daemon_running,
@@ -68,16 +70,38 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
 
 # -- commands -------------------------------------------------------------------------------------------------------
 
-def cmd_daemon(args: argparse.Namespace) -> None:
+def daemon_settings(args: argparse.Namespace) -> tuple[DaemonConfig, dict[str, str]]:
+    """The effective settings from defaults, the config file, the environment and flags (flags win), and where each
+    value came from."""
     file_settings = load_config_file(args.config) if args.config else {}
-    cfg = build_config(file_settings, {
+    token_env = os.environ.get("EDGETRIO_CLOUD_TOKEN") or None
+    flags = {
         "data_dir": args.data_dir, "mqtt_host": args.mqtt_host, "mqtt_port": args.mqtt_port,
         "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
-        "cloud_token": args.token or os.environ.get("EDGETRIO_CLOUD_TOKEN") or None,
-        "cloud_token_file": args.token_file, "metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
-    })
-    if cfg.data_dir is None:
+        "cloud_token": args.token or token_env, "cloud_token_file": args.token_file,
+        "metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
+    }
+    cfg = build_config(file_settings, flags)
+    sources = {}
+    for name in (f.name for f in fields(DaemonConfig)):
+        given = flags.get(name)
+        if given is not None and given != []:
+            sources[name] = "environment" if name == "cloud_token" and not args.token else "flag"
+        elif name in file_settings:
+            sources[name] = f"file {args.config}"
+        else:
+            sources[name] = "default"
+    if sources["data_dir"] == "default":  # $EDGETRIO_DATA_DIR, as every other command takes it
         cfg.data_dir = default_data_dir()
+        if os.environ.get("EDGETRIO_DATA_DIR"):
+            sources["data_dir"] = "environment"
+    if sources["cloud_token"] == "default" and cfg.cloud_token and cfg.cloud_token_file:
+        sources["cloud_token"] = f"token file {cfg.cloud_token_file}"
+    return cfg, sources
+
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    cfg, _ = daemon_settings(args)
     setup_logging(cfg.log_level)
 
     failure: BaseException | None = None
@@ -240,6 +264,24 @@ def cmd_backup(args: argparse.Namespace) -> None:
                        f"stopping the daemon and copying these files back"))
 
 
+def cmd_config_show(args: argparse.Namespace) -> None:
+    cfg, sources = daemon_settings(args)
+    shown = {}
+    for name in (f.name for f in fields(DaemonConfig)):
+        value = getattr(cfg, name)
+        if name == "cloud_token" and value:
+            value = "(set, not shown)"
+        shown[name] = {"value": str(value) if isinstance(value, Path) else value, "from": sources[name]}
+
+    def human() -> None:
+        width = max(len(n) for n in shown)
+        for name, item in shown.items():
+            value = "-" if item["value"] is None else item["value"]
+            print(f"{name:<{width}}  {value!s:<40} {item['from']}")
+
+    emit(args, shown, human)
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
@@ -282,7 +324,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     """The gateway's sub-commands: daemon, device, model, twin, cmd, readings, status."""
-    p = sub.add_parser("daemon", parents=[common, as_json], help="run the gateway daemon in the foreground")
+    flags = argparse.ArgumentParser(add_help=False)  # the daemon's settings, shared with `config show`
+    p = flags
     p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
     p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
     p.add_argument("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)")
@@ -297,7 +340,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`); visible in `ps`, so prefer "
                                    "--token-file or $EDGETRIO_CLOUD_TOKEN")
     p.add_argument("--token-file", type=Path, metavar="FILE", help="read this node's token from FILE")
+    p = sub.add_parser("daemon", parents=[common, as_json, flags], help="run the gateway daemon in the foreground")
     p.set_defaults(func=cmd_daemon)
+    config = sub.add_parser("config", help="the daemon's settings").add_subparsers(dest="action", required=True)
+    p = config.add_parser("show", parents=[common, as_json, flags],
+                          help="the effective settings (the same flags as `daemon`) and where each came from")
+    p.set_defaults(func=cmd_config_show)
 
     device = sub.add_parser("device", help="register, list and remove devices").add_subparsers(dest="action", required=True)
     p = device.add_parser("add", parents=[common, as_json], help="register a device and print its credential once")

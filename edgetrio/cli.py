@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
-    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud"):
+    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud", "config"):
         args.data_dir = console.default_data_dir()
     try:
         args.func(args)

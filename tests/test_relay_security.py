@@ -216,8 +216,11 @@ def test_trickled_bodies_and_idle_keep_alive_connections_are_closed(impatient_re
     silent = opened()
     started = time.monotonic()
     for sock in (trickle, idle, silent):
-        while sock.recv(65536):  # the idle one first gets its answer, then nothing more; all end with a close
-            pass
+        # the idle one first gets its answer, then nothing more; all end with a close (a reset when the relay
+        # closes the trickling one while it is still sending)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(65536):
+                pass
     assert time.monotonic() - started < 12, "connections were held past the relay's 2 s timeout"
 
 

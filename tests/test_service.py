@@ -186,3 +186,22 @@ def test_the_operations_guide_documents_every_setting_and_its_example_loads(tmp_
     assert cfg.node_id == "greenhouse-gw" and cfg.serial == ["/dev/ttyUSB0"] and cfg.cloud_token == "t0ken"
     table = {m for row in re.findall(r"^\| (`.*?`) \|", guide, re.M) for m in re.findall(r"`(\w+)`", row)}
     assert {f.name for f in fields(DaemonConfig)} <= table, {f.name for f in fields(DaemonConfig)} - table
+
+
+def test_config_show_says_where_each_setting_came_from(tmp_path: Path) -> None:
+    config = tmp_path / "daemon.toml"
+    config.write_text('mqtt_port = 1884\nlog_level = "debug"\n')
+    env = dict(os.environ, EDGETRIO_CLOUD_TOKEN="s3cret")
+    out = subprocess.run([sys.executable, "-m", "edgetrio", "config", "show", "--config", str(config), "--log-level",
+                          "warning", "--cloud", "ws://127.0.0.1:9", "--node-id", "gw", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    shown = json.loads(out.stdout)
+    assert shown["mqtt_port"] == {"value": 1884, "from": f"file {config}"}
+    assert shown["log_level"] == {"value": "warning", "from": "flag"}  # a flag wins over the file
+    assert shown["retention_days"] == {"value": 90.0, "from": "default"}
+    assert shown["cloud_token"] == {"value": "(set, not shown)", "from": "environment"}
+    assert "s3cret" not in out.stdout
+    config.write_text("mqtt_port = 'x'\n")
+    bad = subprocess.run([sys.executable, "-m", "edgetrio", "config", "show", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "mqtt_port must be a int" in bad.stderr
