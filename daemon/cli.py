@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import trio
 
+from edgetrio import wire
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -264,6 +266,60 @@ def cmd_backup(args: argparse.Namespace) -> None:
                        f"stopping the daemon and copying these files back"))
 
 
+def _since(args: argparse.Namespace) -> float | None:
+    try:
+        return parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    """A device's log lines (like `esphome logs`); --follow keeps printing new ones until Ctrl-C."""
+    require_positive(limit=args.limit)
+    since = _since(args)
+    db = open_store(args.data_dir)
+    if store.get_device(db, args.id) is None and not store.device_logs(db, args.id, limit=1):
+        raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
+
+    def line(row: dict[str, Any]) -> str:
+        body = row["body"]
+        if row["kind"] == "status":
+            text = f"[status] {body}"
+        elif isinstance(body, dict):
+            text = f"[{body.get('level', 'info')}] {body.get('message', json.dumps(body))}"
+        else:
+            text = str(body)
+        return f"{fmt_time(row['ts'])}  {text}"
+
+    rows = store.device_logs(db, args.id, since=since, limit=args.limit)
+    last = rows[-1]["id"] if rows else 0
+    def human() -> None:
+        for row in rows:
+            print(line(row), flush=True)
+
+    emit(args, rows, human)
+    while args.follow:  # the daemon writes; this reads the same WAL database every half second
+        time.sleep(0.5)
+        for row in store.device_logs(db, args.id, after_id=last):
+            print(json.dumps(row) if args.json else line(row), flush=True)
+            last = row["id"]
+
+
+def cmd_rejects(args: argparse.Namespace) -> None:
+    require_positive(limit=args.limit)
+    rows = store.rejects(open_store(args.data_dir), args.device, _since(args), args.limit)
+
+    def human() -> None:
+        for r in rows:
+            where = f"boot {r['boot']} seq {r['seq']}" if r["seq"] is not None else ""
+            print(f"{fmt_time(r['received'])}  {r['device'] or '-'}  {r['reason']}: {r['detail']}  {where}".rstrip())
+            print(f"    sent: {wire.clip(r['payload'] or '', 200)}")
+        if not rows:
+            print("nothing refused")
+
+    emit(args, rows, human)
+
+
 def cmd_config_show(args: argparse.Namespace) -> None:
     cfg, sources = daemon_settings(args)
     shown = {}
@@ -390,6 +446,19 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
 
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", parents=[common, as_json], help="a device's log lines; --follow for new ones")
+    p.add_argument("id")
+    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
+    p.add_argument("--limit", type=int, default=200, help="the newest N lines first (default 200)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("rejects", parents=[common, as_json], help="refused messages with the reason")
+    p.add_argument("--device", help="only this device's")
+    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
+    p.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
+    p.set_defaults(func=cmd_rejects)
 
     p = sub.add_parser("backup", parents=[common, as_json],
                        help="copy the gateway's data (safe while the daemon runs) into a new folder")

@@ -194,6 +194,36 @@ def events(db: Database, device_id: str, limit: int = 50) -> list[dict[str, Any]
     return [{"ts": r["ts"], "kind": r["kind"], "body": json.loads(r["body"])} for r in rows]
 
 
+def device_logs(db: Database, device_id: str, after_id: int = 0, since: float | None = None,
+                limit: int = 1000) -> list[dict[str, Any]]:
+    """A device's log and status lines in order, after event `after_id` (for following) and from `since`."""
+    sql = "SELECT id, ts, kind, body FROM events WHERE device = ? AND kind IN ('log', 'status') AND id > ?"
+    params: list[Any] = [device_id, after_id]
+    if since is not None:
+        sql += " AND ts >= ?"
+        params.append(since)
+    rows = list(db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit]))
+    rows.reverse()
+    return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "body": json.loads(r["body"])} for r in rows]
+
+
+def rejects(db: Database, device_id: str | None = None, since: float | None = None,
+            limit: int = 100) -> list[dict[str, Any]]:
+    """What was refused (newest `limit`, in order), with the reason and what the device sent."""
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if device_id is not None:
+        where.append("device = ?")
+        params.append(device_id)
+    if since is not None:
+        where.append("received >= ?")
+        params.append(since)
+    rows = list(db.query(f"SELECT received, device, boot, seq, reason, detail, payload FROM rejects "
+                         f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", [*params, limit]))
+    rows.reverse()
+    return rows
+
+
 # -- readings ------------------------------------------------------------------------------------------------------
 
 def commit_readings(

@@ -179,3 +179,29 @@ def test_version_json_everywhere_and_nonsense_numbers(tmp_path: Path) -> None:
         assert proc.returncode == 2 and "must be more than 0" in one_line_error(proc), args
     proc = cli(data, "readings", "d1", "--limit", "-3", "--json", check=False)
     assert proc.returncode == 2 and "--limit" in json.loads(proc.stderr)["error"]
+
+
+def test_logs_and_rejects_show_what_the_store_kept(daemon: Daemon, device: object) -> None:
+    device_id, _, probe = device()  # type: ignore[operator]
+    probe.publish(f"edgetrio/{device_id}/log", json.dumps({"level": "warning", "message": "sensor slow"}))
+    probe.publish(f"edgetrio/{device_id}/telemetry", "not json at all")
+    probe.publish(f"edgetrio/{device_id}/telemetry", json.dumps({"boot": 1, "seq": 1, "values": {"v": 1}}))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 1:
+        pass
+    logs = json.loads(daemon.cli("logs", device_id, "--json").stdout)
+    assert {"level": "warning", "message": "sensor slow"} in [row["body"] for row in logs]
+    assert "[warning] sensor slow" in daemon.cli("logs", device_id).stdout
+    follow = subprocess.Popen([sys.executable, "-m", "edgetrio", "logs", device_id, "--follow", "--since", "1m",
+                               "--data-dir", str(daemon.data_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        assert "sensor slow" in follow.stdout.readline()
+        probe.publish(f"edgetrio/{device_id}/log", json.dumps({"level": "info", "message": "a new line"}))
+        assert "a new line" in follow.stdout.readline()  # followed as it arrives
+    finally:
+        follow.kill()
+        follow.wait()
+    refused = json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
+    assert [r["reason"] for r in refused] == ["malformed_json"] and refused[0]["payload"] == "not json at all"
+    assert "malformed_json" in daemon.cli("rejects").stdout
+    assert daemon.cli("logs", "nobody", check=False).returncode == 1
