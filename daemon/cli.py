@@ -137,6 +137,13 @@ def cmd_device_remove(args: argparse.Namespace) -> None:
 def cmd_device_list(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     devices = store.list_devices(db)
+    for d in devices:
+        d["readings"] = store.reading_count(db, d["id"])
+        last = store.last_received(db, d["id"])
+        if last is not None and (d["last_seen"] or 0) < last:
+            d["last_seen"] = last  # presence is stamped at connect; a reading is a later sign of life
+        if not d["model"] and (d["meta"] or {}).get("model"):
+            d["announced_model"] = d["meta"]["model"]
 
     def human() -> None:
         if not devices:
@@ -145,8 +152,10 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         print(f"{'DEVICE':<20} {'MODEL':<16} {'STATE':<8} {'LAST SEEN':<20} READINGS")
         for d in devices:
             state = "online" if d["online"] else "offline"
-            print(f"{d['id']:<20} {d['model'] or '-':<16} {state:<8} {fmt_time(d['last_seen']):<20} "
-                  f"{store.reading_count(db, d['id'])}")
+            model = d["model"] or (f"{d['announced_model']}*" if d.get("announced_model") else "-")
+            print(f"{d['id']:<20} {model:<16} {state:<8} {fmt_time(d['last_seen']):<20} {d['readings']}")
+        if any(d.get("announced_model") and not d["model"] for d in devices):
+            print("* as the device announced it (no model registered)")
 
     emit(args, devices, human)
 

@@ -139,6 +139,12 @@ def list_devices(db: Database) -> list[dict[str, Any]]:
     return out
 
 
+def last_received(db: Database, device_id: str) -> float | None:
+    """When the device's newest reading arrived."""
+    value = db.execute("SELECT max(received) FROM readings WHERE device = ?", [device_id]).fetchone()[0]
+    return float(value) if value is not None else None
+
+
 def device_secrets(db: Database) -> dict[str, str]:
     return {row["id"]: row["secret_hash"] for row in db.query("SELECT id, secret_hash FROM devices")}
 

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from edgetrio.tools.testkit import ROOT, Daemon, cli, wait_until
@@ -205,3 +206,20 @@ def test_logs_and_rejects_show_what_the_store_kept(daemon: Daemon, device: objec
     assert [r["reason"] for r in refused] == ["malformed_json"] and refused[0]["payload"] == "not json at all"
     assert "malformed_json" in daemon.cli("rejects").stdout
     assert daemon.cli("logs", "nobody", check=False).returncode == 1
+
+
+def test_device_list_shows_last_seen_from_readings_the_count_and_the_announced_model(daemon: Daemon,
+                                                                                     device: object) -> None:
+    device_id, _, probe = device()  # type: ignore[operator]
+    probe.publish(f"edgetrio/{device_id}/meta", json.dumps({"model": "esp32-sensor", "firmware": "0.1.0"}))
+    connected = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
+    time.sleep(1.5)
+    for seq in (1, 2, 3):
+        probe.publish(f"edgetrio/{device_id}/telemetry", json.dumps({"boot": 1, "seq": seq, "values": {"v": seq}}))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 3:
+        pass
+    listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
+    assert listed["readings"] == 3
+    assert listed["last_seen"] >= (connected["last_seen"] or 0) + 1  # the readings moved it on
+    assert listed["announced_model"] == "esp32-sensor" and listed["model"] is None
+    assert "esp32-sensor*" in daemon.cli("device", "list").stdout
