@@ -12,6 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -214,6 +215,17 @@ class Ingest:
             reading = parse_telemetry(device, event.payload)
             model = self.roster.models[device]
             reason = model.check_values(reading.values) if model else check_values_without_model(reading.values)
+            if reason and model is not None and model.on_invalid == "drop_value":
+                kept, reasons = model.split_values(reading.values)
+                if kept:  # the model keeps what fits: the reading is stored without the bad values
+                    self.counts["rejected_invalid_value"] += len(reasons)
+                    log.warning("dropped values device=%s boot=%d seq=%d detail=%s", device, reading.boot,
+                                reading.seq, "; ".join(reasons))
+                    self._write(partial(store.record_reject, device_id=device, reason="invalid_value",
+                                        detail=f"boot {reading.boot} seq {reading.seq}: " + "; ".join(reasons),
+                                        payload=event.payload, now=now))
+                    reading = replace(reading, values=kept)
+                    reason = None
             if reason:
                 self.counts["rejected_invalid_value"] += 1
                 log.warning("rejected reason=invalid_value device=%s boot=%d seq=%d detail=%s",

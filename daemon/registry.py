@@ -58,10 +58,15 @@ class Resource:
         return out
 
 
+ON_INVALID = ("reject", "drop_value")
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
     resources: dict[str, Resource] = field(default_factory=dict)
+    # a reading with a value that does not fit: refuse the whole reading, or keep the values that fit
+    on_invalid: str = "reject"
 
     @classmethod
     def from_dict(cls, body: Any, name: str | None = None) -> Model:
@@ -96,10 +101,16 @@ class Model:
                 bounds.append(bound)
             unit = item.get("unit", item.get("units", ""))
             resources[rname] = Resource(rname, rtype, str(unit), access, bounds[0], bounds[1])
-        return cls(name, resources)
+        on_invalid = body.get("on_invalid", "reject")
+        if on_invalid not in ON_INVALID:
+            raise RegistryError(f"model {name!r}: on_invalid is {on_invalid!r}; use reject or drop_value")
+        return cls(name, resources, on_invalid)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "resources": [r.as_dict() for r in self.resources.values()]}
+        out: dict[str, Any] = {"name": self.name, "resources": [r.as_dict() for r in self.resources.values()]}
+        if self.on_invalid != "reject":
+            out["on_invalid"] = self.on_invalid
+        return out
 
     def check_values(self, values: dict[str, Any]) -> str | None:
         """None if every value names a resource of this model and fits it, else the first reason it does not."""
@@ -111,6 +122,20 @@ class Model:
             if reason:
                 return reason
         return None
+
+
+    def split_values(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The values that fit this model, and why each of the others does not."""
+        kept: dict[str, Any] = {}
+        reasons = []
+        for key, value in values.items():
+            resource = self.resources.get(key)
+            reason = f"{key}: not a resource of model {self.name!r}" if resource is None else resource.check(value)
+            if reason:
+                reasons.append(reason)
+            else:
+                kept[key] = value
+        return kept, reasons
 
 
 def check_values_without_model(values: dict[str, Any]) -> str | None:

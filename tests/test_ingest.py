@@ -160,3 +160,28 @@ def test_a_board_gets_the_time_and_readings_from_an_unset_clock_are_stamped_on_a
     now = daemon.counters()
     assert now["readings_arrival_time"] - counted.get("readings_arrival_time", 0) >= 3  # a resent one counts again
     assert now["rejected_bad_envelope"] - counted.get("rejected_bad_envelope", 0) == 1
+
+
+def test_a_model_can_keep_the_values_that_fit_and_drop_only_the_bad_one(daemon: Daemon, device: Any,
+                                                                         tmp_path: Path) -> None:
+    model = tmp_path / "lenient.toml"
+    model.write_text('name = "lenient"\non_invalid = "drop_value"\n'
+                     '[[resources]]\nname = "temperature"\ntype = "float"\nmin = -40\nmax = 85\n'
+                     '[[resources]]\nname = "humidity"\ntype = "float"\nmin = 0\nmax = 100\n')
+    daemon.cli("model", "add", str(model))
+    device_id, _, probe = device(model="lenient")
+    topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 1, "values": {"temperature": 21.0, "humidity": 140.0}}))
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 2, "values": {"humidity": -5.0}}))  # nothing fits: refused
+    probe.publish(topic, json.dumps({"boot": 1, "seq": 3, "values": {"temperature": 22.0, "humidity": 50.0}}))
+    while probe.next_json(ack) != {"boot": 1, "seq": 3}:
+        pass
+    assert [r["values"] for r in readings(daemon, device_id)] == [{"temperature": 21.0},
+                                                                 {"temperature": 22.0, "humidity": 50.0}]
+    refused = json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
+    assert [r["reason"] for r in refused] == ["invalid_value", "invalid_value"]
+    assert "humidity" in refused[0]["detail"] and "seq 1" in refused[0]["detail"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(model.read_text().replace("drop_value", "shrug"))
+    wrong = daemon.cli("model", "add", str(bad), check=False)
+    assert wrong.returncode == 2 and "on_invalid" in wrong.stderr
