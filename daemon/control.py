@@ -158,6 +158,12 @@ class ControlServer:
             secret = await self.writer.write(partial(self.changes.register, device=device_id, model=model))
             await self.roster.reload(device_id)
             return {"id": device_id, "username": device_id, "password": secret}
+        if op == "device.rotate":  # a new credential; the device's session with the old one ends now
+            device_id = args["id"]
+            secret = await self.writer.write(partial(store.rotate_secret, device_id=device_id))
+            await self.roster.reload(device_id)
+            self.link.disconnect(device_id)
+            return {"id": device_id, "username": device_id, "password": secret}
         if op == "device.remove":
             device_id = args["id"]
             await self.writer.write(partial(self.changes.unregister, device=device_id))

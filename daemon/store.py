@@ -99,6 +99,15 @@ def _create_schema(db: Database) -> None:
 
 # -- registry ----------------------------------------------------------------------------------------------------
 
+def rotate_secret(db: Database, device_id: str) -> str:
+    """A new credential for a registered device (the old one stops working); its model, twin and readings stay."""
+    if get_device(db, device_id) is None:
+        raise UnknownDevice(device_id)
+    secret = new_secret()
+    db.execute("UPDATE devices SET secret_hash = ? WHERE id = ?", [hash_secret(secret), device_id])
+    return secret
+
+
 def add_device(db: Database, device_id: str, model: str | None = None, secret_hash: str | None = None) -> str:
     """Register a device; return its credential (shown once, stored hashed).
 

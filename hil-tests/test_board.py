@@ -122,8 +122,10 @@ def test_a_hung_board_is_reset_by_its_watchdog_and_loses_nothing(board: Board) -
 
 def test_flash_then_reflash(board: Board) -> None:
     wait_until(lambda: board.readings())
+    board.daemon.cli("twin", "set", board.id, "threshold=0.001")
     again = board.flash()
     assert "issuing a new credential" in again.stdout and f"{board.id} is online" in again.stdout
+    assert board.twin()["desired"]["state"] == {"threshold": 0.001}  # a reflash keeps the twin
     wait_until(lambda: len(board.boots()) == 2, timeout=90)
     contiguous_per_boot(board.readings())
     assert json.loads(board.daemon.cli("device", "list", "--json").stdout)[0]["online"] is True

@@ -86,3 +86,15 @@ def test_the_blank_virtual_board_behaves_like_a_board(board: tuple[Daemon, Path]
     assert str(2 * 1024 * 1024) in df, df  # the 2 MiB partition of a 4 MB ESP32, not the host's disk
     listing = mp("fs", "ls", ":/")
     assert "boot.py" in listing and "etc" not in listing.split()
+
+
+def test_flash_with_a_credential_made_elsewhere_registers_nothing_and_a_timeout_exits_1(
+        board: tuple[Daemon, Path]) -> None:
+    daemon, tty = board
+    result = flash(daemon, tty, "--password", "made-elsewhere", "--wait", "4")
+    assert "not registering" in result.stdout
+    assert result.returncode == 1, result.stderr  # flashed, but the gateway does not know this credential
+    assert "did not come online within 4 s" in result.stderr
+    assert json.loads(daemon.cli("device", "list", "--json").stdout) == []
+    config = json.loads((daemon.data_dir / "vdevs" / "board-1" / "config.json").read_text())
+    assert config["password"] == "made-elsewhere"

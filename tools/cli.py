@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgetrio.console import EXIT_USAGE, CliError, emit, parse_assignments, require_positive
+from edgetrio.console import EXIT_FAILED, EXIT_USAGE, CliError, emit, parse_assignments, require_positive
 from edgetrio.daemon.config import daemon_running
 from edgetrio.tools.demo import run_demo
-from edgetrio.tools.flash import FlashError, flash
+from edgetrio.tools.flash import FlashError, FlashTimeout, flash
 from edgetrio.tools.service import install as install_service
 from edgetrio.tools.vdev import main_vdev, require_device_tools, set_fault
 
@@ -32,7 +32,9 @@ def cmd_vdev(args: argparse.Namespace) -> None:
 def cmd_flash(args: argparse.Namespace) -> None:
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
-              args.period, args.wait, watchdog=args.watchdog, erase=args.erase)
+              args.period, args.wait, watchdog=args.watchdog, erase=args.erase, password=args.password)
+    except FlashTimeout as exc:  # flashed, but not online: a failure to look into, not a usage error
+        raise CliError(str(exc), EXIT_FAILED) from exc
     except (FlashError, RuntimeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -113,6 +115,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
                    help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
                         "new gateway); by default a reflash keeps them, so nothing buffered is lost")
     p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
+    p.add_argument("--password", help="a credential made elsewhere (e.g. by `edgetrio cloud device add`): nothing is "
+                                      "registered here")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
     p.set_defaults(func=cmd_flash)
 

@@ -23,15 +23,23 @@ from edgetrio.tools.vdev import build_bundle, device_config, require_device_tool
 
 
 class FlashError(Exception):
-    """A one-line reason the flashing stopped."""
+    """A one-line reason the flashing stopped (bad arguments, a board that does not answer)."""
+
+
+class FlashTimeout(FlashError):
+    """The board was flashed but did not come online in time."""
 
 
 def step(n: int, total: int, text: str) -> None:
     print(f"[{n}/{total}] {text}", flush=True)
 
 
+ROTATING = "      {} is registered: issuing a new credential (the old one stops working; model, twin and readings stay)"
+
+
 def credential(data_dir: Path, device_id: str) -> str:
-    """Register the device (through the daemon if it runs) and return its credential; an existing one is rotated."""
+    """Register the device (through the daemon if it runs) and return its credential; a registered device gets a new
+    one and keeps its model, twin and readings."""
     if daemon_running(data_dir):
         try:
             with ControlClient(data_dir) as control:
@@ -39,8 +47,8 @@ def credential(data_dir: Path, device_id: str) -> str:
                 exists = store.get_device(db, device_id) is not None
                 db.close()
                 if exists:
-                    print(f"      {device_id} is registered: issuing a new credential (the old one stops working)")
-                    control.request("device.remove", {"id": device_id})
+                    print(ROTATING.format(device_id))
+                    return str(control.request("device.rotate", {"id": device_id})["password"])
                 return str(control.request("device.add", {"id": device_id})["password"])
         except ControlError as exc:
             raise FlashError(f"cannot register {device_id}: {exc}") from exc
@@ -48,8 +56,8 @@ def credential(data_dir: Path, device_id: str) -> str:
     try:
         with db.atomic():
             if store.get_device(db, device_id) is not None:
-                print(f"      {device_id} is registered: issuing a new credential (the old one stops working)")
-                store.remove_device(db, device_id)
+                print(ROTATING.format(device_id))
+                return store.rotate_secret(db, device_id)
             return store.add_device(db, device_id)
     except store.RegistryError as exc:
         raise FlashError(str(exc)) from exc
@@ -70,7 +78,9 @@ DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "b
 
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
           out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
-          watchdog: float = 60.0, erase: bool = False) -> None:
+          watchdog: float = 60.0, erase: bool = False, password: str | None = None) -> None:
+    """Flash a board; `password` is a credential made elsewhere (say `edgetrio cloud device add`), so nothing is
+    registered here (a laptop can flash for a gateway it does not run)."""
     try:
         check_device_id(device_id)
     except RegistryError as exc:
@@ -89,8 +99,11 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
     except RuntimeError as exc:
         raise FlashError(str(exc)) from exc
     total = 3 if out else 6
-    step(1, total, f"registering {device_id} at the gateway in {data_dir}")
-    password = credential(data_dir, device_id)
+    if password:
+        step(1, total, f"using the credential given for {device_id} (not registering it here)")
+    else:
+        step(1, total, f"registering {device_id} at the gateway in {data_dir}")
+        password = credential(data_dir, device_id)
     step(2, total, "compiling the firmware with mpy-cross")
     with tempfile.TemporaryDirectory(prefix="edgetrio-flash-") as tmp:
         bundle = build_bundle(Path(tmp) / "bundle")
@@ -128,7 +141,7 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
         mpremote(port, "reset", timeout=30)
     step(6, total, f"waiting for {device_id} to come online at the gateway")
     if not wait_online(data_dir, device_id, started, wait):
-        raise FlashError(f"{device_id} did not come online within {wait:g} s: check Wi-Fi ({wifi_ssid or 'none'}), "
+        raise FlashTimeout(f"{device_id} did not come online within {wait:g} s: check Wi-Fi ({wifi_ssid or 'none'}), "
                          f"the broker address {broker}, and the board's console (mpremote connect {port} repl)")
     print(f"{device_id} is online", flush=True)
 
