@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +30,7 @@ class Relay(Protocol):
     token: str
     sessions: dict[str, Any]  # node -> its live edge session
     command_waiters: dict[str, trio.Event]
+    counters: Counter[str]  # what /metrics shows (API requests by status among them)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -137,6 +139,7 @@ async def handle_http(relay: Relay, conn: h11.Connection, stream: trio.abc.Strea
             status, payload = await route(relay, event, bytes(body))
         except HTTPError as exc:
             status, payload = exc.status, {"error": str(exc)}
+        relay.counters[f"api_{status}"] += 1
         data = json.dumps(payload).encode()
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
             ("content-type", "application/json"), ("content-length", str(len(data)))])))

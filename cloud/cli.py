@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> None:
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
                           8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
-                          args.http_timeout)
+                          args.http_timeout, args.metrics_host, args.metrics_port)
+        if not -1 <= cfg.metrics_port <= 65535:
+            raise CliError("--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off", 2)
         if (cfg.cert is None) != (cfg.key is None):
             raise CliError("--cert and --key go together", 2)
         if cfg.retention_days < 0:
@@ -167,6 +169,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--log-level")
     p.add_argument("--retention-days", type=float, default=90.0, metavar="D",
                    help="delete readings and finished commands older than D days, hourly (default 90; 0 keeps all)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /healthz (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=9884,
+                   help="their port (default 9884; 0 picks a free one, -1 turns them off)")
     p.add_argument("--http-timeout", type=float, default=15.0, metavar="S",
                    help="close a connection whose request headers or body take longer, or that idles longer between "
                         "requests (default 15)")

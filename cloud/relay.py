@@ -15,6 +15,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from edgetrio import wire
 from edgetrio.cloud import store
 from edgetrio.cloud.api import handle_http
+from edgetrio.cloud.metrics import open_relay_metrics
 from edgetrio.identity import new_secret
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, open_writer
@@ -46,6 +48,8 @@ class RelayConfig:
     key: str | None = None
     retention_days: float = 90.0  # readings and finished commands older than this are deleted hourly; 0 keeps all
     http_timeout: float = 15.0  # for a request's headers, for its whole body, and for an idle keep-alive connection
+    metrics_host: str = "127.0.0.1"  # /metrics and /healthz, on a port of their own
+    metrics_port: int = 9884  # 0 picks a free one (in the run file), -1 turns them off
 
 
 def operator_token(data_dir: Path) -> str:
@@ -238,6 +242,10 @@ class Relay:
                     await self._refuse(session, "up needs a list of items")
                     return
                 offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
+                self.counters["batches_stored"] += 1
+                self.counters["readings_received"] += sum(
+                    len(item["body"].get("readings") or ()) for item in items
+                    if isinstance(item, dict) and item.get("resource") == "readings" and isinstance(item.get("body"), dict))
                 if skipped:
                     self.counters["items_skipped"] += skipped
                     log.warning("node=%s sent %d items this relay cannot use", session.node, skipped)
@@ -293,17 +301,27 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     scheme = "wss" if cfg.cert else "ws"
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     run_file = cfg.data_dir / RUN_FILE
-    tmp = run_file.with_name(RUN_FILE + ".tmp")  # replaced whole: a reader never sees it half written
-    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
-                               "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}"}))
-    tmp.replace(run_file)
-    log.info("relay ready data_dir=%s port=%d", cfg.data_dir, port)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             # leaving open_writer commits what was received, then stops the writer
             async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
                 relay = Relay(writer, token, cfg.http_timeout)
-                async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as connections, AsyncExitStack() as optional:
+                    metrics = None
+                    if cfg.metrics_port >= 0:
+                        try:
+                            bound = await optional.enter_async_context(
+                                open_relay_metrics(cfg.metrics_host, cfg.metrics_port, relay))
+                            metrics = f"{cfg.metrics_host}:{bound}"
+                        except OSError as exc:  # optional: edges and operators are served either way
+                            log.warning("metrics and health not served on %s:%d: %s", cfg.metrics_host,
+                                        cfg.metrics_port, exc)
+                    tmp = run_file.with_name(RUN_FILE + ".tmp")  # replaced whole: a reader never sees it half written
+                    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
+                                               "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}",
+                                               "metrics": metrics}))
+                    tmp.replace(run_file)
+                    log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
                     connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                     connections.start_soon(relay.keep_retention, cfg.retention_days)
                     task_status.started(port)

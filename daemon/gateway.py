@@ -33,11 +33,12 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlServer
 from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
-from edgetrio.daemon.metrics import HEALTH_TIMEOUT, open_metrics
+from edgetrio.daemon.metrics import open_metrics
 from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
 from edgetrio.identity import RegistryError
+from edgetrio.metrics import HEALTH_TIMEOUT
 from edgetrio.writer import Writer, open_writer
 
 log = logging.getLogger("edgetrio.gateway")

@@ -1,32 +1,23 @@
-"""Metrics and health on an HTTP port of their own (127.0.0.1 by default): Prometheus exposition at /metrics
-(prometheus-client) and /healthz (unauthenticated: whether the store and the broker answer).
-
-The HTTP side is prometheus-client's WSGI app behind the standard library's WSGI server, in a thread that
-`open_metrics` owns. Values are read in the trio thread (`trio.from_thread`), never from the thread that serves
-them, so a scrape sees a consistent snapshot and never races the components that count.
-"""
+"""The gateway's metrics: what /metrics shows (prometheus-client families from a snapshot of the components, taken
+in the trio thread) and the group-commit histogram. The HTTP side is shared with the relay (`edgetrio.metrics`)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-log = logging.getLogger("edgetrio.metrics")
+from edgetrio.metrics import Health, open_metrics_server
+
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, CPU
 COMMIT_SECONDS = Histogram("edgetrio_commit_seconds", "Duration of one group commit of readings",
                            registry=REGISTRY, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-HEALTH_TIMEOUT = 5.0
 
 Snapshot = dict[str, Any]
 
@@ -75,45 +66,13 @@ class GatewayCollector:
                                     cloud.get("outbox_age", 0.0))
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics http: " + format, *args)
-
-
 @asynccontextmanager
-async def open_metrics(host: str, port: int, snapshot: Callable[[], Snapshot],
-                       health: Callable[[], Awaitable[dict[str, str]]]) -> AsyncIterator[int]:
-    """Serve /metrics and /healthz on host:port within this block; yields the bound port. Leaving the block stops
-    the server and waits for its thread."""
-    token = trio.lowlevel.current_trio_token()
-    collector = GatewayCollector(snapshot, token)
+async def open_metrics(host: str, port: int, snapshot: Callable[[], Snapshot], health: Health) -> AsyncIterator[int]:
+    """Serve the gateway's /metrics and /healthz within this block; yields the bound port."""
+    collector = GatewayCollector(snapshot, trio.lowlevel.current_trio_token())
     REGISTRY.register(collector)
-    metrics_app = make_wsgi_app(REGISTRY)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            try:
-                checks = trio.from_thread.run(health, trio_token=token)
-            except trio.RunFinishedError:
-                checks = {"daemon": "stopping"}
-            ok = all(v == "ok" for v in checks.values())
-            body = json.dumps({"ok": ok, **checks}).encode()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
-        if environ.get("PATH_INFO") == "/metrics":
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics or /healthz\n"]
-
-    server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="edgetrio-metrics", daemon=True)
-    thread.start()
     try:
-        yield int(server.server_address[1])
+        async with open_metrics_server(host, port, REGISTRY, health) as bound:
+            yield bound
     finally:
         REGISTRY.unregister(collector)
-        await trio.to_thread.run_sync(server.shutdown)
-        server.server_close()
-        thread.join()

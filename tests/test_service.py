@@ -22,7 +22,7 @@ import pytest
 
 from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file
 from edgetrio.tools.demo import wait_for_daemon
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
 
 
 def scrape(daemon: Daemon) -> dict[str, float]:
@@ -205,3 +205,46 @@ def test_config_show_says_where_each_setting_came_from(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "edgetrio", "config", "show", "--config", str(config)],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode == 2 and "mqtt_port must be a int" in bad.stderr
+
+
+def test_the_relays_metrics_follow_edges_batches_and_api_requests(tmp_path: Path) -> None:
+    relay = Relay(tmp_path / "relay").start()
+    daemon = None
+    try:
+        token_file = tmp_path / "token"
+        token_file.write_text(relay.add_node("gw1"))
+        daemon = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token-file",
+                                                 str(token_file))).start()
+        password = daemon.add_device("r1")
+        probe = Probe(daemon, "r1", password, "r1")
+        assert probe.accepted() and probe.subscribe("edgetrio/r1/ack")
+        for seq in range(1, 31):
+            probe.publish("edgetrio/r1/telemetry", json.dumps({"boot": 1, "seq": seq, "values": {"t": seq}}))
+
+        def relay_metrics() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://{relay.metrics}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+                    for line in text.splitlines() if line and not line.startswith("#")}
+
+        seen = wait_until(lambda: (m := relay_metrics()).get("edgetrio_relay_readings_received_total", 0) >= 30
+                          and m, timeout=60)
+        assert seen["edgetrio_relay_edges_connected"] == 1 and seen["edgetrio_relay_batches_stored_total"] >= 1
+        assert seen["edgetrio_relay_commits_total"] >= 1 and seen["process_resident_memory_bytes"] > 10e6
+        operator = json.loads((tmp_path / "relay" / "operator.json").read_text())["token"]
+        for token in (operator, "wrong"):
+            request = urllib.request.Request(f"{relay.api_url}/api/nodes", headers={"Authorization": f"Bearer {token}"})
+            try:
+                urllib.request.urlopen(request, timeout=10).close()
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+        after = relay_metrics()
+        assert after['edgetrio_relay_api_requests_total{status="200"}'] >= 1
+        assert after['edgetrio_relay_api_requests_total{status="401"}'] >= 1
+        with urllib.request.urlopen(f"http://{relay.metrics}/healthz", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"ok": True, "store": "ok"}
+        probe.close()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        relay.stop()

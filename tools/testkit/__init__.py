@@ -100,7 +100,7 @@ class Relay:
         log = open(self.data_dir.parent / f"{self.data_dir.name}-relay.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), *self.extra], cwd=ROOT, stdout=log, stderr=log)
+             "--port", str(self.port), "--metrics-port", "0", *self.extra], cwd=ROOT, stdout=log, stderr=log)
         run_file = self.data_dir / "relay.json"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -111,6 +111,8 @@ class Relay:
                 if info["pid"] == self.proc.pid:
                     self.port = info["port"]
                     self.url = info["edge_url"]
+                    self.api_url = info["api_url"]
+                    self.metrics = str(info.get("metrics") or "")
                     return self
             time.sleep(0.05)
         raise TimeoutError("relay did not start")
