@@ -41,6 +41,7 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import run
 from edgetrio.daemon.registry import load_model_file
+from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.identity import RegistryError
 from edgetrio.twin import VersionConflict, set_desired
 
@@ -109,12 +110,12 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     failure: BaseException | None = None
     try:
         trio.run(run, cfg)
-    except* (BrokerStartError, DaemonError, ConfigError) as group:  # start-up errors come out of nested nurseries
+    except* (BrokerStartError, DaemonError, ConfigError, VitalFailure) as group:  # out of nested nurseries
         failure = group
         while isinstance(failure, BaseExceptionGroup):
             failure = failure.exceptions[0]
-    if failure is not None:
-        raise CliError(str(failure), EXIT_USAGE)
+    if failure is not None:  # a vital component failed while running: exit 1 so the service manager restarts it
+        raise CliError(str(failure), EXIT_FAILED if isinstance(failure, VitalFailure) else EXIT_USAGE)
 
 
 def cmd_device_add(args: argparse.Namespace) -> None:
@@ -368,6 +369,10 @@ def cmd_status(args: argparse.Namespace) -> None:
         if "daemon" in status:
             d = status["daemon"]
             print(f"uptime:    {d['uptime']} s   connected: {', '.join(d['devices_connected']) or '-'}")
+            for c in d.get("components", []):
+                extra = f"  last error: {c['last_error']}" if c["last_error"] else ""
+                restarts = f", {c['restarts']} restarts" if c["restarts"] else ""
+                print(f"  {c['name']:<22} {c['state']:<12} since {fmt_time(c['since'])}{restarts}{extra}")
             held = d["store"]
             print("store:     " + ("ok" if held["ok"] else f"cannot write ({held['error']}) since "
                                    f"{fmt_time(held['failing_since'])}; {held['readings_held']} readings held, "

@@ -37,6 +37,7 @@ from edgetrio.daemon.metrics import open_metrics
 from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
+from edgetrio.daemon.supervisor import Supervisor
 from edgetrio.identity import RegistryError
 from edgetrio.metrics import HEALTH_TIMEOUT
 from edgetrio.writer import Writer, open_writer
@@ -95,8 +96,19 @@ async def keep_retention(writer: Writer, days: float) -> None:
 
 
 def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, counters: Counters,
-           hub: EdgeHub | None) -> dict[str, Any]:
+           hub: EdgeHub | None, supervisor: Supervisor) -> dict[str, Any]:
+    store_component = supervisor.components.get("store")
+    if store_component is not None:  # the writer keeps going while the store cannot write: say so
+        failing = writer.failure is not None
+        if failing != (store_component.state == "failing"):
+            store_component.become("failing" if failing else "running", writer.failure)
+    link = supervisor.components.get("edge link")
+    if link is not None and hub is not None and link.state in ("running", "disconnected"):
+        wanted = "running" if hub.connected else "disconnected"
+        if link.state != wanted:
+            link.become(wanted, hub.last_error)
     return {
+        "components": supervisor.states(),
         "pid": os.getpid(),
         "uptime": round(time.time() - started, 1),
         "devices_connected": roster.connected(),
@@ -188,11 +200,14 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_writer(db) as writer, trio.open_nursery() as nursery:
                 ingest_done, chores = trio.Event(), trio.CancelScope()
+                supervisor = Supervisor()
+                supervisor.add("store", vital=True, state="running")
                 async with open_broker(cfg.mqtt_host, cfg.mqtt_port, credentials, max_pending=cfg.max_pending,
                                        max_payload=cfg.max_payload, tls=tls, connect_timeout=cfg.connect_timeout,
                                        max_unauthenticated=cfg.max_unauthenticated,
                                        max_pending_bytes=cfg.max_pending_bytes,
                                        max_device_bytes=cfg.max_device_pending_bytes) as link:
+                    supervisor.add("broker", vital=True, state="running")
                     roster = Roster(db, writer, link, credentials)
                     changes = Changes(outbox_mirror if cfg.cloud_url else no_mirror)
                     commands = Commands(link, writer, roster)
@@ -206,11 +221,12 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in)
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
-                                                partial(status, started, roster, ingest, writer, counters, hub))
+                                                partial(status, started, roster, ingest, writer, counters, hub,
+                                                        supervisor))
                         health = Health(roster, ingest, link, writer, counters, hub)
 
                         async def ingest_until_drained() -> None:
-                            await ingest.run()
+                            await supervisor.keep("ingest", ingest.run, vital=True)
                             ingest_done.set()
 
                         async def chores_until_stopped() -> None:
@@ -224,11 +240,14 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         async with trio.open_nursery() as services, maybe_metrics(cfg, health) as metrics:
                             if hub is not None:
                                 await writer.write(changes.snapshot)
-                                await services.start(hub.run)
+                                services.start_soon(supervisor.keep, "edge link", hub.run)
                                 services.start_soon(health.watch_outbox)
+                            supervisor.add("control", vital=False, state="running")
                             services.start_soon(control.serve, requests_out)
                             for port in cfg.serial:
-                                services.start_soon(SerialDevice(port, link, credentials).run)
+                                services.start_soon(supervisor.keep, f"serial {port}",
+                                                    SerialDevice(port, link, credentials).run)
+                            supervisor.add("metrics", vital=False, state="running" if metrics else "off")
                             write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics)
                             log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s", cfg.data_dir,
                                      cfg.mqtt_host, link.port, len(roster.models), metrics or "off")

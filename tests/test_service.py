@@ -248,3 +248,17 @@ def test_the_relays_metrics_follow_edges_batches_and_api_requests(tmp_path: Path
         if daemon is not None:
             daemon.stop()
         relay.stop()
+
+
+def test_status_shows_each_component_with_its_state(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "gw", extra=("--serial", str(tmp_path / "ttyNothing"))).start()
+    try:
+        components = {c["name"]: c for c in daemon.status()["daemon"]["components"]}
+        assert {"broker", "store", "ingest", "control", "metrics", f"serial {tmp_path / 'ttyNothing'}"} <= set(
+            components)
+        assert components["broker"]["vital"] and components["store"]["vital"] and components["ingest"]["vital"]
+        assert all(c["state"] == "running" for c in components.values()), components
+        human = daemon.cli("status").stdout
+        assert "ingest" in human and "running" in human
+    finally:
+        daemon.stop()
