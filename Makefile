@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest
 	$(BIN)/python -m edgetrio.tools.bench.bench_relay
 	$(BIN)/python -m edgetrio.tools.bench.bench_flood
+	$(BIN)/python -m edgetrio.tools.bench.bench_metrics
+	$(BIN)/python -m edgetrio.tools.bench.bench_heap
 
 # long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
 chaos: $(STAMP)
