@@ -16,6 +16,7 @@ import trio
 
 from edgetrio import wire
 from edgetrio.cloud import store
+from edgetrio.console import parse_since
 from edgetrio.identity import RegistryError
 from edgetrio.twin import VersionConflict
 
@@ -104,7 +105,8 @@ def openapi() -> dict[str, Any]:
                              "required": ["name"]}}}},
                          "responses": {"200": ok, "409": ok, "504": ok}}},
             f"{device_path}/readings": {
-                "parameters": [*params, {"name": "since", "in": "query", "schema": {"type": "number"}},
+                "parameters": [*params, {"name": "since", "in": "query", "schema": {"type": "string"},
+                                         "description": "epoch seconds, an ISO time, or an age such as 10m, 2h, 1d"},
                                {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
                 "get": {"summary": "Readings, oldest first", "responses": {"200": ok}}},
         },
@@ -266,8 +268,15 @@ async def command(relay: Relay, path: dict[str, str], query: dict[str, str], dat
 
 
 async def readings(relay: Relay, path: dict[str, str], query: dict[str, str], data: dict[str, Any]) -> tuple[int, Any]:
-    since = float(query["since"]) if "since" in query else None
-    limit = int(query["limit"]) if "limit" in query else None
+    try:  # as the CLI takes them: epoch seconds, an ISO time, or an age such as 10m
+        since = parse_since(query["since"]) if "since" in query else None
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+    limit = None
+    if "limit" in query:
+        if not query["limit"].isdigit() or int(query["limit"]) < 1:
+            raise HTTPError(400, f"limit {wire.clip(query['limit'], 40)!r}: use a whole number of 1 or more")
+        limit = int(query["limit"])
     return 200, await relay.run(store.query_readings, path["node"], path["device"], since, limit)
 
 

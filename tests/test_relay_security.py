@@ -245,3 +245,23 @@ async def test_an_unusable_up_frame_ends_the_link_so_nothing_behind_it_is_acknow
         await ws.send_message(envelope("up", "batch", {"items": rows}))
         assert json.loads(await ws.get_message())["body"] == {"offset": 200}
     assert len(relay.json("readings", "node-i", "i2", "--limit", "100000")) == 20_000
+
+
+async def test_the_api_takes_since_as_the_cli_does_and_refuses_nonsense_in_one_line(relay: Relay) -> None:
+    token = relay.add_node("node-s")
+    now = time.time()
+    item = {"offset": 1, "ts": now, "resource": "readings", "body": {"readings": [
+        {"device": "s1", "boot": 1, "seq": seq, "ts": ts, "values": {"t": seq}}
+        for seq, ts in ((1, now - 7200), (2, now - 60), (3, now - 5))]}}
+    async with open_websocket_url(relay.url + "/edge", extra_headers=headers("node-s", token)) as ws:
+        await ws.send_message(envelope("up", "batch", {"items": [item]}))
+        assert json.loads(await ws.get_message())["body"] == {"offset": 1}
+    operator = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    path = "/api/nodes/node-s/devices/s1/readings"
+    status, rows = http(relay, f"{path}?since=10m", operator)
+    assert status == 200 and [r["seq"] for r in rows] == [2, 3]
+    status, rows = http(relay, f"{path}?since=1h&limit=1", operator)
+    assert status == 200 and [r["seq"] for r in rows] == [3]
+    for bad in ("since=yesterday-ish", "limit=-3", "limit=many"):
+        status, body = http(relay, f"{path}?{bad}", operator)
+        assert status == 400 and "Traceback" not in body["error"] and len(body["error"].splitlines()) == 1, body
