@@ -265,3 +265,8 @@ async def test_the_api_takes_since_as_the_cli_does_and_refuses_nonsense_in_one_l
     for bad in ("since=yesterday-ish", "limit=-3", "limit=many"):
         status, body = http(relay, f"{path}?{bad}", operator)
         assert status == 400 and "Traceback" not in body["error"] and len(body["error"].splitlines()) == 1, body
+
+
+def test_healthz_answers_without_a_token(relay: Relay) -> None:
+    assert http(relay, "/healthz", None) == (200, {"ok": True, "store": "ok"})
+    assert http(relay, "/api/nodes", None)[0] == 401  # the rest still needs the operator token
