@@ -93,6 +93,8 @@ def test_flash_with_a_credential_made_elsewhere_registers_nothing_and_a_timeout_
     daemon, tty = board
     result = flash(daemon, tty, "--password", "made-elsewhere", "--wait", "4")
     assert "not registering" in result.stdout
+    copied = [line.split()[-1] for line in result.stdout.splitlines() if "] " in line and "/" in line.split()[-2]]
+    assert "lib/node.mpy" in copied and "config.json" in copied, result.stdout  # each file shown as it goes
     assert result.returncode == 1, result.stderr  # flashed, but the gateway does not know this credential
     assert "did not come online within 4 s" in result.stderr
     assert json.loads(daemon.cli("device", "list", "--json").stdout) == []

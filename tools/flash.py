@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,40 @@ def mpremote(port: str, *commands: str, timeout: float = 60) -> str:
     return proc.stdout
 
 
+def copy_with_progress(port: str, bundle: Path, files: list[Path], timeout: float = 120) -> None:
+    """Copy the bundle in one mpremote session, showing each file as mpremote starts it (a bar on a terminal)."""
+    commands: list[str] = []
+    for rel in files:
+        if commands:
+            commands.append("+")
+        commands += ["fs", "cp", str(bundle / rel), f":{rel}"]
+    proc = subprocess.Popen([sys.executable, "-m", "mpremote", "connect", port, *commands], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    terminal = sys.stdout.isatty()
+    killer = threading.Timer(timeout, proc.kill)  # a board that stops answering must not hang the flash
+    killer.start()
+    done = 0
+    try:
+        for line in proc.stdout:
+            if not line.startswith("cp "):
+                continue
+            done += 1
+            name = line.split()[-1].lstrip(":")
+            bar = "#" * (20 * done // len(files))
+            text = f"      [{bar:<20}] {done}/{len(files)} {name}"
+            print(f"\r{text:<78}" if terminal else text, end="" if terminal else "\n", flush=True)
+        error = proc.stderr.read()
+        proc.wait()
+    finally:
+        killer.cancel()
+    if terminal:
+        print(flush=True)
+    if proc.returncode != 0:
+        lines = (error.strip() or f"stopped after {done} of {len(files)} files").splitlines()
+        raise FlashError(f"mpremote failed on {port}: {lines[-1]}")
+
+
 # what the firmware keeps on the board's flash besides the bundle: boot counter and twin, buffered readings, acks
 DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "buffer.log.tmp", "buffer.log.ack.tmp")
 
@@ -129,12 +164,7 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
         mpremote(port, "exec", script, timeout=30)
         files = sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file())
         step(4, total, f"copying {len(files)} files")
-        commands: list[str] = []
-        for rel in files:
-            if commands:
-                commands.append("+")
-            commands += ["fs", "cp", str(bundle / rel), f":{rel}"]
-        mpremote(port, *commands, timeout=120)
+        copy_with_progress(port, bundle, files)
     started = time.time()
     step(5, total, "resetting the board")
     with contextlib.suppress(FlashError):  # the board may drop the link as it resets
