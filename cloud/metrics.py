@@ -3,8 +3,7 @@ process; served with /healthz on a port of their own (`edgetrio.metrics`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import trio
@@ -12,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from edgetrio.metrics import HEALTH_TIMEOUT, open_metrics_server
+from edgetrio.metrics import store_answers
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -57,24 +56,5 @@ class RelayCollector:
         yield other
 
 
-@asynccontextmanager
-async def open_relay_metrics(host: str, port: int, relay: Any) -> AsyncIterator[int]:
-    """The relay's /metrics and /healthz (the store answers) within this block; yields the bound port."""
-    collector = RelayCollector(relay, trio.lowlevel.current_trio_token())
-
-    async def health() -> dict[str, str]:
-        state = "no answer"
-        with trio.move_on_after(HEALTH_TIMEOUT):
-            try:
-                await relay.writer.write(lambda db: db.execute("SELECT 1").fetchone())
-                state = "ok" if relay.writer.failure is None else f"cannot write: {relay.writer.failure}"
-            except Exception as exc:
-                state = f"cannot write: {exc}"
-        return {"store": state}
-
-    REGISTRY.register(collector)
-    try:
-        async with open_metrics_server(host, port, REGISTRY, health) as bound:
-            yield bound
-    finally:
-        REGISTRY.unregister(collector)
+async def relay_health(relay: Any) -> dict[str, str]:
+    return {"store": await store_answers(relay.writer)}

@@ -15,8 +15,8 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,8 +27,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from edgetrio import wire
 from edgetrio.cloud import store
 from edgetrio.cloud.api import handle_http
-from edgetrio.cloud.metrics import open_relay_metrics
+from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
+from edgetrio.metrics import serve_metrics
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, open_writer
 
@@ -107,6 +108,14 @@ class EdgeSession:
         self.ws = ws
         self.wakeup = trio.Event()
         self.sent: set[str] = set()
+
+
+def readings_in(item: Any) -> int:
+    """How many readings an up item carries (0 for anything else, however malformed: this is only counting)."""
+    if not isinstance(item, dict) or item.get("resource") != "readings" or not isinstance(item.get("body"), dict):
+        return 0
+    readings = item["body"].get("readings")
+    return len(readings) if isinstance(readings, list) else 0
 
 
 class Relay:
@@ -243,9 +252,7 @@ class Relay:
                     return
                 offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
                 self.counters["batches_stored"] += 1
-                self.counters["readings_received"] += sum(
-                    len(item["body"].get("readings") or ()) for item in items
-                    if isinstance(item, dict) and item.get("resource") == "readings" and isinstance(item.get("body"), dict))
+                self.counters["readings_received"] += sum(readings_in(item) for item in items)
                 if skipped:
                     self.counters["items_skipped"] += skipped
                     log.warning("node=%s sent %d items this relay cannot use", session.node, skipped)
@@ -306,16 +313,9 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
             # leaving open_writer commits what was received, then stops the writer
             async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
                 relay = Relay(writer, token, cfg.http_timeout)
-                async with trio.open_nursery() as connections, AsyncExitStack() as optional:
-                    metrics = None
-                    if cfg.metrics_port >= 0:
-                        try:
-                            bound = await optional.enter_async_context(
-                                open_relay_metrics(cfg.metrics_host, cfg.metrics_port, relay))
-                            metrics = f"{cfg.metrics_host}:{bound}"
-                        except OSError as exc:  # optional: edges and operators are served either way
-                            log.warning("metrics and health not served on %s:%d: %s", cfg.metrics_host,
-                                        cfg.metrics_port, exc)
+                gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
+                async with trio.open_nursery() as connections, serve_metrics(
+                        cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:
                     tmp = run_file.with_name(RUN_FILE + ".tmp")  # replaced whole: a reader never sees it half written
                     tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
                                                "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}",

@@ -12,7 +12,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from edgetrio.daemon import store
-from edgetrio.daemon.ingest import Reading, trusted_time
+from edgetrio.daemon.ingest import Reading
 from edgetrio.twin import Twin, set_desired, set_reported
 
 # (db, resource, body): record a change for the cloud, inside the transaction that makes it
@@ -20,10 +20,10 @@ Mirror = Callable[[Database, str, Any], None]
 READINGS_PER_ROW = 1000  # rows of bounded size: each must fit one WebSocket frame
 
 
-def _up_reading(r: Reading, ts: float | None, now: float) -> dict[str, Any]:
-    if ts is None:  # the board's clock could not be trusted: its arrival, marked
+def _up_reading(r: Reading, now: float) -> dict[str, Any]:
+    if r.ts is None:  # the board's clock could not be trusted: its arrival, marked
         return {"device": r.device, "boot": r.boot, "seq": r.seq, "ts": now, "ts_arrival": True, "values": r.values}
-    return {"device": r.device, "boot": r.boot, "seq": r.seq, "ts": ts, "values": r.values}
+    return {"device": r.device, "boot": r.boot, "seq": r.seq, "ts": r.ts, "values": r.values}
 
 
 def no_mirror(_db: Database, _resource: str, _body: Any) -> None:
@@ -76,7 +76,7 @@ class Changes:
         acks = store.commit_readings(db, readings, invalid, now)
         for start in range(0, len(readings), READINGS_PER_ROW):
             self.mirror(db, "readings", {"readings": [
-                _up_reading(r, trusted_time(r.ts, now), now) for r in readings[start:start + READINGS_PER_ROW]]})
+                _up_reading(r, now) for r in readings[start:start + READINGS_PER_ROW]]})
         return acks
 
     def command_result(self, db: Database, result: dict[str, Any]) -> None:

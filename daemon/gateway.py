@@ -11,8 +11,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -33,13 +31,13 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlServer
 from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
-from edgetrio.daemon.metrics import open_metrics
+from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
 from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
 from edgetrio.daemon.supervisor import Supervisor
 from edgetrio.identity import RegistryError
-from edgetrio.metrics import HEALTH_TIMEOUT
+from edgetrio.metrics import HEALTH_TIMEOUT, serve_metrics, store_answers
 from edgetrio.writer import Writer, open_writer
 
 log = logging.getLogger("edgetrio.gateway")
@@ -140,13 +138,7 @@ class Health:
                 "bus_pending": self.link.waiting(), "counters": dict(self.counters.live()), "cloud": cloud}
 
     async def check(self) -> dict[str, str]:
-        store_state, broker_state = "no answer", "no answer"
-        with trio.move_on_after(HEALTH_TIMEOUT):
-            try:
-                await self.writer.write(store.outbox_state)
-                store_state = "ok" if self.writer.failure is None else f"cannot write: {self.writer.failure}"
-            except Exception as exc:
-                store_state = f"cannot write: {exc}"
+        broker_state = "no answer"
         with trio.move_on_after(HEALTH_TIMEOUT):
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", self.link.port)
@@ -154,7 +146,7 @@ class Health:
                 broker_state = "ok"
             except OSError as exc:
                 broker_state = f"not listening: {exc}"
-        return {"store": store_state, "broker": broker_state}
+        return {"store": await store_answers(self.writer), "broker": broker_state}
 
     async def watch_outbox(self) -> None:
         while self.hub is not None:
@@ -163,22 +155,6 @@ class Health:
             except Exception as exc:  # the store cannot read now: keep the last figures
                 log.debug("outbox state not read: %s", exc)
             await trio.sleep(5)
-
-
-@asynccontextmanager
-async def maybe_metrics(cfg: DaemonConfig, health: Health) -> AsyncIterator[str | None]:
-    """Metrics and health while this block runs, unless turned off; a port that cannot be bound is logged and
-    skipped (they are optional: devices are served either way). Yields "host:port" or None."""
-    async with AsyncExitStack() as stack:
-        where = None
-        if cfg.metrics_port >= 0:
-            try:
-                port = await stack.enter_async_context(
-                    open_metrics(cfg.metrics_host, cfg.metrics_port, health.snapshot, health.check))
-                where = f"{cfg.metrics_host}:{port}"
-            except OSError as exc:
-                log.warning("metrics and health not served on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
-        yield where
 
 
 async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -224,6 +200,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                                 partial(status, started, roster, ingest, writer, counters, hub,
                                                         supervisor))
                         health = Health(roster, ingest, link, writer, counters, hub)
+                        gauges = GatewayCollector(health.snapshot, trio.lowlevel.current_trio_token())
 
                         async def ingest_until_drained() -> None:
                             await supervisor.keep("ingest", ingest.run, vital=True)
@@ -237,7 +214,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
 
                         nursery.start_soon(ingest_until_drained)
                         nursery.start_soon(chores_until_stopped)
-                        async with trio.open_nursery() as services, maybe_metrics(cfg, health) as metrics:
+                        async with trio.open_nursery() as services, serve_metrics(
+                                cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, health.check) as metrics:
                             if hub is not None:
                                 await writer.write(changes.snapshot)
                                 services.start_soon(supervisor.keep, "edge link", hub.run)

@@ -37,7 +37,7 @@ class Reading:
     device: str
     boot: int
     seq: int
-    ts: float | None
+    ts: float | None  # true UTC, or None: stamped with its arrival when committed
     values: dict[str, Any]
     # Lowest seq of this boot the device still buffers: lower ones were dropped on the device (buffer full),
     # so the watermark may pass them instead of waiting forever.
@@ -103,8 +103,9 @@ def _counter(body: dict[str, Any], key: str) -> int:
     return value
 
 
-def parse_telemetry(device: str, payload: bytes) -> Reading:
-    """Parse `{"boot", "seq", "ts", "values"}`; raise Rejected if the envelope is unusable."""
+def parse_telemetry(device: str, payload: bytes, now: float) -> Reading:
+    """Parse `{"boot", "seq", "ts" or "ts_ms", "values"}`; raise Rejected if the envelope is unusable. A time that
+    cannot be true UTC (see `trusted_time`) becomes None: the reading is then stamped with its arrival, and marked."""
     body = parse_object(payload)
     boot = _counter(body, "boot")
     seq = _counter(body, "seq")
@@ -120,7 +121,8 @@ def parse_telemetry(device: str, payload: bytes) -> Reading:
     if not isinstance(values, dict) or not values:
         raise Rejected("bad_envelope", "'values' must be a non-empty object")
     first = _counter(body, "first") if "first" in body else 1
-    return Reading(device, boot, seq, float(ts) if ts is not None else None, values, min(first, seq))
+    return Reading(device, boot, seq, trusted_time(float(ts) if ts is not None else None, now), values,
+                   min(first, seq))
 
 
 def trusted_time(ts: float | None, now: float) -> float | None:

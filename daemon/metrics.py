@@ -3,16 +3,13 @@ in the trio thread) and the group-commit histogram. The HTTP side is shared with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
-
-from edgetrio.metrics import Health, open_metrics_server
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, CPU
@@ -64,15 +61,3 @@ class GatewayCollector:
                                     cloud.get("outbox_rows", 0))
             yield GaugeMetricFamily("edgetrio_outbox_age_seconds", "Age of the oldest row waiting in the outbox",
                                     cloud.get("outbox_age", 0.0))
-
-
-@asynccontextmanager
-async def open_metrics(host: str, port: int, snapshot: Callable[[], Snapshot], health: Health) -> AsyncIterator[int]:
-    """Serve the gateway's /metrics and /healthz within this block; yields the bound port."""
-    collector = GatewayCollector(snapshot, trio.lowlevel.current_trio_token())
-    REGISTRY.register(collector)
-    try:
-        async with open_metrics_server(host, port, REGISTRY, health) as bound:
-            yield bound
-    finally:
-        REGISTRY.unregister(collector)

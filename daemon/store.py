@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database
 
-from edgetrio.daemon.ingest import Reading, advance_watermark, trusted_time
+from edgetrio.daemon.ingest import Reading, advance_watermark
 from edgetrio.daemon.registry import Model
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret
 from edgetrio.twin import Twin
@@ -250,10 +250,10 @@ def commit_readings(
     device that missed an ack gets it again. A rejected reading counts as done: it would never become valid.
     """
     # plain executemany on the hot path: sqlite-utils' insert_all re-reads the schema on every call.
-    # A time that cannot be true UTC is stored as NULL: the reading's time is then its arrival, and marked so.
+    # A reading without a trusted time is stored with ts NULL: its time is then its arrival, and marked so.
     db.conn.executemany(
         "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?)",
-        [(r.device, r.boot, r.seq, trusted_time(r.ts, now), now, json.dumps(r.values)) for r in readings],
+        [(r.device, r.boot, r.seq, r.ts, now, json.dumps(r.values)) for r in readings],
     )
     for reading, reason in rejects:
         db.table("rejects").insert({"received": now, "device": reading.device, "boot": reading.boot, "seq": reading.seq,
@@ -261,7 +261,7 @@ def commit_readings(
         # keep the slot so the watermark can pass it; the values live in `rejects`
         db.execute(
             "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, NULL)",
-            [reading.device, reading.boot, reading.seq, trusted_time(reading.ts, now), now],
+            [reading.device, reading.boot, reading.seq, reading.ts, now],
         )
     floors: dict[tuple[str, int], int] = {}
     for r in [*readings, *(r for r, _ in rejects)]:
@@ -410,8 +410,13 @@ def outbox_bound(db: Database, max_rows: int, max_age: float, now: float) -> int
 
 
 def outbox_state(db: Database) -> dict[str, Any]:
-    count, oldest = db.execute("SELECT count(*), min(ts) FROM outbox").fetchone()
-    return {"rows": int(count), "oldest": oldest}
+    """Rows waiting and the oldest one's time, from the ends of the offset key (no count over a big outbox: rows
+    leave only from the oldest end, so the offsets between the ends are the rows)."""
+    first, last = db.execute("SELECT min(offset), max(offset) FROM outbox").fetchone()
+    if first is None:
+        return {"rows": 0, "oldest": None}
+    oldest = db.execute("SELECT ts FROM outbox WHERE offset = ?", [first]).fetchone()[0]
+    return {"rows": int(last) - int(first) + 1, "oldest": oldest}
 
 
 def inbox_result(db: Database, message_id: str) -> Any | None:

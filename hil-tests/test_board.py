@@ -181,3 +181,24 @@ def test_a_command_too_large_for_the_board_gets_an_error_instead_of_a_timeout(bo
     answer = board.cmd("blink", "times=1", f"note={'x' * 6000}", check=False)
     assert answer["ok"] is False and "too large" in answer["error"], answer
     assert board.cmd("ping")["value"] == "pong"  # and the board goes on
+
+
+def test_a_long_session_then_a_short_gateway_restart_is_not_a_reboot(board: Board) -> None:
+    # `reboot_after` is a long time without the gateway, counted from when the board last had it, not from when a
+    # session began: a board connected for longer than that must not reset at the first restart of the gateway.
+    if not board.virtual:
+        pytest.skip("sets reboot_after in the board's config.json (virtual board only)")
+    config_path = board.flash_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "reboot_after": 15}))
+    boot = board.state()["boot"]
+    board.power_cycle()  # the board reads its config at boot
+    wait_until(lambda: board.state()["boot"] == boot + 1)
+    wait_until(lambda: len([r for r in board.readings() if r["boot"] == boot + 1]) >= 3, timeout=60)
+    time.sleep(20)  # one session, longer than reboot_after
+    board.daemon.stop()
+    time.sleep(2)
+    board.daemon.start()  # same port
+    seen = len(board.readings())
+    wait_until(lambda: len(board.readings()) > seen + 3, timeout=60)
+    assert board.state()["boot"] == boot + 1  # no reset

@@ -75,6 +75,9 @@ async def test_malformed_and_oversize_frames_do_not_disturb_other_nodes(relay: R
             await bad.send_message(up(5, "d9", 1))
             assert json.loads(await bad.get_message())["body"] == {"offset": 5}
             assert [r["seq"] for r in relay.json("readings", "node-c", "d9")] == [1]
+            odd = {"offset": 6, "ts": 1.0, "resource": "readings", "body": {"readings": 7}}  # not a list
+            await bad.send_message(envelope("up", "batch", {"items": [odd]}))
+            assert json.loads(await bad.get_message())["body"] == {"offset": 6}  # skipped, acknowledged, link up
             with pytest.raises(ConnectionClosed) as closed:
                 with trio.fail_after(10):
                     await bad.send_message("x" * (9 * 1024 * 1024))  # over the relay's frame limit

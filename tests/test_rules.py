@@ -48,7 +48,7 @@ def test_topic_space() -> None:
 ])
 def test_telemetry_envelope_errors(payload: bytes, reason: str) -> None:
     with pytest.raises(Rejected) as info:
-        parse_telemetry("d", payload)
+        parse_telemetry("d", payload, 1_764_000_000.0)
     assert info.value.reason == reason
 
 

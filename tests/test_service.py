@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from edgetrio.daemon import store
 from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file
 from edgetrio.tools.demo import wait_for_daemon
 from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
@@ -262,3 +263,30 @@ def test_status_shows_each_component_with_its_state(tmp_path: Path) -> None:
         assert "ingest" in human and "running" in human
     finally:
         daemon.stop()
+
+
+def test_a_metrics_port_in_use_is_logged_and_the_daemon_serves_on(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(tmp_path / "gw", extra=("--metrics-port", str(port))).start()
+        try:
+            assert daemon.metrics == ""  # not served, and said so
+            components = {c["name"]: c for c in daemon.status()["daemon"]["components"]}
+            assert components["metrics"]["state"] == "off" and components["ingest"]["state"] == "running"
+            assert "metrics and health not served" in daemon.log_text()
+        finally:
+            daemon.stop()
+
+
+def test_the_outbox_state_read_from_the_key_ends_matches_a_count(tmp_path: Path) -> None:
+    db = store.open_db(tmp_path / "gw")
+    for i in range(50):
+        store.outbox_add(db, "readings", {"i": i}, 1000.0 + i)
+    store.outbox_acknowledged(db, 10)
+    store.outbox_bound(db, max_rows=30, max_age=1e9, now=2000.0)
+    counted = db.execute("SELECT count(*), min(ts) FROM outbox").fetchone()
+    assert store.outbox_state(db) == {"rows": counted[0], "oldest": counted[1]} == {"rows": 30, "oldest": 1020.0}
+    store.outbox_acknowledged(db, 100)
+    assert store.outbox_state(db) == {"rows": 0, "oldest": None}

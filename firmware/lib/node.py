@@ -102,7 +102,9 @@ class Node:
         once known}. The RTC keeps counting across soft and watchdog resets and deep sleep, and starts again at the
         epoch on power-on; readings taken before the clock is set carry (epoch boot, board ms) and are corrected
         with the offset learnt when the gateway or NTP sets the clock."""
-        clock = state.get("clock") or {}
+        clock = state.get("clock")
+        if not isinstance(clock, dict):  # none yet (or not ours): a new run of the clock
+            clock = {}
         raw = now_ms()
         restarted = (machine.reset_cause() in (machine.PWRON_RESET, machine.HARD_RESET)
                      or raw < clock.get("raw", 0))
@@ -407,6 +409,8 @@ class Node:
             sender = asyncio.create_task(self.send_until_closed(client))
             await reader  # returns or raises when the connection ends
         finally:
+            # the gateway was there until now: `reboot_after` counts from the end of a session, not its start
+            self.last_broker = time.ticks_ms()
             reader.cancel()
             if sender is not None:
                 sender.cancel()
