@@ -22,13 +22,21 @@ $(TYPINGS): $(STAMP)
 	$(BIN)/pip install --quiet --target typings micropython-esp32-stubs==1.29.0.post1
 	touch $(TYPINGS)
 
+# Home Assistant's own discovery schemas, to check the gateway's discovery messages against (tests/ha_reference.py);
+# a venv of its own: its pinned dependencies are not the gateway's
+HA_REF := .ha/.installed
+$(HA_REF):
+	$(PY) -m venv .ha
+	.ha/bin/pip install --quiet --no-compile homeassistant==2024.3.3 paho-mqtt==1.6.1
+	touch $(HA_REF)
+
 lint: $(STAMP) $(TYPINGS)
 	$(BIN)/ruff check edgetrio daemon cloud tools tests hil-tests
 	$(BIN)/mypy
 	$(BIN)/mypy --config-file firmware/mypy.ini
 	$(BIN)/lint-imports
 
-test: lint
+test: lint $(HA_REF)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
@@ -46,4 +54,4 @@ soak: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.soak --minutes 60
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .ha .demo .pytest_cache .mypy_cache .ruff_cache

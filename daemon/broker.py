@@ -33,7 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -51,8 +51,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from edgetrio.daemon.ingest import DEVICE_CHANNELS, in_device_space, parse_topic
-from edgetrio.identity import ADMIN_USER, verify_secret
+from edgetrio.daemon.ingest import DEVICE_CHANNELS, INTEGRATIONS, ROOT, Confinement, in_device_space, parse_topic
+from edgetrio.identity import ADMIN_USER, INTEGRATION_PREFIX, verify_secret
 from edgetrio.wire import clip
 
 log = logging.getLogger("edgetrio.broker")
@@ -71,14 +71,16 @@ class BusEvent:
     username: str | None
     topic: str = ""
     payload: bytes = b""
+    at: float = field(default_factory=time.monotonic)  # when the broker took it (publish-to-commit latency)
 
 
 class Credentials:
     """Who may connect. Written by the trio side, read by the broker thread (whole-value swaps only)."""
 
-    def __init__(self, admin_secret: str, devices: dict[str, str]) -> None:
+    def __init__(self, admin_secret: str, devices: dict[str, str], integrations: dict[str, str] | None = None) -> None:
         self.admin_secret = admin_secret
         self.devices = dict(devices)  # device id -> secret hash
+        self.integrations = dict(integrations or {})  # integration user -> secret hash
 
     def check(self, username: str | None, password: str | bytes | None, client_id: str | None) -> str | None:
         """None if allowed, else the reason for refusing."""
@@ -88,6 +90,11 @@ class Credentials:
             if isinstance(password, str):
                 password = password.encode("utf-8", "surrogateescape")
             return None if hmac.compare_digest(password or b"", self.admin_secret.encode()) else "wrong admin password"
+        if username.startswith(INTEGRATION_PREFIX):
+            stored = self.integrations.get(username)
+            if stored is None or not verify_secret(password, stored):
+                return f"wrong or unknown credential for {clip(username, 80)!r}"
+            return None  # any client id: Home Assistant makes its own
         stored = self.devices.get(username)
         if stored is None:
             return f"unknown device {clip(username, 80)!r}"
@@ -113,10 +120,22 @@ def will_refusal(session: Session, max_payload: int) -> str | None:
         return f"will message over {max_payload} bytes"
     if session.username == ADMIN_USER:
         return None
+    confinement = integration_confinement(session.username)
+    if confinement is not None:
+        return None if confinement.may_publish(topic) else f"will topic {clip(topic, 80)!r} is not the integration's"
     parsed = parse_topic(topic)
     if parsed is None or parsed[0] != session.username or parsed[1] not in DEVICE_CHANNELS:
         return f"will topic {clip(topic, 80)!r} is outside the device's own topics"
     return None
+
+
+def integration_confinement(username: str | None) -> Confinement | None:
+    if username is None or not username.startswith(INTEGRATION_PREFIX):
+        return None
+    return INTEGRATIONS.get(username[len(INTEGRATION_PREFIX):], NOTHING)
+
+
+NOTHING = Confinement(publish=(), read=())
 
 
 class ProtocolViolation(Exception):
@@ -194,7 +213,11 @@ class DeviceTopics(BaseTopicPlugin):
             return False
         if session.username == ADMIN_USER:
             return True
-        allowed = session.username is not None and in_device_space(session.username, topic)
+        confinement = integration_confinement(session.username)
+        if confinement is not None:
+            allowed = confinement.may_publish(topic) if action == Action.PUBLISH else confinement.may_read(topic)
+        else:
+            allowed = session.username is not None and in_device_space(session.username, topic)
         if not allowed:
             broker = _gateway(self.context)
             broker.counters[f"acl_refused_{action.value if action else 'unknown'}"] += 1
@@ -442,6 +465,13 @@ class GatewayBroker(Broker):
             await entry[1].handle_connection_closed()
         await super()._delete_session(client_id)
 
+    def close_sessions_of(self, username: str) -> None:
+        for session, handler in list(self._sessions.values()):
+            if session.username == username and session.transitions.is_connected():
+                task = asyncio.ensure_future(handler.handle_connection_closed())
+                self._direct_tasks.add(task)
+                task.add_done_callback(self._direct_done)
+
     def bound_port(self) -> int:
         server = self._servers["default"].instance
         sockets = getattr(server, "sockets", None) or []
@@ -535,7 +565,7 @@ class BrokerLink:
             rest = []
             for topic, payload in messages:
                 parts = topic.split("/", 2)
-                sink = self.sinks.get(parts[1]) if len(parts) == 3 else None
+                sink = self.sinks.get(parts[1]) if len(parts) == 3 and parts[0] == ROOT else None
                 if sink is not None:
                     sink(parts[2], payload)
                 else:
@@ -555,6 +585,14 @@ class BrokerLink:
         entry = broker._sessions.get(client_id)
         if entry is not None:
             asyncio.run_coroutine_threadsafe(entry[1].handle_connection_closed(), loop)
+
+    def disconnect_user(self, username: str) -> None:
+        """Close every connection logged in as `username` (an integration whose credential changed)."""
+        broker, loop = self._broker, self._loop
+        if broker is None or loop is None or self._stopping:
+            return
+        with suppress(RuntimeError):  # the loop closed during shutdown
+            loop.call_soon_threadsafe(broker.close_sessions_of, username)
 
     def waiting(self) -> int:
         """Bus events handed over and not taken by ingest yet."""

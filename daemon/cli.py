@@ -40,9 +40,10 @@ from edgetrio.daemon.config import (
 )
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import run
+from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
-from edgetrio.identity import RegistryError
+from edgetrio.identity import RegistryError, integration_user
 from edgetrio.twin import VersionConflict, set_desired
 
 
@@ -83,6 +84,7 @@ def daemon_settings(args: argparse.Namespace) -> tuple[DaemonConfig, dict[str, s
         "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
         "cloud_token": args.token or token_env, "cloud_token_file": args.token_file,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
+        "homeassistant": True if args.ha else None,
     }
     cfg = build_config(file_settings, flags)
     sources = {}
@@ -159,6 +161,40 @@ def cmd_device_list(args: argparse.Namespace) -> None:
             print("* as the device announced it (no model registered)")
 
     emit(args, devices, human)
+
+
+def cmd_integration_add(args: argparse.Namespace) -> None:
+    result = via_daemon_or_store(
+        args.data_dir, "integration.add", {"name": args.name},
+        lambda db: {"name": args.name, "username": integration_user(args.name),
+                    "password": store.add_integration(db, args.name)},
+    )
+    info = read_run_file(args.data_dir) if daemon_running(args.data_dir) else {}
+    result["broker"] = f"{info.get('mqtt_host', '<this gateway>')}:{info.get('mqtt_port', 1883)}"
+    emit(args, result, lambda: print(
+        f"credential for {result['name']} (a new one: an earlier one no longer works)\n"
+        f"  broker:   {result['broker']}\n  username: {result['username']}\n  password: {result['password']}\n"
+        "Keep the password now: it is stored only hashed. In Home Assistant add the MQTT integration with these,\n"
+        "and run the daemon with --ha (or homeassistant = true in its config) so the devices are announced."))
+
+
+def cmd_integration_remove(args: argparse.Namespace) -> None:
+    via_daemon_or_store(args.data_dir, "integration.remove", {"name": args.name},
+                        lambda db: store.remove_integration(db, args.name))
+    emit(args, {"name": args.name, "removed": True},
+         lambda: print(f"removed {args.name}: its credential no longer works"))
+
+
+def cmd_integration_list(args: argparse.Namespace) -> None:
+    rows = store.list_integrations(open_store(args.data_dir))
+
+    def human() -> None:
+        if not rows:
+            print("no integrations (add one with `edgetrio integration add homeassistant`)")
+        for r in rows:
+            print(f"{r['name']:<16} user {r['username']:<28} since {fmt_time(r['created'])}")
+
+    emit(args, rows, human)
 
 
 def cmd_model_add(args: argparse.Namespace) -> None:
@@ -401,6 +437,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int,
                    help="port for /metrics and /healthz (default 9883; 0 picks a free one, -1 turns them off)")
+    p.add_argument("--ha", action="store_true",
+                   help="announce devices to Home Assistant by MQTT discovery (its credential: "
+                        "`edgetrio integration add homeassistant`)")
     p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--serial", action="append", default=[], metavar="PORT",
@@ -427,6 +466,18 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p = device.add_parser("remove", parents=[common, as_json], help="remove a device (its readings stay)")
     p.add_argument("id")
     p.set_defaults(func=cmd_device_remove)
+
+    integration = sub.add_parser("integration", help="credentials for what else uses the gateway's broker "
+                                 "(Home Assistant)").add_subparsers(dest="action", required=True)
+    p = integration.add_parser("add", parents=[common, as_json],
+                               help="make (or replace) an integration's credential and print it once")
+    p.add_argument("name", choices=sorted(INTEGRATIONS))
+    p.set_defaults(func=cmd_integration_add)
+    p = integration.add_parser("list", parents=[common, as_json])
+    p.set_defaults(func=cmd_integration_list)
+    p = integration.add_parser("remove", parents=[common, as_json], help="remove an integration's credential")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_integration_remove)
 
     model = sub.add_parser("model", help="device models").add_subparsers(dest="action", required=True)
     p = model.add_parser("add", parents=[common, as_json], help="add or replace a model from a .json or .toml file")

@@ -42,6 +42,7 @@ class DaemonConfig:
     retention_days: float = 90.0  # readings, events and rejects older than this are deleted; 0 keeps everything
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz; keep it local unless a scraper elsewhere needs it
     metrics_port: int = 9883  # 0 picks a free one (written to the run file); -1 turns metrics and health off
+    homeassistant: bool = False  # MQTT discovery for Home Assistant (credential: `edgetrio integration add`)
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -50,7 +51,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_device_pending_bytes": int,
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_token_file": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
-    "retention_days": (int, float), "metrics_host": str, "metrics_port": int,
+    "retention_days": (int, float), "metrics_host": str, "metrics_port": int, "homeassistant": bool,
 }
 
 
@@ -69,7 +70,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
         expected = _TYPES[name]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise ConfigError(f"config file {path}: {key} must be a {getattr(expected, '__name__', expected)}")
         out[name] = Path(str(value)) if name in ("data_dir", "cloud_token_file") else value
     return out

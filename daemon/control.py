@@ -26,7 +26,7 @@ from edgetrio.daemon.config import admin_credential, read_run_file
 from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, desired_message, parse_object
 from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
-from edgetrio.identity import RegistryError
+from edgetrio.identity import RegistryError, integration_user
 from edgetrio.twin import VersionConflict
 from edgetrio.writer import Writer
 
@@ -169,6 +169,18 @@ class ControlServer:
             await self.writer.write(partial(self.changes.unregister, device=device_id))
             await self.roster.reload(device_id)
             return {"id": device_id, "removed": True}
+        if op == "integration.add":  # a new credential; a session with the old one ends now
+            name = str(args["name"])
+            secret = await self.writer.write(partial(store.add_integration, name=name))
+            await self.roster.reload_integrations()
+            self.link.disconnect_user(integration_user(name))
+            return {"name": name, "username": integration_user(name), "password": secret}
+        if op == "integration.remove":
+            name = str(args["name"])
+            await self.writer.write(partial(store.remove_integration, name=name))
+            await self.roster.reload_integrations()
+            self.link.disconnect_user(integration_user(name))
+            return {"name": name, "removed": True}
         if op == "model.add":
             model = Model.from_dict(args.get("model"))
             await self.writer.write(partial(store.add_model, model=model))

@@ -31,6 +31,7 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlServer
 from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
+from edgetrio.daemon.homeassistant import HomeAssistant
 from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
 from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
@@ -171,7 +172,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
         except RegistryError as exc:
             raise DaemonError(str(exc)) from exc
         _, admin_secret = admin_credential(cfg.data_dir)
-        credentials = Credentials(admin_secret, store.device_secrets(db))
+        credentials = Credentials(admin_secret, store.device_secrets(db), store.integration_secrets(db))
         tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_writer(db) as writer, trio.open_nursery() as nursery:
@@ -194,7 +195,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                           max_rows=cfg.outbox_max_rows, max_age=cfg.outbox_max_age,
                                           cafile=cfg.cloud_cafile)
                         requests_in, requests_out = trio.open_memory_channel[bytes](CONTROL_REQUESTS_WAITING)
-                        ingest = Ingest(link, writer, roster, changes, commands, requests_in)
+                        ha = HomeAssistant(link, writer, roster, changes, commands) if cfg.homeassistant else None
+                        ingest = Ingest(link, writer, roster, changes, commands, requests_in, ha)
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,
@@ -225,6 +227,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                             for port in cfg.serial:
                                 services.start_soon(supervisor.keep, f"serial {port}",
                                                     SerialDevice(port, link, credentials).run)
+                            if ha is not None:
+                                services.start_soon(supervisor.keep, "home assistant", ha.run)
                             supervisor.add("metrics", vital=False, state="running" if metrics else "off")
                             write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics)
                             log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s", cfg.data_dir,

@@ -17,6 +17,10 @@ DEVICE_CHANNELS = frozenset({"status", "meta", "telemetry", "twin/reported", "cm
 # Local apps and the CLI talk to the daemon here (admin credential only); outside every device's root.
 CONTROL_REQUEST = "edgetrio-api/request"
 CONTROL_REPLY_ROOT = "edgetrio-api/reply/"
+# Home Assistant: discovery configs under its prefix; entity states and its commands under the gateway's own root
+HA_DISCOVERY = "homeassistant"
+HA_BIRTH = "homeassistant/status"
+HA_ROOT = "edgetrio-ha"
 
 
 EARLIEST_TRUE_TIME = 1577836800.0  # 2020-01-01: earlier readings come from a board whose clock was never set
@@ -81,6 +85,39 @@ def in_device_space(device_id: str, topic: str) -> bool:
     """True if a topic or filter lies inside the device's own root (wildcards allowed only below it)."""
     prefix = f"{ROOT}/{device_id}/"
     return topic.startswith(prefix) and len(topic) > len(prefix)
+
+
+def filter_within(inner: str, outer: str) -> bool:
+    """True if every topic the filter `inner` matches is also matched by the filter `outer`."""
+    iparts, oparts = inner.split("/"), outer.split("/")
+    for i, part in enumerate(oparts):
+        if part == "#":
+            return True
+        if i >= len(iparts) or iparts[i] == "#" or (part != "+" and part != iparts[i]):
+            return False
+    return len(iparts) == len(oparts)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What an integration's credential may do: publish on topics its `publish` filters match, subscribe to and
+    receive what lies within its `read` filters. Nothing of the devices' own topics."""
+
+    publish: tuple[str, ...]
+    read: tuple[str, ...]
+
+    def may_publish(self, topic: str) -> bool:
+        return "+" not in topic and "#" not in topic and any(topic_matches(f, topic) for f in self.publish)
+
+    def may_read(self, topic_or_filter: str) -> bool:
+        return any(filter_within(topic_or_filter, f) for f in self.read)
+
+
+INTEGRATIONS = {
+    # its birth and will, and the switches, numbers and buttons it offers; it reads discovery and entity states
+    "homeassistant": Confinement(publish=(HA_BIRTH, f"{HA_ROOT}/+/set/+", f"{HA_ROOT}/+/press/+"),
+                                 read=(f"{HA_DISCOVERY}/#", f"{HA_ROOT}/#")),
+}
 
 
 def parse_object(payload: bytes) -> dict[str, Any]:

@@ -16,6 +16,10 @@ ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, 
 COMMIT_SECONDS = Histogram("edgetrio_commit_seconds", "Duration of one group commit of readings",
                            registry=REGISTRY, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
+PUBLISH_TO_COMMIT = Histogram(
+    "edgetrio_publish_to_commit_seconds", "From the broker taking a reading to its commit (the oldest of each commit)",
+    registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
 Snapshot = dict[str, Any]
 
 

@@ -38,22 +38,43 @@ from edgetrio.daemon.ingest import (
     time_message,
     topic_matches,
 )
-from edgetrio.daemon.metrics import COMMIT_SECONDS
+from edgetrio.daemon.metrics import COMMIT_SECONDS, PUBLISH_TO_COMMIT
 from edgetrio.daemon.registry import Model, check_values_without_model
 from edgetrio.daemon.roster import Roster
-from edgetrio.identity import ADMIN_USER, RegistryError
+from edgetrio.identity import ADMIN_USER, INTEGRATION_PREFIX, RegistryError, is_device_user
 from edgetrio.twin import Twin
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.ingest")
-Sorted = tuple[list[Reading], list[tuple[Reading, str]]]
+Sorted = tuple[list[Reading], list[tuple[Reading, str]], float]  # readings, refused ones, oldest arrival
 MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest waits and the broker refuses
 COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
 
 
+class Watch:
+    """What ingest tells the components that follow it (Home Assistant, automation). Called in the pipeline's own
+    tasks: a watcher must not block (it queues its own work)."""
+
+    def committed(self, readings: list[Reading]) -> None:
+        """Readings just committed (and acknowledged)."""
+
+    def presence(self, device: str, online: bool) -> None:
+        """A registered device came online or went offline."""
+
+    def reported(self, device: str, twin: Twin) -> None:
+        """A device's reported state was stored."""
+
+    def meta(self, device: str) -> None:
+        """A device's meta (and with it perhaps its model) was stored."""
+
+    def integration(self, event: BusEvent) -> None:
+        """A message from an integration's credential (Home Assistant); the ACL kept it to that integration's topics."""
+
+
 class Ingest:
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 control_requests: trio.MemorySendChannel[bytes]) -> None:
+                 control_requests: trio.MemorySendChannel[bytes], watch: Watch | None = None) -> None:
+        self.watch = watch or Watch()
         self.link = link
         self.writer = writer
         self.roster = roster
@@ -94,7 +115,8 @@ class Ingest:
                 for apply, done in writes:
                     await self.writer.submit(apply, done)
                 if self._readings or self._invalid:
-                    batch_sorted, self._readings, self._invalid = (self._readings, self._invalid), [], []
+                    batch_sorted = (self._readings, self._invalid, batch[0].at)  # the bus hands events over in order
+                    self._readings, self._invalid = [], []
                     self.uncommitted += len(batch_sorted[0]) + len(batch_sorted[1])
                     await to_commit.send(batch_sorted)
 
@@ -108,20 +130,21 @@ class Ingest:
         """
         readings: list[Reading] = []
         invalid: list[tuple[Reading, str]] = []
+        arrived = 0.0
         retry_in = 0.25
         async with sorted_:
             while True:
                 if not (readings or invalid):
                     try:
-                        readings, invalid = await sorted_.receive()
+                        readings, invalid, arrived = await sorted_.receive()
                     except trio.EndOfChannel:
                         return
                 while len(readings) + len(invalid) < self.max_held:  # everything that waits joins this commit
                     try:
-                        more, more_invalid = sorted_.receive_nowait()
+                        more, more_invalid, more_arrived = sorted_.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    readings, invalid = readings + more, invalid + more_invalid
+                    readings, invalid, arrived = readings + more, invalid + more_invalid, min(arrived, more_arrived)
                 now = time.time()
                 try:
                     with COMMIT_SECONDS.time():
@@ -141,9 +164,11 @@ class Ingest:
                     await trio.sleep(retry_in)
                     continue
                 retry_in = 0.25
+                PUBLISH_TO_COMMIT.observe(time.monotonic() - arrived)
                 self.uncommitted -= len(readings) + len(invalid)
                 self.counts["readings_received"] += len(readings)
                 self.counts["readings_arrival_time"] += sum(r.ts is None for r in readings)
+                self.watch.committed(readings)
                 readings, invalid = [], []
                 # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
                 self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
@@ -172,18 +197,24 @@ class Ingest:
                 then(result.value)
         self._writes.append((apply, done))
 
+    def _model_known(self, device: str, model: Model | None) -> None:
+        self.roster.set_model(device, model)
+        self.watch.meta(device)
+
     def _classify(self, event: BusEvent) -> None:
-        device_client = event.username is not None and event.username != ADMIN_USER
+        device_client = is_device_user(event.username)
         now = time.time()
         if event.kind == "connected" and device_client:
             if self.roster.connection_opened(event.client_id):
                 log.info("device online device=%s", event.client_id)
                 self._write(partial(self.changes.presence, device=event.client_id, online=True, now=now))
+                self.watch.presence(event.client_id, True)
             return
         if event.kind == "disconnected" and device_client:
             if self.roster.connection_closed(event.client_id):
                 log.info("device offline device=%s", event.client_id)
                 self._write(partial(self.changes.presence, device=event.client_id, online=False, now=now))
+                self.watch.presence(event.client_id, False)
             return
         if event.kind == "subscribed" and device_client:
             if topic_matches(event.topic, device_topic(event.client_id, "time")):
@@ -199,6 +230,9 @@ class Ingest:
                 self.control_requests.send_nowait(event.payload)
             except trio.WouldBlock:
                 log.warning("control request dropped: too many in progress")
+            return
+        if event.username is not None and event.username.startswith(INTEGRATION_PREFIX):
+            self.watch.integration(event)  # its credential confines it to its own topics, never a device's
             return
         parsed = parse_topic(event.topic)
         if parsed is None:
@@ -237,7 +271,7 @@ class Ingest:
             state = body.get("state")
             if not isinstance(state, dict):
                 raise Rejected("bad_envelope", "twin/reported needs {\"state\": {...}}")
-            self._write(partial(self.changes.reported, device=device, state=state))
+            self._write(partial(self.changes.reported, device=device, state=state), partial(self.watch.reported, device))
         elif channel == "meta":
             meta = parse_object(event.payload)
             if meta.get("resources"):
@@ -246,7 +280,7 @@ class Ingest:
                 except RegistryError as exc:
                     raise Rejected("bad_meta", str(exc)) from exc
             self._write(partial(self.changes.meta, device=device, meta=meta, now=now))
-            self._write(partial(store.device_model, device_id=device), partial(self.roster.set_model, device))
+            self._write(partial(store.device_model, device_id=device), partial(self._model_known, device))
         elif channel == "cmd/result":
             body = parse_object(event.payload)
             cmd_id = body.get("id")

@@ -67,6 +67,9 @@ class Roster:
             self.models.pop(device, None)
             self.link.disconnect(device)
 
+    async def reload_integrations(self) -> None:
+        self.credentials.integrations = await self.writer.write(store.integration_secrets)
+
     async def reload_models(self) -> None:
         for device in list(self.models):
             self.models[device] = await self.writer.write(partial(store.device_model, device_id=device))

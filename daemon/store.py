@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database
 
-from edgetrio.daemon.ingest import Reading, advance_watermark
+from edgetrio.daemon.ingest import INTEGRATIONS, Reading, advance_watermark
 from edgetrio.daemon.registry import Model
-from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret
+from edgetrio.identity import RegistryError, check_device_id, hash_secret, integration_user, new_secret
 from edgetrio.twin import Twin
 from edgetrio.writer import PRUNE_CHUNK, connect
 
@@ -93,11 +93,40 @@ def _create_schema(db: Database) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS outbox (offset INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,"
                    " resource TEXT NOT NULL, body TEXT NOT NULL)")
         db.table("inbox").create({"id": str, "applied": float, "result": str}, pk="id", if_not_exists=True)
+        db.table("integrations").create({"name": str, "secret_hash": str, "created": float}, pk="name",
+                                        if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
+
+def add_integration(db: Database, name: str) -> str:
+    """A credential for an integration (a new one replaces the old, which stops working); returns it once."""
+    if name not in INTEGRATIONS:
+        raise RegistryError(f"unknown integration {name!r}; known: {', '.join(sorted(INTEGRATIONS))}")
+    secret = new_secret()
+    db.table("integrations").upsert({"name": name, "secret_hash": hash_secret(secret), "created": time.time()},
+                                    pk="name")
+    return secret
+
+
+def remove_integration(db: Database, name: str) -> None:
+    if not list(db.query("SELECT 1 FROM integrations WHERE name = ?", [name])):
+        raise RegistryError(f"no integration {name!r} (see `edgetrio integration list`)")
+    db.table("integrations").delete(name)
+
+
+def list_integrations(db: Database) -> list[dict[str, Any]]:
+    return [{"name": r["name"], "username": integration_user(r["name"]), "created": r["created"]}
+            for r in db.query("SELECT name, created FROM integrations ORDER BY name")]
+
+
+def integration_secrets(db: Database) -> dict[str, str]:
+    """MQTT user name -> secret hash of every integration."""
+    return {integration_user(r["name"]): r["secret_hash"]
+            for r in db.query("SELECT name, secret_hash FROM integrations")}
+
 
 def rotate_secret(db: Database, device_id: str) -> str:
     """A new credential for a registered device (the old one stops working); its model, twin and readings stay."""

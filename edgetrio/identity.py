@@ -9,6 +9,16 @@ import secrets
 
 ADMIN_USER = "edgetrio-admin"  # the gateway's admin credential; never a device id
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+INTEGRATION_PREFIX = "integration:"  # an integration's MQTT user (Home Assistant); ':' is never in a device id
+
+
+def integration_user(name: str) -> str:
+    return INTEGRATION_PREFIX + name
+
+
+def is_device_user(username: str | None) -> bool:
+    """Whether an MQTT user name is a device's (not the admin's, not an integration's)."""
+    return bool(username) and username != ADMIN_USER and not str(username).startswith(INTEGRATION_PREFIX)
 
 
 class RegistryError(ValueError):

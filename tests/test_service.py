@@ -51,6 +51,8 @@ def test_metrics_and_health_move_with_the_readings(tmp_path: Path) -> None:
         assert later["edgetrio_devices_online"] == 2 and later["edgetrio_devices_registered"] == 2
         assert later["edgetrio_store_ok"] == 1 and later["edgetrio_readings_held"] >= 0
         assert later["edgetrio_commit_seconds_count"] > first["edgetrio_commit_seconds_count"]
+        latency = "edgetrio_publish_to_commit_seconds"
+        assert later[f"{latency}_count"] > first[f"{latency}_count"] and later[f"{latency}_sum"] > 0
         assert later["process_resident_memory_bytes"] > 10e6
         with urllib.request.urlopen(f"http://{daemon.metrics}/healthz", timeout=10) as reply:
             assert reply.status == 200

@@ -15,6 +15,10 @@ VERSION = "0.1.0"
 STATE_FILE = "state.json"
 RESEND_MS = 30000  # no ack progress this long with readings outstanding: send them again
 TWIN_KEYS = ("period", "led", "threshold")
+# what the twin keys and commands are, told in meta so a gateway can offer them (switches, numbers, buttons)
+CONTROLS = [{"name": "led", "type": "bool"}, {"name": "period", "type": "float", "unit": "s", "min": 0.1, "max": 86400},
+            {"name": "threshold", "type": "float", "min": 0}]
+COMMANDS = ["ping", "blink", "read_now", "reboot"]
 RESET_CAUSES = {1: "power-on", 2: "hard", 3: "watchdog", 4: "deep sleep", 5: "soft"}
 # Unix seconds at the port's epoch: an ESP32 counts from 2000-01-01, the unix port from 1970.
 EPOCH_OFFSET = 946684800 if time.gmtime(0)[0] == 2000 else 0
@@ -369,7 +373,7 @@ class Node:
                 "resources": self.sensors.resources() if self.sensors else [], "rssi": rssi,
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
                 "safe_mode": self.safe_mode, "reset_cause": self.reset_cause,
-                "transport": "serial" if self.serial else "mqtt"}
+                "transport": "serial" if self.serial else "mqtt", "controls": CONTROLS, "commands": COMMANDS}
 
     def make_client(self):
         cfg = self.cfg

@@ -1,0 +1,302 @@
+"""Home Assistant MQTT discovery: each device shows up in Home Assistant with its sensors, switches, numbers and buttons.
+
+Home Assistant connects to the embedded broker with a credential of its own (`edgetrio integration add homeassistant`),
+confined to `homeassistant/#` and this gateway's `edgetrio-ha/#` topics (see `ingest.INTEGRATIONS`); it never reads a
+device's own topics. The gateway publishes what it has committed, not what devices sent:
+- `homeassistant/{component}/edgetrio_{device}/{key}/config`: one entity per resource, control and command;
+- `edgetrio-ha/{device}/state/{resource}`: each value as it is committed;
+- `edgetrio-ha/{device}/reported/{key}`: the twin's reported state (a switch's or number's state);
+- `edgetrio-ha/{device}/availability`: `online`/`offline` from presence.
+Home Assistant sends `edgetrio-ha/{device}/set/{key}` (sets desired state) and `edgetrio-ha/{device}/press/{name}`
+(sends a command). The embedded broker keeps no retained messages (amqtt leaks them, see notes), so all of it is
+announced again whenever Home Assistant says it is online (`homeassistant/status` = `online`, its birth message).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from functools import partial
+from typing import Any
+
+import trio
+from sqlite_utils import Database
+
+from edgetrio import wire
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink, BusEvent
+from edgetrio.daemon.changes import Changes
+from edgetrio.daemon.commands import CommandFailed, Commands
+from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, desired_message
+from edgetrio.daemon.pipeline import Watch
+from edgetrio.daemon.registry import TYPE_ALIASES, Model
+from edgetrio.daemon.roster import Roster
+from edgetrio.twin import Twin
+from edgetrio.writer import Writer
+
+log = logging.getLogger("edgetrio.homeassistant")
+JOBS_WAITING = 256  # announcements, set and press requests waiting; more are dropped (logged)
+PRESSES_AT_ONCE = 8  # commands from buttons in flight together
+STATES_AFTER = 1.0  # seconds between configs and states: Home Assistant subscribes to an entity's topics after its config
+COMMAND_TIMEOUT = 10.0
+RECONCILE_EVERY = 2.0  # seconds between looks at the roster for devices added, removed or given another model
+
+# units as devices spell them -> Home Assistant's spelling, and the device class each implies
+UNITS = {"c": "°C", "degc": "°C", "°c": "°C", "celsius": "°C", "f": "°F", "°f": "°F", "k": "K",
+         "%": "%", "pa": "Pa", "hpa": "hPa", "kpa": "kPa", "mbar": "mbar", "bar": "bar", "psi": "psi",
+         "v": "V", "mv": "mV", "a": "A", "ma": "mA", "w": "W", "kw": "kW", "wh": "Wh", "kwh": "kWh",
+         "dbm": "dBm", "db": "dB", "lx": "lx", "ppm": "ppm", "s": "s", "ms": "ms", "min": "min", "h": "h",
+         "hz": "Hz", "m": "m", "cm": "cm", "mm": "mm"}
+UNIT_CLASSES = {"°C": "temperature", "°F": "temperature", "K": "temperature", "Pa": "pressure", "hPa": "pressure",
+                "kPa": "pressure", "mbar": "pressure", "bar": "pressure", "psi": "pressure", "V": "voltage",
+                "mV": "voltage", "A": "current", "mA": "current", "W": "power", "kW": "power", "Wh": "energy",
+                "kWh": "energy", "dBm": "signal_strength", "lx": "illuminance", "Hz": "frequency",
+                "s": "duration", "ms": "duration", "min": "duration", "h": "duration"}
+TOTAL_CLASSES = {"energy"}  # meters count up: state class total_increasing, not measurement
+RESTART_COMMANDS = {"reboot", "restart", "reset"}
+
+
+def object_id(text: str) -> str:
+    """A discovery topic level: Home Assistant takes [A-Za-z0-9_-] there, a device id may also hold '.'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def ha_unit(unit: str) -> str:
+    return UNITS.get(unit.strip().lower(), unit.strip())
+
+
+def payload(value: Any) -> bytes:
+    """A state as Home Assistant reads it: numbers and booleans as JSON, text as it is."""
+    return value.encode() if isinstance(value, str) else json.dumps(value).encode()
+
+
+def topic(device: str, *levels: str) -> str:
+    return "/".join((HA_ROOT, device, *levels))
+
+
+def controls_of(model: Model | None, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """What can be set on a device: its model's rw resources, and the twin keys its meta describes."""
+    out: dict[str, dict[str, Any]] = {}
+    if model is not None:
+        for r in model.resources.values():
+            if r.access == "rw":
+                out[r.name] = {"name": r.name, "type": r.type, "unit": r.unit, "min": r.minimum, "max": r.maximum}
+    for item in meta.get("controls") or []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] not in out:
+            kind = TYPE_ALIASES.get(str(item.get("type", "")).lower())
+            if kind is not None:
+                out[item["name"]] = {"name": item["name"], "type": kind, "unit": str(item.get("unit") or ""),
+                                     "min": item.get("min"), "max": item.get("max")}
+    return list(out.values())
+
+
+def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The discovery configs of one device: (config topic, payload) for each entity."""
+    node = f"edgetrio_{object_id(device)}"
+    block: dict[str, Any] = {"identifiers": [node], "name": device, "manufacturer": "edgetrio"}
+    announced = meta.get("model")
+    if isinstance(announced, str) and announced:
+        block["model"] = announced
+    elif model is not None:
+        block["model"] = model.name
+    if isinstance(meta.get("firmware"), str):
+        block["sw_version"] = meta["firmware"]
+    common = {"availability_topic": topic(device, "availability"), "device": block,
+              "origin": {"name": "edgetrio"}}
+
+    def entity(component: str, key: str, name: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        uid = f"{node}_{object_id(key)}"
+        return (f"{HA_DISCOVERY}/{component}/{node}/{object_id(key)}/config",
+                {"name": name, "unique_id": uid, "object_id": uid, **body, **common})
+
+    configs = []
+    controls = controls_of(model, meta)
+    control_names = {c["name"] for c in controls}
+    for r in (model.resources.values() if model is not None else []):
+        if r.name in control_names:
+            continue
+        name = r.name.replace("_", " ")
+        if r.type == "bool":
+            configs.append(entity("binary_sensor", r.name, name, {
+                "state_topic": topic(device, "state", r.name), "payload_on": "true", "payload_off": "false"}))
+            continue
+        body: dict[str, Any] = {"state_topic": topic(device, "state", r.name)}
+        if r.type in ("int", "float"):
+            unit = ha_unit(r.unit)
+            if unit:
+                body["unit_of_measurement"] = unit
+            device_class = UNIT_CLASSES.get(unit)
+            if unit == "%" and "humid" in r.name:
+                device_class = "humidity"
+            if device_class:
+                body["device_class"] = device_class
+            body["state_class"] = "total_increasing" if device_class in TOTAL_CLASSES else "measurement"
+        configs.append(entity("sensor", r.name, name, body))
+    for c in controls:
+        name = c["name"].replace("_", " ")
+        body = {"command_topic": topic(device, "set", c["name"]), "state_topic": topic(device, "reported", c["name"])}
+        if c["type"] == "bool":
+            configs.append(entity("switch", c["name"], name, {
+                **body, "payload_on": "true", "payload_off": "false", "state_on": "true", "state_off": "false"}))
+        elif c["type"] in ("int", "float"):
+            body.update({"min": c["min"] if c["min"] is not None else -1e9,
+                         "max": c["max"] if c["max"] is not None else 1e9,
+                         "step": 1 if c["type"] == "int" else 0.1, "mode": "box"})
+            if c["unit"]:
+                body["unit_of_measurement"] = ha_unit(c["unit"])
+            configs.append(entity("number", c["name"], name, body))
+        else:
+            configs.append(entity("text", c["name"], name, body))
+    for command in meta.get("commands") or []:
+        if isinstance(command, str) and command:
+            body = {"command_topic": topic(device, "press", command), "payload_press": "PRESS"}
+            if command in RESTART_COMMANDS:
+                body["device_class"] = "restart"
+            configs.append(entity("button", command, command.replace("_", " "), body))
+    return configs
+
+
+def _device_view(db: Database, device: str) -> dict[str, Any] | None:
+    """What an announcement needs from the store: meta, model, twin and the latest values."""
+    row = store.get_device(db, device)
+    if row is None:
+        return None
+    meta = wire.loads(row["meta"]) if row["meta"] else {}
+    latest = store.query_readings(db, device, limit=1)
+    return {"meta": meta if isinstance(meta, dict) else {}, "model": store.device_model(db, device),
+            "reported": store.get_twin(db, device).reported, "values": latest[0]["values"] if latest else {},
+            "online": bool(row["online"])}
+
+
+class HomeAssistant(Watch):
+    """Announces devices to Home Assistant and carries its switches and buttons to the twin and to commands."""
+
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands) -> None:
+        self.link = link
+        self.writer = writer
+        self.roster = roster
+        self.changes = changes
+        self.commands = commands
+        self.jobs_in, self.jobs = trio.open_memory_channel[tuple[str, ...]](JOBS_WAITING)
+        self.announced: dict[str, set[str]] = {}  # device -> config topics Home Assistant was given
+        self.seen_models: dict[str, Model | None] = {}
+        self.presses = trio.CapacityLimiter(PRESSES_AT_ONCE)
+
+    # -- what ingest tells (never blocks) --
+    def committed(self, readings: list[Reading]) -> None:
+        latest: dict[str, dict[str, Any]] = {}
+        for r in sorted(readings, key=lambda r: (r.boot, r.seq)):  # resent old readings must not win
+            latest.setdefault(r.device, {}).update(r.values)
+        self.link.publish([(topic(device, "state", key), payload(value))
+                           for device, values in latest.items() for key, value in values.items()], qos=0)
+
+    def presence(self, device: str, online: bool) -> None:
+        self.link.publish([(topic(device, "availability"), b"online" if online else b"offline")])
+
+    def reported(self, device: str, twin: Twin) -> None:
+        self.link.publish([(topic(device, "reported", key), payload(value))
+                           for key, value in twin.reported.items() if value is not None])
+
+    def meta(self, device: str) -> None:
+        self._job("announce", device)
+
+    def integration(self, event: BusEvent) -> None:
+        if event.topic == HA_BIRTH:
+            if event.payload.strip() == b"online":
+                self._job("announce_all")
+            return
+        levels = event.topic.split("/")
+        if len(levels) == 4 and levels[0] == HA_ROOT and levels[2] in ("set", "press"):
+            self._job(levels[2], levels[1], levels[3], event.payload[:1024].decode("utf-8", "replace"))
+
+    def _job(self, *job: str) -> None:
+        try:
+            self.jobs_in.send_nowait(job)
+        except trio.WouldBlock:
+            log.warning("home assistant request dropped (%d waiting): %s", JOBS_WAITING, " ".join(job[:3]))
+
+    # -- the component --
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reconcile)
+            async for job in self.jobs:
+                if job[0] == "announce_all":
+                    await self.announce(list(self.roster.models))
+                elif job[0] == "announce":
+                    await self.announce([job[1]])
+                elif job[0] == "set":
+                    nursery.start_soon(self._set, job[1], job[2], job[3])
+                elif job[0] == "press":
+                    nursery.start_soon(self._press, job[1], job[2])
+
+    async def _reconcile(self) -> None:
+        """Announce devices registered or given another model, and withdraw removed ones (the registry changes through
+        the CLI, the cloud and meta; looking at the roster catches all of them)."""
+        while True:
+            models = dict(self.roster.models)
+            changed = [d for d, m in models.items() if d not in self.seen_models or self.seen_models[d] != m]
+            if changed:
+                await self.announce(changed)
+            for device in [d for d in self.announced if d not in models]:
+                self.link.publish([(t, b"") for t in sorted(self.announced.pop(device))])  # empty: remove the entity
+                self.seen_models.pop(device, None)
+                log.info("home assistant: withdrew %s", device)
+            await trio.sleep(RECONCILE_EVERY)
+
+    async def announce(self, devices: list[str]) -> None:
+        """Send the devices' configs, then (once Home Assistant has had time to subscribe) their current states."""
+        states: list[tuple[str, bytes]] = []
+        for device in devices:
+            self.seen_models[device] = self.roster.models.get(device)
+            view = await self.writer.write(partial(_device_view, device=device))
+            if view is None:
+                continue
+            configs = discovery(device, view["model"], view["meta"])
+            topics = {t for t, _ in configs}
+            stale = self.announced.get(device, set()) - topics
+            self.link.publish([(t, b"") for t in sorted(stale)] +
+                              [(t, json.dumps(body).encode()) for t, body in configs])
+            self.announced[device] = topics
+            online = self.roster.online(device)
+            states.append((topic(device, "availability"), b"online" if online else b"offline"))
+            states += [(topic(device, "state", k), payload(v)) for k, v in view["values"].items()]
+            states += [(topic(device, "reported", k), payload(v)) for k, v in view["reported"].items() if v is not None]
+        if states:
+            log.info("home assistant: announced %d device(s)", len(devices))
+            await trio.sleep(STATES_AFTER)
+            self.link.publish(states)
+
+    async def _set(self, device: str, key: str, text: str) -> None:
+        """A switch or number changed in Home Assistant: the desired state follows (the board then reports it)."""
+        if device not in self.roster:
+            log.warning("home assistant: set %s on unknown device %s", key, device)
+            return
+        try:
+            value = wire.loads(text)
+        except ValueError:
+            value = text  # a text entity's value
+        if isinstance(value, dict | list):
+            log.warning("home assistant: set %s.%s refused: not a single value", device, key)
+            return
+        try:
+            twin = await self.writer.write(partial(self.changes.desired, device=device, patch={key: value},
+                                                   version=None))
+        except Exception as exc:
+            log.warning("home assistant: set %s.%s failed: %s", device, key, exc)
+            return
+        self.link.publish([desired_message(device, twin)])
+        log.info("home assistant: set %s.%s = %s (desired version %d)", device, key, wire.clip(text, 40),
+                 twin.desired_version)
+
+    async def _press(self, device: str, name: str) -> None:
+        async with self.presses:
+            started = time.monotonic()
+            try:
+                result = await self.commands.send(device, name, {}, COMMAND_TIMEOUT)
+            except (CommandFailed, store.UnknownDevice) as exc:
+                log.warning("home assistant: command %s on %s failed: %s", name, device, exc)
+                return
+            log.info("home assistant: command %s on %s -> %s in %.1f s", name, device,
+                     wire.clip(json.dumps(result), 120), time.monotonic() - started)

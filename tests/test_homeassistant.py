@@ -1,0 +1,196 @@
+"""Home Assistant: a client that behaves as Home Assistant does, against a virtual board running the real firmware;
+the discovery messages checked by Home Assistant's own schemas (tests/ha_reference.py in the `.ha` venv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, RawMQTT, wait_until
+
+HA_PYTHON = ROOT / ".ha" / "bin" / "python"
+HA_USER = "integration:homeassistant"
+BOARD = "greenhouse-1"
+
+
+def ha_reference(configs: dict[str, Any]) -> dict[str, Any]:
+    if not HA_PYTHON.exists():
+        if os.environ.get("CI"):
+            raise AssertionError("Home Assistant's schemas are missing: `make test` installs them into .ha")
+        pytest.skip("Home Assistant's schemas are not installed (make .ha/.installed)")
+    messages = [{"topic": t, "payload": p} for t, p in configs.items()]
+    proc = subprocess.run([str(HA_PYTHON), str(ROOT / "tests" / "ha_reference.py")], input=json.dumps(messages),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str]]:
+    daemon = Daemon(tmp_path_factory.mktemp("ha") / "data", extra=("--ha",)).start()
+    secret = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]
+    log = open(daemon.data_dir.parent / "vdev.log", "ab")  # noqa: SIM115
+    boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
+                               "--period", "0.5", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: any(d["id"] == BOARD and d["online"] and d["meta"] for d in
+                               json.loads(daemon.cli("device", "list", "--json").stdout)), timeout=90)
+        yield daemon, secret
+    finally:
+        boards.send_signal(signal.SIGTERM)
+        boards.wait(timeout=30)
+        log.close()
+        daemon.stop()
+
+
+def home_assistant(daemon: Daemon, secret: str, client_id: str) -> Probe:
+    """Connect as Home Assistant does: subscribe to discovery and the entities' topics, then send the birth message."""
+    ha = Probe(daemon, HA_USER, secret, client_id)
+    assert ha.accepted()
+    assert ha.subscribe("homeassistant/#") and ha.subscribe("edgetrio-ha/#")
+    ha.publish("homeassistant/status", "online")
+    return ha
+
+
+def reaches(ha: Probe, topic: str, value: bytes, timeout: float = 20) -> bool:
+    """Whether the state on `topic` becomes `value` (reports made before the change may still be on their way)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if ha.next(topic, timeout=left)[1] == value:
+                return True
+        except queue.Empty:
+            break
+    return False
+
+
+def configs_in(messages: list[tuple[str, bytes]]) -> dict[str, Any]:
+    return {t: json.loads(p) for t, p in messages if t.startswith("homeassistant/") and t.endswith("/config") and p}
+
+
+def test_the_board_appears_in_home_assistant_and_its_switch_and_buttons_work(gateway: tuple[Daemon, str]) -> None:
+    daemon, secret = gateway
+    ha = home_assistant(daemon, secret, "ha-1")
+    received = ha.drain(4.0)  # configs, then (a second later) the current states
+    configs = configs_in(received)
+    node = "edgetrio_greenhouse-1"
+    by_key = {(t.split("/")[1], t.split("/")[3]): body for t, body in configs.items() if t.split("/")[2] == node}
+    assert set(by_key) == {
+        ("sensor", "temperature"), ("sensor", "pressure"), ("sensor", "humidity"), ("sensor", "analog"),
+        ("sensor", "chip_temperature"), ("switch", "led"),
+        ("number", "period"), ("number", "threshold"),
+        ("button", "ping"), ("button", "blink"), ("button", "read_now"), ("button", "reboot"),
+    }
+    temperature = by_key[("sensor", "temperature")]
+    assert temperature["unit_of_measurement"] == "°C" and temperature["device_class"] == "temperature"
+    assert temperature["state_class"] == "measurement"
+    assert by_key[("sensor", "pressure")]["unit_of_measurement"] == "hPa"
+    assert by_key[("sensor", "humidity")]["device_class"] == "humidity"
+    assert by_key[("sensor", "analog")]["device_class"] == "voltage"
+    assert temperature["device"]["sw_version"] == "0.1.0" and temperature["device"]["model"] == "esp32-sensor"
+    assert by_key[("button", "reboot")]["device_class"] == "restart"
+    period = by_key[("number", "period")]
+    assert (period["min"], period["max"], period["unit_of_measurement"]) == (0.1, 86400, "s")
+    # Home Assistant's own code accepts every config, with no key it would ignore and units that suit the classes
+    reference = ha_reference(configs)
+    assert reference == {"checked": len(configs), "problems": []}
+
+    # every topic an entity follows is one the gateway publishes: availability and the states came after the configs
+    sent = {t: p for t, p in received}
+    for body in by_key.values():
+        assert sent.get(body["availability_topic"]) == b"online"
+    for key in ("temperature", "pressure", "humidity"):
+        assert float(sent[by_key[("sensor", key)]["state_topic"]])
+    assert sent[by_key[("switch", "led")]["state_topic"]] == b"false"
+
+    # states follow the readings as they are committed
+    state_topic = temperature["state_topic"]
+    values = [float(ha.next(state_topic, timeout=15)[1]) for _ in range(3)]
+    assert all(-40 <= v <= 85 for v in values)
+
+    # the switch sets desired state; the board applies it and reports it; that is the switch's state
+    led = by_key[("switch", "led")]
+    ha.publish(led["command_topic"], led["payload_on"])
+    assert reaches(ha, led["state_topic"], b"true")
+    twin = json.loads(daemon.cli("twin", "get", BOARD, "--json").stdout)
+    assert twin["desired"]["state"]["led"] is True and twin["reported"]["state"]["led"] is True
+
+    # a number the same way
+    ha.publish(by_key[("number", "threshold")]["command_topic"], "2.5")
+    assert reaches(ha, by_key[("number", "threshold")]["state_topic"], b"2.5")
+
+    # a button sends the command; its result is stored as any command's
+    ha.publish(by_key[("button", "ping")]["command_topic"], "PRESS")
+
+    def ping_answered() -> bool:
+        with sqlite3.connect(f"file:{daemon.data_dir / 'edgetrio.db'}?mode=ro", uri=True) as db:
+            rows = db.execute("SELECT status, result FROM commands WHERE device = ? AND name = 'ping'",
+                              [BOARD]).fetchall()
+        return any(status == "ok" and json.loads(result)["value"] == "pong" for status, result in rows)
+    wait_until(ping_answered, timeout=20)
+    ha.close()
+
+
+def test_home_assistant_restarting_gets_everything_again(gateway: tuple[Daemon, str]) -> None:
+    daemon, secret = gateway
+    first = configs_in(home_assistant(daemon, secret, "ha-2").drain(3.0))
+    again = home_assistant(daemon, secret, "ha-3")  # nothing is retained: the birth message brings it all back
+    assert configs_in(again.drain(3.0)) == first and first
+
+
+def test_registering_and_removing_a_device_adds_and_withdraws_its_entities(gateway: tuple[Daemon, str],
+                                                                          tmp_path: Path) -> None:
+    daemon, secret = gateway
+    model = tmp_path / "fanbox.toml"
+    model.write_text('name = "fanbox"\n[[resources]]\nname = "temperature"\ntype = "float"\nunit = "degC"\n'
+                     '[[resources]]\nname = "fan"\ntype = "bool"\naccess = "rw"\n')
+    daemon.cli("model", "add", str(model))
+    ha = home_assistant(daemon, secret, "ha-4")
+    ha.drain(2.0)
+    daemon.add_device("fanbox.1", "--model", "fanbox")
+    fan_topic = "homeassistant/switch/edgetrio_fanbox_1/fan/config"  # '.' is not allowed there
+    got = ha.until(fan_topic, timeout=15)
+    fan = json.loads(got[-1][1])
+    assert fan["command_topic"] == "edgetrio-ha/fanbox.1/set/fan"
+    assert "homeassistant/sensor/edgetrio_fanbox_1/temperature/config" in dict(got)
+    assert ha_reference(configs_in(got))["problems"] == []
+    daemon.cli("device", "remove", "fanbox.1")
+    withdrawn = ha.until(fan_topic, timeout=15)
+    assert withdrawn[-1][1] == b""  # an empty config removes the entity
+
+
+def test_the_integration_credential_is_confined_to_its_own_topics(gateway: tuple[Daemon, str]) -> None:
+    daemon, secret = gateway
+    assert not Probe(daemon, HA_USER, "wrong", "ha-wrong").accepted()
+    ha = Probe(daemon, HA_USER, secret, "ha-5")
+    assert ha.accepted()
+    assert not ha.subscribe("edgetrio/#") and not ha.subscribe("#") and not ha.subscribe(f"edgetrio/{BOARD}/cmd")
+    assert ha.subscribe("edgetrio-ha/+/state/temperature")
+    # it cannot speak for a board
+    before = len(json.loads(daemon.cli("readings", BOARD, "--json").stdout))
+    ha.publish(f"edgetrio/{BOARD}/telemetry", json.dumps({"boot": 999, "seq": 1, "values": {"temperature": 99.0}}))
+    ha.publish(f"edgetrio/{BOARD}/cmd", json.dumps({"id": "x", "name": "reboot"}))
+    rows = json.loads(daemon.cli("readings", BOARD, "--json").stdout)
+    assert len(rows) >= before and all(r["boot"] != 999 for r in rows)
+    assert daemon.counters().get("acl_refused_publish", 0) >= 2
+    # nor leave a will on a board's topics
+    raw = RawMQTT(daemon.host, daemon.port)
+    assert raw.connect("ha-will", HA_USER, secret, will=(f"edgetrio/{BOARD}/status", b"offline", 1, False)) != 0
+    raw.close()
+    # a new credential ends the session of the old one, which is refused from then on
+    renewed = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]
+    wait_until(lambda: ha.closed.is_set(), timeout=10)
+    assert not Probe(daemon, HA_USER, secret, "ha-old").accepted()
+    assert Probe(daemon, HA_USER, renewed, "ha-new").accepted()
