@@ -53,6 +53,9 @@ Restart=on-failure
 RestartSec=5
 TimeoutStopSec=30
 UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=full
+PrivateTmp=yes
 {"" if where.user else "StateDirectory=edgetrio"}
 
 [Install]
@@ -66,6 +69,7 @@ metrics_host = "127.0.0.1"   # /metrics (Prometheus) and /healthz
 metrics_port = 9883
 log_level = "info"
 retention_days = 90
+# homeassistant = true       # MQTT discovery (credential: `edgetrio integration add homeassistant`)
 # cloud_url = "wss://relay.example.net:8765"
 # node_id = "gateway-1"
 # cloud_token_file = "{where.config / 'cloud-token'}"
@@ -85,6 +89,9 @@ Restart=on-failure
 RestartSec=5
 TimeoutStopSec=30
 UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=full
+PrivateTmp=yes
 
 [Install]
 WantedBy={where.wanted_by}
