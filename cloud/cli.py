@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import ssl
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ import trio
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
-from edgetrio.identity import RegistryError
+from edgetrio.identity import RegistryError, hash_password, new_secret
 
 
 def api_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -76,6 +77,20 @@ def run(args: argparse.Namespace) -> None:
             raise CliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", 2) from None
         except RegistryError as exc:
             raise CliError(str(exc), 2) from None
+        return
+    if action == "user":
+        users(args)
+        return
+    if action == "node" and args.node_action in ("remove", "rotate"):
+        if args.node_action == "remove":
+            call(args, "DELETE", f"/api/nodes/{args.name}")
+            show(args, {"node": args.name, "removed": True},
+                 [f"removed {args.name}: its token, devices, queue and readings are gone; its link is closed"])
+        else:
+            token = call(args, "POST", f"/api/nodes/{args.name}/token")["token"]
+            show(args, {"node": args.name, "token": token}, [
+                f"node {args.name} has a new token (the old one is refused, its link closed)\n  token: {token}",
+                "Give it to the gateway (--token-file or $EDGETRIO_CLOUD_TOKEN) and restart it."])
         return
     if action == "node":
         db = store.open_db(args.data_dir or Path("edgetrio-relay"))
@@ -143,6 +158,45 @@ def run(args: argparse.Namespace) -> None:
                            f"  password: {added['password']}\nIt reaches the gateway when the node is connected."])
 
 
+def users(args: argparse.Namespace) -> None:
+    """Operator accounts, written into the relay's store (on the relay's machine, like `node add`)."""
+    db = store.open_db(args.data_dir or Path("edgetrio-relay"))
+    try:
+        if args.user_action == "add":
+            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else new_secret()
+            if len(password) < 8:
+                raise CliError("a password needs at least 8 characters", 2)
+            hashed = hash_password(password)
+            with db.atomic():
+                store.add_user(db, args.name, args.role, hashed)
+            shown = {"name": args.name, "role": args.role}
+            if not args.password_stdin:
+                shown["password"] = password
+            show(args, shown, [f"user {args.name} added ({args.role})"]
+                 + ([f"  password: {password}", "Keep it now: it is stored only hashed."] if not args.password_stdin
+                    else []))
+        elif args.user_action == "list":
+            rows = store.list_users(db)
+            show(args, rows, [f"{'USER':<20} {'ROLE':<7} {'TOKENS':>6}  CREATED"] + [
+                f"{u['name']:<20} {u['role']:<7} {u['tokens']:>6}  {fmt_time(u['created'])}" for u in rows])
+        elif args.user_action == "remove":
+            with db.atomic():
+                store.remove_user(db, args.name)
+            show(args, {"name": args.name, "removed": True}, [f"removed {args.name}: its sessions and tokens end now"])
+        elif args.user_action == "token":
+            with db.atomic():
+                token_id, token = store.add_token(db, args.name)
+            show(args, {"name": args.name, "id": token_id, "token": token}, [
+                f"API token {token_id} for {args.name}\n  token: {token}",
+                "Scripts send it as `authorization: Bearer TOKEN`; `edgetrio cloud user revoke ID` ends it."])
+        elif args.user_action == "revoke":
+            with db.atomic():
+                store.revoke_token(db, args.token_id)
+            show(args, {"id": args.token_id, "revoked": True}, [f"token {args.token_id} revoked"])
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
+
+
 def store_since(text: str) -> float:
     try:
         return parse_since(text)
@@ -180,6 +234,28 @@ def add_parser(sub: Any) -> None:
     p = node_actions.add_parser("add", parents=[data], help="add a node and print its token once")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
+    p = node_actions.add_parser("remove", parents=[api], help="forget a node (token, devices, readings); ends its link")
+    p.add_argument("name")
+    p = node_actions.add_parser("rotate", parents=[api],
+                                help="give a node a new token: the old one is refused and its link closed at once")
+    p.add_argument("name")
+    p = actions.add_parser("user", help="operator accounts for the dashboard and the API")
+    user_actions = p.add_subparsers(dest="user_action", required=True)
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true")
+    p = user_actions.add_parser("add", parents=[data, json_flag], help="add an account and print its password once")
+    p.add_argument("name")
+    p.add_argument("--role", choices=store.ROLES, default="viewer", help="admin changes things, viewer only looks "
+                                                                          "(default viewer)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of making one")
+    p = user_actions.add_parser("list", parents=[data, json_flag])
+    p = user_actions.add_parser("remove", parents=[data, json_flag], help="remove an account; its sessions and "
+                                                                          "tokens end at once")
+    p.add_argument("name")
+    p = user_actions.add_parser("token", parents=[data, json_flag], help="make an API token for an account's scripts")
+    p.add_argument("name")
+    p = user_actions.add_parser("revoke", parents=[data, json_flag], help="revoke an API token by its id")
+    p.add_argument("token_id")
     actions.add_parser("nodes", parents=[api], help="nodes with online state")
     p = actions.add_parser("devices", parents=[api], help="devices of all nodes or one")
     p.add_argument("node", nargs="?")

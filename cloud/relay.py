@@ -26,7 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from edgetrio import wire
 from edgetrio.cloud import store
-from edgetrio.cloud.api import handle_http
+from edgetrio.cloud.api import Events, handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
@@ -108,6 +108,7 @@ class EdgeSession:
         self.ws = ws
         self.wakeup = trio.Event()
         self.sent: set[str] = set()
+        self.scope = trio.CancelScope()  # cancelled to end the link from here (token rotated, node removed)
 
 
 def readings_in(item: Any) -> int:
@@ -119,9 +120,11 @@ def readings_in(item: Any) -> int:
 
 
 class Relay:
-    def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0) -> None:
+    def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False) -> None:
         self.writer = writer  # what thousands of edges send at once shares one group commit
         self.token = token
+        self.secure_cookies = secure_cookies
+        self.events = Events()  # to the dashboards' live streams
         self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
@@ -136,6 +139,29 @@ class Relay:
         session = self.sessions.get(node)
         if session is not None:
             session.wakeup.set()
+
+    async def close_link(self, node: str, reason: str) -> None:
+        """End a node's live link (its token changed or it was removed)."""
+        session = self.sessions.get(node)
+        if session is not None:  # at once: a close handshake could wait on an edge that does not answer
+            log.info("closing the link of node=%s: %s", node, reason)
+            session.scope.cancel()
+
+    def tell_dashboards(self, node: str, items: list[Any]) -> None:
+        """What a stored batch changed, for the open dashboards (only what is well formed: the batch is stored)."""
+        if not self.events.streams:
+            return
+        for item in items:
+            body = item.get("body") if isinstance(item, dict) else None
+            if not isinstance(body, dict):
+                continue
+            if item.get("resource") == "readings" and isinstance(body.get("readings"), list):
+                for r in body["readings"]:
+                    if isinstance(r, dict) and isinstance(r.get("values"), dict):
+                        self.events.publish({"type": "reading", "node": node, "device": r.get("device"),
+                                             "ts": r.get("ts"), "values": r["values"]})
+            elif item.get("resource") in ("twin", "device"):
+                self.events.publish({"type": item["resource"], "node": node, "device": body.get("device")})
 
     # -- connections -------------------------------------------------------------------------------------------------
 
@@ -209,17 +235,20 @@ class Relay:
         if previous is not None:  # the edge reconnected before its old connection timed out
             await previous.ws.aclose(1000, "replaced by a new connection")
         await self.run(store.node_presence, node, True, time.time())
+        self.events.publish({"type": "node", "node": node, "online": True})
         log.info("edge connected node=%s remote=%s", node, remote)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_down, session)
-                await self._receive_up(session)
-                nursery.cancel_scope.cancel()
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_down, session)
+                    await self._receive_up(session)
+                    nursery.cancel_scope.cancel()
         finally:
             if self.sessions.get(node) is session:
                 del self.sessions[node]
                 with trio.CancelScope(shield=True):
                     await self.run(store.node_presence, node, False, time.time())
+                self.events.publish({"type": "node", "node": node, "online": False})
                 log.info("edge disconnected node=%s", node)
 
     async def _refuse(self, session: EdgeSession, reason: str) -> None:
@@ -252,6 +281,7 @@ class Relay:
                     return
                 offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
                 self.counters["batches_stored"] += 1
+                self.tell_dashboards(session.node, items)
                 self.counters["readings_received"] += sum(readings_in(item) for item in items)
                 if skipped:
                     self.counters["items_skipped"] += skipped
@@ -312,7 +342,7 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             # leaving open_writer commits what was received, then stops the writer
             async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
-                relay = Relay(writer, token, cfg.http_timeout)
+                relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert))
                 gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
                 async with trio.open_nursery() as connections, serve_metrics(
                         cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:

@@ -66,3 +66,32 @@ def verify_secret(secret: str | bytes | None, stored: str) -> bool:
         return False
     candidate = hashlib.sha256((salt + secret).encode()).hexdigest()
     return hmac.compare_digest(candidate, digest)
+
+
+# Passwords people choose get a slow KDF (scrypt, from the standard library); machine-made secrets above do not need one.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # about 50-100 ms and 32 MiB per check
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 << 20)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """Check a password; with no stored hash (an unknown user) it costs the same and fails."""
+    try:
+        scheme, n, r, p, salt, digest = (stored or f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'00' * 16}$").split("$")
+        if scheme != "scrypt":
+            return False
+        candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                                   maxmem=64 << 20)
+    except ValueError:
+        return False
+    return stored is not None and hmac.compare_digest(candidate.hex(), digest)
+
+
+def token_digest(token: str) -> str:
+    """How random tokens (API tokens, session keys) are stored: looked up by their SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
