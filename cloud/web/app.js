@@ -1,0 +1,249 @@
+// The relay's dashboard: plain JS over the relay's own API (cookie session; writes carry the CSRF token).
+// Everything shown that came from a device or an edge goes in as text, never as HTML.
+"use strict";
+
+const state = { me: null, stream: null, charts: {} };
+window.edgetrio = state; // tests and the curious can look at the charts
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(String(c ?? "")));
+  return node;
+}
+
+async function api(method, path, body) {
+  const headers = { "content-type": "application/json" };
+  if (method !== "GET" && state.me && state.me.csrf) headers["x-csrf-token"] = state.me.csrf;
+  const reply = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+                                    credentials: "same-origin" });
+  const data = await reply.json().catch(() => ({}));
+  if (reply.status === 401 && path !== "/api/login") { showLogin("Your session ended: log in again."); throw new Error("401"); }
+  if (!reply.ok) { const e = new Error(data.error || reply.statusText); e.status = reply.status; throw e; }
+  return data;
+}
+
+const ago = (ts) => {
+  if (!ts) return "never";
+  const s = Date.now() / 1000 - ts;
+  return s < 90 ? `${Math.round(s)} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : new Date(ts * 1000).toLocaleString();
+};
+const isAdmin = () => state.me && state.me.role === "admin";
+const main = () => document.getElementById("main");
+
+function setCrumbs(...parts) {
+  const nav = document.getElementById("crumbs");
+  nav.replaceChildren(...parts.flatMap((p, i) => [i ? " / " : "", p.href ? el("a", { href: p.href }, p.text) : p.text]));
+}
+
+function closeStream() {
+  if (state.stream) state.stream.close();
+  state.stream = null;
+  for (const chart of Object.values(state.charts)) chart.destroy();
+  state.charts = {};
+}
+
+function showLogin(message) {
+  closeStream();
+  state.me = null;
+  document.getElementById("whoami").textContent = "";
+  document.getElementById("logout").hidden = true;
+  setCrumbs();
+  const error = el("p", { id: "login-error", class: "error" }, message || "");
+  const form = el("form", { class: "login" },
+    el("h2", {}, "Log in"),
+    el("input", { id: "login-name", name: "name", placeholder: "name", autocomplete: "username", required: true }),
+    el("input", { id: "login-password", name: "password", type: "password", placeholder: "password",
+                  autocomplete: "current-password", required: true }),
+    el("button", { id: "login-submit", type: "submit" }, "Log in"), error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await api("POST", "/api/login", { name: form.name.value, password: form.password.value });
+      await start();
+    } catch (e) { error.textContent = e.message; }
+  });
+  main().replaceChildren(form);
+}
+
+async function fleet() {
+  setCrumbs({ text: "fleet" });
+  const [nodes, devices] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices")]);
+  const online = devices.filter((d) => d.online).length;
+  main().replaceChildren(
+    el("div", { class: "panel row" }, el("strong", {}, `${nodes.length} nodes`),
+       `${nodes.filter((n) => n.online).length} linked`, "·", el("strong", {}, `${devices.length} devices`),
+       `${online} online`, "·", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
+    el("h2", {}, "Nodes"),
+    el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "last seen"].map((h) => el("th", {}, h))),
+       nodes.map((n) => el("tr", {}, el("td", {}, el("a", { href: `#/node/${encodeURIComponent(n.name)}` }, n.name)),
+         el("td", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
+         el("td", {}, n.devices), el("td", {}, n.queued), el("td", {}, ago(n.last_seen))))),
+    el("h2", {}, "Devices"), deviceTable(devices));
+  follow({}, () => route(), () => {});
+}
+
+function deviceTable(devices) {
+  return el("table", { id: "devices" },
+    el("tr", {}, ["node", "device", "state", "model", "last seen"].map((h) => el("th", {}, h))),
+    devices.map((d) => el("tr", {},
+      el("td", {}, d.node),
+      el("td", {}, el("a", { href: `#/device/${encodeURIComponent(d.node)}/${encodeURIComponent(d.id)}` }, d.id)),
+      el("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
+      el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen)))));
+}
+
+async function node(name) {
+  setCrumbs({ text: "fleet", href: "#/" }, { text: name });
+  const devices = await api("GET", `/api/nodes/${encodeURIComponent(name)}/devices`);
+  main().replaceChildren(el("h2", {}, `Node ${name}`), deviceTable(devices));
+  follow({ node: name }, () => route(), () => {});
+}
+
+// the live stream: one EventSource per page, narrowed to what the page shows
+function follow(filter, onChange, onReading) {
+  const query = new URLSearchParams(filter).toString();
+  const source = new EventSource(`/api/stream${query ? "?" + query : ""}`);
+  let pending = null;
+  const later = () => { if (!pending) pending = setTimeout(() => { pending = null; onChange(); }, 1000); };
+  for (const type of ["node", "device", "twin"]) source.addEventListener(type, later);
+  source.addEventListener("reading", (event) => (onReading ? onReading(JSON.parse(event.data)) : later()));
+  state.stream = source;
+}
+
+async function device(nodeName, id) {
+  setCrumbs({ text: "fleet", href: "#/" }, { text: nodeName, href: `#/node/${encodeURIComponent(nodeName)}` }, { text: id });
+  const base = `/api/nodes/${encodeURIComponent(nodeName)}/devices/${encodeURIComponent(id)}`;
+  const range = new URLSearchParams(location.hash.split("?")[1] || "").get("range") || "1h";
+  const [series, twin, devices] = await Promise.all([
+    api("GET", `${base}/series?range=${range}&points=600`), api("GET", `${base}/twin`),
+    api("GET", `/api/nodes/${encodeURIComponent(nodeName)}/devices`)]);
+  const info = devices.find((d) => d.id === id) || {};
+  const ranges = el("div", { class: "row" }, "Range:", ["1h", "24h", "7d"].map((r) =>
+    el("button", { class: r === range ? "range active" : "range", "data-range": r,
+                   onclick: () => { location.hash = `#/device/${encodeURIComponent(nodeName)}/${encodeURIComponent(id)}?range=${r}`; } }, r)),
+    el("a", { id: "csv", href: `${base}/readings?format=csv&since=${range === "1h" ? "1h" : range === "24h" ? "1d" : "7d"}` },
+       "Download CSV"));
+  const plots = el("div", { class: "plots" });
+  const twinPanel = el("div", { class: "panel", id: "twin" });
+  const commands = el("div", { class: "panel", id: "commands" });
+  main().replaceChildren(
+    el("h2", {}, id, " ", el("span", { id: "device-state", class: info.online ? "online" : "offline" },
+                             info.online ? "online" : "offline")),
+    el("p", { class: "muted" }, `model ${info.model || (info.meta && info.meta.model) || "-"} · firmware `,
+       (info.meta && info.meta.firmware) || "-", ` · last seen ${ago(info.last_seen)}`),
+    ranges, plots, twinPanel, commands);
+  drawPlots(plots, series, range);
+  showTwin(twinPanel, base, twin);
+  showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
+  follow({ node: nodeName, device: id }, async () => showTwin(twinPanel, base, await api("GET", `${base}/twin`)),
+         (reading) => appendReading(reading, range));
+}
+
+function drawPlots(container, series, range) {
+  const keys = Object.keys(series.values);
+  if (!keys.length) { container.append(el("p", { class: "muted", id: "no-readings" }, "No readings in this range yet.")); return; }
+  for (const key of keys) {
+    const box = el("div", { class: "plot", "data-resource": key }, el("h3", {}, key));
+    container.append(box);
+    const width = Math.max(320, box.clientWidth - 16);
+    const opts = { width, height: 220, scales: { x: { time: true } }, legend: { show: false },
+                   series: [{}, { label: key, stroke: "#2563eb", width: 1.5, spanGaps: true }],
+                   axes: [{}, { size: 60 }] };
+    state.charts[key] = new uPlot(opts, [series.ts.slice(), series.values[key].slice()], box);
+  }
+  state.range = range;
+}
+
+function appendReading(reading, range) {
+  const ts = reading.ts;
+  const span = { "1h": 3600, "24h": 86400, "7d": 604800 }[range];
+  for (const [key, chart] of Object.entries(state.charts)) {
+    const value = reading.values[key];
+    if (typeof value !== "number") continue;
+    const xs = chart.data[0].slice(), ys = chart.data[1].slice();
+    xs.push(ts); ys.push(value);
+    while (xs.length && xs[0] < ts - span) { xs.shift(); ys.shift(); } // the window slides
+    chart.setData([xs, ys]);
+  }
+}
+
+// The editor is built once; live updates refresh the shown state only, so an edit in progress is never wiped.
+function showTwin(panel, base, twin) {
+  panel.twin = twin;
+  if (!panel.dataset.ready) {
+    panel.dataset.ready = "1";
+    const message = el("p", { id: "twin-message" });
+    const patch = el("textarea", { id: "twin-patch", rows: 3, placeholder: '{"led": true}   (null removes a key)' });
+    const apply = el("button", { id: "twin-apply" }, "Set desired");
+    const say = (text, error) => { message.textContent = text; message.className = error ? "error" : ""; };
+    apply.addEventListener("click", async () => {
+      let change;
+      try { change = JSON.parse(patch.value); } catch (e) { say(`Not JSON: ${e.message}`, true); return; }
+      try {
+        const updated = await api("PATCH", `${base}/twin`, { desired: change, version: panel.twin.desired.version });
+        showTwin(panel, base, updated);
+        patch.value = "";
+        say(`Desired version ${updated.desired.version} queued for the device.`);
+      } catch (e) {
+        if (e.status === 409) {  // someone else changed it meanwhile: show theirs, keep this edit in the editor
+          showTwin(panel, base, await api("GET", `${base}/twin`));
+          say(`Conflict: desired state changed to version ${panel.twin.desired.version} meanwhile. Check it and set again.`, true);
+        } else { say(e.message, true); }
+      }
+    });
+    const shown = (id, title) => el("div", {}, el("strong", { id: `${id}-title` }, title), el("pre", { id }, ""));
+    panel.replaceChildren(el("h3", {}, "Twin"), shown("twin-desired", "desired"), shown("twin-reported", "reported"),
+      shown("twin-delta", "delta"),
+      ...(isAdmin() ? [patch, el("div", { class: "row" }, apply)] : [el("p", { class: "muted" }, "Viewers cannot change the twin.")]),
+      message);
+  }
+  const set = (id, text) => { panel.querySelector(`#${id}`).textContent = text; };
+  set("twin-desired-title", `desired (version ${twin.desired.version})`);
+  set("twin-desired", JSON.stringify(twin.desired.state));
+  set("twin-reported-title", `reported (version ${twin.reported.version})`);
+  set("twin-reported", JSON.stringify(twin.reported.state));
+  set("twin-delta", JSON.stringify(twin.delta));
+}
+
+function showCommands(panel, base, names) {
+  const result = el("pre", { id: "cmd-result" }, "");
+  panel.replaceChildren(el("h3", {}, "Commands"),
+    el("div", { class: "row" }, names.map((name) => el("button", { class: "cmd", "data-name": name, disabled: !isAdmin(),
+      onclick: async () => {
+        result.textContent = `${name}: waiting…`;
+        try { const r = await api("POST", `${base}/commands`, { name, args: {}, timeout: 10 });
+              result.textContent = `${name}: ${r.ok ? JSON.stringify(r.value) : "error: " + r.error}`; }
+        catch (e) { result.textContent = `${name}: ${e.message}`; }
+      } }, name))), result);
+}
+
+async function route() {
+  closeStream();
+  const [path] = location.hash.replace(/^#/, "").split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  try {
+    if (parts[0] === "node" && parts[1]) await node(parts[1]);
+    else if (parts[0] === "device" && parts[2]) await device(parts[1], parts[2]);
+    else await fleet();
+  } catch (e) {
+    if (e.message !== "401") main().replaceChildren(el("p", { class: "error", id: "page-error" }, e.message));
+  }
+}
+
+async function start() {
+  try { state.me = await api("GET", "/api/me"); } catch (e) { if (e.message !== "401") showLogin(e.message); return; }
+  document.getElementById("whoami").textContent = `${state.me.name} (${state.me.role})`;
+  document.getElementById("logout").hidden = false;
+  await route();
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  await api("POST", "/api/logout").catch(() => {});
+  showLogin("Logged out.");
+});
+window.addEventListener("hashchange", () => state.me && route());
+start();

@@ -1,0 +1,165 @@
+"""The relay's dashboard in a real headless Chromium (Debian's, driven by Selenium): log in, watch a virtual board's
+plot grow, change its twin and see the board report it, a version conflict, a command button, a viewer who cannot
+change anything, and a wrong password refused. The readings come the whole way: board -> gateway -> relay -> page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgetrio.tools.testkit import ROOT, Daemon, Relay, wait_until
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+BOARD = "greenhouse-1"
+SHOTS = Path(os.environ["EDGETRIO_SCREENSHOTS"]) if os.environ.get("EDGETRIO_SCREENSHOTS") else None
+
+
+def add_user(relay: Relay, name: str, role: str, password: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", name, "--role", role,
+                           "--password-stdin", "--data-dir", str(relay.data_dir)], input=password + "\n",
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Relay, Daemon]]:
+    base = tmp_path_factory.mktemp("dash")
+    relay = Relay(base / "relay").start()
+    token = relay.add_node("gw1")
+    add_user(relay, "adam", "admin", "admin-password-1")
+    add_user(relay, "vera", "viewer", "viewer-password-1")
+    daemon = Daemon(base / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token)).start()
+    log = open(base / "vdev.log", "ab")  # noqa: SIM115
+    boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
+                               "--period", "0.5", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: any(d["id"] == BOARD and d["online"] for d in relay.json("devices")), timeout=90)
+        yield relay, daemon
+    finally:
+        boards.send_signal(signal.SIGTERM)
+        boards.wait(timeout=30)
+        log.close()
+        daemon.stop()
+        relay.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            raise AssertionError("chromium and chromium-driver are missing (.ci/run installs them)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver: Any, predicate: Any, timeout: float = 30) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(d))
+
+
+def find(driver: Any, css: str) -> Any:
+    from selenium.webdriver.common.by import By
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def found(driver: Any, css: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+    return list(driver.find_elements(By.CSS_SELECTOR, css))
+
+
+def log_in(driver: Any, relay: Relay, name: str, password: str) -> None:
+    driver.get(relay.api_url + "/")
+    wait(driver, lambda d: found(d, "#login-name"))
+    find(driver, "#login-name").send_keys(name)
+    find(driver, "#login-password").send_keys(password)
+    find(driver, "#login-submit").click()
+
+
+def points(driver: Any, resource: str) -> int:
+    count: int = driver.execute_script(
+        "const c = window.edgetrio.charts[arguments[0]]; return c ? c.data[0].length : -1;", resource)
+    return count
+
+
+def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: tuple[Relay, Daemon],
+                                                                         browser: Any) -> None:
+    relay, _daemon = stack
+    log_in(browser, relay, "adam", "not-the-password")
+    wait(browser, lambda d: "wrong name or password" in find(d, "#login-error").text)
+    find(browser, "#login-password").clear()
+    find(browser, "#login-password").send_keys("admin-password-1")
+    find(browser, "#login-submit").click()
+    wait(browser, lambda d: "adam (admin)" in find(d, "#whoami").text)
+    wait(browser, lambda d: "gw1" in find(d, "#nodes").text and BOARD in find(d, "#devices").text)
+    if SHOTS:
+        browser.save_screenshot(str(SHOTS / "dashboard-fleet.png"))
+
+    browser.get(f"{relay.api_url}/#/device/gw1/{BOARD}")
+    wait(browser, lambda d: points(d, "temperature") > 0)
+    first = points(browser, "temperature")
+    wait(browser, lambda d: points(d, "temperature") >= first + 3)  # live: the plot grows without a reload
+    assert {p.get_attribute("data-resource") for p in found(browser, ".plot")} >= {"temperature", "humidity",
+                                                                                    "pressure"}
+    # the twin: desired led=true goes down to the board, which reports it; the page shows the report
+    find(browser, "#twin-patch").send_keys('{"led": true}')
+    find(browser, "#twin-apply").click()
+    wait(browser, lambda d: "Desired version" in find(d, "#twin-message").text)
+    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("led") is True, timeout=60)
+    # someone else changes it meanwhile: the stale edit is refused as a conflict, and the page says so
+    operator = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    request = urllib.request.Request(f"{relay.api_url}/api/nodes/gw1/devices/{BOARD}/twin", method="PATCH",
+                                     data=json.dumps({"desired": {"threshold": 1}}).encode(),
+                                     headers={"authorization": f"Bearer {operator}",
+                                              "content-type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
+    find(browser, "#twin-patch").send_keys('{"led": false}')
+    find(browser, "#twin-apply").click()
+    wait(browser, lambda d: "Conflict" in find(d, "#twin-message").text)
+    # a command button and its result
+    find(browser, 'button.cmd[data-name="ping"]').click()
+    wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
+    if SHOTS:
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(SHOTS / "dashboard-device.png"))
+    # the CSV download link serves the readings
+    href = find(browser, "#csv").get_attribute("href")
+    csv_text = browser.execute_async_script(
+        "fetch(arguments[0]).then(r => r.text()).then(arguments[1])", href)
+    assert csv_text.splitlines()[0].startswith("time_utc,ts,boot,seq,") and len(csv_text.splitlines()) > 3
+
+
+def test_a_viewer_sees_but_cannot_change_anything(stack: tuple[Relay, Daemon], browser: Any) -> None:
+    relay, _daemon = stack
+    log_in(browser, relay, "vera", "viewer-password-1")
+    wait(browser, lambda d: "vera (viewer)" in find(d, "#whoami").text)
+    browser.get(f"{relay.api_url}/#/device/gw1/{BOARD}")
+    wait(browser, lambda d: points(d, "temperature") > 0)
+    assert not found(browser, "#twin-apply")
+    assert all(not b.is_enabled() for b in found(browser, "button.cmd"))
+    # and the relay refuses it even when the page is bypassed (with the session's own CSRF token)
+    status = browser.execute_async_script("""
+        const done = arguments[0];
+        fetch('/api/me').then(r => r.json()).then(me => fetch('/api/nodes/gw1/devices/greenhouse-1/twin', {
+            method: 'PATCH', headers: {'content-type': 'application/json', 'x-csrf-token': me.csrf},
+            body: JSON.stringify({desired: {led: false}})})).then(r => done(r.status));""")
+    assert status == 403
