@@ -16,6 +16,7 @@ from typing import Any
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE
+from edgetrio.identity import hash_password, new_secret
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -33,7 +34,7 @@ def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: floa
     raise TimeoutError("the daemon did not become ready")
 
 
-def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
     node_file = relay_dir / "demo-node.json"
     db = cloud_store.open_db(relay_dir)
@@ -42,6 +43,15 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
             if cloud_store.get_node(db, "demo-gw") is not None:
                 db.execute("DELETE FROM nodes WHERE name = 'demo-gw'")
             node_file.write_text(json.dumps({"node": "demo-gw", "token": cloud_store.add_node(db, "demo-gw")}))
+    login_file = relay_dir / "demo-login.json"  # an admin account for the dashboard, made once
+    if not login_file.exists() or cloud_store.get_user(db, "demo") is None:
+        password = new_secret()
+        with db.atomic():
+            if cloud_store.get_user(db, "demo") is not None:
+                cloud_store.remove_user(db, "demo")
+            cloud_store.add_user(db, "demo", "admin", hash_password(password))
+        login_file.write_text(json.dumps({"name": "demo", "password": password}))
+        login_file.chmod(0o600)
     db.close()
     (relay_dir / "relay.json").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(relay_dir),
@@ -52,7 +62,7 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str
             raise RuntimeError("the relay did not start")
         time.sleep(0.05)
     info = json.loads((relay_dir / "relay.json").read_text())
-    return proc, {**info, **json.loads(node_file.read_text())}
+    return proc, {**info, **json.loads(node_file.read_text()), "login": json.loads(login_file.read_text())}
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -78,6 +88,8 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} virtual ESP32s running the "
           "firmware on the MicroPython unix port; Ctrl-C stops", flush=True)
     relay, cloud = start_relay(relay_dir)
+    login = cloud["login"]
+    print(f"\n  Dashboard: {cloud['api_url']}/   log in as {login['name']}, password {login['password']}\n", flush=True)
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
@@ -101,13 +113,15 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
             time.sleep(3)
             if vdevs.poll() is not None:
                 raise RuntimeError("the virtual devices stopped; see their console.log files")
+            line = []  # one line a tick: readings stored at the edge / in the cloud, and the last temperature
             for name in names:
                 last = store.query_readings(db, name, limit=1)
-                values = last[0]["values"] if last else {}
+                temperature = last[0]["values"].get("temperature") if last else None
                 in_cloud = cloud_db.execute("SELECT count(*) FROM readings WHERE node = ? AND device = ?",
                                             ["demo-gw", name]).fetchone()[0]
-                print(f"  {name}: stored at the edge {store.reading_count(db, name):>5}, in the cloud {in_cloud:>5}"
-                      f"  last {values}", flush=True)
+                line.append(f"{name} {store.reading_count(db, name)}/{in_cloud}"
+                            + (f" {temperature:.1f}C" if isinstance(temperature, int | float) else ""))
+            print(f"  {time.monotonic() - started:5.0f}s  edge/cloud readings: " + "  ".join(line), flush=True)
         print(f"try: edgetrio readings vdev-1 --data-dir {data_dir} --limit 5\n"
               f"     edgetrio cloud readings demo-gw vdev-1 --data-dir {relay_dir} --limit 5\n"
               f"     edgetrio fault vdev-1 wifi down --data-dir {data_dir}", flush=True)
