@@ -49,23 +49,42 @@ log = logging.getLogger("edgetrio.api")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Interest:
+    """What one dashboard stream wants: a node, a device, kinds of event (empty: any)."""
+
+    node: str | None = None
+    device: str | None = None
+    kinds: frozenset[str] = frozenset()
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        return ((self.node is None or event.get("node") == self.node)
+                and (self.device is None or event.get("device") == self.device)
+                and (not self.kinds or event["type"] in self.kinds))
+
+
 class Events:
-    """Fans out what the relay stores (readings, twins, devices) to the open dashboard streams."""
+    """Fans out what the relay stores (readings, twins, devices, nodes) to the open dashboard streams. Each stream
+    says what it wants and is handed only that: a thousand open fleet pages cost the ingest path a comparison each,
+    not a wake-up per reading (measured in tools/bench/bench_dashboard.py)."""
 
     def __init__(self) -> None:
-        self.streams: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self.streams: dict[trio.MemorySendChannel[bytes], Interest] = {}
         self.missed = 0
 
     def publish(self, event: dict[str, Any]) -> None:
-        for stream in list(self.streams):
-            try:
-                stream.send_nowait(event)
-            except trio.WouldBlock:
-                self.missed += 1
+        frame = b""  # encoded once, for every stream that wants it
+        for stream, interest in list(self.streams.items()):
+            if interest.wants(event):
+                frame = frame or f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+                try:
+                    stream.send_nowait(frame)
+                except trio.WouldBlock:
+                    self.missed += 1
 
-    def open(self) -> tuple[trio.MemorySendChannel[dict[str, Any]], trio.MemoryReceiveChannel[dict[str, Any]]]:
-        send, receive = trio.open_memory_channel[dict[str, Any]](STREAM_QUEUE)
-        self.streams.add(send)
+    def open(self, interest: Interest) -> tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]:
+        send, receive = trio.open_memory_channel[bytes](STREAM_QUEUE)
+        self.streams[send] = interest
         return send, receive
 
 
@@ -502,24 +521,20 @@ async def node_rotate(relay: Relay, who: Principal, path: Params, query: Params,
 
 async def stream(relay: Relay, who: Principal, path: Params, query: Params, data: Body
                  ) -> tuple[int, Any]:
-    """Server-sent events: what the relay stores as it stores it (`node`, `device` narrow it down)."""
-    node, device = query.get("node"), query.get("device")
+    """Server-sent events: what the relay stores as it stores it (`node`, `device`, `kinds` narrow it down)."""
+    kinds = frozenset(k for k in query.get("kinds", "").split(",") if k)
+    interest = Interest(query.get("node") or None, query.get("device") or None, kinds)
 
     async def events() -> AsyncIterator[bytes]:
-        send, receive = relay.events.open()
+        send, receive = relay.events.open(interest)
         try:
             yield b"retry: 2000\n\n"
             while True:
                 with trio.move_on_after(HEARTBEAT) as idle:
-                    event = await receive.receive()
-                if idle.cancelled_caught:
-                    yield b": idle\n\n"
-                    continue
-                if (node and event.get("node") != node) or (device and event.get("device") != device):
-                    continue
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+                    frame = await receive.receive()
+                yield b": idle\n\n" if idle.cancelled_caught else frame
         finally:
-            relay.events.streams.discard(send)
+            relay.events.streams.pop(send, None)
     return 200, Reply(200, content_type="text/event-stream", headers=[("cache-control", "no-store")],
                       stream=events())
 

@@ -156,10 +156,12 @@ class Relay:
             if not isinstance(body, dict):
                 continue
             if item.get("resource") == "readings" and isinstance(body.get("readings"), list):
+                by_device: dict[Any, list[dict[str, Any]]] = {}  # one event per device and batch
                 for r in body["readings"]:
                     if isinstance(r, dict) and isinstance(r.get("values"), dict):
-                        self.events.publish({"type": "reading", "node": node, "device": r.get("device"),
-                                             "ts": r.get("ts"), "values": r["values"]})
+                        by_device.setdefault(r.get("device"), []).append({"ts": r.get("ts"), "values": r["values"]})
+                for device, readings in by_device.items():
+                    self.events.publish({"type": "readings", "node": node, "device": device, "readings": readings})
             elif item.get("resource") in ("twin", "device"):
                 self.events.publish({"type": item["resource"], "node": node, "device": body.get("device")})
 

@@ -83,7 +83,7 @@ async function fleet() {
          el("td", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
          el("td", {}, n.devices), el("td", {}, n.queued), el("td", {}, ago(n.last_seen))))),
     el("h2", {}, "Devices"), deviceTable(devices));
-  follow({}, () => route(), () => {});
+  follow({ kinds: "node,device" }, () => route());
 }
 
 function deviceTable(devices) {
@@ -100,7 +100,7 @@ async function node(name) {
   setCrumbs({ text: "fleet", href: "#/" }, { text: name });
   const devices = await api("GET", `/api/nodes/${encodeURIComponent(name)}/devices`);
   main().replaceChildren(el("h2", {}, `Node ${name}`), deviceTable(devices));
-  follow({ node: name }, () => route(), () => {});
+  follow({ node: name, kinds: "node,device" }, () => route());
 }
 
 // the live stream: one EventSource per page, narrowed to what the page shows
@@ -110,7 +110,7 @@ function follow(filter, onChange, onReading) {
   let pending = null;
   const later = () => { if (!pending) pending = setTimeout(() => { pending = null; onChange(); }, 1000); };
   for (const type of ["node", "device", "twin"]) source.addEventListener(type, later);
-  source.addEventListener("reading", (event) => (onReading ? onReading(JSON.parse(event.data)) : later()));
+  source.addEventListener("readings", (event) => { for (const r of JSON.parse(event.data).readings) onReading(r); });
   state.stream = source;
 }
 
@@ -140,7 +140,7 @@ async function device(nodeName, id) {
   showTwin(twinPanel, base, twin);
   showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
   follow({ node: nodeName, device: id }, async () => showTwin(twinPanel, base, await api("GET", `${base}/twin`)),
-         (reading) => appendReading(reading, range));
+         (reading) => appendReading(reading, range));  // readings of this device only, as the relay stores them
 }
 
 function drawPlots(container, series, range) {
