@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from edgetrio import accounts
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
@@ -168,7 +169,7 @@ def users(args: argparse.Namespace) -> None:
                 raise CliError("a password needs at least 8 characters", 2)
             hashed = hash_password(password)
             with db.atomic():
-                store.add_user(db, args.name, args.role, hashed)
+                accounts.add_user(db, args.name, args.role, hashed)
             shown = {"name": args.name, "role": args.role}
             if not args.password_stdin:
                 shown["password"] = password
@@ -176,22 +177,22 @@ def users(args: argparse.Namespace) -> None:
                  + ([f"  password: {password}", "Keep it now: it is stored only hashed."] if not args.password_stdin
                     else []))
         elif args.user_action == "list":
-            rows = store.list_users(db)
+            rows = accounts.list_users(db)
             show(args, rows, [f"{'USER':<20} {'ROLE':<7} {'TOKENS':>6}  CREATED"] + [
                 f"{u['name']:<20} {u['role']:<7} {u['tokens']:>6}  {fmt_time(u['created'])}" for u in rows])
         elif args.user_action == "remove":
             with db.atomic():
-                store.remove_user(db, args.name)
+                accounts.remove_user(db, args.name)
             show(args, {"name": args.name, "removed": True}, [f"removed {args.name}: its sessions and tokens end now"])
         elif args.user_action == "token":
             with db.atomic():
-                token_id, token = store.add_token(db, args.name)
+                token_id, token = accounts.add_token(db, args.name)
             show(args, {"name": args.name, "id": token_id, "token": token}, [
                 f"API token {token_id} for {args.name}\n  token: {token}",
                 "Scripts send it as `authorization: Bearer TOKEN`; `edgetrio cloud user revoke ID` ends it."])
         elif args.user_action == "revoke":
             with db.atomic():
-                store.revoke_token(db, args.token_id)
+                accounts.revoke_token(db, args.token_id)
             show(args, {"id": args.token_id, "revoked": True}, [f"token {args.token_id} revoked"])
     except RegistryError as exc:
         raise CliError(str(exc)) from None
@@ -245,7 +246,7 @@ def add_parser(sub: Any) -> None:
     json_flag.add_argument("--json", action="store_true")
     p = user_actions.add_parser("add", parents=[data, json_flag], help="add an account and print its password once")
     p.add_argument("name")
-    p.add_argument("--role", choices=store.ROLES, default="viewer", help="admin changes things, viewer only looks "
+    p.add_argument("--role", choices=accounts.ROLES, default="viewer", help="admin changes things, viewer only looks "
                                                                           "(default viewer)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of making one")
     p = user_actions.add_parser("list", parents=[data, json_flag])

@@ -26,10 +26,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from edgetrio import wire
 from edgetrio.cloud import store
-from edgetrio.cloud.api import Events, handle_http
+from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
+from edgetrio.web import Events
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, open_writer
 
@@ -123,6 +124,8 @@ class Relay:
     def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False) -> None:
         self.writer = writer  # what thousands of edges send at once shares one group commit
         self.token = token
+        self.builtin = ("operator", token)  # the operator token: the first admin's, for scripts (no login page)
+        self.builtin_login = False
         self.secure_cookies = secure_cookies
         self.events = Events()  # to the dashboards' live streams
         self.http_timeout = http_timeout

@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, token_digest, verify_secret
+from edgetrio import accounts
+from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
 from edgetrio.writer import PRUNE_CHUNK, connect
@@ -22,8 +23,7 @@ from edgetrio.writer import PRUNE_CHUNK, connect
 DB_FILE = "relay.db"
 
 
-class NotFound(RegistryError):
-    pass
+NotFound = accounts.NotFound  # an unknown node, device, user or token: 404
 
 
 def open_db(data_dir: Path) -> Database:
@@ -44,13 +44,7 @@ def open_db(data_dir: Path) -> Database:
         db.table("commands").create(
             {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
              "result": str}, pk="id", if_not_exists=True)
-        db.table("users").create({"name": str, "role": str, "password_hash": str, "created": float}, pk="name",
-                                 if_not_exists=True)
-        db.table("api_tokens").create({"id": str, "user": str, "token_hash": str, "created": float}, pk="id",
-                                      if_not_exists=True)
-        db.table("web_sessions").create({"key_hash": str, "user": str, "csrf": str, "expires": float},
-                                        pk="key_hash", if_not_exists=True)
-        db.table("api_tokens").create_index(["token_hash"], unique=True, if_not_exists=True)
+        accounts.create_tables(db)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
     return db
@@ -111,77 +105,6 @@ def list_nodes(db: Database) -> list[dict[str, Any]]:
 def require_node(db: Database, name: str) -> None:
     if get_node(db, name) is None:
         raise NotFound(f"unknown node {name!r}")
-
-
-# -- operator accounts ----------------------------------------------------------------------------------------------
-
-ROLES = ("admin", "viewer")  # an admin changes things, a viewer only looks
-
-
-def add_user(db: Database, name: str, role: str, password_hash: str) -> None:
-    """Add an operator account (the password hashed by the caller: a slow KDF does not belong in the writer)."""
-    check_device_id(name)
-    if role not in ROLES:
-        raise RegistryError(f"role {role!r}: use admin or viewer")
-    if get_user(db, name) is not None:
-        raise RegistryError(f"user {name!r} already exists")
-    db.table("users").insert({"name": name, "role": role, "password_hash": password_hash, "created": time.time()})
-
-
-def get_user(db: Database, name: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT * FROM users WHERE name = ?", [name]))
-    return rows[0] if rows else None
-
-
-def list_users(db: Database) -> list[dict[str, Any]]:
-    return list(db.query("SELECT u.name, u.role, u.created, (SELECT count(*) FROM api_tokens t WHERE t.user = u.name)"
-                         " AS tokens FROM users u ORDER BY u.name"))
-
-
-def remove_user(db: Database, name: str) -> None:
-    """Remove an account with its tokens and sessions: all of them stop working at once."""
-    if get_user(db, name) is None:
-        raise NotFound(f"unknown user {name!r}")
-    for table in ("api_tokens", "web_sessions"):
-        db.execute(f"DELETE FROM {table} WHERE user = ?", [name])
-    db.execute("DELETE FROM users WHERE name = ?", [name])
-
-
-def add_token(db: Database, user: str) -> tuple[str, str]:
-    """A new API token for a user's scripts: (its id, the token, shown once)."""
-    if get_user(db, user) is None:
-        raise NotFound(f"unknown user {user!r}")
-    token = new_secret()
-    token_id = uuid.uuid4().hex[:8]
-    db.table("api_tokens").insert({"id": token_id, "user": user, "token_hash": token_digest(token),
-                                   "created": time.time()})
-    return token_id, token
-
-
-def revoke_token(db: Database, token_id: str) -> None:
-    if db.execute("DELETE FROM api_tokens WHERE id = ?", [token_id]).rowcount == 0:
-        raise NotFound(f"no token {token_id!r}")
-
-
-def token_user(db: Database, token: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT u.name, u.role FROM api_tokens t JOIN users u ON u.name = t.user"
-                         " WHERE t.token_hash = ?", [token_digest(token)]))
-    return rows[0] if rows else None
-
-
-def start_session(db: Database, user: str, key: str, csrf: str, expires: float) -> None:
-    db.execute("DELETE FROM web_sessions WHERE expires < ?", [time.time()])
-    db.table("web_sessions").insert({"key_hash": token_digest(key), "user": user, "csrf": csrf, "expires": expires})
-
-
-def session_user(db: Database, key: str, now: float) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT u.name, u.role, s.csrf FROM web_sessions s JOIN users u ON u.name = s.user"
-                         " WHERE s.key_hash = ? AND s.expires > ?", [token_digest(key), now]))
-    return rows[0] if rows else None
-
-
-def end_session(db: Database, key: str) -> None:
-    db.execute("DELETE FROM web_sessions WHERE key_hash = ?", [token_digest(key)])
 
 
 # -- what comes up ---------------------------------------------------------------------------------------------------
@@ -407,17 +330,5 @@ def query_readings(db: Database, node: str, device: str, since: float | None, li
 
 
 def series(db: Database, node: str, device: str, since: float, until: float, points: int) -> dict[str, Any]:
-    """Readings from `since` averaged into at most `points` equal buckets per numeric resource, in SQL (a week of 10 s
-    readings is 60,480 rows: only the averages leave the store). `ts` holds each bucket's middle."""
     _replica(db, node, device)
-    recent = db.execute("SELECT data FROM readings WHERE node = ? AND device = ? ORDER BY ts DESC LIMIT 20",
-                        [node, device]).fetchall()
-    keys = sorted({k for (data,) in recent for k, v in json.loads(data).items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)})
-    width = max((until - since) / points, 0.001)
-    columns = "".join(", AVG(json_extract(data, ?))" for _ in keys)
-    rows = db.execute(f"SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, count(*){columns} FROM readings"
-                      " WHERE node = ? AND device = ? AND ts >= ? AND ts <= ? GROUP BY bucket ORDER BY bucket",
-                      [since, width, *(f'$."{k}"' for k in keys), node, device, since, until]).fetchall()
-    return {"since": since, "until": until, "bucket": width, "ts": [since + (r[0] + 0.5) * width for r in rows],
-            "count": [r[1] for r in rows], "values": {k: [r[2 + i] for r in rows] for i, k in enumerate(keys)}}
+    return accounts.series(db, "node = ? AND device = ?", [node, device], "ts", since, until, points)

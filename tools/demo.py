@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from edgetrio import accounts
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE
@@ -44,12 +45,12 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any
                 db.execute("DELETE FROM nodes WHERE name = 'demo-gw'")
             node_file.write_text(json.dumps({"node": "demo-gw", "token": cloud_store.add_node(db, "demo-gw")}))
     login_file = relay_dir / "demo-login.json"  # an admin account for the dashboard, made once
-    if not login_file.exists() or cloud_store.get_user(db, "demo") is None:
+    if not login_file.exists() or accounts.get_user(db, "demo") is None:
         password = new_secret()
         with db.atomic():
-            if cloud_store.get_user(db, "demo") is not None:
-                cloud_store.remove_user(db, "demo")
-            cloud_store.add_user(db, "demo", "admin", hash_password(password))
+            if accounts.get_user(db, "demo") is not None:
+                accounts.remove_user(db, "demo")
+            accounts.add_user(db, "demo", "admin", hash_password(password))
         login_file.write_text(json.dumps({"name": "demo", "password": password}))
         login_file.chmod(0o600)
     db.close()
