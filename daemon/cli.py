@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -13,7 +14,7 @@ from typing import Any
 
 import trio
 
-from edgetrio import wire
+from edgetrio import accounts, wire
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -43,7 +44,7 @@ from edgetrio.daemon.gateway import run
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
-from edgetrio.identity import RegistryError, integration_user
+from edgetrio.identity import RegistryError, hash_password, integration_user, new_secret
 from edgetrio.twin import VersionConflict, set_desired
 
 
@@ -84,7 +85,7 @@ def daemon_settings(args: argparse.Namespace) -> tuple[DaemonConfig, dict[str, s
         "log_level": args.log_level, "serial": args.serial, "cloud_url": args.cloud, "node_id": args.node_id,
         "cloud_token": args.token or token_env, "cloud_token_file": args.token_file,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port,
-        "homeassistant": True if args.ha else None,
+        "homeassistant": True if args.ha else None, "http_host": args.http_host, "http_port": args.http_port,
     }
     cfg = build_config(file_settings, flags)
     sources = {}
@@ -195,6 +196,43 @@ def cmd_integration_list(args: argparse.Namespace) -> None:
             print(f"{r['name']:<16} user {r['username']:<28} since {fmt_time(r['created'])}")
 
     emit(args, rows, human)
+
+
+def cmd_user(args: argparse.Namespace) -> None:
+    """Accounts for the gateway's dashboard and API (the admin credential of the data dir needs none)."""
+    action = args.user_action
+    if action == "list":
+        rows = accounts.list_users(open_store(args.data_dir))
+        emit(args, rows, lambda: print("\n".join(
+            [f"{'USER':<20} {'ROLE':<7} {'TOKENS':>6}  CREATED"]
+            + [f"{u['name']:<20} {u['role']:<7} {u['tokens']:>6}  {fmt_time(u['created'])}" for u in rows])))
+        return
+    if action == "add":
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else new_secret()
+        if len(password) < 8:
+            raise CliError("a password needs at least 8 characters", EXIT_USAGE)
+        op_args = {"name": args.name, "role": args.role, "password_hash": hash_password(password)}
+        result = via_daemon_or_store(args.data_dir, "user.add", op_args,
+                                     lambda db: accounts.add_user(db, args.name, args.role, op_args["password_hash"]))
+        shown = {"name": args.name, "role": args.role, **({} if args.password_stdin else {"password": password})}
+        emit(args, shown, lambda: print(f"user {args.name} added ({args.role})" + (
+            "" if args.password_stdin else f"\n  password: {password}\nKeep it now: it is stored only hashed.")))
+        return
+    if action == "remove":
+        result = via_daemon_or_store(args.data_dir, "user.remove", {"name": args.name},
+                                     lambda db: accounts.remove_user(db, args.name))
+        emit(args, {"name": args.name, "removed": True},
+             lambda: print(f"removed {args.name}: its sessions and tokens end now"))
+    elif action == "token":
+        result = via_daemon_or_store(args.data_dir, "user.token", {"name": args.name},
+                                     lambda db: dict(zip(("id", "token"), accounts.add_token(db, args.name),
+                                                         strict=True)))
+        emit(args, {"name": args.name, "id": result["id"], "token": result["token"]},
+             lambda: print(f"API token {result['id']} for {args.name}\n  token: {result['token']}"))
+    elif action == "revoke":
+        via_daemon_or_store(args.data_dir, "user.revoke", {"id": args.token_id},
+                            lambda db: accounts.revoke_token(db, args.token_id))
+        emit(args, {"id": args.token_id, "revoked": True}, lambda: print(f"token {args.token_id} revoked"))
 
 
 def cmd_model_add(args: argparse.Namespace) -> None:
@@ -437,6 +475,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int,
                    help="port for /metrics and /healthz (default 9883; 0 picks a free one, -1 turns them off)")
+    p.add_argument("--http-host", help="address of the dashboard (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int,
+                   help="port of the dashboard (default 8080; 0 picks a free one, -1 turns it off)")
     p.add_argument("--ha", action="store_true",
                    help="announce devices to Home Assistant by MQTT discovery (its credential: "
                         "`edgetrio integration add homeassistant`)")
@@ -478,6 +519,26 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p = integration.add_parser("remove", parents=[common, as_json], help="remove an integration's credential")
     p.add_argument("name")
     p.set_defaults(func=cmd_integration_remove)
+
+    user = sub.add_parser("user", help="accounts for the gateway's dashboard and API").add_subparsers(
+        dest="user_action", required=True)
+    p = user.add_parser("add", parents=[common, as_json], help="add an account and print its password once")
+    p.add_argument("name")
+    p.add_argument("--role", choices=accounts.ROLES, default="viewer",
+                   help="admin changes things, viewer only looks (default viewer)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of making one")
+    p.set_defaults(func=cmd_user)
+    p = user.add_parser("list", parents=[common, as_json])
+    p.set_defaults(func=cmd_user)
+    p = user.add_parser("remove", parents=[common, as_json], help="remove an account; its sessions and tokens end")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user)
+    p = user.add_parser("token", parents=[common, as_json], help="make an API token for an account's scripts")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user)
+    p = user.add_parser("revoke", parents=[common, as_json], help="revoke an API token by its id")
+    p.add_argument("token_id")
+    p.set_defaults(func=cmd_user)
 
     model = sub.add_parser("model", help="device models").add_subparsers(dest="action", required=True)
     p = model.add_parser("add", parents=[common, as_json], help="add or replace a model from a .json or .toml file")

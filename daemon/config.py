@@ -42,6 +42,8 @@ class DaemonConfig:
     retention_days: float = 90.0  # readings, events and rejects older than this are deleted; 0 keeps everything
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz; keep it local unless a scraper elsewhere needs it
     metrics_port: int = 9883  # 0 picks a free one (written to the run file); -1 turns metrics and health off
+    http_host: str = "127.0.0.1"  # the dashboard; expose it (0.0.0.0) only on a network you trust
+    http_port: int = 8080  # 0 picks a free one (written to the run file); -1 turns the dashboard off
     homeassistant: bool = False  # MQTT discovery for Home Assistant (credential: `edgetrio integration add`)
 
 
@@ -52,6 +54,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_token_file": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
     "retention_days": (int, float), "metrics_host": str, "metrics_port": int, "homeassistant": bool,
+    "http_host": str, "http_port": int,
 }
 
 
@@ -83,6 +86,8 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
         raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
     if not -1 <= cfg.metrics_port <= 65535:
         raise ConfigError(f"metrics port {cfg.metrics_port} is out of range (-1 turns metrics off, 0 picks one)")
+    if not -1 <= cfg.http_port <= 65535:
+        raise ConfigError(f"http port {cfg.http_port} is out of range (-1 turns the dashboard off, 0 picks one)")
     if cfg.retention_days < 0:
         raise ConfigError("retention_days must be 0 (keep everything) or more")
     if not 0.5 <= cfg.connect_timeout <= 300:
@@ -167,11 +172,14 @@ def daemon_running(data_dir: Path) -> bool:
     return False
 
 
-def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | None = None) -> None:
-    """Tell the CLI and local apps where the running daemon listens (and serves metrics, "host:port")."""
+def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | None = None,
+                   http: str | None = None) -> None:
+    """Tell the CLI and local apps where the running daemon listens (and serves metrics and the dashboard,
+    "host:port")."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
     tmp = data_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics,
+                               "http": http}))
     tmp.replace(data_dir / RUN_FILE)
 
 

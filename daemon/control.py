@@ -18,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import trio
 
+from edgetrio import accounts
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
@@ -181,6 +182,19 @@ class ControlServer:
             await self.roster.reload_integrations()
             self.link.disconnect_user(integration_user(name))
             return {"name": name, "removed": True}
+        if op == "user.add":  # the password arrives hashed: the slow KDF ran in the CLI
+            await self.writer.write(partial(accounts.add_user, name=str(args["name"]), role=str(args["role"]),
+                                            password_hash=str(args["password_hash"])))
+            return {"name": args["name"], "role": args["role"]}
+        if op == "user.remove":
+            await self.writer.write(partial(accounts.remove_user, name=str(args["name"])))
+            return {"name": args["name"], "removed": True}
+        if op == "user.token":
+            token_id, token = await self.writer.write(partial(accounts.add_token, user=str(args["name"])))
+            return {"name": args["name"], "id": token_id, "token": token}
+        if op == "user.revoke":
+            await self.writer.write(partial(accounts.revoke_token, token_id=str(args["id"])))
+            return {"id": args["id"], "revoked": True}
         if op == "model.add":
             model = Model.from_dict(args.get("model"))
             await self.writer.write(partial(store.add_model, model=model))

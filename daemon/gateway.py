@@ -33,11 +33,12 @@ from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
 from edgetrio.daemon.homeassistant import HomeAssistant
 from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
-from edgetrio.daemon.pipeline import Ingest
+from edgetrio.daemon.pipeline import Ingest, Watchers
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
 from edgetrio.daemon.supervisor import Supervisor
-from edgetrio.identity import RegistryError
+from edgetrio.daemon.web import GatewayWeb, serve_web
+from edgetrio.identity import ADMIN_USER, RegistryError
 from edgetrio.metrics import HEALTH_TIMEOUT, serve_metrics, store_answers
 from edgetrio.writer import Writer, open_writer
 
@@ -196,7 +197,10 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                           cafile=cfg.cloud_cafile)
                         requests_in, requests_out = trio.open_memory_channel[bytes](CONTROL_REQUESTS_WAITING)
                         ha = HomeAssistant(link, writer, roster, changes, commands) if cfg.homeassistant else None
-                        ingest = Ingest(link, writer, roster, changes, commands, requests_in, ha)
+                        site = GatewayWeb(writer, link, roster, changes, commands, (ADMIN_USER, admin_secret),
+                                          cfg.node_id or "local")
+                        ingest = Ingest(link, writer, roster, changes, commands, requests_in,
+                                        Watchers([site, *([ha] if ha else [])]))
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,
@@ -217,7 +221,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         nursery.start_soon(ingest_until_drained)
                         nursery.start_soon(chores_until_stopped)
                         async with trio.open_nursery() as services, serve_metrics(
-                                cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, health.check) as metrics:
+                                cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, health.check) as metrics, \
+                                serve_web(site, cfg.http_host, cfg.http_port) as dashboard:
                             if hub is not None:
                                 await writer.write(changes.snapshot)
                                 services.start_soon(supervisor.keep, "edge link", hub.run)
@@ -230,9 +235,11 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                             if ha is not None:
                                 services.start_soon(supervisor.keep, "home assistant", ha.run)
                             supervisor.add("metrics", vital=False, state="running" if metrics else "off")
-                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics)
-                            log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s", cfg.data_dir,
-                                     cfg.mqtt_host, link.port, len(roster.models), metrics or "off")
+                            supervisor.add("web", vital=False, state="running" if dashboard else "off")
+                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics, dashboard)
+                            log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s dashboard=%s",
+                                     cfg.data_dir, cfg.mqtt_host, link.port, len(roster.models), metrics or "off",
+                                     f"http://{dashboard}/" if dashboard else "off")
                             task_status.started(link.port)
                             # the broker listens and the store is open: tell systemd (Type=notify), and feed its
                             # watchdog from this loop, so a wedged loop gets the daemon restarted

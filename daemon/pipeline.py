@@ -71,6 +71,33 @@ class Watch:
         """A message from an integration's credential (Home Assistant); the ACL kept it to that integration's topics."""
 
 
+class Watchers(Watch):
+    """Several watchers as one."""
+
+    def __init__(self, watchers: list[Watch]) -> None:
+        self.watchers = watchers
+
+    def committed(self, readings: list[Reading]) -> None:
+        for w in self.watchers:
+            w.committed(readings)
+
+    def presence(self, device: str, online: bool) -> None:
+        for w in self.watchers:
+            w.presence(device, online)
+
+    def reported(self, device: str, twin: Twin) -> None:
+        for w in self.watchers:
+            w.reported(device, twin)
+
+    def meta(self, device: str) -> None:
+        for w in self.watchers:
+            w.meta(device)
+
+    def integration(self, event: BusEvent) -> None:
+        for w in self.watchers:
+            w.integration(event)
+
+
 class Ingest:
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
                  control_requests: trio.MemorySendChannel[bytes], watch: Watch | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database
 
+from edgetrio import accounts
 from edgetrio.daemon.ingest import INTEGRATIONS, Reading, advance_watermark
 from edgetrio.daemon.registry import Model
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, integration_user, new_secret
@@ -27,7 +28,7 @@ T = TypeVar("T")
 DB_FILE = "edgetrio.db"
 
 
-class UnknownDevice(RegistryError):
+class UnknownDevice(accounts.NotFound):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"unknown device {device_id!r} (see `edgetrio device list`)")
 
@@ -93,6 +94,7 @@ def _create_schema(db: Database) -> None:
         db.execute("CREATE TABLE IF NOT EXISTS outbox (offset INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,"
                    " resource TEXT NOT NULL, body TEXT NOT NULL)")
         db.table("inbox").create({"id": str, "applied": float, "result": str}, pk="id", if_not_exists=True)
+        accounts.create_tables(db)  # who may use the dashboard and the API
         db.table("integrations").create({"name": str, "secret_hash": str, "created": float}, pk="name",
                                         if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)

@@ -163,3 +163,45 @@ def test_a_viewer_sees_but_cannot_change_anything(stack: tuple[Relay, Daemon], b
             method: 'PATCH', headers: {'content-type': 'application/json', 'x-csrf-token': me.csrf},
             body: JSON.stringify({desired: {led: false}})})).then(r => done(r.status));""")
     assert status == 403
+
+
+def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[Relay, Daemon], browser: Any) -> None:
+    relay, daemon = stack
+    relay.stop()  # the internet is down: the gateway's own page goes on
+    assert daemon.http
+    admin_user, admin_password = daemon.admin()
+    proc = subprocess.run([sys.executable, "-m", "edgetrio", "user", "add", "gina", "--role", "viewer",
+                           "--password-stdin", "--data-dir", str(daemon.data_dir)], input="gina-password-1\n",
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    site = f"http://{daemon.http}"
+    browser.get(site + "/")
+    wait(browser, lambda d: found(d, "#login-name"))
+    find(browser, "#login-name").send_keys(admin_user)  # the data dir's admin credential is the local admin
+    find(browser, "#login-password").send_keys(admin_password)
+    find(browser, "#login-submit").click()
+    wait(browser, lambda d: f"{admin_user} (admin)" in find(d, "#whoami").text)
+    wait(browser, lambda d: BOARD in find(d, "#devices").text)
+    browser.get(f"{site}/#/device/gw1/{BOARD}")
+    wait(browser, lambda d: points(d, "temperature") > 0)
+    # the twin (threshold back to 0: the first test's threshold 1 holds back readings that change less)
+    find(browser, "#twin-patch").send_keys('{"led": false, "threshold": 0}')
+    find(browser, "#twin-apply").click()
+    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("led") is False, timeout=60)
+    first = points(browser, "temperature")
+    wait(browser, lambda d: points(d, "temperature") >= first + 3)
+    find(browser, 'button.cmd[data-name="ping"]').click()
+    wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
+    if SHOTS:
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(SHOTS / "gateway-device.png"))
+    # a viewer made with `edgetrio user add` looks and cannot change
+    find(browser, "#logout").click()
+    wait(browser, lambda d: found(d, "#login-name"))
+    find(browser, "#login-name").send_keys("gina")
+    find(browser, "#login-password").send_keys("gina-password-1")
+    find(browser, "#login-submit").click()
+    wait(browser, lambda d: "gina (viewer)" in find(d, "#whoami").text)
+    browser.get(f"{site}/#/device/gw1/{BOARD}")
+    wait(browser, lambda d: points(d, "temperature") > 0)
+    assert not found(browser, "#twin-apply") and all(not b.is_enabled() for b in found(browser, "button.cmd"))

@@ -16,7 +16,7 @@ from typing import Any
 from edgetrio import accounts
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
-from edgetrio.daemon.config import RUN_FILE
+from edgetrio.daemon.config import RUN_FILE, admin_credential
 from edgetrio.identity import hash_password, new_secret
 
 
@@ -94,6 +94,7 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data_dir),
                              "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
+                             "--http-port", "0",
                              "--cloud", cloud["edge_url"], "--node-id", cloud["node"]],
                             env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]},  # not in argv, not in `ps`
                             **CHILD)
@@ -101,6 +102,10 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     try:
         info = wait_for_daemon(data_dir, proc)
         print(f"daemon pid {proc.pid} listening for MQTT on {info['mqtt_host']}:{info['mqtt_port']}", flush=True)
+        if info.get("http"):
+            user, password = admin_credential(data_dir)
+            print(f"\n  The gateway's own dashboard (works with the relay gone): http://{info['http']}/   log in as "
+                  f"{user}, password {password}\n", flush=True)
         vdevs = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(count), "--period", "2",
                                   "--data-dir", str(data_dir)], **CHILD)
         children.insert(0, vdevs)

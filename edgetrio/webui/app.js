@@ -152,7 +152,7 @@ function drawPlots(container, series, range) {
     const width = Math.max(320, box.clientWidth - 16);
     const opts = { width, height: 220, scales: { x: { time: true } }, legend: { show: false },
                    series: [{}, { label: key, stroke: "#2563eb", width: 1.5, spanGaps: true }],
-                   axes: [{}, { size: 60 }] };
+                   axes: [{}, { size: 75 }] };
     state.charts[key] = new uPlot(opts, [series.ts.slice(), series.values[key].slice()], box);
   }
   state.range = range;

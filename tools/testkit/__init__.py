@@ -48,12 +48,13 @@ class Daemon:
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-daemon.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(self.data_dir), "--mqtt-host", self.host,
-             "--mqtt-port", str(self.port), "--metrics-port", "0", *self.extra],
+             "--mqtt-port", str(self.port), "--metrics-port", "0", "--http-port", "0", *self.extra],
             cwd=ROOT, stdout=self.log, stderr=self.log,
         )
         info = wait_for_daemon(self.data_dir, self.proc)
         self.port = int(str(info["mqtt_port"]))
         self.metrics = str(info.get("metrics") or "")  # host:port of /metrics and /healthz
+        self.http = str(info.get("http") or "")  # host:port of the dashboard
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
