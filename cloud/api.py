@@ -35,55 +35,121 @@ class Relay(web.Site, Protocol):
 
 
 def openapi() -> dict[str, Any]:
+    """The API described for clients (checked against the OpenAPI 3.0 schema in the tests)."""
     device_path = "/api/nodes/{node}/devices/{device}"
-    params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in ("node", "device")]
-    twin = {"type": "object", "properties": {k: {"type": "object", "properties": {
-        "state": {"type": "object"}, "version": {"type": "integer"}}} for k in ("desired", "reported")} | {
-        "delta": {"type": "object"}}}
-    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    node_param = {"name": "node", "in": "path", "required": True, "schema": {"type": "string"}}
+    params = [node_param, {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    def errors(*codes: int) -> dict[str, Any]:
+        reasons = {400: "Bad request (the message says what)", 401: "Not logged in, or an unknown token",
+                   403: "A viewer, or a cookie write without the CSRF token", 404: "Unknown node or device",
+                   409: "Version conflict, or the node is offline", 504: "No result within the timeout"}
+        return {str(c): ok(ref("Error"), reasons[c]) for c in (401, 403, *codes)}
+
+    def body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": properties, "required": required}}}}
+
+    string, number, integer, obj = {"type": "string"}, {"type": "number"}, {"type": "integer"}, {"type": "object"}
+    nullable_number = {"type": "number", "nullable": True}
+    schemas = {
+        "Error": {"type": "object", "properties": {"error": string}, "required": ["error"]},
+        "Node": {"type": "object", "properties": {"name": string, "online": {"type": "boolean"},
+                                                  "last_seen": nullable_number, "connects": integer,
+                                                  "devices": integer, "queued": integer}},
+        "Device": {"type": "object", "properties": {"node": string, "id": string, "model": {**string, "nullable": True},
+                                                    "online": {"type": "boolean"}, "last_seen": nullable_number,
+                                                    "meta": {**obj, "nullable": True}}},
+        "Twin": {"type": "object", "properties": {
+            "desired": {"type": "object", "properties": {"state": obj, "version": integer}},
+            "reported": {"type": "object", "properties": {"state": obj, "version": integer}}, "delta": obj}},
+        "Reading": {"type": "object", "properties": {"boot": integer, "seq": integer, "ts": number, "values": obj}},
+        "Series": {"type": "object", "properties": {
+            "since": number, "until": number, "bucket": number, "ts": {"type": "array", "items": number},
+            "count": {"type": "array", "items": integer},
+            "values": {"type": "object", "additionalProperties": {"type": "array", "items": nullable_number}}}},
+        "Me": {"type": "object", "properties": {"name": string, "role": {"type": "string", "enum": ["admin", "viewer"]},
+                                                "via": string, "csrf": {**string, "nullable": True}}},
+    }
     return {
         "openapi": "3.0.3",
         "info": {"title": "edgetrio relay operator API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": web.SESSION_COOKIE}}},
+        "security": [{"bearer": []}, {"session": []}],
         "paths": {
+            "/api/login": {"post": {
+                "summary": "Log in; sets the session cookie and returns the CSRF token for writes", "security": [],
+                "requestBody": body({"name": string, "password": string}, ["name", "password"]),
+                "responses": {"200": ok(ref("Me")), "400": ok(ref("Error"), "Bad request"),
+                              "401": ok(ref("Error"), "Wrong name or password")}}},
+            "/api/logout": {"post": {"summary": "End the session", "responses": {"200": ok(obj), **errors()}}},
+            "/api/me": {"get": {"summary": "Who is asking", "responses": {"200": ok(ref("Me")), **errors()}}},
+            "/api/stream": {"get": {
+                "summary": "Server-sent events (readings, twin, device, node) as the relay stores them",
+                "parameters": [{"name": n, "in": "query", "schema": string} for n in ("node", "device", "kinds")],
+                "responses": {"200": {"description": "text/event-stream",
+                                      "content": {"text/event-stream": {"schema": string}}}, **errors()}}},
             "/api/nodes": {"get": {"summary": "Nodes with online state, last seen, devices and queued messages",
-                                   "responses": {"200": ok}}},
-            "/api/devices": {"get": {"summary": "Devices of all nodes", "responses": {"200": ok}}},
+                                   "responses": {"200": ok({"type": "array", "items": ref("Node")}), **errors()}}},
+            "/api/nodes/{node}": {"parameters": [node_param], "delete": {
+                "summary": "Forget a node (token, devices, queue, readings) and close its link",
+                "responses": {"200": ok(obj), **errors(404)}}},
+            "/api/nodes/{node}/token": {"parameters": [node_param], "post": {
+                "summary": "A new token for the node; the old one is refused and its link closed at once",
+                "responses": {"200": ok({"type": "object", "properties": {"node": string, "token": string}}),
+                              **errors(404)}}},
+            "/api/devices": {"get": {"summary": "Devices of all nodes",
+                                     "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors()}}},
             "/api/fleet/twin": {"patch": {
                 "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
-                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                    "desired": {"type": "object"}, "node": {"type": "string"}, "device": {"type": "string"}},
-                    "required": ["desired"]}}}},
-                "responses": {"200": ok, "400": ok, "404": ok}}},
+                "requestBody": body({"desired": obj, "node": string, "device": string}, ["desired"]),
+                "responses": {"200": ok({"type": "object", "properties": {"devices": integer, "nodes": integer}}),
+                              **errors(400, 404)}}},
             "/api/nodes/{node}/devices": {
-                "parameters": params[:1],
-                "get": {"summary": "Devices of a node", "responses": {"200": ok, "404": ok}},
+                "parameters": [node_param],
+                "get": {"summary": "Devices of a node",
+                        "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors(404)}},
                 "post": {"summary": "Register a device on the node; the credential is returned once",
-                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                             "id": {"type": "string"}, "model": {"type": "string"}}, "required": ["id"]}}}},
-                         "responses": {"201": ok, "400": ok, "404": ok}}},
+                         "requestBody": body({"id": string, "model": string}, ["id"]),
+                         "responses": {"201": ok({"type": "object", "properties": {
+                             "id": string, "username": string, "password": string}}), **errors(400, 404)}}},
             f"{device_path}/twin": {
                 "parameters": params,
-                "get": {"summary": "Twin replica", "responses": {"200": {"description": "twin", "content": {
-                    "application/json": {"schema": twin}}}, "404": ok}},
+                "get": {"summary": "Twin replica", "responses": {"200": ok(ref("Twin")), **errors(404)}},
                 "patch": {"summary": "Change desired state (null removes a key); a stale version is refused (409)",
-                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                              "desired": {"type": "object"}, "version": {"type": "integer"}},
-                              "required": ["desired"]}}}},
-                          "responses": {"200": ok, "409": ok, "404": ok}}},
+                          "requestBody": body({"desired": obj, "version": integer}, ["desired"]),
+                          "responses": {"200": ok(ref("Twin")), **errors(400, 404, 409)}}},
             f"{device_path}/commands": {
                 "parameters": params,
                 "post": {"summary": "Run a command on the device and wait for its result",
-                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                             "name": {"type": "string"}, "args": {"type": "object"}, "timeout": {"type": "number"}},
-                             "required": ["name"]}}}},
-                         "responses": {"200": ok, "409": ok, "504": ok}}},
+                         "requestBody": body({"name": string, "args": obj, "timeout": number}, ["name"]),
+                         "responses": {"200": ok({"type": "object", "properties": {
+                             "id": string, "ok": {"type": "boolean"}, "value": {}, "error": string}}),
+                             **errors(400, 404, 409, 504)}}},
             f"{device_path}/readings": {
-                "parameters": [*params, {"name": "since", "in": "query", "schema": {"type": "string"},
+                "parameters": [*params, {"name": "since", "in": "query", "schema": string,
                                          "description": "epoch seconds, an ISO time, or an age such as 10m, 2h, 1d"},
-                               {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
-                "get": {"summary": "Readings, oldest first", "responses": {"200": ok}}},
+                               {"name": "limit", "in": "query", "schema": integer},
+                               {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}],
+                "get": {"summary": "Readings, oldest first (CSV with format=csv)",
+                        "responses": {"200": {"description": "OK", "content": {
+                            "application/json": {"schema": {"type": "array", "items": ref("Reading")}},
+                            "text/csv": {"schema": string}}}, **errors(400, 404)}}},
+            f"{device_path}/series": {
+                "parameters": [*params, {"name": "range", "in": "query",
+                                         "schema": {"type": "string", "enum": list(web.RANGES)}},
+                               {"name": "points", "in": "query", "schema": {"type": "integer", "minimum": 10,
+                                                                            "maximum": 5000}}],
+                "get": {"summary": "Readings over a range averaged into at most `points` buckets per resource",
+                        "responses": {"200": ok(ref("Series")), **errors(400, 404)}}},
         },
     }
 

@@ -166,3 +166,23 @@ async def test_a_rotated_node_token_is_refused_and_the_live_link_closed(relay: R
                 (b"authorization", f"Bearer {renewed}".encode()), (b"x-edgetrio-node", b"n2")]):
             pass
     assert relay.cli("node", "rotate", "n2", check=False).returncode != 0
+
+
+def test_the_openapi_document_is_valid_and_describes_every_route_and_its_errors(relay: Relay) -> None:
+    from openapi_spec_validator import validate
+
+    from edgetrio.cloud.api import ROUTES, openapi
+
+    status, doc, _ = Client(relay.api_url).call("GET", "/openapi.json")
+    assert status == 200 and doc == json.loads(json.dumps(openapi()))
+    validate(doc)  # the OpenAPI 3.0 schema, checked by a validator nobody here wrote
+    for method, pattern, _handler in ROUTES:
+        path = pattern.pattern.strip("^$").replace(r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})", "{node}").replace(
+            r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})", "{device}")
+        operation = doc["paths"][path][method.lower()]
+        errors = {code: r for code, r in operation["responses"].items() if code.startswith(("4", "5"))}
+        assert "401" in errors and all(
+            r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+            for r in errors.values()), (method, path)
+    lists = doc["paths"]["/api/nodes"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert lists == {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}
