@@ -190,6 +190,19 @@ async def series(site: GatewayWeb, who: Principal, path: Params, query: Params, 
                                points)
 
 
+async def logs(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """The device's newest log and status lines (what `edgetrio logs` shows)."""
+    device = site.require_device(path)
+    return 200, await site.run(partial(store.device_logs, device_id=device, limit=100))
+
+
+async def rejects(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """What the gateway refused from the device, with the reason (what `edgetrio rejects` shows)."""
+    device = site.require_device(path)
+    rows = await site.run(partial(store.rejects, device_id=device, limit=50))
+    return 200, [{k: v for k, v in r.items() if k != "payload"} for r in rows]
+
+
 NODE = r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 DEVICE = r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES: web.Routes = [
@@ -201,5 +214,7 @@ ROUTES: web.Routes = [
     ("POST", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/commands$"), command),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/readings$"), readings),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/series$"), series),
+    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/logs$"), logs),
+    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/rejects$"), rejects),
     *web.ACCOUNT_ROUTES,
 ]

@@ -138,6 +138,7 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     # a command button and its result
     find(browser, 'button.cmd[data-name="ping"]').click()
     wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
+    assert not find(browser, "#logs").is_displayed()  # the relay has no log lines of the board
     if SHOTS:
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(SHOTS / "dashboard-device.png"))
@@ -192,6 +193,8 @@ def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[
     wait(browser, lambda d: points(d, "temperature") >= first + 3)
     find(browser, 'button.cmd[data-name="ping"]').click()
     wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
+    # the gateway also has the board's log lines (its status among them) and what it refused
+    assert "status online" in find(browser, "#log-lines").text and find(browser, "#rejects").text
     if SHOTS:
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(SHOTS / "gateway-device.png"))

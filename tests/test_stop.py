@@ -31,7 +31,7 @@ def test_ctrl_c_on_the_demo_stops_every_part(tmp_path: Path) -> None:
                                  str(tmp_path / "demo")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        wait_until(lambda: "in the cloud" in out.read_text(), timeout=90)
+        wait_until(lambda: "edge/cloud readings:" in out.read_text(), timeout=90)
         assert len(leftovers(tmp_path)) >= 5  # the demo, a relay, a daemon, the boards' supervisor, two boards
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=60)

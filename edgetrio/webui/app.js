@@ -130,15 +130,17 @@ async function device(nodeName, id) {
   const plots = el("div", { class: "plots" });
   const twinPanel = el("div", { class: "panel", id: "twin" });
   const commands = el("div", { class: "panel", id: "commands" });
+  const logs = el("div", { class: "panel", id: "logs", hidden: true });
   main().replaceChildren(
     el("h2", {}, id, " ", el("span", { id: "device-state", class: info.online ? "online" : "offline" },
                              info.online ? "online" : "offline")),
     el("p", { class: "muted" }, `model ${info.model || (info.meta && info.meta.model) || "-"} · firmware `,
        (info.meta && info.meta.firmware) || "-", ` · last seen ${ago(info.last_seen)}`),
-    ranges, plots, twinPanel, commands);
+    ranges, plots, twinPanel, commands, logs);
   drawPlots(plots, series, range);
   showTwin(twinPanel, base, twin);
   showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
+  showLogs(logs, base);
   follow({ node: nodeName, device: id }, async () => showTwin(twinPanel, base, await api("GET", `${base}/twin`)),
          (reading) => appendReading(reading, range));  // readings of this device only, as the relay stores them
 }
@@ -219,6 +221,20 @@ function showCommands(panel, base, names) {
               result.textContent = `${name}: ${r.ok ? JSON.stringify(r.value) : "error: " + r.error}`; }
         catch (e) { result.textContent = `${name}: ${e.message}`; }
       } }, name))), result);
+}
+
+// The gateway keeps a device's log lines and what it refused; the relay does not have them (the panel stays hidden).
+async function showLogs(panel, base) {
+  let lines, refused;
+  try { [lines, refused] = await Promise.all([api("GET", `${base}/logs`), api("GET", `${base}/rejects`)]); }
+  catch (e) { return; }
+  const when = (ts) => new Date(ts * 1000).toLocaleTimeString();
+  const text = (body) => (typeof body === "string" ? body : JSON.stringify(body));
+  panel.hidden = false;
+  panel.replaceChildren(el("h3", {}, "Log"),
+    el("pre", { id: "log-lines" }, lines.length ? lines.slice(-30).map((l) => `${when(l.ts)} ${l.kind} ${text(l.body)}`).join("\n") : "(nothing yet)"),
+    el("h3", {}, "Refused"),
+    el("pre", { id: "rejects" }, refused.length ? refused.slice(-20).map((r) => `${when(r.received)} ${r.reason}: ${r.detail}`).join("\n") : "(nothing refused)"));
 }
 
 async function route() {
