@@ -37,7 +37,9 @@ def test_the_wheel_installs_and_works_outside_the_checkout(tmp_path: Path) -> No
     wheel = next((tmp_path / "dist").glob("edgetrio-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("edgetrio/firmware/boot.py", "edgetrio/firmware/lib/node.py", "edgetrio/firmware/sim/board.py",
-                    "edgetrio/daemon/gateway.py", "edgetrio/cloud/relay.py", "edgetrio/tools/flash.py"):
+                    "edgetrio/daemon/gateway.py", "edgetrio/cloud/relay.py", "edgetrio/tools/flash.py",
+                    "edgetrio/webui/index.html", "edgetrio/webui/app.js", "edgetrio/webui/vendor/uPlot.iife.min.js",
+                    "edgetrio/webui/vendor/uPlot.LICENSE"):  # the dashboards' files, with the vendored licence
         assert shipped in names, shipped
     tops = {n.split("/")[0] for n in names if not n.startswith("edgetrio-")}
     assert tops == {"edgetrio"}, tops  # no `daemon`, `cloud` or `tools` at the top of site-packages
