@@ -19,9 +19,10 @@ from edgetrio.tools.testkit import ROOT, wait_until
 
 def run(*args: str | Path, cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # an activated checkout venv on PATH would lend the bare install its device tools
+    # a venv on PATH (this checkout's, or any activated one) would lend the bare install its device tools
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if p and Path(p).resolve() != Path(sys.prefix, "bin").resolve())
+                                  if p and Path(p).resolve() != Path(sys.prefix, "bin").resolve()
+                                  and not (Path(p).parent / "pyvenv.cfg").exists())
     proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
