@@ -167,6 +167,8 @@ class Relay:
                     self.events.publish({"type": "readings", "node": node, "device": device, "readings": readings})
             elif item.get("resource") in ("twin", "device"):
                 self.events.publish({"type": item["resource"], "node": node, "device": body.get("device")})
+            elif item.get("resource") == "node":  # its report of itself: the fleet page shows the counts
+                self.events.publish({"type": "node", "node": node})
 
     # -- connections -------------------------------------------------------------------------------------------------
 

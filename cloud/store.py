@@ -45,6 +45,8 @@ def open_db(data_dir: Path) -> Database:
             {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
              "result": str}, pk="id", if_not_exists=True)
         accounts.create_tables(db)
+        if "counters" not in db.table("nodes").columns_dict:  # what each gateway last reported of itself
+            db.table("nodes").add_column("counters", str)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
     return db
@@ -96,10 +98,11 @@ def node_presence(db: Database, name: str, online: bool, now: float) -> None:
 
 def list_nodes(db: Database) -> list[dict[str, Any]]:
     rows = db.query(
-        "SELECT n.name, n.online, n.last_seen, n.connects, (SELECT count(*) FROM devices d WHERE d.node = n.name"
+        "SELECT n.name, n.online, n.last_seen, n.connects, n.counters, (SELECT count(*) FROM devices d WHERE d.node = n.name"
         " AND d.registered = 1) AS devices, (SELECT count(*) FROM downqueue q WHERE q.node = n.name) AS queued"
         " FROM nodes n ORDER BY n.name")
-    return [{**r, "online": bool(r["online"])} for r in rows]
+    return [{**r, "online": bool(r["online"]), "counters": json.loads(r["counters"]) if r["counters"] else None}
+            for r in rows]
 
 
 def require_node(db: Database, name: str) -> None:
@@ -178,6 +181,9 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
             fields["online"] = int(bool(fields["online"]))
         if fields:
             db.table("devices").update((node, device), fields)
+    elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
+        counters = {str(k): int(v) for k, v in dict(body["counters"]).items()}
+        db.execute("UPDATE nodes SET counters = ? WHERE name = ?", [json.dumps(counters), node])
     elif resource == "cmd_result":
         cmd_id = str(body["cmd"])
         status = "ok" if body.get("result", {}).get("ok") else "error"

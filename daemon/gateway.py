@@ -81,6 +81,37 @@ class Counters:
             await self.flush()
 
 
+NODE_REPORT_EVERY = 10.0  # seconds between looks at what the fleet page shows of this gateway (sent when it changed)
+
+
+def node_report(counters: Counter[str], outbox_rows: int, online: int) -> dict[str, int]:
+    """What the relay's fleet page shows of a gateway: what it refused, rejected and dropped, its outbox depth."""
+    def total(*prefixes: str) -> int:
+        return sum(v for k, v in counters.items() if k.startswith(prefixes))
+    return {"readings": counters.get("readings_received", 0),
+            "refused": total("auth_refused", "acl_refused", "connect_refused", "connect_timeout", "connect_invalid"),
+            "rejected": total("rejected_"), "dropped": total("dropped_", "outbox_dropped"),
+            "outbox_rows": outbox_rows, "devices_online": online}
+
+
+def queue_report(db: Any, mirror: Any, report: dict[str, int]) -> None:
+    mirror(db, "node", {"counters": report})
+
+
+async def report_node(writer: Writer, counters: Counters, health: Health, changes: Changes) -> None:
+    """Send the node report up the cloud link (through the outbox, like everything else) whenever it changed."""
+    last: dict[str, int] | None = None
+    while True:
+        report = node_report(counters.live(), health.outbox["rows"], len(health.roster.connected()))
+        if report != last:
+            try:
+                await writer.write(partial(queue_report, mirror=changes.mirror, report=report))
+                last = report
+            except Exception as exc:  # the store cannot write now: the next look sends it
+                log.debug("node report not queued: %s", exc)
+        await trio.sleep(NODE_REPORT_EVERY)
+
+
 async def keep_retention(writer: Writer, days: float) -> None:
     """Hourly, delete what is older than the retention period (a gateway's disk is small)."""
     while days > 0:
@@ -217,6 +248,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                 async with trio.open_nursery() as chore:
                                     chore.start_soon(keep_retention, writer, cfg.retention_days)
                                     chore.start_soon(counters.flush_every, 5)
+                                    if hub is not None:
+                                        chore.start_soon(report_node, writer, counters, health, changes)
 
                         nursery.start_soon(ingest_until_drained)
                         nursery.start_soon(chores_until_stopped)

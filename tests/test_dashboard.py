@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, Relay, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 BOARD = "greenhouse-1"
@@ -111,6 +111,19 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     find(browser, "#login-submit").click()
     wait(browser, lambda d: "adam (admin)" in find(d, "#whoami").text)
     wait(browser, lambda d: "gw1" in find(d, "#nodes").text and BOARD in find(d, "#devices").text)
+    # what the gateway refused and rejected reaches the fleet page: a stranger's login, a bad reading
+    _relay, daemon = stack
+    stranger = Probe(daemon, "nobody", "wrong", "stranger")
+    assert not stranger.accepted()
+    stranger.close()
+    password = daemon.add_device("bad-board")
+    board = Probe(daemon, "bad-board", password, "bad-board")
+    assert board.accepted()
+    board.publish("edgetrio/bad-board/telemetry", b"{not json")
+    board.close()
+    browser.refresh()
+    wait(browser, lambda d: find(d, '#nodes tr[data-node="gw1"] .count-rejected').text not in ("-", "0")
+         and find(d, '#nodes tr[data-node="gw1"] .count-refused').text not in ("-", "0"), timeout=60)
     if SHOTS:
         browser.save_screenshot(str(SHOTS / "dashboard-fleet.png"))
 

@@ -74,14 +74,18 @@ async function fleet() {
   const [nodes, devices] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices")]);
   const online = devices.filter((d) => d.online).length;
   main().replaceChildren(
-    el("div", { class: "panel row" }, el("strong", {}, `${nodes.length} nodes`),
-       `${nodes.filter((n) => n.online).length} linked`, "·", el("strong", {}, `${devices.length} devices`),
-       `${online} online`, "·", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
+    el("div", { class: "panel row", id: "summary" }, el("strong", {}, `${nodes.length} nodes`),
+       `${nodes.filter((n) => n.online).length} linked`, " · ", el("strong", {}, `${devices.length} devices`),
+       `${online} online`, " · ", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
     el("h2", {}, "Nodes"),
-    el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "last seen"].map((h) => el("th", {}, h))),
-       nodes.map((n) => el("tr", {}, el("td", {}, el("a", { href: `#/node/${encodeURIComponent(n.name)}` }, n.name)),
+    el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "refused", "rejected", "dropped",
+                                               "outbox", "last seen"].map((h) => el("th", {}, h))),
+       nodes.map((n) => { const c = n.counters || {}; return el("tr", { "data-node": n.name },
+         el("td", {}, el("a", { href: `#/node/${encodeURIComponent(n.name)}` }, n.name)),
          el("td", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
-         el("td", {}, n.devices), el("td", {}, n.queued), el("td", {}, ago(n.last_seen))))),
+         el("td", {}, n.devices), el("td", {}, n.queued),
+         ["refused", "rejected", "dropped", "outbox_rows"].map((k) => el("td", { class: `count-${k}` }, c[k] ?? "-")),
+         el("td", {}, ago(n.last_seen))); })),
     el("h2", {}, "Devices"), deviceTable(devices));
   follow({ kinds: "node,device" }, () => route());
 }
