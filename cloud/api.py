@@ -71,6 +71,7 @@ def openapi() -> dict[str, Any]:
         "Twin": {"type": "object", "properties": {
             "desired": {"type": "object", "properties": {"state": obj, "version": integer}},
             "reported": {"type": "object", "properties": {"state": obj, "version": integer}}, "delta": obj}},
+        "Event": {"type": "object", "properties": {"id": integer, "ts": number, "kind": string, "body": {}}},
         "Reading": {"type": "object", "properties": {"boot": integer, "seq": integer, "ts": number, "values": obj}},
         "Series": {"type": "object", "properties": {
             "since": number, "until": number, "bucket": number, "ts": {"type": "array", "items": number},
@@ -145,6 +146,13 @@ def openapi() -> dict[str, Any]:
                         "responses": {"200": {"description": "OK", "content": {
                             "application/json": {"schema": {"type": "array", "items": ref("Reading")}},
                             "text/csv": {"schema": string}}}, **errors(400, 404)}}},
+            f"{device_path}/logs": {"parameters": params, "get": {
+                "summary": "The device's newest log and status lines, as its gateway sent them up",
+                "responses": {"200": ok({"type": "array", "items": ref("Event")}), **errors(404)}}},
+            f"{device_path}/rejects": {"parameters": params, "get": {
+                "summary": "What the device's gateway refused from it, with the reason",
+                "responses": {"200": ok({"type": "array", "items": {"type": "object", "properties": {
+                    "received": number, "reason": string, "detail": string}}}), **errors(404)}}},
             f"{device_path}/series": {
                 "parameters": [*params, {"name": "range", "in": "query",
                                          "schema": {"type": "string", "enum": list(web.RANGES)}},
@@ -277,6 +285,18 @@ async def node_rotate(relay: Relay, who: Principal, path: Params, query: Params,
     return 200, {"node": path["node"], "token": token}
 
 
+async def logs(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """The device's newest log and status lines, as its gateway sent them up."""
+    return 200, await relay.run(store.device_events, path["node"], path["device"], ("log", "status"), 100)
+
+
+async def rejects(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """What the device's gateway refused from it, with the reason."""
+    rows = await relay.run(store.device_events, path["node"], path["device"], ("reject",), 50)
+    return 200, [{"received": r["ts"], "reason": r["body"].get("reason"), "detail": r["body"].get("detail")}
+                 for r in rows]
+
+
 NODE = r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 DEVICE = r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES: web.Routes = [
@@ -290,6 +310,8 @@ ROUTES: web.Routes = [
     ("POST", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/commands$"), command),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/readings$"), readings),
     ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/series$"), series),
+    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/logs$"), logs),
+    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/rejects$"), rejects),
     ("DELETE", re.compile(rf"^/api/nodes/{NODE}$"), node_remove),
     ("POST", re.compile(rf"^/api/nodes/{NODE}/token$"), node_rotate),
     *web.ACCOUNT_ROUTES,

@@ -47,6 +47,11 @@ def open_db(data_dir: Path) -> Database:
         accounts.create_tables(db)
         if "counters" not in db.table("nodes").columns_dict:  # what each gateway last reported of itself
             db.table("nodes").add_column("counters", str)
+        db.table("device_events").create(  # log and status lines, and what the gateway refused, per device
+            {"id": int, "node": str, "device": str, "ts": float, "received": float, "kind": str, "body": str},
+            pk="id", if_not_exists=True)
+        db.table("device_events").create_index(["node", "device", "kind", "id"], if_not_exists=True)
+        db.table("device_events").create_index(["received"], if_not_exists=True)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
     return db
@@ -76,7 +81,7 @@ def rotate_node(db: Database, name: str) -> str:
 def remove_node(db: Database, name: str) -> None:
     """Forget a node: its token, devices, queue and readings."""
     require_node(db, name)
-    for table in ("devices", "downqueue", "commands", "readings"):
+    for table in ("devices", "downqueue", "commands", "readings", "device_events"):
         db.execute(f"DELETE FROM {table} WHERE node = ?", [name])
     db.execute("DELETE FROM nodes WHERE name = ?", [name])
 
@@ -181,6 +186,13 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
             fields["online"] = int(bool(fields["online"]))
         if fields:
             db.table("devices").update((node, device), fields)
+    elif resource == "event":
+        kind = str(body["kind"])
+        if kind not in ("log", "status", "reject"):
+            raise ValueError(f"unknown event kind {kind!r}")
+        _device(db, node, str(body["device"]))
+        db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": float(body["ts"]),
+                                          "received": now, "kind": kind, "body": json.dumps(body.get("body"))})
     elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
         counters = {str(k): int(v) for k, v in dict(body["counters"]).items()}
         db.execute("UPDATE nodes SET counters = ? WHERE name = ?", [json.dumps(counters), node])
@@ -312,6 +324,8 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
     (call again until it returns 0)."""
     deleted = int(db.execute("DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE received < ? LIMIT ?)",
                              [before, limit]).rowcount)
+    deleted += int(db.execute("DELETE FROM device_events WHERE rowid IN (SELECT rowid FROM device_events WHERE "
+                              "received < ? LIMIT ?)", [before, limit]).rowcount)
     deleted += int(db.execute("DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE created < ? "
                               "AND status != 'queued' LIMIT ?)", [before, limit]).rowcount)
     return deleted
@@ -338,3 +352,12 @@ def query_readings(db: Database, node: str, device: str, since: float | None, li
 def series(db: Database, node: str, device: str, since: float, until: float, points: int) -> dict[str, Any]:
     _replica(db, node, device)
     return accounts.series(db, "node = ? AND device = ?", [node, device], "ts", since, until, points)
+
+
+def device_events(db: Database, node: str, device: str, kinds: tuple[str, ...], limit: int) -> list[dict[str, Any]]:
+    """A device's newest events of these kinds, in order."""
+    _replica(db, node, device)
+    rows = list(db.query(f"SELECT id, ts, kind, body FROM device_events WHERE node = ? AND device = ? AND kind IN "
+                         f"({', '.join('?' for _ in kinds)}) ORDER BY id DESC LIMIT ?", [node, device, *kinds, limit]))
+    rows.reverse()
+    return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "body": json.loads(r["body"])} for r in rows]

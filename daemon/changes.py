@@ -74,10 +74,27 @@ class Changes:
                  now: float) -> dict[tuple[str, int], int]:
         """Commit readings; returns the new ack watermark per (device, boot)."""
         acks = store.commit_readings(db, readings, invalid, now)
+        for reading, reason in invalid:
+            self.mirror(db, "event", {"device": reading.device, "kind": "reject", "ts": now, "body": {
+                "reason": "invalid_value", "detail": f"boot {reading.boot} seq {reading.seq}: {reason}"}})
         for start in range(0, len(readings), READINGS_PER_ROW):
             self.mirror(db, "readings", {"readings": [
                 _up_reading(r, now) for r in readings[start:start + READINGS_PER_ROW]]})
         return acks
+
+    def event(self, db: Database, device: str, kind: str, body: Any, now: float) -> None:
+        """A device's log or status line; the cloud gets it for the device page."""
+        store.record_event(db, device, kind, body, now)
+        self.mirror(db, "event", {"device": device, "kind": kind, "body": body, "ts": now})
+
+    def reject(self, db: Database, device: str | None, reason: str, detail: str, payload: bytes, now: float,
+               registered: bool) -> None:
+        """Something refused, kept for inspection; a registered device's go to the cloud too (not a stranger's: the
+        outbox is no place for what anyone can make up)."""
+        store.record_reject(db, device, reason, detail, payload, now)
+        if registered and device is not None:
+            self.mirror(db, "event", {"device": device, "kind": "reject", "body": {"reason": reason, "detail": detail},
+                                      "ts": now})
 
     def command_result(self, db: Database, result: dict[str, Any]) -> None:
         self.mirror(db, "cmd_result", result)

@@ -209,8 +209,8 @@ class Ingest:
         parsed = parse_topic(event.topic)
         device = parsed[0] if parsed else event.username
         log.warning("rejected reason=%s device=%s topic=%s detail=%s", reason, device, event.topic[:200], detail)
-        self._write(partial(store.record_reject, device_id=device, reason=reason, detail=detail,
-                            payload=event.payload, now=time.time()))
+        self._write(partial(self.changes.reject, device=device, reason=reason, detail=detail, payload=event.payload,
+                            now=time.time(), registered=device in self.roster))
 
     def _write(self, apply: Callable[[Database], Any],
                then: Callable[[Any], None] | None = None) -> None:
@@ -281,9 +281,9 @@ class Ingest:
                     self.counts["rejected_invalid_value"] += len(reasons)
                     log.warning("dropped values device=%s boot=%d seq=%d detail=%s", device, reading.boot,
                                 reading.seq, "; ".join(reasons))
-                    self._write(partial(store.record_reject, device_id=device, reason="invalid_value",
+                    self._write(partial(self.changes.reject, device=device, reason="invalid_value",
                                         detail=f"boot {reading.boot} seq {reading.seq}: " + "; ".join(reasons),
-                                        payload=event.payload, now=now))
+                                        payload=event.payload, now=now, registered=True))
                     reading = replace(reading, values=kept)
                     reason = None
             if reason:
@@ -321,4 +321,4 @@ class Ingest:
                 note = wire.loads(event.payload)
             except ValueError:
                 note = event.payload[:4096].decode("utf-8", "replace")
-            self._write(partial(store.record_event, device_id=device, kind=channel, body=note, now=now))
+            self._write(partial(self.changes.event, device=device, kind=channel, body=note, now=now))
