@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from edgetrio import accounts
+from edgetrio import accounts, web
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
@@ -151,6 +151,12 @@ def run(args: argparse.Namespace) -> None:
             query.append(f"limit={args.limit}")
         rows = call(args, "GET", f"/api/nodes/{args.node}/devices/{args.device}/readings"
                     + ("?" + "&".join(query) if query else ""))
+        if args.format == "csv":
+            sys.stdout.write(web.readings_csv_text(rows))
+            return
+        if args.format == "jsonl":
+            sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
+            return
         show(args, rows, [f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} "
                           + " ".join(f"{k}={v}" for k, v in r["values"].items()) for r in rows] or ["no readings"])
     elif action == "device":
@@ -285,6 +291,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("device")
     p.add_argument("--since")
     p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv or jsonl for other tools")
     p = actions.add_parser("device", help="register a device from the cloud")
     device_actions = p.add_subparsers(dest="device_action", required=True)
     p = device_actions.add_parser("add", parents=[api])

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from edgetrio import accounts, wire
+from edgetrio import accounts, web, wire
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -318,6 +318,8 @@ def cmd_readings(args: argparse.Namespace) -> None:
     if store.get_device(db, args.id) is None and store.reading_count(db, args.id) == 0:
         raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
     rows = store.query_readings(db, args.id, since, args.limit)
+    if print_readings_as(args.format, rows):
+        return
 
     def human() -> None:
         for r in rows:
@@ -327,6 +329,17 @@ def cmd_readings(args: argparse.Namespace) -> None:
             print("no readings")
 
     emit(args, rows, human)
+
+
+def print_readings_as(form: str | None, rows: list[dict[str, Any]]) -> bool:
+    """Readings as CSV or JSON lines for other tools; False for the default (text, or --json)."""
+    if form == "csv":
+        sys.stdout.write(web.readings_csv_text(rows))
+    elif form == "jsonl":
+        sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        return False
+    return True
 
 
 def cmd_backup(args: argparse.Namespace) -> None:
@@ -568,6 +581,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("id")
     p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
     p.add_argument("--limit", type=int, help="only the newest N")
+    p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv (a column per resource) or jsonl (a JSON "
+                                                                      "object per line) for other tools")
     p.set_defaults(func=cmd_readings)
 
     p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")

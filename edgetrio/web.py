@@ -366,13 +366,19 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
     return 200, Reply(200, body, headers=[("set-cookie", cookie), ("cache-control", "no-store")])
 
 
-def readings_csv(device: str, rows: list[dict[str, Any]]) -> Reply:
+def readings_csv_text(rows: list[dict[str, Any]]) -> str:
+    """Readings as CSV: a column per resource; a time marked as its arrival (the board's clock was not set) says so."""
     keys = sorted({k for r in rows for k in r["values"]})
     out = io.StringIO()
     table = csv.writer(out)
-    table.writerow(["time_utc", "ts", "boot", "seq", *keys])
+    table.writerow(["time_utc", "ts", "ts_arrival", "boot", "seq", *keys])
     for r in rows:
         when = datetime.fromtimestamp(r["ts"], UTC).isoformat(timespec="milliseconds") if r["ts"] else ""
-        table.writerow([when, r["ts"], r["boot"], r["seq"], *(r["values"].get(k, "") for k in keys)])
-    return Reply(200, out.getvalue().encode(), "text/csv; charset=utf-8",
+        table.writerow([when, r["ts"], "true" if r.get("ts_arrival") else "", r["boot"], r["seq"],
+                        *(json.dumps(v) if isinstance(v := r["values"].get(k, ""), bool) else v for k in keys)])
+    return out.getvalue()
+
+
+def readings_csv(device: str, rows: list[dict[str, Any]]) -> Reply:
+    return Reply(200, readings_csv_text(rows).encode(), "text/csv; charset=utf-8",
                  [("content-disposition", f'attachment; filename="{device}.csv"')])

@@ -223,3 +223,23 @@ def test_device_list_shows_last_seen_from_readings_the_count_and_the_announced_m
     assert listed["last_seen"] >= (connected["last_seen"] or 0) + 1  # the readings moved it on
     assert listed["announced_model"] == "esp32-sensor" and listed["model"] is None
     assert "esp32-sensor*" in daemon.cli("device", "list").stdout
+
+
+def test_readings_as_csv_and_json_lines_for_other_tools(daemon: Daemon, device: object) -> None:
+    import csv
+    import io
+
+    device_id, _, probe = device()  # type: ignore[operator]
+    sent = [{"boot": 1, "seq": 1, "ts": 1_700_000_001, "values": {"t": 21.5, "label": "a,b \"q\""}},
+            {"boot": 1, "seq": 2, "values": {"t": 22.0, "on": True}}]  # no time: stored as its arrival, marked
+    for body in sent:
+        probe.publish(f"edgetrio/{device_id}/telemetry", json.dumps(body))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 2:
+        pass
+    stored = json.loads(daemon.cli("readings", device_id, "--json").stdout)
+    lines = daemon.cli("readings", device_id, "--format", "jsonl").stdout.splitlines()
+    assert [json.loads(line) for line in lines] == stored
+    table = list(csv.DictReader(io.StringIO(daemon.cli("readings", device_id, "--format", "csv").stdout)))
+    assert [(row["seq"], row["t"], row["label"], row["on"], row["ts_arrival"]) for row in table] == [
+        ("1", "21.5", 'a,b "q"', "", ""), ("2", "22.0", "", "true", "true")]
+    assert table[0]["time_utc"] == "2023-11-14T22:13:21.000+00:00" and float(table[1]["ts"]) == stored[1]["ts"]

@@ -164,7 +164,7 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     href = find(browser, "#csv").get_attribute("href")
     csv_text = browser.execute_async_script(
         "fetch(arguments[0]).then(r => r.text()).then(arguments[1])", href)
-    assert csv_text.splitlines()[0].startswith("time_utc,ts,boot,seq,") and len(csv_text.splitlines()) > 3
+    assert csv_text.splitlines()[0].startswith("time_utc,ts,ts_arrival,boot,seq,") and len(csv_text.splitlines()) > 3
 
 
 def test_a_viewer_sees_but_cannot_change_anything(stack: tuple[Relay, Daemon], browser: Any) -> None:
