@@ -7,7 +7,6 @@ The relay's operator token is the first admin's; accounts are made with `edgetri
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -297,22 +296,20 @@ async def rejects(relay: Relay, who: Principal, path: Params, query: Params, dat
                  for r in rows]
 
 
-NODE = r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
-DEVICE = r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES: web.Routes = [
-    ("GET", re.compile(r"^/api/nodes$"), nodes),
-    ("GET", re.compile(r"^/api/devices$"), devices),
-    ("PATCH", re.compile(r"^/api/fleet/twin$"), fleet_twin),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices$"), devices),
-    ("POST", re.compile(rf"^/api/nodes/{NODE}/devices$"), device_add),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/twin$"), twin_get),
-    ("PATCH", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/twin$"), twin_set),
-    ("POST", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/commands$"), command),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/readings$"), readings),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/series$"), series),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/logs$"), logs),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/rejects$"), rejects),
-    ("DELETE", re.compile(rf"^/api/nodes/{NODE}$"), node_remove),
-    ("POST", re.compile(rf"^/api/nodes/{NODE}/token$"), node_rotate),
+    web.Route("GET", "/api/nodes", nodes),
+    web.Route("GET", "/api/devices", devices),
+    web.Route("PATCH", "/api/fleet/twin", fleet_twin),
+    web.Route("GET", "/api/nodes/{node}/devices", devices),
+    web.Route("POST", "/api/nodes/{node}/devices", device_add),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/twin", twin_get),
+    web.Route("PATCH", "/api/nodes/{node}/devices/{device}/twin", twin_set),
+    web.Route("POST", "/api/nodes/{node}/devices/{device}/commands", command),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/readings", readings),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/series", series),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/logs", logs),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/rejects", rejects),
+    web.Route("DELETE", "/api/nodes/{node}", node_remove),
+    web.Route("POST", "/api/nodes/{node}/token", node_rotate),
     *web.ACCOUNT_ROUTES,
 ]

@@ -28,10 +28,19 @@ from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected
 from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
 from edgetrio.identity import RegistryError, integration_user
-from edgetrio.twin import VersionConflict
+from edgetrio.twin import Twin, VersionConflict
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.control")
+
+
+async def set_desired(writer: Writer, changes: Changes, link: BrokerLink, device: str, patch: dict[str, Any],
+                      version: int | None) -> Twin:
+    """Change a device's desired state (with its cloud mirror) and tell the device: the one way the CLI, the
+    dashboard and Home Assistant set it. Raises VersionConflict on a stale version, UnknownDevice."""
+    twin: Twin = await writer.write(partial(changes.desired, device=device, patch=patch, version=version))
+    link.publish([desired_message(device, twin)])
+    return twin
 
 
 class ControlError(Exception):
@@ -204,9 +213,7 @@ class ControlServer:
             device_id, patch, version = args["id"], args["patch"], args.get("version")
             if not isinstance(patch, dict) or not patch:
                 raise ValueError("twin set needs at least one key=value")
-            twin = await self.writer.write(partial(self.changes.desired, device=device_id, patch=patch,
-                                                   version=version))
-            self.link.publish([desired_message(device_id, twin)])
+            twin = await set_desired(self.writer, self.changes, self.link, device_id, patch, version)
             return twin.as_json()
         if op == "cmd":
             return await self.commands.send(args["id"], str(args["name"]), args.get("args") or {},

@@ -33,7 +33,7 @@ from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
 from edgetrio.daemon.homeassistant import HomeAssistant
 from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
-from edgetrio.daemon.pipeline import Ingest, Watchers
+from edgetrio.daemon.pipeline import Ingest
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
 from edgetrio.daemon.supervisor import Supervisor
@@ -231,7 +231,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         site = GatewayWeb(writer, link, roster, changes, commands, (ADMIN_USER, admin_secret),
                                           cfg.node_id or "local")
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in,
-                                        Watchers([site, *([ha] if ha else [])]))
+                                        [site, *([ha] if ha else [])])
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,

@@ -29,7 +29,8 @@ from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, BusEvent
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands
-from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, desired_message
+from edgetrio.daemon.control import set_desired
+from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.registry import TYPE_ALIASES, Model
 from edgetrio.daemon.roster import Roster
@@ -181,6 +182,7 @@ class HomeAssistant(Watch):
         self.commands = commands
         self.jobs_in, self.jobs = trio.open_memory_channel[tuple[str, ...]](JOBS_WAITING)
         self.announced: dict[str, set[str]] = {}  # device -> config topics Home Assistant was given
+        self.offered: dict[str, set[str]] = {}  # device -> command topics of what was announced: all it may use
         self.seen_models: dict[str, Model | None] = {}
         self.presses = trio.CapacityLimiter(PRESSES_AT_ONCE)
 
@@ -241,6 +243,7 @@ class HomeAssistant(Watch):
                 await self.announce(changed)
             for device in [d for d in self.announced if d not in models]:
                 self.link.publish([(t, b"") for t in sorted(self.announced.pop(device))])  # empty: remove the entity
+                self.offered.pop(device, None)
                 self.seen_models.pop(device, None)
                 log.info("home assistant: withdrew %s", device)
             await trio.sleep(RECONCILE_EVERY)
@@ -259,6 +262,7 @@ class HomeAssistant(Watch):
             self.link.publish([(t, b"") for t in sorted(stale)] +
                               [(t, json.dumps(body).encode()) for t, body in configs])
             self.announced[device] = topics
+            self.offered[device] = {body["command_topic"] for _, body in configs if "command_topic" in body}
             online = self.roster.online(device)
             states.append((topic(device, "availability"), b"online" if online else b"offline"))
             states += [(topic(device, "state", k), payload(v)) for k, v in view["values"].items()]
@@ -270,8 +274,8 @@ class HomeAssistant(Watch):
 
     async def _set(self, device: str, key: str, text: str) -> None:
         """A switch or number changed in Home Assistant: the desired state follows (the board then reports it)."""
-        if device not in self.roster:
-            log.warning("home assistant: set %s on unknown device %s", key, device)
+        if topic(device, "set", key) not in self.offered.get(device, set()):
+            log.warning("home assistant: set %s on %s refused: not a setting it was offered", key, device)
             return
         try:
             value = wire.loads(text)
@@ -281,16 +285,17 @@ class HomeAssistant(Watch):
             log.warning("home assistant: set %s.%s refused: not a single value", device, key)
             return
         try:
-            twin = await self.writer.write(partial(self.changes.desired, device=device, patch={key: value},
-                                                   version=None))
+            twin = await set_desired(self.writer, self.changes, self.link, device, {key: value}, None)
         except Exception as exc:
             log.warning("home assistant: set %s.%s failed: %s", device, key, exc)
             return
-        self.link.publish([desired_message(device, twin)])
         log.info("home assistant: set %s.%s = %s (desired version %d)", device, key, wire.clip(text, 40),
                  twin.desired_version)
 
     async def _press(self, device: str, name: str) -> None:
+        if topic(device, "press", name) not in self.offered.get(device, set()):
+            log.warning("home assistant: command %s on %s refused: not a button it was offered", name, device)
+            return
         async with self.presses:
             started = time.monotonic()
             try:

@@ -72,36 +72,39 @@ class Watch:
 
 
 class Watchers(Watch):
-    """Several watchers as one."""
+    """Several watchers as one. A watcher that fails costs its own view of that event, never ingest: they are
+    called on the commit path, and ingest is vital."""
 
     def __init__(self, watchers: list[Watch]) -> None:
         self.watchers = watchers
 
+    def _tell(self, what: str, *args: Any) -> None:
+        for watcher in self.watchers:
+            try:
+                getattr(watcher, what)(*args)
+            except Exception:
+                log.exception("%s failed to take %s", type(watcher).__name__, what)
+
     def committed(self, readings: list[Reading]) -> None:
-        for w in self.watchers:
-            w.committed(readings)
+        self._tell("committed", readings)
 
     def presence(self, device: str, online: bool) -> None:
-        for w in self.watchers:
-            w.presence(device, online)
+        self._tell("presence", device, online)
 
     def reported(self, device: str, twin: Twin) -> None:
-        for w in self.watchers:
-            w.reported(device, twin)
+        self._tell("reported", device, twin)
 
     def meta(self, device: str) -> None:
-        for w in self.watchers:
-            w.meta(device)
+        self._tell("meta", device)
 
     def integration(self, event: BusEvent) -> None:
-        for w in self.watchers:
-            w.integration(event)
+        self._tell("integration", event)
 
 
 class Ingest:
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 control_requests: trio.MemorySendChannel[bytes], watch: Watch | None = None) -> None:
-        self.watch = watch or Watch()
+                 control_requests: trio.MemorySendChannel[bytes], watchers: list[Watch] | None = None) -> None:
+        self.watch = Watchers(watchers or [])
         self.link = link
         self.writer = writer
         self.roster = roster
@@ -195,11 +198,11 @@ class Ingest:
                 self.uncommitted -= len(readings) + len(invalid)
                 self.counts["readings_received"] += len(readings)
                 self.counts["readings_arrival_time"] += sum(r.ts is None for r in readings)
-                self.watch.committed(readings)
-                readings, invalid = [], []
                 # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
                 self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
                                    for (device, boot), seq in acks.items()], qos=0)
+                self.watch.committed(readings)  # after the acks: those are what devices wait for
+                readings, invalid = [], []
 
     def _publish_desired(self, device: str, twin: Twin) -> None:
         self.link.publish([desired_message(device, twin)])

@@ -8,7 +8,6 @@ works as a bearer token), and accounts made with `edgetrio user add NAME --role 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +23,8 @@ from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands
-from edgetrio.daemon.ingest import Reading, desired_message
+from edgetrio.daemon.control import set_desired
+from edgetrio.daemon.ingest import Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.roster import Roster
 from edgetrio.twin import Twin
@@ -84,10 +84,11 @@ class GatewayWeb(Watch):
             return event
 
         try:
-            with trio.move_on_after(HTTP_TIMEOUT):
+            first = None
+            with trio.move_on_after(HTTP_TIMEOUT):  # the first request only: a page's event stream stays open
                 first = await next_event()
-                await web.serve_requests(self, partial(web.dispatch, self, ROUTES), conn, stream, first, next_event,
-                                         HTTP_TIMEOUT)
+            await web.serve_requests(self, partial(web.dispatch, self, ROUTES), conn, stream, first, next_event,
+                                     HTTP_TIMEOUT)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError) as exc:
             log.debug("web connection ended: %r", exc)
         finally:
@@ -155,8 +156,7 @@ async def twin_set(site: GatewayWeb, who: Principal, path: Params, query: Params
         raise HTTPError(400, "'desired' must be a non-empty object")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise HTTPError(400, "'version' must be an integer")
-    twin = await site.writer.write(partial(site.changes.desired, device=device, patch=patch, version=version))
-    site.link.publish([desired_message(device, twin)])
+    twin = await set_desired(site.writer, site.changes, site.link, device, patch, version)
     site.events.publish({"type": "twin", "node": site.node, "device": device})
     return 200, twin.as_json()
 
@@ -203,18 +203,16 @@ async def rejects(site: GatewayWeb, who: Principal, path: Params, query: Params,
     return 200, [{k: v for k, v in r.items() if k != "payload"} for r in rows]
 
 
-NODE = r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
-DEVICE = r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES: web.Routes = [
-    ("GET", re.compile(r"^/api/nodes$"), nodes),
-    ("GET", re.compile(r"^/api/devices$"), devices),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices$"), devices),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/twin$"), twin_get),
-    ("PATCH", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/twin$"), twin_set),
-    ("POST", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/commands$"), command),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/readings$"), readings),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/series$"), series),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/logs$"), logs),
-    ("GET", re.compile(rf"^/api/nodes/{NODE}/devices/{DEVICE}/rejects$"), rejects),
+    web.Route("GET", "/api/nodes", nodes),
+    web.Route("GET", "/api/devices", devices),
+    web.Route("GET", "/api/nodes/{node}/devices", devices),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/twin", twin_get),
+    web.Route("PATCH", "/api/nodes/{node}/devices/{device}/twin", twin_set),
+    web.Route("POST", "/api/nodes/{node}/devices/{device}/commands", command),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/readings", readings),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/series", series),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/logs", logs),
+    web.Route("GET", "/api/nodes/{node}/devices/{device}/rejects", rejects),
     *web.ACCOUNT_ROUTES,
 ]

@@ -132,7 +132,24 @@ class Site(Protocol):
 Params = dict[str, str]
 Body = dict[str, Any]
 Result = tuple[int, Any]
-Routes = list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Result]]]]
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # a node or device id in a path (identity.DEVICE_ID's characters)
+
+
+@dataclass(frozen=True)
+class Route:
+    """An endpoint: GET /api/nodes/{node}/devices/{device}/twin -> handler(site, who, path, query, body)."""
+
+    method: str
+    template: str
+    handler: Callable[..., Awaitable[Result]]
+    pattern: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m.group(1)}>{NAME})", self.template)
+        object.__setattr__(self, "pattern", re.compile(names))
+
+
+Routes = list[Route]
 
 
 async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes) -> Result:
@@ -152,13 +169,13 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
     if method not in ("GET", "HEAD") and principal.via == "cookie" and not hmac.compare_digest(
             headers.get("x-csrf-token", "").encode(), principal.csrf.encode()):
         raise HTTPError(403, "missing or wrong CSRF token (x-csrf-token)")
-    for route_method, pattern, handler in routes:
-        match = pattern.fullmatch(target.path)
-        if match and route_method == method:
+    for route in routes:
+        match = route.pattern.fullmatch(target.path)
+        if match and route.method == method:
             query = {k: v[-1] for k, v in parse_qs(target.query).items()}
             data = parse_body(body)
             try:
-                return await handler(site, principal, match.groupdict(), query, data)
+                return await route.handler(site, principal, match.groupdict(), query, data)
             except accounts.NotFound as exc:
                 raise HTTPError(404, str(exc)) from exc
             except VersionConflict as exc:
@@ -170,7 +187,7 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
             except Exception as exc:
                 log.exception("request %s %s failed", method, target.path)
                 raise HTTPError(500, f"internal error: {type(exc).__name__}") from exc
-    if any(pattern.fullmatch(target.path) for _, pattern, _ in routes):
+    if any(route.pattern.fullmatch(target.path) for route in routes):
         raise HTTPError(405, f"{method} is not allowed on {target.path}")
     raise HTTPError(404, f"no such endpoint {target.path}")
 
@@ -234,9 +251,9 @@ async def stream(site: Site, who: Principal, path: Params, query: Params, data: 
 
 
 ACCOUNT_ROUTES: Routes = [
-    ("GET", re.compile(r"^/api/me$"), me),
-    ("POST", re.compile(r"^/api/logout$"), logout),
-    ("GET", re.compile(r"^/api/stream$"), stream),
+    Route("GET", "/api/me", me),
+    Route("POST", "/api/logout", logout),
+    Route("GET", "/api/stream", stream),
 ]
 
 

@@ -176,13 +176,11 @@ def test_the_openapi_document_is_valid_and_describes_every_route_and_its_errors(
     status, doc, _ = Client(relay.api_url).call("GET", "/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(openapi()))
     validate(doc)  # the OpenAPI 3.0 schema, checked by a validator nobody here wrote
-    for method, pattern, _handler in ROUTES:
-        path = pattern.pattern.strip("^$").replace(r"(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})", "{node}").replace(
-            r"(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})", "{device}")
-        operation = doc["paths"][path][method.lower()]
+    for route in ROUTES:
+        operation = doc["paths"][route.template][route.method.lower()]
         errors = {code: r for code, r in operation["responses"].items() if code.startswith(("4", "5"))}
         assert "401" in errors and all(
             r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
-            for r in errors.values()), (method, path)
+            for r in errors.values()), (route.method, route.template)
     lists = doc["paths"]["/api/nodes"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert lists == {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}

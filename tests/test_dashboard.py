@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,23 @@ def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[
     browser.get(f"{site}/#/device/gw1/{BOARD}")
     wait(browser, lambda d: points(d, "temperature") > 0)
     assert not found(browser, "#twin-apply") and all(not b.is_enabled() for b in found(browser, "button.cmd"))
+
+
+def test_a_gateway_event_stream_outlives_the_request_timeout(stack: tuple[Relay, Daemon]) -> None:
+    import socket
+
+    _relay, daemon = stack
+    host, port = daemon.http.split(":")
+    _user, secret = daemon.admin()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"GET /api/stream?kinds=node HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n\r\n"
+                     .encode())
+        received, deadline = b"", time.monotonic() + 18  # past the 15 s a request may take, and one heartbeat
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                continue
+            assert chunk, f"the stream was closed after {18 - (deadline - time.monotonic()):.1f} s: {received!r}"
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK") and b"retry: 2000" in received and b": idle" in received

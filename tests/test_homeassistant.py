@@ -185,6 +185,12 @@ def test_the_integration_credential_is_confined_to_its_own_topics(gateway: tuple
     rows = json.loads(daemon.cli("readings", BOARD, "--json").stdout)
     assert len(rows) >= before and all(r["boot"] != 999 for r in rows)
     assert daemon.counters().get("acl_refused_publish", 0) >= 2
+    # nor set what it was not offered, nor press a button it was not given
+    ha.publish(f"edgetrio-ha/{BOARD}/set/label", "owned")
+    ha.publish(f"edgetrio-ha/{BOARD}/press/factory_reset", "PRESS")
+    wait_until(lambda: "refused: not a button it was offered" in daemon.log_text()
+               and "refused: not a setting it was offered" in daemon.log_text(), timeout=10)
+    assert "label" not in json.loads(daemon.cli("twin", "get", BOARD, "--json").stdout)["desired"]["state"]
     # nor leave a will on a board's topics
     raw = RawMQTT(daemon.host, daemon.port)
     assert raw.connect("ha-will", HA_USER, secret, will=(f"edgetrio/{BOARD}/status", b"offline", 1, False)) != 0

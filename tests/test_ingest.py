@@ -185,3 +185,24 @@ def test_a_model_can_keep_the_values_that_fit_and_drop_only_the_bad_one(daemon: 
     bad.write_text(model.read_text().replace("drop_value", "shrug"))
     wrong = daemon.cli("model", "add", str(bad), check=False)
     assert wrong.returncode == 2 and "on_invalid" in wrong.stderr
+
+
+def test_a_failing_watcher_costs_its_own_view_never_ingest() -> None:
+    from edgetrio.daemon.ingest import Reading
+    from edgetrio.daemon.pipeline import Watch, Watchers
+
+    class Broken(Watch):
+        def committed(self, readings: list[Reading]) -> None:
+            raise RuntimeError("a watcher's bug")
+
+    class Seen(Watch):
+        def __init__(self) -> None:
+            self.readings: list[Reading] = []
+
+        def committed(self, readings: list[Reading]) -> None:
+            self.readings += readings
+
+    seen = Seen()
+    reading = Reading("d1", 1, 1, 1.7e9, {"t": 1.0})
+    Watchers([Broken(), seen]).committed([reading])  # on the commit path: must not raise
+    assert seen.readings == [reading]

@@ -37,6 +37,16 @@ def layout(user: bool) -> Layout:
                   "multi-user.target", False)
 
 
+# how both units run: restarted on failure, files private to the service, no new privileges, /usr and /etc read-only
+RUN_AS_SERVICE = """Restart=on-failure
+RestartSec=5
+TimeoutStopSec=30
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=full
+PrivateTmp=yes"""
+
+
 def daemon_files(where: Layout) -> dict[Path, str]:
     config = where.config / "daemon.toml"
     unit = f"""[Unit]
@@ -49,13 +59,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m edgetrio daemon --config {config}
 WatchdogSec={WATCHDOG_SEC}
-Restart=on-failure
-RestartSec=5
-TimeoutStopSec=30
-UMask=0077
-NoNewPrivileges=yes
-ProtectSystem=full
-PrivateTmp=yes
+{RUN_AS_SERVICE}
 {"" if where.user else "StateDirectory=edgetrio"}
 
 [Install]
@@ -67,6 +71,8 @@ mqtt_host = "0.0.0.0"        # devices reach the gateway over Wi-Fi
 mqtt_port = 1883
 metrics_host = "127.0.0.1"   # /metrics (Prometheus) and /healthz
 metrics_port = 9883
+http_host = "127.0.0.1"      # the dashboard (docs/dashboard.md); 0.0.0.0 only on a network you trust
+http_port = 8080
 log_level = "info"
 retention_days = 90
 # homeassistant = true       # MQTT discovery (credential: `edgetrio integration add homeassistant`)
@@ -85,13 +91,7 @@ Wants=network-online.target
 
 [Service]
 ExecStart={sys.executable} -m edgetrio cloud serve --data-dir {where.data / 'relay'} --host 0.0.0.0 --port 8765
-Restart=on-failure
-RestartSec=5
-TimeoutStopSec=30
-UMask=0077
-NoNewPrivileges=yes
-ProtectSystem=full
-PrivateTmp=yes
+{RUN_AS_SERVICE}
 
 [Install]
 WantedBy={where.wanted_by}
