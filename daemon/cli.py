@@ -27,6 +27,7 @@ from edgetrio.console import (
     require_positive,
     setup_logging,
 )
+from edgetrio.daemon import automation as auto
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerStartError
 from edgetrio.daemon.config import (
@@ -43,6 +44,7 @@ from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import run
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
+from edgetrio.daemon.rules import RuleError, parse_document, read_rule_file
 from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.identity import RegistryError, hash_password, integration_user, new_secret
 from edgetrio.twin import VersionConflict, set_desired
@@ -69,7 +71,7 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
     try:
         with db.atomic():
             return offline(db)
-    except (RegistryError, VersionConflict) as exc:
+    except (RegistryError, VersionConflict, RuleError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -417,6 +419,106 @@ def cmd_rejects(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+def rule_document(path: Path) -> dict[str, Any]:
+    """A rule file read and checked for what can be checked without the devices (syntax, keys, cron, time zones)."""
+    try:
+        doc = read_rule_file(path)
+        auto.check_notify_urls(parse_document(doc)[0])
+    except RuleError as exc:
+        raise CliError(f"{path}: {exc}", EXIT_USAGE) from exc
+    return doc
+
+
+def cmd_rule_add(args: argparse.Namespace) -> None:
+    doc = rule_document(args.file)
+    result = via_daemon_or_store(args.data_dir, "rule.add", {"doc": doc}, lambda db: {
+        "added": auto.add_automations(db, doc, auto.registered_models(db))})
+    emit(args, result, lambda: print(f"added {', '.join(result['added'])}"))
+
+
+def cmd_rule_remove(args: argparse.Namespace) -> None:
+    def offline(db: Any) -> dict[str, Any]:
+        auto.remove_automation(db, args.name)
+        return {"name": args.name, "removed": True}
+
+    result = via_daemon_or_store(args.data_dir, "rule.remove", {"name": args.name}, offline)
+    emit(args, result, lambda: print(f"removed {args.name}"))
+
+
+def cmd_rule_list(args: argparse.Namespace) -> None:
+    rows = auto.list_automations(open_store(args.data_dir))
+
+    def human() -> None:
+        for r in rows:
+            devices = ", ".join(r["devices"])
+            print(f"{r['name']:<24} {r['kind']:<8} {r['source']:<6} {devices:<24} {r['when']}")
+        if not rows:
+            print("no rules or schedules (add some with `edgetrio rule add FILE`)")
+
+    emit(args, rows, human)
+
+
+def cmd_rule_history(args: argparse.Namespace) -> None:
+    require_positive(limit=args.limit)
+    rows = auto.history(open_store(args.data_dir), args.name, args.limit)
+
+    def human() -> None:
+        for r in rows:
+            print(f"{fmt_time(r['ts'])}  {r['device'] or '-':<16} {r['event']:<14} {r['detail']}")
+        if not rows:
+            print(f"nothing recorded for {args.name!r}")
+
+    emit(args, rows, human)
+
+
+def cmd_rule_test(args: argparse.Namespace) -> None:
+    doc = rule_document(args.file)
+    values = parse_assignments(args.values)
+    if not values:
+        raise CliError("give the reading's values: --values temperature=35 ...", EXIT_USAGE)
+    request = {"doc": doc, "device": args.device, "values": values}
+    rows = via_daemon_or_store(args.data_dir, "rule.test", request,
+                               lambda db: auto.dry_run(doc, auto.registered_models(db), args.device, values))
+
+    def human() -> None:
+        for r in rows:
+            if not r["judged"]:
+                print(f"{r['rule']}: cannot judge (a value it needs is missing or of another type)")
+            elif r["fires"]:
+                after = f" after holding {r['after']:g} s" if r["after"] else ""
+                print(f"{r['rule']}: fires{after} ({r['severity']}); {'; '.join(r['actions']) or 'no actions'}; "
+                      f"{r['notify']} notifications")
+            else:
+                print(f"{r['rule']}: does not fire")
+        if not rows:
+            print(f"no rule in {args.file} watches {args.device}")
+
+    emit(args, rows, human)
+
+
+def cmd_alerts(args: argparse.Namespace) -> None:
+    rows = auto.list_alerts(open_store(args.data_dir), args.all)
+
+    def human() -> None:
+        for r in rows:
+            since = r["fired"] or r["started"]
+            acked = f"  acked by {r['acked_by']}" if r["acked"] else ""
+            values = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["values"].items())
+            print(f"{r['id']:>5} {r['state']:<9} {r['severity']:<9} {r['rule']:<20} {r['device']:<16} "
+                  f"{fmt_time(since)}  {values}{acked}")
+        if not rows:
+            print("no open alerts" + ("" if args.all else " (--all shows resolved ones too)"))
+
+    emit(args, rows, human)
+
+
+def cmd_alerts_ack(args: argparse.Namespace) -> None:
+    who = os.environ.get("USER") or "cli"
+    result = via_daemon_or_store(args.data_dir, "alerts.ack", {"id": args.id, "by": who}, lambda db: auto.ack_alert(
+        db, args.id, who, time.time()))
+    emit(args, result, lambda: print(f"alert {args.id} acknowledged by {result['acked_by']}"))
+
+
 def cmd_config_show(args: argparse.Namespace) -> None:
     cfg, sources = daemon_settings(args)
     shown = {}
@@ -600,6 +702,37 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
     p.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
     p.set_defaults(func=cmd_rejects)
+
+    rule = sub.add_parser("rule", help="automation: rules on readings and schedules").add_subparsers(
+        dest="action", required=True)
+    p = rule.add_parser("add", parents=[common, as_json],
+                        help="add (or replace, by name) the rules and schedules of a TOML or JSON file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_rule_add)
+    p = rule.add_parser("list", parents=[common, as_json], help="rules and schedules, local and from the cloud")
+    p.set_defaults(func=cmd_rule_list)
+    p = rule.add_parser("remove", parents=[common, as_json], help="remove a rule or schedule by name")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rule_remove)
+    p = rule.add_parser("test", parents=[common, as_json],
+                        help="dry run: what the file's rules would do on one reading of a device")
+    p.add_argument("file", type=Path)
+    p.add_argument("--device", required=True)
+    p.add_argument("--values", nargs="+", default=[], metavar="key=value")
+    p.set_defaults(func=cmd_rule_test)
+    p = rule.add_parser("history", parents=[common, as_json],
+                        help="what a rule or schedule did: fired, resolved, actions and their failures")
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, default=auto.HISTORY_LIMIT, help="the newest N (default 100)")
+    p.set_defaults(func=cmd_rule_history)
+
+    p = sub.add_parser("alerts", parents=[common, as_json], help="open alerts (--all: resolved ones too); ack")
+    p.add_argument("--all", action="store_true", help="resolved and acknowledged alerts too")
+    p.set_defaults(func=cmd_alerts)
+    alert = p.add_subparsers(dest="alert_action")
+    p = alert.add_parser("ack", parents=[common, as_json], help="acknowledge an alert by its id")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_alerts_ack)
 
     p = sub.add_parser("backup", parents=[common, as_json],
                        help="copy the gateway's data (safe while the daemon runs) into a new folder")

@@ -15,8 +15,10 @@ from sqlite_utils import Database
 
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
-from edgetrio.daemon.ingest import device_topic
+from edgetrio.daemon.changes import Changes
+from edgetrio.daemon.ingest import desired_message, device_topic
 from edgetrio.daemon.roster import Roster
+from edgetrio.twin import Twin
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.commands")
@@ -76,3 +78,12 @@ def record_late_result(db: Database, cmd_id: str, body: dict[str, Any], now: flo
     status = "ok" if body.get("ok") else "error"
     if store.finish_command(db, cmd_id, status, body, now):
         log.info("late command result stored id=%s", cmd_id)
+
+
+async def set_desired(writer: Writer, changes: Changes, link: BrokerLink, device: str, patch: dict[str, Any],
+                      version: int | None) -> Twin:
+    """Change a device's desired state (with its cloud mirror) and tell the device: the one way the CLI, the
+    dashboard and Home Assistant set it. Raises VersionConflict on a stale version, UnknownDevice."""
+    twin: Twin = await writer.write(partial(changes.desired, device=device, patch=patch, version=version))
+    link.publish([desired_message(device, twin)])
+    return twin

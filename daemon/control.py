@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import queue
+import time
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -19,28 +20,20 @@ import paho.mqtt.client as mqtt
 import trio
 
 from edgetrio import accounts
+from edgetrio.daemon import automation as auto
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands
+from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
 from edgetrio.daemon.config import admin_credential, read_run_file
-from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, desired_message, parse_object
+from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, parse_object
 from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
 from edgetrio.identity import RegistryError, integration_user
-from edgetrio.twin import Twin, VersionConflict
+from edgetrio.twin import VersionConflict
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.control")
-
-
-async def set_desired(writer: Writer, changes: Changes, link: BrokerLink, device: str, patch: dict[str, Any],
-                      version: int | None) -> Twin:
-    """Change a device's desired state (with its cloud mirror) and tell the device: the one way the CLI, the
-    dashboard and Home Assistant set it. Raises VersionConflict on a stale version, UnknownDevice."""
-    twin: Twin = await writer.write(partial(changes.desired, device=device, patch=patch, version=version))
-    link.publish([desired_message(device, twin)])
-    return twin
 
 
 class ControlError(Exception):
@@ -123,7 +116,8 @@ class ControlServer:
     """The daemon's side of the control channel: each request found on the bus is answered in a task of its own."""
 
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], automation: auto.Automation | None = None) -> None:
+        self.automation = automation
         self.link = link
         self.writer = writer
         self.roster = roster
@@ -220,4 +214,34 @@ class ControlServer:
                                             float(args.get("timeout", 10)))
         if op == "status":
             return self.status()
+        if op.startswith(("rule.", "alerts.")):
+            return await self.automate(op, args)
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def automate(self, op: str, args: dict[str, Any]) -> Any:
+        """Rules, schedules and alerts; a changed rule set takes effect at once."""
+        if op == "rule.add":
+            names = await self.writer.write(partial(auto.add_automations, doc=args["doc"],
+                                                    models=dict(self.roster.models)))
+            if self.automation is not None:
+                await self.automation.reload()
+            return {"added": names}
+        if op == "rule.remove":
+            await self.writer.write(partial(auto.remove_automation, name=str(args["name"])))
+            if self.automation is not None:
+                await self.automation.reload()
+            return {"name": args["name"], "removed": True}
+        if op == "rule.list":
+            return await self.writer.write(auto.list_automations)
+        if op == "rule.history":
+            return await self.writer.write(partial(auto.history, name=str(args["name"]),
+                                                   limit=int(args.get("limit", auto.HISTORY_LIMIT))))
+        if op == "rule.test":
+            return auto.dry_run(args["doc"], dict(self.roster.models), str(args["device"]), dict(args["values"]))
+        if op == "alerts.list":
+            return await self.writer.write(partial(auto.list_alerts, everything=bool(args.get("all"))))
+        if op == "alerts.ack":
+            return await self.writer.write(partial(auto.ack_alert, alert_id=int(args["id"]),
+                                                   who=str(args.get("by") or "cli"), now=time.time(),
+                                                   mirror=self.changes.mirror))
         raise ValueError(f"unknown operation {op!r}")

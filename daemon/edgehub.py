@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from edgetrio import wire
 from edgetrio.daemon import store
+from edgetrio.daemon.automation import apply_rule_set
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands
@@ -235,7 +236,8 @@ class Down:
     """Applies what comes down from the cloud: twins, registrations, models and commands, each once."""
 
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, rules_changed: Callable[[], Awaitable[Any]] | None = None) -> None:
+        self.rules_changed = rules_changed
         self.link = link
         self.writer = writer
         self.roster = roster
@@ -274,6 +276,8 @@ class Down:
             await self.roster.reload_models()
         elif resource == "cmd":
             self._commands_running.start_soon(self._command, body)
+        elif resource == "rules" and result.get("applied") and self.rules_changed is not None:
+            await self.rules_changed()
         return result
 
     def _apply(self, db: Database, resource: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +293,8 @@ class Down:
         if resource == "model":
             store.add_model(db, Model.from_dict(body["model"]))
             return {"ok": True}
+        if resource == "rules":  # the cloud's rule set for this node, versioned: an older one is not applied
+            return apply_rule_set(db, int(body["version"]), dict(body["doc"]), time.time())
         if resource == "cmd":
             if body.get("device") not in self.roster:
                 raise store.UnknownDevice(str(body.get("device")))
@@ -313,9 +319,9 @@ class Down:
 
 
 @asynccontextmanager
-async def open_down(link: BrokerLink, writer: Writer, roster: Roster, changes: Changes,
-                    commands: Commands) -> AsyncIterator[Down]:
+async def open_down(link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
+                    rules_changed: Callable[[], Awaitable[Any]] | None = None) -> AsyncIterator[Down]:
     """A `Down` whose commands run within this block; leaving it cancels the ones still waiting for a device."""
     async with trio.open_nursery() as nursery:
-        yield Down(link, writer, roster, changes, commands, nursery)
+        yield Down(link, writer, roster, changes, commands, nursery, rules_changed)
         nursery.cancel_scope.cancel()

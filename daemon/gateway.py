@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from edgetrio.daemon import store
+from edgetrio.daemon.automation import Automation, forget_pending
 from edgetrio.daemon.broker import BrokerLink, Credentials, open_broker
 from edgetrio.daemon.changes import Changes, no_mirror
 from edgetrio.daemon.commands import Commands
@@ -220,7 +221,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                     roster = Roster(db, writer, link, credentials)
                     changes = Changes(outbox_mirror if cfg.cloud_url else no_mirror)
                     commands = Commands(link, writer, roster)
-                    async with open_down(link, writer, roster, changes, commands) as down:
+                    automation = Automation(link, writer, roster, changes, commands)
+                    async with open_down(link, writer, roster, changes, commands, automation.reload) as down:
                         hub = None
                         if cfg.cloud_url:
                             hub = EdgeHub(cfg.cloud_url, str(cfg.node_id), str(cfg.cloud_token), writer, down.apply,
@@ -231,11 +233,11 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         site = GatewayWeb(writer, link, roster, changes, commands, (ADMIN_USER, admin_secret),
                                           cfg.node_id or "local")
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in,
-                                        [site, *([ha] if ha else [])])
+                                        [site, automation, *([ha] if ha else [])])
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,
-                                                        supervisor))
+                                                        supervisor), automation)
                         health = Health(roster, ingest, link, writer, counters, hub)
                         gauges = GatewayCollector(health.snapshot, trio.lowlevel.current_trio_token())
 
@@ -251,6 +253,9 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                     if hub is not None:
                                         chore.start_soon(report_node, writer, counters, health, changes)
 
+                        # rules are loaded before the first reading is taken
+                        await writer.write(forget_pending)
+                        await automation.reload()
                         nursery.start_soon(ingest_until_drained)
                         nursery.start_soon(chores_until_stopped)
                         async with trio.open_nursery() as services, serve_metrics(
@@ -267,6 +272,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                                     SerialDevice(port, link, credentials).run)
                             if ha is not None:
                                 services.start_soon(supervisor.keep, "home assistant", ha.run)
+                            services.start_soon(supervisor.keep, "automation", automation.run)
                             supervisor.add("metrics", vital=False, state="running" if metrics else "off")
                             supervisor.add("web", vital=False, state="running" if dashboard else "off")
                             write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics, dashboard)

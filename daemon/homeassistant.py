@@ -28,8 +28,7 @@ from edgetrio import wire
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, BusEvent
 from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands
-from edgetrio.daemon.control import set_desired
+from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
 from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.registry import TYPE_ALIASES, Model

@@ -97,6 +97,24 @@ def _create_schema(db: Database) -> None:
         accounts.create_tables(db)  # who may use the dashboard and the API
         db.table("integrations").create({"name": str, "secret_hash": str, "created": float}, pk="name",
                                         if_not_exists=True)
+        # automation: rules and schedules (local ones and the set the cloud applied), what they did, alerts, and the
+        # notifications waiting to be sent
+        db.table("automations").create({"name": str, "kind": str, "source": str, "body": str, "added": float},
+                                       pk="name", if_not_exists=True)
+        db.table("rule_sets").create({"source": str, "version": int}, pk="source", if_not_exists=True)
+        db.table("rule_history").create(
+            {"id": int, "ts": float, "name": str, "device": str, "event": str, "detail": str}, pk="id",
+            if_not_exists=True)
+        db.table("alerts").create(
+            {"id": int, "rule": str, "device": str, "severity": str, "state": str, "values_": str, "started": float,
+             "fired": float, "resolved": float, "acked": float, "acked_by": str}, pk="id", if_not_exists=True)
+        db.table("notifications").create(
+            {"id": int, "alert": int, "url": str, "kind": str, "title": str, "body": str, "created": float,
+             "attempts": int, "next_try": float, "sent": float, "error": str}, pk="id", if_not_exists=True)
+        db.table("schedule_runs").create({"name": str, "last_run": float}, pk="name", if_not_exists=True)
+        db.table("rule_history").create_index(["name", "ts"], if_not_exists=True)
+        db.table("alerts").create_index(["state"], if_not_exists=True)
+        db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
 
@@ -350,7 +368,7 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
     Watermarks stay, so a device resending an old reading is still acknowledged rather than stored again.
     """
     deleted = 0
-    for table, column in (("readings", "received"), ("events", "ts"), ("rejects", "received")):
+    for table, column in (("readings", "received"), ("events", "ts"), ("rejects", "received"), ("rule_history", "ts")):
         deleted += int(db.execute(f"DELETE FROM {table} WHERE rowid IN "
                                   f"(SELECT rowid FROM {table} WHERE {column} < ? LIMIT ?)", [before, limit]).rowcount)
     return deleted

@@ -22,8 +22,7 @@ from edgetrio import accounts, web
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands
-from edgetrio.daemon.control import set_desired
+from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
 from edgetrio.daemon.ingest import Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.roster import Roster

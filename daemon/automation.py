@@ -1,0 +1,475 @@
+"""Automation at the edge: rules on committed readings, schedules, alerts, and their notifications.
+
+Ingest tells `Automation` (a `Watch`) what it committed; the rules engine turns readings into transitions without I/O,
+and tasks of this component carry them out: an alert transition, its history and its notifications are one
+transaction; actions (desired state, commands) run with retries beside ingest, never in its way; notifications go out
+from a durable outbox through apprise, each marked sent once its target took it, so a restart sends what was not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from functools import partial
+from typing import Any
+
+import trio
+from sqlite_utils import Database
+
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BrokerLink
+from edgetrio.daemon.changes import Changes
+from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
+from edgetrio.daemon.ingest import Reading
+from edgetrio.daemon.pipeline import Watch
+from edgetrio.daemon.registry import Model
+from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.rules import (
+    Action,
+    Engine,
+    Rule,
+    RuleError,
+    Schedule,
+    Subject,
+    Transition,
+    check_rule,
+    compile_condition,
+    holds,
+    parse_document,
+    parse_rule,
+    parse_schedule,
+)
+from edgetrio.identity import RegistryError
+from edgetrio.writer import Writer
+
+log = logging.getLogger("edgetrio.automation")
+TRANSITIONS_WAITING = 10_000  # transitions not yet recorded; past it new ones are dropped (counted, logged)
+NOTIFY_RETRY_CAP = 300.0  # seconds between tries of a notification whose target is down, at most
+NOTIFY_TIMEOUT = 30.0  # seconds one notification may take
+HISTORY_LIMIT = 100
+
+
+# -- the store's side (runs in the writer, or in the CLI when no daemon runs) ----------------------------------------
+
+def check_notify_urls(rules: list[Rule]) -> None:
+    """Every notification URL must be one apprise knows how to send to."""
+    import apprise  # slow to import: paid by rule files with notifications, not by every CLI call
+
+    for rule in rules:
+        for url in rule.notify:
+            if not apprise.Apprise().add(url):
+                raise RuleError(f"rule {rule.name!r}: notify {url!r} is not a notification URL apprise understands "
+                                "(such as json://host:port/path, ntfys://topic, mailto://user:pass@host)")
+
+
+def registered_models(db: Database) -> dict[str, Model | None]:
+    return {row["id"]: store.device_model(db, row["id"]) for row in store.list_devices(db)}
+
+
+def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model | None], source: str = "local",
+                    now: float | None = None) -> list[str]:
+    """Add (or replace, by name) the rules and schedules of a rule file's document; checked against the models of
+    the registered devices first. Returns the names."""
+    rules, schedules = parse_document(doc)
+    for rule in rules:
+        check_rule(rule, models)
+    check_notify_urls(rules)
+    now = time.time() if now is None else now
+    for kind, items in (("rule", rules), ("schedule", schedules)):
+        for item in items:
+            db.table("automations").upsert({"name": item.name, "kind": kind, "source": source,
+                                            "body": json.dumps(item.body), "added": now}, pk="name")
+            db.table("rule_history").insert({"ts": now, "name": item.name, "device": "", "event": "added",
+                                             "detail": f"from {source}"})
+    return [r.name for r in rules] + [s.name for s in schedules]
+
+
+def apply_rule_set(db: Database, version: int, doc: dict[str, Any], now: float) -> dict[str, Any]:
+    """The cloud's rule set for this node replaces the previous one, if it is newer. Rules that do not fit the
+    devices here are stored, and left out at load with an 'invalid' entry in their history."""
+    rules, schedules = parse_document(doc)
+    check_notify_urls(rules)
+    current = next(iter(db.query("SELECT version FROM rule_sets WHERE source = 'cloud'")), {"version": 0})["version"]
+    if version <= current:
+        return {"ok": True, "version": current, "applied": False}
+    local = {r["name"] for r in db.query("SELECT name FROM automations WHERE source != 'cloud'")}
+    clash = sorted(local & ({r.name for r in rules} | {s.name for s in schedules}))
+    if clash:
+        raise RuleError(f"{clash[0]!r} is a local rule or schedule of this gateway; the cloud's set may not replace it")
+    db.execute("DELETE FROM automations WHERE source = 'cloud'")
+    for kind, items in (("rule", rules), ("schedule", schedules)):
+        for item in items:
+            db.table("automations").insert({"name": item.name, "kind": kind, "source": "cloud",
+                                            "body": json.dumps(item.body), "added": now})
+    db.table("rule_sets").upsert({"source": "cloud", "version": version}, pk="source")
+    db.table("rule_history").insert({"ts": now, "name": "", "device": "", "event": "rule_set",
+                                     "detail": f"cloud version {version}: {len(rules)} rules, {len(schedules)} schedules"})
+    return {"ok": True, "version": version, "applied": True}
+
+
+def remove_automation(db: Database, name: str) -> None:
+    if not list(db.query("SELECT 1 FROM automations WHERE name = ?", [name])):
+        raise RegistryError(f"no rule or schedule {name!r} (see `edgetrio rule list`)")
+    db.execute("DELETE FROM automations WHERE name = ?", [name])
+    db.table("rule_history").insert({"ts": time.time(), "name": name, "device": "", "event": "removed", "detail": ""})
+
+
+def list_automations(db: Database) -> list[dict[str, Any]]:
+    out = []
+    for row in db.query("SELECT name, kind, source, body, added FROM automations ORDER BY name"):
+        body = json.loads(row["body"])
+        out.append({"name": row["name"], "kind": row["kind"], "source": row["source"], "added": row["added"],
+                    "devices": body.get("devices") or ([f"model {body['model']}"] if body.get("model") else []),
+                    "when": body.get("when") or body.get("cron") or f"every {body.get('every')}", "body": body})
+    return out
+
+
+def history(db: Database, name: str, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    rows = db.query("SELECT ts, name, device, event, detail FROM rule_history WHERE name = ? ORDER BY id DESC LIMIT ?",
+                    [name, limit])
+    return list(reversed(list(rows)))
+
+
+def _alert_json(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["values"] = json.loads(out.pop("values_") or "{}")
+    return out
+
+
+def list_alerts(db: Database, everything: bool = False, limit: int = 500) -> list[dict[str, Any]]:
+    where = "" if everything else "WHERE state != 'resolved' OR acked IS NULL"
+    return [_alert_json(r) for r in db.query(f"SELECT * FROM alerts {where} ORDER BY id DESC LIMIT ?", [limit])]
+
+
+def ack_alert(db: Database, alert_id: int, who: str, now: float, mirror: Any = None) -> dict[str, Any]:
+    row = next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id])), None)
+    if row is None:
+        raise RegistryError(f"no alert {alert_id} (see `edgetrio alerts --all`)")
+    if row["acked"] is None:
+        db.execute("UPDATE alerts SET acked = ?, acked_by = ? WHERE id = ?", [now, who, alert_id])
+        row.update(acked=now, acked_by=who)
+        if mirror is not None:
+            mirror(db, "alert", _alert_json(row))
+    return _alert_json(row)
+
+
+def _summary(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(values.items()))
+
+
+def record_transition(db: Database, t: Transition, mirror: Any) -> int:
+    """Record one transition: the alert's new state, the rule's history, and (firing, resolved) one notification
+    per target, all in one transaction. Returns the number of notifications queued."""
+    rule, values = t.rule, json.dumps(t.values)
+    db.table("rule_history").insert({"ts": t.at, "name": rule.name, "device": t.device, "event": t.state,
+                                     "detail": _summary(t.values)})
+    open_row = next(iter(db.query("SELECT * FROM alerts WHERE rule = ? AND device = ? AND state != 'resolved' "
+                                  "ORDER BY id DESC LIMIT 1", [rule.name, t.device])), None)
+    if t.state == "cancelled":
+        if open_row is not None and open_row["state"] == "pending":
+            db.execute("DELETE FROM alerts WHERE id = ?", [open_row["id"]])
+        return 0
+    if t.state == "pending":
+        if open_row is None:
+            db.table("alerts").insert({"rule": rule.name, "device": t.device, "severity": rule.severity,
+                                       "state": "pending", "values_": values, "started": t.at})
+        return 0
+    if t.state == "firing":
+        if open_row is None:
+            alert_id = int(db.table("alerts").insert({
+                "rule": rule.name, "device": t.device, "severity": rule.severity, "state": "firing",
+                "values_": values, "started": t.at, "fired": t.at}).last_rowid or 0)
+        else:
+            alert_id = open_row["id"]
+            db.execute("UPDATE alerts SET state = 'firing', fired = ?, values_ = ? WHERE id = ?",
+                       [t.at, values, alert_id])
+    else:  # resolved
+        if open_row is None:
+            return 0
+        alert_id = open_row["id"]
+        db.execute("UPDATE alerts SET state = 'resolved', resolved = ? WHERE id = ?", [t.at, alert_id])
+    row = next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id])))
+    mirror(db, "alert", _alert_json(row))
+    title = f"[{t.state.upper()}] {rule.name} on {t.device} ({rule.severity})"
+    body = f"{rule.name} {t.state} on {t.device}: {_summary(t.values)}"
+    if t.state == "resolved":
+        body += f" (firing since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(row['fired'] or t.at))})"
+    for url in rule.notify:
+        db.table("notifications").insert({"alert": alert_id, "url": url, "kind": t.state, "title": title,
+                                          "body": body, "created": t.at, "attempts": 0, "next_try": t.at})
+    return len(rule.notify)
+
+
+def due_notifications(db: Database, now: float, limit: int = 20) -> list[dict[str, Any]]:
+    return list(db.query("SELECT * FROM notifications WHERE sent IS NULL AND next_try <= ? ORDER BY id LIMIT ?",
+                         [now, limit]))
+
+
+def next_notification(db: Database) -> float | None:
+    row = next(iter(db.query("SELECT MIN(next_try) AS t FROM notifications WHERE sent IS NULL")))
+    return row["t"]
+
+
+def notification_done(db: Database, notification_id: int, ok: bool, error: str, now: float) -> None:
+    if ok:
+        db.execute("UPDATE notifications SET sent = ?, attempts = attempts + 1, error = NULL WHERE id = ?",
+                   [now, notification_id])
+        return
+    row = next(iter(db.query("SELECT attempts FROM notifications WHERE id = ?", [notification_id])))
+    delay = min(NOTIFY_RETRY_CAP, 2.0 ** min(row["attempts"], 10))
+    db.execute("UPDATE notifications SET attempts = attempts + 1, next_try = ?, error = ? WHERE id = ?",
+               [now + delay, error, notification_id])
+
+
+def open_alerts(db: Database) -> list[dict[str, Any]]:
+    return list(db.query("SELECT rule, device, state, started, fired FROM alerts WHERE state != 'resolved'"))
+
+
+def forget_pending(db: Database) -> None:
+    """Pending alerts of a previous run start over (the rule's `for` is timed anew)."""
+    db.execute("DELETE FROM alerts WHERE state = 'pending'")
+
+
+def load_automations(db: Database) -> list[dict[str, Any]]:
+    return list(db.query("SELECT name, kind, source, body FROM automations ORDER BY name"))
+
+
+def schedule_runs(db: Database) -> dict[str, float]:
+    return {r["name"]: r["last_run"] for r in db.query("SELECT name, last_run FROM schedule_runs")}
+
+
+def record_run(db: Database, name: str, at: float, detail: str) -> None:
+    db.table("schedule_runs").upsert({"name": name, "last_run": at}, pk="name")
+    db.table("rule_history").insert({"ts": at, "name": name, "device": "", "event": "run", "detail": detail})
+
+
+def note(db: Database, name: str, device: str, event: str, detail: str, now: float) -> None:
+    db.table("rule_history").insert({"ts": now, "name": name, "device": device, "event": event, "detail": detail})
+
+
+def dry_run(doc: dict[str, Any], models: dict[str, Model | None], device: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the rules of a document would do on one reading of a device (ignoring `for` and windows' history)."""
+    rules, _ = parse_document(doc)
+    model = models.get(device)
+    out = []
+    for rule in rules:
+        check_rule(rule, models)
+        if not rule.watches(device, model.name if model else None):
+            continue
+        result = holds(compile_condition(rule.name, "when", rule.when), Subject(values, [(0.0, values)]))
+        out.append({"rule": rule.name, "fires": bool(result), "judged": result is not None,
+                    "after": rule.for_seconds, "severity": rule.severity,
+                    "actions": [a.describe() for a in rule.actions] if result else [],
+                    "notify": len(rule.notify) if result else 0})
+    return out
+
+
+# -- the daemon's side -----------------------------------------------------------------------------------------------
+
+class Automation(Watch):
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands) -> None:
+        self.link = link
+        self.writer = writer
+        self.roster = roster
+        self.changes = changes
+        self.commands = commands
+        self.engine = Engine()
+        self.schedules: dict[str, Schedule] = {}
+        self._planned: dict[str, tuple[Schedule, float]] = {}  # each schedule's next run, as it was planned
+        self.counts: Counter[str] = Counter()
+        self._send, self._receive = trio.open_memory_channel[Transition](TRANSITIONS_WAITING)
+        self._notify = trio.Event()
+        self._reschedule = trio.Event()
+
+    # what ingest tells it
+    def committed(self, readings: list[Reading]) -> None:
+        if not self.engine.rules:
+            return
+        now = time.time()
+        for reading in readings:
+            model = self.roster.models.get(reading.device)
+            for transition in self.engine.evaluate(reading.device, model.name if model else None,
+                                                   reading.ts or now, reading.values):
+                try:
+                    self._send.send_nowait(transition)
+                except trio.WouldBlock:
+                    self.counts["automation_dropped"] += 1
+                    log.error("rule %s: transition %s of %s dropped: too many waiting", transition.rule.name,
+                              transition.state, transition.device)
+
+    def meta(self, device: str) -> None:
+        self.engine.models_changed()
+
+    # run
+    async def reload(self) -> list[str]:
+        """Load the stored rules and schedules; a rule that does not fit the devices' models is left out (logged, and
+        noted in its history). Returns the names left out."""
+        rows = await self.writer.write(load_automations)
+        rules, schedules, left_out = [], {}, []
+        models = dict(self.roster.models)
+        for row in rows:
+            body = json.loads(row["body"])
+            try:
+                if row["kind"] == "rule":
+                    rule = parse_rule(body)
+                    check_rule(rule, models)
+                    rules.append(rule)
+                else:
+                    schedules[row["name"]] = parse_schedule(body)
+            except RuleError as exc:
+                left_out.append(row["name"])
+                log.error("%s left out: %s", row["name"], exc)
+                await self.writer.write(partial(note, name=row["name"], device="", event="invalid", detail=str(exc),
+                                                now=time.time()))
+        self.engine.load(rules)
+        for alert in await self.writer.write(open_alerts):
+            self.engine.restore(alert["rule"], alert["device"], alert["state"], alert["fired"] or alert["started"])
+        self.schedules = schedules
+        self._reschedule.set()
+        log.info("automation: %d rules, %d schedules loaded", len(rules), len(schedules))
+        return left_out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Record transitions, run actions and schedules, send notifications (the rules are loaded by `reload`)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._record_transitions, nursery)
+            nursery.start_soon(self._send_notifications)
+            nursery.start_soon(self._run_schedules, nursery)
+            task_status.started()
+
+    async def _record_transitions(self, actions: trio.Nursery) -> None:
+        async for t in self._receive:
+            try:
+                queued = await self.writer.write(partial(record_transition, t=t, mirror=self.changes.mirror))
+            except Exception as exc:  # the store cannot write: the alert is lost, its actions still run
+                log.error("rule %s: %s of %s not recorded: %s", t.rule.name, t.state, t.device, exc)
+                queued = 0
+            if queued:
+                self._notify.set()
+            if t.state == "firing" and t.rule.actions:
+                actions.start_soon(self._act, t.rule.name, t.device, t.rule.actions)
+            elif t.state == "resolved" and t.rule.on_clear:
+                actions.start_soon(self._act, t.rule.name, t.device, t.rule.on_clear)
+
+    async def _act(self, name: str, device: str, actions: tuple[Action, ...]) -> None:
+        for action in actions:
+            target = action.device or device
+            for attempt in range(action.retries + 1):
+                try:
+                    if action.set is not None:
+                        await set_desired(self.writer, self.changes, self.link, target, action.set, None)
+                    else:
+                        assert action.command is not None
+                        await self.commands.send(target, action.command, action.args, action.timeout)
+                    event, detail = "action_ok", action.describe().replace("the device", target)
+                except (CommandFailed, RegistryError) as exc:
+                    event, detail = "action_failed", f"{action.describe()}: {exc} (try {attempt + 1})"
+                except Exception as exc:  # the store cannot write, say: noted, retried
+                    event, detail = "action_failed", f"{action.describe()}: {type(exc).__name__}: {exc}"
+                try:
+                    await self.writer.write(partial(note, name=name, device=target, event=event, detail=detail,
+                                                    now=time.time()))
+                except Exception as exc:
+                    log.error("rule %s: %s not noted: %s", name, detail, exc)
+                if event == "action_ok":
+                    break
+                log.warning("rule %s: %s", name, detail)
+                await trio.sleep(2.0 ** attempt)
+
+    async def _send_notifications(self) -> None:
+        while True:
+            self._notify = trio.Event()
+            try:
+                due = await self.writer.write(partial(due_notifications, now=time.time()))
+                for row in due:
+                    ok, error = await send_notification(row["url"], row["title"], row["body"], row["kind"])
+                    await self.writer.write(partial(notification_done, notification_id=row["id"], ok=ok, error=error,
+                                                    now=time.time()))
+                    if not ok:
+                        log.warning("notification %d (%s) not sent: %s", row["id"], row["title"], error)
+                wake = await self.writer.write(next_notification)
+            except Exception as exc:  # the store cannot read or write now: look again soon
+                log.error("notifications: %s", exc)
+                due, wake = [], time.time() + 5
+            if due and len(due) == 20:
+                continue
+            with trio.move_on_after(min(60.0, max(0.05, (wake or time.time() + 60) - time.time()))):
+                await self._notify.wait()
+
+    async def _run_schedules(self, actions: trio.Nursery) -> None:
+        next_at: dict[str, float] = {}
+        while True:
+            if self._reschedule.is_set():
+                self._reschedule = trio.Event()
+                next_at = await self._plan()
+            now = time.time()
+            for name, at in sorted(next_at.items(), key=lambda item: item[1]):
+                if at > now:
+                    continue
+                schedule = self.schedules[name]
+                devices = [d for d in self.roster.models if schedule.watches(d)]
+                detail = f"{len(devices)} devices: {', '.join(devices[:10])}"
+                try:
+                    await self.writer.write(partial(record_run, name=name, at=at, detail=detail))
+                except Exception as exc:  # not recorded: it may run again after a restart
+                    log.error("schedule %s: run not recorded: %s", name, exc)
+                for device in devices:
+                    actions.start_soon(self._act, name, device, schedule.actions)
+                following = schedule.next_run(at)
+                while following <= now:
+                    following = schedule.next_run(following)
+                next_at[name] = following
+                self._planned[name] = (schedule, following)
+            wait = min(next_at.values(), default=now + 3600) - time.time()
+            with trio.move_on_after(max(0.0, min(wait, 3600))):
+                await self._reschedule.wait()
+
+    async def _plan(self) -> dict[str, float]:
+        """Next run of each schedule (kept for those that did not change); a run missed while the daemon was down
+        runs once now or is skipped, as the schedule says."""
+        last_runs = await self.writer.write(schedule_runs)
+        now, out = time.time(), {}
+        for name, schedule in self.schedules.items():
+            planned = self._planned.get(name)
+            if planned is not None and planned[0] == schedule:
+                out[name] = planned[1]
+                continue
+            last = last_runs.get(name)
+            if last is None:
+                out[name] = schedule.next_run(now)
+                continue
+            due = schedule.next_run(last)
+            if due > now:
+                out[name] = due
+            elif schedule.missed == "run_once":
+                out[name] = now
+            else:
+                out[name] = schedule.next_run(now)
+                await self.writer.write(partial(note, name=name, device="", event="missed",
+                                                detail=f"run due {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(due))}"
+                                                       " UTC skipped", now=now))
+        self._planned = {name: (self.schedules[name], at) for name, at in out.items()}
+        return out
+
+
+async def send_notification(url: str, title: str, body: str, kind: str) -> tuple[bool, str]:
+    """Send one notification through apprise, in a thread (it blocks); (sent, why not)."""
+    import apprise
+
+    def send() -> bool:
+        sender = apprise.Apprise()
+        if not sender.add(url):
+            return False
+        notify_type = apprise.NotifyType.FAILURE if kind == "firing" else apprise.NotifyType.SUCCESS
+        return bool(sender.notify(body=body, title=title, notify_type=notify_type))
+
+    with trio.move_on_after(NOTIFY_TIMEOUT):
+        try:
+            if await trio.to_thread.run_sync(send, abandon_on_cancel=True):
+                return True, ""
+            return False, "the target did not take it (see the log)"
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+    return False, f"no answer within {NOTIFY_TIMEOUT:g} s"

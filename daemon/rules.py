@@ -1,0 +1,506 @@
+"""Automation rules and schedules: reading rule files, checking them against device models, and evaluating conditions
+on readings (no I/O).
+
+Conditions are rule-engine expressions (`temperature > 30 and not led`), compiled once when a rule is loaded; a rule
+with a window also sees `avg_X`, `min_X`, `max_X`, `delta_X` for each numeric resource X and `count`. `Engine` keeps
+each (rule, device)'s state: inactive -> pending (condition holds, waiting out `for`) -> firing -> resolved (the clear
+condition, or the condition no longer holding), then a cooldown in which the rule does not fire again for that device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import tomllib
+import zoneinfo
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+
+from edgetrio.daemon.registry import Model
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+AGGREGATES = ("avg", "min", "max", "delta")
+SEVERITIES = ("info", "warning", "critical")
+MISSED = ("skip", "run_once")
+MAX_WINDOW = 10_000  # readings one (rule, device) window keeps at most, whatever its span
+RULE_KEYS = {"name", "devices", "model", "when", "clear", "window", "for", "cooldown", "severity", "notify", "actions",
+             "on_clear", "description"}
+SCHEDULE_KEYS = {"name", "devices", "cron", "every", "timezone", "missed", "actions", "description"}
+ACTION_KEYS = {"set", "command", "args", "device", "timeout", "retries"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_COOLDOWN = 60.0  # seconds a rule stays quiet for a device after it resolved: a flapping sensor cannot storm
+
+
+def _engine() -> Any:
+    import rule_engine  # a third of a second to import: paid when rules are compiled, not by every CLI call
+
+    return rule_engine
+
+
+class RuleError(ValueError):
+    """A rule or schedule that cannot be used; the message is one line naming it (and the position, when known)."""
+
+
+def parse_duration(value: Any, what: str) -> float:
+    """Seconds from a number or a text such as 90s, 2m, 1h, 1d."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text and text[-1] in UNITS and re.fullmatch(r"\d+(\.\d+)?", text[:-1]):
+            return float(text[:-1]) * UNITS[text[-1]]
+    raise RuleError(f"{what}: {json.dumps(value)} is not a duration (use seconds, or 30s, 2m, 1h, 1d)")
+
+
+def read_rule_file(path: Path) -> dict[str, Any]:
+    """The document in a rule file (TOML, or JSON when it ends in .json), with its `rule` and `schedule` lists."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(f"cannot read {path}: {exc}") from exc
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuleError(f"{path}: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(f"{path}: not TOML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise RuleError(f"{path}: expected an object with 'rule' and 'schedule' lists")
+    unknown = set(doc) - {"rule", "schedule"}
+    if unknown:
+        raise RuleError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected [[rule]] and [[schedule]])")
+    for key in ("rule", "schedule"):
+        items = doc.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise RuleError(f"{path}: {key!r} must be a list of tables ([[{key}]])")
+    if not doc.get("rule") and not doc.get("schedule"):
+        raise RuleError(f"{path}: no [[rule]] or [[schedule]] in it")
+    return {"rule": doc.get("rule", []), "schedule": doc.get("schedule", [])}
+
+
+# -- conditions ------------------------------------------------------------------------------------------------------
+
+class Subject:
+    """What a condition is evaluated on: the reading's values, and the window's readings for the aggregates."""
+
+    __slots__ = ("values", "window")
+
+    def __init__(self, values: Mapping[str, Any], window: Iterable[tuple[float, Mapping[str, Any]]] = ()) -> None:
+        self.values = values
+        self.window = window
+
+
+def _resolve(subject: Subject, name: str) -> Any:
+    if name in subject.values:
+        return subject.values[name]
+    if name == "count":
+        return sum(1 for _ in subject.window)
+    kind, _, resource = name.partition("_")
+    if kind in AGGREGATES and resource:
+        numbers = [v[resource] for _, v in subject.window
+                   if isinstance(v.get(resource), int | float) and not isinstance(v.get(resource), bool)]
+        if numbers:
+            if kind == "avg":
+                return sum(numbers) / len(numbers)
+            if kind == "min":
+                return min(numbers)
+            if kind == "max":
+                return max(numbers)
+            return numbers[-1] - numbers[0]
+    raise _engine().SymbolResolutionError(name)
+
+
+TYPES = {"int": "FLOAT", "float": "FLOAT", "bool": "BOOLEAN", "string": "STRING"}  # rule-engine's names
+
+
+def _symbols(model: Model, windowed: bool) -> dict[str, Any]:
+    types = _engine().DataType
+    symbols = {name: getattr(types, TYPES[r.type]) for name, r in model.resources.items()}
+    if windowed:
+        symbols["count"] = types.FLOAT
+        for name, r in model.resources.items():
+            if r.type in ("int", "float"):
+                symbols.update({f"{kind}_{name}": types.FLOAT for kind in AGGREGATES})
+    return symbols
+
+
+def _position(text: str, symbol: str) -> str:
+    found = re.search(rf"\b{re.escape(symbol)}\b", text)
+    return f" at column {found.start() + 1}" if found else ""
+
+
+def compile_condition(rule: str, key: str, text: Any, model: Model | None = None, windowed: bool = False) -> Any:
+    """A compiled rule-engine expression; with a model, its symbols and types are checked now, not at run time."""
+    if not isinstance(text, str) or not text.strip():
+        raise RuleError(f"rule {rule!r}: {key!r} must be a condition such as \"temperature > 30\"")
+    rule_engine = _engine()
+    if model is None:
+        context = rule_engine.Context(resolver=_resolve)
+    else:
+        context = rule_engine.Context(resolver=_resolve,
+                                      type_resolver=rule_engine.type_resolver_from_dict(_symbols(model, windowed)))
+    try:
+        return rule_engine.Rule(text, context=context)
+    except rule_engine.RuleSyntaxError as exc:
+        where = f"column {exc.token.lexpos + 1}" if exc.token is not None else "the end"
+        raise RuleError(f"rule {rule!r}: {key} {text!r}: syntax error at {where}") from exc
+    except rule_engine.SymbolResolutionError as exc:
+        hint = f" (did you mean {exc.suggestion!r}?)" if exc.suggestion else ""
+        assert model is not None
+        raise RuleError(f"rule {rule!r}: {key} {text!r}: unknown resource {exc.symbol_name!r} for model "
+                        f"{model.name!r}{_position(text, exc.symbol_name)}{hint}") from exc
+    except rule_engine.EngineError as exc:
+        about = f" for model {model.name!r}" if model is not None else ""
+        raise RuleError(f"rule {rule!r}: {key} {text!r}: {exc.message}{about}") from exc
+
+
+def holds(condition: Any, subject: Subject) -> bool | None:
+    """Whether the condition holds; None when it cannot be judged on this reading (a value it needs is missing, or
+    has the wrong type): the rule's state stays as it was."""
+    try:
+        return bool(condition.matches(subject))
+    except _engine().EngineError:  # evaluated only when something was raised
+        return None
+
+
+# -- rules and schedules ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Action:
+    set: dict[str, Any] | None = None  # desired twin state
+    command: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None  # None: the device the rule fired for
+    timeout: float = 10.0  # a command's
+    retries: int = 2  # further tries of an action that failed (device offline, timeout), with growing waits
+
+    def describe(self) -> str:
+        target = self.device or "the device"
+        if self.set is not None:
+            return f"set {json.dumps(self.set, separators=(',', ':'))} on {target}"
+        return f"command {self.command} {json.dumps(self.args, separators=(',', ':'))} to {target}"
+
+
+def parse_action(owner: str, body: Any) -> Action:
+    if not isinstance(body, dict):
+        raise RuleError(f"{owner}: an action must be a table such as {{ set = {{ led = true }} }}")
+    unknown = set(body) - ACTION_KEYS
+    if unknown:
+        raise RuleError(f"{owner}: unknown action key {sorted(unknown)[0]!r} (expected one of {sorted(ACTION_KEYS)})")
+    if ("set" in body) == ("command" in body):
+        raise RuleError(f"{owner}: an action has either 'set' (desired state) or 'command'")
+    if "set" in body and (not isinstance(body["set"], dict) or not body["set"]):
+        raise RuleError(f"{owner}: 'set' must be a table of desired values such as {{ led = true }}")
+    if "command" in body and (not isinstance(body["command"], str) or not body["command"]):
+        raise RuleError(f"{owner}: 'command' must be a command name")
+    if not isinstance(body.get("args", {}), dict):
+        raise RuleError(f"{owner}: 'args' must be a table")
+    device = body.get("device")
+    if device is not None and (not isinstance(device, str) or not device):
+        raise RuleError(f"{owner}: 'device' must be a device id")
+    retries = body.get("retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+        raise RuleError(f"{owner}: 'retries' must be a whole number from 0 to 10")
+    timeout = parse_duration(body.get("timeout", 10), f"{owner}: timeout")
+    if timeout <= 0:
+        raise RuleError(f"{owner}: 'timeout' must be above 0")
+    return Action(body.get("set"), body.get("command"), dict(body.get("args", {})), device, timeout, retries)
+
+
+def _name(kind: str, body: dict[str, Any]) -> str:
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise RuleError(f"{kind} {json.dumps(name)}: a name must be 1-64 letters, digits, '_', '.', '-'")
+    return name
+
+
+def _devices(owner: str, body: dict[str, Any], required: bool) -> tuple[str, ...]:
+    devices = body.get("devices", [] if not required else None)
+    if isinstance(devices, str):
+        devices = [devices]
+    if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):
+        raise RuleError(f"{owner}: 'devices' must be a list of device ids or patterns such as \"greenhouse-*\"")
+    return tuple(devices)
+
+
+def _actions(owner: str, key: str, body: dict[str, Any]) -> tuple[Action, ...]:
+    items = body.get(key, [])
+    if not isinstance(items, list):
+        raise RuleError(f"{owner}: {key!r} must be a list of actions")
+    return tuple(parse_action(f"{owner} {key}[{i}]", item) for i, item in enumerate(items))
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    devices: tuple[str, ...]  # ids or patterns ('*' for all); empty with a model: every device of that model
+    model: str | None
+    when: str
+    clear: str | None
+    window_seconds: float | None
+    window_readings: int | None
+    for_seconds: float
+    cooldown: float
+    severity: str
+    notify: tuple[str, ...]
+    actions: tuple[Action, ...]
+    on_clear: tuple[Action, ...]
+    body: dict[str, Any]  # as written, for listing and for the cloud
+
+    @property
+    def windowed(self) -> bool:
+        return bool(self.window_seconds or self.window_readings)
+
+    def watches(self, device: str, model: str | None) -> bool:
+        if self.model is not None and model != self.model:
+            return False
+        if not self.devices:
+            return self.model is not None
+        return any(fnmatch.fnmatchcase(device, pattern) for pattern in self.devices)
+
+
+def parse_rule(body: Any) -> Rule:
+    """A rule from its table; raises RuleError naming the rule and what is wrong. Conditions are checked for syntax
+    here and against models by `check_rule`."""
+    if not isinstance(body, dict):
+        raise RuleError("a rule must be a table ([[rule]])")
+    name = _name("rule", body)
+    owner = f"rule {name!r}"
+    unknown = set(body) - RULE_KEYS
+    if unknown:
+        raise RuleError(f"{owner}: unknown key {sorted(unknown)[0]!r} (expected one of {sorted(RULE_KEYS)})")
+    devices = _devices(owner, body, required=False)
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise RuleError(f"{owner}: 'model' must be a model name")
+    if not devices and model is None:
+        raise RuleError(f"{owner}: say which devices it watches: 'devices' (ids, patterns, \"*\") or 'model'")
+    window = body.get("window")
+    window_seconds = window_readings = None
+    if window is not None:
+        if isinstance(window, int) and not isinstance(window, bool):
+            if not 1 <= window <= MAX_WINDOW:
+                raise RuleError(f"{owner}: a window of readings holds 1 to {MAX_WINDOW}")
+            window_readings = window
+        else:
+            window_seconds = parse_duration(window, f"{owner}: window")
+            if window_seconds <= 0:
+                raise RuleError(f"{owner}: a window must be above 0 s")
+    severity = body.get("severity", "warning")
+    if severity not in SEVERITIES:
+        raise RuleError(f"{owner}: severity {json.dumps(severity)} is not one of {', '.join(SEVERITIES)}")
+    notify = body.get("notify", [])
+    if isinstance(notify, str):
+        notify = [notify]
+    if not isinstance(notify, list) or not all(isinstance(u, str) and u for u in notify):
+        raise RuleError(f"{owner}: 'notify' must be a list of notification URLs (apprise)")
+    when, clear = body.get("when"), body.get("clear")
+    compile_condition(name, "when", when)
+    if clear is not None:
+        compile_condition(name, "clear", clear)
+    rule = Rule(name, devices, model, str(when), clear, window_seconds, window_readings,
+                parse_duration(body.get("for", 0), f"{owner}: for"),
+                parse_duration(body.get("cooldown", DEFAULT_COOLDOWN), f"{owner}: cooldown"), severity,
+                tuple(notify), _actions(owner, "actions", body), _actions(owner, "on_clear", body), dict(body))
+    return rule
+
+
+def check_rule(rule: Rule, models: Mapping[str, Model | None]) -> None:
+    """Check the rule's conditions against the models of what it watches (device id -> model of the registered
+    devices, plus the models by name); raises RuleError naming the unknown resource or the type mismatch."""
+    checked: dict[str, Model] = {}
+    if rule.model is not None:
+        by_name = {m.name: m for m in models.values() if m is not None}
+        if rule.model not in by_name:
+            raise RuleError(f"rule {rule.name!r}: unknown model {rule.model!r}")
+        checked[rule.model] = by_name[rule.model]
+    for device, model in models.items():
+        if model is not None and rule.watches(device, model.name):
+            checked.setdefault(model.name, model)
+    for model in checked.values():
+        compile_condition(rule.name, "when", rule.when, model, rule.windowed)
+        if rule.clear is not None:
+            compile_condition(rule.name, "clear", rule.clear, model, rule.windowed)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    devices: tuple[str, ...]
+    cron: str | None
+    every: float | None
+    timezone: str
+    missed: str  # a run missed while the daemon was down: "skip" it, or "run_once" at start
+    actions: tuple[Action, ...]
+    body: dict[str, Any]
+
+    def next_run(self, after: float) -> float:
+        """The first run time strictly after `after` (epoch seconds)."""
+        if self.every is not None:
+            return after + self.every
+        zone = zoneinfo.ZoneInfo(self.timezone)
+        assert self.cron is not None
+        start = datetime.fromtimestamp(after, zone)
+        return float(croniter(self.cron, start).get_next(float))
+
+    def watches(self, device: str) -> bool:
+        return any(fnmatch.fnmatchcase(device, pattern) for pattern in self.devices)
+
+
+def parse_schedule(body: Any) -> Schedule:
+    if not isinstance(body, dict):
+        raise RuleError("a schedule must be a table ([[schedule]])")
+    name = _name("schedule", body)
+    owner = f"schedule {name!r}"
+    unknown = set(body) - SCHEDULE_KEYS
+    if unknown:
+        raise RuleError(f"{owner}: unknown key {sorted(unknown)[0]!r} (expected one of {sorted(SCHEDULE_KEYS)})")
+    devices = _devices(owner, body, required=True)
+    if not devices:
+        raise RuleError(f"{owner}: 'devices' names no device")
+    cron, every = body.get("cron"), body.get("every")
+    if (cron is None) == (every is None):
+        raise RuleError(f"{owner}: give either 'cron' (\"30 6 * * *\") or 'every' (\"10m\")")
+    every_seconds = None
+    if every is not None:
+        every_seconds = parse_duration(every, f"{owner}: every")
+        if every_seconds < 1:
+            raise RuleError(f"{owner}: 'every' must be at least 1 s")
+    elif not isinstance(cron, str) or not croniter.is_valid(cron):
+        raise RuleError(f"{owner}: cron {json.dumps(cron)} is not a cron expression (minute hour day month weekday, "
+                        "such as \"30 6 * * *\")")
+    zone = body.get("timezone", "UTC")
+    try:
+        zoneinfo.ZoneInfo(zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise RuleError(f"{owner}: unknown time zone {json.dumps(zone)} (such as \"Europe/Berlin\" or \"UTC\")") from exc
+    missed = body.get("missed", "skip")
+    if missed not in MISSED:
+        raise RuleError(f"{owner}: missed {json.dumps(missed)} is not one of {', '.join(MISSED)}")
+    actions = _actions(owner, "actions", body)
+    if not actions:
+        raise RuleError(f"{owner}: no actions")
+    return Schedule(name, devices, cron, every_seconds, zone, missed, actions, dict(body))
+
+
+def parse_document(doc: dict[str, Any]) -> tuple[list[Rule], list[Schedule]]:
+    """Rules and schedules of a rule file's document; names must be unique within it."""
+    rules = [parse_rule(body) for body in doc.get("rule", [])]
+    schedules = [parse_schedule(body) for body in doc.get("schedule", [])]
+    seen: set[str] = set()
+    for name in [r.name for r in rules] + [s.name for s in schedules]:
+        if name in seen:
+            raise RuleError(f"{name!r} is named twice in the file")
+        seen.add(name)
+    return rules, schedules
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Track:
+    """One rule's state for one device."""
+
+    state: str = "inactive"  # inactive | pending | firing
+    since: float = 0.0  # when the condition began to hold
+    quiet_until: float = 0.0  # the cooldown after a resolve
+    window: deque[tuple[float, dict[str, Any]]] = field(default_factory=deque)
+
+
+@dataclass(frozen=True)
+class Transition:
+    rule: Rule
+    device: str
+    state: str  # pending | firing | resolved | cancelled (pending, then no longer holding)
+    at: float
+    values: dict[str, Any]
+
+
+class Engine:
+    """The loaded rules and their state per device; `evaluate` turns one reading into the transitions it causes."""
+
+    def __init__(self, rules: Iterable[Rule] = ()) -> None:
+        self.rules: dict[str, Rule] = {}
+        self.compiled: dict[str, tuple[Any, Any]] = {}
+        self.tracks: dict[tuple[str, str], Track] = {}
+        self._watching: dict[tuple[str, str | None], list[Rule]] = {}
+        self.load(list(rules))
+
+    def load(self, rules: list[Rule]) -> None:
+        """Take a new rule set; the state of rules that did not change is kept."""
+        old = self.rules
+        self.rules = {r.name: r for r in rules}
+        self.compiled = {r.name: (compile_condition(r.name, "when", r.when),
+                                  compile_condition(r.name, "clear", r.clear) if r.clear else None) for r in rules}
+        self.tracks = {key: track for key, track in self.tracks.items()
+                       if key[0] in self.rules and old.get(key[0]) == self.rules[key[0]]}
+        self._watching.clear()
+
+    def models_changed(self) -> None:
+        """A device's model changed: which rules watch it is looked up anew."""
+        self._watching.clear()
+
+    def restore(self, rule: str, device: str, state: str, since: float) -> None:
+        """Take up an alert that was open when the daemon stopped, so the rule resolves it."""
+        if rule in self.rules and state == "firing":
+            self.tracks[(rule, device)] = Track("firing", since)
+
+    def watching(self, device: str, model: str | None) -> list[Rule]:
+        key = (device, model)
+        found = self._watching.get(key)
+        if found is None:
+            found = self._watching[key] = [r for r in self.rules.values() if r.watches(device, model)]
+        return found
+
+    def evaluate(self, device: str, model: str | None, at: float, values: dict[str, Any]) -> list[Transition]:
+        out: list[Transition] = []
+        for rule in self.watching(device, model):
+            track = self.tracks.get((rule.name, device))
+            if track is None:
+                track = self.tracks[(rule.name, device)] = Track()
+            if rule.windowed:
+                window = track.window
+                window.append((at, values))
+                if rule.window_seconds:
+                    while window and window[0][0] < at - rule.window_seconds:
+                        window.popleft()
+                while len(window) > (rule.window_readings or MAX_WINDOW):
+                    window.popleft()
+            subject = Subject(values, track.window)
+            when, clear = self.compiled[rule.name]
+            if track.state == "firing":
+                done = holds(clear, subject) if clear is not None else _negate(holds(when, subject))
+                if done:
+                    track.state, track.quiet_until = "inactive", at + rule.cooldown
+                    out.append(Transition(rule, device, "resolved", at, values))
+                continue
+            now_holds = holds(when, subject)
+            if now_holds is None:
+                continue
+            if not now_holds:
+                if track.state == "pending":
+                    track.state = "inactive"
+                    out.append(Transition(rule, device, "cancelled", at, values))
+                continue
+            if track.state == "inactive":
+                if at < track.quiet_until:
+                    continue
+                track.state, track.since = "pending", at
+                if rule.for_seconds > 0:
+                    out.append(Transition(rule, device, "pending", at, values))
+            if track.state == "pending" and at - track.since >= rule.for_seconds:
+                track.state = "firing"
+                out.append(Transition(rule, device, "firing", at, values))
+        return out
+
+
+def _negate(value: bool | None) -> bool | None:
+    return None if value is None else not value

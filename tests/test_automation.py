@@ -1,0 +1,258 @@
+"""Automation against the real daemon: rules on committed readings set desired state and raise alerts, notifications
+reach a real local HTTP receiver through apprise exactly once (target down, kill -9), schedules and missed runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgetrio.tools.testkit import Daemon, Probe, wait_until
+
+
+class Receiver:
+    """A local HTTP endpoint that keeps what is posted to it (apprise's json:// target)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.posts: list[dict[str, Any]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"json://127.0.0.1:{self.port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reading(seq: int, **values: Any) -> str:
+    return json.dumps({"boot": 1, "seq": seq, "ts": time.time(), "values": values})
+
+
+def rule_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+GREENHOUSE = """
+[[rule]]
+name = "greenhouse-hot"
+devices = ["{device}"]
+when = "temperature > 30"
+clear = "temperature < 28"
+for = "{hold}"
+cooldown = "1s"
+severity = "critical"
+notify = ["{url}"]
+actions = [{{ set = {{ led = true }} }}]
+on_clear = [{{ set = {{ led = false }} }}]
+"""
+
+
+def alerts(daemon: Daemon, *extra: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = json.loads(daemon.cli("alerts", "--json", *extra).stdout)
+    return result
+
+
+def desired(probe: Probe, device: str, timeout: float = 15) -> dict[str, Any]:
+    """The next desired state the device is told that is not its current (empty) one, sent when it connects."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = probe.next_json(f"edgetrio/{device}/twin/desired", max(0.1, deadline - time.monotonic()))
+        if body["state"] or time.monotonic() > deadline:
+            return body
+
+
+def test_rule_fires_sets_desired_state_notifies_and_resolves(daemon: Daemon, device: Any, receiver: Receiver,
+                                                             tmp_path: Path) -> None:
+    device_id, _, probe = device()
+    rules = rule_file(tmp_path / "rules.toml", GREENHOUSE.format(device=device_id, hold="2s", url=receiver.url))
+    assert "added greenhouse-hot" in daemon.cli("rule", "add", str(rules)).stdout
+    topic = f"edgetrio/{device_id}/telemetry"
+    probe.publish(topic, reading(1, temperature=35.0))
+    wait_until(lambda: [a["state"] for a in alerts(daemon)] == ["pending"], timeout=10)
+    assert receiver.posts == []  # pending is not yet worth a message
+    time.sleep(2.1)
+    probe.publish(topic, reading(2, temperature=35.5))
+    assert desired(probe, device_id)["state"] == {"led": True}
+    wait_until(lambda: len(receiver.posts) == 1, timeout=15)
+    assert receiver.posts[0]["title"] == f"[FIRING] greenhouse-hot on {device_id} (critical)"
+    assert "temperature=35.5" in receiver.posts[0]["message"] and receiver.posts[0]["type"] == "failure"
+    [alert] = alerts(daemon)
+    assert alert["state"] == "firing" and alert["severity"] == "critical" and alert["values"] == {"temperature": 35.5}
+    # hysteresis: 29 is neither hot nor clear
+    probe.publish(topic, reading(3, temperature=29.0))
+    probe.publish(topic, reading(4, temperature=25.0))
+    assert probe.next_json(f"edgetrio/{device_id}/twin/desired")["state"] == {"led": False}
+    wait_until(lambda: len(receiver.posts) == 2, timeout=15)
+    assert receiver.posts[1]["title"].startswith("[RESOLVED]") and receiver.posts[1]["type"] == "success"
+    assert alerts(daemon) != [] and alerts(daemon)[0]["state"] == "resolved"  # resolved, not yet acknowledged
+    alert_id = str(alerts(daemon)[0]["id"])
+    assert "acknowledged" in daemon.cli("alerts", "ack", alert_id).stdout
+    assert alerts(daemon) == [] and alerts(daemon, "--all")[0]["acked"]
+    events = [h["event"] for h in json.loads(daemon.cli("rule", "history", "greenhouse-hot", "--json").stdout)]
+    assert events == ["added", "pending", "firing", "action_ok", "resolved", "action_ok"]
+    assert "no alert 99999" in daemon.cli("alerts", "ack", "99999", check=False).stderr
+    # dry run: what would fire, without the daemon doing anything
+    out = daemon.cli("rule", "test", str(rules), "--device", device_id, "--values", "temperature=31").stdout
+    assert "greenhouse-hot: fires after holding 2 s (critical); set {\"led\":true} on the device" in out
+    assert "does not fire" in daemon.cli("rule", "test", str(rules), "--device", device_id, "--values",
+                                         "temperature=20").stdout
+    assert "removed" in daemon.cli("rule", "remove", "greenhouse-hot").stdout
+    probe.publish(topic, reading(5, temperature=40.0))
+    time.sleep(1)
+    assert [a["state"] for a in alerts(daemon)] == []
+
+
+def test_bad_rule_files_are_refused_with_one_line(daemon: Daemon, device: Any, tmp_path: Path) -> None:
+    device_id, _, _ = device()
+    model = tmp_path / "env.json"
+    model.write_text(json.dumps({"name": "env-rules", "resources": [{"name": "temperature", "type": "float"}]}))
+    daemon.cli("model", "add", str(model))
+    typed, _, _ = device(model="env-rules")
+    cases = {
+        "when = \"temperature >\"": "syntax error at the end",
+        "when = \"humidity > 3\"": "unknown resource 'humidity' for model 'env-rules'",
+        "when = \"temperature > 'hot'\"": "data type mismatch",
+    }
+    for line, message in cases.items():
+        bad = rule_file(tmp_path / "bad.toml", f'[[rule]]\nname = "r"\ndevices = ["{typed}"]\n{line}\n')
+        out = daemon.cli("rule", "add", str(bad), check=False)
+        assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    bad = rule_file(tmp_path / "bad.toml", f'[[schedule]]\nname = "s"\ndevices = ["{device_id}"]\ncron = "99 * * * *"\n'
+                                           'actions = [{ set = { led = true } }]\n')
+    out = daemon.cli("rule", "add", str(bad), check=False)
+    assert out.returncode == 2 and "is not a cron expression" in out.stderr
+    bad = rule_file(tmp_path / "bad.toml", f'[[rule]]\nname = "r"\ndevices = ["{device_id}"]\nwhen = "t > 1"\n'
+                                           'notify = ["telepathy://me"]\n')
+    out = daemon.cli("rule", "add", str(bad), check=False)
+    assert out.returncode == 2 and "apprise" in out.stderr
+    assert json.loads(daemon.cli("rule", "list", "--json").stdout) == []
+
+
+def test_notification_survives_a_down_target_and_kill_9_exactly_once(tmp_path: Path) -> None:
+    port = free_port()  # the receiver is not there yet: the notification waits in the outbox
+    gw = Daemon(tmp_path / "data").start()
+    try:
+        password = gw.add_device("gh-kill")
+        rules = rule_file(tmp_path / "rules.toml",
+                          GREENHOUSE.format(device="gh-kill", hold="0s", url=f"json://127.0.0.1:{port}/hook"))
+        gw.cli("rule", "add", str(rules))
+        probe = Probe(gw, "gh-kill", password, "gh-kill")
+        assert probe.accepted()
+        probe.publish("edgetrio/gh-kill/telemetry", reading(1, temperature=35.0))
+        db = tmp_path / "data" / "edgetrio.db"
+
+        def attempts() -> int:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT attempts, sent FROM notifications").fetchone()
+            return int(row[0]) if row and row[1] is None else 0
+
+        wait_until(lambda: attempts() >= 1, timeout=15)
+        probe.close()
+        gw.stop(signal.SIGKILL)
+        receiver = Receiver(port)
+        try:
+            gw = Daemon(tmp_path / "data").start()
+            wait_until(lambda: len(receiver.posts) == 1, timeout=20)
+            time.sleep(3)  # a repeat would come within the retry time
+            assert len(receiver.posts) == 1 and receiver.posts[0]["title"].startswith("[FIRING] greenhouse-hot")
+            assert alerts(gw)[0]["state"] == "firing"  # and the rule still knows it fired: it resolves it
+            probe = Probe(gw, "gh-kill", password, "gh-kill")
+            assert probe.accepted()
+            probe.publish("edgetrio/gh-kill/telemetry", reading(2, temperature=20.0))
+            wait_until(lambda: len(receiver.posts) == 2, timeout=15)
+            assert receiver.posts[1]["title"].startswith("[RESOLVED]")
+            probe.close()
+        finally:
+            receiver.close()
+    finally:
+        gw.stop()
+
+
+def test_schedules_run_and_missed_runs_follow_their_policy(tmp_path: Path) -> None:
+    gw = Daemon(tmp_path / "data").start()
+    try:
+        password = gw.add_device("gh-sched")
+        probe = Probe(gw, "gh-sched", password, "gh-sched")
+        assert probe.accepted() and probe.subscribe("edgetrio/gh-sched/twin/desired")
+        schedules = rule_file(tmp_path / "schedules.toml", """
+[[schedule]]
+name = "blink"
+devices = ["gh-*"]
+every = "2s"
+actions = [{ set = { period = 7 } }]
+
+[[schedule]]
+name = "catch-up"
+devices = ["gh-sched"]
+every = "1h"
+missed = "run_once"
+actions = [{ set = { led = true } }]
+
+[[schedule]]
+name = "no-catch-up"
+devices = ["gh-sched"]
+cron = "0 * * * *"
+missed = "skip"
+actions = [{ set = { label = "skipped" } }]
+""")
+        gw.cli("rule", "add", str(schedules))
+        assert desired(probe, "gh-sched")["state"] == {"period": 7}
+        probe.close()
+        gw.stop()
+        # the daemon was down for three hours (as far as the schedules can tell)
+        with sqlite3.connect(tmp_path / "data" / "edgetrio.db") as conn:
+            conn.execute("DELETE FROM schedule_runs")
+            conn.executemany("INSERT INTO schedule_runs VALUES (?, ?)",
+                             [("catch-up", time.time() - 3 * 3600), ("no-catch-up", time.time() - 3 * 3600),
+                              ("blink", time.time() + 3600)])
+        gw = Daemon(tmp_path / "data").start()
+        probe = Probe(gw, "gh-sched", password, "gh-sched")
+        assert probe.accepted()
+        wait_until(lambda: any(h["event"] == "run" for h in json.loads(
+            gw.cli("rule", "history", "catch-up", "--json").stdout)[1:]), timeout=10)
+        history = json.loads(gw.cli("rule", "history", "no-catch-up", "--json").stdout)
+        assert [h["event"] for h in history] == ["added", "missed"] and "skipped" in history[-1]["detail"]
+        twin = json.loads(gw.cli("twin", "get", "gh-sched", "--json").stdout)
+        assert twin["desired"]["state"] == {"period": 7, "led": True}  # caught up once; the skipped one did not run
+        probe.close()
+    finally:
+        gw.stop()
