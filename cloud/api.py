@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from edgetrio import web
+from edgetrio import rules, web
 from edgetrio.cloud import store
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
 
@@ -76,6 +76,15 @@ def openapi() -> dict[str, Any]:
             "since": number, "until": number, "bucket": number, "ts": {"type": "array", "items": number},
             "count": {"type": "array", "items": integer},
             "values": {"type": "object", "additionalProperties": {"type": "array", "items": nullable_number}}}},
+        "Alert": {"type": "object", "properties": {
+            "node": string, "id": integer, "rule": string, "device": string,
+            "severity": {"type": "string", "enum": ["info", "warning", "critical"]},
+            "state": {"type": "string", "enum": ["pending", "firing", "resolved"]}, "values": obj,
+            "started": nullable_number, "fired": nullable_number, "resolved": nullable_number,
+            "acked": nullable_number, "acked_by": {**string, "nullable": True}}},
+        "RuleSet": {"type": "object", "properties": {
+            "node": string, "version": integer, "doc": obj, "applied": {**integer, "nullable": True},
+            "result": {**obj, "nullable": True}}},
         "Me": {"type": "object", "properties": {"name": string, "role": {"type": "string", "enum": ["admin", "viewer"]},
                                                 "via": string, "csrf": {**string, "nullable": True}}},
     }
@@ -115,6 +124,25 @@ def openapi() -> dict[str, Any]:
                 "requestBody": body({"desired": obj, "node": string, "device": string}, ["desired"]),
                 "responses": {"200": ok({"type": "object", "properties": {"devices": integer, "nodes": integer}}),
                               **errors(400, 404)}}},
+            "/api/alerts": {"get": {
+                "summary": "Alerts of the fleet, newest first: open ones and resolved ones not acknowledged (all=1: all)",
+                "parameters": [{"name": "all", "in": "query", "schema": string},
+                               {"name": "node", "in": "query", "schema": string}],
+                "responses": {"200": ok({"type": "array", "items": ref("Alert")}), **errors()}}},
+            "/api/fleet/rules": {"put": {
+                "summary": "The same rule set for every node (each its own next version)",
+                "requestBody": body({"doc": obj}, ["doc"]),
+                "responses": {"200": ok({"type": "array", "items": obj}), **errors(400)}}},
+            "/api/nodes/{node}/rules": {
+                "parameters": [node_param],
+                "get": {"summary": "The node's rule set, its version, and what the edge said when it applied it",
+                        "responses": {"200": ok(ref("RuleSet")), **errors(404)}},
+                "put": {"summary": "Replace the node's rule set (rules and schedules of a rule file, as JSON); sent "
+                                   "down as the next version, applied when the edge is reachable",
+                        "requestBody": body({"doc": obj}, ["doc"]),
+                        "responses": {"200": ok({"type": "object", "properties": {
+                            "node": string, "version": integer, "rules": integer, "schedules": integer}}),
+                            **errors(400, 404)}}},
             "/api/nodes/{node}/devices": {
                 "parameters": [node_param],
                 "get": {"summary": "Devices of a node",
@@ -226,6 +254,44 @@ async def fleet_twin(relay: Relay, who: Principal, path: Params, query: Params, 
     return 200, done
 
 
+async def rules_get(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    return 200, await relay.run(store.get_rules, path["node"])
+
+
+def checked_rule_set(data: Body) -> dict[str, Any]:
+    """The rule file's document in the body, checked as far as it can be without the edge's devices."""
+    doc = data.get("doc")
+    if not isinstance(doc, dict):
+        raise HTTPError(400, "'doc' must be a rule file's document: {\"rule\": [...], \"schedule\": [...]}")
+    try:
+        doc = {"rule": doc.get("rule", []), "schedule": doc.get("schedule", [])}
+        rules.check_notify_urls(rules.parse_document(doc)[0])
+    except (rules.RuleError, AttributeError) as exc:
+        raise HTTPError(400, str(exc)) from exc
+    return doc
+
+
+async def rules_set(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    doc = checked_rule_set(data)
+    done = await relay.run(store.set_rules, path["node"], doc)
+    relay.notify(path["node"])
+    return 200, done
+
+
+async def fleet_rules(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    doc = checked_rule_set(data)
+    nodes = [n["name"] for n in await relay.run(store.list_nodes)]
+    done = [await relay.run(store.set_rules, node, doc) for node in nodes]
+    for node in nodes:
+        relay.notify(node)
+    return 200, done
+
+
+async def alerts(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    everything = query.get("all") in ("1", "true", "yes")
+    return 200, await relay.run(store.list_alerts, everything, query.get("node"))
+
+
 async def command(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
     name, args = data.get("name"), data.get("args") or {}
     timeout = float(data.get("timeout", 10))
@@ -300,6 +366,10 @@ ROUTES: web.Routes = [
     web.Route("GET", "/api/nodes", nodes),
     web.Route("GET", "/api/devices", devices),
     web.Route("PATCH", "/api/fleet/twin", fleet_twin),
+    web.Route("PUT", "/api/fleet/rules", fleet_rules),
+    web.Route("GET", "/api/alerts", alerts),
+    web.Route("GET", "/api/nodes/{node}/rules", rules_get),
+    web.Route("PUT", "/api/nodes/{node}/rules", rules_set),
     web.Route("GET", "/api/nodes/{node}/devices", devices),
     web.Route("POST", "/api/nodes/{node}/devices", device_add),
     web.Route("GET", "/api/nodes/{node}/devices/{device}/twin", twin_get),

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from edgetrio import accounts, web
+from edgetrio import accounts, rules, web
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
@@ -104,6 +104,21 @@ def run(args: argparse.Namespace) -> None:
             f"node {args.name} added\n  token: {token}",
             f"Start its gateway with: edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token {token}",
             "Keep the token now: it is stored only hashed and cannot be shown again."])
+        return
+    if action == "rules":
+        fleet_rules(args)
+        return
+    if action == "alerts":
+        filters = "?all=1" if args.all else ""
+        if args.node:
+            filters += ("&" if filters else "?") + f"node={args.node}"
+        found = call(args, "GET", "/api/alerts" + filters)
+        show(args, found, [f"{'NODE':<14} {'ID':>5} {'STATE':<9} {'SEVERITY':<9} {'RULE':<20} {'DEVICE':<16} SINCE"] + [
+            f"{a['node']:<14} {a['id']:>5} {a['state']:<9} {a['severity']:<9} {a['rule']:<20} {a['device']:<16} "
+            f"{fmt_time(a['fired'] or a['started'])}  "
+            + ", ".join(f"{k}={json.dumps(v)}" for k, v in a["values"].items())
+            + (f"  acked by {a['acked_by']}" if a["acked"] else "") for a in found]
+            if found else ["no open alerts" + ("" if args.all else " (--all shows resolved ones too)")])
         return
     if action == "nodes":
         nodes = call(args, "GET", "/api/nodes")
@@ -204,6 +219,35 @@ def users(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
+def fleet_rules(args: argparse.Namespace) -> None:
+    """`cloud rules apply NODE FILE` / `--all FILE`, `cloud rules show NODE`."""
+    if args.rules_action == "show":
+        found = call(args, "GET", f"/api/nodes/{args.node}/rules")
+        doc = found["doc"]
+        state = ("applied" if found["applied"] == found["version"] else
+                 f"not applied: {found['result']['error']}" if found["result"] and not found["result"].get("ok") else
+                 "waiting for the node")
+        show(args, found, [f"{args.node}: rule set version {found['version']} ({state}): "
+                           f"{len(doc['rule'])} rules, {len(doc['schedule'])} schedules"]
+             + [f"  rule {r['name']}: {r.get('when')}" for r in doc["rule"]]
+             + [f"  schedule {s['name']}: {s.get('cron') or 'every ' + str(s.get('every'))}" for s in doc["schedule"]])
+        return
+    if len(args.targets) != (1 if args.all else 2):
+        raise CliError("give NODE FILE, or --all FILE for every node", 2)
+    node, path = (None, Path(args.targets[0])) if args.all else (args.targets[0], Path(args.targets[1]))
+    try:
+        doc = rules.read_rule_file(path)
+        rules.check_notify_urls(rules.parse_document(doc)[0])
+    except rules.RuleError as exc:
+        raise CliError(f"{path}: {exc}", 2) from None
+    if node is None:
+        done = call(args, "PUT", "/api/fleet/rules", {"doc": doc})
+    else:
+        done = [call(args, "PUT", f"/api/nodes/{node}/rules", {"doc": doc})]
+    show(args, done, [f"{d['node']}: rule set version {d['version']} queued ({d['rules']} rules, {d['schedules']} "
+                      "schedules); it takes effect when the node has it" for d in done])
+
+
 def store_since(text: str) -> float:
     try:
         return parse_since(text)
@@ -292,6 +336,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--since")
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv or jsonl for other tools")
+    p = actions.add_parser("rules", help="the rules and schedules each node runs (sent down, versioned)")
+    rules_actions = p.add_subparsers(dest="rules_action", required=True)
+    p = rules_actions.add_parser("apply", parents=[api],
+                                 help="replace a node's rule set (or every node's, --all) with a rule file's")
+    p.add_argument("targets", nargs="+", metavar="NODE FILE | FILE")
+    p.add_argument("--all", action="store_true", help="every node (then give only the FILE)")
+    p = rules_actions.add_parser("show", parents=[api], help="a node's rule set and whether it has applied it")
+    p.add_argument("node")
+    p = actions.add_parser("alerts", parents=[api], help="alerts of the fleet (open ones; --all: resolved too)")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--node", help="only this node's")
     p = actions.add_parser("device", help="register a device from the cloud")
     device_actions = p.add_subparsers(dest="device_action", required=True)
     p = device_actions.add_parser("add", parents=[api])

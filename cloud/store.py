@@ -52,6 +52,13 @@ def open_db(data_dir: Path) -> Database:
             pk="id", if_not_exists=True)
         db.table("device_events").create_index(["node", "device", "kind", "id"], if_not_exists=True)
         db.table("device_events").create_index(["received"], if_not_exists=True)
+        # each node's rule set (versioned like a twin: the edge applies only a newer one) and the alerts edges send up
+        db.table("rule_sets").create({"node": str, "version": int, "doc": str, "updated": float, "applied": int,
+                                      "result": str}, pk="node", if_not_exists=True)
+        db.table("alerts").create(
+            {"node": str, "id": int, "rule": str, "device": str, "severity": str, "state": str, "values_": str,
+             "started": float, "fired": float, "resolved": float, "acked": float, "acked_by": str, "received": float},
+            pk=("node", "id"), if_not_exists=True)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
     return db
@@ -81,7 +88,7 @@ def rotate_node(db: Database, name: str) -> str:
 def remove_node(db: Database, name: str) -> None:
     """Forget a node: its token, devices, queue and readings."""
     require_node(db, name)
-    for table in ("devices", "downqueue", "commands", "readings", "device_events"):
+    for table in ("devices", "downqueue", "commands", "readings", "device_events", "alerts", "rule_sets"):
         db.execute(f"DELETE FROM {table} WHERE node = ?", [name])
     db.execute("DELETE FROM nodes WHERE name = ?", [name])
 
@@ -196,6 +203,12 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
     elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
         counters = {str(k): int(v) for k, v in dict(body["counters"]).items()}
         db.execute("UPDATE nodes SET counters = ? WHERE name = ?", [json.dumps(counters), node])
+    elif resource == "alert":  # an alert's state as the edge has it now (raised, fired, resolved, acknowledged)
+        fields = {k: body.get(k) for k in ("rule", "device", "severity", "state", "started", "fired", "resolved",
+                                          "acked", "acked_by")}
+        db.table("alerts").upsert({"node": node, "id": int(body["id"]), **fields,
+                                   "values_": json.dumps(body.get("values") or {}), "received": now},
+                                  pk=("node", "id"))
     elif resource == "cmd_result":
         cmd_id = str(body["cmd"])
         status = "ok" if body.get("result", {}).get("ok") else "error"
@@ -235,6 +248,9 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
     if resource == "twin" and result.get("ok") and isinstance(result.get("twin"), dict):
         db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?",
                    [json.dumps(result["twin"]), node, body["device"]])
+    if resource == "rules":
+        db.execute("UPDATE rule_sets SET applied = ?, result = ? WHERE node = ?",
+                   [int(result.get("version") or 0) if result.get("ok") else None, json.dumps(result), node])
     if resource == "cmd" and not result.get("ok"):
         db.execute("UPDATE commands SET status = 'error', result = ? WHERE id = ?",
                    [json.dumps({"cmd": body["cmd"], "error": result.get("error"), "code": "refused"}), body["cmd"]])
@@ -289,6 +305,41 @@ def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device
     return {"nodes": len({d["node"] for d in targets}), "devices": len(targets)}
 
 
+def set_rules(db: Database, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """A node's new rule set (checked by the caller): the next version, sent down in place of any older one still
+    queued; an edge that is offline gets the latest when it reconnects."""
+    require_node(db, node)
+    row = next(iter(db.query("SELECT version FROM rule_sets WHERE node = ?", [node])), None)
+    version = (row["version"] if row else 0) + 1
+    db.table("rule_sets").upsert({"node": node, "version": version, "doc": json.dumps(doc), "updated": time.time(),
+                                  "applied": None, "result": None}, pk="node")
+    db.execute("DELETE FROM downqueue WHERE node = ? AND resource = 'rules'", [node])
+    queue_down(db, node, "rules", {"version": version, "doc": doc})
+    return {"node": node, "version": version, "rules": len(doc.get("rule", [])),
+            "schedules": len(doc.get("schedule", []))}
+
+
+def get_rules(db: Database, node: str) -> dict[str, Any]:
+    require_node(db, node)
+    row = next(iter(db.query("SELECT * FROM rule_sets WHERE node = ?", [node])), None)
+    if row is None:
+        return {"node": node, "version": 0, "doc": {"rule": [], "schedule": []}, "applied": None, "result": None}
+    return {**row, "doc": json.loads(row["doc"]), "result": json.loads(row["result"]) if row["result"] else None}
+
+
+def list_alerts(db: Database, everything: bool = False, node: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    """Alerts of the fleet, newest first: open ones (and resolved ones not yet acknowledged), or all."""
+    where, params = ["1"], []
+    if not everything:
+        where.append("(state != 'resolved' OR acked IS NULL)")
+    if node is not None:
+        where.append("node = ?")
+        params.append(node)
+    rows = db.query(f"SELECT * FROM alerts WHERE {' AND '.join(where)} ORDER BY COALESCE(fired, started) DESC LIMIT ?",
+                    [*params, limit])
+    return [{**{k: v for k, v in r.items() if k != "values_"}, "values": json.loads(r["values_"] or "{}")} for r in rows]
+
+
 def register_device(db: Database, node: str, device: str, model: str | None) -> str:
     """Register a device on an edge from the cloud; the credential is made here, returned once, sent down hashed."""
     require_node(db, node)
@@ -328,6 +379,8 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
                               "received < ? LIMIT ?)", [before, limit]).rowcount)
     deleted += int(db.execute("DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE created < ? "
                               "AND status != 'queued' LIMIT ?)", [before, limit]).rowcount)
+    deleted += int(db.execute("DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts WHERE state = 'resolved' "
+                              "AND received < ? LIMIT ?)", [before, limit]).rowcount)
     return deleted
 
 

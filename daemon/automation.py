@@ -26,14 +26,15 @@ from edgetrio.daemon.ingest import Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
-from edgetrio.daemon.rules import (
+from edgetrio.identity import RegistryError
+from edgetrio.rules import (
     Action,
     Engine,
-    Rule,
     RuleError,
     Schedule,
     Subject,
     Transition,
+    check_notify_urls,
     check_rule,
     compile_condition,
     holds,
@@ -41,7 +42,6 @@ from edgetrio.daemon.rules import (
     parse_rule,
     parse_schedule,
 )
-from edgetrio.identity import RegistryError
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.automation")
@@ -52,17 +52,6 @@ HISTORY_LIMIT = 100
 
 
 # -- the store's side (runs in the writer, or in the CLI when no daemon runs) ----------------------------------------
-
-def check_notify_urls(rules: list[Rule]) -> None:
-    """Every notification URL must be one apprise knows how to send to."""
-    import apprise  # slow to import: paid by rule files with notifications, not by every CLI call
-
-    for rule in rules:
-        for url in rule.notify:
-            if not apprise.Apprise().add(url):
-                raise RuleError(f"rule {rule.name!r}: notify {url!r} is not a notification URL apprise understands "
-                                "(such as json://host:port/path, ntfys://topic, mailto://user:pass@host)")
-
 
 def registered_models(db: Database) -> dict[str, Model | None]:
     return {row["id"]: store.device_model(db, row["id"]) for row in store.list_devices(db)}

@@ -44,9 +44,9 @@ from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import run
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
-from edgetrio.daemon.rules import RuleError, parse_document, read_rule_file
 from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.identity import RegistryError, hash_password, integration_user, new_secret
+from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 
 
@@ -423,7 +423,7 @@ def rule_document(path: Path) -> dict[str, Any]:
     """A rule file read and checked for what can be checked without the devices (syntax, keys, cron, time zones)."""
     try:
         doc = read_rule_file(path)
-        auto.check_notify_urls(parse_document(doc)[0])
+        check_notify_urls(parse_document(doc)[0])
     except RuleError as exc:
         raise CliError(f"{path}: {exc}", EXIT_USAGE) from exc
     return doc

@@ -11,9 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edgetrio.daemon.automation import check_notify_urls
 from edgetrio.daemon.registry import Model
-from edgetrio.daemon.rules import Engine, RuleError, check_rule, parse_document, parse_rule, read_rule_file
+from edgetrio.rules import Engine, RuleError, check_notify_urls, check_rule, parse_document, parse_rule, read_rule_file
 
 ENV = Model.from_dict({"name": "env", "resources": [
     {"name": "temperature", "type": "float"}, {"name": "humidity", "type": "float"}, {"name": "led", "type": "bool"}]})

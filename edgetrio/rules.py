@@ -1,5 +1,5 @@
 """Automation rules and schedules: reading rule files, checking them against device models, and evaluating conditions
-on readings (no I/O).
+on readings (no I/O). Shared: the gateway runs them, the relay checks a rule set before it sends it down.
 
 Conditions are rule-engine expressions (`temperature > 30 and not led`), compiled once when a rule is loaded; a rule
 with a window also sees `avg_X`, `min_X`, `max_X`, `delta_X` for each numeric resource X and `count`. `Engine` keeps
@@ -20,11 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from croniter import croniter
-
-from edgetrio.daemon.registry import Model
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 AGGREGATES = ("avg", "min", "max", "delta")
@@ -43,6 +41,21 @@ def _engine() -> Any:
     import rule_engine  # a third of a second to import: paid when rules are compiled, not by every CLI call
 
     return rule_engine
+
+
+class Resource(Protocol):
+    @property
+    def type(self) -> str: ...  # int | float | bool | string
+
+
+class Model(Protocol):
+    """What a rule is checked against: a device model's name and its resources (the gateway's registry.Model)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def resources(self) -> Mapping[str, Resource]: ...
 
 
 class RuleError(ValueError):
@@ -401,6 +414,17 @@ def parse_document(doc: dict[str, Any]) -> tuple[list[Rule], list[Schedule]]:
             raise RuleError(f"{name!r} is named twice in the file")
         seen.add(name)
     return rules, schedules
+
+
+def check_notify_urls(rules: list[Rule]) -> None:
+    """Every notification URL must be one apprise knows how to send to."""
+    import apprise  # slow to import: paid by rule files with notifications, not by every CLI call
+
+    for rule in rules:
+        for url in rule.notify:
+            if not apprise.Apprise().add(url):
+                raise RuleError(f"rule {rule.name!r}: notify {url!r} is not a notification URL apprise understands "
+                                "(such as json://host:port/path, ntfys://topic, mailto://user:pass@host)")
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------------
