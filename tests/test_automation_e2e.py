@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetrio.tools.testkit import ROOT, Daemon, Relay, cli, wait_until
-from test_automation import Receiver
+from edgetrio.tools.testkit import ROOT, Daemon, Receiver, Relay, cli, wait_until
 
 BOARD = "greenhouse-1"
 
