@@ -573,6 +573,9 @@ def cmd_status(args: argparse.Namespace) -> None:
             state = "connected" if cloud["connected"] else f"disconnected ({cloud['last_error'] or 'connecting'})"
             print(f"cloud:     {cloud['url']} as {cloud['node']}: {state}, outbox {status['outbox']['rows']} rows, "
                   f"{cloud['dropped']} dropped")
+        for name, sink in status.get("daemon", {}).get("export", {}).items():
+            why = f" ({sink['error']})" if sink.get("error") else ""
+            print(f"export:    {name}: {sink['state']}{why}, {sink['sent']} readings sent by this run")
         print(f"devices:   {status['devices']}   readings stored: {status['readings']}")
         print("all time:  " + (", ".join(f"{k}={v}" for k, v in status["counters"].items()) or "-"))
 

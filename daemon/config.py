@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgetrio import wire
 from edgetrio.identity import ADMIN_USER, new_secret
@@ -45,6 +46,7 @@ class DaemonConfig:
     http_host: str = "127.0.0.1"  # the dashboard; expose it (0.0.0.0) only on a network you trust
     http_port: int = 8080  # 0 picks a free one (written to the run file); -1 turns the dashboard off
     homeassistant: bool = False  # MQTT discovery for Home Assistant (credential: `edgetrio integration add`)
+    export: list[dict[str, Any]] = field(default_factory=list)  # sinks readings are copied to ([[export]] tables)
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -54,8 +56,67 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "log_level": str, "tls_cert": str, "tls_key": str, "serial": list, "cloud_url": str, "node_id": str,
     "cloud_token": str, "cloud_token_file": str, "cloud_cafile": str, "outbox_max_rows": int, "outbox_max_age": (int, float),
     "retention_days": (int, float), "metrics_host": str, "metrics_port": int, "homeassistant": bool,
-    "http_host": str, "http_port": int,
+    "http_host": str, "http_port": int, "export": list,
 }
+SINK_KINDS = ("webhook", "mqtt")
+SINK_KEYS = {"name", "type", "url", "topic", "qos", "batch", "headers", "start"}
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where readings are exported to, each sink with its own durable cursor (see daemon/export.py)."""
+
+    name: str
+    kind: str  # webhook | mqtt
+    url: str  # http(s)://host/path, or mqtt(s)://[user:password@]host[:port]
+    topic: str = "edgetrio/export/{device}"  # mqtt: the topic of each reading ({device}, {node})
+    qos: int = 1
+    batch: int = 500  # readings per webhook request or per round of MQTT publishes
+    headers: tuple[tuple[str, str], ...] = ()  # webhook: extra headers (an Authorization, say)
+    start: str = "now"  # a new sink: from the readings that come after it was added ("now") or from all stored ("all")
+
+
+def parse_sinks(items: list[Any]) -> list[Sink]:
+    """The [[export]] tables of the config; raise ConfigError naming the sink and what is wrong."""
+    sinks: list[Sink] = []
+    for i, body in enumerate(items):
+        if not isinstance(body, dict):
+            raise ConfigError(f"export[{i}] must be a table ([[export]] with name, type, url)")
+        name = body.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64:
+            raise ConfigError(f"export[{i}] needs a 'name' (1-64 characters)")
+        what = f"export {name!r}"
+        unknown = set(body) - SINK_KEYS
+        if unknown:
+            raise ConfigError(f"{what}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(SINK_KEYS))})")
+        kind, url = body.get("type"), body.get("url")
+        if kind not in SINK_KINDS:
+            raise ConfigError(f"{what}: type must be one of {', '.join(SINK_KINDS)}, not {kind!r}")
+        schemes = ("http://", "https://") if kind == "webhook" else ("mqtt://", "mqtts://")
+        if not isinstance(url, str) or not url.startswith(schemes) or not urlsplit(url).hostname:
+            raise ConfigError(f"{what}: url must be {' or '.join(s + 'host...' for s in schemes)}, not {url!r}")
+        try:
+            urlsplit(url).port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: url {url!r}: {exc}") from exc
+        topic = body.get("topic", Sink.topic)
+        if not isinstance(topic, str) or not topic or any(c in topic for c in "+#\0") or topic.startswith("$"):
+            raise ConfigError(f"{what}: topic must be a topic to publish to (no + or #), such as "
+                              "\"plant/{{device}}\"")
+        qos, batch, start = body.get("qos", 1), body.get("batch", 500), body.get("start", "now")
+        if qos not in (0, 1, 2) or isinstance(qos, bool):
+            raise ConfigError(f"{what}: qos must be 0, 1 or 2")
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 10_000:
+            raise ConfigError(f"{what}: batch must be from 1 to 10000 readings")
+        if start not in ("now", "all"):
+            raise ConfigError(f"{what}: start must be \"now\" or \"all\"")
+        headers = body.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise ConfigError(f"{what}: headers must be a table of strings")
+        if name in {s.name for s in sinks}:
+            raise ConfigError(f"{what} is named twice")
+        sinks.append(Sink(name, kind, url, topic, qos, batch, tuple(headers.items()), start))
+    return sinks
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -109,6 +170,7 @@ def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> Daemon
             raise ConfigError(f"cannot read the token file {cfg.cloud_token_file}: {exc}") from exc
         if not cfg.cloud_token:
             raise ConfigError(f"the token file {cfg.cloud_token_file} is empty")
+    parse_sinks(cfg.export)
     if cfg.cloud_url:
         if not cfg.cloud_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"cloud url {cfg.cloud_url!r} must start with ws:// or wss://")

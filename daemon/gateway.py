@@ -27,11 +27,13 @@ from edgetrio.daemon.config import (
     DaemonError,
     admin_credential,
     lock_data_dir,
+    parse_sinks,
     write_run_file,
 )
 from edgetrio.daemon.control import ControlServer
 from edgetrio.daemon.devices import SerialDevice
 from edgetrio.daemon.edgehub import EdgeHub, open_down, outbox_mirror
+from edgetrio.daemon.export import Export
 from edgetrio.daemon.homeassistant import HomeAssistant
 from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
 from edgetrio.daemon.pipeline import Ingest
@@ -128,7 +130,7 @@ async def keep_retention(writer: Writer, days: float) -> None:
 
 
 def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, counters: Counters,
-           hub: EdgeHub | None, supervisor: Supervisor) -> dict[str, Any]:
+           hub: EdgeHub | None, supervisor: Supervisor, export: Export | None = None) -> dict[str, Any]:
     store_component = supervisor.components.get("store")
     if store_component is not None:  # the writer keeps going while the store cannot write: say so
         failing = writer.failure is not None
@@ -149,6 +151,7 @@ def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, count
         "store": {"ok": writer.failure is None, "error": writer.failure, "failing_since": writer.failing_since,
                   "readings_held": ingest.uncommitted},
         "cloud": hub.state() if hub else None,
+        "export": {name: dict(state) for name, state in export.states.items()} if export else {},
     }
 
 
@@ -232,12 +235,14 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         ha = HomeAssistant(link, writer, roster, changes, commands) if cfg.homeassistant else None
                         site = GatewayWeb(writer, link, roster, changes, commands, (ADMIN_USER, admin_secret),
                                           cfg.node_id or "local")
+                        sinks = parse_sinks(cfg.export)
+                        export = Export(sinks, writer, cfg.node_id or "local") if sinks else None
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in,
-                                        [site, automation, *([ha] if ha else [])])
+                                        [site, automation, *([ha] if ha else []), *([export] if export else [])])
                         counters = Counters(ingest, link, writer, hub)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,
-                                                        supervisor), automation)
+                                                        supervisor, export), automation)
                         health = Health(roster, ingest, link, writer, counters, hub)
                         gauges = GatewayCollector(health.snapshot, trio.lowlevel.current_trio_token())
 
@@ -273,6 +278,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                             if ha is not None:
                                 services.start_soon(supervisor.keep, "home assistant", ha.run)
                             services.start_soon(supervisor.keep, "automation", automation.run)
+                            if export is not None:
+                                services.start_soon(supervisor.keep, "export", export.run)
                             supervisor.add("metrics", vital=False, state="running" if metrics else "off")
                             supervisor.add("web", vital=False, state="running" if dashboard else "off")
                             write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics, dashboard)

@@ -112,6 +112,8 @@ def _create_schema(db: Database) -> None:
             {"id": int, "alert": int, "url": str, "kind": str, "title": str, "body": str, "created": float,
              "attempts": int, "next_try": float, "sent": float, "error": str}, pk="id", if_not_exists=True)
         db.table("schedule_runs").create({"name": str, "last_run": float}, pk="name", if_not_exists=True)
+        # each export sink's place in the readings (their rowid: commit order)
+        db.table("export_cursors").create({"name": str, "position": int, "sent": int}, pk="name", if_not_exists=True)
         db.table("rule_history").create_index(["name", "ts"], if_not_exists=True)
         db.table("alerts").create_index(["state"], if_not_exists=True)
         db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from edgetrio.daemon import store
-from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file
+from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file, parse_sinks
 from edgetrio.tools.demo import wait_for_daemon
 from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
 
@@ -187,6 +187,7 @@ def test_the_operations_guide_documents_every_setting_and_its_example_loads(tmp_
     (tmp_path / "token").write_text("t0ken\n")
     cfg = build_config({**settings, "cloud_token_file": tmp_path / "token"}, {})
     assert cfg.node_id == "greenhouse-gw" and cfg.serial == ["/dev/ttyUSB0"] and cfg.cloud_token == "t0ken"
+    assert [s.kind for s in parse_sinks(cfg.export)] == ["mqtt", "webhook"]
     table = {m for row in re.findall(r"^\| (`.*?`) \|", guide, re.M) for m in re.findall(r"`(\w+)`", row)}
     assert {f.name for f in fields(DaemonConfig)} <= table, {f.name for f in fields(DaemonConfig)} - table
 
