@@ -165,7 +165,7 @@ class Relay:
                         by_device.setdefault(r.get("device"), []).append({"ts": r.get("ts"), "values": r["values"]})
                 for device, readings in by_device.items():
                     self.events.publish({"type": "readings", "node": node, "device": device, "readings": readings})
-            elif item.get("resource") in ("twin", "device"):
+            elif item.get("resource") in ("twin", "device", "alert"):
                 self.events.publish({"type": item["resource"], "node": node, "device": body.get("device")})
             elif item.get("resource") == "node":  # its report of itself: the fleet page shows the counts
                 self.events.publish({"type": "node", "node": node})

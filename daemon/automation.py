@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,7 @@ from edgetrio.rules import (
     Schedule,
     Subject,
     Transition,
+    Window,
     check_notify_urls,
     check_rule,
     compile_condition,
@@ -46,6 +47,7 @@ from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.automation")
 TRANSITIONS_WAITING = 10_000  # transitions not yet recorded; past it new ones are dropped (counted, logged)
+READINGS_WAITING = 100_000  # committed readings not yet judged by the rules; past it the oldest are skipped (counted)
 NOTIFY_RETRY_CAP = 300.0  # seconds between tries of a notification whose target is down, at most
 NOTIFY_TIMEOUT = 30.0  # seconds one notification may take
 HISTORY_LIMIT = 100
@@ -247,7 +249,9 @@ def dry_run(doc: dict[str, Any], models: dict[str, Model | None], device: str, v
         check_rule(rule, models)
         if not rule.watches(device, model.name if model else None):
             continue
-        result = holds(compile_condition(rule.name, "when", rule.when), Subject(values, [(0.0, values)]))
+        window = Window(readings=1)
+        window.add(0.0, values)
+        result = holds(compile_condition(rule.name, "when", rule.when), Subject(values, window))
         out.append({"rule": rule.name, "fires": bool(result), "judged": result is not None,
                     "after": rule.for_seconds, "severity": rule.severity,
                     "actions": [a.describe() for a in rule.actions] if result else [],
@@ -269,14 +273,28 @@ class Automation(Watch):
         self._planned: dict[str, tuple[Schedule, float]] = {}  # each schedule's next run, as it was planned
         self.counts: Counter[str] = Counter()
         self._send, self._receive = trio.open_memory_channel[Transition](TRANSITIONS_WAITING)
+        self._judge: deque[tuple[float, list[Reading]]] = deque()  # commits waiting for the rules
+        self._judge_count = 0
+        self._judge_wake = trio.Event()
         self._notify = trio.Event()
         self._reschedule = trio.Event()
 
-    # what ingest tells it
+    # what ingest tells it: the commit's readings are judged in this component's own task, so the rules never hold
+    # up the next commit (SQLite writes in its thread meanwhile)
     def committed(self, readings: list[Reading]) -> None:
         if not self.engine.rules:
             return
-        now = time.time()
+        self._judge.append((time.time(), readings))
+        self._judge_count += len(readings)
+        while self._judge_count > READINGS_WAITING:
+            _, skipped = self._judge.popleft()
+            self._judge_count -= len(skipped)
+            self.counts["rules_skipped"] += len(skipped)
+            log.error("rules: %d readings skipped: the rules fell behind ingest", len(skipped))
+        self._judge_wake.set()
+
+    def judge(self, readings: list[Reading], now: float) -> None:
+        """Run the rules on committed readings and queue the transitions."""
         for reading in readings:
             model = self.roster.models.get(reading.device)
             for transition in self.engine.evaluate(reading.device, model.name if model else None,
@@ -287,6 +305,16 @@ class Automation(Watch):
                     self.counts["automation_dropped"] += 1
                     log.error("rule %s: transition %s of %s dropped: too many waiting", transition.rule.name,
                               transition.state, transition.device)
+
+    async def _judge_commits(self) -> None:
+        while True:
+            await self._judge_wake.wait()
+            self._judge_wake = trio.Event()
+            while self._judge:
+                now, readings = self._judge.popleft()
+                self._judge_count -= len(readings)
+                self.judge(readings, now)
+                await trio.sleep(0)  # ingest goes on between commits
 
     def meta(self, device: str) -> None:
         self.engine.models_changed()
@@ -323,6 +351,7 @@ class Automation(Watch):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Record transitions, run actions and schedules, send notifications (the rules are loaded by `reload`)."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._judge_commits)
             nursery.start_soon(self._record_transitions, nursery)
             nursery.start_soon(self._send_notifications)
             nursery.start_soon(self._run_schedules, nursery)
@@ -365,7 +394,8 @@ class Automation(Watch):
                 if event == "action_ok":
                     break
                 log.warning("rule %s: %s", name, detail)
-                await trio.sleep(2.0 ** attempt)
+                if attempt < action.retries:
+                    await trio.sleep(2.0 ** attempt)
 
     async def _send_notifications(self) -> None:
         while True:

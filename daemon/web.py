@@ -20,6 +20,7 @@ import trio
 
 from edgetrio import accounts, web
 from edgetrio.daemon import store
+from edgetrio.daemon.automation import list_alerts
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
@@ -202,7 +203,15 @@ async def rejects(site: GatewayWeb, who: Principal, path: Params, query: Params,
     return 200, [{k: v for k, v in r.items() if k != "payload"} for r in rows]
 
 
+async def alerts(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """The gateway's alerts as the relay lists the fleet's (what `edgetrio alerts` shows)."""
+    everything = query.get("all") in ("1", "true", "yes")
+    rows = await site.run(partial(list_alerts, everything=everything))
+    return 200, [{"node": site.node, **r} for r in rows]
+
+
 ROUTES: web.Routes = [
+    web.Route("GET", "/api/alerts", alerts),
     web.Route("GET", "/api/nodes", nodes),
     web.Route("GET", "/api/devices", devices),
     web.Route("GET", "/api/nodes/{node}/devices", devices),

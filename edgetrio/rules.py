@@ -101,33 +101,111 @@ def read_rule_file(path: Path) -> dict[str, Any]:
 
 # -- conditions ------------------------------------------------------------------------------------------------------
 
+class Series:
+    """One resource's numbers in a window, with their sum, minimum and maximum kept as readings come and go, so an
+    aggregate costs the same whatever the window holds."""
+
+    __slots__ = ("high", "items", "low", "total")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[int, float]] = deque()  # (reading number, value)
+        self.total = 0.0
+        self.low: deque[tuple[int, float]] = deque()  # increasing values: the front is the minimum
+        self.high: deque[tuple[int, float]] = deque()  # decreasing values: the front is the maximum
+
+    def add(self, n: int, value: float) -> None:
+        self.items.append((n, value))
+        self.total += value
+        while self.low and self.low[-1][1] >= value:
+            self.low.pop()
+        self.low.append((n, value))
+        while self.high and self.high[-1][1] <= value:
+            self.high.pop()
+        self.high.append((n, value))
+
+    def drop_through(self, n: int) -> None:
+        """Forget the readings numbered n and before."""
+        while self.items and self.items[0][0] <= n:
+            self.total -= self.items.popleft()[1]
+        if not self.items:
+            self.total = 0.0  # no rounding left behind
+        while self.low and self.low[0][0] <= n:
+            self.low.popleft()
+        while self.high and self.high[0][0] <= n:
+            self.high.popleft()
+
+    def aggregate(self, kind: str) -> float | None:
+        if not self.items:
+            return None
+        if kind == "avg":
+            return self.total / len(self.items)
+        if kind == "min":
+            return self.low[0][1]
+        if kind == "max":
+            return self.high[0][1]
+        return self.items[-1][1] - self.items[0][1]  # delta
+
+
+class Window:
+    """A rule's recent readings of one device: the last N seconds or the last N readings (at most MAX_WINDOW)."""
+
+    __slots__ = ("n", "readings", "resources", "seconds", "series", "times")
+
+    def __init__(self, seconds: float | None = None, readings: int | None = None,
+                 resources: Iterable[str] | None = None) -> None:
+        self.resources = tuple(resources) if resources is not None else None  # the ones aggregated (None: all)
+        self.seconds = seconds
+        self.readings = min(readings or MAX_WINDOW, MAX_WINDOW)
+        self.n = 0
+        self.times: deque[tuple[int, float]] = deque()
+        self.series: dict[str, Series] = {}
+
+    def add(self, at: float, values: Mapping[str, Any]) -> None:
+        self.n += 1
+        self.times.append((self.n, at))
+        for name in values if self.resources is None else self.resources:
+            value = values.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                series = self.series.get(name)
+                if series is None:
+                    series = self.series[name] = Series()
+                series.add(self.n, value)
+        cut = 0
+        if self.seconds:
+            while self.times and self.times[0][1] < at - self.seconds:
+                cut = self.times.popleft()[0]
+        while len(self.times) > self.readings:
+            cut = self.times.popleft()[0]
+        if cut:
+            for series in self.series.values():
+                series.drop_through(cut)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
 class Subject:
-    """What a condition is evaluated on: the reading's values, and the window's readings for the aggregates."""
+    """What a condition is evaluated on: the reading's values, and the window for the aggregates."""
 
     __slots__ = ("values", "window")
 
-    def __init__(self, values: Mapping[str, Any], window: Iterable[tuple[float, Mapping[str, Any]]] = ()) -> None:
+    def __init__(self, values: Mapping[str, Any], window: Window | None = None) -> None:
         self.values = values
         self.window = window
 
 
-def _resolve(subject: Subject, name: str) -> Any:
+def resolve(subject: Subject, name: str) -> Any:
     if name in subject.values:
         return subject.values[name]
-    if name == "count":
-        return sum(1 for _ in subject.window)
-    kind, _, resource = name.partition("_")
-    if kind in AGGREGATES and resource:
-        numbers = [v[resource] for _, v in subject.window
-                   if isinstance(v.get(resource), int | float) and not isinstance(v.get(resource), bool)]
-        if numbers:
-            if kind == "avg":
-                return sum(numbers) / len(numbers)
-            if kind == "min":
-                return min(numbers)
-            if kind == "max":
-                return max(numbers)
-            return numbers[-1] - numbers[0]
+    window = subject.window
+    if window is not None:
+        if name == "count":
+            return len(window)
+        kind, _, resource = name.partition("_")
+        if kind in AGGREGATES and resource in window.series:
+            value = window.series[resource].aggregate(kind)
+            if value is not None:
+                return value
     raise _engine().SymbolResolutionError(name)
 
 
@@ -156,9 +234,9 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
         raise RuleError(f"rule {rule!r}: {key!r} must be a condition such as \"temperature > 30\"")
     rule_engine = _engine()
     if model is None:
-        context = rule_engine.Context(resolver=_resolve)
+        context = rule_engine.Context(resolver=resolve)
     else:
-        context = rule_engine.Context(resolver=_resolve,
+        context = rule_engine.Context(resolver=resolve,
                                       type_resolver=rule_engine.type_resolver_from_dict(_symbols(model, windowed)))
     try:
         return rule_engine.Rule(text, context=context)
@@ -436,7 +514,10 @@ class Track:
     state: str = "inactive"  # inactive | pending | firing
     since: float = 0.0  # when the condition began to hold
     quiet_until: float = 0.0  # the cooldown after a resolve
-    window: deque[tuple[float, dict[str, Any]]] = field(default_factory=deque)
+    window: Window | None = None
+    # the last judgement of `when` and of `clear` with the values it was made on (rules without a window: the same
+    # values give the same answer, and sensors repeat themselves)
+    memo: list[tuple[tuple[Any, ...], bool | None] | None] = field(default_factory=lambda: [None, None])
 
 
 @dataclass(frozen=True)
@@ -454,6 +535,8 @@ class Engine:
     def __init__(self, rules: Iterable[Rule] = ()) -> None:
         self.rules: dict[str, Rule] = {}
         self.compiled: dict[str, tuple[Any, Any]] = {}
+        self.aggregated: dict[str, tuple[str, ...]] = {}  # per rule: the resources its conditions aggregate
+        self.symbols: dict[str, tuple[str, ...]] = {}  # per rule: the symbols its conditions use
         self.tracks: dict[tuple[str, str], Track] = {}
         self._watching: dict[tuple[str, str | None], list[Rule]] = {}
         self.load(list(rules))
@@ -464,6 +547,11 @@ class Engine:
         self.rules = {r.name: r for r in rules}
         self.compiled = {r.name: (compile_condition(r.name, "when", r.when),
                                   compile_condition(r.name, "clear", r.clear) if r.clear else None) for r in rules}
+        for name, conditions in self.compiled.items():
+            symbols = set().union(*(c.context.symbols for c in conditions if c is not None))
+            self.symbols[name] = tuple(sorted(symbols))
+            self.aggregated[name] = tuple(sorted({s.partition("_")[2] for s in symbols
+                                                  if s.partition("_")[0] in AGGREGATES}))
         self.tracks = {key: track for key, track in self.tracks.items()
                        if key[0] in self.rules and old.get(key[0]) == self.rules[key[0]]}
         self._watching.clear()
@@ -491,22 +579,20 @@ class Engine:
             if track is None:
                 track = self.tracks[(rule.name, device)] = Track()
             if rule.windowed:
-                window = track.window
-                window.append((at, values))
-                if rule.window_seconds:
-                    while window and window[0][0] < at - rule.window_seconds:
-                        window.popleft()
-                while len(window) > (rule.window_readings or MAX_WINDOW):
-                    window.popleft()
+                if track.window is None:
+                    track.window = Window(rule.window_seconds, rule.window_readings, self.aggregated[rule.name])
+                track.window.add(at, values)
             subject = Subject(values, track.window)
+            key = None if rule.windowed else tuple((values.get(s).__class__, values.get(s)) for s in self.symbols[rule.name])
             when, clear = self.compiled[rule.name]
             if track.state == "firing":
-                done = holds(clear, subject) if clear is not None else _negate(holds(when, subject))
+                done = (_judged(track, 1, clear, subject, key) if clear is not None
+                        else _negate(_judged(track, 0, when, subject, key)))
                 if done:
                     track.state, track.quiet_until = "inactive", at + rule.cooldown
                     out.append(Transition(rule, device, "resolved", at, values))
                 continue
-            now_holds = holds(when, subject)
+            now_holds = _judged(track, 0, when, subject, key)
             if now_holds is None:
                 continue
             if not now_holds:
@@ -524,6 +610,17 @@ class Engine:
                 track.state = "firing"
                 out.append(Transition(rule, device, "firing", at, values))
         return out
+
+
+def _judged(track: Track, which: int, condition: Any, subject: Subject, key: tuple[Any, ...] | None) -> bool | None:
+    if key is not None:
+        last = track.memo[which]
+        if last is not None and last[0] == key:
+            return last[1]
+    result = holds(condition, subject)
+    if key is not None:
+        track.memo[which] = (key, result)
+    return result
 
 
 def _negate(value: bool | None) -> bool | None:

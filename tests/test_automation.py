@@ -224,3 +224,34 @@ actions = [{ set = { label = "skipped" } }]
         probe.close()
     finally:
         gw.stop()
+
+
+def test_an_action_that_fails_is_noted_and_retried_and_never_holds_up_ingest(daemon: Daemon, device: Any,
+                                                                            tmp_path: Path) -> None:
+    device_id, _, probe = device()
+    vent = f"{device_id}-vent"
+    daemon.add_device(vent)  # registered, never connected: a command to it fails (offline)
+    rules = rule_file(tmp_path / "rules.toml", f"""
+[[rule]]
+name = "vent-open"
+devices = ["{device_id}"]
+when = "temperature > 30"
+actions = [{{ command = "open", device = "{vent}", timeout = "1s", retries = 1 }}, {{ set = {{ led = true }} }}]
+""")
+    daemon.cli("rule", "add", str(rules))
+    topic = f"edgetrio/{device_id}/telemetry"
+    probe.publish(topic, reading(1, temperature=35.0))
+    for seq in range(2, 6):  # ingest goes on while the action waits and retries
+        probe.publish(topic, reading(seq, temperature=36.0))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 5:
+        pass
+
+    def events() -> list[tuple[str, str]]:
+        rows = json.loads(daemon.cli("rule", "history", "vent-open", "--json").stdout)
+        return [(r["event"], r["detail"]) for r in rows]
+
+    wait_until(lambda: [e for e, _ in events()].count("action_ok") == 1, timeout=20)
+    failed = [detail for event, detail in events() if event == "action_failed"]
+    assert len(failed) == 2 and "is not connected (try 1)" in failed[0] and "(try 2)" in failed[1]
+    assert desired(probe, device_id)["state"] == {"led": True}  # the next action ran after the failed one
+    daemon.cli("rule", "remove", "vent-open")

@@ -4,6 +4,7 @@ engine's state machine (for, clear, cooldown, windows)."""
 from __future__ import annotations
 
 import json
+import random
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,18 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from edgetrio.daemon.registry import Model
-from edgetrio.rules import Engine, RuleError, check_notify_urls, check_rule, parse_document, parse_rule, read_rule_file
+from edgetrio.rules import (
+    Engine,
+    RuleError,
+    Subject,
+    Window,
+    check_notify_urls,
+    check_rule,
+    parse_document,
+    parse_rule,
+    read_rule_file,
+    resolve,
+)
 
 ENV = Model.from_dict({"name": "env", "resources": [
     {"name": "temperature", "type": "float"}, {"name": "humidity", "type": "float"}, {"name": "led", "type": "bool"}]})
@@ -146,3 +158,28 @@ def test_window_aggregates() -> None:
     # again, within their cooldown (60 s by default): quiet.
     assert fired == [("rising", "firing", 10), ("hot", "firing", 20), ("hot", "resolved", 100),
                      ("rising", "resolved", 100)]
+
+
+def test_window_aggregates_match_a_plain_recount() -> None:
+    rng = random.Random(7)
+    for seconds, readings in ((30.0, None), (None, 25), (10.0, 5)):
+        window, kept = Window(seconds, readings), []
+        at = 0.0
+        for _ in range(3000):
+            at += rng.choice((0.1, 0.5, 2.0, 7.0))
+            values: dict[str, Any] = {"t": round(rng.uniform(-10, 40), 2), "ok": rng.random() < 0.5}
+            if rng.random() < 0.3:
+                del values["t"]  # readings without the resource count, but not in its aggregates
+            window.add(at, values)
+            kept.append((at, values))
+            if seconds:
+                kept = [(t, v) for t, v in kept if t >= at - seconds]
+            kept = kept[-(readings or 10_000):]
+            numbers = [v["t"] for _, v in kept if "t" in v]
+            subject = Subject(values, window)
+            assert len(window) == len(kept)
+            if numbers:
+                for kind, expected in (("avg", sum(numbers) / len(numbers)), ("min", min(numbers)),
+                                       ("max", max(numbers)), ("delta", numbers[-1] - numbers[0])):
+                    assert abs(resolve(subject, f"{kind}_t") - expected) < 1e-6
+            assert "ok" not in window.series  # booleans are not aggregated

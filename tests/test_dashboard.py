@@ -74,8 +74,11 @@ def browser() -> Iterator[Any]:
 
 
 def wait(driver: Any, predicate: Any, timeout: float = 30) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(d))
+    # a live page re-renders: an element read just as it was replaced is looked up again
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: predicate(d))
 
 
 def find(driver: Any, css: str) -> Any:
@@ -130,6 +133,14 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
                                      headers={"authorization": f"Bearer {operator}"})
     with urllib.request.urlopen(request, timeout=30) as reply:  # what the gateway refused went up the link too
         assert [r["reason"] for r in json.loads(reply.read())] == ["malformed_json"]
+    # a rule fires at the gateway: its alert shows on the fleet page as it comes up the link
+    assert "No open alerts" in find(browser, "#alerts").text
+    rules = daemon.data_dir.parent / "frost.toml"
+    rules.write_text(f'[[rule]]\nname = "frost-watch"\ndevices = ["{BOARD}"]\nwhen = "temperature > -100"\n'
+                     'severity = "critical"\n')
+    daemon.cli("rule", "add", str(rules))
+    wait(browser, lambda d: "frost-watch" in find(d, "#alerts tr.alert-firing").text
+         and BOARD in find(d, "#alerts").text, timeout=60)
     if SHOTS:
         browser.save_screenshot(str(SHOTS / "dashboard-fleet.png"))
 
@@ -202,6 +213,7 @@ def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[
     find(browser, "#login-submit").click()
     wait(browser, lambda d: f"{admin_user} (admin)" in find(d, "#whoami").text)
     wait(browser, lambda d: BOARD in find(d, "#devices").text)
+    assert "frost-watch" in find(browser, "#alerts tr.alert-firing").text  # the gateway's own alerts too
     browser.get(f"{site}/#/device/gw1/{BOARD}")
     wait(browser, lambda d: points(d, "temperature") > 0)
     # the twin (threshold back to 0: the first test's threshold 1 holds back readings that change less)

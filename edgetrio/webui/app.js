@@ -71,9 +71,11 @@ function showLogin(message) {
 
 async function fleet() {
   setCrumbs({ text: "fleet" });
-  const [nodes, devices] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices")]);
+  const [nodes, devices, alerts] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices"),
+                                                     api("GET", "/api/alerts")]);
   const online = devices.filter((d) => d.online).length;
   main().replaceChildren(
+    el("h2", {}, "Alerts"), alertTable(alerts),
     el("div", { class: "panel row", id: "summary" }, el("strong", {}, `${nodes.length} nodes`),
        `${nodes.filter((n) => n.online).length} linked`, " · ", el("strong", {}, `${devices.length} devices`),
        `${online} online`, " · ", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
@@ -87,7 +89,19 @@ async function fleet() {
          ["refused", "rejected", "dropped", "outbox_rows"].map((k) => el("td", { class: `count-${k}` }, c[k] ?? "-")),
          el("td", {}, ago(n.last_seen))); })),
     el("h2", {}, "Devices"), deviceTable(devices));
-  follow({ kinds: "node,device" }, () => route());
+  follow({ kinds: "node,device,alert" }, () => route());
+}
+
+// open alerts (and resolved ones not yet acknowledged), newest first
+function alertTable(alerts) {
+  if (!alerts.length) return el("p", { id: "alerts", class: "quiet" }, "No open alerts.");
+  return el("table", { id: "alerts" },
+    el("tr", {}, ["state", "severity", "rule", "node", "device", "since", "values"].map((h) => el("th", {}, h))),
+    alerts.map((a) => el("tr", { class: `alert-${a.state} severity-${a.severity}`, "data-alert": `${a.node}/${a.id}` },
+      el("td", {}, a.state), el("td", {}, a.severity), el("td", {}, a.rule), el("td", {}, a.node),
+      el("td", {}, el("a", { href: `#/device/${encodeURIComponent(a.node)}/${encodeURIComponent(a.device)}` }, a.device)),
+      el("td", {}, ago(a.fired || a.started)),
+      el("td", {}, Object.entries(a.values || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")))));
 }
 
 function deviceTable(devices) {
@@ -113,7 +127,7 @@ function follow(filter, onChange, onReading) {
   const source = new EventSource(`/api/stream${query ? "?" + query : ""}`);
   let pending = null;
   const later = () => { if (!pending) pending = setTimeout(() => { pending = null; onChange(); }, 1000); };
-  for (const type of ["node", "device", "twin"]) source.addEventListener(type, later);
+  for (const type of ["node", "device", "twin", "alert"]) source.addEventListener(type, later);
   source.addEventListener("readings", (event) => { for (const r of JSON.parse(event.data).readings) onReading(r); });
   state.stream = source;
 }

@@ -21,6 +21,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import random
 import selectors
 import signal
 import statistics
@@ -81,8 +82,10 @@ def free_port() -> int:
 # -- load ------------------------------------------------------------------------------------------------------------
 
 class Device:
-    def __init__(self, device_id: str, password: str, mode: str) -> None:
+    def __init__(self, device_id: str, password: str, mode: str, vary: bool = False) -> None:
         self.id = device_id
+        self.vary = vary  # values that move like a sensor's (a random walk at the BME280's resolution)
+        self.values = {"temperature": 21.5, "humidity": 40.2}
         self.mode = mode
         self.seq = 0
         self.sent_at: dict[int, float] = {}
@@ -114,16 +117,19 @@ class Device:
 
     def publish(self) -> None:
         self.seq += 1
+        if self.vary:
+            self.values = {"temperature": round(self.values["temperature"] + random.choice((-0.01, 0, 0.01)), 2),
+                           "humidity": round(self.values["humidity"] + random.choice((-0.02, 0, 0.02)), 2)}
         payload = json.dumps({"boot": self.boot, "seq": self.seq, "ts": round(time.time(), 3),
-                              "values": {"temperature": 21.5, "humidity": 40.2}, "t0": time.monotonic()})
+                              "values": self.values, "t0": time.monotonic()})
         self.sent_at[self.seq] = time.monotonic()
         self.client.publish(f"edgetrio/{self.id}/telemetry", payload.ljust(100), qos=1)
 
 
 def run_load(host: str, port: int, creds: list[tuple[str, str]], mode: str, phase: str, rate: float,
-             duration: float, subscriber: tuple[str, str] | None, out: Any) -> None:
+             duration: float, subscriber: tuple[str, str] | None, out: Any, vary: bool = False) -> None:
     """One load process: connect its devices, drive them for `duration`, report latencies in the window."""
-    devices = [Device(d, pw, mode) for d, pw in creds]
+    devices = [Device(d, pw, mode, vary) for d, pw in creds]
     clients = [d.client for d in devices]
     deliveries: list[tuple[float, float]] = []
     if subscriber:
@@ -190,13 +196,14 @@ def run_load(host: str, port: int, creds: list[tuple[str, str]], mode: str, phas
 
 
 def measure(host: str, port: int, creds: list[tuple[str, str]], mode: str, phase: str, rate: float,
-            duration: float, subscriber: tuple[str, str] | None, processes: int) -> dict[str, Any]:
+            duration: float, subscriber: tuple[str, str] | None, processes: int, vary: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     per = [creds[i::processes] for i in range(processes)]
     # each load process has its own subscriber (baseline) for its own devices, so windows close on delivery
     procs = [ctx.Process(target=run_load, args=(host, port, chunk, mode, phase, rate / processes, duration,
-                                                 (f"{subscriber[0]}-{i}", subscriber[1]) if subscriber else None, out))
+                                                 (f"{subscriber[0]}-{i}", subscriber[1]) if subscriber else None, out,
+                                                 vary))
              for i, chunk in enumerate(per)]
     for p in procs:
         p.start()
