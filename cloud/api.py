@@ -266,7 +266,7 @@ def checked_rule_set(data: Body) -> dict[str, Any]:
     try:
         doc = {"rule": doc.get("rule", []), "schedule": doc.get("schedule", [])}
         rules.check_notify_urls(rules.parse_document(doc)[0])
-    except (rules.RuleError, AttributeError) as exc:
+    except rules.RuleError as exc:
         raise HTTPError(400, str(exc)) from exc
     return doc
 

@@ -51,6 +51,10 @@ READINGS_WAITING = 100_000  # committed readings not yet judged by the rules; pa
 NOTIFY_RETRY_CAP = 300.0  # seconds between tries of a notification whose target is down, at most
 NOTIFY_TIMEOUT = 30.0  # seconds one notification may take
 HISTORY_LIMIT = 100
+# at most this many alerts of one rule notify within the period, whatever its cooldown: a flapping sensor on a rule
+# without one cannot flood a phone. The alerts are still recorded; their history says what was held back.
+NOTIFY_LIMIT = 10
+NOTIFY_LIMIT_SECONDS = 600.0
 
 
 # -- the store's side (runs in the writer, or in the CLI when no daemon runs) ----------------------------------------
@@ -150,9 +154,10 @@ def _summary(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(values.items()))
 
 
-def record_transition(db: Database, t: Transition, mirror: Any) -> int:
+def record_transition(db: Database, t: Transition, mirror: Any, notify: bool = True) -> int:
     """Record one transition: the alert's new state, the rule's history, and (firing, resolved) one notification
-    per target, all in one transaction. Returns the number of notifications queued."""
+    per target unless the rule's notifications are held back, all in one transaction. Returns the number of
+    notifications queued."""
     rule, values = t.rule, json.dumps(t.values)
     db.table("rule_history").insert({"ts": t.at, "name": rule.name, "device": t.device, "event": t.state,
                                      "detail": _summary(t.values)})
@@ -187,6 +192,12 @@ def record_transition(db: Database, t: Transition, mirror: Any) -> int:
     body = f"{rule.name} {t.state} on {t.device}: {_summary(t.values)}"
     if t.state == "resolved":
         body += f" (firing since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(row['fired'] or t.at))})"
+    if not notify:
+        if rule.notify:
+            db.table("rule_history").insert({"ts": t.at, "name": rule.name, "device": t.device,
+                                             "event": "notify_held", "detail": f"{t.state}: over "
+                                             f"{NOTIFY_LIMIT} notifications in {NOTIFY_LIMIT_SECONDS:g} s"})
+        return 0
     for url in rule.notify:
         db.table("notifications").insert({"alert": alert_id, "url": url, "kind": t.state, "title": title,
                                           "body": body, "created": t.at, "attempts": 0, "next_try": t.at})
@@ -276,6 +287,8 @@ class Automation(Watch):
         self._judge: deque[tuple[float, list[Reading]]] = deque()  # commits waiting for the rules
         self._judge_count = 0
         self._judge_wake = trio.Event()
+        self._notified: dict[str, deque[float]] = {}  # per rule: when its last alerts notified
+        self._held: set[tuple[str, str]] = set()  # (rule, device) firing without a notification: resolve quietly
         self._notify = trio.Event()
         self._reschedule = trio.Event()
 
@@ -357,10 +370,32 @@ class Automation(Watch):
             nursery.start_soon(self._run_schedules, nursery)
             task_status.started()
 
+    def may_notify(self, t: Transition, now: float) -> bool:
+        """Whether this transition notifies: a firing within the rule's limit, and the resolve of one that did."""
+        key = (t.rule.name, t.device)
+        if t.state == "resolved":
+            if key in self._held:
+                self._held.discard(key)
+                return False
+            return True
+        if t.state != "firing":
+            return True
+        sent = self._notified.setdefault(t.rule.name, deque())
+        while sent and sent[0] < now - NOTIFY_LIMIT_SECONDS:
+            sent.popleft()
+        if len(sent) >= NOTIFY_LIMIT:
+            self._held.add(key)
+            self.counts["notifications_held"] += 1
+            return False
+        sent.append(now)
+        return True
+
     async def _record_transitions(self, actions: trio.Nursery) -> None:
         async for t in self._receive:
+            notify = self.may_notify(t, time.monotonic())
             try:
-                queued = await self.writer.write(partial(record_transition, t=t, mirror=self.changes.mirror))
+                queued = await self.writer.write(partial(record_transition, t=t, mirror=self.changes.mirror,
+                                                         notify=notify))
             except Exception as exc:  # the store cannot write: the alert is lost, its actions still run
                 log.error("rule %s: %s of %s not recorded: %s", t.rule.name, t.state, t.device, exc)
                 queued = 0

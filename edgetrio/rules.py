@@ -29,6 +29,8 @@ AGGREGATES = ("avg", "min", "max", "delta")
 SEVERITIES = ("info", "warning", "critical")
 MISSED = ("skip", "run_once")
 MAX_WINDOW = 10_000  # readings one (rule, device) window keeps at most, whatever its span
+MAX_ITEMS = 1_000  # rules and schedules in one document
+MAX_CONDITION = 2_000  # characters of one condition
 RULE_KEYS = {"name", "devices", "model", "when", "clear", "window", "for", "cooldown", "severity", "notify", "actions",
              "on_clear", "description"}
 SCHEDULE_KEYS = {"name", "devices", "cron", "every", "timezone", "missed", "actions", "description"}
@@ -232,6 +234,8 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
     """A compiled rule-engine expression; with a model, its symbols and types are checked now, not at run time."""
     if not isinstance(text, str) or not text.strip():
         raise RuleError(f"rule {rule!r}: {key!r} must be a condition such as \"temperature > 30\"")
+    if len(text) > MAX_CONDITION:
+        raise RuleError(f"rule {rule!r}: {key} is longer than {MAX_CONDITION} characters")
     rule_engine = _engine()
     if model is None:
         context = rule_engine.Context(resolver=resolve)
@@ -484,6 +488,10 @@ def parse_schedule(body: Any) -> Schedule:
 
 def parse_document(doc: dict[str, Any]) -> tuple[list[Rule], list[Schedule]]:
     """Rules and schedules of a rule file's document; names must be unique within it."""
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k, []), list) for k in ("rule", "schedule")):
+        raise RuleError("a rule set is an object with 'rule' and 'schedule' lists")
+    if len(doc.get("rule", [])) + len(doc.get("schedule", [])) > MAX_ITEMS:
+        raise RuleError(f"more than {MAX_ITEMS} rules and schedules in one file")
     rules = [parse_rule(body) for body in doc.get("rule", [])]
     schedules = [parse_schedule(body) for body in doc.get("schedule", [])]
     seen: set[str] = set()

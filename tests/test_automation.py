@@ -255,3 +255,35 @@ actions = [{{ command = "open", device = "{vent}", timeout = "1s", retries = 1 }
     assert len(failed) == 2 and "is not connected (try 1)" in failed[0] and "(try 2)" in failed[1]
     assert desired(probe, device_id)["state"] == {"led": True}  # the next action ran after the failed one
     daemon.cli("rule", "remove", "vent-open")
+
+
+def test_a_flapping_sensor_on_a_rule_without_cooldown_cannot_flood_notifications(daemon: Daemon, device: Any,
+                                                                                 receiver: Receiver,
+                                                                                 tmp_path: Path) -> None:
+    device_id, _, probe = device()
+    rules = rule_file(tmp_path / "rules.toml", f"""
+[[rule]]
+name = "flappy"
+devices = ["{device_id}"]
+when = "temperature > 30"
+cooldown = 0
+notify = ["{receiver.url}"]
+""")
+    daemon.cli("rule", "add", str(rules))
+    topic = f"edgetrio/{device_id}/telemetry"
+    for seq in range(1, 201):  # hot, cool, hot, cool ... as fast as it can
+        probe.publish(topic, reading(seq, temperature=35.0 if seq % 2 else 20.0))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 200:
+        pass
+    def events(name: str) -> list[dict[str, Any]]:
+        rows = json.loads(daemon.cli("rule", "history", "flappy", "--limit", "1000", "--json").stdout)
+        return [h for h in rows if h["event"] == name]
+
+    wait_until(lambda: len(events("resolved")) == 100, timeout=30)  # every alert is recorded
+    time.sleep(2)
+    # ten firings and their ten resolves notified; the other 90 alerts are recorded, their notifications held back
+    assert len(receiver.posts) == 20
+    assert sum(p["title"].startswith("[FIRING]") for p in receiver.posts) == 10
+    held = events("notify_held")
+    assert len(held) == 180 and "over 10 notifications in 600 s" in held[0]["detail"]
+    daemon.cli("rule", "remove", "flappy")
