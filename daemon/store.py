@@ -373,6 +373,11 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
     for table, column in (("readings", "received"), ("events", "ts"), ("rejects", "received"), ("rule_history", "ts")):
         deleted += int(db.execute(f"DELETE FROM {table} WHERE rowid IN "
                                   f"(SELECT rowid FROM {table} WHERE {column} < ? LIMIT ?)", [before, limit]).rowcount)
+    # alerts resolved and acknowledged, and notifications sent, once they are as old (open ones stay)
+    deleted += int(db.execute("DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts WHERE state = 'resolved' "
+                              "AND acked IS NOT NULL AND resolved < ? LIMIT ?)", [before, limit]).rowcount)
+    deleted += int(db.execute("DELETE FROM notifications WHERE rowid IN (SELECT rowid FROM notifications WHERE "
+                              "sent IS NOT NULL AND sent < ? LIMIT ?)", [before, limit]).rowcount)
     return deleted
 
 
