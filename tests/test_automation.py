@@ -287,3 +287,23 @@ notify = ["{receiver.url}"]
     held = events("notify_held")
     assert len(held) == 180 and "over 10 notifications in 600 s" in held[0]["detail"]
     daemon.cli("rule", "remove", "flappy")
+
+
+def test_retention_deletes_old_acknowledged_alerts_and_sent_notifications_only(tmp_path: Path) -> None:
+    from edgetrio.daemon import store
+
+    db = store.open_db(tmp_path)
+    old, now = time.time() - 100 * 86400, time.time()
+    for state, acked in (("resolved", old), ("resolved", None), ("firing", None)):
+        db.table("alerts").insert({"rule": "r", "device": "d", "severity": "warning", "state": state, "values_": "{}",
+                                   "started": old, "fired": old, "resolved": old if state == "resolved" else None,
+                                   "acked": acked})
+    for sent in (old, None):
+        db.table("notifications").insert({"alert": 1, "url": "json://x", "kind": "firing", "title": "t", "body": "b",
+                                          "created": old, "attempts": 1, "next_try": old, "sent": sent})
+    db.conn.commit()
+    while store.prune(db, now - 90 * 86400):
+        pass
+    assert [(r["state"], r["acked"]) for r in db.query("SELECT state, acked FROM alerts")] == [
+        ("resolved", None), ("firing", None)]  # what nobody acknowledged yet, and what is still open, stay
+    assert [r["sent"] for r in db.query("SELECT sent FROM notifications")] == [None]  # not yet sent: stays
