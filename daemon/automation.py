@@ -292,6 +292,12 @@ class Automation(Watch):
         self._notify = trio.Event()
         self._reschedule = trio.Event()
 
+    def state(self) -> dict[str, Any]:
+        """What `edgetrio status` shows: the rules and schedules loaded, what waits, what fires."""
+        firing = sum(1 for track in self.engine.tracks.values() if track.state == "firing")
+        return {"rules": len(self.engine.rules), "schedules": len(self.schedules), "firing": firing,
+                "readings_waiting": self._judge_count, "transitions_waiting": self._send.statistics().current_buffer_used}
+
     # what ingest tells it: the commit's readings are judged in this component's own task, so the rules never hold
     # up the next commit (SQLite writes in its thread meanwhile)
     def committed(self, readings: list[Reading]) -> None:

@@ -573,6 +573,10 @@ def cmd_status(args: argparse.Namespace) -> None:
             state = "connected" if cloud["connected"] else f"disconnected ({cloud['last_error'] or 'connecting'})"
             print(f"cloud:     {cloud['url']} as {cloud['node']}: {state}, outbox {status['outbox']['rows']} rows, "
                   f"{cloud['dropped']} dropped")
+        rules = status.get("daemon", {}).get("automation")
+        if rules:
+            print(f"rules:     {rules['rules']} rules, {rules['schedules']} schedules, {rules['firing']} firing"
+                  + (f", {rules['readings_waiting']} readings waiting to be judged" if rules["readings_waiting"] else ""))
         for name, sink in status.get("daemon", {}).get("export", {}).items():
             why = f" ({sink['error']})" if sink.get("error") else ""
             print(f"export:    {name}: {sink['state']}{why}, {sink['sent']} readings sent by this run")

@@ -52,7 +52,9 @@ CONTROL_REQUESTS_WAITING = 256  # control requests found on the bus and not yet 
 class Counters:
     """What the components count, added to the persistent counters every few seconds."""
 
-    def __init__(self, ingest: Ingest, link: BrokerLink, writer: Writer, hub: EdgeHub | None) -> None:
+    def __init__(self, ingest: Ingest, link: BrokerLink, writer: Writer, hub: EdgeHub | None,
+                 automation: Automation | None = None) -> None:
+        self.automation = automation
         self.ingest = ingest
         self.link = link
         self.writer = writer
@@ -62,6 +64,8 @@ class Counters:
     def live(self) -> Counter[str]:
         out = Counter(self.ingest.counts)
         out.update(self.link.counters())
+        if self.automation is not None:
+            out.update(self.automation.counts)
         if self.hub is not None and self.hub.dropped:
             out["outbox_dropped"] = self.hub.dropped
         return out
@@ -130,7 +134,8 @@ async def keep_retention(writer: Writer, days: float) -> None:
 
 
 def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, counters: Counters,
-           hub: EdgeHub | None, supervisor: Supervisor, export: Export | None = None) -> dict[str, Any]:
+           hub: EdgeHub | None, supervisor: Supervisor, export: Export | None = None,
+           automation: Automation | None = None) -> dict[str, Any]:
     store_component = supervisor.components.get("store")
     if store_component is not None:  # the writer keeps going while the store cannot write: say so
         failing = writer.failure is not None
@@ -152,6 +157,7 @@ def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, count
                   "readings_held": ingest.uncommitted},
         "cloud": hub.state() if hub else None,
         "export": {name: dict(state) for name, state in export.states.items()} if export else {},
+        "automation": automation.state() if automation else None,
     }
 
 
@@ -239,10 +245,10 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         export = Export(sinks, writer, cfg.node_id or "local") if sinks else None
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in,
                                         [site, automation, *([ha] if ha else []), *([export] if export else [])])
-                        counters = Counters(ingest, link, writer, hub)
+                        counters = Counters(ingest, link, writer, hub, automation)
                         control = ControlServer(link, writer, roster, changes, commands,
                                                 partial(status, started, roster, ingest, writer, counters, hub,
-                                                        supervisor, export), automation)
+                                                        supervisor, export, automation), automation)
                         health = Health(roster, ingest, link, writer, counters, hub)
                         gauges = GatewayCollector(health.snapshot, trio.lowlevel.current_trio_token())
 

@@ -85,6 +85,8 @@ def test_rule_fires_sets_desired_state_notifies_and_resolves(daemon: Daemon, dev
     assert "temperature=35.5" in receiver.posts[0]["message"] and receiver.posts[0]["type"] == "failure"
     [alert] = alerts(daemon)
     assert alert["state"] == "firing" and alert["severity"] == "critical" and alert["values"] == {"temperature": 35.5}
+    assert daemon.status()["daemon"]["automation"]["firing"] == 1
+    assert "1 rules, 0 schedules, 1 firing" in daemon.cli("status").stdout
     # hysteresis: 29 is neither hot nor clear
     probe.publish(topic, reading(3, temperature=29.0))
     probe.publish(topic, reading(4, temperature=25.0))
