@@ -39,7 +39,7 @@ lint: $(STAMP) $(TYPINGS)
 # lint and the install of Home Assistant's schemas need nothing of each other: side by side on a fresh checkout
 test:
 	$(MAKE) --no-print-directory -j2 lint $(HA_REF)
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest

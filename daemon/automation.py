@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -30,6 +31,7 @@ from edgetrio.identity import RegistryError
 from edgetrio.rules import (
     Action,
     Engine,
+    Rule,
     RuleError,
     Schedule,
     Subject,
@@ -63,13 +65,24 @@ def registered_models(db: Database) -> dict[str, Model | None]:
     return {row["id"]: store.device_model(db, row["id"]) for row in store.list_devices(db)}
 
 
+def check_exports(rule: Rule, sinks: Collection[str]) -> None:
+    """An `export` action must name a sink of the daemon's config that takes what rules send (select = "rules")."""
+    for action in (*rule.actions, *rule.on_clear):
+        if action.export is not None and action.export not in sinks:
+            known = ", ".join(sorted(sinks)) or "none"
+            raise RuleError(f"rule {rule.name!r}: export to {action.export!r}: no such sink with select = \"rules\" "
+                            f"in the daemon's config (those there: {known})")
+
+
 def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model | None], source: str = "local",
-                    now: float | None = None) -> list[str]:
+                    now: float | None = None, sinks: Collection[str] | None = None) -> list[str]:
     """Add (or replace, by name) the rules and schedules of a rule file's document; checked against the models of
-    the registered devices first. Returns the names."""
+    the registered devices (and the sinks, when known) first. Returns the names."""
     rules, schedules = parse_document(doc)
     for rule in rules:
         check_rule(rule, models)
+        if sinks is not None:
+            check_exports(rule, sinks)
     check_notify_urls(rules)
     now = time.time() if now is None else now
     for kind, items in (("rule", rules), ("schedule", schedules)):
@@ -188,6 +201,10 @@ def record_transition(db: Database, t: Transition, mirror: Any, notify: bool = T
         db.execute("UPDATE alerts SET state = 'resolved', resolved = ? WHERE id = ?", [t.at, alert_id])
     row = next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id])))
     mirror(db, "alert", _alert_json(row))
+    for action in rule.actions if t.state == "firing" else rule.on_clear:
+        if action.export is not None:  # the reading goes to the sink with the alert, in this transaction
+            db.execute("INSERT INTO export_queue (sink, ts, body) VALUES (?, ?, ?)", [action.export, t.at, json.dumps(
+                {"device": t.device, "ts": t.at, "values": t.values, "rule": rule.name, "state": t.state})])
     title = f"[{t.state.upper()}] {rule.name} on {t.device} ({rule.severity})"
     body = f"{rule.name} {t.state} on {t.device}: {_summary(t.values)}"
     if t.state == "resolved":
@@ -273,7 +290,10 @@ def dry_run(doc: dict[str, Any], models: dict[str, Model | None], device: str, v
 # -- the daemon's side -----------------------------------------------------------------------------------------------
 
 class Automation(Watch):
-    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands) -> None:
+    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
+                 sinks: Collection[str] = (), exported: Callable[[], None] = lambda: None) -> None:
+        self.sinks = frozenset(sinks)  # the export sinks rules may send readings to
+        self.exported = exported  # wakes them
         self.link = link
         self.writer = writer
         self.roster = roster
@@ -351,6 +371,7 @@ class Automation(Watch):
                 if row["kind"] == "rule":
                     rule = parse_rule(body)
                     check_rule(rule, models)
+                    check_exports(rule, self.sinks)
                     rules.append(rule)
                 else:
                     schedules[row["name"]] = parse_schedule(body)
@@ -407,6 +428,8 @@ class Automation(Watch):
                 queued = 0
             if queued:
                 self._notify.set()
+            if any(a.export for a in (t.rule.actions if t.state == "firing" else t.rule.on_clear)):
+                self.exported()
             if t.state == "firing" and t.rule.actions:
                 actions.start_soon(self._act, t.rule.name, t.device, t.rule.actions)
             elif t.state == "resolved" and t.rule.on_clear:
@@ -414,6 +437,8 @@ class Automation(Watch):
 
     async def _act(self, name: str, device: str, actions: tuple[Action, ...]) -> None:
         for action in actions:
+            if action.export is not None:
+                continue  # queued with the alert (record_transition)
             target = action.device or device
             for attempt in range(action.retries + 1):
                 try:

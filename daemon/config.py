@@ -59,7 +59,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "http_host": str, "http_port": int, "export": list,
 }
 SINK_KINDS = ("webhook", "mqtt")
-SINK_KEYS = {"name", "type", "url", "topic", "qos", "batch", "headers", "start"}
+SINK_KEYS = {"name", "type", "url", "topic", "qos", "batch", "headers", "start", "select"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Sink:
     batch: int = 500  # readings per webhook request or per round of MQTT publishes
     headers: tuple[tuple[str, str], ...] = ()  # webhook: extra headers (an Authorization, say)
     start: str = "now"  # a new sink: from the readings that come after it was added ("now") or from all stored ("all")
+    select: str = "all"  # every reading ("all"), or only those rules send it with an `export` action ("rules")
 
 
 def parse_sinks(items: list[Any]) -> list[Sink]:
@@ -110,12 +111,15 @@ def parse_sinks(items: list[Any]) -> list[Sink]:
             raise ConfigError(f"{what}: batch must be from 1 to 10000 readings")
         if start not in ("now", "all"):
             raise ConfigError(f"{what}: start must be \"now\" or \"all\"")
+        select = body.get("select", "all")
+        if select not in ("all", "rules"):
+            raise ConfigError(f"{what}: select must be \"all\" (every reading) or \"rules\" (what rules export)")
         headers = body.get("headers", {})
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise ConfigError(f"{what}: headers must be a table of strings")
         if name in {s.name for s in sinks}:
             raise ConfigError(f"{what} is named twice")
-        sinks.append(Sink(name, kind, url, topic, qos, batch, tuple(headers.items()), start))
+        sinks.append(Sink(name, kind, url, topic, qos, batch, tuple(headers.items()), start, select))
     return sinks
 
 

@@ -221,8 +221,9 @@ class ControlServer:
     async def automate(self, op: str, args: dict[str, Any]) -> Any:
         """Rules, schedules and alerts; a changed rule set takes effect at once."""
         if op == "rule.add":
-            names = await self.writer.write(partial(auto.add_automations, doc=args["doc"],
-                                                    models=dict(self.roster.models)))
+            names = await self.writer.write(partial(
+                auto.add_automations, doc=args["doc"], models=dict(self.roster.models),
+                sinks=self.automation.sinks if self.automation is not None else None))
             if self.automation is not None:
                 await self.automation.reload()
             return {"added": names}

@@ -15,6 +15,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -39,8 +40,15 @@ class SinkDown(Exception):
 
 # -- the store's side ------------------------------------------------------------------------------------------------
 
-def cursor(db: Database, name: str, start: str) -> int:
-    """The sink's cursor; a new sink starts after the newest reading ("now") or before the oldest ("all")."""
+def cursor(db: Database, name: str, start: str, select: str = "all") -> int:
+    """The sink's cursor; a new sink starts after the newest reading ("now") or before the oldest ("all"). A sink of
+    what rules export reads its queue from the start."""
+    if select == "rules":
+        row = next(iter(db.query("SELECT position FROM export_cursors WHERE name = ?", [name])), None)
+        if row is None:
+            db.table("export_cursors").insert({"name": name, "position": 0, "sent": 0})
+            return 0
+        return int(row["position"])
     row = next(iter(db.query("SELECT position FROM export_cursors WHERE name = ?", [name])), None)
     newest = next(iter(db.query("SELECT COALESCE(MAX(rowid), 0) AS n FROM readings")))["n"]
     if row is None:
@@ -57,6 +65,13 @@ def batch_after(db: Database, position: int, limit: int) -> list[dict[str, Any]]
     return list(rows)
 
 
+def queued_after(db: Database, sink: str, position: int, limit: int) -> list[dict[str, Any]]:
+    """What rules exported to the sink after its cursor, as readings (with the rule and the alert's state)."""
+    rows = db.query("SELECT id, body FROM export_queue WHERE sink = ? AND id > ? ORDER BY id LIMIT ?",
+                    [sink, position, limit])
+    return [{"rowid": r["id"], **json.loads(r["body"])} for r in rows]
+
+
 def move_cursor(db: Database, name: str, position: int, sent: int) -> None:
     db.execute("UPDATE export_cursors SET position = ?, sent = sent + ? WHERE name = ?", [position, sent, name])
 
@@ -67,6 +82,10 @@ def as_reading(row: dict[str, Any]) -> dict[str, Any]:
     if row["ts"] is None:  # the board's clock could not be trusted: its arrival, marked
         out["ts_arrival"] = True
     return out
+
+
+def _without_rowid(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "rowid"}
 
 
 # -- senders ---------------------------------------------------------------------------------------------------------
@@ -169,6 +188,10 @@ class Export(Watch):
                                                   for s in sinks}
 
     def committed(self, readings: list[Reading]) -> None:
+        self.wake()
+
+    def wake(self) -> None:
+        """Readings were committed, or rules exported some: the sinks look."""
         for event in self._wake.values():
             event.set()
 
@@ -181,18 +204,24 @@ class Export(Watch):
     async def _run_sink(self, sink: Sink) -> None:
         state = self.states[sink.name]
         sender: Webhook | MqttBroker = Webhook(sink, self.node) if sink.kind == "webhook" else MqttBroker(sink, self.node)
-        position = await self.writer.write(partial(cursor, name=sink.name, start=sink.start))
+        position = await self.writer.write(partial(cursor, name=sink.name, start=sink.start, select=sink.select))
+        fetch: Callable[..., list[dict[str, Any]]]
+        if sink.select == "rules":
+            fetch = partial(queued_after, sink=sink.name)
+            reading = _without_rowid
+        else:
+            fetch, reading = batch_after, as_reading
         delays = backoff_delays(1.0, 60.0)
         try:
             while True:
                 self._wake[sink.name] = trio.Event()
-                rows = await self.writer.write(partial(batch_after, position=position, limit=sink.batch))
+                rows = await self.writer.write(partial(fetch, position=position, limit=sink.batch))
                 if not rows:
                     state["state"] = "idle" if state["state"] != "down" else "down"
                     with trio.move_on_after(5):
                         await self._wake[sink.name].wait()
                     continue
-                readings = [as_reading(r) for r in rows]
+                readings = [reading(r) for r in rows]
                 try:
                     await trio.to_thread.run_sync(sender.send, readings, abandon_on_cancel=True)
                 except SinkDown as exc:

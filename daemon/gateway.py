@@ -230,7 +230,11 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                     roster = Roster(db, writer, link, credentials)
                     changes = Changes(outbox_mirror if cfg.cloud_url else no_mirror)
                     commands = Commands(link, writer, roster)
-                    automation = Automation(link, writer, roster, changes, commands)
+                    sinks = parse_sinks(cfg.export)
+                    export = Export(sinks, writer, cfg.node_id or "local") if sinks else None
+                    automation = Automation(link, writer, roster, changes, commands,
+                                            {s.name for s in sinks if s.select == "rules"},
+                                            export.wake if export else lambda: None)
                     async with open_down(link, writer, roster, changes, commands, automation.reload) as down:
                         hub = None
                         if cfg.cloud_url:
@@ -241,8 +245,6 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         ha = HomeAssistant(link, writer, roster, changes, commands) if cfg.homeassistant else None
                         site = GatewayWeb(writer, link, roster, changes, commands, (ADMIN_USER, admin_secret),
                                           cfg.node_id or "local")
-                        sinks = parse_sinks(cfg.export)
-                        export = Export(sinks, writer, cfg.node_id or "local") if sinks else None
                         ingest = Ingest(link, writer, roster, changes, commands, requests_in,
                                         [site, automation, *([ha] if ha else []), *([export] if export else [])])
                         counters = Counters(ingest, link, writer, hub, automation)

@@ -114,6 +114,9 @@ def _create_schema(db: Database) -> None:
         db.table("schedule_runs").create({"name": str, "last_run": float}, pk="name", if_not_exists=True)
         # each export sink's place in the readings (their rowid: commit order)
         db.table("export_cursors").create({"name": str, "position": int, "sent": int}, pk="name", if_not_exists=True)
+        # readings rules chose for a sink (select = "rules"), in the order they fired
+        db.execute("CREATE TABLE IF NOT EXISTS export_queue (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL,"
+                   " ts REAL NOT NULL, body TEXT NOT NULL)")
         db.table("rule_history").create_index(["name", "ts"], if_not_exists=True)
         db.table("alerts").create_index(["state"], if_not_exists=True)
         db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)
@@ -378,6 +381,8 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
                               "AND acked IS NOT NULL AND resolved < ? LIMIT ?)", [before, limit]).rowcount)
     deleted += int(db.execute("DELETE FROM notifications WHERE rowid IN (SELECT rowid FROM notifications WHERE "
                               "sent IS NOT NULL AND sent < ? LIMIT ?)", [before, limit]).rowcount)
+    deleted += int(db.execute("DELETE FROM export_queue WHERE id IN (SELECT id FROM export_queue WHERE ts < ? LIMIT ?)",
+                              [before, limit]).rowcount)
     return deleted
 
 

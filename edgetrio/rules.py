@@ -34,7 +34,7 @@ MAX_CONDITION = 2_000  # characters of one condition
 RULE_KEYS = {"name", "devices", "model", "when", "clear", "window", "for", "cooldown", "severity", "notify", "actions",
              "on_clear", "description"}
 SCHEDULE_KEYS = {"name", "devices", "cron", "every", "timezone", "missed", "actions", "description"}
-ACTION_KEYS = {"set", "command", "args", "device", "timeout", "retries"}
+ACTION_KEYS = {"set", "command", "export", "args", "device", "timeout", "retries"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_COOLDOWN = 60.0  # seconds a rule stays quiet for a device after it resolved: a flapping sensor cannot storm
 
@@ -276,9 +276,12 @@ class Action:
     device: str | None = None  # None: the device the rule fired for
     timeout: float = 10.0  # a command's
     retries: int = 2  # further tries of an action that failed (device offline, timeout), with growing waits
+    export: str | None = None  # the name of an export sink (select = "rules") the reading is sent to
 
     def describe(self) -> str:
         target = self.device or "the device"
+        if self.export is not None:
+            return f"export the reading to {self.export}"
         if self.set is not None:
             return f"set {json.dumps(self.set, separators=(',', ':'))} on {target}"
         return f"command {self.command} {json.dumps(self.args, separators=(',', ':'))} to {target}"
@@ -290,8 +293,10 @@ def parse_action(owner: str, body: Any) -> Action:
     unknown = set(body) - ACTION_KEYS
     if unknown:
         raise RuleError(f"{owner}: unknown action key {sorted(unknown)[0]!r} (expected one of {sorted(ACTION_KEYS)})")
-    if ("set" in body) == ("command" in body):
-        raise RuleError(f"{owner}: an action has either 'set' (desired state) or 'command'")
+    if sum(key in body for key in ("set", "command", "export")) != 1:
+        raise RuleError(f"{owner}: an action has one of 'set' (desired state), 'command' or 'export' (a sink)")
+    if "export" in body and (not isinstance(body["export"], str) or not body["export"]):
+        raise RuleError(f"{owner}: 'export' must be the name of an export sink")
     if "set" in body and (not isinstance(body["set"], dict) or not body["set"]):
         raise RuleError(f"{owner}: 'set' must be a table of desired values such as {{ led = true }}")
     if "command" in body and (not isinstance(body["command"], str) or not body["command"]):
@@ -307,7 +312,8 @@ def parse_action(owner: str, body: Any) -> Action:
     timeout = parse_duration(body.get("timeout", 10), f"{owner}: timeout")
     if timeout <= 0:
         raise RuleError(f"{owner}: 'timeout' must be above 0")
-    return Action(body.get("set"), body.get("command"), dict(body.get("args", {})), device, timeout, retries)
+    return Action(body.get("set"), body.get("command"), dict(body.get("args", {})), device, timeout, retries,
+                  body.get("export"))
 
 
 def _name(kind: str, body: dict[str, Any]) -> str:
@@ -483,6 +489,8 @@ def parse_schedule(body: Any) -> Schedule:
     actions = _actions(owner, "actions", body)
     if not actions:
         raise RuleError(f"{owner}: no actions")
+    if any(a.export for a in actions):
+        raise RuleError(f"{owner}: a schedule has no reading to export (export is a rule's action)")
     return Schedule(name, devices, cron, every_seconds, zone, missed, actions, dict(body))
 
 

@@ -66,7 +66,7 @@ def test_bad_rules_are_one_line_errors_naming_the_rule_and_the_position() -> Non
     assert "unknown key 'wehn'" in error({"name": "x", "devices": ["*"], "wehn": "t > 1"})
     assert "not a duration" in error(rule(**{"for": "2 minutes"}))
     assert "severity" in error(rule(severity="panic"))
-    assert "either 'set'" in error(rule(actions=[{"set": {"led": True}, "command": "reboot"}]))
+    assert "has one of 'set'" in error(rule(actions=[{"set": {"led": True}, "command": "reboot"}]))
     assert "say which devices" in error({"name": "x", "when": "t > 1"})
     # a device without a model: conditions are judged at run time, not refused
     check_rule(parse_rule(rule(when="whatever > 3")), {"gh-1": None})

@@ -185,3 +185,33 @@ def test_bad_sink_configuration_is_one_line_at_start(tmp_path: Path) -> None:
         config.write_text(text)
         out = cli(tmp_path / "data", "daemon", "--config", str(config), "--mqtt-port", "0", check=False, timeout=30)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_rule_exports_the_readings_that_fire_it_to_its_own_sink(tmp_path: Path) -> None:
+    receiver = Receiver()
+    gw, probe = gateway(tmp_path, f'[[export]]\nname = "incidents"\ntype = "webhook"\nurl = "http://127.0.0.1:'
+                                  f'{receiver.port}/in"\nselect = "rules"\n')
+    try:
+        rules = tmp_path / "rules.toml"
+        rules.write_text('[[rule]]\nname = "hot"\ndevices = ["sensor-1"]\nwhen = "temperature > 30"\ncooldown = 0\n'
+                         'actions = [{ export = "incidents" }]\non_clear = [{ export = "incidents" }]\n')
+        gw.cli("rule", "add", str(rules))
+        unknown = tmp_path / "unknown.toml"
+        unknown.write_text('[[rule]]\nname = "x"\ndevices = ["*"]\nwhen = "temperature > 1"\n'
+                           'actions = [{ export = "nowhere" }]\n')
+        out = gw.cli("rule", "add", str(unknown), check=False)
+        assert out.returncode != 0 and "no such sink" in out.stderr and "incidents" in out.stderr
+        for seq, temperature in enumerate([20.0, 31.0, 32.0, 25.0, 20.0, 33.0], start=1):
+            probe.publish("edgetrio/sensor-1/telemetry", json.dumps(
+                {"boot": 1, "seq": seq, "ts": time.time(), "values": {"temperature": temperature}}))
+        wait_until(lambda: sum(len(p["readings"]) for p in receiver.posts) == 3, timeout=20)
+        time.sleep(1)
+        sent = [r for p in receiver.posts for r in p["readings"]]
+        # the readings that fired it and that resolved it, nothing else
+        assert [(r["state"], r["values"]["temperature"]) for r in sent] == [
+            ("firing", 31.0), ("resolved", 25.0), ("firing", 33.0)]
+        assert all(r["rule"] == "hot" and r["device"] == "sensor-1" for r in sent)
+    finally:
+        probe.close()
+        gw.stop()
+        receiver.close()
