@@ -37,6 +37,12 @@ def test_greenhouse_from_the_cloud_with_the_relay_down(tmp_path: Path) -> None:
     # the gateway is not running yet: the rule set waits at the relay
     assert "version 1 queued (1 rules, 1 schedules)" in relay.cli("rules", "apply", "gw1", str(rules)).stdout
     assert "waiting for the node" in relay.cli("rules", "show", "gw1").stdout
+    # a viewer sees the rule set, not the secrets in its notification URLs
+    relay.cli("user", "add", "vic", "--role", "viewer")
+    viewer_token = relay.json("user", "token", "vic")["token"]
+    shown = json.loads(relay.cli("rules", "show", "gw1", "--json", "--token", viewer_token, "--url", relay.api_url).stdout)
+    assert shown["doc"]["rule"][0]["notify"] == ["json://(hidden)"]
+    assert relay.json("rules", "show", "gw1")["doc"]["rule"][0]["notify"] == [receiver.url]
     bad = tmp_path / "bad.toml"
     bad.write_text('[[rule]]\nname = "x"\ndevices = ["*"]\nwhen = "temperature >"\n')
     refused = relay.cli("rules", "apply", "gw1", str(bad), check=False)
