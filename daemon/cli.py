@@ -487,7 +487,7 @@ def cmd_rule_test(args: argparse.Namespace) -> None:
             elif r["fires"]:
                 after = f" after holding {r['after']:g} s" if r["after"] else ""
                 print(f"{r['rule']}: fires{after} ({r['severity']}); {'; '.join(r['actions']) or 'no actions'}; "
-                      f"{r['notify']} notifications")
+                      f"{r['notify']} notification{'' if r['notify'] == 1 else 's'}")
             else:
                 print(f"{r['rule']}: does not fire")
         if not rows:
