@@ -88,7 +88,7 @@ def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model |
     for kind, items in (("rule", rules), ("schedule", schedules)):
         for item in items:
             db.table("automations").upsert({"name": item.name, "kind": kind, "source": source,
-                                            "body": json.dumps(item.body), "added": now}, pk="name")
+                                            "body": json.dumps(item.body), "added": now, "problem": None}, pk="name")
             db.table("rule_history").insert({"ts": now, "name": item.name, "device": "", "event": "added",
                                              "detail": f"from {source}"})
     return [r.name for r in rules] + [s.name for s in schedules]
@@ -126,9 +126,10 @@ def remove_automation(db: Database, name: str) -> None:
 
 def list_automations(db: Database) -> list[dict[str, Any]]:
     out = []
-    for row in db.query("SELECT name, kind, source, body, added FROM automations ORDER BY name"):
+    for row in db.query("SELECT name, kind, source, body, added, problem FROM automations ORDER BY name"):
         body = json.loads(row["body"])
         out.append({"name": row["name"], "kind": row["kind"], "source": row["source"], "added": row["added"],
+                    "problem": row["problem"],
                     "devices": body.get("devices") or ([f"model {body['model']}"] if body.get("model") else []),
                     "when": body.get("when") or body.get("cron") or f"every {body.get('every')}", "body": body})
     return out
@@ -264,6 +265,13 @@ def record_run(db: Database, name: str, at: float, detail: str) -> None:
     db.table("rule_history").insert({"ts": at, "name": name, "device": "", "event": "run", "detail": detail})
 
 
+def record_problems(db: Database, problems: dict[str, str]) -> None:
+    """Why each rule left out at the last load was (the others have none)."""
+    db.execute("UPDATE automations SET problem = NULL WHERE problem IS NOT NULL")
+    for name, problem in problems.items():
+        db.execute("UPDATE automations SET problem = ? WHERE name = ?", [problem, name])
+
+
 def note(db: Database, name: str, device: str, event: str, detail: str, now: float) -> None:
     db.table("rule_history").insert({"ts": now, "name": name, "device": device, "event": event, "detail": detail})
 
@@ -364,6 +372,7 @@ class Automation(Watch):
         noted in its history). Returns the names left out."""
         rows = await self.writer.write(load_automations)
         rules, schedules, left_out = [], {}, []
+        problems: dict[str, str] = {}
         models = dict(self.roster.models)
         for row in rows:
             body = json.loads(row["body"])
@@ -380,6 +389,8 @@ class Automation(Watch):
                 log.error("%s left out: %s", row["name"], exc)
                 await self.writer.write(partial(note, name=row["name"], device="", event="invalid", detail=str(exc),
                                                 now=time.time()))
+                problems[row["name"]] = str(exc)
+        await self.writer.write(partial(record_problems, problems=problems))
         self.engine.load(rules)
         for alert in await self.writer.write(open_alerts):
             self.engine.restore(alert["rule"], alert["device"], alert["state"], alert["fired"] or alert["started"])

@@ -452,6 +452,8 @@ def cmd_rule_list(args: argparse.Namespace) -> None:
         for r in rows:
             devices = ", ".join(r["devices"])
             print(f"{r['name']:<24} {r['kind']:<8} {r['source']:<6} {devices:<24} {r['when']}")
+            if r["problem"]:
+                print(f"    left out by the daemon: {r['problem']}")
         if not rows:
             print("no rules or schedules (add some with `edgetrio rule add FILE`)")
 

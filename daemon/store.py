@@ -101,6 +101,8 @@ def _create_schema(db: Database) -> None:
         # notifications waiting to be sent
         db.table("automations").create({"name": str, "kind": str, "source": str, "body": str, "added": float},
                                        pk="name", if_not_exists=True)
+        if "problem" not in db.table("automations").columns_dict:  # why the daemon left it out at its last load
+            db.table("automations").add_column("problem", str)
         db.table("rule_sets").create({"source": str, "version": int}, pk="source", if_not_exists=True)
         db.table("rule_history").create(
             {"id": int, "ts": float, "name": str, "device": str, "event": str, "detail": str}, pk="id",

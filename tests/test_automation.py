@@ -214,7 +214,14 @@ actions = [{ set = { label = "skipped" } }]
             conn.executemany("INSERT INTO schedule_runs VALUES (?, ?)",
                              [("catch-up", time.time() - 3 * 3600), ("no-catch-up", time.time() - 3 * 3600),
                               ("blink", time.time() + 3600)])
+        # added while no daemon runs: what needs the daemon's config is checked when it loads the rule
+        orphan = rule_file(tmp_path / "orphan.toml", '[[rule]]\nname = "orphan"\ndevices = ["gh-*"]\n'
+                                                     'when = "temperature > 30"\nactions = [{ export = "nowhere" }]\n')
+        assert "added orphan" in gw.cli("rule", "add", str(orphan)).stdout
         gw = Daemon(tmp_path / "data").start()
+        listed = {r["name"]: r for r in json.loads(gw.cli("rule", "list", "--json").stdout)}
+        assert "no such sink" in listed["orphan"]["problem"] and listed["blink"]["problem"] is None
+        assert "left out by the daemon: rule 'orphan': export to 'nowhere'" in gw.cli("rule", "list").stdout
         probe = Probe(gw, "gh-sched", password, "gh-sched")
         assert probe.accepted()
         wait_until(lambda: any(h["event"] == "run" for h in json.loads(
