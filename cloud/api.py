@@ -129,6 +129,12 @@ def openapi() -> dict[str, Any]:
                 "parameters": [{"name": "all", "in": "query", "schema": string},
                                {"name": "node", "in": "query", "schema": string}],
                 "responses": {"200": ok({"type": "array", "items": ref("Alert")}), **errors()}}},
+            "/api/nodes/{node}/alerts/{alert}/ack": {
+                "parameters": [node_param, {"name": "alert", "in": "path", "required": True,
+                                            "schema": {"type": "integer"}}],
+                "post": {"summary": "Acknowledge an alert; the edge, which holds it, is told through the down channel",
+                         "responses": {"200": ok({"type": "object", "properties": {
+                             "node": string, "id": integer, "acked_by": string}}), **errors(400, 404)}}},
             "/api/fleet/rules": {"put": {
                 "summary": "The same rule set for every node (each its own next version)",
                 "requestBody": body({"doc": obj}, ["doc"]),
@@ -297,6 +303,16 @@ async def alerts(relay: Relay, who: Principal, path: Params, query: Params, data
     return 200, await relay.run(store.list_alerts, everything, query.get("node"))
 
 
+async def alert_ack(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    try:
+        alert_id = int(path["alert"])
+    except ValueError:
+        raise HTTPError(400, "an alert id is a number") from None
+    done = await relay.run(store.ack_alert, path["node"], alert_id, who.name)
+    relay.notify(path["node"])
+    return 200, done
+
+
 async def command(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
     name, args = data.get("name"), data.get("args") or {}
     timeout = float(data.get("timeout", 10))
@@ -373,6 +389,7 @@ ROUTES: web.Routes = [
     web.Route("PATCH", "/api/fleet/twin", fleet_twin),
     web.Route("PUT", "/api/fleet/rules", fleet_rules),
     web.Route("GET", "/api/alerts", alerts),
+    web.Route("POST", "/api/nodes/{node}/alerts/{alert}/ack", alert_ack),
     web.Route("GET", "/api/nodes/{node}/rules", rules_get),
     web.Route("PUT", "/api/nodes/{node}/rules", rules_set),
     web.Route("GET", "/api/nodes/{node}/devices", devices),

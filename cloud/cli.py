@@ -108,6 +108,10 @@ def run(args: argparse.Namespace) -> None:
     if action == "rules":
         fleet_rules(args)
         return
+    if action == "alerts" and getattr(args, "alerts_action", None) == "ack":
+        done = call(args, "POST", f"/api/nodes/{args.node_name}/alerts/{args.id}/ack")
+        show(args, done, [f"alert {args.id} of {args.node_name} acknowledged by {done['acked_by']} (the node is told)"])
+        return
     if action == "alerts":
         filters = "?all=1" if args.all else ""
         if args.node:
@@ -344,9 +348,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--all", action="store_true", help="every node (then give only the FILE)")
     p = rules_actions.add_parser("show", parents=[api], help="a node's rule set and whether it has applied it")
     p.add_argument("node")
-    p = actions.add_parser("alerts", parents=[api], help="alerts of the fleet (open ones; --all: resolved too)")
+    p = actions.add_parser("alerts", parents=[api], help="alerts of the fleet (open ones; --all: resolved too); ack")
     p.add_argument("--all", action="store_true")
     p.add_argument("--node", help="only this node's")
+    alert_actions = p.add_subparsers(dest="alerts_action")
+    p = alert_actions.add_parser("ack", parents=[api], help="acknowledge an alert (NODE ID, as listed)")
+    p.add_argument("node_name", metavar="NODE")
+    p.add_argument("id", type=int)
     p = actions.add_parser("device", help="register a device from the cloud")
     device_actions = p.add_subparsers(dest="device_action", required=True)
     p = device_actions.add_parser("add", parents=[api])

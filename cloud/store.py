@@ -327,6 +327,19 @@ def get_rules(db: Database, node: str) -> dict[str, Any]:
     return {**row, "doc": json.loads(row["doc"]), "result": json.loads(row["result"]) if row["result"] else None}
 
 
+def ack_alert(db: Database, node: str, alert_id: int, who: str) -> dict[str, Any]:
+    """Acknowledge an alert: shown at once, and sent down to the edge, whose store holds the alert (it sends the
+    acknowledged alert back up)."""
+    row = next(iter(db.query("SELECT acked FROM alerts WHERE node = ? AND id = ?", [node, alert_id])), None)
+    if row is None:
+        raise NotFound(f"no alert {alert_id} on node {node!r}")
+    if row["acked"] is None:
+        db.execute("UPDATE alerts SET acked = ?, acked_by = ? WHERE node = ? AND id = ?",
+                   [time.time(), who, node, alert_id])
+        queue_down(db, node, "alert_ack", {"id": alert_id, "by": who})
+    return {"node": node, "id": alert_id, "acked_by": who}
+
+
 def list_alerts(db: Database, everything: bool = False, node: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
     """Alerts of the fleet, newest first: open ones (and resolved ones not yet acknowledged), or all."""
     where, params = ["1"], []

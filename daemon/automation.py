@@ -19,6 +19,7 @@ from typing import Any
 import trio
 from sqlite_utils import Database
 
+from edgetrio.accounts import NotFound
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
@@ -155,7 +156,7 @@ def list_alerts(db: Database, everything: bool = False, limit: int = 500) -> lis
 def ack_alert(db: Database, alert_id: int, who: str, now: float, mirror: Any = None) -> dict[str, Any]:
     row = next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id])), None)
     if row is None:
-        raise RegistryError(f"no alert {alert_id} (see `edgetrio alerts --all`)")
+        raise NotFound(f"no alert {alert_id} (see `edgetrio alerts --all`)")
     if row["acked"] is None:
         db.execute("UPDATE alerts SET acked = ?, acked_by = ? WHERE id = ?", [now, who, alert_id])
         row.update(acked=now, acked_by=who)

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import apply_rule_set
+from edgetrio.daemon.automation import ack_alert, apply_rule_set
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands
@@ -293,6 +293,9 @@ class Down:
         if resource == "model":
             store.add_model(db, Model.from_dict(body["model"]))
             return {"ok": True}
+        if resource == "alert_ack":  # an operator acknowledged an alert on the relay's page
+            alert = ack_alert(db, int(body["id"]), str(body.get("by") or "cloud"), time.time(), self.changes.mirror)
+            return {"ok": True, "acked_by": alert["acked_by"]}
         if resource == "rules":  # the cloud's rule set for this node, versioned: an older one is not applied
             return apply_rule_set(db, int(body["version"]), dict(body["doc"]), time.time())
         if resource == "cmd":

@@ -20,7 +20,7 @@ import trio
 
 from edgetrio import accounts, web
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import list_alerts
+from edgetrio.daemon.automation import ack_alert, list_alerts
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
@@ -210,8 +210,16 @@ async def alerts(site: GatewayWeb, who: Principal, path: Params, query: Params, 
     return 200, [{"node": site.node, **r} for r in rows]
 
 
+async def alert_ack(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    site.check_node(path)
+    alert = await site.run(partial(ack_alert, alert_id=int(path["alert"]), who=who.name, now=time.time(),
+                                   mirror=site.changes.mirror))
+    return 200, {"node": site.node, **alert}
+
+
 ROUTES: web.Routes = [
     web.Route("GET", "/api/alerts", alerts),
+    web.Route("POST", "/api/nodes/{node}/alerts/{alert}/ack", alert_ack),
     web.Route("GET", "/api/nodes", nodes),
     web.Route("GET", "/api/devices", devices),
     web.Route("GET", "/api/nodes/{node}/devices", devices),

@@ -83,8 +83,11 @@ def test_greenhouse_from_the_cloud_with_the_relay_down(tmp_path: Path) -> None:
         relay.start()  # back: the alert's story goes up the link
         wait_until(lambda: [a["state"] for a in relay.json("alerts", "--all")] == ["resolved"], timeout=30)
         assert relay.json("alerts") != []  # resolved but not acknowledged: still listed as open
-        gw.cli("alerts", "ack", str(fired["id"]))
-        wait_until(lambda: relay.json("alerts") == [], timeout=30)
+        # acknowledged from the cloud: the gateway, which holds the alert, is told
+        assert "acknowledged by" in relay.cli("alerts", "ack", "gw1", str(fired["id"])).stdout
+        assert relay.json("alerts") == []
+        wait_until(lambda: alerts(gw, "--all")[0]["acked"] is not None, timeout=30)
+        assert alerts(gw) == []
     finally:
         boards.send_signal(signal.SIGTERM)
         boards.wait(timeout=30)

@@ -141,6 +141,10 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     daemon.cli("rule", "add", str(rules))
     wait(browser, lambda d: "frost-watch" in find(d, "#alerts tr.alert-firing").text
          and BOARD in find(d, "#alerts").text, timeout=60)
+    # acknowledged on the page: the edge, which holds the alert, is told and sends it back acknowledged
+    find(browser, "#alerts button.ack").click()
+    wait(browser, lambda d: "acked by adam" in find(d, "#alerts tr.alert-firing").text)
+    wait_until(lambda: json.loads(daemon.cli("alerts", "--json").stdout)[0]["acked_by"] == "adam", timeout=30)
     if SHOTS:
         browser.save_screenshot(str(SHOTS / "dashboard-fleet.png"))
 

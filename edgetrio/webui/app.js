@@ -96,12 +96,14 @@ async function fleet() {
 function alertTable(alerts) {
   if (!alerts.length) return el("p", { id: "alerts", class: "quiet" }, "No open alerts.");
   return el("table", { id: "alerts" },
-    el("tr", {}, ["state", "severity", "rule", "node", "device", "since", "values"].map((h) => el("th", {}, h))),
+    el("tr", {}, ["state", "severity", "rule", "node", "device", "since", "values", ""].map((h) => el("th", {}, h))),
     alerts.map((a) => el("tr", { class: `alert-${a.state} severity-${a.severity}`, "data-alert": `${a.node}/${a.id}` },
       el("td", {}, a.state), el("td", {}, a.severity), el("td", {}, a.rule), el("td", {}, a.node),
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(a.node)}/${encodeURIComponent(a.device)}` }, a.device)),
       el("td", {}, ago(a.fired || a.started)),
-      el("td", {}, Object.entries(a.values || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")))));
+      el("td", {}, Object.entries(a.values || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")),
+      el("td", {}, a.acked ? `acked by ${a.acked_by}` : isAdmin() ? el("button", { class: "ack", onclick: async () => {
+        await api("POST", `/api/nodes/${encodeURIComponent(a.node)}/alerts/${a.id}/ack`); route(); } }, "ack") : ""))));
 }
 
 function deviceTable(devices) {
