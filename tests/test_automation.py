@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, Receiver, free_port, wait_until
 
 
 @pytest.fixture
@@ -22,12 +21,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reading(seq: int, **values: Any) -> str:

@@ -17,15 +17,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, cli, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, Receiver, cli, free_port, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reading(seq: int) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -17,16 +16,11 @@ import paho.mqtt.client as mqtt
 import pytest
 import trio
 
+from edgetrio.tools.testkit import free_port
 from edgetrio.tools.vdev import VirtualDevice, build_bundle, device_config
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
                                 reason="needs mosquitto (Debian package)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class AckingGateway:

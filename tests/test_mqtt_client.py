@@ -21,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgetrio.tools.testkit import free_port
 from edgetrio.tools.vdev import FIRMWARE, micropython
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -97,12 +98,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dynsec_client(user: str, password: str, role: str) -> dict[str, Any]:

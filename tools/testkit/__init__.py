@@ -141,6 +141,13 @@ class Relay:
 
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server the test starts later, or starts again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.2) -> Any:
     """Poll until predicate() is truthy; return its value (AssertionError on timeout)."""
     deadline = time.monotonic() + timeout
