@@ -14,6 +14,7 @@ import pytest
 
 from edgetrio.daemon.registry import Model
 from edgetrio.rules import (
+    MAX_WINDOW,
     Engine,
     RuleError,
     Subject,
@@ -174,7 +175,7 @@ def test_window_aggregates_match_a_plain_recount() -> None:
             kept.append((at, values))
             if seconds:
                 kept = [(t, v) for t, v in kept if t >= at - seconds]
-            kept = kept[-(readings or 10_000):]
+            kept = kept[-(readings or MAX_WINDOW):]
             numbers = [v["t"] for _, v in kept if "t" in v]
             subject = Subject(values, window)
             assert len(window) == len(kept)
