@@ -82,8 +82,10 @@ def test_the_outbox_is_bounded_and_what_it_drops_is_counted(tmp_path: Path) -> N
         for i in range(1, 16):
             sensor.read({"t": i})
             assert sensor.wait_acked(i)  # one commit, one outbox row each
-        status = wait_until(lambda: (s := daemon.status())["daemon"]["counters"].get("outbox_dropped") and s)
-        assert status["outbox"]["rows"] <= 3
+        # the bound runs after each commit: once the commits have settled, at most 3 rows are left (rows written since
+        # the last bound may be there for a moment, more of them on a loaded machine)
+        status = wait_until(lambda: (s := daemon.status())["daemon"]["counters"].get("outbox_dropped")
+                            and s["outbox"]["rows"] <= 3 and s)
         assert status["daemon"]["cloud"]["connected"] is False and status["daemon"]["cloud"]["dropped"] > 0
         assert "outbox over its bounds" in daemon.log_text()
         # the edge itself lost nothing
