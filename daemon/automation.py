@@ -503,9 +503,9 @@ class Automation(Watch):
                 next_at = await self._plan()
             now = time.time()
             for name, at in sorted(next_at.items(), key=lambda item: item[1]):
-                if at > now:
+                schedule = self.schedules.get(name)
+                if at > now or schedule is None:  # not yet, or removed while this round ran
                     continue
-                schedule = self.schedules[name]
                 devices = [d for d in self.roster.models if schedule.watches(d)]
                 detail = f"{len(devices)} devices: {', '.join(devices[:10])}"
                 try:

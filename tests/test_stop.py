@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from edgetrio.tools.testkit import ROOT, wait_until
+from edgetrio.tools.testkit import ROOT, cli, wait_until
 
 
 def leftovers(marker: Path) -> list[str]:
@@ -33,6 +33,8 @@ def test_ctrl_c_on_the_demo_stops_every_part(tmp_path: Path) -> None:
     try:
         wait_until(lambda: "edge/cloud readings:" in out.read_text(), timeout=90)
         assert len(leftovers(tmp_path)) >= 5  # the demo, a relay, a daemon, the boards' supervisor, two boards
+        # the demo's rule set came down from the relay
+        wait_until(lambda: "demo-hot" in cli(tmp_path / "demo" / "gateway", "rule", "list").stdout, timeout=30)
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=60)
     finally:

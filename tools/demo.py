@@ -35,6 +35,13 @@ def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: floa
     raise TimeoutError("the daemon did not become ready")
 
 
+# The demo's rule set, applied from the cloud: a board above 30 C for 5 s raises an alert and turns its LED on
+DEMO_RULES: dict[str, Any] = {"rule": [{
+    "name": "demo-hot", "devices": ["vdev-*"], "when": "temperature > 30", "clear": "temperature < 28", "for": "5s",
+    "cooldown": "10s", "severity": "warning", "actions": [{"set": {"led": True}}],
+    "on_clear": [{"set": {"led": False}}]}], "schedule": []}
+
+
 def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
     node_file = relay_dir / "demo-node.json"
@@ -53,6 +60,9 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any
             accounts.add_user(db, "demo", "admin", hash_password(password))
         login_file.write_text(json.dumps({"name": "demo", "password": password}))
         login_file.chmod(0o600)
+    if cloud_store.get_rules(db, "demo-gw")["doc"] != DEMO_RULES:  # sent down when the gateway connects
+        with db.atomic():
+            cloud_store.set_rules(db, "demo-gw", DEMO_RULES)
     db.close()
     (relay_dir / "relay.json").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(relay_dir),
@@ -106,6 +116,10 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
             user, password = admin_credential(data_dir)
             print(f"\n  The gateway's own dashboard (works with the relay gone): http://{info['http']}/   log in as "
                   f"{user}, password {password}\n", flush=True)
+        print(f"  Automation: the relay sent the rule demo-hot (above 30 C for 5 s: an alert, the LED on). Try\n"
+              f"    edgetrio fault vdev-1 env temperature=35 --data-dir {data_dir}\n"
+              f"  then `edgetrio alerts --data-dir {data_dir}` or either dashboard; temperature=20 resolves it.\n",
+              flush=True)
         vdevs = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(count), "--period", "2",
                                   "--data-dir", str(data_dir)], **CHILD)
         children.insert(0, vdevs)
