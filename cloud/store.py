@@ -310,7 +310,8 @@ def set_rules(db: Database, node: str, doc: dict[str, Any]) -> dict[str, Any]:
     queued; an edge that is offline gets the latest when it reconnects."""
     require_node(db, node)
     row = next(iter(db.query("SELECT version FROM rule_sets WHERE node = ?", [node])), None)
-    version = (row["version"] if row else 0) + 1
+    # the clock's milliseconds, so a relay set up anew still sends what the edge takes as newer than the old one's
+    version = max((row["version"] if row else 0) + 1, int(time.time() * 1000))
     db.table("rule_sets").upsert({"node": node, "version": version, "doc": json.dumps(doc), "updated": time.time(),
                                   "applied": None, "result": None}, pk="node")
     db.execute("DELETE FROM downqueue WHERE node = ? AND resource = 'rules'", [node])

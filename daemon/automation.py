@@ -20,7 +20,6 @@ import trio
 from sqlite_utils import Database
 
 from edgetrio.accounts import NotFound
-from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
@@ -62,10 +61,6 @@ NOTIFY_LIMIT_SECONDS = 600.0
 
 # -- the store's side (runs in the writer, or in the CLI when no daemon runs) ----------------------------------------
 
-def registered_models(db: Database) -> dict[str, Model | None]:
-    return {row["id"]: store.device_model(db, row["id"]) for row in store.list_devices(db)}
-
-
 def check_exports(rule: Rule, sinks: Collection[str]) -> None:
     """An `export` action must name a sink of the daemon's config that takes what rules send (select = "rules")."""
     for action in (*rule.actions, *rule.on_clear):
@@ -90,8 +85,7 @@ def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model |
         for item in items:
             db.table("automations").upsert({"name": item.name, "kind": kind, "source": source,
                                             "body": json.dumps(item.body), "added": now, "problem": None}, pk="name")
-            db.table("rule_history").insert({"ts": now, "name": item.name, "device": "", "event": "added",
-                                             "detail": f"from {source}"})
+            note(db, item.name, "", "added", f"from {source}", now)
     return [r.name for r in rules] + [s.name for s in schedules]
 
 
@@ -113,8 +107,7 @@ def apply_rule_set(db: Database, version: int, doc: dict[str, Any], now: float) 
             db.table("automations").insert({"name": item.name, "kind": kind, "source": "cloud",
                                             "body": json.dumps(item.body), "added": now})
     db.table("rule_sets").upsert({"source": "cloud", "version": version}, pk="source")
-    db.table("rule_history").insert({"ts": now, "name": "", "device": "", "event": "rule_set",
-                                     "detail": f"cloud version {version}: {len(rules)} rules, {len(schedules)} schedules"})
+    note(db, "", "", "rule_set", f"cloud version {version}: {len(rules)} rules, {len(schedules)} schedules", now)
     return {"ok": True, "version": version, "applied": True}
 
 
@@ -122,7 +115,7 @@ def remove_automation(db: Database, name: str) -> None:
     if not list(db.query("SELECT 1 FROM automations WHERE name = ?", [name])):
         raise RegistryError(f"no rule or schedule {name!r} (see `edgetrio rule list`)")
     db.execute("DELETE FROM automations WHERE name = ?", [name])
-    db.table("rule_history").insert({"ts": time.time(), "name": name, "device": "", "event": "removed", "detail": ""})
+    note(db, name, "", "removed", "", time.time())
 
 
 def list_automations(db: Database) -> list[dict[str, Any]]:
@@ -174,8 +167,7 @@ def record_transition(db: Database, t: Transition, mirror: Any, notify: bool = T
     per target unless the rule's notifications are held back, all in one transaction. Returns the number of
     notifications queued."""
     rule, values = t.rule, json.dumps(t.values)
-    db.table("rule_history").insert({"ts": t.at, "name": rule.name, "device": t.device, "event": t.state,
-                                     "detail": _summary(t.values)})
+    note(db, rule.name, t.device, t.state, _summary(t.values), t.at)
     open_row = next(iter(db.query("SELECT * FROM alerts WHERE rule = ? AND device = ? AND state != 'resolved' "
                                   "ORDER BY id DESC LIMIT 1", [rule.name, t.device])), None)
     if t.state == "cancelled":
@@ -213,9 +205,8 @@ def record_transition(db: Database, t: Transition, mirror: Any, notify: bool = T
         body += f" (firing since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(row['fired'] or t.at))})"
     if not notify:
         if rule.notify:
-            db.table("rule_history").insert({"ts": t.at, "name": rule.name, "device": t.device,
-                                             "event": "notify_held", "detail": f"{t.state}: over "
-                                             f"{NOTIFY_LIMIT} notifications in {NOTIFY_LIMIT_SECONDS:g} s"})
+            note(db, rule.name, t.device, "notify_held",
+                 f"{t.state}: over {NOTIFY_LIMIT} notifications in {NOTIFY_LIMIT_SECONDS:g} s", t.at)
         return 0
     for url in rule.notify:
         db.table("notifications").insert({"alert": alert_id, "url": url, "kind": t.state, "title": title,
@@ -263,7 +254,7 @@ def schedule_runs(db: Database) -> dict[str, float]:
 
 def record_run(db: Database, name: str, at: float, detail: str) -> None:
     db.table("schedule_runs").upsert({"name": name, "last_run": at}, pk="name")
-    db.table("rule_history").insert({"ts": at, "name": name, "device": "", "event": "run", "detail": detail})
+    note(db, name, "", "run", detail, at)
 
 
 def record_problems(db: Database, problems: dict[str, str]) -> None:
@@ -345,8 +336,14 @@ class Automation(Watch):
         """Run the rules on committed readings and queue the transitions."""
         for reading in readings:
             model = self.roster.models.get(reading.device)
-            for transition in self.engine.evaluate(reading.device, model.name if model else None,
-                                                   reading.ts or now, reading.values):
+            try:
+                transitions = self.engine.evaluate(reading.device, model.name if model else None, reading.ts or now,
+                                                   reading.values)
+            except Exception:  # what no check foresaw costs this reading's judgement, never the rules' task
+                self.counts["rules_failed"] += 1
+                log.exception("rules: reading of %s not judged", reading.device)
+                continue
+            for transition in transitions:
                 try:
                     self._send.send_nowait(transition)
                 except trio.WouldBlock:

@@ -432,7 +432,7 @@ def rule_document(path: Path) -> dict[str, Any]:
 def cmd_rule_add(args: argparse.Namespace) -> None:
     doc = rule_document(args.file)
     result = via_daemon_or_store(args.data_dir, "rule.add", {"doc": doc}, lambda db: {
-        "added": auto.add_automations(db, doc, auto.registered_models(db))})
+        "added": auto.add_automations(db, doc, store.device_models(db))})
     emit(args, result, lambda: print(f"added {', '.join(result['added'])}"))
 
 
@@ -480,7 +480,7 @@ def cmd_rule_test(args: argparse.Namespace) -> None:
         raise CliError("give the reading's values: --values temperature=35 ...", EXIT_USAGE)
     request = {"doc": doc, "device": args.device, "values": values}
     rows = via_daemon_or_store(args.data_dir, "rule.test", request,
-                               lambda db: auto.dry_run(doc, auto.registered_models(db), args.device, values))
+                               lambda db: auto.dry_run(doc, store.device_models(db), args.device, values))
 
     def human() -> None:
         for r in rows:

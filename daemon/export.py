@@ -8,6 +8,7 @@ and seq). A sink that is down is retried with backoff; it never holds up ingest,
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import queue
@@ -105,8 +106,8 @@ class Webhook:
                 response.read()
         except urllib.error.HTTPError as exc:
             raise SinkDown(f"HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise SinkDown(str(getattr(exc, "reason", exc))) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:  # a receiver that
+            raise SinkDown(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None  # answers garbage too
 
     def close(self) -> None:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,9 @@ class Resource:
         if self.type == "bool":
             ok = isinstance(value, bool)
         elif self.type == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = isinstance(value, int) and finite_number(value)
         elif self.type == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            ok = finite_number(value)
         else:
             ok = isinstance(value, str)
         if not ok:
@@ -95,8 +96,7 @@ class Model:
             bounds = []
             for key in ("min", "max"):
                 bound = item.get(key, item.get(key + "imum"))
-                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
-                                          or not math.isfinite(bound)):  # a NaN bound would let every value pass
+                if bound is not None and not finite_number(bound):  # a NaN bound would let every value pass
                     raise RegistryError(f"model {name!r}: resource {rname!r} has a non-numeric {key}")
                 bounds.append(bound)
             unit = item.get("unit", item.get("units", ""))
@@ -138,11 +138,19 @@ class Model:
         return kept, reasons
 
 
+def finite_number(value: Any) -> bool:
+    """A number a float can hold: JSON also parses 1e999 (inf) and integers of a thousand digits, which nothing
+    downstream (aggregates, rules, plots) can use."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
+
+
 def check_values_without_model(values: dict[str, Any]) -> str | None:
     """A device without a model may report any scalar values."""
     for key, value in values.items():
-        if not isinstance(value, int | float | str | bool) or (isinstance(value, float) and not math.isfinite(value)):
-            return f"{key}: expected a number, boolean or string"
+        if not isinstance(value, str | bool) and not finite_number(value):
+            return f"{key}: expected a number (within a float's range), boolean or string"
     return None
 
 

@@ -24,8 +24,7 @@ class Roster:
         self.writer = writer
         self.link = link
         self.credentials = credentials
-        self.models: dict[str, Model | None] = {row["id"]: store.device_model(db, row["id"])
-                                                for row in store.list_devices(db)}
+        self.models: dict[str, Model | None] = store.device_models(db)
         # a device may hold two connections for a moment: the will of a replaced one arrives after the new birth
         self.connections: Counter[str] = Counter()
         # presence left over from a previous run that ended abruptly

@@ -228,6 +228,11 @@ def list_models(db: Database) -> list[dict[str, Any]]:
             for row in db.query("SELECT body, source FROM models ORDER BY name")]
 
 
+def device_models(db: Database) -> dict[str, Model | None]:
+    """Every registered device's model (None: it has none)."""
+    return {row["id"]: device_model(db, row["id"]) for row in list_devices(db)}
+
+
 def device_model(db: Database, device_id: str) -> Model | None:
     """The model telemetry is checked against: the registered one, else the one the device announced."""
     device = get_device(db, device_id)

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 from croniter import croniter
 
+from edgetrio import wire
+
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 AGGREGATES = ("avg", "min", "max", "delta")
 SEVERITIES = ("info", "warning", "critical")
@@ -81,12 +83,14 @@ def read_rule_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleError(f"cannot read {path}: {exc}") from exc
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    try:  # bounded like everything else read (a file nested thousands deep is an error, not a crash)
+        doc = wire.loads(text) if path.suffix == ".json" else wire.loads_toml(text)
     except json.JSONDecodeError as exc:
         raise RuleError(f"{path}: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{path}: not TOML: {exc}") from exc
+    except ValueError as exc:  # too deep or too big
+        raise RuleError(f"{path}: {exc}") from exc
     if not isinstance(doc, dict):
         raise RuleError(f"{path}: expected an object with 'rule' and 'schedule' lists")
     unknown = set(doc) - {"rule", "schedule"}
@@ -255,6 +259,8 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
     except rule_engine.EngineError as exc:
         about = f" for model {model.name!r}" if model is not None else ""
         raise RuleError(f"rule {rule!r}: {key} {text!r}: {exc.message}{about}") from exc
+    except RecursionError as exc:  # `not not not ...` a few hundred deep exhausts the parser's stack
+        raise RuleError(f"rule {rule!r}: {key} is nested too deep") from exc
 
 
 def holds(condition: Any, subject: Subject) -> bool | None:
@@ -262,7 +268,8 @@ def holds(condition: Any, subject: Subject) -> bool | None:
     has the wrong type): the rule's state stays as it was."""
     try:
         return bool(condition.matches(subject))
-    except _engine().EngineError:  # evaluated only when something was raised
+    # evaluated only when something was raised; a Decimal that cannot compare, a stack too shallow for the condition
+    except (_engine().EngineError, ArithmeticError, RecursionError):
         return None
 
 
@@ -316,11 +323,18 @@ def parse_action(owner: str, body: Any) -> Action:
                   body.get("export"))
 
 
-def _name(kind: str, body: dict[str, Any]) -> str:
+def _table(kind: str, body: Any, keys: set[str]) -> tuple[str, str]:
+    """A [[rule]] or [[schedule]] table's name, and how errors name it; refuses what is not one."""
+    if not isinstance(body, dict):
+        raise RuleError(f"a {kind} must be a table ([[{kind}]])")
     name = body.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise RuleError(f"{kind} {json.dumps(name)}: a name must be 1-64 letters, digits, '_', '.', '-'")
-    return name
+    owner = f"{kind} {name!r}"
+    unknown = set(body) - keys
+    if unknown:
+        raise RuleError(f"{owner}: unknown key {sorted(unknown)[0]!r} (expected one of {sorted(keys)})")
+    return name, owner
 
 
 def _devices(owner: str, body: dict[str, Any], required: bool) -> tuple[str, ...]:
@@ -371,13 +385,7 @@ class Rule:
 def parse_rule(body: Any) -> Rule:
     """A rule from its table; raises RuleError naming the rule and what is wrong. Conditions are checked for syntax
     here and against models by `check_rule`."""
-    if not isinstance(body, dict):
-        raise RuleError("a rule must be a table ([[rule]])")
-    name = _name("rule", body)
-    owner = f"rule {name!r}"
-    unknown = set(body) - RULE_KEYS
-    if unknown:
-        raise RuleError(f"{owner}: unknown key {sorted(unknown)[0]!r} (expected one of {sorted(RULE_KEYS)})")
+    name, owner = _table("rule", body, RULE_KEYS)
     devices = _devices(owner, body, required=False)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
@@ -457,13 +465,7 @@ class Schedule:
 
 
 def parse_schedule(body: Any) -> Schedule:
-    if not isinstance(body, dict):
-        raise RuleError("a schedule must be a table ([[schedule]])")
-    name = _name("schedule", body)
-    owner = f"schedule {name!r}"
-    unknown = set(body) - SCHEDULE_KEYS
-    if unknown:
-        raise RuleError(f"{owner}: unknown key {sorted(unknown)[0]!r} (expected one of {sorted(SCHEDULE_KEYS)})")
+    name, owner = _table("schedule", body, SCHEDULE_KEYS)
     devices = _devices(owner, body, required=True)
     if not devices:
         raise RuleError(f"{owner}: 'devices' names no device")

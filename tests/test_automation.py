@@ -309,3 +309,35 @@ def test_retention_deletes_old_acknowledged_alerts_and_sent_notifications_only(t
     assert [(r["state"], r["acked"]) for r in db.query("SELECT state, acked FROM alerts")] == [
         ("resolved", None), ("firing", None)]  # what nobody acknowledged yet, and what is still open, stay
     assert [r["sent"] for r in db.query("SELECT sent FROM notifications")] == [None]  # not yet sent: stays
+
+
+def test_numbers_no_float_holds_are_refused_and_the_rules_go_on(daemon: Daemon, device: Any, tmp_path: Path) -> None:
+    device_id, _, probe = device()  # no model: any scalar values, but numbers must be numbers a float can hold
+    rules = rule_file(tmp_path / "rules.toml", f'[[rule]]\nname = "big"\ndevices = ["{device_id}"]\n'
+                                               'when = "avg_t > 30"\nwindow = 5\n')
+    daemon.cli("rule", "add", str(rules))
+    topic = f"edgetrio/{device_id}/telemetry"
+    # JSON reads 1e999 as inf and a 400-digit integer as an int no float can hold: a sum of them fails
+    probe.publish(topic, '{"boot": 1, "seq": 1, "values": {"t": 1' + "0" * 400 + "}}")
+    probe.publish(topic, '{"boot": 1, "seq": 2, "values": {"t": 1e999}}')
+    probe.publish(topic, reading(3, t=40.0))
+    while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 3:
+        pass
+    refused = json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
+    assert sorted(r["seq"] for r in refused if r["reason"] == "invalid_value") == [1, 2]
+    wait_until(lambda: [a["state"] for a in alerts(daemon) if a["rule"] == "big"] == ["firing"], timeout=15)
+    daemon.cli("rule", "remove", "big")
+
+
+def test_a_relay_set_up_anew_still_sends_rule_sets_the_edge_takes_as_newer(tmp_path: Path) -> None:
+    from edgetrio.cloud import store as cloud_store
+
+    versions = []
+    for relay in ("old", "new"):  # the same node on a relay, then on one installed from scratch
+        db = cloud_store.open_db(tmp_path / relay)
+        cloud_store.add_node(db, "gw1")
+        versions.append(cloud_store.set_rules(db, "gw1", {"rule": [], "schedule": []})["version"])
+        versions.append(cloud_store.set_rules(db, "gw1", {"rule": [], "schedule": []})["version"])
+        db.conn.commit()
+        time.sleep(0.01)
+    assert versions == sorted(set(versions))  # each newer than the one before, across the reinstall

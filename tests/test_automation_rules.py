@@ -184,3 +184,16 @@ def test_window_aggregates_match_a_plain_recount() -> None:
                                        ("max", max(numbers)), ("delta", numbers[-1] - numbers[0])):
                     assert abs(resolve(subject, f"{kind}_t") - expected) < 1e-6
             assert "ok" not in window.series  # booleans are not aggregated
+
+
+def test_conditions_and_files_nested_too_deep_are_one_line_errors(tmp_path: Path) -> None:
+    assert error(rule(when="not " * 490 + "led")) == "rule 'hot': when is nested too deep"
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"rule": [{"name": "x", "devices": ["*"], "when": "t > 1", "actions": [{"set": '
+                    + '{"a": ' * 5000 + "1" + "}" * 5000 + "}]}]}")
+    with pytest.raises(RuleError, match=r"JSON nested \d+ levels deep \(limit 32\)"):
+        read_rule_file(deep)
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RuleError, match="too deep"):
+        read_rule_file(deep_toml)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, greenhouse_board, wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 BOARD = "greenhouse-1"
@@ -40,16 +39,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Relay, Dae
     add_user(relay, "adam", "admin", "admin-password-1")
     add_user(relay, "vera", "viewer", "viewer-password-1")
     daemon = Daemon(base / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token)).start()
-    log = open(base / "vdev.log", "ab")  # noqa: SIM115
-    boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
-                               "--period", "0.5", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
     try:
-        wait_until(lambda: any(d["id"] == BOARD and d["online"] for d in relay.json("devices")), timeout=90)
-        yield relay, daemon
+        with greenhouse_board(daemon):
+            wait_until(lambda: any(d["id"] == BOARD and d["online"] for d in relay.json("devices")), timeout=90)
+            yield relay, daemon
     finally:
-        boards.send_signal(signal.SIGTERM)
-        boards.wait(timeout=30)
-        log.close()
         daemon.stop()
         relay.stop()
 

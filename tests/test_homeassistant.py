@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, RawMQTT, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, RawMQTT, greenhouse_board, wait_until
 
 HA_PYTHON = ROOT / ".ha" / "bin" / "python"
 HA_USER = "integration:homeassistant"
@@ -41,17 +39,12 @@ def ha_reference(configs: dict[str, Any]) -> dict[str, Any]:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str]]:
     daemon = Daemon(tmp_path_factory.mktemp("ha") / "data", extra=("--ha",)).start()
     secret = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]
-    log = open(daemon.data_dir.parent / "vdev.log", "ab")  # noqa: SIM115
-    boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
-                               "--period", "0.5", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
     try:
-        wait_until(lambda: any(d["id"] == BOARD and d["online"] and d["meta"] for d in
-                               json.loads(daemon.cli("device", "list", "--json").stdout)), timeout=90)
-        yield daemon, secret
+        with greenhouse_board(daemon):
+            wait_until(lambda: any(d["id"] == BOARD and d["online"] and d["meta"] for d in
+                                   json.loads(daemon.cli("device", "list", "--json").stdout)), timeout=90)
+            yield daemon, secret
     finally:
-        boards.send_signal(signal.SIGTERM)
-        boards.wait(timeout=30)
-        log.close()
         daemon.stop()
 
 

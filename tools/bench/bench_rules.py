@@ -51,7 +51,7 @@ def start_daemon(data: Path, devices: int, doc: dict[str, Any] | None) -> tuple[
     db = store.open_db(data)
     creds = [(f"dev-{i:03d}", store.add_device(db, f"dev-{i:03d}")) for i in range(devices)]
     if doc is not None:
-        automation.add_automations(db, doc, automation.registered_models(db))
+        automation.add_automations(db, doc, store.device_models(db))
     db.conn.commit()
     db.close()
     daemon = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data), "--mqtt-host",

@@ -141,6 +141,20 @@ class Relay:
 
 
 
+@contextlib.contextmanager
+def greenhouse_board(daemon: Daemon, period: float = 0.5) -> Iterator[None]:
+    """`edgetrio vdev` running one virtual board (greenhouse-1, the real firmware) for the daemon; stopped after."""
+    with open(daemon.data_dir.parent / "vdev.log", "ab") as log:
+        boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
+                                   "--period", str(period), "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
+                                  stderr=log)
+        try:
+            yield
+        finally:
+            boards.send_signal(signal.SIGTERM)
+            boards.wait(timeout=30)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (for a server the test starts later, or starts again)."""
     with socket.socket() as s:
