@@ -164,7 +164,8 @@ class EdgeHub:
             in_flight = [o for o in in_flight if o > self.acked_upto]
             rows: list[dict[str, Any]] = []
             if len(in_flight) < BATCHES_IN_FLIGHT:
-                rows = await self.writer.write(partial(store.outbox_after, offset=self.sent_upto, limit=BATCH_ROWS))
+                # a read, not a write: the sender is woken by commits and must not wake itself
+                rows = await self.writer.read(partial(store.outbox_after, offset=self.sent_upto, limit=BATCH_ROWS))
             if not rows:
                 await self._wakeup.wait()
                 continue

@@ -61,10 +61,17 @@ class Write(Generic[T]):
 
 
 class Writer:
-    """The single task that writes to the store. Operations wait in a bounded queue (backpressure on ingest)."""
+    """The single task that writes to the store. Operations wait in a bounded queue (backpressure on ingest).
 
-    def __init__(self, db: Database, max_batch: int = 256, queue_size: int = 128) -> None:
+    Who waits for commits (`next_commit`) is woken only by a batch that changed rows: a component that reads (through
+    `read`, or a write that found nothing to do) after being woken does not wake itself again. Reads go through
+    `read`, on a connection of their own, and never make a commit.
+    """
+
+    def __init__(self, db: Database, max_batch: int = 256, queue_size: int = 128, reader: Database | None = None) -> None:
         self.db = db
+        self.reader = reader
+        self._reading = trio.Lock()  # the read connection is used by one thread at a time
         self.max_batch = max_batch
         self._send, self._receive = trio.open_memory_channel[Write[Any]](queue_size)
         self.batches = 0
@@ -86,7 +93,9 @@ class Writer:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                changes_before = self.db.conn.total_changes
                 results = await trio.to_thread.run_sync(self._commit, batch)
+                changed = self.db.conn.total_changes != changes_before
                 self.batches += 1
                 self.ops += len(batch)
                 for op, result in zip(batch, results, strict=True):
@@ -94,7 +103,8 @@ class Writer:
                         op.done(result)
                     except Exception:
                         log.exception("error after commit")
-                self._committed.unpark_all()
+                if changed:  # a batch that wrote nothing must not wake a reader into reading again (a busy loop)
+                    self._committed.unpark_all()
 
     def _commit(self, batch: list[Write[Any]]) -> list[outcome.Outcome[Any]]:
         results: list[outcome.Outcome[Any]] = []
@@ -136,24 +146,51 @@ class Writer:
         await finished.wait()
         return box[0].unwrap()
 
+    async def read(self, fn: Callable[[Database], T]) -> T:
+        """Run a read on the read connection, in a worker thread: not queued behind writes and never a commit.
+
+        Sees everything committed before it starts (WAL). Cancelling it abandons nothing: the read finishes first.
+        """
+        if self.reader is None:  # an in-memory store has one connection: read in the next batch
+            return await self.write(fn)
+        reader = self.reader
+        async with self._reading:
+            return await trio.to_thread.run_sync(fn, reader)
+
     async def next_commit(self) -> None:
-        """Wait until the writer has committed another batch."""
+        """Wait until the writer has committed a batch that changed something."""
         await self._committed.park()
 
     async def close(self) -> None:
         await self._send.aclose()
 
 
+def open_reader(db: Database) -> Database | None:
+    """A second, read-only connection to db's file (None for an in-memory store)."""
+    path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    if not path:
+        return None
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA query_only=ON")  # a read that tries to write fails instead of racing the writer
+    return Database(conn)
+
+
 @asynccontextmanager
 async def open_writer(db: Database, **options: Any) -> AsyncIterator[Writer]:
-    """The store's one writer, running for the duration of the block.
+    """The store's one writer and its read connection, running for the duration of the block.
 
     On exit it commits what was queued before the block ended, then stops; a batch in progress always finishes.
     """
-    writer = Writer(db, **options)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        try:
-            yield writer
-        finally:
-            await writer.close()
+    reader = open_reader(db)
+    writer = Writer(db, reader=reader, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            try:
+                yield writer
+            finally:
+                await writer.close()
+    finally:
+        if reader is not None:
+            reader.conn.close()
