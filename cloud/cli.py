@@ -25,7 +25,7 @@ def api_target(args: argparse.Namespace) -> tuple[str, str]:
     """The API base URL and operator token: from --url/--token, else from the relay's data dir."""
     if args.url and args.token:
         return args.url.rstrip("/"), args.token
-    data_dir = args.data_dir or Path("edgetrio-relay")
+    data_dir = args.data_dir or Path("edgetrio-relay").absolute()
     try:
         info = json.loads((data_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     if action == "serve":
         setup_logging(args.log_level or "info")
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
-        cfg = RelayConfig(args.data_dir or Path("edgetrio-relay"), args.host or "0.0.0.0",
+        cfg = RelayConfig(args.data_dir or Path("edgetrio-relay").absolute(), args.host or "0.0.0.0",
                           8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
                           args.http_timeout, args.metrics_host, args.metrics_port)
         if not -1 <= cfg.metrics_port <= 65535:
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
                 "Give it to the gateway (--token-file or $EDGETRIO_CLOUD_TOKEN) and restart it."])
         return
     if action == "node":
-        db = store.open_db(args.data_dir or Path("edgetrio-relay"))
+        db = store.open_db(args.data_dir or Path("edgetrio-relay").absolute())
         try:
             with db.atomic():
                 token = store.add_node(db, args.name)
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> None:
 
 def users(args: argparse.Namespace) -> None:
     """Operator accounts, written into the relay's store (on the relay's machine, like `node add`)."""
-    db = store.open_db(args.data_dir or Path("edgetrio-relay"))
+    db = store.open_db(args.data_dir or Path("edgetrio-relay").absolute())
     try:
         if args.user_action == "add":
             password = sys.stdin.readline().rstrip("\n") if args.password_stdin else new_secret()

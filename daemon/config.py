@@ -140,13 +140,19 @@ def load_config_file(path: Path) -> dict[str, Any]:
         expected = _TYPES[name]
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise ConfigError(f"config file {path}: {key} must be a {getattr(expected, '__name__', expected)}")
-        out[name] = Path(str(value)) if name in ("data_dir", "cloud_token_file") else value
+        # a relative path in a config file is relative to the file, wherever the daemon is started from
+        if name in ("data_dir", "cloud_token_file"):
+            value = (path.parent / str(value)).expanduser().absolute()
+        elif name in ("tls_cert", "tls_key", "cloud_cafile"):
+            value = str((path.parent / str(value)).expanduser().absolute())
+        out[name] = value
     return out
 
 
 def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> DaemonConfig:
     settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None and v != []}}
     cfg = DaemonConfig(**settings)
+    cfg.data_dir = cfg.data_dir.absolute()  # handed on to children (virtual boards, backups) that run elsewhere
     if not 0 <= cfg.mqtt_port <= 65535:
         raise ConfigError(f"mqtt port {cfg.mqtt_port} is out of range 0-65535")
     if not -1 <= cfg.metrics_port <= 65535:

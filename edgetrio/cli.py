@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
     if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud", "config"):
         args.data_dir = console.default_data_dir()
+    # Every path is resolved here, once, before it is handed on: a child process (a virtual board, the relay of the
+    # demo) runs in another directory and would read a relative path against its own.
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, value.expanduser().absolute())
     try:
         args.func(args)
     except (console.CliError, ConfigError) as exc:

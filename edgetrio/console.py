@@ -35,7 +35,7 @@ def edgetrio_version() -> str:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data"))
+    return Path(os.environ.get("EDGETRIO_DATA_DIR", "edgetrio-data")).expanduser().absolute()
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

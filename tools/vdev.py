@@ -120,6 +120,17 @@ def _repl_child() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is the interpreter's terminal: Ctrl-C from mpremote interrupts it
 
 
+def last_line(path: Path) -> str:
+    """The last line a board printed (its console's tail): why it stopped, as often as not."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
 class ReplPort:
     """The virtual device's USB serial port: a pty linked at `path`, the way /dev/ttyUSB0 looks for a board.
 
@@ -237,14 +248,17 @@ class VirtualDevice:
                 self.repl.close()
 
     async def _supervise(self) -> None:
+        """Run the board's interpreter, restarting it as a board resets; a crash is reported with its last line."""
         self.flash.mkdir(parents=True, exist_ok=True)
         (self.flash / "sim").mkdir(exist_ok=True)
         console = open(self.flash / "console.log", "ab")  # noqa: SIM115 - open for the device's whole life
         firmware = True
         cause = PWRON_RESET
+        crashes = 0  # in a row: the wait before the next start doubles with each, up to a minute
         try:
             while True:
                 self.boots += 1
+                started = trio.current_time()
                 power = self.flash / "sim" / "power"
                 power.unlink(missing_ok=True)
                 if cause == PWRON_RESET:  # the RTC's time and memory do not survive a power cut
@@ -279,8 +293,12 @@ class VirtualDevice:
                     log.info("vdev %s power cycled", self.id)
                     await trio.sleep(0.5)
                 else:
-                    log.warning("vdev %s stopped with exit code %s; restarting", self.id, code)
-                    await trio.sleep(1)
+                    crashes = 1 if trio.current_time() - started > 60 else crashes + 1
+                    delay = min(60.0, 2.0 ** (crashes - 1))
+                    console.flush()
+                    log.warning("vdev %s stopped with exit code %s: %s; restarting in %.0f s", self.id, code,
+                                last_line(self.flash / "console.log") or "(nothing printed)", delay)
+                    await trio.sleep(delay)
         finally:
             console.close()
 
