@@ -221,6 +221,10 @@ class EdgeHub:
             with trio.fail_after(self.keepalive):
                 await ws.ping()
 
+    def _prune(self, db: Database, acked: int) -> int:
+        store.outbox_acknowledged(db, acked)
+        return store.outbox_bound(db, max_rows=self.max_rows, max_age=self.max_age, now=time.time())
+
     async def _bound_outbox(self) -> None:
         """At most once a second, delete what the relay acknowledged and hold the outbox to its bounds.
 
@@ -235,12 +239,8 @@ class EdgeHub:
             self._prune_wakeup = trio.Event()
             acked = self.acked_upto
 
-            def prune(db: Database) -> int:
-                store.outbox_acknowledged(db, acked)
-                return store.outbox_bound(db, max_rows=self.max_rows, max_age=self.max_age, now=time.time())
-
             try:
-                dropped = await self.writer.write(prune)
+                dropped = await self.writer.write(partial(self._prune, acked=acked))
             except Exception as exc:  # the store cannot write now (a full disk): look again in a second
                 log.debug("outbox bounds not applied: %s", exc)
                 await trio.sleep(1)

@@ -9,8 +9,9 @@ Modes, each a fresh gateway (and a fresh relay when linked) on loopback with --d
   linked + 10 rules   ... with 10 rules that judge every reading
   linked + dashboard  ... with a dashboard's live event stream open (read)
 For each: idle CPU (devices connected, nothing sent) over --idle seconds, then 10 and 1,000 readings/s (bench_ingest's
-load generator, QoS 1) for --duration seconds: CPU time, inside the steady window, of the daemon (and of the relay) from /proc, as a share of one
-core and per reading. The unlinked daemon is the baseline: every mode's CPU per reading is also given as a ratio to it.
+load generator, QoS 1) for --duration seconds: CPU time inside the load's steady window, of the daemon (and of the
+relay) from /proc, as a share of one core and per reading. The unlinked daemon is the baseline: every mode's CPU per
+reading is also given as a ratio to it.
 Last, publish -> committed in the cloud at --cloud-rate readings/s through a linked gateway: the relay's `received`
 minus the reading's `ts` (one machine, one clock), p50 and p99.
 """
