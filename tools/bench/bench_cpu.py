@@ -79,7 +79,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def ha_client(port: int, secret: str, stack: ExitStack) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-ha")
     client.username_pw_set("integration:homeassistant", secret)
-    client.on_connect = lambda c, *_a: (c.subscribe("homeassistant/#"), c.publish("homeassistant/status", "online"))
+    def on_connect(c: mqtt.Client, *_a: Any) -> None:
+        c.subscribe("homeassistant/#")
+        c.publish("homeassistant/status", "online")
+    client.on_connect = on_connect
     client.connect("127.0.0.1", port)
     client.loop_start()
     stack.callback(client.loop_stop)
@@ -114,7 +117,7 @@ def sample_cpu(pids: dict[str, int], duration: float, out: dict[str, Any]) -> No
 
 
 def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"mode": mode}
+    row: dict[Any, Any] = {"mode": mode}
     with ExitStack() as stack:
         data = tmp / mode.replace(" ", "").replace("+", "-") / "gateway"
         db = store.open_db(data)
@@ -189,7 +192,7 @@ def main() -> None:
     parser.add_argument("--cloud-rate", type=float, default=2000.0)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[Any, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgetrio-bench-cpu-") as tmp:
         for mode in args.modes.split(","):
             print(f"{mode} ...", flush=True)
