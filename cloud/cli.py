@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
             sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
             return
         show(args, rows, [f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} "
-                          + " ".join(f"{k}={v}" for k, v in r["values"].items()) for r in rows] or ["no readings"])
+                          + " ".join(f"{k}={v}" for k, v in sorted(r["values"].items())) for r in rows] or ["no readings"])
     elif action == "device":
         added = call(args, "POST", f"/api/nodes/{args.node}/devices", {"id": args.device, "model": args.model})
         show(args, added, [f"registered {added['id']} on {args.node}\n  username: {added['username']}\n"

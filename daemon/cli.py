@@ -150,18 +150,25 @@ def cmd_device_list(args: argparse.Namespace) -> None:
             d["last_seen"] = last  # presence is stamped at connect; a reading is a later sign of life
         if not d["model"] and (d["meta"] or {}).get("model"):
             d["announced_model"] = d["meta"]["model"]
+        d["refused"] = store.refusing(db, d["id"], time.time() - 3600)  # the last hour
 
     def human() -> None:
         if not devices:
             print("no devices registered")
             return
-        print(f"{'DEVICE':<20} {'MODEL':<16} {'STATE':<8} {'LAST SEEN':<20} READINGS")
+        print(f"{'DEVICE':<20} {'MODEL':<16} {'STATE':<8} {'LAST SEEN':<20} {'READINGS':>8}  REFUSED (1 h)")
         for d in devices:
             state = "online" if d["online"] else "offline"
             model = d["model"] or (f"{d['announced_model']}*" if d.get("announced_model") else "-")
-            print(f"{d['id']:<20} {model:<16} {state:<8} {fmt_time(d['last_seen']):<20} {d['readings']}")
+            refused = d["refused"]["count"] if d["refused"] else 0
+            print(f"{d['id']:<20} {model:<16} {state:<8} {fmt_time(d['last_seen']):<20} {d['readings']:>8}  "
+                  f"{refused}{' !' if d['refused'] and d['refused']['readings_refused'] else ''}")
         if any(d.get("announced_model") and not d["model"] for d in devices):
             print("* as the device announced it (no model registered)")
+        for d in devices:
+            if d["refused"] and d["refused"]["readings_refused"]:
+                print(f"! {d['id']}: its readings are being refused: {d['refused']['detail']}\n"
+                      f"  {refusal_advice(d['id'], d['model'])}")
 
     emit(args, devices, human)
 
@@ -325,7 +332,7 @@ def cmd_readings(args: argparse.Namespace) -> None:
 
     def human() -> None:
         for r in rows:
-            values = " ".join(f"{k}={v}" for k, v in r["values"].items())
+            values = " ".join(f"{k}={v}" for k, v in sorted(r["values"].items()))
             print(f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} {values}")
         if not rows:
             print("no readings")
@@ -539,11 +546,21 @@ def cmd_config_show(args: argparse.Namespace) -> None:
     emit(args, shown, human)
 
 
+def refusal_advice(device: str, model: str | None) -> str:
+    """What to do about a device whose readings are refused."""
+    fix = (f"add what it sends to model {model!r} and load it again (`edgetrio model add FILE`)" if model
+           else "it sends values its announced resources do not allow")
+    return f"{fix}; `edgetrio rejects {device}` shows each refusal"
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
                               "devices": len(store.list_devices(db)), "readings": store.reading_count(db),
                               "counters": store.counters(db), "outbox": store.outbox_state(db)}
+    hour_ago = time.time() - 3600
+    status["refusing"] = {d["id"]: r for d in store.list_devices(db)
+                          if (r := store.refusing(db, d["id"], hour_ago)) and r["readings_refused"]}
     if status["running"]:
         try:
             with ControlClient(args.data_dir) as control:
@@ -583,6 +600,8 @@ def cmd_status(args: argparse.Namespace) -> None:
             why = f" ({sink['error']})" if sink.get("error") else ""
             print(f"export:    {name}: {sink['state']}{why}, {sink['sent']} readings sent by this run")
         print(f"devices:   {status['devices']}   readings stored: {status['readings']}")
+        for device, refused in status["refusing"].items():
+            print(f"refusing:  {device}: {refused['count']} refused in the last hour, the newest: {refused['detail']}")
         print("all time:  " + (", ".join(f"{k}={v}" for k, v in status["counters"].items()) or "-"))
 
     emit(args, status, human)

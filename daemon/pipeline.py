@@ -51,6 +51,32 @@ MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest 
 COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
 
 
+class RefusalLog:
+    """Logs refusals without flooding: the first of a kind (device, reason) at once, with what to do; then at most one
+    line a minute for it, with how many were left out. A board that sends a value its model lacks every 2 s would
+    otherwise write 1,800 identical lines an hour."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def refused(self, device: str, reason: str, message: str, advice: str = "") -> None:
+        key = (device, reason)
+        now = time.monotonic()
+        if key in self._last and now - self._last[key] < self.EVERY:
+            self._held[key] += 1
+            return
+        first = key not in self._last
+        more = self._held.pop(key, 0)
+        if len(self._last) > 10_000:  # unbounded ids must not grow this without end
+            self._last.clear()
+        self._last[key] = now
+        log.warning("%s%s%s", message, f" ({more} more like it in the last minute)" if more else "",
+                    f"; {advice}" if advice and first else "")
+
+
 class Watch:
     """What ingest tells the components that follow it (Home Assistant, automation). Called in the pipeline's own
     tasks: a watcher must not block (it queues its own work)."""
@@ -112,6 +138,7 @@ class Ingest:
         self.commands = commands
         self.control_requests = control_requests
         self.counts: Counter[str] = Counter()
+        self.refusals = RefusalLog()
         self.uncommitted = 0  # readings handed to the commit and not committed yet (held while the store cannot write)
         self.max_held = MAX_HELD
         # store writes decided while sorting one batch, queued after it
@@ -211,7 +238,8 @@ class Ingest:
         self.counts[f"rejected_{reason}"] += 1
         parsed = parse_topic(event.topic)
         device = parsed[0] if parsed else event.username
-        log.warning("rejected reason=%s device=%s topic=%s detail=%s", reason, device, event.topic[:200], detail)
+        self.refusals.refused(str(device), reason, f"rejected reason={reason} device={device} "
+                              f"topic={event.topic[:200]} detail={detail}")
         self._write(partial(self.changes.reject, device=device, reason=reason, detail=detail, payload=event.payload,
                             now=time.time(), registered=device in self.roster))
 
@@ -230,6 +258,18 @@ class Ingest:
     def _model_known(self, device: str, model: Model | None) -> None:
         self.roster.set_model(device, model)
         self.watch.meta(device)
+
+    def _check_announced(self, device: str, meta: dict[str, Any]) -> None:
+        """A board that announces resources its registered model lacks will have its readings refused: say so now,
+        at connect, with what to do, rather than only as a refusal per reading."""
+        model = self.roster.models.get(device)
+        announced = [r.get("name") for r in meta.get("resources") or [] if isinstance(r, dict)]
+        missing = [str(n) for n in announced if isinstance(n, str) and model is not None and n not in model.resources]
+        if model is not None and missing:
+            self.refusals.refused(
+                device, "model_lacks", f"device {device} announces {', '.join(missing)}, which its model "
+                f"{model.name!r} lacks: readings with them will be refused", "add them to the model and load it "
+                "again (`edgetrio model add FILE`)")
 
     def _classify(self, event: BusEvent) -> None:
         device_client = is_device_user(event.username)
@@ -282,8 +322,8 @@ class Ingest:
                 kept, reasons = model.split_values(reading.values)
                 if kept:  # the model keeps what fits: the reading is stored without the bad values
                     self.counts["rejected_invalid_value"] += len(reasons)
-                    log.warning("dropped values device=%s boot=%d seq=%d detail=%s", device, reading.boot,
-                                reading.seq, "; ".join(reasons))
+                    self.refusals.refused(device, "drop_value", f"dropped values device={device} boot={reading.boot} "
+                                          f"seq={reading.seq} detail={'; '.join(reasons)}")
                     self._write(partial(self.changes.reject, device=device, reason="invalid_value",
                                         detail=f"boot {reading.boot} seq {reading.seq}: " + "; ".join(reasons),
                                         payload=event.payload, now=now, registered=True))
@@ -291,8 +331,11 @@ class Ingest:
                     reason = None
             if reason:
                 self.counts["rejected_invalid_value"] += 1
-                log.warning("rejected reason=invalid_value device=%s boot=%d seq=%d detail=%s",
-                            device, reading.boot, reading.seq, reason)
+                self.refusals.refused(
+                    device, "invalid_value", f"rejected reason=invalid_value device={device} boot={reading.boot} "
+                    f"seq={reading.seq} detail={reason}",
+                    f"its readings are not stored until the model allows them: add what it sends to its model and "
+                    f"load it again (`edgetrio model add FILE`); `edgetrio rejects {device}` lists them")
                 self._invalid.append((reading, reason))
             else:
                 self._readings.append(reading)
@@ -311,6 +354,7 @@ class Ingest:
                     raise Rejected("bad_meta", str(exc)) from exc
             self._write(partial(self.changes.meta, device=device, meta=meta, now=now))
             self._write(partial(store.device_model, device_id=device), partial(self._model_known, device))
+            self._check_announced(device, meta)
         elif channel == "cmd/result":
             body = parse_object(event.payload)
             cmd_id = body.get("id")

@@ -124,6 +124,7 @@ def _create_schema(db: Database) -> None:
         db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
+        db.table("rejects").create_index(["device", "received"], if_not_exists=True)  # refusing(): per device, recent
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
@@ -208,6 +209,20 @@ def last_received(db: Database, device_id: str) -> float | None:
     """When the device's newest reading arrived."""
     value = db.execute("SELECT max(received) FROM readings WHERE device = ?", [device_id]).fetchone()[0]
     return float(value) if value is not None else None
+
+
+def refusing(db: Database, device_id: str, since: float) -> dict[str, Any] | None:
+    """How many of a device's messages were refused since `since`, the newest reason, and whether its newest reading
+    was refused (nothing of it stored since); None when nothing was refused."""
+    row = db.execute("SELECT count(*), max(received) FROM rejects WHERE device = ? AND received >= ?",
+                     [device_id, since]).fetchone()
+    if not row[0]:
+        return None
+    reason, detail = db.execute("SELECT reason, detail FROM rejects WHERE device = ? ORDER BY id DESC LIMIT 1",
+                                [device_id]).fetchone()
+    last_stored = last_received(db, device_id)
+    return {"count": int(row[0]), "last": float(row[1]), "reason": reason, "detail": detail,
+            "readings_refused": reason == "invalid_value" and (last_stored is None or last_stored < float(row[1]))}
 
 
 def device_secrets(db: Database) -> dict[str, str]:

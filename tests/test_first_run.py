@@ -7,6 +7,7 @@ resolution of paths in edgetrio/cli.py:main.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edgetrio.tools.testkit import ROOT, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, greenhouse_board, wait_until
 
 EDGETRIO = Path(sys.executable).parent / "edgetrio"  # the console script the Makefile runs
 
@@ -52,3 +53,31 @@ def test_make_demo_command_line_from_a_fresh_directory_shows_readings_at_the_edg
     assert "stopped with exit code" not in output, output
     assert "demo stopped" in output
     assert (tmp_path / ".demo" / "gateway" / "vdevs").is_dir()  # where the user asked, relative to where they were
+
+
+def test_a_blank_virtual_board_is_new_and_a_running_board_is_not_started_twice(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "gw").start()
+    with greenhouse_board(daemon):
+        wait_until(lambda: any(d["id"] == "greenhouse-1" and d["online"]
+                               for d in json.loads(daemon.cli("device", "list", "--json").stdout)), timeout=90)
+        again = daemon.cli("vdev", "--count", "1", "--prefix", "greenhouse", check=False)
+        assert again.returncode == 2 and "greenhouse-1 is already running" in again.stderr, again.stderr
+        tty = tmp_path / "ttyUSB0"
+        blank = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty),
+                                  "--prefix", "greenhouse", "--data-dir", str(daemon.data_dir)], cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(tty.exists, timeout=60)
+            listing = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect", str(tty), "ls"],
+                                     capture_output=True, text=True, timeout=60)
+            assert listing.returncode == 0, listing.stderr
+            assert not {"boot.py", "main.py", "state.json", "lib/"} & set(listing.stdout.split()), listing.stdout
+        finally:
+            blank.send_signal(signal.SIGTERM)
+            out, _ = blank.communicate(timeout=30)
+        assert "greenhouse-2" in out and "empty flash" in out, out
+        assert (daemon.data_dir / "vdevs" / "greenhouse-2").is_dir()
+        # the board that was running was left alone
+        assert json.loads((daemon.data_dir / "vdevs" / "greenhouse-1" / "config.json").read_text())["device_id"] == \
+            "greenhouse-1"
+    daemon.stop()

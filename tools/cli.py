@@ -83,7 +83,7 @@ def cmd_service_install(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
-    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--count", type=int, default=1, help="how many virtual boards (default 1)")
     p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
     p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
     p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
@@ -91,7 +91,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
                    help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)")
     p.add_argument("--repl-pty", type=Path, metavar="PATH",
                    help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
-    p.add_argument("--blank", action="store_true", help="start with an empty flash, for `edgetrio flash` to fill")
+    p.add_argument("--blank", action="store_true",
+                   help="a new board with an empty flash, for `edgetrio flash` to fill: the first PREFIX-N not taken")
     p.add_argument("--sensor", choices=["bme280", "bmp280"], default="bme280",
                    help="the chip on the boards' I2C bus (a BMP280 has no humidity; default bme280)")
     p.add_argument("--forced", action="store_true",

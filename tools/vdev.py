@@ -95,6 +95,35 @@ def flash_dir(data_dir: Path, device_id: str) -> Path:
     return data_dir / "vdevs" / device_id
 
 
+def hold_board(data_dir: Path, device_id: str) -> int:
+    """Take a virtual board for this process: a lock beside its flash folder, released when the process ends.
+
+    Two processes playing one board knock each other off MQTT and write one flash; the second is refused."""
+    path = data_dir / "vdevs" / f".{device_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"virtual board {device_id} is already running (another `edgetrio vdev` on "
+                           f"{data_dir})") from None
+    return fd
+
+
+def new_board_id(data_dir: Path, prefix: str) -> str:
+    """The first PREFIX-N that is neither registered nor has a flash folder: a blank board is a new board."""
+    known: set[str] = set()
+    if (data_dir / store.DB_FILE).exists():
+        db = store.open_db(data_dir)
+        known = {d["id"] for d in store.list_devices(db)}
+        db.close()
+    n = 1
+    while f"{prefix}-{n}" in known or flash_dir(data_dir, f"{prefix}-{n}").exists():
+        n += 1
+    return f"{prefix}-{n}"
+
+
 def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
     """Write a fault file the virtual device (and its supervisor) obey."""
     sim = flash_dir(data_dir, device_id) / "sim"
@@ -448,7 +477,9 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
             broker = (str(run["mqtt_host"]), int(run["mqtt_port"]))
         except ConfigError:
             broker = ("127.0.0.1", 0)
-        device = VirtualDevice(f"{prefix}-1", flash_dir(data_dir, f"{prefix}-1"), broker, heap,
+        device_id = new_board_id(data_dir, prefix)
+        hold_board(data_dir, device_id)
+        device = VirtualDevice(device_id, flash_dir(data_dir, device_id), broker, heap,
                                ReplPort(repl_pty) if repl_pty else None, sim)
         async with trio.open_nursery() as nursery:
             await nursery.start(device.run)
@@ -461,6 +492,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     with ControlClient(data_dir) as control:
         for i in range(1, count + 1):
             device_id = f"{prefix}-{i}"
+            hold_board(data_dir, device_id)
             flash = flash_dir(data_dir, device_id)
             config_path = flash / "config.json"
             password = json.loads(config_path.read_text())["password"] if config_path.exists() else None
@@ -468,10 +500,11 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
             known = {d["id"] for d in store.list_devices(db)}
             db.close()
             if password is None or device_id not in known:
-                if device_id in known:
-                    control.request("device.remove", {"id": device_id})
+                # a device registered already (`device add ID --model M`) keeps its registration, model and twin:
+                # only its credential is made anew, for this virtual board's config
                 try:
-                    password = control.request("device.add", {"id": device_id})["password"]
+                    op = "device.rotate" if device_id in known else "device.add"
+                    password = control.request(op, {"id": device_id})["password"]
                 except ControlError as exc:
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
@@ -499,11 +532,25 @@ def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str,
                                           buffer, sensor, forced)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
-            print(f"{len(devices)} virtual ESP32s running the firmware: {', '.join(d.id for d in devices)}", flush=True)
+            if blank:
+                print(f"a blank virtual ESP32, {devices[0].id}, with an empty flash: install it with `edgetrio flash "
+                      f"--port {repl_pty or 'PORT'} --device-id {devices[0].id} ...`", flush=True)
+            else:
+                print(f"{len(devices)} virtual ESP32{'s' if len(devices) != 1 else ''} running the firmware: "
+                      f"{', '.join(d.id for d in devices)}", flush=True)
             print(f"consoles: {data_dir / 'vdevs'}/<id>/console.log; Ctrl-C stops them", flush=True)
             with trio.open_signal_receiver(2, 15) as signals:
                 async for _ in signals:
                     break
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:  # a board that cannot start says why in one line, not as a group's traceback
+        refused, rest = group.split(RuntimeError)
+        if refused is None or rest is not None:
+            raise
+        first: BaseException = refused
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
