@@ -19,6 +19,7 @@ from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
 from edgetrio.identity import RegistryError, hash_password, new_secret
+from edgetrio.writer import offline_write
 
 
 def api_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
     if action == "node":
         db = store.open_db(args.data_dir or Path("edgetrio-relay").absolute())
         try:
-            with db.atomic():
+            with offline_write(db):
                 token = store.add_node(db, args.name)
         except RegistryError as exc:
             raise CliError(str(exc)) from None
@@ -193,7 +194,7 @@ def users(args: argparse.Namespace) -> None:
             if len(password) < 8:
                 raise CliError("a password needs at least 8 characters", 2)
             hashed = hash_password(password)
-            with db.atomic():
+            with offline_write(db):
                 accounts.add_user(db, args.name, args.role, hashed)
             shown = {"name": args.name, "role": args.role}
             if not args.password_stdin:
@@ -206,17 +207,17 @@ def users(args: argparse.Namespace) -> None:
             show(args, rows, [f"{'USER':<20} {'ROLE':<7} {'TOKENS':>6}  CREATED"] + [
                 f"{u['name']:<20} {u['role']:<7} {u['tokens']:>6}  {fmt_time(u['created'])}" for u in rows])
         elif args.user_action == "remove":
-            with db.atomic():
+            with offline_write(db):
                 accounts.remove_user(db, args.name)
             show(args, {"name": args.name, "removed": True}, [f"removed {args.name}: its sessions and tokens end now"])
         elif args.user_action == "token":
-            with db.atomic():
+            with offline_write(db):
                 token_id, token = accounts.add_token(db, args.name)
             show(args, {"name": args.name, "id": token_id, "token": token}, [
                 f"API token {token_id} for {args.name}\n  token: {token}",
                 "Scripts send it as `authorization: Bearer TOKEN`; `edgetrio cloud user revoke ID` ends it."])
         elif args.user_action == "revoke":
-            with db.atomic():
+            with offline_write(db):
                 accounts.revoke_token(db, args.token_id)
             show(args, {"id": args.token_id, "revoked": True}, [f"token {args.token_id} revoked"])
     except RegistryError as exc:

@@ -48,6 +48,7 @@ from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.identity import RegistryError, hash_password, integration_user, new_secret
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
+from edgetrio.writer import offline_write
 
 
 def open_store(data_dir: Path, must_exist: bool = True) -> Any:
@@ -69,7 +70,7 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
             raise CliError(str(exc)) from exc
     db = open_store(data_dir, must_exist=False)
     try:
-        with db.atomic():
+        with offline_write(db):
             return offline(db)
     except (RegistryError, VersionConflict, RuleError) as exc:
         raise CliError(str(exc)) from exc

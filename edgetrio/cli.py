@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -43,11 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (console.CliError, ConfigError) as exc:
-        code = getattr(exc, "code", console.EXIT_USAGE)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": code}), file=sys.stderr)
-        else:
-            print(f"edgetrio: error: {exc}", file=sys.stderr)
-        raise SystemExit(code) from None
+        fail(args, str(exc), getattr(exc, "code", console.EXIT_USAGE))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except sqlite3.OperationalError as exc:  # the store busy past its 30 s wait, a full disk, a read-only file
+        fail(args, f"the store could not be used ({exc}); the command did not complete; try again", 1)
+    except OSError as exc:
+        fail(args, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}), file=sys.stderr)
+    else:
+        print(f"edgetrio: error: {message}", file=sys.stderr)
+    raise SystemExit(code) from None

@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -48,6 +48,23 @@ def connect(path: Path) -> Database:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return Database(conn)
+
+
+@contextlib.contextmanager
+def offline_write(db: Database) -> Iterator[Database]:
+    """A transaction for a write from outside the running service (the CLI beside a running relay, say).
+
+    BEGIN IMMEDIATE takes the write lock first, waiting out the busy timeout: a deferred transaction that reads and
+    then writes fails at once with "database is locked" when the service committed in between (WAL cannot upgrade a
+    stale snapshot)."""
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
 
 
 class Write(Generic[T]):
