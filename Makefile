@@ -25,9 +25,12 @@ $(TYPINGS): $(STAMP)
 # Home Assistant's own discovery schemas, to check the gateway's discovery messages against (tests/ha_reference.py);
 # a venv of its own: its pinned dependencies are not the gateway's
 HA_REF := .ha/.installed
+# Its own pins come with it (package_constraints.txt in its wheel); josepy 2 lacks what its HTTP stack imports
 $(HA_REF):
 	$(PY) -m venv .ha
-	.ha/bin/pip install --quiet --no-compile homeassistant==2024.3.3 paho-mqtt==1.6.1
+	.ha/bin/pip install --quiet --no-compile --no-deps homeassistant==2024.3.3
+	.ha/bin/pip install --quiet --no-compile -c $$(.ha/bin/python -c 'import pathlib, homeassistant; print(pathlib.Path(homeassistant.__file__).parent / "package_constraints.txt")') \
+		homeassistant==2024.3.3 paho-mqtt==1.6.1 josepy==1.14.0
 	touch $(HA_REF)
 
 lint: $(STAMP) $(TYPINGS)

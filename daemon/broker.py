@@ -221,7 +221,11 @@ class DeviceTopics(BaseTopicPlugin):
         if not allowed:
             broker = _gateway(self.context)
             broker.counters[f"acl_refused_{action.value if action else 'unknown'}"] += 1
-            log.warning("topic refused device=%s action=%s topic=%s", clip(session.username), action, clip(topic))
+            # Home Assistant probes other integrations' topics (tasmota/discovery/#, dsmr/#, ...) each time it
+            # connects: refused as ever, but its normal behaviour, not a warning
+            probing = confinement is not None and action == Action.SUBSCRIBE
+            (log.debug if probing else log.warning)("topic refused device=%s action=%s topic=%s",
+                                                    clip(session.username), action, clip(topic))
         return allowed
 
 

@@ -8,8 +8,14 @@ device's own topics. The gateway publishes what it has committed, not what devic
 - `edgetrio-ha/{device}/reported/{key}`: the twin's reported state (a switch's or number's state);
 - `edgetrio-ha/{device}/availability`: `online`/`offline` from presence.
 Home Assistant sends `edgetrio-ha/{device}/set/{key}` (sets desired state) and `edgetrio-ha/{device}/press/{name}`
-(sends a command). The embedded broker keeps no retained messages (amqtt leaks them, see notes), so all of it is
-announced again whenever Home Assistant says it is online (`homeassistant/status` = `online`, its birth message).
+(sends a command).
+
+Home Assistant expects a broker to retain discovery configs and states, and subscribes whenever it is ready (seconds
+after its birth message on a slow machine). The embedded broker retains nothing (amqtt leaks retained messages across
+clients, see notes), so the gateway keeps them itself (`Retained`): configs and withdrawals persisted in the store,
+states in memory, each the latest; whenever Home Assistant's credential subscribes, what matches is delivered to it.
+Whatever starts first, and whatever was removed while the other was away, Home Assistant ends in the current state.
+Everything is also announced again on Home Assistant's birth message, as it asks.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, BusEvent
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
-from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading
+from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, topic_matches
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.registry import TYPE_ALIASES, Model
 from edgetrio.daemon.roster import Roster
@@ -39,7 +45,6 @@ from edgetrio.writer import Writer
 log = logging.getLogger("edgetrio.homeassistant")
 JOBS_WAITING = 256  # announcements, set and press requests waiting; more are dropped (logged)
 PRESSES_AT_ONCE = 8  # commands from buttons in flight together
-STATES_AFTER = 1.0  # seconds between configs and states: Home Assistant subscribes to an entity's topics after its config
 COMMAND_TIMEOUT = 10.0
 RECONCILE_EVERY = 2.0  # seconds between looks at the roster for devices added, removed or given another model
 
@@ -170,6 +175,36 @@ def _device_view(db: Database, device: str) -> dict[str, Any] | None:
             "online": bool(row["online"])}
 
 
+class Retained:
+    """The latest message of each topic Home Assistant reads, as a retaining broker would hold it.
+
+    Configs (and withdrawals: an empty config) are also persisted by the component; states, availability and reported
+    values are rebuilt from the store at start."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, bytes] = {}
+        self.device_of: dict[str, str] = {}
+
+    def put(self, device: str, messages: list[tuple[str, bytes]]) -> None:
+        for t, p in messages:
+            self.messages[t] = p
+            self.device_of[t] = device
+
+    def matching(self, topic_filter: str) -> list[tuple[str, bytes]]:
+        return [(t, p) for t, p in self.messages.items() if topic_matches(topic_filter, t)]
+
+    def configs_of(self, device: str) -> set[str]:
+        """The config topics announced (not withdrawn) for a device."""
+        return {t for t, d in self.device_of.items() if d == device and t.endswith("/config") and self.messages[t]}
+
+    def devices(self) -> set[str]:
+        return {self.device_of[t] for t in self.messages if t.endswith("/config") and self.messages[t]}
+
+    def forget_states(self, device: str) -> None:
+        for t in [t for t, d in self.device_of.items() if d == device and not t.endswith("/config")]:
+            del self.messages[t], self.device_of[t]
+
+
 class HomeAssistant(Watch):
     """Announces devices to Home Assistant and carries its switches and buttons to the twin and to commands."""
 
@@ -180,30 +215,38 @@ class HomeAssistant(Watch):
         self.changes = changes
         self.commands = commands
         self.jobs_in, self.jobs = trio.open_memory_channel[tuple[str, ...]](JOBS_WAITING)
-        self.announced: dict[str, set[str]] = {}  # device -> config topics Home Assistant was given
+        self.retained = Retained()
         self.offered: dict[str, set[str]] = {}  # device -> command topics of what was announced: all it may use
         self.seen_models: dict[str, Model | None] = {}
         self.presses = trio.CapacityLimiter(PRESSES_AT_ONCE)
+
+    def _send(self, device: str, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
+        """Publish, and hold each as the latest of its topic for a subscriber that comes later."""
+        self.retained.put(device, messages)
+        self.link.publish(messages, qos=qos)
 
     # -- what ingest tells (never blocks) --
     def committed(self, readings: list[Reading]) -> None:
         latest: dict[str, dict[str, Any]] = {}
         for r in sorted(readings, key=lambda r: (r.boot, r.seq)):  # resent old readings must not win
             latest.setdefault(r.device, {}).update(r.values)
-        self.link.publish([(topic(device, "state", key), payload(value))
-                           for device, values in latest.items() for key, value in values.items()], qos=0)
+        for device, values in latest.items():
+            self._send(device, [(topic(device, "state", key), payload(value)) for key, value in values.items()], qos=0)
 
     def presence(self, device: str, online: bool) -> None:
-        self.link.publish([(topic(device, "availability"), b"online" if online else b"offline")])
+        self._send(device, [(topic(device, "availability"), b"online" if online else b"offline")])
 
     def reported(self, device: str, twin: Twin) -> None:
-        self.link.publish([(topic(device, "reported", key), payload(value))
-                           for key, value in twin.reported.items() if value is not None])
+        self._send(device, [(topic(device, "reported", key), payload(value))
+                            for key, value in twin.reported.items() if value is not None])
 
     def meta(self, device: str) -> None:
         self._job("announce", device)
 
     def integration(self, event: BusEvent) -> None:
+        if event.kind == "subscribed":  # what a retaining broker would send now; the ACL confined the filter
+            self.link.publish(self.retained.matching(event.topic))
+            return
         if event.topic == HA_BIRTH:
             if event.payload.strip() == b"online":
                 self._job("announce_all")
@@ -220,6 +263,8 @@ class HomeAssistant(Watch):
 
     # -- the component --
     async def run(self) -> None:
+        for t, device, p in await self.writer.write(store.ha_configs):  # what Home Assistant was told before
+            self.retained.put(device, [(t, p)])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reconcile)
             async for job in self.jobs:
@@ -240,36 +285,46 @@ class HomeAssistant(Watch):
             changed = [d for d, m in models.items() if d not in self.seen_models or self.seen_models[d] != m]
             if changed:
                 await self.announce(changed)
-            for device in [d for d in self.announced if d not in models]:
-                self.link.publish([(t, b"") for t in sorted(self.announced.pop(device))])  # empty: remove the entity
+            for device in sorted(self.retained.devices() - set(models)):
+                # an empty config removes the entity; it is kept (persisted) for a Home Assistant that is away now
+                withdrawals = [(t, b"") for t in sorted(self.retained.configs_of(device))]
+                await self.writer.write(partial(store.ha_configs_set, device=device, configs=withdrawals,
+                                                now=time.time()))
+                self.retained.forget_states(device)
+                self._send(device, withdrawals)
                 self.offered.pop(device, None)
                 self.seen_models.pop(device, None)
                 log.info("home assistant: withdrew %s", device)
             await trio.sleep(RECONCILE_EVERY)
 
     async def announce(self, devices: list[str]) -> None:
-        """Send the devices' configs, then (once Home Assistant has had time to subscribe) their current states."""
-        states: list[tuple[str, bytes]] = []
+        """Send the devices' configs and their current states (a subscriber that comes later gets both then)."""
+        announced = 0
         for device in devices:
             self.seen_models[device] = self.roster.models.get(device)
-            view = await self.writer.write(partial(_device_view, device=device))
+            view = await self.writer.read(partial(_device_view, device=device))
             if view is None:
                 continue
             configs = discovery(device, view["model"], view["meta"])
-            topics = {t for t, _ in configs}
-            stale = self.announced.get(device, set()) - topics
-            self.link.publish([(t, b"") for t in sorted(stale)] +
-                              [(t, json.dumps(body).encode()) for t, body in configs])
-            self.announced[device] = topics
+            messages = [(t, b"") for t in sorted(self.retained.configs_of(device) - {t for t, _ in configs})]
+            messages += [(t, json.dumps(body).encode()) for t, body in configs]
+            if [(t, self.retained.messages.get(t)) for t, _ in messages] != messages:  # persisted only when changed
+                await self.writer.write(partial(store.ha_configs_set, device=device, configs=messages, now=time.time()))
             self.offered[device] = {body["command_topic"] for _, body in configs if "command_topic" in body}
-            online = self.roster.online(device)
-            states.append((topic(device, "availability"), b"online" if online else b"offline"))
-            states += [(topic(device, "state", k), payload(v)) for k, v in view["values"].items()]
-            states += [(topic(device, "reported", k), payload(v)) for k, v in view["reported"].items() if v is not None]
-        if states:
-            log.info("home assistant: announced %d device(s)", len(devices))
-            await trio.sleep(STATES_AFTER)
-            self.link.publish(states)
+            # states: what is held already is newer than the store's view (ingest updates it as it commits);
+            # availability is read now, never from before a wait, so the latest presence always wins
+            states = [(t, p) for t, p in
+                      [(topic(device, "state", k), payload(v)) for k, v in view["values"].items()] +
+                      [(topic(device, "reported", k), payload(v)) for k, v in view["reported"].items() if v is not None]
+                      if t not in self.retained.messages]
+            self.retained.put(device, states)
+            self._send(device, messages)
+            self._send(device, [(topic(device, "availability"), b"online" if self.roster.online(device) else b"offline"),
+                                *[(t, self.retained.messages[t]) for t in self.retained.messages
+                                  if self.retained.device_of[t] == device and not t.endswith(("/config", "/availability"))]])
+            announced += 1
+        if announced:
+            log.info("home assistant: announced %d device(s)", announced)
 
     async def _set(self, device: str, key: str, text: str) -> None:
         """A switch or number changed in Home Assistant: the desired state follows (the board then reports it)."""

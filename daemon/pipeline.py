@@ -293,6 +293,9 @@ class Ingest:
                 self._write(partial(store.get_twin, device_id=event.client_id),
                             partial(self._publish_desired, event.client_id))
             return
+        if event.kind == "subscribed" and event.username is not None and event.username.startswith(INTEGRATION_PREFIX):
+            self.watch.integration(event)  # Home Assistant subscribed: it gets what a retaining broker would send
+            return
         if event.kind != "message":
             return
         if event.topic == CONTROL_REQUEST and event.username == ADMIN_USER:

@@ -124,7 +124,11 @@ def _create_schema(db: Database) -> None:
         db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
-        db.table("rejects").create_index(["device", "received"], if_not_exists=True)  # refusing(): per device, recent
+        db.table("rejects").create_index(["device", "received"], if_not_exists=True)
+        # Home Assistant's discovery configs as a broker would retain them; an empty payload is a withdrawal kept
+        # until Home Assistant has seen it (a device removed while it was away)
+        db.table("ha_configs").create({"topic": str, "device": str, "payload": str, "ts": float}, pk="topic",
+                                      if_not_exists=True)  # refusing(): per device, recent
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
@@ -223,6 +227,16 @@ def refusing(db: Database, device_id: str, since: float) -> dict[str, Any] | Non
     last_stored = last_received(db, device_id)
     return {"count": int(row[0]), "last": float(row[1]), "reason": reason, "detail": detail,
             "readings_refused": reason == "invalid_value" and (last_stored is None or last_stored < float(row[1]))}
+
+
+def ha_configs(db: Database) -> list[tuple[str, str, bytes]]:
+    """Every discovery config the gateway holds for Home Assistant: (topic, device, payload; empty: withdrawn)."""
+    return [(t, d, p.encode()) for t, d, p in db.execute("SELECT topic, device, payload FROM ha_configs")]
+
+
+def ha_configs_set(db: Database, device: str, configs: list[tuple[str, bytes]], now: float) -> None:
+    db.conn.executemany("INSERT OR REPLACE INTO ha_configs (topic, device, payload, ts) VALUES (?, ?, ?, ?)",
+                        [(t, device, p.decode(), now) for t, p in configs])
 
 
 def device_secrets(db: Database) -> dict[str, str]:

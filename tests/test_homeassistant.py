@@ -193,3 +193,60 @@ def test_the_integration_credential_is_confined_to_its_own_topics(gateway: tuple
     wait_until(lambda: ha.closed.is_set(), timeout=10)
     assert not Probe(daemon, HA_USER, secret, "ha-old").accepted()
     assert Probe(daemon, HA_USER, renewed, "ha-new").accepted()
+
+
+def test_home_assistant_subscribing_late_still_gets_every_entity_and_the_latest_states(
+        gateway: tuple[Daemon, str]) -> None:
+    """Home Assistant 2024.3 sent its birth 12 s before it subscribed to discovery (still loading its platforms):
+    what the gateway announced into that gap must reach it when it subscribes, as a retaining broker's would."""
+    daemon, _ = gateway
+    secret = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]  # its own
+    ha = Probe(daemon, HA_USER, secret, "ha-late")
+    assert ha.accepted()
+    marker = daemon.log_text().count("home assistant: announced")
+    ha.publish("homeassistant/status", "online")  # the birth, with nothing subscribed yet
+    wait_until(lambda: daemon.log_text().count("home assistant: announced") > marker, timeout=20)
+    assert ha.subscribe("homeassistant/+/+/config") and ha.subscribe("homeassistant/+/+/+/config")  # as HA does
+    node = "edgetrio_greenhouse-1"
+    temperature = f"homeassistant/sensor/{node}/temperature/config"
+    configs = configs_in(ha.until(temperature, timeout=10) + ha.drain(1.0))
+    assert {t.split("/")[1] + "/" + t.split("/")[3] for t in configs if f"/{node}/" in t} >= {
+        "sensor/temperature", "switch/led", "number/period", "button/reboot"}
+    # then, as Home Assistant does, each entity's own topics: their current values come on subscribe
+    led = configs[f"homeassistant/switch/{node}/led/config"]
+    assert ha.subscribe(led["availability_topic"]) and ha.subscribe(led["state_topic"])
+    got = dict(ha.until(led["state_topic"], timeout=10) + ha.drain(0.5))
+    assert got[led["availability_topic"]] == b"online"
+    reported = json.loads(daemon.cli("twin", "get", BOARD, "--json").stdout)["reported"]["state"]["led"]
+    assert got[led["state_topic"]] == json.dumps(reported).encode()
+    ha.close()
+
+
+def test_a_device_removed_while_home_assistant_is_away_is_withdrawn_when_it_returns(tmp_path: Path) -> None:
+    """The set of what Home Assistant was told outlives both sides: removed while Home Assistant was stopped, and the
+    gateway restarted since, the device's entities are still withdrawn when Home Assistant subscribes again."""
+    daemon = Daemon(tmp_path / "gw", extra=("--ha",))
+    daemon.data_dir.mkdir()
+    daemon.start()
+    try:
+        secret = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]
+        model = tmp_path / "fanbox.toml"
+        model.write_text('name = "fanbox"\n[[resources]]\nname = "fan"\ntype = "bool"\naccess = "rw"\n')
+        daemon.cli("model", "add", str(model))
+        daemon.add_device("fanbox-9", "--model", "fanbox")
+        fan_topic = "homeassistant/switch/edgetrio_fanbox-9/fan/config"
+        ha = Probe(daemon, HA_USER, secret, "ha-away")
+        assert ha.accepted() and ha.subscribe("homeassistant/+/+/+/config")
+        assert json.loads(ha.until(fan_topic, timeout=20)[-1][1])["command_topic"] == "edgetrio-ha/fanbox-9/set/fan"
+        ha.close()  # Home Assistant stops
+        daemon.cli("device", "remove", "fanbox-9")
+        wait_until(lambda: "home assistant: withdrew fanbox-9" in daemon.log_text(), timeout=20)
+        daemon.stop()
+        daemon.start()
+        back = Probe(daemon, HA_USER, secret, "ha-back")
+        assert back.accepted() and back.subscribe("homeassistant/+/+/+/config")
+        assert back.until(fan_topic, timeout=20)[-1][1] == b""  # an empty config: Home Assistant removes the entity
+        back.close()
+        assert "WARNING" not in "\n".join(line for line in daemon.log_text().splitlines() if "topic refused" in line)
+    finally:
+        daemon.stop()
