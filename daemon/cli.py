@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -569,6 +570,10 @@ def cmd_status(args: argparse.Namespace) -> None:
             status["mqtt"] = read_run_file(args.data_dir)
         except (ControlError, ConfigError) as exc:
             status["daemon_error"] = str(exc)
+    # all time = what the store holds + what the running daemon counted since it last wrote its counters
+    all_time = Counter(status["counters"])
+    all_time.update(status.get("daemon", {}).get("counters_unflushed", {}))
+    status["counters"] = dict(sorted(all_time.items()))
 
     def human() -> None:
         print(f"data dir:  {status['data_dir']}")

@@ -59,7 +59,7 @@ class Counters:
         self.link = link
         self.writer = writer
         self.hub = hub
-        self._flushed: Counter[str] = Counter()
+        self.flushed: Counter[str] = Counter()
 
     def live(self) -> Counter[str]:
         out = Counter(self.ingest.counts)
@@ -73,14 +73,14 @@ class Counters:
     async def flush(self) -> None:
         """Add what was counted since the last flush to the persistent counters."""
         current = self.live()
-        delta = current - self._flushed
+        delta = current - self.flushed
         if delta:
             try:
                 await self.writer.write(partial(store.add_counters, counts=delta))
             except Exception as exc:  # the store cannot write: the delta waits for the next flush
                 log.debug("counters not flushed: %s", exc)
                 return
-            self._flushed = current
+            self.flushed = current
 
     async def flush_every(self, seconds: float) -> None:
         while True:
@@ -152,6 +152,7 @@ def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, count
         "uptime": round(time.time() - started, 1),
         "devices_connected": roster.connected(),
         "counters": dict(counters.live()),
+        "counters_unflushed": dict(counters.live() - counters.flushed),  # not in the store's all-time counters yet
         "writer": {"batches": writer.batches, "operations": writer.ops},
         "store": {"ok": writer.failure is None, "error": writer.failure, "failing_since": writer.failing_since,
                   "readings_held": ingest.uncommitted},

@@ -124,11 +124,11 @@ def _create_schema(db: Database) -> None:
         db.table("notifications").create_index(["sent", "next_try"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)
         db.table("events").create_index(["device", "ts"], if_not_exists=True)
-        db.table("rejects").create_index(["device", "received"], if_not_exists=True)
+        db.table("rejects").create_index(["device", "received"], if_not_exists=True)  # refusing(): per device, recent
         # Home Assistant's discovery configs as a broker would retain them; an empty payload is a withdrawal kept
         # until Home Assistant has seen it (a device removed while it was away)
         db.table("ha_configs").create({"topic": str, "device": str, "payload": str, "ts": float}, pk="topic",
-                                      if_not_exists=True)  # refusing(): per device, recent
+                                      if_not_exists=True)
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
@@ -345,6 +345,9 @@ def commit_readings(
         "INSERT OR IGNORE INTO readings (device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?)",
         [(r.device, r.boot, r.seq, r.ts, now, json.dumps(r.values)) for r in readings],
     )
+    # a reading is a sign of life: last seen follows it (presence alone stamps only connects and disconnects)
+    db.conn.executemany("UPDATE devices SET last_seen = ? WHERE id = ? AND (last_seen IS NULL OR last_seen < ?)",
+                        [(now, device, now) for device in {r.device for r in readings}])
     for reading, reason in rejects:
         db.table("rejects").insert({"received": now, "device": reading.device, "boot": reading.boot, "seq": reading.seq,
                               "reason": "invalid_value", "detail": reason, "payload": json.dumps(reading.values)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -212,15 +213,23 @@ def test_device_list_shows_last_seen_from_readings_the_count_and_the_announced_m
                                                                                      device: object) -> None:
     device_id, _, probe = device()  # type: ignore[operator]
     probe.publish(f"edgetrio/{device_id}/meta", json.dumps({"model": "esp32-sensor", "firmware": "0.1.0"}))
-    connected = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
-    time.sleep(1.5)
+    connected = wait_until(lambda: (d := {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+                                    [device_id])["last_seen"] and d)
+    time.sleep(1.5)  # so that a reading's time is distinguishable from the connect's
     for seq in (1, 2, 3):
         probe.publish(f"edgetrio/{device_id}/telemetry", json.dumps({"boot": 1, "seq": seq, "values": {"v": seq}}))
     while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 3:
         pass
     listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
     assert listed["readings"] == 3
-    assert listed["last_seen"] >= (connected["last_seen"] or 0) + 1  # the readings moved it on
+    assert listed["last_seen"] >= connected["last_seen"] + 1  # the readings moved it on
+    # ... in the store too, which the dashboard reads (it once said "5 min ago" for a board reporting every 10 s)
+    with sqlite3.connect(f"file:{daemon.data_dir / 'edgetrio.db'}?mode=ro", uri=True) as db:
+        stored = db.execute("SELECT last_seen FROM devices WHERE id = ?", [device_id]).fetchone()[0]
+    assert stored >= connected["last_seen"] + 1
+    # all time includes this run, also before the daemon writes its counters (it once said 32 against 37)
+    status = daemon.status()
+    assert status["counters"]["readings_received"] >= status["daemon"]["counters"]["readings_received"] >= 3
     assert listed["announced_model"] == "esp32-sensor" and listed["model"] is None
     assert "esp32-sensor*" in daemon.cli("device", "list").stdout
 
