@@ -11,8 +11,11 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from edgetrio import wire
 from edgetrio.daemon import store
 from edgetrio.daemon.ingest import Reading
+from edgetrio.daemon.registry import check_desired, settings_of
+from edgetrio.identity import RegistryError
 from edgetrio.twin import Twin, set_desired, set_reported
 
 # (db, resource, body): record a change for the cloud, inside the transaction that makes it
@@ -56,6 +59,14 @@ class Changes:
         return twin
 
     def desired(self, db: Database, device: str, patch: dict[str, Any], version: int | None) -> Twin:
+        """Change the desired state; a value the device cannot take (a setting it lacks, a wrong type, out of its
+        range: from its model and the controls it announced) is refused with the reason (RegistryError)."""
+        row = store.get_device(db, device)
+        meta = wire.loads(row["meta"]) if row is not None and row["meta"] else {}
+        reason = check_desired(settings_of(store.device_model(db, device), meta if isinstance(meta, dict) else {}),
+                               patch)
+        if reason:
+            raise RegistryError(f"{device}: desired {reason}")
         twin = set_desired(store.get_twin(db, device), patch, version)
         store.save_twin(db, device, twin)
         self.mirror(db, "twin", {"device": device, "twin": twin.as_json()})

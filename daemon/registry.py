@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -165,3 +166,31 @@ def load_model_file(path: Path) -> Model:
     except ValueError as exc:
         raise RegistryError(f"model file {path} is not valid {path.suffix.lstrip('.') or 'json'}: {exc}") from exc
     return Model.from_dict(body)
+
+
+def settings_of(model: Model | None, meta: dict[str, Any]) -> dict[str, Resource]:
+    """What can be set on a device: its model's rw resources, and the controls its board announced in meta."""
+    settings = {r.name: r for r in model.resources.values() if r.access == "rw"} if model is not None else {}
+    controls = [dict(c, access="rw") for c in meta.get("controls") or []
+                if isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] not in settings]
+    if controls:  # a board that describes its controls badly: it judges its own desired state
+        with contextlib.suppress(RegistryError):
+            settings.update(Model.from_dict({"resources": controls}, name="controls").resources)
+    return settings
+
+
+def check_desired(settings: dict[str, Resource], patch: dict[str, Any]) -> str | None:
+    """None if every desired value is a setting the device has and fits it (null removes a key), else why not.
+    A device that has told nothing of its settings yet is not judged here: the board judges."""
+    if not settings:
+        return None
+    for key, value in patch.items():
+        if value is None:
+            continue
+        setting = settings.get(key)
+        if setting is None:
+            return f"{key}: not a setting of this device (it has {', '.join(sorted(settings))})"
+        reason = setting.check(value)
+        if reason:
+            return reason
+    return None

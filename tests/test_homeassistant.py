@@ -250,3 +250,26 @@ def test_a_device_removed_while_home_assistant_is_away_is_withdrawn_when_it_retu
         assert "WARNING" not in "\n".join(line for line in daemon.log_text().splitlines() if "topic refused" in line)
     finally:
         daemon.stop()
+
+
+def test_desired_values_are_checked_against_the_settings_the_board_announced(gateway: tuple[Daemon, str]) -> None:
+    """The board announces its controls (type, range) in meta; a desired value it would refuse is refused at once,
+    with the reason, from the CLI and from Home Assistant alike, instead of a delta that never clears."""
+    daemon, _ = gateway
+    before = json.loads(daemon.cli("twin", "get", BOARD, "--json").stdout)["desired"]
+    for assignment, reason in (("period=abc", "period: expected float"), ("colour=red", "colour: not a setting"),
+                               ("period=-5", "period: -5 below minimum 0.1"), ("led=3", "led: expected bool")):
+        refused = daemon.cli("twin", "set", BOARD, assignment, check=False)
+        assert refused.returncode == 1 and reason in refused.stderr, (assignment, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    secret = json.loads(daemon.cli("integration", "add", "homeassistant", "--json").stdout)["password"]
+    ha = Probe(daemon, HA_USER, secret, "ha-values")
+    assert ha.accepted()
+    ha.publish("homeassistant/status", "online")  # announced again: the set topics are offered to this client
+    wait_until(lambda: "home assistant: announced" in daemon.log_text())
+    for key, value in (("period", "-5"), ("led", "not-a-bool"), ("threshold", "1e999")):
+        ha.publish(f"edgetrio-ha/{BOARD}/set/{key}", value)
+    wait_until(lambda: daemon.log_text().count(f"home assistant: set {BOARD}.") >= 3, timeout=20)
+    assert json.loads(daemon.cli("twin", "get", BOARD, "--json").stdout)["desired"] == before
+    assert daemon.cli("twin", "set", BOARD, "period=0.5").returncode == 0  # a value it takes is taken
+    ha.close()
