@@ -146,6 +146,13 @@ def list_alerts(db: Database, everything: bool = False, limit: int = 500) -> lis
     return [_alert_json(r) for r in db.query(f"SELECT * FROM alerts {where} ORDER BY id DESC LIMIT ?", [limit])]
 
 
+def mirror_open_alerts(db: Database, mirror: Any) -> None:
+    """Mirror the alerts still open (or not acknowledged): the link's first sync, for alerts raised before it existed
+    (the relay takes an alert by id, so sending one again at every start is harmless)."""
+    for alert in list_alerts(db):
+        mirror(db, "alert", alert)
+
+
 def ack_alert(db: Database, alert_id: int, who: str, now: float, mirror: Any = None) -> dict[str, Any]:
     row = next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id])), None)
     if row is None:

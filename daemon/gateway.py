@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import Automation, forget_pending
+from edgetrio.daemon.automation import Automation, forget_pending, mirror_open_alerts
 from edgetrio.daemon.broker import BrokerLink, Credentials, open_broker
 from edgetrio.daemon.changes import Changes, no_mirror
 from edgetrio.daemon.commands import Commands
@@ -277,6 +277,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                 serve_web(site, cfg.http_host, cfg.http_port) as dashboard:
                             if hub is not None:
                                 await writer.write(changes.snapshot)
+                                await writer.write(partial(mirror_open_alerts, mirror=changes.mirror))
                                 services.start_soon(supervisor.keep, "edge link", hub.run)
                                 services.start_soon(health.watch_outbox)
                             supervisor.add("control", vital=False, state="running")

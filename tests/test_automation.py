@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, free_port, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, Receiver, Relay, free_port, wait_until
 
 
 @pytest.fixture
@@ -341,3 +341,30 @@ def test_a_relay_set_up_anew_still_sends_rule_sets_the_edge_takes_as_newer(tmp_p
         db.conn.commit()
         time.sleep(0.01)
     assert versions == sorted(set(versions))  # each newer than the one before, across the reinstall
+
+
+def test_an_alert_raised_before_the_cloud_link_existed_reaches_the_relay(tmp_path: Path) -> None:
+    gw = Daemon(tmp_path / "gw")
+    gw.data_dir.mkdir()
+    gw.start()
+    relay = None
+    try:
+        password = gw.add_device("hot-1")
+        probe = Probe(gw, "hot-1", password, "hot-1")
+        assert probe.accepted() and probe.subscribe("edgetrio/hot-1/ack")
+        gw.cli("rule", "add", str(rule_file(tmp_path / "hot.toml", '[[rule]]\nname = "hot"\ndevices = ["hot-1"]\n'
+                                                                   'when = "temperature > 30"\n')))
+        probe.publish("edgetrio/hot-1/telemetry", reading(1, temperature=35.0))
+        wait_until(lambda: [(a["rule"], a["state"]) for a in alerts(gw)] == [("hot", "firing")], timeout=30)
+        probe.close()
+        gw.stop()
+        relay = Relay(tmp_path / "relay").start()
+        token = relay.add_node("gw1")
+        gw.extra = ("--cloud", relay.url, "--node-id", "gw1", "--token", token)
+        gw.start()  # linked for the first time: its first sync carries the alert that is still open
+        in_cloud = wait_until(lambda: relay.json("alerts"), timeout=30)
+        assert [(a["node"], a["rule"], a["device"], a["state"]) for a in in_cloud] == [("gw1", "hot", "hot-1", "firing")]
+    finally:
+        gw.stop()
+        if relay is not None:
+            relay.stop()
