@@ -229,12 +229,14 @@ def fleet_rules(args: argparse.Namespace) -> None:
     if args.rules_action == "show":
         found = call(args, "GET", f"/api/nodes/{args.node}/rules")
         doc = found["doc"]
-        state = ("applied" if found["applied"] == found["version"] else
+        problems = (found["result"] or {}).get("problems") or {}
+        state = ("applied" + (" in part" if problems else "") if found["applied"] == found["version"] else
                  f"not applied: {found['result']['error']}" if found["result"] and not found["result"].get("ok") else
                  "waiting for the node")
         show(args, found, [f"{args.node}: rule set version {found['version']} ({state}): "
                            f"{len(doc['rule'])} rules, {len(doc['schedule'])} schedules"]
-             + [f"  rule {r['name']}: {r.get('when')}" for r in doc["rule"]]
+             + [f"  rule {r['name']}: {r.get('when')}" + (f"\n    ! {problems[r['name']]}" if r["name"] in problems else "")
+                for r in doc["rule"]]
              + [f"  schedule {s['name']}: {s.get('cron') or 'every ' + str(s.get('every'))}" for s in doc["schedule"]])
         return
     if len(args.targets) != (1 if args.all else 2):

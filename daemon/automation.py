@@ -280,8 +280,8 @@ def dry_run(doc: dict[str, Any], models: dict[str, Model | None], device: str, v
     rules, _ = parse_document(doc)
     model = models.get(device)
     out = []
-    for rule in rules:
-        check_rule(rule, models)
+    for parsed in rules:
+        rule = check_rule(parsed, models)
         if not rule.watches(device, model.name if model else None):
             continue
         window = Window(readings=1)
@@ -372,9 +372,9 @@ class Automation(Watch):
         self.engine.models_changed()
 
     # run
-    async def reload(self) -> list[str]:
+    async def reload(self) -> dict[str, str]:
         """Load the stored rules and schedules; a rule that does not fit the devices' models is left out (logged, and
-        noted in its history). Returns the names left out."""
+        noted in its history), one that fits some of them applied to those. Returns each such rule's problem."""
         rows = await self.writer.write(load_automations)
         rules, schedules, left_out = [], {}, []
         problems: dict[str, str] = {}
@@ -383,10 +383,13 @@ class Automation(Watch):
             body = json.loads(row["body"])
             try:
                 if row["kind"] == "rule":
-                    rule = parse_rule(body)
-                    check_rule(rule, models)
+                    rule = check_rule(parse_rule(body), models)
                     check_exports(rule, self.sinks)
                     rules.append(rule)
+                    if rule.skipped:  # applied to the devices it can judge; which it skips, and why, is said
+                        skips = "; ".join(f"devices of model {name!r} skipped ({why})" for name, why in rule.skipped)
+                        log.warning("%s applied in part: %s", row["name"], skips)
+                        problems[row["name"]] = f"applied in part: {skips}"
                 else:
                     schedules[row["name"]] = parse_schedule(body)
             except RuleError as exc:
@@ -402,7 +405,7 @@ class Automation(Watch):
         self.schedules = schedules
         self._reschedule.set()
         log.info("automation: %d rules, %d schedules loaded", len(rules), len(schedules))
-        return left_out
+        return {name: problem if name not in left_out else f"left out: {problem}" for name, problem in problems.items()}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Record transitions, run actions and schedules, send notifications (the rules are loaded by `reload`)."""

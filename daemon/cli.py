@@ -442,7 +442,12 @@ def cmd_rule_add(args: argparse.Namespace) -> None:
     doc = rule_document(args.file)
     result = via_daemon_or_store(args.data_dir, "rule.add", {"doc": doc}, lambda db: {
         "added": auto.add_automations(db, doc, store.device_models(db))})
-    emit(args, result, lambda: print(f"added {', '.join(result['added'])}"))
+    def human() -> None:
+        print(f"added {', '.join(result['added'])}")
+        for name, problem in (result.get("problems") or {}).items():
+            print(f"  ! {name}: {problem}")
+
+    emit(args, result, human)
 
 
 def cmd_rule_remove(args: argparse.Namespace) -> None:
@@ -462,7 +467,8 @@ def cmd_rule_list(args: argparse.Namespace) -> None:
             devices = ", ".join(r["devices"])
             print(f"{r['name']:<24} {r['kind']:<8} {r['source']:<6} {devices:<24} {r['when']}")
             if r["problem"]:
-                print(f"    left out by the daemon: {r['problem']}")
+                partly = r["problem"].startswith("applied in part")
+                print(f"    ! {r['problem'] if partly else 'left out by the daemon: ' + r['problem']}")
         if not rows:
             print("no rules or schedules (add some with `edgetrio rule add FILE`)")
 

@@ -224,9 +224,8 @@ class ControlServer:
             names = await self.writer.write(partial(
                 auto.add_automations, doc=args["doc"], models=dict(self.roster.models),
                 sinks=self.automation.sinks if self.automation is not None else None))
-            if self.automation is not None:
-                await self.automation.reload()
-            return {"added": names}
+            problems = await self.automation.reload() if self.automation is not None else {}
+            return {"added": names, "problems": {n: p for n, p in problems.items() if n in names}}
         if op == "rule.remove":
             await self.writer.write(partial(auto.remove_automation, name=str(args["name"])))
             if self.automation is not None:

@@ -297,7 +297,8 @@ class Down:
         elif resource == "cmd":
             self._commands_running.start_soon(self._command, body)
         elif resource == "rules" and result.get("applied") and self.rules_changed is not None:
-            await self.rules_changed()
+            # what the edge made of the set goes back with the confirmation: rules left out or applied in part
+            result = {**result, "problems": await self.rules_changed()}
         return result
 
     def _apply(self, db: Database, resource: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import tomllib
 import zoneinfo
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -369,6 +369,8 @@ class Rule:
     actions: tuple[Action, ...]
     on_clear: tuple[Action, ...]
     body: dict[str, Any]  # as written, for listing and for the cloud
+    # models whose devices this rule cannot judge (model name, why), set by `check_rule`: their devices are skipped
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def windowed(self) -> bool:
@@ -376,6 +378,8 @@ class Rule:
 
     def watches(self, device: str, model: str | None) -> bool:
         if self.model is not None and model != self.model:
+            return False
+        if self.skipped and any(model == name for name, _ in self.skipped):
             return False
         if not self.devices:
             return self.model is not None
@@ -422,9 +426,11 @@ def parse_rule(body: Any) -> Rule:
     return rule
 
 
-def check_rule(rule: Rule, models: Mapping[str, Model | None]) -> None:
+def check_rule(rule: Rule, models: Mapping[str, Model | None]) -> Rule:
     """Check the rule's conditions against the models of what it watches (device id -> model of the registered
-    devices, plus the models by name); raises RuleError naming the unknown resource or the type mismatch."""
+    devices, plus the models by name). Returns the rule as it can run: a rule over many devices (patterns, '*') skips
+    the devices of a model it cannot judge (a resource that model lacks, a type mismatch: see `skipped`); a rule that
+    fits none of them, or a rule for one model that does not fit it, raises RuleError naming the problem."""
     checked: dict[str, Model] = {}
     if rule.model is not None:
         by_name = {m.name: m for m in models.values() if m is not None}
@@ -434,10 +440,20 @@ def check_rule(rule: Rule, models: Mapping[str, Model | None]) -> None:
     for device, model in models.items():
         if model is not None and rule.watches(device, model.name):
             checked.setdefault(model.name, model)
+    skipped: dict[str, str] = {}
     for model in checked.values():
-        compile_condition(rule.name, "when", rule.when, model, rule.windowed)
-        if rule.clear is not None:
-            compile_condition(rule.name, "clear", rule.clear, model, rule.windowed)
+        try:
+            compile_condition(rule.name, "when", rule.when, model, rule.windowed)
+            if rule.clear is not None:
+                compile_condition(rule.name, "clear", rule.clear, model, rule.windowed)
+        except RuleError as exc:
+            if rule.model is not None:
+                raise
+            skipped[model.name] = str(exc)
+    unmodelled = any(model is None and rule.watches(device, None) for device, model in models.items())
+    if skipped and len(skipped) == len(checked) and not unmodelled:
+        raise RuleError(next(iter(skipped.values())))
+    return replace(rule, skipped=tuple(sorted(skipped.items())))
 
 
 @dataclass(frozen=True)
