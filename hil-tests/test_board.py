@@ -204,3 +204,15 @@ def test_a_long_session_then_a_short_gateway_restart_is_not_a_reboot(board: Boar
     seen = len(board.readings())
     wait_until(lambda: len(board.readings()) > seen + 3, timeout=60)
     assert board.state()["boot"] == boot + 1  # no reset
+
+
+def test_a_board_left_in_the_repl_by_mpremote_comes_back_by_its_watchdog(board: Board) -> None:
+    # `mpremote ls` interrupts the firmware and leaves the board in the REPL; its watchdog brings it back.
+    board.flash(watchdog=4)  # a short watchdog, so the test need not wait the default minute
+    boot = board.state()["boot"]
+    wait_until(lambda: len([r for r in board.readings() if r["boot"] == boot]) >= 2)
+    assert "config.json" in board.mpremote("ls")
+    wait_until(lambda: board.state()["boot"] == boot + 1, timeout=60)
+    meta = wait_until(lambda: (m := board.device().get("meta") or {}).get("boot") == boot + 1 and m, timeout=60)
+    assert meta["reset_cause"] == "watchdog"
+    wait_until(lambda: len([r for r in board.readings() if r["boot"] == boot + 1]) >= 2)  # reporting again
