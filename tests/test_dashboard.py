@@ -165,6 +165,13 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     # a command button and its result
     find(browser, 'button.cmd[data-name="ping"]').click()
     wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
+    # a command with arguments, and one that restarts the board asks first (dismissed: nothing is sent)
+    find(browser, "#cmd-args").send_keys("times=1")
+    find(browser, 'button.cmd[data-name="blink"]').click()
+    wait(browser, lambda d: find(d, "#cmd-result").text == 'blink: "blinked"', timeout=40)
+    find(browser, 'button.cmd[data-name="reboot"]').click()
+    wait(browser, lambda d: d.switch_to.alert).dismiss()
+    assert find(browser, "#cmd-result").text == 'blink: "blinked"'
     # the board's log lines (its status among them) came up the link with everything else
     assert "status online" in find(browser, "#log-lines").text
     if SHOTS:
@@ -192,6 +199,27 @@ def test_a_viewer_sees_but_cannot_change_anything(stack: tuple[Relay, Daemon], b
             method: 'PATCH', headers: {'content-type': 'application/json', 'x-csrf-token': me.csrf},
             body: JSON.stringify({desired: {led: false}})})).then(r => done(r.status));""")
     assert status == 403
+
+
+@pytest.mark.parametrize("width", [390, 1400], ids=["phone", "desktop"])
+def test_every_range_is_held_to_its_span_and_the_page_fits_the_screen(stack: tuple[Relay, Daemon], browser: Any,
+                                                                      width: int) -> None:
+    relay, _ = stack
+    browser.set_window_size(width, 900)
+    log_in(browser, relay, "adam", "admin-password-1")
+    wait(browser, lambda d: found(d, "#nodes"))
+    fits = "return document.documentElement.scrollWidth <= window.innerWidth + 1"
+    assert browser.execute_script(fits), "the fleet page is wider than the screen"
+    for name, span in (("1h", 3600), ("24h", 86400), ("7d", 604800)):
+        browser.get(f"{relay.api_url}/#/device/gw1/{BOARD}?range={name}")
+        browser.refresh()
+        wait(browser, lambda d: points(d, "temperature") > 0)
+        low, high = browser.execute_script(
+            "const s = window.edgetrio.charts.temperature.scales.x; return [s.min, s.max];")
+        now = time.time()
+        assert abs(high - now) < 120 and abs((high - low) - span) < span * 0.02, (name, low, high, now)
+        assert browser.execute_script(fits), f"the device page at {name} is wider than the screen"
+
 
 
 def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[Relay, Daemon], browser: Any) -> None:
@@ -257,3 +285,4 @@ def test_a_gateway_event_stream_outlives_the_request_timeout(stack: tuple[Relay,
             assert chunk, f"the stream was closed after {18 - (deadline - time.monotonic()):.1f} s: {received!r}"
             received += chunk
     assert received.startswith(b"HTTP/1.1 200 OK") and b"retry: 2000" in received and b": idle" in received
+

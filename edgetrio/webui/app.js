@@ -80,14 +80,14 @@ async function fleet() {
        `${nodes.filter((n) => n.online).length} linked`, " · ", el("strong", {}, `${devices.length} devices`),
        `${online} online`, " · ", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
     el("h2", {}, "Nodes"),
-    el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "refused", "rejected", "dropped",
+    el("div", { class: "scroll" }, el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "refused", "rejected", "dropped",
                                                "outbox", "last seen"].map((h) => el("th", {}, h))),
        nodes.map((n) => { const c = n.counters || {}; return el("tr", { "data-node": n.name },
          el("td", {}, el("a", { href: `#/node/${encodeURIComponent(n.name)}` }, n.name)),
          el("td", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
          el("td", {}, n.devices), el("td", {}, n.queued),
          ["refused", "rejected", "dropped", "outbox_rows"].map((k) => el("td", { class: `count-${k}` }, c[k] ?? "-")),
-         el("td", {}, ago(n.last_seen))); })),
+         el("td", {}, ago(n.last_seen))); }))),
     el("h2", {}, "Devices"), deviceTable(devices));
   follow({ kinds: "node,device,alert" }, () => route());
 }
@@ -95,7 +95,7 @@ async function fleet() {
 // open alerts (and resolved ones not yet acknowledged), newest first
 function alertTable(alerts) {
   if (!alerts.length) return el("p", { id: "alerts", class: "quiet" }, "No open alerts.");
-  return el("table", { id: "alerts" },
+  return el("div", { class: "scroll" }, el("table", { id: "alerts" },
     el("tr", {}, ["state", "severity", "rule", "node", "device", "since", "values", ""].map((h) => el("th", {}, h))),
     alerts.map((a) => el("tr", { class: `alert-${a.state} severity-${a.severity}`, "data-alert": `${a.node}/${a.id}` },
       el("td", {}, a.state), el("td", {}, a.severity), el("td", {}, a.rule), el("td", {}, a.node),
@@ -103,17 +103,17 @@ function alertTable(alerts) {
       el("td", {}, ago(a.fired || a.started)),
       el("td", {}, Object.entries(a.values || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")),
       el("td", {}, a.acked ? `acked by ${a.acked_by}` : isAdmin() ? el("button", { class: "ack", onclick: async () => {
-        await api("POST", `/api/nodes/${encodeURIComponent(a.node)}/alerts/${a.id}/ack`); route(); } }, "ack") : ""))));
+        await api("POST", `/api/nodes/${encodeURIComponent(a.node)}/alerts/${a.id}/ack`); route(); } }, "ack") : "")))));
 }
 
 function deviceTable(devices) {
-  return el("table", { id: "devices" },
+  return el("div", { class: "scroll" }, el("table", { id: "devices" },
     el("tr", {}, ["node", "device", "state", "model", "last seen"].map((h) => el("th", {}, h))),
     devices.map((d) => el("tr", {},
       el("td", {}, d.node),
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(d.node)}/${encodeURIComponent(d.id)}` }, d.id)),
       el("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
-      el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen)))));
+      el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen))))));
 }
 
 async function node(name) {
@@ -171,8 +171,10 @@ function drawPlots(container, series, range) {
   for (const key of keys) {
     const box = el("div", { class: "plot", "data-resource": key }, el("h3", {}, key));
     container.append(box);
-    const width = Math.max(320, box.clientWidth - 16);
-    const opts = { width, height: 220, scales: { x: { time: true } }, legend: { show: false },
+    const width = Math.max(240, box.clientWidth - 16);
+    // the x axis is the chosen range ending now, whatever the data holds (one old dot once stretched it over years)
+    const xRange = () => { const now = Date.now() / 1000; return [now - RANGE_SECONDS[range], now]; };
+    const opts = { width, height: 220, scales: { x: { time: true, range: xRange } }, legend: { show: false },
                    series: [{}, { label: key, stroke: "#2563eb", width: 1.5, spanGaps: true }],
                    axes: [{}, { size: 75 }] };
     state.charts[key] = new uPlot(opts, [series.ts.slice(), series.values[key].slice()], box);
@@ -180,9 +182,11 @@ function drawPlots(container, series, range) {
   state.range = range;
 }
 
+const RANGE_SECONDS = { "1h": 3600, "24h": 86400, "7d": 604800 };
+
 function appendReading(reading, range) {
   const ts = reading.ts;
-  const span = { "1h": 3600, "24h": 86400, "7d": 604800 }[range];
+  const span = RANGE_SECONDS[range];
   for (const [key, chart] of Object.entries(state.charts)) {
     const value = reading.values[key];
     if (typeof value !== "number") continue;
@@ -231,16 +235,24 @@ function showTwin(panel, base, twin) {
   set("twin-delta", JSON.stringify(twin.delta));
 }
 
+// Commands that restart or reset a board ask first; arguments (`times=3`) go in the field beside the buttons.
+const CONFIRM = /^(reboot|restart|reset|factory_reset|erase)$/;
+
 function showCommands(panel, base, names) {
   const result = el("pre", { id: "cmd-result" }, "");
+  const args = el("input", { id: "cmd-args", placeholder: "arguments, e.g. times=3", size: 24, disabled: !isAdmin() });
+  const parse = () => Object.fromEntries(args.value.split(/\s+/).filter(Boolean).map((pair) => {
+    const [key, ...rest] = pair.split("="); const raw = rest.join("=");
+    try { return [key, JSON.parse(raw)]; } catch (e) { return [key, raw]; } }));
   panel.replaceChildren(el("h3", {}, "Commands"),
     el("div", { class: "row" }, names.map((name) => el("button", { class: "cmd", "data-name": name, disabled: !isAdmin(),
       onclick: async () => {
+        if (CONFIRM.test(name) && !window.confirm(`Run ${name} on this board? It restarts.`)) return;
         result.textContent = `${name}: waiting…`;
-        try { const r = await api("POST", `${base}/commands`, { name, args: {}, timeout: 10 });
+        try { const r = await api("POST", `${base}/commands`, { name, args: parse(), timeout: 10 });
               result.textContent = `${name}: ${r.ok ? JSON.stringify(r.value) : "error: " + r.error}`; }
         catch (e) { result.textContent = `${name}: ${e.message}`; }
-      } }, name))), result);
+      } }, name)), args), result);
 }
 
 // The gateway keeps a device's log lines and what it refused; the relay does not have them (the panel stays hidden).
