@@ -203,6 +203,8 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
     elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
         counters = {str(k): int(v) for k, v in dict(body["counters"]).items()}
         db.execute("UPDATE nodes SET counters = ? WHERE name = ?", [json.dumps(counters), node])
+    elif resource == "alert" and body.get("state") == "cancelled":  # pending, and it did not hold
+        db.execute("DELETE FROM alerts WHERE node = ? AND id = ?", [node, int(body["id"])])
     elif resource == "alert":  # an alert's state as the edge has it now (raised, fired, resolved, acknowledged)
         fields = {k: body.get(k) for k in ("rule", "device", "severity", "state", "started", "fired", "resolved",
                                           "acked", "acked_by")}

@@ -177,14 +177,16 @@ def record_transition(db: Database, t: Transition, mirror: Any, notify: bool = T
     note(db, rule.name, t.device, t.state, _summary(t.values), t.at)
     open_row = next(iter(db.query("SELECT * FROM alerts WHERE rule = ? AND device = ? AND state != 'resolved' "
                                   "ORDER BY id DESC LIMIT 1", [rule.name, t.device])), None)
-    if t.state == "cancelled":
+    if t.state == "cancelled":  # pending, and it did not hold: gone, at the relay too
         if open_row is not None and open_row["state"] == "pending":
             db.execute("DELETE FROM alerts WHERE id = ?", [open_row["id"]])
+            mirror(db, "alert", {**_alert_json(open_row), "state": "cancelled"})
         return 0
-    if t.state == "pending":
+    if t.state == "pending":  # the relay's fleet page shows pending alerts as the gateway's does
         if open_row is None:
-            db.table("alerts").insert({"rule": rule.name, "device": t.device, "severity": rule.severity,
-                                       "state": "pending", "values_": values, "started": t.at})
+            pending_id = db.table("alerts").insert({"rule": rule.name, "device": t.device, "severity": rule.severity,
+                                                    "state": "pending", "values_": values, "started": t.at}).last_rowid
+            mirror(db, "alert", _alert_json(next(iter(db.query("SELECT * FROM alerts WHERE id = ?", [pending_id])))))
         return 0
     if t.state == "firing":
         if open_row is None:

@@ -558,7 +558,7 @@ def refusal_advice(device: str, model: str | None) -> str:
     """What to do about a device whose readings are refused."""
     fix = (f"add what it sends to model {model!r} and load it again (`edgetrio model add FILE`)" if model
            else "it sends values its announced resources do not allow")
-    return f"{fix}; `edgetrio rejects {device}` shows each refusal"
+    return f"{fix}; `edgetrio rejects --device {device}` shows each refusal"
 
 
 def cmd_status(args: argparse.Namespace) -> None:

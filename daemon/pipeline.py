@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,6 +52,9 @@ MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest 
 COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
 class RefusalLog:
     """Logs refusals without flooding: the first of a kind (device, reason) at once, with what to do; then at most one
     line a minute for it, with how many were left out. A board that sends a value its model lacks every 2 s would
@@ -62,8 +66,9 @@ class RefusalLog:
         self._last: dict[tuple[str, str], float] = {}
         self._held: Counter[tuple[str, str]] = Counter()
 
-    def refused(self, device: str, reason: str, message: str, advice: str = "") -> None:
-        key = (device, reason)
+    def refused(self, device: str, reason: str, message: str, advice: str = "", detail: str = "") -> None:
+        # alike: the same device, reason and detail but for its numbers (a value out of range, each reading another)
+        key = (device, reason + " " + NUMBER.sub("#", detail)[:200])
         now = time.monotonic()
         if key in self._last and now - self._last[key] < self.EVERY:
             self._held[key] += 1
@@ -239,7 +244,7 @@ class Ingest:
         parsed = parse_topic(event.topic)
         device = parsed[0] if parsed else event.username
         self.refusals.refused(str(device), reason, f"rejected reason={reason} device={device} "
-                              f"topic={event.topic[:200]} detail={detail}")
+                              f"topic={event.topic[:200]} detail={detail}", detail=detail)
         self._write(partial(self.changes.reject, device=device, reason=reason, detail=detail, payload=event.payload,
                             now=time.time(), registered=device in self.roster))
 
@@ -326,7 +331,7 @@ class Ingest:
                 if kept:  # the model keeps what fits: the reading is stored without the bad values
                     self.counts["rejected_invalid_value"] += len(reasons)
                     self.refusals.refused(device, "drop_value", f"dropped values device={device} boot={reading.boot} "
-                                          f"seq={reading.seq} detail={'; '.join(reasons)}")
+                                          f"seq={reading.seq} detail={'; '.join(reasons)}", detail="; ".join(reasons))
                     self._write(partial(self.changes.reject, device=device, reason="invalid_value",
                                         detail=f"boot {reading.boot} seq {reading.seq}: " + "; ".join(reasons),
                                         payload=event.payload, now=now, registered=True))
@@ -338,7 +343,8 @@ class Ingest:
                     device, "invalid_value", f"rejected reason=invalid_value device={device} boot={reading.boot} "
                     f"seq={reading.seq} detail={reason}",
                     f"its readings are not stored until the model allows them: add what it sends to its model and "
-                    f"load it again (`edgetrio model add FILE`); `edgetrio rejects {device}` lists them")
+                    f"load it again (`edgetrio model add FILE`); `edgetrio rejects --device {device}` lists them",
+                    detail=reason)
                 self._invalid.append((reading, reason))
             else:
                 self._readings.append(reading)

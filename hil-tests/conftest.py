@@ -10,7 +10,6 @@ test. Scenarios that need a fault the test cannot cause on real hardware (Wi-Fi 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Board, Daemon, wait_until
+from edgetrio.tools.testkit import ROOT, Board, Daemon, free_port, wait_until
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,12 +26,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--wifi-ssid", default="", help="Wi-Fi the real board joins")
     group.addoption("--wifi-password", default="")
     group.addoption("--broker-host", default=None, help="this machine's address as the real board sees it")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -54,7 +47,7 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
         if not request.config.getoption("--broker-host"):
             pytest.exit("--port needs --broker-host (this machine's address on the board's Wi-Fi)", 2)
         daemon.host = "0.0.0.0"
-        daemon.port = free_port()
+        daemon.port = free_port("0.0.0.0")  # a real board reaches it over Wi-Fi
         daemon.start()
         b = Board(daemon, port, False, request.config)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -28,12 +29,15 @@ def test_boots_goes_online_and_telemetry_is_stored_and_acked(board: Board) -> No
 
 
 def test_desired_state_is_applied_and_reported(board: Board) -> None:
-    board.daemon.cli("twin", "set", board.id, "period=0.2", "led=true", "colour=red")
+    wait_until(lambda: (board.device().get("meta") or {}).get("controls"))  # the board has told its settings
+    # a setting the board does not have is refused at once, with the settings it has (it would refuse it itself)
+    refused = board.daemon.cli("twin", "set", board.id, "period=0.2", "led=true", "colour=red", check=False)
+    assert refused.returncode == 1 and "colour: not a setting of this device" in refused.stderr
+    board.daemon.cli("twin", "set", board.id, "period=0.2", "led=true")
     twin = wait_until(lambda: (t := board.twin())["reported"]["state"].get("led") and t)
     assert twin["reported"]["state"]["period"] == 0.2 and twin["reported"]["state"]["led"] is True
-    assert twin["reported"]["state"]["rejected"] == {"colour": "unknown key"}  # not applied, reported back
-    assert twin["delta"] == {"colour": "red"}
-    board.daemon.cli("twin", "set", board.id, "colour=null", "led=false")
+    assert twin["delta"] == {}
+    board.daemon.cli("twin", "set", board.id, "led=false")
     wait_until(lambda: board.twin()["reported"]["state"]["led"] is False)
     assert board.twin()["delta"] == {}
 
@@ -42,7 +46,10 @@ def test_each_command_returns_its_result(board: Board) -> None:
     assert board.cmd("ping")["value"] == "pong"
     assert board.cmd("blink", "times=2")["value"] == "blinked"
     now = board.cmd("read_now")
-    assert now["ok"] and now["value"]
+    # what the board reads now: every resource it announced, each in its range
+    resources = {r["name"]: r for r in board.device()["meta"]["resources"]}
+    assert now["ok"] is True and set(now["value"]) == set(resources), now
+    assert all(resources[k]["min"] <= v <= resources[k]["max"] for k, v in now["value"].items()), now
     if board.virtual:
         board.daemon.cli("fault", board.id, "env", "temperature=30.25")
         assert board.cmd("read_now")["value"]["temperature"] == 30.25
@@ -75,6 +82,22 @@ def test_daemon_restarted_loses_nothing(board: Board) -> None:
     seen = len(board.readings())
     wait_until(lambda: len(board.readings()) > seen + 5, timeout=90)
     contiguous_per_boot(board.readings())
+
+
+def test_daemon_killed_9_loses_nothing_the_board_took(board: Board) -> None:
+    # kill -9 of the gateway: what it acknowledged is in its store, what it did not the board still holds on flash
+    wait_until(lambda: len(board.readings()) >= 3)
+    board.daemon.stop(signal.SIGKILL)
+    held: list[tuple[int, int]] = []
+    if board.virtual:  # readings taken while the gateway is gone wait in the board's flash buffer
+        held = wait_until(lambda: len(h := board.buffered()) >= 5 and h, timeout=60)
+    else:
+        time.sleep(5)
+    board.daemon.start()  # same port
+    wait_until(lambda: set(held) <= {(r["boot"], r["seq"]) for r in board.readings()}, timeout=90)
+    seen = len(board.readings())
+    wait_until(lambda: len(board.readings()) > seen + 3, timeout=90)
+    contiguous_per_boot(board.readings())  # every reading of the boot, each once
 
 
 def test_power_cycle_with_readings_buffered_delivers_them_all_once(board: Board) -> None:
@@ -143,9 +166,11 @@ def test_readings_carry_true_utc_even_when_taken_before_the_clock_was_set(board:
     powered = time.time()
     boot = wait_until(lambda: (s := board.state())["boot"] > live[-1]["boot"] and s["boot"])
     wait_until(lambda: len([b for b, _ in board.buffered() if b == boot]) >= 5, timeout=60)
-    board.env(temperature=31.5)  # a change at a known moment: readings before it and after it are told apart
     changed = time.time()
-    wait_until(lambda: len([b for b, _ in board.buffered() if b == boot]) >= 12, timeout=60)
+    board.env(temperature=31.5)  # a change at a known moment: readings before it and after it are told apart
+    # held readings taken after the change, however long the board took to take them (a loaded machine)
+    wait_until(lambda: len([v for b, _, v in board.buffered_values() if b == boot and v.get("temperature") == 31.5])
+               >= 3 and len([b for b, _ in board.buffered() if b == boot]) >= 12, timeout=90)
     assert not board.state()["clock"].get("set"), "the board's clock was set before Wi-Fi came back"
     held = {seq for b, seq in board.buffered() if b == boot}  # taken offline, waiting on the board's flash
     board.wifi(True)
@@ -160,7 +185,9 @@ def test_readings_carry_true_utc_even_when_taken_before_the_clock_was_set(board:
     before = [r for r in offline if r["values"].get("temperature") != 31.5]
     after = [r for r in offline if r["values"].get("temperature") == 31.5]
     assert before and after, offline
-    assert max(r["ts"] for r in before) <= changed + 2 and min(r["ts"] for r in after) >= changed - 2
+    # a reading with the new value was taken after the change was made (true UTC, not the board's 2000 clock), and
+    # every reading before it earlier: no bound that depends on how fast a loaded machine runs the board
+    assert min(r["ts"] for r in after) >= changed - 1 and max(r["ts"] for r in before) < min(r["ts"] for r in after)
     stamps = [r["ts"] for r in sorted(taken, key=lambda r: r["seq"])]
     assert stamps == sorted(stamps)
 
@@ -168,15 +195,21 @@ def test_readings_carry_true_utc_even_when_taken_before_the_clock_was_set(board:
 def test_mpremote_soft_resets_are_not_boots(board: Board) -> None:
     # A board runs boot.py at every soft reset, mpremote's too; only a start of the firmware is a boot, so tooling
     # never pushes a board towards safe mode.
-    wait_until(lambda: board.state()["failed_boots"] == 0, timeout=90)  # the first ack marked this boot good
-    boot = board.state()["boot"]
+    boot = wait_until(board.boot, timeout=90)
+
+    def marked_good(boot: int) -> bool:  # the first acknowledged reading of a boot marks it good
+        if board.virtual:
+            return bool(board.state()["failed_boots"] == 0)
+        return any(r["boot"] == boot for r in board.readings())
+
+    wait_until(lambda: marked_good(boot), timeout=90)
     for _ in range(3):
         board.mpremote("soft-reset")
-    assert board.state()["boot"] == boot
     board.mpremote("reset")
-    wait_until(lambda: board.state()["boot"] == boot + 1, timeout=60)
-    wait_until(lambda: board.state()["failed_boots"] == 0, timeout=90)
-    assert board.state()["boot"] == boot + 1
+    # the next boot is boot + 1: the soft resets before it were not boots
+    wait_until(lambda: board.boot() == boot + 1 and any(r["boot"] == boot + 1 for r in board.readings()), timeout=90)
+    wait_until(lambda: marked_good(boot + 1), timeout=90)
+    assert board.boot() == boot + 1
 
 
 def test_a_command_too_large_for_the_board_gets_an_error_instead_of_a_timeout(board: Board) -> None:

@@ -99,9 +99,15 @@ def test_rule_fires_sets_desired_state_notifies_and_resolves(daemon: Daemon, dev
     assert "does not fire" in daemon.cli("rule", "test", str(rules), "--device", device_id, "--values",
                                          "temperature=20").stdout
     assert "removed" in daemon.cli("rule", "remove", "greenhouse-hot").stdout
+    # a removed rule judges nothing: a hot reading, then a frosty one for a canary rule; readings are judged in
+    # order, so once the canary fires the hot reading has been judged too (no fixed sleep that passes vacuously)
+    daemon.cli("rule", "add", str(rule_file(daemon.data_dir.parent / "canary.toml",
+                                            f'[[rule]]\nname = "canary"\ndevices = ["{device_id}"]\n'
+                                            'when = "temperature < -30"\n')))
     probe.publish(topic, reading(5, temperature=40.0))
-    time.sleep(1)
-    assert [a["state"] for a in alerts(daemon)] == []
+    probe.publish(topic, reading(6, temperature=-35.0))
+    wait_until(lambda: [a["rule"] for a in alerts(daemon)] == ["canary"], timeout=30)
+    daemon.cli("rule", "remove", "canary")
 
 
 def test_bad_rule_files_are_refused_with_one_line(daemon: Daemon, device: Any, tmp_path: Path) -> None:
@@ -399,6 +405,28 @@ def test_a_fleet_rule_is_applied_to_the_devices_it_can_judge_and_the_relay_says_
         assert probe.accepted()
         probe.publish("edgetrio/full-1/telemetry", reading(1, temperature=20.0, humidity=55.0))
         wait_until(lambda: [(a["rule"], a["device"]) for a in alerts(gw)] == [("damp", "full-1")], timeout=30)
+        probe.close()
+    finally:
+        gw.stop()
+        relay.stop()
+
+
+def test_a_pending_alert_shows_at_the_relay_and_goes_when_it_does_not_hold(tmp_path: Path) -> None:
+    relay = Relay(tmp_path / "relay").start()
+    token = relay.add_node("gw1")
+    gw = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token))
+    gw.data_dir.mkdir()
+    gw.start()
+    try:
+        password = gw.add_device("slow-1")
+        gw.cli("rule", "add", str(rule_file(tmp_path / "slow.toml", '[[rule]]\nname = "slow"\ndevices = ["slow-1"]\n'
+                                                                    'when = "temperature > 30"\nfor = "1h"\n')))
+        probe = Probe(gw, "slow-1", password, "slow-1")
+        assert probe.accepted()
+        probe.publish("edgetrio/slow-1/telemetry", reading(1, temperature=35.0))
+        wait_until(lambda: [(a["rule"], a["state"]) for a in relay.json("alerts")] == [("slow", "pending")], timeout=30)
+        probe.publish("edgetrio/slow-1/telemetry", reading(2, temperature=20.0))  # it did not hold
+        wait_until(lambda: alerts(gw) == [] and relay.json("alerts", "--all") == [], timeout=30)
         probe.close()
     finally:
         gw.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +66,10 @@ def story(relay: Relay, gw: Daemon, receiver: Receiver) -> None:
         relay.stop()  # the internet is gone for the rest of the story
 
         cli(gw.data_dir, "fault", BOARD, "env", "temperature=35")
-        hot = time.time()
         wait_until(lambda: len(receiver.posts) == 1, timeout=60)
         fired = alerts(gw)[0]
         assert fired["state"] == "firing" and fired["device"] == BOARD and fired["values"]["temperature"] > 34
-        assert fired["fired"] - fired["started"] >= 3 and time.time() - hot >= 3  # it held for `for` first
+        assert fired["fired"] - fired["started"] >= 3  # it held for `for` first (the daemon's own times)
         assert receiver.posts[0]["title"] == f"[FIRING] greenhouse-hot on {BOARD} (critical)"
         # the vent: desired led=true reached the board, and the board reports it
         wait_until(lambda: twin(gw)["reported"]["state"].get("led") is True, timeout=30)
@@ -81,8 +79,12 @@ def story(relay: Relay, gw: Daemon, receiver: Receiver) -> None:
         assert receiver.posts[1]["title"] == f"[RESOLVED] greenhouse-hot on {BOARD} (critical)"
         wait_until(lambda: twin(gw)["reported"]["state"].get("led") is False, timeout=30)
         assert alerts(gw, "--all")[0]["state"] == "resolved"
-        time.sleep(2)
-        assert len(receiver.posts) == 2  # nothing more: no repeats, no flapping
+        # nothing more: no repeats, no flapping, over the cool readings that follow (counted, not slept on)
+        seen = len(json.loads(gw.cli("readings", BOARD, "--limit", "100000", "--json").stdout))
+        wait_until(lambda: len(json.loads(gw.cli("readings", BOARD, "--limit", "100000", "--json").stdout)) >= seen + 5)
+        events = [h["event"] for h in json.loads(gw.cli("rule", "history", "greenhouse-hot", "--json").stdout)]
+        assert events[-2:] == ["resolved", "action_ok"] and events.count("firing") == 1, events
+        assert len(receiver.posts) == 2
 
         relay.start()  # back: the alert's story goes up the link
         wait_until(lambda: [a["state"] for a in relay.json("alerts", "--all")] == ["resolved"], timeout=30)

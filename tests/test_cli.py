@@ -37,16 +37,31 @@ def test_bad_config_file_is_a_one_line_error(tmp_path: Path) -> None:
     assert "cannot read config file" in one_line_error(run_daemon("--config", str(tmp_path / "missing.toml")))
 
 
-def test_config_file_sets_what_flags_set(tmp_path: Path) -> None:
-    data = tmp_path / "from-config"
-    config = tmp_path / "edgetrio.toml"
-    config.write_text(f'data_dir = "{data}"\nmqtt_host = "127.0.0.1"\nmqtt_port = 0\nlog_level = "warning"\n')
-    daemon = Daemon(data, extra=("--config", str(config)))
-    daemon.start()
+def test_config_file_alone_sets_everything_with_paths_relative_to_it(tmp_path: Path) -> None:
+    """`edgetrio daemon --config FILE` and nothing else, started from another directory (as systemd starts it from /):
+    every setting comes from the file, and its relative data_dir is relative to the file. Planted defects this
+    catches: --config ignored (the daemon would run on ./edgetrio-data, port 1883, log level info), a relative path
+    read against the working directory."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "edgetrio.toml"
+    config.write_text('data_dir = "gw"\nmqtt_host = "127.0.0.1"\nmqtt_port = 0\nmetrics_port = 0\nhttp_port = -1\n'
+                      'log_level = "debug"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--config", "../etc/edgetrio.toml"],
+                            cwd=elsewhere, stdout=log, stderr=log)
     try:
-        assert json.loads((data / "daemon.json").read_text())["mqtt_host"] == "127.0.0.1"
+        info = wait_until(lambda: (etc / "gw" / "daemon.json").exists() and json.loads(
+            (etc / "gw" / "daemon.json").read_text()), timeout=60)
+        assert info["pid"] == proc.pid and info["mqtt_host"] == "127.0.0.1" and info["mqtt_port"] != 1883
+        assert not (elsewhere / "gw").exists() and not (elsewhere / "edgetrio-data").exists()
+        wait_until(lambda: " DEBUG " in (tmp_path / "daemon.log").read_text(errors="replace"))  # the file's log level
     finally:
-        assert daemon.stop() == 0
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        log.close()
 
 
 def test_port_in_use_and_second_daemon_are_one_line_errors(tmp_path: Path) -> None:

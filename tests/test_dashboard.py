@@ -250,11 +250,15 @@ def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[
     wait(browser, lambda d: points(d, "temperature") >= first + 3)
     find(browser, 'button.cmd[data-name="ping"]').click()
     wait(browser, lambda d: "pong" in find(d, "#cmd-result").text, timeout=40)
-    # the gateway also has the board's log lines (its status among them) and what it refused
-    assert "status online" in find(browser, "#log-lines").text and find(browser, "#rejects").text
+    # the gateway also has the board's log lines (its status among them) and what it refused: nothing of this
+    # board, and the bad board's malformed reading of the first test
+    assert "status online" in find(browser, "#log-lines").text
+    assert find(browser, "#rejects").text == "(nothing refused)"
     if SHOTS:
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(SHOTS / "gateway-device.png"))
+    browser.get(f"{site}/#/device/gw1/bad-board")
+    wait(browser, lambda d: "malformed_json" in find(d, "#rejects").text)
     # a viewer made with `edgetrio user add` looks and cannot change
     find(browser, "#logout").click()
     wait(browser, lambda d: found(d, "#login-name"))

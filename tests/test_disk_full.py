@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, fill, small_disk, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, fill, needs, small_disk, wait_until
 
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
     with small_disk(tmp_path / "disk", 4) as mounted:
-        if not mounted:
-            pytest.skip("needs root to mount a small tmpfs")
+        needs(mounted, "root, to mount a small tmpfs")
         yield tmp_path / "disk"
 
 

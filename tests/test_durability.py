@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 from edgetrio.daemon import store
-from edgetrio.tools.testkit import Daemon
+from edgetrio.tools.testkit import Daemon, wait_until
 from edgetrio.tools.testkit.simdevice import SimDevice
 
 
@@ -30,8 +29,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_reading(tmp_path: Path) -> None
             sensor.read({"n": i})
             if i == 1000:
                 assert sensor.wait_acked(50, timeout=30)
-        while sensor.acked < 400:
-            time.sleep(0.01)
+        wait_until(lambda: sensor.acked >= 400, timeout=60, interval=0.01)
         daemon.stop(signal.SIGKILL)
         acked_at_kill = sensor.acked
         stored = stored_seqs(daemon.data_dir, "streamer", 3)

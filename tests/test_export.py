@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, cli, free_port, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, Receiver, cli, free_port, needs, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -108,6 +108,7 @@ class Subscriber:
 
 @pytest.fixture
 def plant_broker(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    needs(Path(MOSQUITTO).exists(), "mosquitto (Debian package)")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     # persistence keeps the historian's session (and what waits for it) across the restart; as root mosquitto would
@@ -137,7 +138,6 @@ def plant_broker(tmp_path: Path) -> Iterator[tuple[int, Any]]:
             p.wait(timeout=10)
 
 
-@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs mosquitto (Debian package)")
 def test_mqtt_sink_to_a_plant_broker_resumes_after_the_broker_restarts(tmp_path: Path,
                                                                        plant_broker: tuple[int, Any]) -> None:
     port, (start, stop) = plant_broker

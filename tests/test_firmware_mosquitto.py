@@ -16,11 +16,13 @@ import paho.mqtt.client as mqtt
 import pytest
 import trio
 
-from edgetrio.tools.testkit import free_port
+from edgetrio.tools.testkit import free_port, needs
 from edgetrio.tools.vdev import VirtualDevice, build_bundle, device_config
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-                                reason="needs mosquitto (Debian package)")
+
+@pytest.fixture(autouse=True)
+def _mosquitto() -> None:
+    needs(shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists(), "mosquitto (Debian package)")
 
 
 class AckingGateway:

@@ -25,12 +25,12 @@ def test_the_real_board_path_of_the_hil_suite_passes_against_a_board_on_a_serial
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "hil-tests", "--port", str(tty),
              "--broker-host", "127.0.0.1", "--basetemp", str(tmp_path / "inner"), "-rs",
-             "-k", "telemetry or command or reflash or wifi"],
+             "-k", "telemetry or command or reflash or wifi or soft_resets"],
             cwd=ROOT, capture_output=True, text=True, timeout=600)
     finally:
         board.send_signal(signal.SIGTERM)
         board.wait(timeout=20)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert summary.startswith("4 passed, 1 skipped"), summary  # Wi-Fi loss needs a network the test controls
+    assert summary.startswith("5 passed, 1 skipped"), summary  # Wi-Fi loss needs a network the test controls
     assert "needs a Wi-Fi the test controls" in run.stdout

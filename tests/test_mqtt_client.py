@@ -21,13 +21,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgetrio.tools.testkit import free_port
+from edgetrio.tools.testkit import free_port, needs
 from edgetrio.tools.vdev import FIRMWARE, micropython
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DYNSEC = next(iter(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")), Path("/nonexistent"))
-pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists() or shutil.which("mosquitto_passwd") is None
-                                or not DYNSEC.exists(), reason="needs mosquitto (Debian package)")
+
+
+@pytest.fixture(autouse=True)
+def _mosquitto() -> None:
+    needs(Path(MOSQUITTO).exists() and shutil.which("mosquitto_passwd") is not None, "mosquitto (Debian package)")
 
 CLIENT = """
 import asyncio, sys
@@ -116,6 +119,7 @@ class Broker:
         self.port = free_port()
         lines = [f"listener {self.port} 127.0.0.1", "persistence false", "user root"]  # root: files in a 0700 dir
         if auth == "dynsec":
+            needs(DYNSEC.exists(), "mosquitto's dynamic security plugin (Debian's mosquitto)")
             allow = [{"acltype": kind, "topic": "edgetrio/dev/#", "priority": 0, "allow": True}
                      for kind in ("publishClientSend", "subscribePattern")]
             watch = [{"acltype": "subscribePattern", "topic": "#", "priority": 0, "allow": True}]

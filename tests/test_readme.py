@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -83,7 +84,20 @@ def shell(tmp_path: Path) -> Iterator[Shell]:
         sh.close()
 
 
+def ports_free(*ports: int) -> None:
+    """The documented defaults must be free for a test of the defaults; say so plainly when another program has one."""
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                pytest.fail(f"port {port} is taken by another program on this machine: the documented defaults "
+                            "cannot be tested as a user runs them")
+
+
 def test_the_readme_use_it_block_as_written(shell: Shell) -> None:
+    ports_free(1883, 8080, 9883)
     readme = (ROOT / "README.md").read_text()
     model = re.search(r"```toml\n# climate.toml\n(.*?)```", readme, re.S)
     assert model is not None, "the README's model is not a ```toml block headed # climate.toml"
@@ -118,6 +132,7 @@ def test_the_readme_use_it_block_as_written(shell: Shell) -> None:
 
 
 def test_the_hil_doc_virtual_board_by_hand_as_written(shell: Shell) -> None:
+    ports_free(1883)
     lines = commands(block_after((ROOT / "docs" / "hil.md").read_text(), "## The virtual board by hand"))
     tty = next(Path(w) for line in lines for w in line.split() if w.startswith("/tmp/tty"))
     tty.unlink(missing_ok=True)

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, contiguous_per_boot, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, contiguous_per_boot, needs, wait_until
 
-pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package)")
+
+@pytest.fixture(autouse=True)
+def _socat() -> None:
+    needs(shutil.which("socat") is not None, "socat (Debian package)")
+
+
 DEVICE = "serial-1"
 
 
@@ -83,7 +88,7 @@ def test_unplugged_and_plugged_back_loses_nothing(line: tuple[Daemon, Path, Path
     wait_until(lambda: len(readings(daemon)) > seen + 10, timeout=60)
     contiguous_per_boot(readings(daemon))
     status = daemon.status()
-    assert status["running"]
+    assert status["running"] is True and DEVICE in status["daemon"]["devices_connected"]  # online again
 
 
 def test_deeply_nested_lines_are_dropped_and_the_line_keeps_serving(tmp_path: Path) -> None:

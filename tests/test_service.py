@@ -18,12 +18,10 @@ import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
-import pytest
-
 from edgetrio.daemon import store
 from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file, parse_sinks
 from edgetrio.tools.demo import wait_for_daemon
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, needs, wait_until
 
 
 def scrape(daemon: Daemon) -> dict[str, float]:
@@ -125,8 +123,8 @@ def test_service_install_writes_a_unit_systemd_accepts_and_a_config_the_daemon_l
     assert [f["written"] for f in json.loads(again.stdout)["files"]] == [True, False]  # the user's settings stay
     assert config.read_text().endswith("# mine\n")
     verify = shutil.which("systemd-analyze")
-    if verify is None:
-        pytest.skip("systemd-analyze (Debian's systemd) is not installed: the unit was not checked by systemd")
+    needs(verify is not None, "systemd-analyze (Debian's systemd), to check the unit")
+    assert verify is not None
     checked = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0 and "ignoring" not in checked.stderr, checked.stderr
 

@@ -28,6 +28,16 @@ from edgetrio.tools.vdev import device_tool
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
+def needs(available: bool, what: str) -> None:
+    """Skip a test whose tool is missing here; in CI (`CI` set, as .ci/run sets it) fail instead: .ci/run installs
+    every tool the suite uses, and a skip there would hide the real check."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing: .ci/run installs it")
+    pytest.skip(f"needs {what}")
+
+
 def cli(data_dir: Path, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real `edgetrio` command line."""
     proc = subprocess.run([sys.executable, "-m", "edgetrio", *args, "--data-dir", str(data_dir)],
@@ -155,10 +165,11 @@ def greenhouse_board(daemon: Daemon, period: float = 0.5) -> Iterator[None]:
             boards.wait(timeout=30)
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (for a server the test starts later, or starts again)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now on `host` (loopback unless a real board must reach it), for a server the test
+    starts later, or starts again."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -185,7 +196,11 @@ class Probe:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         if username is not None:
             client.username_pw_set(username, password)
-        client.on_connect = lambda _c, _u, _f, reason, _p: self.connack.put(reason)
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            self.connack.put(reason)
+            if reason.is_failure:  # refused: try once, as the test means; paho would retry every second until closed
+                c.disconnect()
+        client.on_connect = on_connect
         client.on_subscribe = lambda _c, _u, _mid, codes, _p: self.subacks.put(list(codes))
         client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
         client.on_disconnect = lambda *_a: self.closed.set()
@@ -324,6 +339,17 @@ class Board:
         return {r["boot"] for r in self.readings()}
 
     # -- observations of the virtual board's flash --
+    def buffered_values(self) -> list[tuple[int, int, dict[str, Any]]]:
+        """(boot, seq, values) of the readings on the board's flash not acknowledged yet (virtual board)."""
+        held = set(self.buffered())
+        path = self.flash_dir / "buffer.log"
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            boot, seq, payload = line.split(" ", 2)
+            if (int(boot), int(seq)) in held:
+                out.append((int(boot), int(seq), json.loads(payload).get("values", {})))
+        return out
+
     def buffered(self) -> list[tuple[int, int]]:
         """(boot, seq) of readings on the board's flash not acknowledged yet (virtual board)."""
         path = self.flash_dir / "buffer.log"
@@ -335,8 +361,16 @@ class Board:
         return [(int(b), int(s)) for b, s in lines if int(s) > acked.get(int(b), 0)]
 
     def state(self) -> dict[str, Any]:
+        """The board's state.json (boot count, failed boots, clock): read from the virtual board's flash folder."""
         state: dict[str, Any] = json.loads((self.flash_dir / "state.json").read_text())
         return state
+
+    def boot(self) -> int:
+        """The board's boot count: from its flash (virtual), or as the board told the gateway in its meta (a real
+        board, whose flash the test cannot read without stopping its firmware)."""
+        if self.virtual:
+            return int(self.state()["boot"])
+        return int((self.device().get("meta") or {}).get("boot") or 0)
 
 
 def contiguous_per_boot(rows: list[dict[str, Any]]) -> dict[int, list[int]]:
