@@ -25,13 +25,21 @@ from edgetrio.writer import offline_write
 def api_target(args: argparse.Namespace) -> tuple[str, str]:
     """The API base URL and operator token: from --url/--token, else from the relay's data dir."""
     if args.url and args.token:
-        return args.url.rstrip("/"), args.token
+        return http_url(args.url), args.token
     data_dir = args.data_dir or Path("edgetrio-relay").absolute()
     try:
         info = json.loads((data_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
         raise CliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", 2) from None
-    return args.url or info["api_url"], args.token or operator_token(data_dir)
+    return http_url(args.url or info["api_url"]), args.token or operator_token(data_dir)
+
+
+def http_url(url: str) -> str:
+    """The API's address; the edges' ws:// (wss://) address of the same relay is taken too: one port serves both."""
+    for edge, api in (("ws://", "http://"), ("wss://", "https://")):
+        if url.startswith(edge):
+            url = api + url[len(edge):]
+    return url.rstrip("/").removesuffix("/edge")
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
@@ -103,7 +111,8 @@ def run(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from None
         show(args, {"node": args.name, "token": token}, [
             f"node {args.name} added\n  token: {token}",
-            f"Start its gateway with: edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token {token}",
+            f"Start its gateway with the token in a file only its user reads (a --token shows in `ps`):\n"
+            f"  edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token-file /etc/edgetrio/token",
             "Keep the token now: it is stored only hashed and cannot be shown again."])
         return
     if action == "rules":

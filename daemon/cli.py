@@ -46,7 +46,7 @@ from edgetrio.daemon.gateway import run
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
-from edgetrio.identity import RegistryError, hash_password, integration_user, new_secret
+from edgetrio.identity import RegistryError, check_device_id, hash_password, integration_user, new_secret
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 from edgetrio.writer import offline_write
@@ -126,6 +126,10 @@ def cmd_daemon(args: argparse.Namespace) -> None:
 
 
 def cmd_device_add(args: argparse.Namespace) -> None:
+    try:
+        check_device_id(args.id)  # a bad argument: exit 2, before anything is opened
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     result = via_daemon_or_store(
         args.data_dir, "device.add", {"id": args.id, "model": args.model},
         lambda db: {"id": args.id, "username": args.id,
@@ -176,15 +180,18 @@ def cmd_device_list(args: argparse.Namespace) -> None:
 
 
 def cmd_integration_add(args: argparse.Namespace) -> None:
+    replaced = integration_user(args.name) in store.integration_secrets(open_store(args.data_dir))
     result = via_daemon_or_store(
         args.data_dir, "integration.add", {"name": args.name},
         lambda db: {"name": args.name, "username": integration_user(args.name),
                     "password": store.add_integration(db, args.name)},
     )
     info = read_run_file(args.data_dir) if daemon_running(args.data_dir) else {}
-    result["broker"] = f"{info.get('mqtt_host', '<this gateway>')}:{info.get('mqtt_port', 1883)}"
+    host = str(info.get("mqtt_host") or "0.0.0.0")
+    # a daemon listening on every address is reached at this machine's address on the network, not at 0.0.0.0
+    result["broker"] = f"{'<this gateway address>' if host in ('0.0.0.0', '::') else host}:{info.get('mqtt_port', 1883)}"
     emit(args, result, lambda: print(
-        f"credential for {result['name']} (a new one: an earlier one no longer works)\n"
+        f"credential for {result['name']}{' (a new one: the earlier one no longer works)' if replaced else ''}\n"
         f"  broker:   {result['broker']}\n  username: {result['username']}\n  password: {result['password']}\n"
         "Keep the password now: it is stored only hashed. In Home Assistant add the MQTT integration with these,\n"
         "and run the daemon with --ha (or homeassistant = true in its config) so the devices are announced."))

@@ -20,7 +20,13 @@ from typing import Any
 
 import trio
 from sqlite_utils import Database
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from edgetrio import wire
 from edgetrio.daemon import store
@@ -46,6 +52,17 @@ BATCHES_IN_FLIGHT = 4
 def outbox_mirror(db: Database, resource: str, body: Any) -> None:
     """Mirror one change to the cloud: an outbox row in the transaction that makes the change."""
     store.outbox_add(db, resource, body, time.time())
+
+
+def handshake_reason(exc: HandshakeError) -> str:
+    """Why the relay did not take the link, in words (trio-websocket's own text is a tuple of headers, or empty)."""
+    if isinstance(exc, ConnectionRejected):
+        body = (exc.body or b"").decode("utf-8", "replace").strip()[:200]
+        if exc.status_code in (401, 403):
+            return f"the relay refused this node ({exc.status_code}: {body or 'wrong token'}); check --node-id and the token"
+        return f"the relay answered {exc.status_code}" + (f": {body}" if body else "")
+    cause = exc.__cause__ or exc.__context__
+    return str(exc) or (f"{type(cause).__name__}: {cause}" if cause else type(exc).__name__)
 
 
 class RelayRefused(Exception):
@@ -110,11 +127,11 @@ class EdgeHub:
                     await self._session()
                     delays = backoff_delays()
                 except HandshakeError as exc:
-                    await self._down(f"cannot connect to {self.url}: {exc}")
+                    await self._down(f"cannot connect to {self.url}: {handshake_reason(exc)}")
                 except RelayRefused as exc:
                     await self._down(f"the relay refused a frame ({exc}); resending from offset {self.acked_upto}")
                 except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                    await self._down(f"link lost: {type(exc).__name__} {exc}")
+                    await self._down(f"link lost: {type(exc).__name__}" + (f" {exc}" if str(exc) else ""))
                 except Exception as exc:  # whatever the relay sends must cost the link, never the daemon
                     if self.writer.failure is None:  # a full disk has been reported already, a traceback adds nothing
                         log.exception("cloud link failed")

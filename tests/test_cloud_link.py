@@ -132,3 +132,22 @@ def test_wss_link_and_https_api_with_a_certificate(tmp_path: Path) -> None:
         sensor.stop()
         daemon.stop()
         relay.stop()
+
+
+def test_link_errors_say_why_in_words(tmp_path: Path) -> None:
+    relay = Relay(tmp_path / "relay").start()
+    relay.add_node("gw1")
+    daemon = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", "not-the-token"))
+    daemon.data_dir.mkdir()
+    daemon.start()
+    try:
+        refused = wait_until(lambda: daemon.status()["daemon"]["cloud"]["last_error"], timeout=30)
+        assert "the relay refused this node (401" in refused and "check --node-id and the token" in refused, refused
+        relay.stop()  # nobody listens now: the reason names what happened, not an empty string
+        wait_until(lambda: daemon.status()["daemon"]["cloud"]["last_error"] != refused, timeout=60)
+        gone = daemon.status()["daemon"]["cloud"]["last_error"]
+        assert not gone.rstrip().endswith(":") and len(gone.split(": ", 1)[1]) > 3, gone
+    finally:
+        daemon.stop()
+        if relay.proc is not None and relay.proc.poll() is None:
+            relay.stop()

@@ -470,6 +470,8 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
     """
     if (repl_pty is not None or uart is not None) and count != 1:
         raise RuntimeError("--repl-pty and --uart are for one device: use --count 1")
+    if repl_pty is not None and repl_pty.is_symlink() and repl_pty.exists():  # its pty is open: a board answers there
+        raise RuntimeError(f"{repl_pty} is the port of a virtual board that is running; give another path")
     sim = build_sim(data_dir / "vdevs" / ".sim")
     if blank:
         try:  # its Wi-Fi (the proxy) leads to the daemon if one runs; `edgetrio flash --broker` can point at it
