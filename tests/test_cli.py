@@ -96,7 +96,7 @@ def test_registry_and_twin_work_without_a_daemon(tmp_path: Path) -> None:
     again = cli(tmp_path, "device", "add", "node-1", check=False)
     assert again.returncode == 1 and "already registered" in again.stderr
     bad = cli(tmp_path, "device", "add", "bad/id", check=False)
-    assert bad.returncode == 1 and "invalid device id" in bad.stderr
+    assert bad.returncode == 2 and "invalid device id" in bad.stderr  # a bad argument, as the README says
     nomodel = cli(tmp_path, "device", "add", "node-2", "--model", "nope", check=False)
     assert nomodel.returncode == 1 and "unknown model 'nope'" in nomodel.stderr
     # the credential is stored hashed only
