@@ -6,6 +6,7 @@ The relay's operator token is the first admin's; accounts are made with `edgetri
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ import trio
 from edgetrio import rules, web
 from edgetrio.cloud import store
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
+from edgetrio.wire import MAX_INTEGER
 
 log = logging.getLogger("edgetrio.api")
 
@@ -56,6 +58,9 @@ def openapi() -> dict[str, Any]:
             "type": "object", "properties": properties, "required": required}}}}
 
     string, number, integer, obj = {"type": "string"}, {"type": "number"}, {"type": "integer"}, {"type": "object"}
+    changes = {"type": "object", "minProperties": 1}  # a change changes something: {} is refused (400)
+    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 5000}},
+            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}]
     nullable_number = {"type": "number", "nullable": True}
     schemas = {
         "Error": {"type": "object", "properties": {"error": string}, "required": ["error"]},
@@ -117,11 +122,12 @@ def openapi() -> dict[str, Any]:
                 "summary": "A new token for the node; the old one is refused and its link closed at once",
                 "responses": {"200": ok({"type": "object", "properties": {"node": string, "token": string}}),
                               **errors(404)}}},
-            "/api/devices": {"get": {"summary": "Devices of all nodes",
+            "/api/devices": {"get": {"summary": "Devices of all nodes, a page at a time (x-total-count: how many)",
+                                     "parameters": page,
                                      "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors()}}},
             "/api/fleet/twin": {"patch": {
                 "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
-                "requestBody": body({"desired": obj, "node": string, "device": string}, ["desired"]),
+                "requestBody": body({"desired": changes, "node": string, "device": string}, ["desired"]),
                 "responses": {"200": ok({"type": "object", "properties": {"devices": integer, "nodes": integer}}),
                               **errors(400, 404)}}},
             "/api/alerts": {"get": {
@@ -151,7 +157,7 @@ def openapi() -> dict[str, Any]:
                             **errors(400, 404)}}},
             "/api/nodes/{node}/devices": {
                 "parameters": [node_param],
-                "get": {"summary": "Devices of a node",
+                "get": {"summary": "Devices of a node, a page at a time (x-total-count: how many)", "parameters": page,
                         "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors(404)}},
                 "post": {"summary": "Register a device on the node; the credential is returned once",
                          "requestBody": body({"id": string, "model": string}, ["id"]),
@@ -161,7 +167,7 @@ def openapi() -> dict[str, Any]:
                 "parameters": params,
                 "get": {"summary": "Twin replica", "responses": {"200": ok(ref("Twin")), **errors(404)}},
                 "patch": {"summary": "Change desired state (null removes a key); a stale version is refused (409)",
-                          "requestBody": body({"desired": obj, "version": integer}, ["desired"]),
+                          "requestBody": body({"desired": changes, "version": integer}, ["desired"]),
                           "responses": {"200": ok(ref("Twin")), **errors(400, 404, 409)}}},
             f"{device_path}/commands": {
                 "parameters": params,
@@ -173,7 +179,7 @@ def openapi() -> dict[str, Any]:
             f"{device_path}/readings": {
                 "parameters": [*params, {"name": "since", "in": "query", "schema": string,
                                          "description": "epoch seconds, an ISO time, or an age such as 10m, 2h, 1d"},
-                               {"name": "limit", "in": "query", "schema": integer},
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
                                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}],
                 "get": {"summary": "Readings, oldest first (CSV with format=csv)",
                         "responses": {"200": {"description": "OK", "content": {
@@ -220,12 +226,26 @@ async def nodes(relay: Relay, who: Principal, path: Params, query: Params, data:
     return 200, await relay.run(store.list_nodes)
 
 
+DEVICES_PAGE = 500  # devices in one answer unless `limit` asks otherwise: a page that lists 50,000 rows takes a minute
+
+
 async def devices(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    return 200, await relay.run(store.list_devices, path.get("node") or query.get("node"))
+    """A page of devices (`limit` 1-5000, default 500; `offset`); the page's headers say the total."""
+    limit, offset = query.get("limit", str(DEVICES_PAGE)), query.get("offset", "0")
+    if not (limit.isdigit() and 1 <= int(limit) <= 5000 and offset.isdigit() and int(offset) <= MAX_INTEGER):
+        raise web.HTTPError(400, "limit: a whole number from 1 to 5000; offset: a whole number")
+    node = path.get("node") or query.get("node")
+    rows = await relay.run(store.list_devices, node, int(limit), int(offset))
+    total = await relay.run(store.count_devices, node)
+    return 200, web.Reply(200, json.dumps(rows).encode(), headers=[("x-total-count", str(total))])
 
 
 async def device_add(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    device = str(data["id"])
+    device, model = data.get("id"), data.get("model")
+    if not isinstance(device, str):
+        raise HTTPError(400, "'id' must be a device id (a string)")
+    if model is not None and not isinstance(model, str):  # an object here once reached SQLite: a 500
+        raise HTTPError(400, "'model' must be the name of a model the gateway has (a string), or left out")
     secret = await relay.run(store.register_device, path["node"], device, data.get("model"))
     relay.notify(path["node"])
     return 201, {"id": device, "username": device, "password": secret}
@@ -304,10 +324,10 @@ async def alerts(relay: Relay, who: Principal, path: Params, query: Params, data
 
 
 async def alert_ack(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    try:
-        alert_id = int(path["alert"])
-    except ValueError:
-        raise HTTPError(400, "an alert id is a number") from None
+    alert = path["alert"]
+    if not alert.isdigit() or int(alert) > MAX_INTEGER:  # a 23-digit id once reached SQLite: OverflowError, a 500
+        raise HTTPError(400, "an alert id is a whole number (see GET /api/alerts)")
+    alert_id = int(alert)
     done = await relay.run(store.ack_alert, path["node"], alert_id, who.name)
     relay.notify(path["node"])
     return 200, done

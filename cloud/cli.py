@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay").absolute(), args.host or "0.0.0.0",
                           8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
-                          args.http_timeout, args.metrics_host, args.metrics_port)
+                          args.http_timeout, args.metrics_host, args.metrics_port, args.max_devices_per_node)
         if not -1 <= cfg.metrics_port <= 65535:
             raise CliError("--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off", 2)
         if (cfg.cert is None) != (cfg.key is None):
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> None:
             f"{n['name']:<20} {'online' if n['online'] else 'offline':<8} {n['devices']:>7} {n['queued']:>6}  "
             f"{fmt_time(n['last_seen'])}" for n in nodes])
     elif action == "devices":
-        devices = call(args, "GET", f"/api/nodes/{args.node}/devices" if args.node else "/api/devices")
+        devices = call(args, "GET", (f"/api/nodes/{args.node}/devices" if args.node else "/api/devices") + "?limit=5000")
         show(args, devices, [f"{'NODE':<16} {'DEVICE':<20} {'STATE':<8} LAST SEEN"] + [
             f"{d['node']:<16} {d['id']:<20} {'online' if d['online'] else 'offline':<8} {fmt_time(d['last_seen'])}"
             for d in devices])
@@ -293,6 +293,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /healthz (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, default=9884,
                    help="their port (default 9884; 0 picks a free one, -1 turns them off)")
+    p.add_argument("--max-devices-per-node", type=int, default=10_000, metavar="N",
+                   help="devices the relay keeps for one node; what an edge sends for more is refused and counted "
+                        "(default 10000)")
     p.add_argument("--http-timeout", type=float, default=15.0, metavar="S",
                    help="close a connection whose request headers or body take longer, or that idles longer between "
                         "requests (default 15)")

@@ -30,7 +30,7 @@ from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
-from edgetrio.web import Events
+from edgetrio.web import Events, LoginGuard
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, open_writer
 
@@ -52,6 +52,7 @@ class RelayConfig:
     http_timeout: float = 15.0  # for a request's headers, for its whole body, and for an idle keep-alive connection
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz, on a port of their own
     metrics_port: int = 9884  # 0 picks a free one (in the run file), -1 turns them off
+    max_devices_per_node: int = 10_000  # devices the relay keeps for one node; what names more is refused, counted
 
 
 def operator_token(data_dir: Path) -> str:
@@ -121,13 +122,16 @@ def readings_in(item: Any) -> int:
 
 
 class Relay:
-    def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False) -> None:
+    def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False,
+                 max_devices_per_node: int = 10_000) -> None:
+        self.max_devices_per_node = max_devices_per_node
         self.writer = writer  # what thousands of edges send at once shares one group commit
         self.token = token
         self.builtin = ("operator", token)  # the operator token: the first admin's, for scripts (no login page)
         self.builtin_login = False
         self.secure_cookies = secure_cookies
         self.events = Events()  # to the dashboards' live streams
+        self.logins = LoginGuard()  # bounds what login floods cost
         self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
@@ -286,7 +290,12 @@ class Relay:
                 if not isinstance(items, list):
                     await self._refuse(session, "up needs a list of items")
                     return
-                offset, finished, skipped = await self.run(store.apply_up, session.node, items, time.time())
+                offset, finished, skipped, over_cap = await self.run(store.apply_up, session.node, items, time.time(),
+                                                                     self.max_devices_per_node)
+                if over_cap:  # counted and logged; the edge is acknowledged (resending would not make room)
+                    self.counters["devices_refused"] += len(over_cap)
+                    log.warning("node=%s: %d devices refused, over its cap of %d devices (%s ...)", session.node,
+                                len(over_cap), self.max_devices_per_node, wire.clip(", ".join(sorted(over_cap)[:5]), 120))
                 self.counters["batches_stored"] += 1
                 self.tell_dashboards(session.node, items)
                 self.counters["readings_received"] += sum(readings_in(item) for item in items)
@@ -349,7 +358,8 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             # leaving open_writer commits what was received, then stops the writer
             async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
-                relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert))
+                relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert),
+                              max_devices_per_node=cfg.max_devices_per_node)
                 gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
                 async with trio.open_nursery() as connections, serve_metrics(
                         cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from edgetrio import accounts
+from edgetrio import accounts, wire
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
@@ -124,21 +124,35 @@ def require_node(db: Database, name: str) -> None:
 
 # -- what comes up ---------------------------------------------------------------------------------------------------
 
-def _device(db: Database, node: str, device: str) -> dict[str, Any]:
+MAX_DEVICES_PER_NODE = 10_000  # one edge, even with a valid token, must not fill every operator's fleet page
+
+
+class TooManyDevices(ValueError):
+    """A node already has as many devices as the relay keeps for one node: what names a new one is refused."""
+
+
+def _device(db: Database, node: str, device: str, limit: int | None = None) -> dict[str, Any]:
     rows = list(db.query("SELECT * FROM devices WHERE node = ? AND id = ?", [node, device]))
     if rows:
         return rows[0]
+    limit = MAX_DEVICES_PER_NODE if limit is None else limit
+    if db.execute("SELECT count(*) FROM devices WHERE node = ?", [node]).fetchone()[0] >= limit:
+        raise TooManyDevices(f"node {node} has {limit} devices, as many as the relay keeps for one node; "
+                             f"{wire.clip(device, 64)!r} refused")
     row = {"node": node, "id": device, "registered": 1, "model": None, "online": 0, "last_seen": None,
            "meta": None, "twin": None}
     db.table("devices").insert(row)
     return row
 
 
-def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -> tuple[int, list[str], int]:
+def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float,
+             max_devices: int = MAX_DEVICES_PER_NODE) -> tuple[int, list[str], int, set[str]]:
     """Store a batch from an edge once: items at or below the node's last offset were stored before.
 
-    Returns (highest offset now stored, ids of commands whose result arrived, number of items skipped as unusable).
+    Returns (highest offset now stored, ids of commands whose result arrived, number of items skipped as unusable,
+    the devices refused as over the node's cap: their readings and changes are not kept).
     """
+    over_cap: set[str] = set()
     last = int(db.execute("SELECT last_offset FROM nodes WHERE name = ?", [node]).fetchone()[0])
     finished: list[str] = []
     skipped = 0
@@ -155,7 +169,10 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -
             continue
         try:
             with db.atomic():  # a savepoint: an item that fails halfway leaves none of its rows
-                done = _apply_item(db, node, resource, body, now)
+                done = _apply_item(db, node, resource, body, now, over_cap, max_devices)
+        except TooManyDevices:
+            over_cap.add(str(body.get("device")) if isinstance(body, dict) else "?")
+            done = None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, sqlite3.InterfaceError,
                 sqlite3.ProgrammingError):  # a number SQLite cannot hold, a value it cannot bind
             skipped += 1  # an item this relay cannot use must not block the ones behind it
@@ -164,26 +181,33 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float) -
             finished.append(done)
         last = offset
     db.execute("UPDATE nodes SET last_offset = ?, last_seen = ? WHERE name = ?", [last, now, node])
-    return last, finished, skipped
+    return last, finished, skipped, over_cap
 
 
-def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], now: float) -> str | None:
+def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], now: float,
+                over_cap: set[str], max_devices: int = MAX_DEVICES_PER_NODE) -> str | None:
     if resource == "readings":
         rows = [(node, str(r["device"]), int(r["boot"]), int(r["seq"]), float(r["ts"]), now, json.dumps(r["values"]))
                 for r in body["readings"]]
+        refused: set[str] = set()
+        for device in sorted({r[1] for r in rows}):
+            try:
+                _device(db, node, device, max_devices)
+            except TooManyDevices:  # the readings of devices past the cap go, those of the others are kept
+                refused.add(device)
+                continue
+            db.execute("UPDATE devices SET last_seen = ? WHERE node = ? AND id = ?", [now, node, device])
         db.conn.executemany(
             "INSERT OR IGNORE INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows)
-        for device in {r[1] for r in rows}:
-            _device(db, node, device)
-            db.execute("UPDATE devices SET last_seen = ? WHERE node = ? AND id = ?", [now, node, device])
+            [r for r in rows if r[1] not in refused])
+        over_cap.update(refused)
     elif resource == "twin":
-        _device(db, node, str(body["device"]))
+        _device(db, node, str(body["device"]), max_devices)
         db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?",
                    [json.dumps(body["twin"]), node, body["device"]])
     elif resource == "device":
         device = str(body["device"])
-        _device(db, node, device)
+        _device(db, node, device, max_devices)
         fields: dict[str, Any] = {k: body[k] for k in ("online", "last_seen", "model") if k in body}
         if "meta" in body:
             fields["meta"] = json.dumps(body["meta"])
@@ -197,7 +221,7 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
         kind = str(body["kind"])
         if kind not in ("log", "status", "reject"):
             raise ValueError(f"unknown event kind {kind!r}")
-        _device(db, node, str(body["device"]))
+        _device(db, node, str(body["device"]), max_devices)
         db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": float(body["ts"]),
                                           "received": now, "kind": kind, "body": json.dumps(body.get("body"))})
     elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
@@ -262,7 +286,14 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
 
 # -- operator views and actions ---------------------------------------------------------------------------------------
 
-def list_devices(db: Database, node: str | None = None) -> list[dict[str, Any]]:
+def count_devices(db: Database, node: str | None = None) -> int:
+    if node is None:
+        return int(db.execute("SELECT count(*) FROM devices WHERE registered = 1").fetchone()[0])
+    return int(db.execute("SELECT count(*) FROM devices WHERE registered = 1 AND node = ?", [node]).fetchone()[0])
+
+
+def list_devices(db: Database, node: str | None = None, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
+    """Registered devices by node and id; a page of them with `limit` (-1: all) and `offset`."""
     sql = "SELECT node, id, model, online, last_seen, meta FROM devices WHERE registered = 1"
     params: list[Any] = []
     if node is not None:
@@ -270,7 +301,7 @@ def list_devices(db: Database, node: str | None = None) -> list[dict[str, Any]]:
         sql += " AND node = ?"
         params.append(node)
     return [{**r, "online": bool(r["online"]), "meta": json.loads(r["meta"]) if r["meta"] else None}
-            for r in db.query(sql + " ORDER BY node, id", params)]
+            for r in db.query(sql + " ORDER BY node, id LIMIT ? OFFSET ?", [*params, limit, offset])]
 
 
 def _replica(db: Database, node: str, device: str) -> Twin:

@@ -46,6 +46,7 @@ class GatewayWeb(Watch):
         self.node = node
         self.counters: Counter[str] = Counter()
         self.events = web.Events()
+        self.logins = web.LoginGuard()  # bounds what login floods cost
         self.secure_cookies = False
         self.builtin = admin  # the data dir's admin credential: the local admin
         self.builtin_login = True

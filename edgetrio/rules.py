@@ -10,6 +10,7 @@ condition, or the condition no longer holding), then a cooldown in which the rul
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
@@ -246,8 +247,14 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
     else:
         context = rule_engine.Context(resolver=resolve,
                                       type_resolver=rule_engine.type_resolver_from_dict(_symbols(model, windowed)))
+    if _matches_pattern(text):
+        # Python's regular expressions backtrack: `"a"*40 + "!" =~ "(a|aa)+$"` held the relay and then the gateway
+        # for 20 s each (the engine even runs one on literals while it compiles), and a regex cannot be stopped once
+        # it runs. Conditions compare values instead.
+        raise RuleError(f"rule {rule!r}: {key} {wire.clip(text, 80)!r}: regular expressions (=~, =~~, !~, !~~) are "
+                        "not allowed in conditions: some take exponential time; compare values instead (==, in, <)")
     try:
-        return rule_engine.Rule(text, context=context)
+        compiled = rule_engine.Rule(text, context=context)
     except rule_engine.RuleSyntaxError as exc:
         where = f"column {exc.token.lexpos + 1}" if exc.token is not None else "the end"
         raise RuleError(f"rule {rule!r}: {key} {text!r}: syntax error at {where}") from exc
@@ -261,6 +268,27 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
         raise RuleError(f"rule {rule!r}: {key} {text!r}: {exc.message}{about}") from exc
     except RecursionError as exc:  # `not not not ...` a few hundred deep exhausts the parser's stack
         raise RuleError(f"rule {rule!r}: {key} is nested too deep") from exc
+    return compiled
+
+
+@functools.cache
+def _lexer() -> Any:
+    """The engine's lexer, built once (building it takes about a second)."""
+    return _engine().parser.Parser()._lexer
+
+
+PATTERN_TOKENS = frozenset({"EQ_FZM", "EQ_FZS", "NE_FZM", "NE_FZS"})  # rule-engine's =~ =~~ !~ !~~
+
+
+def _matches_pattern(text: str) -> bool:
+    """Whether a condition uses a regular-expression comparison: read by the engine's own lexer, before anything is
+    compiled (a string that merely contains "=~" is not one)."""
+    lexer = _lexer().clone()
+    lexer.input(text)
+    try:
+        return any(token.type in PATTERN_TOKENS for token in iter(lexer.token, None))
+    except Exception:  # an illegal character: the compile that follows says where
+        return False
 
 
 def holds(condition: Any, subject: Subject) -> bool | None:

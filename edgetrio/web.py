@@ -10,6 +10,7 @@ session cookie (HttpOnly, SameSite=Strict), and its writes must carry the sessio
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import hmac
 import io
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -41,8 +43,15 @@ T = TypeVar("T")
 MAX_BODY = 1024 * 1024
 SESSION_COOKIE = "edgetrio_session"
 SESSION_HOURS = 12.0
-STREAM_QUEUE = 256  # events waiting for one dashboard stream; a slower one misses some (it reloads what it shows)
+STREAM_QUEUE = 256  # events waiting for one dashboard stream; a reader further behind loses its stream (it reconnects)
+STREAM_BYTES = 1024 * 1024  # ... and bytes: what an unread stream may hold in this process
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle stream (and how a gone client is noticed)
+STREAMS_PER_ACCOUNT = 8  # open event streams of one account (a page has one; a few tabs)
+STREAMS_TOTAL = 256  # open event streams of everyone together: each costs a task, a socket and work on every event
+STREAM_SEND_TIMEOUT = 30.0  # a client that takes no bytes for this long loses its stream (and its socket)
+LOGIN_CHECKS_AT_ONCE = 2  # password checks (scrypt, 32 MiB each) running together; more logins wait their turn
+LOGIN_FAILURES = 10  # failed logins a minute per source address, and per account name, before 429
+PEER: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="")  # the connection's source address
 WEB = Path(__file__).parent / "webui"  # the dashboard's files, served by the relay and the gateway
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8", "vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8",
@@ -71,12 +80,14 @@ class Reply:
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
     stream: AsyncIterator[bytes] | None = None
+    release: Callable[[], None] | None = None  # called once the response has ended, however it ended
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or []
 
 
 @dataclass(frozen=True)
@@ -96,11 +107,20 @@ class Interest:
 class Events:
     """Fans out what the relay stores (readings, twins, devices, nodes) to the open dashboard streams. Each stream
     says what it wants and is handed only that: a thousand open fleet pages cost the ingest path a comparison each,
-    not a wake-up per reading (measured in tools/bench/bench_dashboard.py)."""
+    not a wake-up per reading (measured in tools/bench/bench_dashboard.py).
 
-    def __init__(self) -> None:
+    Streams are bounded per account and in total (429 beyond), and a stream whose reader falls STREAM_QUEUE events
+    behind is closed (the page reconnects and reloads): publishing never waits, so no reader can hold up ingest."""
+
+    def __init__(self, per_account: int = STREAMS_PER_ACCOUNT, total: int = STREAMS_TOTAL) -> None:
         self.streams: dict[trio.MemorySendChannel[bytes], Interest] = {}
-        self.missed = 0
+        self.owners: dict[trio.MemorySendChannel[bytes], str] = {}
+        self.held: dict[trio.MemorySendChannel[bytes], int] = {}  # bytes queued for each stream, not sent yet
+        self.per_account = per_account
+        self.total = total
+        self.missed = 0  # events a slow stream did not get (it was closed)
+        self.closed_slow = 0
+        self.refused = 0
 
     def publish(self, event: dict[str, Any]) -> None:
         frame = b""  # encoded once, for every stream that wants it
@@ -108,14 +128,94 @@ class Events:
             if interest.wants(event):
                 frame = frame or f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
                 try:
+                    if self.held[stream] + len(frame) > STREAM_BYTES:
+                        raise trio.WouldBlock
                     stream.send_nowait(frame)
-                except trio.WouldBlock:
+                    self.held[stream] += len(frame)
+                except trio.WouldBlock:  # a reader this far behind: it loses its stream, not ingest its time
                     self.missed += 1
+                    self.closed_slow += 1
+                    self.close(stream)
 
-    def open(self, interest: Interest) -> tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]:
+    def open(self, interest: Interest,
+             owner: str) -> tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]:
+        """A new stream for `owner` (an account); HTTPError 429 when the account or the server has too many."""
+        mine = sum(1 for o in self.owners.values() if o == owner)
+        if mine >= self.per_account or len(self.streams) >= self.total:
+            self.refused += 1
+            limit = (f"{self.per_account} per account" if mine >= self.per_account
+                     else f"{self.total} on this server")
+            raise HTTPError(429, f"too many open event streams ({limit}): close other dashboard tabs",
+                            [("retry-after", "10")])
         send, receive = trio.open_memory_channel[bytes](STREAM_QUEUE)
         self.streams[send] = interest
+        self.owners[send] = owner
+        self.held[send] = 0
         return send, receive
+
+    def taken(self, stream: trio.MemorySendChannel[bytes], size: int) -> None:
+        """The stream's reader took a frame off its queue."""
+        if stream in self.held:
+            self.held[stream] -= size
+
+    def close(self, stream: trio.MemorySendChannel[bytes]) -> None:
+        """End a stream: its reader gets what is queued, then the end."""
+        self.streams.pop(stream, None)
+        self.owners.pop(stream, None)
+        self.held.pop(stream, None)
+        stream.close()
+
+
+class LoginGuard:
+    """What login tries may cost: at most LOGIN_CHECKS_AT_ONCE password checks at a time (each scrypt takes 32 MiB),
+    and per source address and per account name at most LOGIN_FAILURES failures a minute, then 429 with Retry-After
+    (the built-in admin name too, which needs no KDF). Refusals are logged once a minute with counts, not per try."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.checks = trio.CapacityLimiter(LOGIN_CHECKS_AT_ONCE)
+        self.failures: dict[str, list[float]] = {}
+        self.refused: Counter[str] = Counter()  # since the last log line: names and addresses refused
+        self.logged_at = 0.0
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self.failures.get(key, []) if now - t < self.WINDOW]
+        if times:
+            self.failures[key] = times
+        else:
+            self.failures.pop(key, None)
+        return times
+
+    def admit(self, name: str, peer: str) -> None:
+        """Raise 429 while this address or this name has failed too often lately."""
+        now = time.monotonic()
+        for key in (f"address {peer}", f"name {name[:64]}"):
+            recent = self._recent(key, now)
+            if len(recent) >= LOGIN_FAILURES:
+                self.note(key, now)
+                wait = max(1, int(self.WINDOW - (now - recent[0])) + 1)
+                raise HTTPError(429, f"too many failed logins from this {key.split()[0]}: try again in {wait} s",
+                                [("retry-after", str(wait))])
+
+    def failed(self, name: str, peer: str) -> None:
+        now = time.monotonic()
+        if len(self.failures) > 10_000:  # unbounded names and addresses must not grow this without end
+            for key in list(self.failures):
+                self._recent(key, now)
+        for key in (f"address {peer}", f"name {name[:64]}"):
+            self.failures.setdefault(key, []).append(now)
+        self.note(f"name {name[:64]}", now)
+
+    def note(self, key: str, now: float) -> None:
+        self.refused[key] += 1
+        if now - self.logged_at >= self.WINDOW:
+            self.logged_at = now
+            total = sum(self.refused.values())
+            top = ", ".join(f"{k} x{n}" for k, n in self.refused.most_common(3))
+            log.warning("logins refused: %d in the last minute (%s)", total, wire.clip(top, 200))
+            self.refused.clear()
+
 
 class Site(Protocol):
     """What the shared web side needs of a server (the relay, the gateway daemon)."""
@@ -125,6 +225,7 @@ class Site(Protocol):
     secure_cookies: bool  # served over TLS: cookies get the Secure flag
     builtin: tuple[str, str]  # the built-in admin: (name, secret); the secret works as a bearer token
     builtin_login: bool  # ... and as that name's password on the login page
+    logins: LoginGuard
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -160,7 +261,12 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
     if method == "GET" and (target.path == "/" or target.path.startswith("/static/")):
         return static_file(target.path)
     headers = {k.lower().decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+    if target.path == "/api/login" and method != "POST":
+        raise HTTPError(405, f"{method} is not allowed on /api/login", [("allow", "POST")])
     if target.path == "/api/login" and method == "POST":
+        # JSON only: a foreign page can post a form or text/plain without asking, never application/json
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPError(415, "log in with a JSON body (content-type: application/json)")
         return await login(site, parse_body(body))
     principal = await authenticate(site, headers)
     writes = method not in ("GET", "HEAD") and target.path != "/api/logout"
@@ -187,8 +293,9 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
             except Exception as exc:
                 log.exception("request %s %s failed", method, target.path)
                 raise HTTPError(500, f"internal error: {type(exc).__name__}") from exc
-    if any(route.pattern.fullmatch(target.path) for route in routes):
-        raise HTTPError(405, f"{method} is not allowed on {target.path}")
+    allowed = sorted({route.method for route in routes if route.pattern.fullmatch(target.path)})
+    if allowed:  # RFC 9110: a 405 says which methods the resource has
+        raise HTTPError(405, f"{method} is not allowed on {target.path}", [("allow", ", ".join(allowed))])
     raise HTTPError(404, f"no such endpoint {target.path}")
 
 
@@ -217,22 +324,26 @@ def series_query(query: Params) -> tuple[float, int]:
     return span, int(points)
 
 
-def event_stream(site: Site, query: Params) -> Reply:
-    """Server-sent events: what the server stores as it stores it (`node`, `device`, `kinds` narrow it down)."""
+def event_stream(site: Site, query: Params, owner: str) -> Reply:
+    """Server-sent events: what the server stores as it stores it (`node`, `device`, `kinds` narrow it down).
+    429 when the account or the server has too many streams open; the stream ends when its reader falls behind."""
     kinds = frozenset(k for k in query.get("kinds", "").split(",") if k)
     interest = Interest(query.get("node") or None, query.get("device") or None, kinds)
+    send, receive = site.events.open(interest, owner)
 
     async def events() -> AsyncIterator[bytes]:
-        send, receive = site.events.open(interest)
-        try:
-            yield b"retry: 2000\n\n"
-            while True:
-                with trio.move_on_after(HEARTBEAT) as idle:
+        yield b"retry: 2000\n\n"
+        while True:
+            frame = b": idle\n\n"
+            with trio.move_on_after(HEARTBEAT):
+                try:
                     frame = await receive.receive()
-                yield b": idle\n\n" if idle.cancelled_caught else frame
-        finally:
-            site.events.streams.pop(send, None)
-    return Reply(200, content_type="text/event-stream", headers=[("cache-control", "no-store")], stream=events())
+                    site.events.taken(send, len(frame))
+                except trio.EndOfChannel:  # closed for falling behind: the page reconnects and reloads
+                    return
+            yield frame
+    return Reply(200, content_type="text/event-stream", headers=[("cache-control", "no-store")], stream=events(),
+                 release=partial(site.events.close, send))
 
 
 async def me(site: Site, who: Principal, path: Params, query: Params, data: Body) -> Result:
@@ -247,7 +358,7 @@ async def logout(site: Site, who: Principal, path: Params, query: Params, data: 
 
 
 async def stream(site: Site, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    return 200, event_stream(site, query)
+    return 200, event_stream(site, query, who.name)
 
 
 ACCOUNT_ROUTES: Routes = [
@@ -262,6 +373,7 @@ async def serve_requests(site: Site, route: Callable[[h11.Request, bytes], Await
                          next_event: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> None:
     """Serve requests on one connection (keep-alive) until the client closes it, or takes longer than `timeout`
     to send a whole body or, idle, its next request."""
+    PEER.set(peer_address(stream))
     event = first
     while isinstance(event, h11.Request):
         body = bytearray()
@@ -280,24 +392,32 @@ async def serve_requests(site: Site, route: Callable[[h11.Request, bytes], Await
                     return
         if not isinstance(part, h11.EndOfMessage):
             return
+        extra: list[tuple[str, str]] = []
         try:
             if too_large:
                 raise HTTPError(413, f"request body over {MAX_BODY} bytes")
             status, payload = await route(event, bytes(body))
         except HTTPError as exc:
-            status, payload = exc.status, {"error": str(exc)}
+            status, payload, extra = exc.status, {"error": str(exc)}, exc.headers
         site.counters[f"api_{status}"] += 1
         reply = payload if isinstance(payload, Reply) else Reply(status, json.dumps(payload).encode())
-        headers = [("content-type", reply.content_type), *reply.headers]
+        headers = [("content-type", reply.content_type), *SECURITY_HEADERS, *reply.headers, *extra]
         if reply.stream is None:
             headers.append(("content-length", str(len(reply.body))))
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers,
-                                                     reason=HTTPStatus(status).phrase.encode())))
-        if reply.stream is not None:  # until the client goes away (a send fails) or the server stops
-            async with contextlib.aclosing(reply.stream) as chunks:  # type: ignore[type-var]
-                async for chunk in chunks:
-                    await stream.send_all(conn.send(h11.Data(data=chunk)))
-            return
+        try:
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers,
+                                                         reason=HTTPStatus(status).phrase.encode())))
+            if reply.stream is not None:  # until the client goes away, takes nothing for a while, or the server stops
+                async with contextlib.aclosing(reply.stream) as chunks:  # type: ignore[type-var]
+                    async for chunk in chunks:
+                        with trio.move_on_after(STREAM_SEND_TIMEOUT) as stuck:
+                            await stream.send_all(conn.send(h11.Data(data=chunk)))
+                        if stuck.cancelled_caught:  # a reader that reads nothing holds a socket and memory
+                            return
+                return
+        finally:
+            if reply.release is not None:
+                reply.release()
         await stream.send_all(conn.send(h11.Data(data=reply.body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
         if conn.our_state is h11.MUST_CLOSE:
@@ -306,6 +426,23 @@ async def serve_requests(site: Site, route: Callable[[h11.Request, bytes], Await
         event = None
         with trio.move_on_after(timeout):
             event = await next_event()
+
+
+# Every answer: the pages load their scripts and styles from this server only, and may not be framed by another site
+SECURITY_HEADERS = [
+    ("content-security-policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    ("x-frame-options", "DENY"), ("x-content-type-options", "nosniff"), ("referrer-policy", "same-origin")]
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The client's address (through TLS too); "" when the stream is not a socket."""
+    inner: Any = getattr(stream, "transport_stream", stream)
+    sock = getattr(inner, "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else ""
+    except OSError:
+        return ""
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -363,17 +500,20 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
     name, password = data.get("name"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str):
         raise HTTPError(400, "send 'name' and 'password'")
+    peer = PEER.get()
+    site.logins.admit(name, peer)
     builtin, secret = site.builtin
     if name == builtin and site.builtin_login:  # the gateway's admin credential logs in as its local user
         user: dict[str, Any] | None = {"name": builtin, "role": "admin"}
         ok = hmac.compare_digest(password.encode(), secret.encode())
     else:
         user = await site.run(accounts.get_user, name)
-        # the slow KDF runs beside the loop, and as long for an unknown name as for a known one
-        ok = await trio.to_thread.run_sync(verify_password, password, user["password_hash"] if user else None)
+        # the slow KDF runs beside the loop, a few at a time, and as long for an unknown name as for a known one
+        async with site.logins.checks:
+            ok = await trio.to_thread.run_sync(verify_password, password, user["password_hash"] if user else None)
     if user is None or not ok:
         site.counters["login_refused"] += 1
-        log.warning("login refused user=%s", wire.clip(name, 64))
+        site.logins.failed(name, peer)
         raise HTTPError(401, "wrong name or password")
     key, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(18)
     await site.run(accounts.start_session, user["name"], user["role"], key, csrf, time.time() + SESSION_HOURS * 3600)

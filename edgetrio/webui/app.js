@@ -88,7 +88,9 @@ async function fleet() {
          el("td", {}, n.devices), el("td", {}, n.queued),
          ["refused", "rejected", "dropped", "outbox_rows"].map((k) => el("td", { class: `count-${k}` }, c[k] ?? "-")),
          el("td", {}, ago(n.last_seen))); }))),
-    el("h2", {}, "Devices"), deviceTable(devices));
+    el("h2", {}, "Devices"), deviceTable(devices),
+    devices.length >= 500 ? el("p", { class: "muted", id: "devices-more" },
+                               "The first 500 devices; a node's page lists its own.") : "");
   follow({ kinds: "node,device,alert" }, () => route());
 }
 
@@ -118,7 +120,7 @@ function deviceTable(devices) {
 
 async function node(name) {
   setCrumbs({ text: "fleet", href: "#/" }, { text: name });
-  const devices = await api("GET", `/api/nodes/${encodeURIComponent(name)}/devices`);
+  const devices = await api("GET", `/api/nodes/${encodeURIComponent(name)}/devices?limit=5000`);
   main().replaceChildren(el("h2", {}, `Node ${name}`), deviceTable(devices));
   follow({ node: name, kinds: "node,device" }, () => route());
 }
@@ -140,7 +142,7 @@ async function device(nodeName, id) {
   const range = new URLSearchParams(location.hash.split("?")[1] || "").get("range") || "1h";
   const [series, twin, devices] = await Promise.all([
     api("GET", `${base}/series?range=${range}&points=600`), api("GET", `${base}/twin`),
-    api("GET", `/api/nodes/${encodeURIComponent(nodeName)}/devices`)]);
+    api("GET", `/api/nodes/${encodeURIComponent(nodeName)}/devices?limit=5000`)]);
   const info = devices.find((d) => d.id === id) || {};
   const ranges = el("div", { class: "row" }, "Range:", ["1h", "24h", "7d"].map((r) =>
     el("button", { class: r === range ? "range active" : "range", "data-range": r,

@@ -1,0 +1,200 @@
+"""Exhaustion by logged-in users and valid edges: one account, one address or one node cannot starve everyone else.
+
+Each test attacks a real relay or gateway on loopback as a viewer, a login flood, an admin's rule or a valid edge
+would, and checks the bound holds with a clear error, and that the service goes on serving.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from edgetrio.tools.testkit import Daemon, Probe, Relay, wait_until
+from edgetrio.web import LOGIN_FAILURES, STREAMS_PER_ACCOUNT
+
+
+def http(base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(base + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def open_stream(address: str, token: str, receive_buffer: int = 0) -> tuple[socket.socket, bytes]:
+    """An event stream as a page opens it, left unread; returns the socket and the answer's head (and body, when
+    the answer is a refusal)."""
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    if receive_buffer:  # before connecting: the window the client offers follows it (a reader that takes little)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    sock.sendall(f"GET /api/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n".encode())
+    head = sock.recv(4096)
+    while not head.startswith(b"HTTP/1.1 200") and not head.rstrip().endswith(b"}"):
+        head += sock.recv(4096)
+    return sock, head
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Any:
+    r = Relay(tmp_path / "relay")
+    r.extra = ("--max-devices-per-node", "5")
+    r.start()
+    yield r
+    r.stop()
+
+
+def test_event_streams_are_bounded_per_account_with_a_clear_error(relay: Relay) -> None:
+    relay.cli("user", "add", "vic", "--role", "viewer")
+    viewer = relay.json("user", "token", "vic")["token"]
+    streams = [open_stream(relay.api_url, viewer) for _ in range(STREAMS_PER_ACCOUNT)]
+    assert all(first.startswith(b"HTTP/1.1 200") for _, first in streams)
+    sock, refused = open_stream(relay.api_url, viewer)
+    assert refused.startswith(b"HTTP/1.1 429") and b"too many open event streams (8 per account)" in refused
+    sock.close()
+    # another account is not starved by this one, and the relay answers meanwhile
+    operator = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+    other, first = open_stream(relay.api_url, operator)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert http(relay.api_url, "GET", "/api/nodes", headers={"authorization": f"Bearer {viewer}"})[0] == 200
+    # a stream closed gives its place back
+    streams[0][0].close()
+    def reopened() -> bool:
+        sock, head = open_stream(relay.api_url, viewer)
+        sock.close()
+        return head.startswith(b"HTTP/1.1 200")
+    wait_until(reopened)
+    for s, _ in streams[1:]:
+        s.close()
+    other.close()
+
+
+def test_a_login_flood_is_slowed_per_address_and_name_and_logged_once(relay: Relay) -> None:
+    answers = []
+    for _ in range(LOGIN_FAILURES + 5):
+        status, headers, body = http(relay.api_url, "POST", "/api/login", json.dumps(
+            {"name": "alice", "password": "guess"}).encode(), {"content-type": "application/json"})
+        answers.append((status, headers.get("retry-after"), json.loads(body)["error"]))
+    assert [a[0] for a in answers] == [401] * LOGIN_FAILURES + [429] * 5, answers
+    assert int(answers[-1][1] or 0) > 0 and "too many failed logins" in answers[-1][2]
+    log = (relay.data_dir.parent / "relay-relay.log").read_text()
+    assert log.count("logins refused") <= 2 and "login refused user=" not in log  # counted, not a line per try
+
+
+def test_login_takes_json_only_and_answers_say_what_is_allowed(relay: Relay) -> None:
+    status, _, body = http(relay.api_url, "POST", "/api/login", b'{"name": "a", "password": "b"}',
+                           {"content-type": "text/plain"})  # what a foreign page can post without asking
+    assert status == 415 and b"JSON" in body
+    status, headers, _ = http(relay.api_url, "TRACE", "/api/login")
+    assert status == 405 and headers["allow"] == "POST"
+    operator = {"authorization": "Bearer " + json.loads((relay.data_dir / "operator.json").read_text())["token"]}
+    status, headers, _ = http(relay.api_url, "DELETE", "/api/devices", headers=operator)
+    assert status == 405 and headers["allow"] == "GET"
+    status, headers, _ = http(relay.api_url, "GET", "/")
+    assert status == 200 and "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+
+
+def test_admin_input_that_once_was_a_500_is_a_400(relay: Relay) -> None:
+    relay.add_node("gw1")
+    operator = {"authorization": "Bearer " + json.loads((relay.data_dir / "operator.json").read_text())["token"],
+                "content-type": "application/json"}
+    status, _, body = http(relay.api_url, "POST", "/api/nodes/gw1/alerts/99999999999999999999999/ack", b"{}",
+                           operator)
+    assert status == 400 and b"alert id" in body
+    status, _, body = http(relay.api_url, "POST", "/api/nodes/gw1/devices",
+                           json.dumps({"id": "ok-1", "model": {"a": 1}}).encode(), operator)
+    assert status == 400 and b"'model'" in body
+
+
+def test_a_rule_that_would_backtrack_is_refused_at_once(relay: Relay, tmp_path: Path) -> None:
+    relay.add_node("gw1")
+    rules = tmp_path / "evil.toml"
+    rules.write_text('[[rule]]\nname = "evil"\ndevices = ["*"]\n'
+                     'when = \'"' + "a" * 40 + '!" =~ "(a|aa)+$" or temperature > 100\'\n')
+    refused = relay.cli("rules", "apply", "gw1", str(rules), check=False)
+    assert refused.returncode == 2 and "regular expressions" in refused.stderr, refused.stderr
+    assert http(relay.api_url, "GET", "/openapi.json")[0] == 200  # and the relay answers
+
+
+async def test_an_edge_cannot_create_devices_without_bound(relay: Relay) -> None:
+    token = await trio.to_thread.run_sync(relay.add_node, "gw1")
+    headers = [(b"authorization", f"Bearer {token}".encode()), (b"x-edgetrio-node", b"gw1")]
+    readings = [{"device": f"flood-{i}", "boot": 1, "seq": 1, "ts": time.time(), "values": {"t": 1.0}}
+                for i in range(8)]
+    frame = json.dumps({"id": "f1", "op": "up", "resource": "batch", "ts": time.time(),
+                        "body": {"items": [{"offset": 1, "ts": time.time(), "resource": "readings",
+                                            "body": {"readings": readings}}]}})
+    async with open_websocket_url(relay.url.rstrip("/") + "/edge", extra_headers=headers) as ws:
+        await ws.send_message(frame)
+        with trio.fail_after(30):
+            while json.loads(await ws.get_message())["op"] != "ack":
+                pass  # the relay acknowledges the item: resending would not make room
+    devices = await trio.to_thread.run_sync(relay.json, "devices")
+    assert sorted(d["id"] for d in devices) == [f"flood-{i}" for i in range(5)]  # the cap, no more
+    log = (relay.data_dir.parent / "relay-relay.log").read_text()
+    assert "3 devices refused, over its cap of 5 devices" in log
+
+
+def ended_by_server(sock: socket.socket, within: float = 90) -> bool:
+    """Read what the server sent until it closes the connection; False if it is still open after `within` s."""
+    deadline = time.monotonic() + within
+    sock.settimeout(5)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_a_gateway_stream_that_falls_behind_is_ended_and_ingest_goes_on(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "gw")
+    daemon.data_dir.mkdir()
+    daemon.start()
+    sockets = []
+    try:
+        _, secret = daemon.admin()
+        for _ in range(STREAMS_PER_ACCOUNT):  # the most one account may open, none of them read
+            sock, first = open_stream("http://" + daemon.http, secret, receive_buffer=4096)
+            assert first.startswith(b"HTTP/1.1 200")
+            sockets.append(sock)
+        probes = []
+        note = "x" * 3000  # big readings: about 10 MB in all, more than the sockets' buffers and a stream's bound
+        for n in range(4):
+            password = daemon.add_device(f"busy-{n}")
+            probe = Probe(daemon, f"busy-{n}", password, f"busy-{n}")
+            assert probe.accepted() and probe.subscribe(f"edgetrio/busy-{n}/ack")
+            probes.append(probe)
+        for seq in range(1, 801):
+            for n, probe in enumerate(probes):
+                probe.publish(f"edgetrio/busy-{n}/telemetry",
+                              json.dumps({"boot": 1, "seq": seq, "values": {"note": note}}))
+        # every reading stored: ingest went on (acks are cumulative at QoS 0: the store is what to wait for)
+        wait_until(lambda: [d["readings"] for d in json.loads(daemon.cli("device", "list", "--json").stdout)]
+                   == [800] * 4, timeout=120)
+        for probe in probes:
+            probe.close()
+        # each unread stream fell more than a queue behind: the gateway ended it (the page would reconnect and
+        # reload) instead of keeping the backlog and the socket
+        assert all(ended_by_server(sock) for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        daemon.stop()
