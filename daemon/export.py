@@ -216,7 +216,7 @@ class Export(Watch):
         try:
             while True:
                 self._wake[sink.name] = trio.Event()
-                rows = await self.writer.write(partial(fetch, position=position, limit=sink.batch))
+                rows = await self.writer.read(partial(fetch, position=position, limit=sink.batch))  # no commit
                 if not rows:
                     state["state"] = "idle" if state["state"] != "down" else "down"
                     with trio.move_on_after(5):

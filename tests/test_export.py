@@ -38,6 +38,11 @@ def gateway(tmp_path: Path, sinks: str) -> tuple[Daemon, Probe]:
     return gw, probe
 
 
+def sink_idle(gw: Daemon, name: str) -> bool:
+    """The sink has sent all it has to send (its cursor is at the end): nothing more can come without new readings."""
+    return bool(gw.status()["daemon"]["export"][name]["state"] == "idle")
+
+
 def publish(probe: Probe, seqs: range) -> None:
     for seq in seqs:
         probe.publish("edgetrio/sensor-1/telemetry", reading(seq))
@@ -74,7 +79,7 @@ def test_webhook_down_then_back_and_a_restart_lose_and_repeat_nothing(tmp_path: 
         gw.start()
         try:
             wait_until(lambda: len(webhook_seqs(receiver)) == 10, timeout=30)
-            time.sleep(1)
+            wait_until(lambda: sink_idle(gw, "hook"))
             assert webhook_seqs(receiver) == list(range(21, 31))
         finally:
             receiver.close()
@@ -199,7 +204,9 @@ def test_a_rule_exports_the_readings_that_fire_it_to_its_own_sink(tmp_path: Path
             probe.publish("edgetrio/sensor-1/telemetry", json.dumps(
                 {"boot": 1, "seq": seq, "ts": time.time(), "values": {"temperature": temperature}}))
         wait_until(lambda: sum(len(p["readings"]) for p in receiver.posts) == 3, timeout=20)
-        time.sleep(1)
+        # every reading judged (the last one fired again) and the sink caught up: nothing more can come
+        wait_until(lambda: [h["event"] for h in json.loads(gw.cli("rule", "history", "hot", "--json").stdout)
+                            ].count("firing") == 2 and sink_idle(gw, "incidents"))
         sent = [r for p in receiver.posts for r in p["readings"]]
         # the readings that fired it and that resolved it, nothing else
         assert [(r["state"], r["values"]["temperature"]) for r in sent] == [
