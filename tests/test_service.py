@@ -87,7 +87,8 @@ def test_the_daemon_speaks_systemds_notify_protocol(tmp_path: Path) -> None:
 
     def until(pings: int, timeout: float = 60) -> list[str]:
         """What the daemon sent until it had fed the watchdog `pings` times (a wait for the state, not a time)."""
-        out, deadline = [], time.monotonic() + timeout
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
         while out.count("WATCHDOG=1") < pings and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 out.append(sock.recv(4096).decode())
