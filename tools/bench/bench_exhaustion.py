@@ -5,7 +5,8 @@
 The gateway daemon saturated by bench_ingest's load (QoS 1, ~100-byte readings, every device keeping a window of
 readings unacknowledged): alone (the baseline), then while an attacker with the gateway's admin credential opens
 1,000 dashboard event streams and never reads them, while 64 clients flood /api/login with wrong passwords, and while
-an admin adds a rule whose condition would backtrack for minutes (once a second). Prints readings/s of each and the ratio to alone.
+an admin adds a rule whose condition would backtrack for minutes (once a second). Prints readings/s of each and the
+ratio to alone.
 """
 
 from __future__ import annotations
