@@ -71,7 +71,13 @@ def test_a_blank_virtual_board_is_new_and_a_running_board_is_not_started_twice(t
             listing = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect", str(tty), "ls"],
                                      capture_output=True, text=True, timeout=60)
             assert listing.returncode == 0, listing.stderr
-            assert not {"boot.py", "main.py", "state.json", "lib/"} & set(listing.stdout.split()), listing.stdout
+            # a new board's flash is empty, and holds nothing of the simulator (its sim/ folder, its console log)
+            assert not {"boot.py", "main.py", "state.json", "lib/", "sim/", "console.log"} & set(
+                listing.stdout.split()), listing.stdout
+            (daemon.data_dir / "vdevs" / "greenhouse-2" / "notes.txt").write_text("x" * 1234)
+            listed = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect", str(tty), "ls", "+",
+                                     "df"], capture_output=True, text=True, timeout=60).stdout
+            assert "1234 notes.txt" in listed and "<VfsLfs2>" in listed and "Flash object" not in listed, listed
         finally:
             blank.send_signal(signal.SIGTERM)
             out, _ = blank.communicate(timeout=30)

@@ -5,6 +5,7 @@ import vfs
 
 BLOCK = 4096
 BLOCKS = 512  # 2 MiB
+HIDDEN = ("sim", "console.log")  # the simulator's files in the flash folder: not a board's
 
 
 def _inside(path):
@@ -29,7 +30,19 @@ class Flash(vfs.VfsPosix):
         return super().stat(_inside(path))
 
     def ilistdir(self, path):
-        return super().ilistdir(_inside(path))
+        """As LittleFS lists a folder: (name, type, inode, size); the simulator's own files (its controls in sim/,
+        the console log) are not on a board's flash and are not listed."""
+        path = _inside(path)
+        at_root = _inside(path if path.startswith("/") else os.getcwd() + "/" + path) == "/"
+        for entry in super().ilistdir(path):
+            name = entry[0]
+            if at_root and name in HIDDEN:
+                continue
+            size = 0 if entry[1] == 0x4000 else super().stat(path.rstrip("/") + "/" + name if path else name)[6]
+            yield (name, entry[1], 0, size)
+
+    def __repr__(self):
+        return "<VfsLfs2>"  # what a 4 MB ESP32's filesystem is
 
     def mkdir(self, path):
         return super().mkdir(_inside(path))
