@@ -253,6 +253,8 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                                 partial(status, started, roster, ingest, writer, counters, hub,
                                                         supervisor, export, automation), automation)
                         health = Health(roster, ingest, link, writer, counters, hub)
+                        # the gateway's own fleet page shows what the relay's shows of it
+                        site.report = lambda: node_report(counters.live(), health.outbox["rows"], len(roster.connected()))
                         gauges = GatewayCollector(health.snapshot, trio.lowlevel.current_trio_token())
 
                         async def ingest_until_drained() -> None:

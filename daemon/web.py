@@ -47,6 +47,7 @@ class GatewayWeb(Watch):
         self.counters: Counter[str] = Counter()
         self.events = web.Events()
         self.logins = web.LoginGuard()  # bounds what login floods cost
+        self.report: Callable[[], dict[str, int]] = dict  # what the fleet page shows of this gateway (set by the root)
         self.secure_cookies = False
         self.builtin = admin  # the data dir's admin credential: the local admin
         self.builtin_login = True
@@ -136,7 +137,7 @@ def _device_row(node: str, row: dict[str, Any]) -> dict[str, Any]:
 
 async def nodes(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
     return 200, [{"name": site.node, "online": True, "last_seen": time.time(), "connects": 1,
-                  "devices": len(site.roster.models), "queued": 0}]
+                  "devices": len(site.roster.models), "queued": 0, "counters": site.report()}]
 
 
 async def devices(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:

@@ -240,6 +240,11 @@ def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[
     wait(browser, lambda d: f"{admin_user} (admin)" in find(d, "#whoami").text)
     wait(browser, lambda d: BOARD in find(d, "#devices").text)
     assert "frost-watch" in find(browser, "#alerts tr.alert-firing").text  # the gateway's own alerts too
+    # its own counts, as the relay's page shows them (it showed "-"): the first test's refused login and bad reading
+    counts = {k: find(browser, f'#nodes tr[data-node="gw1"] .count-{k}').text
+              for k in ("refused", "rejected", "dropped", "outbox_rows")}
+    assert all(v.isdigit() for v in counts.values()) and int(counts["refused"]) >= 1 and int(counts["rejected"]) >= 1, \
+        counts
     browser.get(f"{site}/#/device/gw1/{BOARD}")
     wait(browser, lambda d: points(d, "temperature") > 0)
     # the twin (threshold back to 0: the first test's threshold 1 holds back readings that change less)
