@@ -219,6 +219,7 @@ def test_every_range_is_held_to_its_span_and_the_page_fits_the_screen(stack: tup
         now = time.time()
         assert abs(high - now) < 120 and abs((high - low) - span) < span * 0.02, (name, low, high, now)
         assert browser.execute_script(fits), f"the device page at {name} is wider than the screen"
+        assert find(browser, '.plot[data-resource="temperature"] h3').text == "temperature (C)"  # with its unit
 
 
 

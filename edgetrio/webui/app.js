@@ -159,7 +159,10 @@ async function device(nodeName, id) {
     el("p", { class: "muted" }, `model ${info.model || (info.meta && info.meta.model) || "-"} · firmware `,
        (info.meta && info.meta.firmware) || "-", ` · last seen ${ago(info.last_seen)}`),
     ranges, plots, twinPanel, commands, logs);
-  drawPlots(plots, series, range);
+  // units as the board announced its resources (meta), shown in each plot's title
+  const units = Object.fromEntries(((info.meta && info.meta.resources) || []).filter((r) => r && r.unit)
+                                   .map((r) => [r.name, r.unit]));
+  drawPlots(plots, series, range, units);
   showTwin(twinPanel, base, twin);
   showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
   showLogs(logs, base);
@@ -167,18 +170,18 @@ async function device(nodeName, id) {
          (reading) => appendReading(reading, range));  // readings of this device only, as the relay stores them
 }
 
-function drawPlots(container, series, range) {
+function drawPlots(container, series, range, units = {}) {
   const keys = Object.keys(series.values);
   if (!keys.length) { container.append(el("p", { class: "muted", id: "no-readings" }, "No readings in this range yet.")); return; }
   for (const key of keys) {
-    const box = el("div", { class: "plot", "data-resource": key }, el("h3", {}, key));
+    const box = el("div", { class: "plot", "data-resource": key }, el("h3", {}, units[key] ? `${key} (${units[key]})` : key));
     container.append(box);
     const width = Math.max(240, box.clientWidth - 16);
     // the x axis is the chosen range ending now, whatever the data holds (one old dot once stretched it over years)
     const xRange = () => { const now = Date.now() / 1000; return [now - RANGE_SECONDS[range], now]; };
     const opts = { width, height: 220, scales: { x: { time: true, range: xRange } }, legend: { show: false },
                    series: [{}, { label: key, stroke: "#2563eb", width: 1.5, spanGaps: true }],
-                   axes: [{}, { size: 75 }] };
+                   axes: [{ space: 90 }, { size: 75 }] };  // time labels need room: 60 px ran "9:16pm9:17pm" together
     state.charts[key] = new uPlot(opts, [series.ts.slice(), series.values[key].slice()], box);
   }
   state.range = range;
