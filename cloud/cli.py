@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> None:
             raise CliError("--retention-days must be 0 (keep everything) or more", 2)
         if not 0.5 <= cfg.http_timeout <= 3600:
             raise CliError("--http-timeout must be from 0.5 to 3600 seconds", 2)
+        if cfg.cert is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+            logging.getLogger("edgetrio.relay").warning(
+                "serving on %s without --cert/--key: passwords, session cookies and node tokens travel unencrypted; "
+                "use TLS (or a TLS proxy in front) on any network but this machine's", cfg.host)
         try:
             trio.run(serve, cfg)
         except OSError as exc:
