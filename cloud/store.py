@@ -131,17 +131,24 @@ class TooManyDevices(ValueError):
     """A node already has as many devices as the relay keeps for one node: what names a new one is refused."""
 
 
-def _device(db: Database, node: str, device: str, limit: int | None = None) -> dict[str, Any]:
+def _device(db: Database, node: str, device: str, limit: int | None = None,
+            counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """A node's device row, made when new unless the node has `limit` devices (TooManyDevices). `counts` carries each
+    node's device count across a batch, so refusing many ids costs a lookup each, not a count each."""
     rows = list(db.query("SELECT * FROM devices WHERE node = ? AND id = ?", [node, device]))
     if rows:
         return rows[0]
     limit = MAX_DEVICES_PER_NODE if limit is None else limit
-    if db.execute("SELECT count(*) FROM devices WHERE node = ?", [node]).fetchone()[0] >= limit:
+    counts = {} if counts is None else counts
+    if node not in counts:
+        counts[node] = int(db.execute("SELECT count(*) FROM devices WHERE node = ?", [node]).fetchone()[0])
+    if counts[node] >= limit:
         raise TooManyDevices(f"node {node} has {limit} devices, as many as the relay keeps for one node; "
                              f"{wire.clip(device, 64)!r} refused")
     row = {"node": node, "id": device, "registered": 1, "model": None, "online": 0, "last_seen": None,
            "meta": None, "twin": None}
     db.table("devices").insert(row)
+    counts[node] += 1
     return row
 
 
@@ -153,6 +160,7 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float,
     the devices refused as over the node's cap: their readings and changes are not kept).
     """
     over_cap: set[str] = set()
+    counts: dict[str, int] = {}
     last = int(db.execute("SELECT last_offset FROM nodes WHERE name = ?", [node]).fetchone()[0])
     finished: list[str] = []
     skipped = 0
@@ -169,7 +177,7 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float,
             continue
         try:
             with db.atomic():  # a savepoint: an item that fails halfway leaves none of its rows
-                done = _apply_item(db, node, resource, body, now, over_cap, max_devices)
+                done = _apply_item(db, node, resource, body, now, over_cap, max_devices, counts)
         except TooManyDevices:
             over_cap.add(str(body.get("device")) if isinstance(body, dict) else "?")
             done = None
@@ -185,14 +193,15 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float,
 
 
 def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], now: float,
-                over_cap: set[str], max_devices: int = MAX_DEVICES_PER_NODE) -> str | None:
+                over_cap: set[str], max_devices: int = MAX_DEVICES_PER_NODE,
+                counts: dict[str, int] | None = None) -> str | None:
     if resource == "readings":
         rows = [(node, str(r["device"]), int(r["boot"]), int(r["seq"]), float(r["ts"]), now, json.dumps(r["values"]))
                 for r in body["readings"]]
         refused: set[str] = set()
         for device in sorted({r[1] for r in rows}):
             try:
-                _device(db, node, device, max_devices)
+                _device(db, node, device, max_devices, counts)
             except TooManyDevices:  # the readings of devices past the cap go, those of the others are kept
                 refused.add(device)
                 continue
@@ -202,12 +211,12 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
             [r for r in rows if r[1] not in refused])
         over_cap.update(refused)
     elif resource == "twin":
-        _device(db, node, str(body["device"]), max_devices)
+        _device(db, node, str(body["device"]), max_devices, counts)
         db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?",
                    [json.dumps(body["twin"]), node, body["device"]])
     elif resource == "device":
         device = str(body["device"])
-        _device(db, node, device, max_devices)
+        _device(db, node, device, max_devices, counts)
         fields: dict[str, Any] = {k: body[k] for k in ("online", "last_seen", "model") if k in body}
         if "meta" in body:
             fields["meta"] = json.dumps(body["meta"])
@@ -221,7 +230,7 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
         kind = str(body["kind"])
         if kind not in ("log", "status", "reject"):
             raise ValueError(f"unknown event kind {kind!r}")
-        _device(db, node, str(body["device"]), max_devices)
+        _device(db, node, str(body["device"]), max_devices, counts)
         db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": float(body["ts"]),
                                           "received": now, "kind": kind, "body": json.dumps(body.get("body"))})
     elif resource == "node":  # the gateway's report of itself: what it refused, rejected, dropped, outbox depth
@@ -230,6 +239,7 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
     elif resource == "alert" and body.get("state") == "cancelled":  # pending, and it did not hold
         db.execute("DELETE FROM alerts WHERE node = ? AND id = ?", [node, int(body["id"])])
     elif resource == "alert":  # an alert's state as the edge has it now (raised, fired, resolved, acknowledged)
+        _device(db, node, str(body["device"]), max_devices, counts)  # an alert is of a device the node may have
         fields = {k: body.get(k) for k in ("rule", "device", "severity", "state", "started", "fired", "resolved",
                                           "acked", "acked_by")}
         db.table("alerts").upsert({"node": node, "id": int(body["id"]), **fields,

@@ -25,7 +25,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    connect_websocket_url,
 )
 
 from edgetrio import wire
@@ -47,6 +47,7 @@ ApplyDown = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 log = logging.getLogger("edgetrio.edgehub")
 BATCH_ROWS = 200
 BATCHES_IN_FLIGHT = 4
+CONNECT_TIMEOUT = 15.0  # seconds for the whole opening of the link: TCP, TLS and the relay's answer to the upgrade
 
 
 def outbox_mirror(db: Database, resource: str, body: Any) -> None:
@@ -156,26 +157,40 @@ class EdgeHub:
 
     async def _session(self) -> None:
         headers = [(b"authorization", f"Bearer {self.token}".encode()), (b"x-edgetrio-node", self.node.encode())]
-        async with open_websocket_url(self.url, self.ssl_context, extra_headers=headers, max_message_size=MAX_FRAME,
-                                      connect_timeout=10, disconnect_timeout=5) as ws:
-            self.connected = True
-            self.connects += 1
-            self.last_change = time.time()
-            self.last_error = None
-            log.info("cloud link up node=%s url=%s", self.node, self.url)
-            await self._record_link_event(True)
-            self.sent_upto = self.acked_upto  # resume from the first row the relay has not confirmed
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_up, ws)
-                    nursery.start_soon(self._receive, ws)
-                    nursery.start_soon(self._ping, ws)
-            except BaseExceptionGroup as group:
-                # the link's tasks end together; report the first transport error as the reason
-                first = group.exceptions[0]
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise first from None
+        try:
+            async with trio.open_nursery() as connection:  # the connection's own reader task lives here
+                # the whole opening (TCP, TLS, the upgrade's answer) within one bound: trio-websocket's connect_timeout
+                # covers the TCP connect only, and a relay that accepted but never answered the upgrade held the link
+                # for good (the outbox grew to 18,746 rows while the relay showed the node online)
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await connect_websocket_url(connection, self.url, self.ssl_context, extra_headers=headers,
+                                                     max_message_size=MAX_FRAME)
+                try:
+                    await self._serve_link(ws)
+                finally:
+                    with trio.move_on_after(5) as closing:  # a close handshake, bounded, also when cancelled
+                        closing.shield = True
+                        await ws.aclose()
+                    connection.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # the link's tasks end together; report the first transport error as the reason
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _serve_link(self, ws: WebSocketConnection) -> None:
+        self.connected = True
+        self.connects += 1
+        self.last_change = time.time()
+        self.last_error = None
+        log.info("cloud link up node=%s url=%s", self.node, self.url)
+        await self._record_link_event(True)
+        self.sent_upto = self.acked_upto  # resume from the first row the relay has not confirmed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_up, ws)
+            nursery.start_soon(self._receive, ws)
+            nursery.start_soon(self._ping, ws)
 
     async def _send_up(self, ws: WebSocketConnection) -> None:
         in_flight: list[int] = []

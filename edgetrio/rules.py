@@ -247,12 +247,14 @@ def compile_condition(rule: str, key: str, text: Any, model: Model | None = None
     else:
         context = rule_engine.Context(resolver=resolve,
                                       type_resolver=rule_engine.type_resolver_from_dict(_symbols(model, windowed)))
-    if _matches_pattern(text):
-        # Python's regular expressions backtrack: `"a"*40 + "!" =~ "(a|aa)+$"` held the relay and then the gateway
-        # for 20 s each (the engine even runs one on literals while it compiles), and a regex cannot be stopped once
-        # it runs. Conditions compare values instead.
-        raise RuleError(f"rule {rule!r}: {key} {wire.clip(text, 80)!r}: regular expressions (=~, =~~, !~, !~~) are "
-                        "not allowed in conditions: some take exponential time; compare values instead (==, in, <)")
+    costly = _costly(text)
+    if costly:
+        # A condition is judged on every reading, on the gateway's loop: its cost must be small and bounded by its
+        # text. Python's regular expressions backtrack (`"a"*40 + "!" =~ "(a|aa)+$"` held relay and gateway 20 s
+        # each; the engine even runs one on literals while it compiles), `$sum($range(10000000))` takes 23 s, and a
+        # comprehension loops over whatever it is given. Conditions compare values instead.
+        raise RuleError(f"rule {rule!r}: {key} {wire.clip(text, 80)!r}: {costly} not allowed in conditions: they can "
+                        "take unbounded time; compare values instead (==, in, <, and, or)")
     try:
         compiled = rule_engine.Rule(text, context=context)
     except rule_engine.RuleSyntaxError as exc:
@@ -280,15 +282,23 @@ def _lexer() -> Any:
 PATTERN_TOKENS = frozenset({"EQ_FZM", "EQ_FZS", "NE_FZM", "NE_FZS"})  # rule-engine's =~ =~~ !~ !~~
 
 
-def _matches_pattern(text: str) -> bool:
-    """Whether a condition uses a regular-expression comparison: read by the engine's own lexer, before anything is
-    compiled (a string that merely contains "=~" is not one)."""
+def _costly(text: str) -> str:
+    """What in a condition could take unbounded time (regular expressions, the engine's built-in functions such as
+    $range, comprehensions), or "": read by the engine's own lexer before anything is compiled (a string that merely
+    contains "=~" or "$range" is not one)."""
     lexer = _lexer().clone()
     lexer.input(text)
     try:
-        return any(token.type in PATTERN_TOKENS for token in iter(lexer.token, None))
+        for token in iter(lexer.token, None):
+            if token.type in PATTERN_TOKENS:
+                return "regular expressions (=~, =~~, !~, !~~) are"
+            if token.type == "SYMBOL" and str(token.value).startswith("$"):
+                return f"built-in functions ({token.value}) are"
+            if token.type == "FOR":
+                return "comprehensions ([... for ... in ...]) are"
     except Exception:  # an illegal character: the compile that follows says where
-        return False
+        return ""
+    return ""
 
 
 def holds(condition: Any, subject: Subject) -> bool | None:

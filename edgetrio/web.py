@@ -140,8 +140,10 @@ class Events:
     def open(self, interest: Interest,
              owner: str) -> tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]:
         """A new stream for `owner` (an account); HTTPError 429 when the account or the server has too many."""
+        # owners holds every stream until its response has ended (released), also one closed for falling behind
+        # whose socket is still draining: a reader that trickles cannot open more by being closed
         mine = sum(1 for o in self.owners.values() if o == owner)
-        if mine >= self.per_account or len(self.streams) >= self.total:
+        if mine >= self.per_account or len(self.owners) >= self.total:
             self.refused += 1
             limit = (f"{self.per_account} per account" if mine >= self.per_account
                      else f"{self.total} on this server")
@@ -159,11 +161,15 @@ class Events:
             self.held[stream] -= size
 
     def close(self, stream: trio.MemorySendChannel[bytes]) -> None:
-        """End a stream: its reader gets what is queued, then the end."""
+        """End a stream: its reader gets what is queued, then the end. Its slot is free once released."""
         self.streams.pop(stream, None)
-        self.owners.pop(stream, None)
         self.held.pop(stream, None)
         stream.close()
+
+    def release(self, stream: trio.MemorySendChannel[bytes]) -> None:
+        """The stream's response has ended: its slot is free."""
+        self.close(stream)
+        self.owners.pop(stream, None)
 
 
 class LoginGuard:
@@ -187,8 +193,9 @@ class LoginGuard:
             self.failures.pop(key, None)
         return times
 
-    def admit(self, name: str, peer: str) -> None:
-        """Raise 429 while this address or this name has failed too often lately."""
+    def admit(self, name: str, peer: str) -> float:
+        """Raise 429 while this address or this name has failed too often lately; else count this try as a failure
+        now, before the password is checked (`succeeded` takes it back): tries sent at once cannot all pass."""
         now = time.monotonic()
         for key in (f"address {peer}", f"name {name[:64]}"):
             recent = self._recent(key, now)
@@ -197,15 +204,20 @@ class LoginGuard:
                 wait = max(1, int(self.WINDOW - (now - recent[0])) + 1)
                 raise HTTPError(429, f"too many failed logins from this {key.split()[0]}: try again in {wait} s",
                                 [("retry-after", str(wait))])
-
-    def failed(self, name: str, peer: str) -> None:
-        now = time.monotonic()
         if len(self.failures) > 10_000:  # unbounded names and addresses must not grow this without end
             for key in list(self.failures):
                 self._recent(key, now)
         for key in (f"address {peer}", f"name {name[:64]}"):
             self.failures.setdefault(key, []).append(now)
-        self.note(f"name {name[:64]}", now)
+        return now
+
+    def succeeded(self, name: str, peer: str, at: float) -> None:
+        for key in (f"address {peer}", f"name {name[:64]}"):
+            with contextlib.suppress(KeyError, ValueError):
+                self.failures[key].remove(at)
+
+    def failed(self, name: str) -> None:
+        self.note(f"name {name[:64]}", time.monotonic())
 
     def note(self, key: str, now: float) -> None:
         self.refused[key] += 1
@@ -343,7 +355,7 @@ def event_stream(site: Site, query: Params, owner: str) -> Reply:
                     return
             yield frame
     return Reply(200, content_type="text/event-stream", headers=[("cache-control", "no-store")], stream=events(),
-                 release=partial(site.events.close, send))
+                 release=partial(site.events.release, send))
 
 
 async def me(site: Site, who: Principal, path: Params, query: Params, data: Body) -> Result:
@@ -500,8 +512,10 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
     name, password = data.get("name"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str):
         raise HTTPError(400, "send 'name' and 'password'")
+    if len(password) > 1024 or len(name) > 256:  # a megabyte password costs the KDF a megabyte to hash
+        raise HTTPError(400, "name or password too long")
     peer = PEER.get()
-    site.logins.admit(name, peer)
+    tried = site.logins.admit(name, peer)
     builtin, secret = site.builtin
     if name == builtin and site.builtin_login:  # the gateway's admin credential logs in as its local user
         user: dict[str, Any] | None = {"name": builtin, "role": "admin"}
@@ -513,8 +527,9 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
             ok = await trio.to_thread.run_sync(verify_password, password, user["password_hash"] if user else None)
     if user is None or not ok:
         site.counters["login_refused"] += 1
-        site.logins.failed(name, peer)
+        site.logins.failed(name)
         raise HTTPError(401, "wrong name or password")
+    site.logins.succeeded(name, peer, tried)
     key, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(18)
     await site.run(accounts.start_session, user["name"], user["role"], key, csrf, time.time() + SESSION_HOURS * 3600)
     cookie = (f"{SESSION_COOKIE}={key}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(SESSION_HOURS * 3600)}"

@@ -151,3 +151,36 @@ def test_link_errors_say_why_in_words(tmp_path: Path) -> None:
         daemon.stop()
         if relay.proc is not None and relay.proc.poll() is None:
             relay.stop()
+
+
+def test_a_relay_that_never_answers_the_upgrade_does_not_hold_the_link(tmp_path: Path) -> None:
+    """trio-websocket's connect timeout covers the TCP connect only: a server that accepts and then says nothing
+    held the gateway's link for good (found by an attack on the relay's port). The whole opening is bounded now."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # and never answer
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    daemon = Daemon(tmp_path / "gw", extra=("--cloud", f"ws://127.0.0.1:{server.getsockname()[1]}", "--node-id", "n1",
+                                            "--token", "t"))
+    daemon.data_dir.mkdir()
+    daemon.start()
+    try:
+        reason = wait_until(lambda: daemon.status()["daemon"]["cloud"]["last_error"], timeout=90)
+        assert "TooSlowError" in reason, reason
+        wait_until(lambda: len(accepted) >= 2, timeout=90)  # and it tries again, as after any failure
+    finally:
+        daemon.stop()
+        server.close()
+        for conn in accepted:
+            conn.close()

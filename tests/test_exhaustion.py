@@ -198,3 +198,31 @@ def test_a_gateway_stream_that_falls_behind_is_ended_and_ingest_goes_on(tmp_path
         for sock in sockets:
             sock.close()
         daemon.stop()
+
+
+def test_tries_sent_at_once_cannot_pass_the_login_limit_together(relay: Relay) -> None:
+    """Counted before the password is checked: 30 wrong tries at once got 300 checks past a limit counted after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def guess(_: int) -> int:
+        return http(relay.api_url, "POST", "/api/login", json.dumps({"name": "bob", "password": "guess"}).encode(),
+                    {"content-type": "application/json"})[0]
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(guess, range(30)))
+    assert answers.count(401) <= LOGIN_FAILURES and answers.count(401) + answers.count(429) == 30, answers
+    status, _, body = http(relay.api_url, "POST", "/api/login", json.dumps(
+        {"name": "carol", "password": "x" * 100_000}).encode(), {"content-type": "application/json"})
+    assert status == 400 and b"too long" in body  # a huge password never reaches the KDF
+
+
+@pytest.mark.parametrize("condition, what", [
+    ("temperature > $sum($range(1000000))", "built-in functions ($sum)"),
+    ("[y for y in tags] == []", "comprehensions"),
+    ('"a" * 40 =~ "(a|aa)+$"', "regular expressions")])
+def test_conditions_that_could_run_without_bound_are_refused(relay: Relay, tmp_path: Path, condition: str,
+                                                             what: str) -> None:
+    relay.add_node("gw1")
+    rules = tmp_path / "slow.toml"
+    rules.write_text('[[rule]]\nname = "slow"\ndevices = ["*"]\nwhen = ' + json.dumps(condition) + "\n")
+    refused = relay.cli("rules", "apply", "gw1", str(rules), check=False)
+    assert refused.returncode == 2 and what in refused.stderr, refused.stderr
