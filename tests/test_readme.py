@@ -85,15 +85,22 @@ def shell(tmp_path: Path) -> Iterator[Shell]:
 
 
 def ports_free(*ports: int) -> None:
-    """The documented defaults must be free for a test of the defaults; say so plainly when another program has one."""
-    for port in ports:
+    """The documented defaults must be free for a test of the defaults: wait a while for another test's process to
+    let go of one, then say plainly which is taken."""
+    def free(port: int) -> bool:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("0.0.0.0", port))
             except OSError:
-                pytest.fail(f"port {port} is taken by another program on this machine: the documented defaults "
-                            "cannot be tested as a user runs them")
+                return False
+            return True
+    for port in ports:
+        try:
+            wait_until(lambda port=port: free(port), timeout=120, interval=1)
+        except AssertionError:
+            pytest.fail(f"port {port} is taken by another program on this machine: the documented defaults "
+                        "cannot be tested as a user runs them")
 
 
 def test_the_readme_use_it_block_as_written(shell: Shell) -> None:

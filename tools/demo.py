@@ -66,7 +66,8 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any
     db.close()
     (relay_dir / "relay.json").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(relay_dir),
-                             "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"], **CHILD)
+                             "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+                             "--metrics-port", "0"], **CHILD)  # free ports: the demo takes no default a service needs
     deadline = time.monotonic() + 30
     while not (relay_dir / "relay.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -103,7 +104,7 @@ def run_demo(data_dir: Path, count: int, duration: float) -> None:
     print(f"\n  Dashboard: {cloud['api_url']}/   log in as {login['name']}, password {login['password']}\n", flush=True)
     print(f"relay pid {relay.pid}: edges dial {cloud['edge_url']}, operators use {cloud['api_url']}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data_dir),
-                             "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning",
+                             "--mqtt-host", "127.0.0.1", "--mqtt-port", "0", "--log-level", "warning", "--metrics-port", "0",
                              "--http-port", "0",
                              "--cloud", cloud["edge_url"], "--node-id", cloud["node"]],
                             env={**os.environ, "EDGETRIO_CLOUD_TOKEN": cloud["token"]},  # not in argv, not in `ps`
