@@ -30,7 +30,7 @@ from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
-from edgetrio.web import Events, LoginGuard
+from edgetrio.web import Arrivals, Events, LoginGuard, peer_address
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, open_writer
 
@@ -132,6 +132,7 @@ class Relay:
         self.secure_cookies = secure_cookies
         self.events = Events()  # to the dashboards' live streams
         self.logins = LoginGuard()  # bounds what login floods cost
+        self.arrivals = Arrivals()  # bounds connections still sending their first request
         self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
@@ -192,8 +193,11 @@ class Relay:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         raw = bytearray()
-        with trio.move_on_after(self.http_timeout) as timeout:
-            event = await self._next_event(conn, stream, raw)
+        with self.arrivals.first_request(peer_address(stream)) as admitted:
+            if not admitted:
+                return
+            with trio.move_on_after(self.http_timeout) as timeout:
+                event = await self._next_event(conn, stream, raw)
         if timeout.cancelled_caught or not isinstance(event, h11.Request):
             return
         headers = {k.lower(): v for k, v in event.headers}

@@ -47,6 +47,7 @@ class GatewayWeb(Watch):
         self.counters: Counter[str] = Counter()
         self.events = web.Events()
         self.logins = web.LoginGuard()  # bounds what login floods cost
+        self.arrivals = web.Arrivals()  # bounds connections still sending their first request
         self.report: Callable[[], dict[str, int]] = dict  # what the fleet page shows of this gateway (set by the root)
         self.secure_cookies = False
         self.builtin = admin  # the data dir's admin credential: the local admin
@@ -87,8 +88,11 @@ class GatewayWeb(Watch):
 
         try:
             first = None
-            with trio.move_on_after(HTTP_TIMEOUT):  # the first request only: a page's event stream stays open
-                first = await next_event()
+            with self.arrivals.first_request(web.peer_address(stream)) as admitted:
+                if not admitted:
+                    return
+                with trio.move_on_after(HTTP_TIMEOUT):  # the first request only: a page's event stream stays open
+                    first = await next_event()
             await web.serve_requests(self, partial(web.dispatch, self, ROUTES), conn, stream, first, next_event,
                                      HTTP_TIMEOUT)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError) as exc:

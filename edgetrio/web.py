@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -51,6 +51,8 @@ STREAMS_TOTAL = 256  # open event streams of everyone together: each costs a tas
 STREAM_SEND_TIMEOUT = 30.0  # a client that takes no bytes for this long loses its stream (and its socket)
 LOGIN_CHECKS_AT_ONCE = 2  # password checks (scrypt, 32 MiB each) running together; more logins wait their turn
 LOGIN_FAILURES = 10  # failed logins a minute per source address, and per account name, before 429
+WAITING_TOTAL = 128  # connections still sending their first request; beyond, a new one is closed at once
+WAITING_PER_ADDRESS = 32  # ... of them from one address
 PEER: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="")  # the connection's source address
 WEB = Path(__file__).parent / "webui"  # the dashboard's files, served by the relay and the gateway
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -170,6 +172,38 @@ class Events:
         """The stream's response has ended: its slot is free."""
         self.close(stream)
         self.owners.pop(stream, None)
+
+
+class Arrivals:
+    """Bounds connections that have not sent a whole first request yet, in all and per address: a client that sends
+    headers a byte at a time (slowloris) and reconnects held 1,100 sockets, and at a 1,024 descriptor limit the store
+    could no longer open its files. Refusals are closed at once, counted, and logged once a minute."""
+
+    def __init__(self, total: int = WAITING_TOTAL, per_address: int = WAITING_PER_ADDRESS) -> None:
+        self.total, self.per_address = total, per_address
+        self.waiting: Counter[str] = Counter()
+        self.refused = 0
+        self.logged_at = 0.0
+
+    @contextlib.contextmanager
+    def first_request(self, address: str) -> Iterator[bool]:
+        """Whether this connection may wait for its first request; it counts as waiting for the block."""
+        if sum(self.waiting.values()) >= self.total or self.waiting[address] >= self.per_address:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self.logged_at >= 60:
+                self.logged_at = now
+                log.warning("connections refused: %d still sending a first request (%d from %s); %d refused so far",
+                            sum(self.waiting.values()), self.waiting[address], address or "?", self.refused)
+            yield False
+            return
+        self.waiting[address] += 1
+        try:
+            yield True
+        finally:
+            self.waiting[address] -= 1
+            if not self.waiting[address]:
+                del self.waiting[address]
 
 
 class LoginGuard:

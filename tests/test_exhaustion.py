@@ -226,3 +226,39 @@ def test_conditions_that_could_run_without_bound_are_refused(relay: Relay, tmp_p
     rules.write_text('[[rule]]\nname = "slow"\ndevices = ["*"]\nwhen = ' + json.dumps(condition) + "\n")
     refused = relay.cli("rules", "apply", "gw1", str(rules), check=False)
     assert refused.returncode == 2 and what in refused.stderr, refused.stderr
+
+
+def test_connections_still_sending_their_first_request_are_bounded_per_address(relay: Relay) -> None:
+    """Slowloris: partial headers a byte at a time on many sockets. Past 32 such connections from one address a new
+    one is closed at once; another address is still served."""
+    from edgetrio.web import WAITING_PER_ADDRESS
+
+    host, port = relay.api_url.removeprefix("http://").rsplit(":", 1)
+    slow = []
+    for _ in range(WAITING_PER_ADDRESS):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"GET /api/nodes HTTP/1.1\r\nhost: x\r\n")  # and never the blank line
+        slow.append(sock)
+    try:
+        def refused_at_once() -> bool:
+            extra = socket.create_connection((host, int(port)), timeout=5)
+            extra.sendall(b"GET /api/nodes HTTP/1.1\r\n")
+            try:
+                return extra.recv(100) == b""  # closed without an answer
+            except TimeoutError:  # still waiting for the rest of the request: not refused
+                return False
+            except ConnectionResetError:
+                return True
+            finally:
+                extra.close()
+        wait_until(refused_at_once, timeout=10)
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))  # another address on this machine
+        other.settimeout(10)
+        other.connect((host, int(port)))
+        other.sendall(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert other.recv(100).startswith(b"HTTP/1.1 200")
+        other.close()
+    finally:
+        for sock in slow:
+            sock.close()
