@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_http
 	$(BIN)/python -m edgetrio.tools.bench.bench_rules
 	$(BIN)/python -m edgetrio.tools.bench.bench_cpu
+	$(BIN)/python -m edgetrio.tools.bench.bench_exhaustion
 
 # long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
 chaos: $(STAMP)
