@@ -191,6 +191,8 @@ class Retained:
             self.device_of[t] = device
 
     def matching(self, topic_filter: str) -> list[tuple[str, bytes]]:
+        if "+" not in topic_filter and "#" not in topic_filter:  # Home Assistant subscribes per entity topic: a lookup
+            return [(topic_filter, self.messages[topic_filter])] if topic_filter in self.messages else []
         return [(t, p) for t, p in self.messages.items() if topic_matches(topic_filter, t)]
 
     def configs_of(self, device: str) -> set[str]:

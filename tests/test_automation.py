@@ -385,58 +385,59 @@ def test_an_alert_raised_before_the_cloud_link_existed_reaches_the_relay(tmp_pat
             relay.stop()
 
 
-def test_a_fleet_rule_is_applied_to_the_devices_it_can_judge_and_the_relay_says_which_it_skips(tmp_path: Path) -> None:
+@pytest.fixture
+def linked(tmp_path: Path) -> Iterator[tuple[Relay, Daemon]]:
+    """A relay and a gateway linked to it as node gw1."""
     relay = Relay(tmp_path / "relay").start()
     token = relay.add_node("gw1")
     gw = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token))
     gw.data_dir.mkdir()
     gw.start()
     try:
-        lite = tmp_path / "lite.toml"
-        lite.write_text('name = "climate-lite"\n[[resources]]\nname = "temperature"\ntype = "float"\n')
-        full = tmp_path / "full.toml"
-        full.write_text('name = "climate-full"\n[[resources]]\nname = "temperature"\ntype = "float"\n'
-                        '[[resources]]\nname = "humidity"\ntype = "float"\n')
-        gw.cli("model", "add", str(lite))
-        gw.cli("model", "add", str(full))
-        gw.add_device("lite-1", "--model", "climate-lite")
-        password = gw.add_device("full-1", "--model", "climate-full")
-        rules = rule_file(tmp_path / "fleet.toml", '[[rule]]\nname = "damp"\ndevices = ["*"]\nwhen = "humidity > 40"\n')
-        relay.cli("rules", "apply", "gw1", str(rules))  # as an operator does, through the relay, to the linked edge
-        shown = wait_until(lambda: (out := relay.cli("rules", "show", "gw1").stdout) and "(applied" in out and out,
-                           timeout=30)
-        assert "(applied in part)" in shown, shown
-        assert "devices of model 'climate-lite' skipped" in shown and "unknown resource 'humidity'" in shown, shown
-        listed = gw.cli("rule", "list").stdout
-        assert "applied in part" in listed and "left out" not in listed, listed
-        # ... and it judges the device it can: a damp reading fires it
-        probe = Probe(gw, "full-1", password, "full-1")
-        assert probe.accepted()
-        probe.publish("edgetrio/full-1/telemetry", reading(1, temperature=20.0, humidity=55.0))
-        wait_until(lambda: [(a["rule"], a["device"]) for a in alerts(gw)] == [("damp", "full-1")], timeout=30)
-        probe.close()
+        yield relay, gw
     finally:
         gw.stop()
         relay.stop()
 
 
-def test_a_pending_alert_shows_at_the_relay_and_goes_when_it_does_not_hold(tmp_path: Path) -> None:
-    relay = Relay(tmp_path / "relay").start()
-    token = relay.add_node("gw1")
-    gw = Daemon(tmp_path / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token))
-    gw.data_dir.mkdir()
-    gw.start()
-    try:
-        password = gw.add_device("slow-1")
-        gw.cli("rule", "add", str(rule_file(tmp_path / "slow.toml", '[[rule]]\nname = "slow"\ndevices = ["slow-1"]\n'
-                                                                    'when = "temperature > 30"\nfor = "1h"\n')))
-        probe = Probe(gw, "slow-1", password, "slow-1")
-        assert probe.accepted()
-        probe.publish("edgetrio/slow-1/telemetry", reading(1, temperature=35.0))
-        wait_until(lambda: [(a["rule"], a["state"]) for a in relay.json("alerts")] == [("slow", "pending")], timeout=30)
-        probe.publish("edgetrio/slow-1/telemetry", reading(2, temperature=20.0))  # it did not hold
-        wait_until(lambda: alerts(gw) == [] and relay.json("alerts", "--all") == [], timeout=30)
-        probe.close()
-    finally:
-        gw.stop()
-        relay.stop()
+def test_a_fleet_rule_is_applied_to_the_devices_it_can_judge_and_the_relay_says_which_it_skips(
+        linked: tuple[Relay, Daemon], tmp_path: Path) -> None:
+    relay, gw = linked
+    lite = tmp_path / "lite.toml"
+    lite.write_text('name = "climate-lite"\n[[resources]]\nname = "temperature"\ntype = "float"\n')
+    full = tmp_path / "full.toml"
+    full.write_text('name = "climate-full"\n[[resources]]\nname = "temperature"\ntype = "float"\n'
+                    '[[resources]]\nname = "humidity"\ntype = "float"\n')
+    gw.cli("model", "add", str(lite))
+    gw.cli("model", "add", str(full))
+    gw.add_device("lite-1", "--model", "climate-lite")
+    password = gw.add_device("full-1", "--model", "climate-full")
+    rules = rule_file(tmp_path / "fleet.toml", '[[rule]]\nname = "damp"\ndevices = ["*"]\nwhen = "humidity > 40"\n')
+    relay.cli("rules", "apply", "gw1", str(rules))  # as an operator does, through the relay, to the linked edge
+    shown = wait_until(lambda: (out := relay.cli("rules", "show", "gw1").stdout) and "(applied" in out and out,
+                       timeout=30)
+    assert "(applied in part)" in shown, shown
+    assert "devices of model 'climate-lite' skipped" in shown and "unknown resource 'humidity'" in shown, shown
+    listed = gw.cli("rule", "list").stdout
+    assert "applied in part" in listed and "left out" not in listed, listed
+    # ... and it judges the device it can: a damp reading fires it
+    probe = Probe(gw, "full-1", password, "full-1")
+    assert probe.accepted()
+    probe.publish("edgetrio/full-1/telemetry", reading(1, temperature=20.0, humidity=55.0))
+    wait_until(lambda: [(a["rule"], a["device"]) for a in alerts(gw)] == [("damp", "full-1")], timeout=30)
+    probe.close()
+
+
+def test_a_pending_alert_shows_at_the_relay_and_goes_when_it_does_not_hold(linked: tuple[Relay, Daemon],
+                                                                           tmp_path: Path) -> None:
+    relay, gw = linked
+    password = gw.add_device("slow-1")
+    gw.cli("rule", "add", str(rule_file(tmp_path / "slow.toml", '[[rule]]\nname = "slow"\ndevices = ["slow-1"]\n'
+                                                                'when = "temperature > 30"\nfor = "1h"\n')))
+    probe = Probe(gw, "slow-1", password, "slow-1")
+    assert probe.accepted()
+    probe.publish("edgetrio/slow-1/telemetry", reading(1, temperature=35.0))
+    wait_until(lambda: [(a["rule"], a["state"]) for a in relay.json("alerts")] == [("slow", "pending")], timeout=30)
+    probe.publish("edgetrio/slow-1/telemetry", reading(2, temperature=20.0))  # it did not hold
+    wait_until(lambda: alerts(gw) == [] and relay.json("alerts", "--all") == [], timeout=30)
+    probe.close()
