@@ -22,15 +22,20 @@ $(TYPINGS): $(STAMP)
 	$(BIN)/pip install --quiet --target typings micropython-esp32-stubs==1.29.0.post1
 	touch $(TYPINGS)
 
-# Home Assistant's own discovery schemas, to check the gateway's discovery messages against (tests/ha_reference.py);
-# a venv of its own: its pinned dependencies are not the gateway's
+# Home Assistant core: its own discovery schemas, to check the gateway's discovery messages against
+# (tests/ha_reference.py), and a real core to run against the gateway (tests/test_homeassistant_core.py); a venv of its
+# own: its pinned dependencies are not the gateway's. The second line is what the integrations a bare core loads (and
+# MQTT) require: the core runs with --skip-pip, installing nothing at start
 HA_REF := .ha/.installed
 # Its own pins come with it (package_constraints.txt in its wheel); josepy 2 lacks what its HTTP stack imports
 $(HA_REF):
 	$(PY) -m venv .ha
 	.ha/bin/pip install --quiet --no-compile --no-deps homeassistant==2024.3.3
 	.ha/bin/pip install --quiet --no-compile -c $$(.ha/bin/python -c 'import pathlib, homeassistant; print(pathlib.Path(homeassistant.__file__).parent / "package_constraints.txt")') \
-		homeassistant==2024.3.3 paho-mqtt==1.6.1 josepy==1.14.0
+		homeassistant==2024.3.3 paho-mqtt==1.6.1 josepy==1.14.0 \
+		home-assistant-frontend==20240307.0 Pillow==10.2.0 janus==1.0.0 securetar==2024.2.1 SQLAlchemy==2.0.27 \
+		fnv-hash-fast==0.5.0 psutil-home-assistant==0.0.1 aiohttp-fast-url-dispatcher==0.3.0 aiohttp-zlib-ng==0.3.1 \
+		aiohttp_cors==0.7.0 ifaddr==0.2.0
 	touch $(HA_REF)
 
 lint: $(STAMP) $(TYPINGS)

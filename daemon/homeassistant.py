@@ -47,6 +47,9 @@ JOBS_WAITING = 256  # announcements, set and press requests waiting; more are dr
 PRESSES_AT_ONCE = 8  # commands from buttons in flight together
 COMMAND_TIMEOUT = 10.0
 RECONCILE_EVERY = 2.0  # seconds between looks at the roster for devices added, removed or given another model
+# How long a withdrawal is replayed to a Home Assistant that subscribes: one away longer keeps the entity until its
+# user deletes the device (docs/homeassistant.md)
+WITHDRAWALS_KEPT = 30 * 86400.0
 
 # units as devices spell them -> Home Assistant's spelling, and the device class each implies
 UNITS = {"c": "°C", "degc": "°C", "°c": "°C", "celsius": "°C", "f": "°F", "°f": "°F", "k": "K",
@@ -179,21 +182,35 @@ class Retained:
     """The latest message of each topic Home Assistant reads, as a retaining broker would hold it.
 
     Configs (and withdrawals: an empty config) are also persisted by the component; states, availability and reported
-    values are rebuilt from the store at start."""
+    values are rebuilt from the store at start. A withdrawal is sent to a subscriber as the config it withdrew and then
+    the empty config: Home Assistant ignores an empty config for an entity it has not discovered since it started, so
+    an entity it restored from its own registry would otherwise stay for good (checked against Home Assistant 2024.3)."""
 
     def __init__(self) -> None:
         self.messages: dict[str, bytes] = {}
         self.device_of: dict[str, str] = {}
+        self.former: dict[str, bytes] = {}  # withdrawn config topic -> the config it withdrew
+
+    def former_of(self, t: str, p: bytes) -> bytes:
+        """What `p` withdraws on topic `t` (b"" when `p` is not a withdrawal)."""
+        return b"" if p else (self.messages.get(t) or self.former.get(t) or b"")
 
     def put(self, device: str, messages: list[tuple[str, bytes]]) -> None:
         for t, p in messages:
+            if t.endswith("/config"):
+                if former := self.former_of(t, p):
+                    self.former[t] = former
+                else:
+                    self.former.pop(t, None)
             self.messages[t] = p
             self.device_of[t] = device
 
     def matching(self, topic_filter: str) -> list[tuple[str, bytes]]:
         if "+" not in topic_filter and "#" not in topic_filter:  # Home Assistant subscribes per entity topic: a lookup
-            return [(topic_filter, self.messages[topic_filter])] if topic_filter in self.messages else []
-        return [(t, p) for t, p in self.messages.items() if topic_matches(topic_filter, t)]
+            found = [(topic_filter, self.messages[topic_filter])] if topic_filter in self.messages else []
+        else:
+            found = [(t, p) for t, p in self.messages.items() if topic_matches(topic_filter, t)]
+        return [m for t, p in found for m in ([(t, self.former[t]), (t, p)] if not p and t in self.former else [(t, p)])]
 
     def configs_of(self, device: str) -> set[str]:
         """The config topics announced (not withdrawn) for a device."""
@@ -265,7 +282,9 @@ class HomeAssistant(Watch):
 
     # -- the component --
     async def run(self) -> None:
-        for t, device, p in await self.writer.write(store.ha_configs):  # what Home Assistant was told before
+        held = await self.writer.write(partial(store.ha_configs, withdrawn_before=time.time() - WITHDRAWALS_KEPT))
+        for t, device, p, former in held:  # what Home Assistant was told before
+            self.retained.put(device, [(t, former)] if former and not p else [])
             self.retained.put(device, [(t, p)])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reconcile)
@@ -290,8 +309,8 @@ class HomeAssistant(Watch):
             for device in sorted(self.retained.devices() - set(models)):
                 # an empty config removes the entity; it is kept (persisted) for a Home Assistant that is away now
                 withdrawals = [(t, b"") for t in sorted(self.retained.configs_of(device))]
-                await self.writer.write(partial(store.ha_configs_set, device=device, configs=withdrawals,
-                                                now=time.time()))
+                await self.writer.write(partial(store.ha_configs_set, device=device, now=time.time(), configs=[
+                    (t, p, self.retained.former_of(t, p)) for t, p in withdrawals]))
                 self.retained.forget_states(device)
                 self._send(device, withdrawals)
                 self.offered.pop(device, None)
@@ -311,7 +330,8 @@ class HomeAssistant(Watch):
             messages = [(t, b"") for t in sorted(self.retained.configs_of(device) - {t for t, _ in configs})]
             messages += [(t, json.dumps(body).encode()) for t, body in configs]
             if [(t, self.retained.messages.get(t)) for t, _ in messages] != messages:  # persisted only when changed
-                await self.writer.write(partial(store.ha_configs_set, device=device, configs=messages, now=time.time()))
+                await self.writer.write(partial(store.ha_configs_set, device=device, now=time.time(), configs=[
+                    (t, p, self.retained.former_of(t, p)) for t, p in messages]))
             self.offered[device] = {body["command_topic"] for _, body in configs if "command_topic" in body}
             # states: what is held already is newer than the store's view (ingest updates it as it commits);
             # availability is read now, never from before a wait, so the latest presence always wins

@@ -129,6 +129,8 @@ def _create_schema(db: Database) -> None:
         # until Home Assistant has seen it (a device removed while it was away)
         db.table("ha_configs").create({"topic": str, "device": str, "payload": str, "ts": float}, pk="topic",
                                       if_not_exists=True)
+        if "former" not in db.table("ha_configs").columns_dict:  # a withdrawal's last config, to replay before it
+            db.table("ha_configs").add_column("former", str)
 
 
 # -- registry ----------------------------------------------------------------------------------------------------
@@ -229,14 +231,18 @@ def refusing(db: Database, device_id: str, since: float) -> dict[str, Any] | Non
             "readings_refused": reason == "invalid_value" and (last_stored is None or last_stored < float(row[1]))}
 
 
-def ha_configs(db: Database) -> list[tuple[str, str, bytes]]:
-    """Every discovery config the gateway holds for Home Assistant: (topic, device, payload; empty: withdrawn)."""
-    return [(t, d, p.encode()) for t, d, p in db.execute("SELECT topic, device, payload FROM ha_configs")]
+def ha_configs(db: Database, withdrawn_before: float) -> list[tuple[str, str, bytes, bytes]]:
+    """Every discovery config the gateway holds for Home Assistant: (topic, device, payload, former); an empty payload
+    is a withdrawal and `former` the config it withdrew. Withdrawals older than `withdrawn_before` are forgotten."""
+    db.execute("DELETE FROM ha_configs WHERE payload = '' AND ts < ?", [withdrawn_before])
+    return [(t, d, p.encode(), (f or "").encode())
+            for t, d, p, f in db.execute("SELECT topic, device, payload, former FROM ha_configs")]
 
 
-def ha_configs_set(db: Database, device: str, configs: list[tuple[str, bytes]], now: float) -> None:
-    db.conn.executemany("INSERT OR REPLACE INTO ha_configs (topic, device, payload, ts) VALUES (?, ?, ?, ?)",
-                        [(t, device, p.decode(), now) for t, p in configs])
+def ha_configs_set(db: Database, device: str, configs: list[tuple[str, bytes, bytes]], now: float) -> None:
+    """Hold (topic, payload, former) for a device: `former` is the config a withdrawal (empty payload) withdrew."""
+    db.conn.executemany("INSERT OR REPLACE INTO ha_configs (topic, device, payload, former, ts) VALUES (?, ?, ?, ?, ?)",
+                        [(t, device, p.decode(), f.decode() or None, now) for t, p, f in configs])
 
 
 def device_secrets(db: Database) -> dict[str, str]:
