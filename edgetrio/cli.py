@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sqlite3
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in vars(args).items():
         if isinstance(value, Path):
             setattr(args, name, value.expanduser().absolute())
+    if getattr(args, "data_dir", None) is not None:
+        act_as_owner(args.data_dir)
     try:
         args.func(args)
     except (console.CliError, ConfigError) as exc:
@@ -51,6 +54,25 @@ def main(argv: list[str] | None = None) -> None:
         fail(args, f"the store could not be used ({exc}); the command did not complete; try again", 1)
     except OSError as exc:
         fail(args, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+
+
+def act_as_owner(data_dir: Path) -> None:
+    """Root working on a service's data dir (owned by the user the service runs as) works as that user: a file root
+    made there (a new WAL, a journal) would lock the service out of its own store."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = data_dir.stat()
+    except OSError:
+        return
+    if owner.st_uid == 0:
+        return
+    try:
+        os.initgroups(pwd.getpwuid(owner.st_uid).pw_name, owner.st_gid)  # its groups too: dialout for serial boards
+    except KeyError:
+        os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 
 
 def fail(args: argparse.Namespace, message: str, code: int) -> None:

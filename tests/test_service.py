@@ -6,18 +6,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
+from edgetrio.cli import main as cli_main
 from edgetrio.daemon import store
 from edgetrio.daemon.config import DaemonConfig, build_config, load_config_file, parse_sinks
 from edgetrio.tools.demo import wait_for_daemon
@@ -136,6 +139,48 @@ def test_service_install_writes_a_unit_systemd_accepts_and_a_config_the_daemon_l
     assert verify is not None
     checked = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0 and "ignoring" not in checked.stderr, checked.stderr
+
+
+def test_a_system_install_runs_as_its_own_user_and_root_acts_as_the_data_dirs_owner(tmp_path: Path) -> None:
+    """The system units run as `edgetrio`, not root; the relay's install warns of plain HTTP; and root working on a
+    data dir another user owns (the service's) works as that user, so the service can still open every file."""
+    run = [sys.executable, "-m", "edgetrio", "service", "install"]
+    for what in ("daemon", "relay"):
+        dry = json.loads(subprocess.run([*run, what, "--dry-run", "--json"], capture_output=True, text=True,
+                                        check=True, timeout=60).stdout)
+        unit = dry["files"][0]["text"]
+        assert "User=edgetrio\nGroup=edgetrio\n" in unit and "StateDirectory=edgetrio" in unit
+        assert any("system user edgetrio" in note for note in dry["notes"])
+        assert ("plain HTTP" in " ".join(dry["notes"])) == (what == "relay")
+        verify = shutil.which("systemd-analyze")
+        needs(verify is not None, "systemd-analyze (Debian's systemd), to check the unit")
+        assert verify is not None
+        path = tmp_path / f"edgetrio-{what}.service"
+        path.write_text(unit)
+        checked = subprocess.run([verify, "verify", str(path)], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0 and "ignoring" not in checked.stderr, checked.stderr
+    needs(os.geteuid() == 0, "root, to act on a data dir another user owns")
+    nobody = pwd.getpwnam("nobody")
+    data = Path(tempfile.mkdtemp(prefix="edgetrio-owned-"))  # in /tmp: reachable by that user, unlike tmp_path
+    try:
+        os.chown(data, nobody.pw_uid, nobody.pw_gid)
+        # the command line's own main(), in a child forked from here: as nobody the child could not read a checkout
+        # under /root, so what `device add` imports is imported first, by the same command on a dir root owns
+        cli_main(["device", "add", "warm-1", "--data-dir", str(tmp_path / "root-owned")])
+        assert (tmp_path / "root-owned" / "edgetrio.db").stat().st_uid == 0
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                cli_main(["device", "add", "porch-1", "--data-dir", str(data)])
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+        made = list(data.iterdir())
+        assert made and all(f.stat().st_uid == nobody.pw_uid for f in made), [(f.name, f.stat().st_uid) for f in made]
+    finally:
+        shutil.rmtree(data)
 
 
 def test_logs_under_journald_carry_no_timestamp_of_their_own(tmp_path: Path) -> None:

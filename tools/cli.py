@@ -64,9 +64,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_service_install(args: argparse.Namespace) -> None:
     try:
-        done = install_service(args.what, args.user, args.dry_run)
+        done, notes = install_service(args.what, args.user, args.dry_run)
     except OSError as exc:
-        raise CliError(f"cannot write the service files: {exc} (as root, or with --user)", EXIT_USAGE) from exc
+        raise CliError(f"cannot install the service: {exc.strerror or exc}"
+                       f"{' (as root, or with --user)' if isinstance(exc, PermissionError) else ''}", EXIT_USAGE) from exc
     scope = "--user " if args.user else ""
 
     def human() -> None:
@@ -75,10 +76,12 @@ def cmd_service_install(args: argparse.Namespace) -> None:
                 print(f"# {path}\n{text}")
             else:
                 print(f"{'wrote' if written else 'kept  '} {path}")
+        for note in notes:
+            print(note)
         if not args.dry_run:
             print(f"then: systemctl {scope}enable --now edgetrio-{args.what}.service")
 
-    emit(args, {"files": [{"path": str(p), "written": w, "text": t} for p, t, w in done]}, human)
+    emit(args, {"files": [{"path": str(p), "written": w, "text": t} for p, t, w in done], "notes": notes}, human)
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

@@ -1,19 +1,26 @@
 """`edgetrio service install`: systemd units for the gateway daemon and the relay, with a config file and a data dir.
 
 The daemon's unit is `Type=notify` with a watchdog (the daemon says READY=1 once the broker listens and the store is
-open, and feeds the watchdog from its trio loop); the relay's is a plain service. Both restart on failure.
+open, and feeds the watchdog from its trio loop); the relay's is a plain service. Both restart on failure. A system
+install runs both as the system user `edgetrio` (created if missing, in the serial ports' group), never as root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 WATCHDOG_SEC = 30
+SERVICE_USER = "edgetrio"  # a system install's services run as this user, never as root
+SERIAL_GROUP = "dialout"  # Debian's group of /dev/ttyUSB* and /dev/ttyACM*: boards on serial
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,11 @@ ProtectSystem=full
 PrivateTmp=yes"""
 
 
+def run_as(where: Layout) -> str:
+    """The unit lines that make a system service run as its own user (a user service runs as its user already)."""
+    return "" if where.user else f"User={SERVICE_USER}\nGroup={SERVICE_USER}\nStateDirectory=edgetrio\n"
+
+
 def daemon_files(where: Layout) -> dict[Path, str]:
     config = where.config / "daemon.toml"
     unit = f"""[Unit]
@@ -59,8 +71,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m edgetrio daemon --config {config}
 WatchdogSec={WATCHDOG_SEC}
-{RUN_AS_SERVICE}
-{"" if where.user else "StateDirectory=edgetrio"}
+{run_as(where)}{RUN_AS_SERVICE}
 
 [Install]
 WantedBy={where.wanted_by}
@@ -91,7 +102,7 @@ Wants=network-online.target
 
 [Service]
 ExecStart={sys.executable} -m edgetrio cloud serve --data-dir {where.data / 'relay'} --host 0.0.0.0 --port 8765
-{RUN_AS_SERVICE}
+{run_as(where)}{RUN_AS_SERVICE}
 
 [Install]
 WantedBy={where.wanted_by}
@@ -99,10 +110,54 @@ WantedBy={where.wanted_by}
     return {where.units / "edgetrio-relay.service": unit}
 
 
-def install(what: str, user: bool, dry_run: bool) -> list[tuple[Path, str, bool]]:
-    """Write the unit and config files (an existing config file is kept); returns (path, text, written)."""
+def service_user(dry_run: bool) -> str:
+    """Make sure the system user exists; returns what was done, in words."""
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam(SERVICE_USER)
+        return f"runs as the system user {SERVICE_USER}"
+    groups = []
+    with contextlib.suppress(KeyError):
+        grp.getgrnam(SERIAL_GROUP)
+        groups = ["--groups", SERIAL_GROUP]
+    if dry_run:
+        return f"would create the system user {SERVICE_USER} to run as"
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    made = subprocess.run([useradd, "--system", "--user-group", *groups, "--home-dir", "/var/lib/edgetrio",
+                           "--no-create-home", "--shell", "/usr/sbin/nologin", "--comment", "edgetrio services",
+                           SERVICE_USER], capture_output=True, text=True, timeout=60, check=False)
+    if made.returncode != 0:
+        raise OSError(f"could not create the system user {SERVICE_USER}: {made.stderr.strip() or made.returncode}")
+    return f"created the system user {SERVICE_USER} to run as"
+
+
+def unreachable_for_others() -> Path | None:
+    """The first folder on the way to this Python or to edgetrio's code that other users cannot pass (a pipx or venv
+    install under /root or a 0700 home): the service user could not even start the service."""
+    code = Path(__file__).resolve().parents[1]
+    for target in (Path(sys.executable), code):
+        for folder in [*reversed(target.parents), *([target] if target.is_dir() else [])]:
+            with contextlib.suppress(OSError):
+                if not folder.stat().st_mode & stat.S_IXOTH:
+                    return folder
+    return None
+
+
+def install(what: str, user: bool, dry_run: bool) -> tuple[list[tuple[Path, str, bool]], list[str]]:
+    """Write the unit and config files (an existing config file is kept); returns (path, text, written) and notes for
+    the user."""
     where = layout(user)
     files = daemon_files(where) if what == "daemon" else relay_files(where)
+    notes = [] if user else [service_user(dry_run)]
+    if not user and (blocked := unreachable_for_others()) is not None:
+        problem = (f"the service user {SERVICE_USER} cannot reach {sys.executable} or edgetrio's code ({blocked} is "
+                   "closed to other users): install edgetrio where every user can, e.g. `sudo PIPX_HOME=/opt/pipx "
+                   "PIPX_BIN_DIR=/usr/local/bin pipx install edgetrio`, then run this again")
+        if not dry_run:
+            raise OSError(problem)
+        notes.append(problem)
+    if what == "relay":
+        notes.append("the relay serves on 0.0.0.0:8765 over plain HTTP: operators' passwords and edges' tokens cross "
+                     "the network unencrypted unless a TLS proxy fronts it (docs/cloud.md), or serve on 127.0.0.1")
     done = []
     for path, text in files.items():
         keep = path.suffix == ".toml" and path.exists()  # the user's settings are theirs
@@ -111,8 +166,20 @@ def install(what: str, user: bool, dry_run: bool) -> list[tuple[Path, str, bool]
             path.write_text(text)
         done.append((path, text, not dry_run and not keep))
     if not dry_run:
-        (where.data / ("gateway" if what == "daemon" else "relay")).mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = where.data / ("gateway" if what == "daemon" else "relay")
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not user:
+            owner = pwd.getpwnam(SERVICE_USER)
+            for path in (where.data, data):  # systemd would hand the state dir over at the first start; the CLI
+                os.chown(path, owner.pw_uid, owner.pw_gid)  # may use it before
+            # the settings (and a token file beside them) are root's to change and the service's to read
+            os.chown(where.config, 0, owner.pw_gid)
+            where.config.chmod(0o750)
+            for path in files:
+                if path.parent == where.config:
+                    os.chown(path, 0, owner.pw_gid)
+                    path.chmod(0o640)
         reload = ["systemctl", *(["--user"] if user else []), "daemon-reload"]
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # no systemd here: the files wait for one
             subprocess.run(reload, capture_output=True, timeout=30, check=False)
-    return done
+    return done, notes
