@@ -43,6 +43,7 @@ from edgetrio.daemon.config import (
 )
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import run
+from edgetrio.daemon.homeassistant import ha_unit
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
@@ -339,14 +340,27 @@ def cmd_readings(args: argparse.Namespace) -> None:
     if print_readings_as(args.format, rows):
         return
 
+    units = units_of(db, args.id)
+
     def human() -> None:
         for r in rows:
-            values = " ".join(f"{k}={v}" for k, v in sorted(r["values"].items()))
+            values = "  ".join(f"{k}={v}{units.get(k, '')}" for k, v in sorted(r["values"].items()))
             print(f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} {values}")
         if not rows:
             print("no readings")
 
     emit(args, rows, human)
+
+
+def units_of(db: Any, device_id: str) -> dict[str, str]:
+    """Each resource's unit as the device's model has it, else as the board announced it (meta)."""
+    device = store.get_device(db, device_id) or {}
+    meta = json.loads(device["meta"]) if device.get("meta") else {}
+    units = {str(r["name"]): str(r["unit"]) for r in meta.get("resources") or []
+             if isinstance(r, dict) and r.get("name") and r.get("unit")}
+    model = store.get_model(db, device["model"]) if device.get("model") else None
+    units.update({r.name: r.unit for r in (model.resources.values() if model else []) if r.unit})
+    return {k: f" {ha_unit(v)}" for k, v in units.items()}  # "C" as °C, the way Home Assistant is told
 
 
 def print_readings_as(form: str | None, rows: list[dict[str, Any]]) -> bool:

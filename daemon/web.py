@@ -20,7 +20,7 @@ import trio
 
 from edgetrio import accounts, web
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import ack_alert, list_alerts
+from edgetrio.daemon.automation import ack_alert, list_alerts, list_automations
 from edgetrio.daemon.broker import BrokerLink
 from edgetrio.daemon.changes import Changes
 from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
@@ -216,6 +216,29 @@ async def alerts(site: GatewayWeb, who: Principal, path: Params, query: Params, 
     return 200, [{"node": site.node, **r} for r in rows]
 
 
+async def rules(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """The gateway's rules and schedules (its own and the cloud's set) in the relay's shape, with why any is left
+    out in part (what `edgetrio rules list` shows)."""
+    site.check_node(path)
+
+    def read(db: Any) -> dict[str, Any]:
+        version = next(iter(db.query("SELECT version FROM rule_sets WHERE source = 'cloud'")), {"version": 0})
+        return {"version": version["version"], "automations": list_automations(db)}
+    found = await site.run(read)
+    doc: dict[str, list[dict[str, Any]]] = {"rule": [], "schedule": []}
+    problems = {}
+    for a in found["automations"]:
+        doc["rule" if a["kind"] == "rule" else "schedule"].append({**a["body"], "name": a["name"], "source": a["source"]})
+        if a["problem"]:
+            problems[a["name"]] = a["problem"]
+    if who.role != "admin":  # notification URLs carry their targets' secrets, as at the relay
+        for rule in doc["rule"]:
+            if isinstance(rule.get("notify"), list):
+                rule["notify"] = [f"{str(url).partition('://')[0]}://(hidden)" for url in rule["notify"]]
+    return 200, {"node": site.node, "version": found["version"], "doc": doc, "applied": found["version"],
+                 "result": {"ok": True, "problems": problems}}
+
+
 async def alert_ack(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
     site.check_node(path)
     alert = await site.run(partial(ack_alert, alert_id=int(path["alert"]), who=who.name, now=time.time(),
@@ -229,6 +252,7 @@ ROUTES: web.Routes = [
     web.Route("GET", "/api/nodes", nodes),
     web.Route("GET", "/api/devices", devices),
     web.Route("GET", "/api/nodes/{node}/devices", devices),
+    web.Route("GET", "/api/nodes/{node}/rules", rules),
     web.Route("GET", "/api/nodes/{node}/devices/{device}/twin", twin_get),
     web.Route("PATCH", "/api/nodes/{node}/devices/{device}/twin", twin_set),
     web.Route("POST", "/api/nodes/{node}/devices/{device}/commands", command),

@@ -223,6 +223,43 @@ def test_every_range_is_held_to_its_span_and_the_page_fits_the_screen(stack: tup
 
 
 
+def test_a_nodes_page_shows_its_link_counters_alerts_rules_and_devices(stack: tuple[Relay, Daemon],
+                                                                      browser: Any) -> None:
+    """A node's page was a bare device table: it shows the edge's link, its counts, its alerts, the rule set the cloud
+    applied and what the edge did with it (a rule on a resource the board lacks is applied in part), its devices;
+    the gateway's own page shows its rules the same way."""
+    relay, daemon = stack
+    rules = daemon.data_dir.parent / "fleet-rules.toml"
+    rules.write_text('[[rule]]\nname = "damp"\ndevices = ["*"]\nwhen = "humidity > 99"\n'
+                     '[[rule]]\nname = "gusty"\ndevices = ["*"]\nwhen = "wind > 10"\n')
+    relay.cli("rules", "apply", "gw1", str(rules))
+    wait_until(lambda: "(applied" in relay.cli("rules", "show", "gw1").stdout, timeout=60)
+    log_in(browser, relay, "vera", "viewer-password-1")
+    wait(browser, lambda d: found(d, '#nodes a[href="#/node/gw1"]'))
+    find(browser, '#nodes a[href="#/node/gw1"]').click()
+    wait(browser, lambda d: found(d, "#node-summary") and "linked" in find(d, "#node-summary").text)
+    summary = find(browser, "#node-summary").text
+    assert f"{len(relay.json('devices'))} devices" in summary and "online" in summary, summary
+    assert find(browser, "#node-counters .count-readings").text.split(": ")[1].isdigit()
+    assert "frost-watch" in find(browser, "#alerts").text  # the edge's alert, on its node's page
+    shown = find(browser, "#rules").text
+    assert "applied in part" in shown and "rule damp: humidity > 99" in shown, shown
+    assert "unknown resource 'wind'" in find(browser, '#rules li[data-rule="gusty"]').text, shown
+    assert BOARD in find(browser, "#devices").text
+    # the gateway's page, for the same node: its rules, the cloud's set among them, with the same reasons
+    admin_user, admin_password = daemon.admin()
+    browser.get(f"http://{daemon.http}/")
+    wait(browser, lambda d: found(d, "#login-name") or found(d, "#whoami"))
+    if found(browser, "#login-name"):
+        find(browser, "#login-name").send_keys(admin_user)
+        find(browser, "#login-password").send_keys(admin_password)
+        find(browser, "#login-submit").click()
+    browser.get(f"http://{daemon.http}/#/node/gw1")
+    wait(browser, lambda d: found(d, '#rules li[data-rule="frost-watch"]'))
+    assert "unknown resource 'wind'" in find(browser, '#rules li[data-rule="gusty"]').text
+    assert "applied in part" in find(browser, "#rules").text
+
+
 def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[Relay, Daemon], browser: Any) -> None:
     relay, daemon = stack
     relay.stop()  # the internet is down: the gateway's own page goes on

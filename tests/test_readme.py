@@ -127,8 +127,9 @@ def test_the_readme_use_it_block_as_written(shell: Shell) -> None:
     assert [(d["id"], d["model"]) for d in devices] == [("kitchen-1", "climate")], shell.logs()
     assert devices[0]["refused"] is None, f"the README's model refuses what the board sends: {devices[0]['refused']}"
     first = out["readings"].splitlines()[0]
-    assert re.search(r"boot 1 +seq 1 +analog=[\d.]+ chip_temperature=[\d.]+ humidity=[\d.]+ pressure=[\d.]+ "
-                     r"temperature=[\d.]+$", first), f"not every value, or not in a steady order: {first}"
+    assert re.search(r"boot 1 +seq 1 +analog=[\d.]+ V  chip_temperature=[\d.]+ °C  humidity=[\d.]+ %  "
+                     r"pressure=[\d.]+ hPa  temperature=[\d.]+ °C$", first), \
+        f"not every value with its unit, or not in a steady order: {first}"
     twin = json.loads(out["twin get"])
     assert twin["desired"]["state"] == {"period": 30, "led": True}
     wait_until(lambda: json.loads(shell.run("edgetrio twin get kitchen-1 --json").stdout)["reported"]["state"]

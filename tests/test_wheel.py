@@ -43,6 +43,10 @@ def test_the_wheel_installs_and_works_outside_the_checkout(tmp_path: Path) -> No
                     "edgetrio/webui/index.html", "edgetrio/webui/app.js", "edgetrio/webui/vendor/uPlot.iife.min.js",
                     "edgetrio/webui/vendor/uPlot.LICENSE"):  # the dashboards' files, with the vendored licence
         assert shipped in names, shipped
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata  # what a package index shows, and license checkers read
+    assert {n.split("/licenses/")[-1] for n in names if "/licenses/" in n} >= {
+        "LICENSE", "edgetrio/webui/vendor/uPlot.LICENSE"}
     tops = {n.split("/")[0] for n in names if not n.startswith("edgetrio-")}
     assert tops == {"edgetrio"}, tops  # no `daemon`, `cloud` or `tools` at the top of site-packages
     assert not [n for n in names if "/bench/" in n or "/testkit/" in n]  # benchmarks and the test kit stay home

@@ -118,11 +118,43 @@ function deviceTable(devices) {
       el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen))))));
 }
 
+// one edge: its link and counters, its open alerts, the rule set the cloud applied to it and what the edge did with
+// it, and its devices
 async function node(name) {
   setCrumbs({ text: "fleet", href: "#/" }, { text: name });
-  const devices = await api("GET", `/api/nodes/${encodeURIComponent(name)}/devices?limit=5000`);
-  main().replaceChildren(el("h2", {}, `Node ${name}`), deviceTable(devices));
-  follow({ node: name, kinds: "node,device" }, () => route());
+  const path = `/api/nodes/${encodeURIComponent(name)}`;
+  const [nodes, devices, alerts, rules] = await Promise.all([api("GET", "/api/nodes"),
+    api("GET", `${path}/devices?limit=5000`), api("GET", `/api/alerts?node=${encodeURIComponent(name)}`),
+    api("GET", `${path}/rules`)]);
+  const n = nodes.find((x) => x.name === name) || {};
+  const c = n.counters || {};
+  const online = devices.filter((d) => d.online).length;
+  main().replaceChildren(
+    el("h2", {}, `Node ${name}`),
+    el("div", { class: "panel row", id: "node-summary" },
+       el("span", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
+       ` · last seen ${ago(n.last_seen)} · ${n.connects ?? 0} connects · `,
+       el("strong", {}, `${devices.length} devices`), ` ${online} online · ${n.queued ?? 0} messages queued for it`),
+    el("div", { class: "panel row", id: "node-counters" },
+       ["readings", "refused", "rejected", "dropped", "outbox_rows"].map((k) =>
+         el("span", { class: `count-${k}` }, `${k.replace("_", " ")}: ${c[k] ?? "-"}`))),
+    el("h2", {}, "Alerts"), alertTable(alerts),
+    el("h2", {}, "Rules"), ruleSummary(rules),
+    el("h2", {}, "Devices"), deviceTable(devices));
+  follow({ node: name, kinds: "node,device,alert" }, () => route());
+}
+
+function ruleSummary(found) {
+  const doc = found.doc || { rule: [], schedule: [] };
+  const problems = (found.result && found.result.problems) || {};
+  const state = found.applied === found.version ? (Object.keys(problems).length ? "applied in part" : "applied")
+    : found.result && found.result.ok === false ? `not applied: ${found.result.error}` : "waiting for the node";
+  const version = found.version ? el("p", {}, `Rule set version ${found.version} from the cloud: ${state}.`) : "";
+  if (!doc.rule.length && !doc.schedule.length) return el("div", { id: "rules", class: "quiet" }, version, "No rules.");
+  return el("div", { id: "rules", class: "panel" }, version, el("ul", {},
+    doc.rule.map((r) => el("li", { "data-rule": r.name }, `rule ${r.name}: ${r.when || ""}`,
+      problems[r.name] ? el("span", { class: "muted" }, ` (${problems[r.name]})`) : "")),
+    doc.schedule.map((x) => el("li", {}, `schedule ${x.name}: ${x.cron || "every " + x.every}`))));
 }
 
 // the live stream: one EventSource per page, narrowed to what the page shows
