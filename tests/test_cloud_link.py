@@ -12,8 +12,7 @@ import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from edgetrio.daemon.edgehub import backoff_delays
-from edgetrio.tools.testkit import Daemon, Relay, wait_until
-from edgetrio.tools.testkit.simdevice import SimDevice
+from edgetrio.tools.testkit import Daemon, Relay, stored, virtual_boards, wait_until
 from edgetrio.wire import envelope
 
 
@@ -75,24 +74,19 @@ async def test_a_repeated_down_message_is_acknowledged_not_applied_again(tmp_pat
 def test_the_outbox_is_bounded_and_what_it_drops_is_counted(tmp_path: Path) -> None:
     config = tmp_path / "gw.toml"
     config.write_text('cloud_url = "ws://127.0.0.1:9"\nnode_id = "n1"\ncloud_token = "t"\noutbox_max_rows = 3\n')
-    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config)))
-    password = daemon.add_device("bounded")
-    daemon.start()
-    sensor = SimDevice("bounded", password, daemon.host, daemon.port).start()
+    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config))).start()
     try:
-        for i in range(1, 16):
-            sensor.read({"t": i})
-            assert sensor.wait_acked(i)  # one commit, one outbox row each
-        # the bound runs after each commit: once the commits have settled, at most 3 rows are left (rows written since
-        # the last bound may be there for a moment, more of them on a loaded machine)
+        with virtual_boards(daemon, "bounded", period=0.1) as [board]:
+            wait_until(lambda: len(stored(daemon.data_dir / "edgetrio.db", board)) >= 15, timeout=90)
+        # the bound runs after commits: once they have settled, at most 3 rows are left
         status = wait_until(lambda: (s := daemon.status())["daemon"]["counters"].get("outbox_dropped")
                             and s["outbox"]["rows"] <= 3 and s)
         assert status["daemon"]["cloud"]["connected"] is False and status["daemon"]["cloud"]["dropped"] > 0
         assert "outbox over its bounds" in daemon.log_text()
-        # the edge itself lost nothing
-        assert len(json.loads(daemon.cli("readings", "bounded", "--json").stdout)) == 15
+        # the edge itself lost nothing: every reading the board took, from its first
+        rows = stored(daemon.data_dir / "edgetrio.db", board)
+        assert [s for _, s in rows] == list(range(1, len(rows) + 1)) and len({b for b, _ in rows}) == 1
     finally:
-        sensor.stop()
         daemon.stop()
 
 
@@ -109,27 +103,25 @@ def test_wss_link_and_https_api_with_a_certificate(tmp_path: Path) -> None:
     config = tmp_path / "gw.toml"
     config.write_text(f'cloud_url = "{relay.url}"\nnode_id = "tls-gw"\ncloud_token = "{token}"\n'
                       f'cloud_cafile = "{cert}"\n')
-    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config)))
-    password = daemon.add_device("secure-1")
-    daemon.start()
-    sensor = SimDevice("secure-1", password, daemon.host, daemon.port).start()
+    daemon = Daemon(tmp_path / "gw", extra=("--config", str(config))).start()
     try:
-        sensor.read({"t": 1})
         info = json.loads((relay.data_dir / "relay.json").read_text())
+        assert info["api_url"].startswith("https://")
         operator = json.loads((relay.data_dir / "operator.json").read_text())["token"]
 
         def cloud_readings() -> Any:
             out = subprocess.run(
-                [sys.executable, "-m", "edgetrio", "cloud", "readings", "tls-gw",
-                 "secure-1", "--url", info["api_url"], "--token", operator, "--cafile", str(cert), "--json"],
-                capture_output=True, text=True, timeout=60)
+                [sys.executable, "-m", "edgetrio", "cloud", "readings", "tls-gw", "secure-1", "--url", info["api_url"],
+                 "--token", operator, "--cafile", str(cert), "--json"], capture_output=True, text=True, timeout=60)
             return out.returncode == 0 and json.loads(out.stdout)
 
-        rows = wait_until(cloud_readings)
-        assert [r["values"] for r in rows] == [{"t": 1}]
-        assert info["api_url"].startswith("https://")
+        with virtual_boards(daemon, "secure", period=0.5):
+            rows = wait_until(cloud_readings, timeout=90)
+        at_edge = {(r["boot"], r["seq"]): r["values"] for r in
+                   json.loads(daemon.cli("readings", "secure-1", "--json").stdout)}
+        # what crossed wss is what the edge stored
+        assert rows and all(at_edge[(r["boot"], r["seq"])] == r["values"] for r in rows)
     finally:
-        sensor.stop()
         daemon.stop()
         relay.stop()
 

@@ -8,8 +8,7 @@ import time
 from typing import Any
 
 from edgetrio.daemon.control import ControlClient
-from edgetrio.tools.testkit import Daemon, wait_until
-from edgetrio.tools.testkit.simdevice import SimDevice
+from edgetrio.tools.testkit import Daemon, stored, virtual_boards, wait_until
 
 
 def test_desired_is_delivered_on_connect_and_on_change(daemon: Daemon, device: Any, connect: Any) -> None:
@@ -65,7 +64,6 @@ def answer_commands(probe: Any, device_id: str) -> None:
 
 
 def test_command_round_trip(daemon: Daemon, device: Any) -> None:
-    import threading
 
     device_id, _, probe = device()
     responder = threading.Thread(target=answer_commands, args=(probe, device_id))
@@ -93,26 +91,16 @@ def test_command_timeout_and_offline_device(daemon: Daemon, device: Any) -> None
 
 
 def test_control_replies_arrive_while_devices_stream(daemon: Daemon) -> None:
-    # Each CLI call subscribes to its own reply topic while the daemon keeps acking a busy device: a subscription
+    # Each CLI call subscribes to its own reply topic while the daemon keeps acking busy devices: a subscription
     # added during that traffic once went missing from the broker's topic index, and the reply with it.
-    password = daemon.add_device("streamer")
-    sensor = SimDevice("streamer", password, daemon.host, daemon.port).start()
-    stop = threading.Event()
+    with virtual_boards(daemon, "streamer", count=6, period=0.1) as boards:
 
-    def stream() -> None:
-        while not stop.is_set():
-            sensor.read({"t": 1})
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=stream, daemon=True)
-    thread.start()
-    try:
-        for _ in range(60):
+        def connected() -> set[str]:
             with ControlClient(daemon.data_dir) as client:
-                assert "streamer" in client.request("status", {}, timeout=5)["devices_connected"]
-        stop.set()
-        thread.join()
-        assert sensor.wait_acked(sensor.seq, timeout=30)  # and the device's acks kept flowing meanwhile
-    finally:
-        stop.set()
-        sensor.stop()
+                return set(client.request("status", {}, timeout=5)["devices_connected"])
+        wait_until(lambda: set(boards) <= connected(), timeout=90)
+        counts = {b: len(stored(daemon.data_dir / "edgetrio.db", b)) for b in boards}
+        for _ in range(60):
+            assert set(boards) <= connected()
+        # and the boards' readings kept being committed and acknowledged meanwhile
+        wait_until(lambda: all(len(stored(daemon.data_dir / "edgetrio.db", b)) > counts[b] + 5 for b in boards))

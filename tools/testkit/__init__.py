@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -152,17 +153,31 @@ class Relay:
 
 
 @contextlib.contextmanager
-def greenhouse_board(daemon: Daemon, period: float = 0.5) -> Iterator[None]:
-    """`edgetrio vdev` running one virtual board (greenhouse-1, the real firmware) for the daemon; stopped after."""
-    with open(daemon.data_dir.parent / "vdev.log", "ab") as log:
-        boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", "1", "--prefix", "greenhouse",
+def virtual_boards(daemon: Daemon, prefix: str, count: int = 1, period: float = 0.5) -> Iterator[list[str]]:
+    """`edgetrio vdev` running `count` virtual boards (the real firmware on the MicroPython unix port), PREFIX-1..N,
+    registered with the daemon if they are not yet; stopped after. Yields their ids."""
+    with open(daemon.data_dir.parent / f"vdev-{prefix}.log", "ab") as log:
+        boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(count), "--prefix", prefix,
                                    "--period", str(period), "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
                                   stderr=log)
         try:
-            yield
+            yield [f"{prefix}-{i}" for i in range(1, count + 1)]
         finally:
             boards.send_signal(signal.SIGTERM)
             boards.wait(timeout=30)
+
+
+def greenhouse_board(daemon: Daemon, period: float = 0.5) -> contextlib.AbstractContextManager[list[str]]:
+    """One virtual board, greenhouse-1, for the daemon."""
+    return virtual_boards(daemon, "greenhouse", 1, period)
+
+
+def stored(db_file: Path, device: str) -> list[tuple[int, int]]:
+    """(boot, seq) of every reading of a device a store holds (the gateway's edgetrio.db or the relay's relay.db),
+    read from the file, in order."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)) as db:
+        return [(int(b), int(s)) for b, s in
+                db.execute("SELECT boot, seq FROM readings WHERE device = ? ORDER BY boot, seq", [device])]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -381,6 +396,13 @@ def contiguous_per_boot(rows: list[dict[str, Any]]) -> dict[int, list[int]]:
     for boot, seqs in boots.items():
         assert sorted(seqs) == list(range(min(seqs), max(seqs) + 1)), f"boot {boot}: a reading is missing"
         assert len(seqs) == len(set(seqs)), f"boot {boot}: a reading is stored twice"
+    return boots
+
+
+def whole(rows: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """(boot, seq) rows of one device: every boot's readings from its first on, none missing, none twice."""
+    boots = contiguous_per_boot([{"boot": b, "seq": s} for b, s in rows])
+    assert boots and all(min(seqs) == 1 for seqs in boots.values()), boots
     return boots
 
 

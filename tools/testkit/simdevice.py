@@ -1,7 +1,7 @@
-"""A simulated sensor node in CPython: a real MQTT client (paho) that follows the device contract.
-
-Used by `edgetrio demo` and the tests until the MicroPython virtual devices exist. Like the firmware it keeps every
-reading in a buffer until the daemon's `ack` says it is committed, and resends what is still buffered on reconnect.
+"""A load client in CPython for the soak run (tools/bench/soak.py): a real MQTT client (paho) that follows the device
+contract, so hundreds can run in one process. Not a stand-in for a board: the tests run the real firmware on virtual
+boards (`edgetrio vdev`, testkit.virtual_boards). Like the firmware it keeps every reading until the daemon's `ack`
+says it is committed, and resends what is still buffered on reconnect.
 """
 
 from __future__ import annotations
