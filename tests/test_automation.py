@@ -345,17 +345,27 @@ def test_numbers_no_float_holds_are_refused_and_the_rules_go_on(daemon: Daemon, 
 
 
 def test_a_relay_set_up_anew_still_sends_rule_sets_the_edge_takes_as_newer(tmp_path: Path) -> None:
-    from edgetrio.cloud import store as cloud_store
-
-    versions = []
-    for relay in ("old", "new"):  # the same node on a relay, then on one installed from scratch
-        db = cloud_store.open_db(tmp_path / relay)
-        cloud_store.add_node(db, "gw1")
-        versions.append(cloud_store.set_rules(db, "gw1", {"rule": [], "schedule": []})["version"])
-        versions.append(cloud_store.set_rules(db, "gw1", {"rule": [], "schedule": []})["version"])
-        db.conn.commit()
-        time.sleep(0.01)
-    assert versions == sorted(set(versions))  # each newer than the one before, across the reinstall
+    """A gateway linked to a relay takes its rule sets; the relay is installed again from scratch (its versions start
+    over) and the gateway linked to it: the new relay's first set still replaces what the old one sent."""
+    gw = Daemon(tmp_path / "gw")
+    gw.data_dir.mkdir()
+    gw.add_device("d1")
+    for relay_dir, rule, gone in (("old", "first", None), ("new", "second", "first")):
+        relay = Relay(tmp_path / relay_dir).start()
+        gw.extra = ("--cloud", relay.url, "--node-id", "gw1", "--token", relay.add_node("gw1"))
+        gw.start()
+        try:
+            rules = rule_file(tmp_path / f"{rule}.toml", f'[[rule]]\nname = "{rule}"\ndevices = ["d1"]\n'
+                                                         'when = "temperature > 99"\n')
+            relay.cli("rules", "apply", "gw1", str(rules))  # as an operator does
+            shown = wait_until(lambda r=relay: (out := r.cli("rules", "show", "gw1").stdout) and "(applied" in out
+                               and out, timeout=60)
+            assert f"rule {rule}:" in shown, shown
+            listed = gw.cli("rule", "list").stdout
+            assert rule in listed and (gone is None or gone not in listed), listed
+        finally:
+            gw.stop()
+            relay.stop()
 
 
 def test_an_alert_raised_before_the_cloud_link_existed_reaches_the_relay(tmp_path: Path) -> None:

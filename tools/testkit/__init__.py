@@ -266,6 +266,22 @@ class Probe:
             if got[-1][0] == topic:
                 return got
 
+    def gather(self, done: Any, timeout: float = 20) -> list[tuple[str, bytes]]:
+        """Every message until `done(latest)` holds, `latest` being the newest payload of each topic so far (what a
+        subscriber that waits for a state, not for a time, has seen)."""
+        got: list[tuple[str, bytes]] = []
+        latest: dict[str, bytes] = {}
+        deadline = time.monotonic() + timeout
+        while not done(latest):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"not all arrived in {timeout} s; got topics {sorted(latest)}")
+            with contextlib.suppress(queue.Empty):
+                topic, payload = self.messages.get(timeout=min(left, 0.5))
+                got.append((topic, payload))
+                latest[topic] = payload
+        return got
+
     def drain(self, wait: float = 1.0) -> list[tuple[str, bytes]]:
         """Everything that arrives within `wait` seconds."""
         deadline = time.monotonic() + wait
