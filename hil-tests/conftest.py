@@ -9,15 +9,13 @@ test. Scenarios that need a fault the test cannot cause on real hardware (Wi-Fi 
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Board, Daemon, free_port, wait_until
+from edgetrio.tools.testkit import Board, Daemon, blank_board, free_port, wait_until
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,15 +31,10 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
     """A gateway and a freshly flashed board (virtual unless --port)."""
     port = request.config.getoption("--port")
     daemon = Daemon(tmp_path / "gw")
-    vdev = None
+    blank = contextlib.ExitStack()
     if port is None:
         daemon.start()
-        tty = tmp_path / "ttyUSB0"
-        log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
-        vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty),
-                                 "--prefix", "board", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
-                                stderr=log)
-        wait_until(tty.exists)
+        tty = blank.enter_context(blank_board(daemon.data_dir, tmp_path / "ttyUSB0"))
         b = Board(daemon, tty, True, request.config)
     else:
         if not request.config.getoption("--broker-host"):
@@ -55,11 +48,6 @@ def board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
         wait_until(b.online, timeout=90)
         yield b
     finally:
-        if vdev is not None:
-            vdev.send_signal(signal.SIGTERM)
-            try:
-                vdev.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                vdev.kill()
+        blank.close()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()

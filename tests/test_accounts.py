@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from edgetrio.tools.testkit import ROOT, Relay
+from edgetrio.tools.testkit import Relay
 from edgetrio.wire import envelope
 
 # every write endpoint with a body it accepts (the node and device exist; commands need an online node)
@@ -71,13 +69,6 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     r.stop()
 
 
-def add_user(relay: Relay, name: str, role: str, password: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", name, "--role", role,
-                           "--password-stdin", "--data-dir", str(relay.data_dir)], input=password + "\n",
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-
-
 async def seed(relay: Relay, token: str) -> None:
     """Node n1 sends one reading of device d1."""
     item = {"offset": 1, "ts": 1.0, "resource": "readings",
@@ -90,8 +81,8 @@ async def seed(relay: Relay, token: str) -> None:
 
 async def test_viewers_look_admins_change_and_cookie_writes_need_the_csrf_token(relay: Relay) -> None:
     await seed(relay, relay.add_node("n1"))
-    add_user(relay, "vera", "viewer", "viewer-password-1")
-    add_user(relay, "adam", "admin", "admin-password-1")
+    relay.add_user("vera", "viewer", "viewer-password-1")
+    relay.add_user("adam", "admin", "admin-password-1")
 
     anonymous = Client(relay.api_url)
     assert anonymous.call("GET", "/api/nodes")[0] == 401

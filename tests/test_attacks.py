@@ -12,13 +12,9 @@ import pytest
 
 from edgetrio import wire
 from edgetrio.identity import RegistryError, check_device_id
-from edgetrio.tools.testkit import Daemon, Probe, RawMQTT, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, RawMQTT, telemetry, wait_until
 
 NESTED = b'{"boot": 7, "seq": 1, "values": {"x": ' + b"[" * 1100 + b"]" * 1100 + b"}}"
-
-
-def telemetry(boot: int, seq: int, **values: Any) -> str:
-    return json.dumps({"boot": boot, "seq": seq, "values": values or {"t": 1.0}})
 
 
 def events(daemon: Daemon, device_id: str, kind: str) -> list[Any]:
@@ -57,7 +53,7 @@ def test_deeply_nested_json_on_every_channel_leaves_the_daemon_serving(daemon: D
     assert attacker.connect(device_id, device_id, password, will=(f"edgetrio/{device_id}/telemetry", NESTED, 1, False)) == 0
     attacker.drop()
     other_id, _, other = device()
-    other.publish(f"edgetrio/{other_id}/telemetry", telemetry(1, 1))
+    other.publish(f"edgetrio/{other_id}/telemetry", telemetry(1, boot=1, t=1.0))
     assert other.next_json(f"edgetrio/{other_id}/ack") == {"boot": 1, "seq": 1}
     assert daemon.proc is not None and daemon.proc.poll() is None
     wait_until(lambda: daemon.counters().get("rejected_malformed_json", 0) - before >= 5)
@@ -70,11 +66,11 @@ def test_a_will_outside_the_device_space_is_refused_at_connect(daemon: Daemon, d
     for topic in (f"edgetrio/{b_id}/telemetry", f"edgetrio/{b_id}/twin/reported", f"edgetrio/{b_id}/cmd",
                   f"edgetrio/{a_id}/+", "$SYS/x", "elsewhere"):
         attacker = raw(daemon)
-        code = attacker.connect(a_id, a_id, a_password, will=(topic, telemetry(1, 99).encode(), 1, False))
+        code = attacker.connect(a_id, a_id, a_password, will=(topic, telemetry(99, boot=1, t=1.0).encode(), 1, False))
         assert code != 0, topic
         attacker.drop()
     # the broker forwards in order: had a forged will reached B, it would come before this ack
-    b.publish(f"edgetrio/{b_id}/telemetry", telemetry(2, 1))
+    b.publish(f"edgetrio/{b_id}/telemetry", telemetry(1, boot=2, t=1.0))
     arrived = [topic for topic, _ in b.until(f"edgetrio/{b_id}/ack")]
     assert f"edgetrio/{b_id}/cmd" not in arrived
     readings = json.loads(daemon.cli("readings", b_id, "--json").stdout)
@@ -94,7 +90,7 @@ def test_a_wrong_password_cannot_take_over_a_connected_device(daemon: Daemon, de
         assert attacker.connect(device_id, device_id, password + "x") not in (0, None)
         attacker.close()
     assert not probe.closed.is_set(), "the device was knocked off by a failed login"
-    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1))
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, boot=1, t=1.0))
     assert probe.next_json(f"edgetrio/{device_id}/ack") == {"boot": 1, "seq": 1}
     assert not probe.closed.is_set()
 
@@ -165,7 +161,7 @@ def test_a_flooding_device_is_refused_beyond_its_share_and_others_are_served(str
     probe = Probe(strict_daemon, "calm", calm_password, "calm")
     calm.close()
     assert probe.accepted() and probe.subscribe("edgetrio/calm/#")
-    probe.publish("edgetrio/calm/telemetry", telemetry(1, 1))
+    probe.publish("edgetrio/calm/telemetry", telemetry(1, boot=1, t=1.0))
     assert probe.next_json("edgetrio/calm/ack", timeout=60) == {"boot": 1, "seq": 1}
     probe.close()
     assert "sends faster than ingest takes it" in strict_daemon.log_text()

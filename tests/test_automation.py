@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, Relay, free_port, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, Receiver, Relay, free_port, telemetry, wait_until
 
 
 @pytest.fixture
@@ -21,10 +21,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
-
-
-def reading(seq: int, **values: Any) -> str:
-    return json.dumps({"boot": 1, "seq": seq, "ts": time.time(), "values": values})
 
 
 def rule_file(path: Path, text: str) -> Path:
@@ -47,11 +43,6 @@ on_clear = [{{ set = {{ led = false }} }}]
 """
 
 
-def alerts(daemon: Daemon, *extra: str) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = json.loads(daemon.cli("alerts", "--json", *extra).stdout)
-    return result
-
-
 def desired(probe: Probe, device: str, timeout: float = 15) -> dict[str, Any]:
     """The next desired state the device is told that is not its current (empty) one, sent when it connects."""
     deadline = time.monotonic() + timeout
@@ -67,29 +58,29 @@ def test_rule_fires_sets_desired_state_notifies_and_resolves(daemon: Daemon, dev
     rules = rule_file(tmp_path / "rules.toml", GREENHOUSE.format(device=device_id, hold="2s", url=receiver.url))
     assert "added greenhouse-hot" in daemon.cli("rule", "add", str(rules)).stdout
     topic = f"edgetrio/{device_id}/telemetry"
-    probe.publish(topic, reading(1, temperature=35.0))
-    wait_until(lambda: [a["state"] for a in alerts(daemon)] == ["pending"], timeout=10)
+    probe.publish(topic, telemetry(1, ts=time.time(), temperature=35.0))
+    wait_until(lambda: [a["state"] for a in daemon.alerts()] == ["pending"], timeout=10)
     assert receiver.posts == []  # pending is not yet worth a message
     time.sleep(2.1)
-    probe.publish(topic, reading(2, temperature=35.5))
+    probe.publish(topic, telemetry(2, ts=time.time(), temperature=35.5))
     assert desired(probe, device_id)["state"] == {"led": True}
     wait_until(lambda: len(receiver.posts) == 1, timeout=15)
     assert receiver.posts[0]["title"] == f"[FIRING] greenhouse-hot on {device_id} (critical)"
     assert "temperature=35.5" in receiver.posts[0]["message"] and receiver.posts[0]["type"] == "failure"
-    [alert] = alerts(daemon)
+    [alert] = daemon.alerts()
     assert alert["state"] == "firing" and alert["severity"] == "critical" and alert["values"] == {"temperature": 35.5}
     assert daemon.status()["daemon"]["automation"]["firing"] == 1
     assert "1 rules, 0 schedules, 1 firing" in daemon.cli("status").stdout
     # hysteresis: 29 is neither hot nor clear
-    probe.publish(topic, reading(3, temperature=29.0))
-    probe.publish(topic, reading(4, temperature=25.0))
+    probe.publish(topic, telemetry(3, ts=time.time(), temperature=29.0))
+    probe.publish(topic, telemetry(4, ts=time.time(), temperature=25.0))
     assert probe.next_json(f"edgetrio/{device_id}/twin/desired")["state"] == {"led": False}
     wait_until(lambda: len(receiver.posts) == 2, timeout=15)
     assert receiver.posts[1]["title"].startswith("[RESOLVED]") and receiver.posts[1]["type"] == "success"
-    assert alerts(daemon) != [] and alerts(daemon)[0]["state"] == "resolved"  # resolved, not yet acknowledged
-    alert_id = str(alerts(daemon)[0]["id"])
+    assert daemon.alerts() != [] and daemon.alerts()[0]["state"] == "resolved"  # resolved, not yet acknowledged
+    alert_id = str(daemon.alerts()[0]["id"])
     assert "acknowledged" in daemon.cli("alerts", "ack", alert_id).stdout
-    assert alerts(daemon) == [] and alerts(daemon, "--all")[0]["acked"]
+    assert daemon.alerts() == [] and daemon.alerts("--all")[0]["acked"]
     events = [h["event"] for h in json.loads(daemon.cli("rule", "history", "greenhouse-hot", "--json").stdout)]
     assert events == ["added", "pending", "firing", "action_ok", "resolved", "action_ok"]
     assert "no alert 99999" in daemon.cli("alerts", "ack", "99999", check=False).stderr
@@ -104,9 +95,9 @@ def test_rule_fires_sets_desired_state_notifies_and_resolves(daemon: Daemon, dev
     daemon.cli("rule", "add", str(rule_file(daemon.data_dir.parent / "canary.toml",
                                             f'[[rule]]\nname = "canary"\ndevices = ["{device_id}"]\n'
                                             'when = "temperature < -30"\n')))
-    probe.publish(topic, reading(5, temperature=40.0))
-    probe.publish(topic, reading(6, temperature=-35.0))
-    wait_until(lambda: [a["rule"] for a in alerts(daemon)] == ["canary"], timeout=30)
+    probe.publish(topic, telemetry(5, ts=time.time(), temperature=40.0))
+    probe.publish(topic, telemetry(6, ts=time.time(), temperature=-35.0))
+    wait_until(lambda: [a["rule"] for a in daemon.alerts()] == ["canary"], timeout=30)
     daemon.cli("rule", "remove", "canary")
 
 
@@ -146,7 +137,7 @@ def test_notification_survives_a_down_target_and_kill_9_exactly_once(tmp_path: P
         gw.cli("rule", "add", str(rules))
         probe = Probe(gw, "gh-kill", password, "gh-kill")
         assert probe.accepted()
-        probe.publish("edgetrio/gh-kill/telemetry", reading(1, temperature=35.0))
+        probe.publish("edgetrio/gh-kill/telemetry", telemetry(1, ts=time.time(), temperature=35.0))
         db = tmp_path / "data" / "edgetrio.db"
 
         def attempts() -> int:
@@ -167,10 +158,10 @@ def test_notification_survives_a_down_target_and_kill_9_exactly_once(tmp_path: P
                     return [row[0] is not None for row in conn.execute("SELECT sent FROM notifications")] == [True]
             wait_until(marked_sent, timeout=20)
             assert len(receiver.posts) == 1 and receiver.posts[0]["title"].startswith("[FIRING] greenhouse-hot")
-            assert alerts(gw)[0]["state"] == "firing"  # and the rule still knows it fired: it resolves it
+            assert gw.alerts()[0]["state"] == "firing"  # and the rule still knows it fired: it resolves it
             probe = Probe(gw, "gh-kill", password, "gh-kill")
             assert probe.accepted()
-            probe.publish("edgetrio/gh-kill/telemetry", reading(2, temperature=20.0))
+            probe.publish("edgetrio/gh-kill/telemetry", telemetry(2, ts=time.time(), temperature=20.0))
             wait_until(lambda: len(receiver.posts) == 2, timeout=15)
             assert [p["title"].split("]")[0] for p in receiver.posts] == ["[FIRING", "[RESOLVED"]  # no repeat between
             probe.close()
@@ -252,9 +243,9 @@ actions = [{{ command = "open", device = "{vent}", timeout = "1s", retries = 1 }
 """)
     daemon.cli("rule", "add", str(rules))
     topic = f"edgetrio/{device_id}/telemetry"
-    probe.publish(topic, reading(1, temperature=35.0))
+    probe.publish(topic, telemetry(1, ts=time.time(), temperature=35.0))
     for seq in range(2, 6):  # ingest goes on while the action waits and retries
-        probe.publish(topic, reading(seq, temperature=36.0))
+        probe.publish(topic, telemetry(seq, ts=time.time(), temperature=36.0))
     while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 5:
         pass
 
@@ -284,7 +275,7 @@ notify = ["{receiver.url}"]
     daemon.cli("rule", "add", str(rules))
     topic = f"edgetrio/{device_id}/telemetry"
     for seq in range(1, 201):  # hot, cool, hot, cool ... as fast as it can
-        probe.publish(topic, reading(seq, temperature=35.0 if seq % 2 else 20.0))
+        probe.publish(topic, telemetry(seq, ts=time.time(), temperature=35.0 if seq % 2 else 20.0))
     while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 200:
         pass
     def events(name: str) -> list[dict[str, Any]]:
@@ -335,12 +326,12 @@ def test_numbers_no_float_holds_are_refused_and_the_rules_go_on(daemon: Daemon, 
     # JSON reads 1e999 as inf and a 400-digit integer as an int no float can hold: a sum of them fails
     probe.publish(topic, '{"boot": 1, "seq": 1, "values": {"t": 1' + "0" * 400 + "}}")
     probe.publish(topic, '{"boot": 1, "seq": 2, "values": {"t": 1e999}}')
-    probe.publish(topic, reading(3, t=40.0))
+    probe.publish(topic, telemetry(3, ts=time.time(), t=40.0))
     while probe.next_json(f"edgetrio/{device_id}/ack")["seq"] != 3:
         pass
     refused = json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
     assert sorted(r["seq"] for r in refused if r["reason"] == "invalid_value") == [1, 2]
-    wait_until(lambda: [a["state"] for a in alerts(daemon) if a["rule"] == "big"] == ["firing"], timeout=15)
+    wait_until(lambda: [a["state"] for a in daemon.alerts() if a["rule"] == "big"] == ["firing"], timeout=15)
     daemon.cli("rule", "remove", "big")
 
 
@@ -379,8 +370,8 @@ def test_an_alert_raised_before_the_cloud_link_existed_reaches_the_relay(tmp_pat
         assert probe.accepted() and probe.subscribe("edgetrio/hot-1/ack")
         gw.cli("rule", "add", str(rule_file(tmp_path / "hot.toml", '[[rule]]\nname = "hot"\ndevices = ["hot-1"]\n'
                                                                    'when = "temperature > 30"\n')))
-        probe.publish("edgetrio/hot-1/telemetry", reading(1, temperature=35.0))
-        wait_until(lambda: [(a["rule"], a["state"]) for a in alerts(gw)] == [("hot", "firing")], timeout=30)
+        probe.publish("edgetrio/hot-1/telemetry", telemetry(1, ts=time.time(), temperature=35.0))
+        wait_until(lambda: [(a["rule"], a["state"]) for a in gw.alerts()] == [("hot", "firing")], timeout=30)
         probe.close()
         gw.stop()
         relay = Relay(tmp_path / "relay").start()
@@ -433,8 +424,8 @@ def test_a_fleet_rule_is_applied_to_the_devices_it_can_judge_and_the_relay_says_
     # ... and it judges the device it can: a damp reading fires it
     probe = Probe(gw, "full-1", password, "full-1")
     assert probe.accepted()
-    probe.publish("edgetrio/full-1/telemetry", reading(1, temperature=20.0, humidity=55.0))
-    wait_until(lambda: [(a["rule"], a["device"]) for a in alerts(gw)] == [("damp", "full-1")], timeout=30)
+    probe.publish("edgetrio/full-1/telemetry", telemetry(1, ts=time.time(), temperature=20.0, humidity=55.0))
+    wait_until(lambda: [(a["rule"], a["device"]) for a in gw.alerts()] == [("damp", "full-1")], timeout=30)
     probe.close()
 
 
@@ -446,8 +437,8 @@ def test_a_pending_alert_shows_at_the_relay_and_goes_when_it_does_not_hold(linke
                                                                 'when = "temperature > 30"\nfor = "1h"\n')))
     probe = Probe(gw, "slow-1", password, "slow-1")
     assert probe.accepted()
-    probe.publish("edgetrio/slow-1/telemetry", reading(1, temperature=35.0))
+    probe.publish("edgetrio/slow-1/telemetry", telemetry(1, ts=time.time(), temperature=35.0))
     wait_until(lambda: [(a["rule"], a["state"]) for a in relay.json("alerts")] == [("slow", "pending")], timeout=30)
-    probe.publish("edgetrio/slow-1/telemetry", reading(2, temperature=20.0))  # it did not hold
-    wait_until(lambda: alerts(gw) == [] and relay.json("alerts", "--all") == [], timeout=30)
+    probe.publish("edgetrio/slow-1/telemetry", telemetry(2, ts=time.time(), temperature=20.0))  # it did not hold
+    wait_until(lambda: gw.alerts() == [] and relay.json("alerts", "--all") == [], timeout=30)
     probe.close()

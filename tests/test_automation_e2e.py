@@ -67,7 +67,7 @@ def story(relay: Relay, gw: Daemon, receiver: Receiver) -> None:
 
         cli(gw.data_dir, "fault", BOARD, "env", "temperature=35")
         wait_until(lambda: len(receiver.posts) == 1, timeout=60)
-        fired = alerts(gw)[0]
+        fired = gw.alerts()[0]
         assert fired["state"] == "firing" and fired["device"] == BOARD and fired["values"]["temperature"] > 34
         assert fired["fired"] - fired["started"] >= 3  # it held for `for` first (the daemon's own times)
         assert receiver.posts[0]["title"] == f"[FIRING] greenhouse-hot on {BOARD} (critical)"
@@ -78,7 +78,7 @@ def story(relay: Relay, gw: Daemon, receiver: Receiver) -> None:
         wait_until(lambda: len(receiver.posts) == 2, timeout=60)
         assert receiver.posts[1]["title"] == f"[RESOLVED] greenhouse-hot on {BOARD} (critical)"
         wait_until(lambda: twin(gw)["reported"]["state"].get("led") is False, timeout=30)
-        assert alerts(gw, "--all")[0]["state"] == "resolved"
+        assert gw.alerts("--all")[0]["state"] == "resolved"
         # nothing more: no repeats, no flapping, over the cool readings that follow (counted, not slept on)
         seen = len(json.loads(gw.cli("readings", BOARD, "--limit", "100000", "--json").stdout))
         wait_until(lambda: len(json.loads(gw.cli("readings", BOARD, "--limit", "100000", "--json").stdout)) >= seen + 5)
@@ -92,13 +92,8 @@ def story(relay: Relay, gw: Daemon, receiver: Receiver) -> None:
         # acknowledged from the cloud: the gateway, which holds the alert, is told
         assert "acknowledged by" in relay.cli("alerts", "ack", "gw1", str(fired["id"])).stdout
         assert relay.json("alerts") == []
-        wait_until(lambda: alerts(gw, "--all")[0]["acked"] is not None, timeout=30)
-        assert alerts(gw) == []
-
-
-def alerts(gw: Daemon, *extra: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = json.loads(gw.cli("alerts", "--json", *extra).stdout)
-    return found
+        wait_until(lambda: gw.alerts("--all")[0]["acked"] is not None, timeout=30)
+        assert gw.alerts() == []
 
 
 def twin(gw: Daemon) -> dict[str, Any]:

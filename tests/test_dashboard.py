@@ -24,20 +24,13 @@ BOARD = "greenhouse-1"
 SHOTS = Path(os.environ["EDGETRIO_SCREENSHOTS"]) if os.environ.get("EDGETRIO_SCREENSHOTS") else None
 
 
-def add_user(relay: Relay, name: str, role: str, password: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", name, "--role", role,
-                           "--password-stdin", "--data-dir", str(relay.data_dir)], input=password + "\n",
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Relay, Daemon]]:
     base = tmp_path_factory.mktemp("dash")
     relay = Relay(base / "relay").start()
     token = relay.add_node("gw1")
-    add_user(relay, "adam", "admin", "admin-password-1")
-    add_user(relay, "vera", "viewer", "viewer-password-1")
+    relay.add_user("adam", "admin", "admin-password-1")
+    relay.add_user("vera", "viewer", "viewer-password-1")
     daemon = Daemon(base / "gw", extra=("--cloud", relay.url, "--node-id", "gw1", "--token", token)).start()
     try:
         with greenhouse_board(daemon):

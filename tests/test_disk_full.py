@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, fill, needs, small_disk, wait_until
+from edgetrio.tools.testkit import Daemon, Probe, fill, needs, small_disk, telemetry, wait_until
 
 
 @pytest.fixture
@@ -21,10 +21,6 @@ def disk(tmp_path: Path) -> Iterator[Path]:
     with small_disk(tmp_path / "disk", 4) as mounted:
         needs(mounted, "root, to mount a small tmpfs")
         yield tmp_path / "disk"
-
-
-def reading(seq: int) -> str:
-    return json.dumps({"boot": 1, "seq": seq, "values": {"t": 20.0 + seq / 100, "note": "x" * 1500}})
 
 
 def acked_seq(probe: Probe, topic: str, wait: float) -> int:
@@ -39,13 +35,13 @@ def test_a_full_disk_holds_readings_unacknowledged_and_resumes_when_space_frees(
         probe = Probe(daemon, "d1", password, "d1")
         assert probe.accepted() and probe.subscribe("edgetrio/d1/#")
         ack = "edgetrio/d1/ack"
-        probe.publish("edgetrio/d1/telemetry", reading(1))
+        probe.publish("edgetrio/d1/telemetry", telemetry(1, t=20.0 + 1 / 100, note="x" * 1500))
         assert probe.next_json(ack)["seq"] == 1
 
         filler = disk / "filler"
         fill(filler)
         for seq in range(2, 302):  # about 450 KB: more than the WAL can take without growing
-            probe.publish("edgetrio/d1/telemetry", reading(seq))
+            probe.publish("edgetrio/d1/telemetry", telemetry(seq, t=20.0 + seq / 100, note="x" * 1500))
         status = wait_until(lambda: (s := daemon.status()["daemon"])["store"]["ok"] is False and s, timeout=30)
         assert "full" in status["store"]["error"]
         assert "store:     cannot write" in daemon.cli("status").stdout

@@ -6,9 +6,6 @@ from __future__ import annotations
 import getpass
 import json
 import queue
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe, Receiver, cli, free_port, needs, wait_until
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def reading(seq: int) -> str:
-    return json.dumps({"boot": 1, "seq": seq, "ts": time.time(), "values": {"temperature": 20.0 + seq}})
+from edgetrio.tools.testkit import Daemon, Mosquitto, Probe, Receiver, cli, free_port, needs, telemetry, wait_until
 
 
 def gateway(tmp_path: Path, sinks: str) -> tuple[Daemon, Probe]:
@@ -45,7 +36,7 @@ def sink_idle(gw: Daemon, name: str) -> bool:
 
 def publish(probe: Probe, seqs: range) -> None:
     for seq in seqs:
-        probe.publish("edgetrio/sensor-1/telemetry", reading(seq))
+        probe.publish("edgetrio/sensor-1/telemetry", telemetry(seq, ts=time.time(), temperature=20.0 + seq))
     while probe.next_json("edgetrio/sensor-1/ack")["seq"] != seqs[-1]:
         pass
 
@@ -113,34 +104,13 @@ class Subscriber:
 
 @pytest.fixture
 def plant_broker(tmp_path: Path) -> Iterator[tuple[int, Any]]:
-    needs(Path(MOSQUITTO).exists(), "mosquitto (Debian package)")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
+    needs(Mosquitto.available(), "mosquitto (Debian package)")
     # persistence keeps the historian's session (and what waits for it) across the restart; as root mosquitto would
     # drop to its own user, which cannot write into the test's folder
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                    f"persistence_location {tmp_path}/\nuser {getpass.getuser()}\n")
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        procs.append(subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-        wait_until(listening, timeout=10, interval=0.05)
-
-    def stop() -> None:
-        procs[-1].terminate()
-        procs[-1].wait(timeout=10)
-
-    start()
-    yield port, (start, stop)
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            p.wait(timeout=10)
+    broker = Mosquitto(tmp_path, "allow_anonymous true", "persistence true", f"persistence_location {tmp_path}/",
+                       f"user {getpass.getuser()}").start()
+    yield broker.port, (broker.start, broker.stop)
+    broker.stop()
 
 
 def test_mqtt_sink_to_a_plant_broker_resumes_after_the_broker_restarts(tmp_path: Path,

@@ -7,8 +7,6 @@ ack waits at. While readings keep coming, the board must notice that acks stoppe
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -16,13 +14,13 @@ import paho.mqtt.client as mqtt
 import pytest
 import trio
 
-from edgetrio.tools.testkit import free_port, needs
+from edgetrio.tools.testkit import Mosquitto, needs
 from edgetrio.tools.vdev import VirtualDevice, build_bundle, device_config
 
 
 @pytest.fixture(autouse=True)
 def _mosquitto() -> None:
-    needs(shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists(), "mosquitto (Debian package)")
+    needs(Mosquitto.available(), "mosquitto (Debian package)")
 
 
 class AckingGateway:
@@ -60,19 +58,9 @@ class AckingGateway:
 
 
 async def test_a_lost_reading_is_sent_again_while_readings_keep_coming(tmp_path: Path) -> None:
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mosquitto = Mosquitto(tmp_path, "allow_anonymous true", "persistence false").start()
+    port = mosquitto.port
     try:
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await trio.open_tcp_stream("127.0.0.1", port)
-                    break
-                except OSError:
-                    await trio.sleep(0.1)
         gateway = AckingGateway(port, "m1", lose=5)
         board = VirtualDevice("m1", tmp_path / "flash", ("127.0.0.1", port))
         board.install(build_bundle(tmp_path / "bundle"), device_config("m1", "any", period=0.5))
@@ -93,5 +81,4 @@ async def test_a_lost_reading_is_sent_again_while_readings_keep_coming(tmp_path:
         # and not by a reboot, which would resend everything anyway
         assert (tmp_path / "flash" / "console.log").read_text().count("online, boot") == 1
     finally:
-        mosquitto.terminate()
-        mosquitto.wait(timeout=10)
+        mosquitto.stop()

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, wait_until
+from edgetrio.tools.testkit import Daemon, blank_board
 from edgetrio.tools.vdev import device_tool
 
 
 @pytest.fixture
 def board(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     daemon = Daemon(tmp_path / "gw").start()
-    tty = tmp_path / "ttyUSB0"
-    log = open(tmp_path / "vdev.log", "ab")  # noqa: SIM115
-    vdev = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
-                             "board", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log, stderr=log)
-    wait_until(tty.exists)
-    yield daemon, tty
-    vdev.send_signal(signal.SIGTERM)
-    vdev.wait(timeout=20)
-    daemon.stop()
+    try:
+        with blank_board(daemon.data_dir, tmp_path / "ttyUSB0") as tty:
+            yield daemon, tty
+    finally:
+        daemon.stop()
 
 
 def flash(daemon: Daemon, tty: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -6,30 +6,21 @@ its serial port (flashed with mpremote) and joining the test's gateway over loop
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from edgetrio.tools.testkit import ROOT, wait_until
+from edgetrio.tools.testkit import ROOT, blank_board
 
 
 def test_the_real_board_path_of_the_hil_suite_passes_against_a_board_on_a_serial_port(tmp_path: Path) -> None:
-    tty = tmp_path / "ttyUSB0"
-    with open(tmp_path / "vdev.log", "ab") as log:
-        board = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty), "--prefix",
-                                  "board", "--data-dir", str(tmp_path / "bench")], cwd=ROOT, stdout=log, stderr=log)
-    try:
-        wait_until(tty.exists)
-        # the same board is flashed for each scenario and keeps its flash between them, as a real one does
+    # the same board is flashed for each scenario and keeps its flash between them, as a real one does
+    with blank_board(tmp_path / "bench", tmp_path / "ttyUSB0") as tty:
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "hil-tests", "--port", str(tty),
              "--broker-host", "127.0.0.1", "--basetemp", str(tmp_path / "inner"), "-rs",
              "-k", "telemetry or command or reflash or wifi or soft_resets"],
             cwd=ROOT, capture_output=True, text=True, timeout=600)
-    finally:
-        board.send_signal(signal.SIGTERM)
-        board.wait(timeout=20)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert summary.startswith("5 passed, 1 skipped"), summary  # Wi-Fi loss needs a network the test controls

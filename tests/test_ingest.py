@@ -7,16 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetrio.tools.testkit import Daemon, wait_until
+from edgetrio.tools.testkit import Daemon, telemetry, wait_until
 
-
-def telemetry(boot: int, seq: int, **values: Any) -> str:
-    return json.dumps({"boot": boot, "seq": seq, "ts": 1_700_000_000 + seq, "values": values or {"t": 20.0 + seq}})
-
-
-def readings(daemon: Daemon, device_id: str) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = json.loads(daemon.cli("readings", device_id, "--json").stdout)
-    return result
+T0 = 1_700_000_000  # the readings' own clock, fixed, so a test can check the time stored
 
 
 def test_resent_telemetry_is_stored_once(daemon: Daemon, device: Any) -> None:
@@ -24,11 +17,11 @@ def test_resent_telemetry_is_stored_once(daemon: Daemon, device: Any) -> None:
     ack = f"edgetrio/{device_id}/ack"
     for _ in range(3):
         for seq in (1, 2, 3):
-            probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(4, seq))
+            probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(seq, boot=4, ts=T0 + seq, t=20.0 + seq))
         # every resend is acknowledged again, so a device that missed an ack is not stuck
         while probe.next_json(ack) != {"boot": 4, "seq": 3}:
             pass
-    stored = readings(daemon, device_id)
+    stored = daemon.readings(device_id)
     assert [(r["boot"], r["seq"]) for r in stored] == [(4, 1), (4, 2), (4, 3)]
     assert stored[0]["values"] == {"t": 21.0} and stored[0]["ts"] == 1_700_000_001
 
@@ -36,21 +29,21 @@ def test_resent_telemetry_is_stored_once(daemon: Daemon, device: Any) -> None:
 def test_ack_is_the_highest_contiguous_committed_seq_of_the_boot(daemon: Daemon, device: Any) -> None:
     device_id, _, probe = device()
     topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
-    probe.publish(topic, telemetry(9, 1))
+    probe.publish(topic, telemetry(1, boot=9, ts=T0 + 1, t=21.0))
     assert probe.next_json(ack) == {"boot": 9, "seq": 1}
-    probe.publish(topic, telemetry(9, 3))  # seq 2 is missing: 3 is stored but not acknowledged
+    probe.publish(topic, telemetry(3, boot=9, ts=T0 + 3, t=23.0))  # seq 2 is missing: 3 is stored but not acknowledged
     assert probe.next_json(ack) == {"boot": 9, "seq": 1}
-    probe.publish(topic, telemetry(9, 4))
+    probe.publish(topic, telemetry(4, boot=9, ts=T0 + 4, t=24.0))
     assert probe.next_json(ack) == {"boot": 9, "seq": 1}
-    probe.publish(topic, telemetry(9, 2))
+    probe.publish(topic, telemetry(2, boot=9, ts=T0 + 2, t=22.0))
     assert probe.next_json(ack) == {"boot": 9, "seq": 4}
     # each boot has its own sequence
-    probe.publish(topic, telemetry(10, 1))
+    probe.publish(topic, telemetry(1, boot=10, ts=T0 + 1, t=21.0))
     assert probe.next_json(ack) == {"boot": 10, "seq": 1}
     # a device that dropped its oldest readings (buffer full) says so with "first"; the watermark passes the gap
     probe.publish(topic, json.dumps({"boot": 11, "seq": 7, "first": 7, "values": {"t": 1}}))
     assert probe.next_json(ack) == {"boot": 11, "seq": 7}
-    assert len(readings(daemon, device_id)) == 6
+    assert len(daemon.readings(device_id)) == 6
 
 
 def test_bad_input_is_rejected_counted_and_the_daemon_keeps_serving(daemon: Daemon, device: Any, tmp_path: Path,
@@ -67,11 +60,12 @@ def test_bad_input_is_rejected_counted_and_the_daemon_keeps_serving(daemon: Daem
     probe.publish(topic, json.dumps({"boot": 1, "values": {"temperature": 1.0}}))  # no seq
     probe.publish(topic, json.dumps([1, 2, 3]))
     probe.publish(topic, b"x" * (1024 * 1024))  # 1 MB
-    probe.publish(topic, telemetry(1, 1, temperature="warm"))  # wrong type
-    probe.publish(topic, telemetry(1, 2, temperature=120.0))  # out of range
-    probe.publish(topic, telemetry(1, 3, humidity=40.0))  # not a resource of the model
-    probe.publish(topic, telemetry(1, 10**23, temperature=21.0))  # a seq SQLite cannot hold must not fail the commit
-    probe.publish(topic, telemetry(1, 4, temperature=21.5, door=True))  # valid
+    probe.publish(topic, telemetry(1, boot=1, ts=T0 + 1, temperature="warm"))  # wrong type
+    probe.publish(topic, telemetry(2, boot=1, ts=T0 + 2, temperature=120.0))  # out of range
+    probe.publish(topic, telemetry(3, boot=1, ts=T0 + 3, humidity=40.0))  # not a resource of the model
+    # a seq SQLite cannot hold must not fail the commit
+    probe.publish(topic, telemetry(10**23, boot=1, ts=T0 + 10**23, temperature=21.0))
+    probe.publish(topic, telemetry(4, boot=1, ts=T0 + 4, temperature=21.5, door=True))  # valid
     # invalid readings are settled (kept in `rejects`), so the watermark is not stuck behind them
     while (got := probe.next_json(ack)) != {"boot": 1, "seq": 4}:
         assert got["boot"] == 1
@@ -80,12 +74,12 @@ def test_bad_input_is_rejected_counted_and_the_daemon_keeps_serving(daemon: Daem
     user, password = daemon.admin()
     app = connect(user, password, "bad-input-app")
     assert app.accepted()
-    app.publish("edgetrio/ghost-device/telemetry", telemetry(1, 1))
+    app.publish("edgetrio/ghost-device/telemetry", telemetry(1, boot=1, ts=T0 + 1, t=21.0))
 
     # the daemon still serves: another reading from the same device is stored and acknowledged
-    probe.publish(topic, telemetry(1, 5, temperature=22.0))
+    probe.publish(topic, telemetry(5, boot=1, ts=T0 + 5, temperature=22.0))
     assert probe.next_json(ack) == {"boot": 1, "seq": 5}
-    assert [r["values"] for r in readings(daemon, device_id)] == [{"temperature": 21.5, "door": True},
+    assert [r["values"] for r in daemon.readings(device_id)] == [{"temperature": 21.5, "door": True},
                                                                   {"temperature": 22.0}]
     after = daemon.counters()
 
@@ -108,17 +102,17 @@ def test_meta_announces_a_model_that_checks_telemetry(daemon: Daemon, device: An
     # meta is handled beside the readings: wait for it to be stored, then for the model it announced to be in force
     wait_until(lambda: ({d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
                         ["meta"] or {}).get("firmware") == "1.0")
-    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1, lux=1.5))  # not an int
-    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 2, lux=300))
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, boot=1, ts=T0 + 1, lux=1.5))  # not an int
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(2, boot=1, ts=T0 + 2, lux=300))
     while probe.next_json(f"edgetrio/{device_id}/ack") != {"boot": 1, "seq": 2}:
         pass
-    assert [r["values"] for r in readings(daemon, device_id)] == [{"lux": 300}]
+    assert [r["values"] for r in daemon.readings(device_id)] == [{"lux": 300}]
 
 
 def test_status_log_and_presence_are_recorded(daemon: Daemon, device: Any) -> None:
     device_id, _, probe = device()
     probe.publish(f"edgetrio/{device_id}/log", json.dumps({"level": "warning", "message": "low battery"}))
-    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, 1))
+    probe.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, boot=1, ts=T0 + 1, t=21.0))
     probe.next_json(f"edgetrio/{device_id}/ack")
     listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
     assert listed[device_id]["online"] is True and listed[device_id]["last_seen"] is not None
@@ -154,7 +148,7 @@ def test_a_board_gets_the_time_and_readings_from_an_unset_clock_are_stamped_on_a
     while probe.next_json(ack) != {"boot": 1, "seq": 4}:
         pass
     after = time.time()
-    stored = readings(daemon, device_id)
+    stored = daemon.readings(device_id)
     for row in stored[:3]:  # the board's time could not be true: its arrival, marked so
         assert row["ts_arrival"] is True and before <= row["ts"] <= after
     assert stored[3]["ts"] == taken / 1000 and "ts_arrival" not in stored[3]
@@ -178,7 +172,7 @@ def test_a_model_can_keep_the_values_that_fit_and_drop_only_the_bad_one(daemon: 
     probe.publish(topic, json.dumps({"boot": 1, "seq": 3, "values": {"temperature": 22.0, "humidity": 50.0}}))
     while probe.next_json(ack) != {"boot": 1, "seq": 3}:
         pass
-    assert [r["values"] for r in readings(daemon, device_id)] == [{"temperature": 21.0},
+    assert [r["values"] for r in daemon.readings(device_id)] == [{"temperature": 21.0},
                                                                  {"temperature": 22.0, "humidity": 50.0}]
     refused = json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
     assert [r["reason"] for r in refused] == ["invalid_value", "invalid_value"]

@@ -9,7 +9,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -20,16 +19,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgetrio.tools.testkit import free_port, needs
+from edgetrio.tools.testkit import Mosquitto, needs
 from edgetrio.tools.vdev import FIRMWARE, micropython
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DYNSEC = next(iter(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")), Path("/nonexistent"))
 
 
 @pytest.fixture(autouse=True)
 def _mosquitto() -> None:
-    needs(Path(MOSQUITTO).exists() and shutil.which("mosquitto_passwd") is not None, "mosquitto (Debian package)")
+    needs(Mosquitto.available() and shutil.which("mosquitto_passwd") is not None, "mosquitto (Debian package)")
 
 CLIENT = """
 import asyncio, sys
@@ -113,56 +111,34 @@ def dynsec_client(user: str, password: str, role: str) -> dict[str, Any]:
             "iterations": 101, "roles": [{"rolename": role}]}
 
 
-class Broker:
+def mosquitto_with(tmp: Path, auth: str = "dynsec") -> Mosquitto:
     """mosquitto with `auth`: "dynsec" (the dynamic security plugin: per-client roles, which unlike an acl_file can
     refuse a subscription with SUBACK 0x80), "password_file", or "anonymous"."""
-
-    def __init__(self, tmp: Path, auth: str = "dynsec") -> None:
-        self.port = free_port()
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "user root"]  # root: files in a 0700 dir
-        if auth == "dynsec":
-            needs(DYNSEC.exists(), "mosquitto's dynamic security plugin (Debian's mosquitto)")
-            allow = [{"acltype": kind, "topic": "edgetrio/dev/#", "priority": 0, "allow": True}
-                     for kind in ("publishClientSend", "subscribePattern")]
-            watch = [{"acltype": "subscribePattern", "topic": "#", "priority": 0, "allow": True}]
-            config = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
-                                           "subscribe": False, "unsubscribe": True},
-                      "clients": [dynsec_client("dev", "pw", "device"), dynsec_client("observer", "pw", "observer")],
-                      "groups": [], "roles": [{"rolename": "device", "acls": allow},
-                                              {"rolename": "observer", "acls": watch}]}
-            (tmp / "dynsec.json").write_text(json.dumps(config))
-            lines += ["allow_anonymous false", f"plugin {DYNSEC}", f"plugin_opt_config_file {tmp / 'dynsec.json'}"]
-        elif auth == "password_file":
-            passwords = tmp / "passwords"
-            subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "dev", "pw"], check=True)
-            lines += ["allow_anonymous false", f"password_file {passwords}"]
-        else:
-            lines += ["allow_anonymous true"]
-        self.conf = tmp / f"mosquitto-{auth}.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+    lines = ["persistence false", "user root"]  # root: its files are in a 0700 dir
+    if auth == "dynsec":
+        needs(DYNSEC.exists(), "mosquitto's dynamic security plugin (Debian's mosquitto)")
+        allow = [{"acltype": kind, "topic": "edgetrio/dev/#", "priority": 0, "allow": True}
+                 for kind in ("publishClientSend", "subscribePattern")]
+        watch = [{"acltype": "subscribePattern", "topic": "#", "priority": 0, "allow": True}]
+        config = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
+                                       "subscribe": False, "unsubscribe": True},
+                  "clients": [dynsec_client("dev", "pw", "device"), dynsec_client("observer", "pw", "observer")],
+                  "groups": [], "roles": [{"rolename": "device", "acls": allow},
+                                          {"rolename": "observer", "acls": watch}]}
+        (tmp / "dynsec.json").write_text(json.dumps(config))
+        lines += ["allow_anonymous false", f"plugin {DYNSEC}", f"plugin_opt_config_file {tmp / 'dynsec.json'}"]
+    elif auth == "password_file":
+        passwords = tmp / "passwords"
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "dev", "pw"], check=True)
+        lines += ["allow_anonymous false", f"password_file {passwords}"]
+    else:
+        lines += ["allow_anonymous true"]
+    return Mosquitto(tmp, *lines)
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path)
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = mosquitto_with(tmp_path)
     b.start()
     yield b
     b.stop()
@@ -182,7 +158,7 @@ def observer(port: int) -> tuple[mqtt.Client, queue.Queue[tuple[str, bytes, bool
     return client, seen
 
 
-def test_the_firmware_client_against_mosquitto(broker: Broker, tmp_path: Path) -> None:
+def test_the_firmware_client_against_mosquitto(broker: Mosquitto, tmp_path: Path) -> None:
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     watcher, seen = observer(broker.port)
@@ -247,7 +223,7 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("auth", ["password_file", "anonymous"])
 def test_the_firmware_client_with_a_password_file_and_without(auth: str, tmp_path: Path) -> None:
-    broker = Broker(tmp_path, auth)
+    broker = mosquitto_with(tmp_path, auth)
     broker.start()
     try:
         script = tmp_path / "simple.py"

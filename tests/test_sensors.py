@@ -7,15 +7,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from edgetrio.tools.testkit import ROOT, Daemon, wait_until
-
-
-def readings(daemon: Daemon, device_id: str) -> list[dict[str, Any]]:
-    out = daemon.cli("readings", device_id, "--json", check=False)  # not registered yet: none
-    rows: list[dict[str, Any]] = json.loads(out.stdout) if out.returncode == 0 else []
-    return rows
 
 
 def test_boards_differ_and_a_bmp280_in_forced_mode_reports_no_humidity(tmp_path: Path) -> None:
@@ -28,13 +21,13 @@ def test_boards_differ_and_a_bmp280_in_forced_mode_reports_no_humidity(tmp_path:
                             "--forced", "--period", "0.5", "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
                            stderr=log)
     try:
-        rooms = [wait_until(lambda d=d: (r := readings(daemon, d)) and len(r) >= 5 and r, timeout=60)
+        rooms = [wait_until(lambda d=d: (r := daemon.readings(d, missing_ok=True)) and len(r) >= 5 and r, timeout=60)
                  for d in ("room-1", "room-2", "room-3")]
         temperatures = [r[-1]["values"]["temperature"] for r in rooms]
         assert len(set(temperatures)) == 3, temperatures  # not one value for the whole fleet
         noisy = {row["values"]["pressure"] for row in rooms[0]}
         assert len(noisy) > 1  # a real sensor's last digits move
-        battery = wait_until(lambda: (r := readings(daemon, "battery-1")) and len(r) >= 3 and r, timeout=60)
+        battery = wait_until(lambda: (r := daemon.readings("battery-1", missing_ok=True)) and len(r) >= 3 and r, timeout=60)
         assert "humidity" not in battery[-1]["values"] and 950 < battery[-1]["values"]["pressure"] < 1050
         devices = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
         names = [r["name"] for r in devices["battery-1"]["meta"]["resources"]]

@@ -51,15 +51,9 @@ def line(tmp_path: Path) -> Iterator[tuple[Daemon, Path, Path, list[subprocess.P
     daemon.stop()
 
 
-def readings(daemon: Daemon) -> list[dict[str, object]]:
-    out = daemon.cli("readings", DEVICE, "--json", check=False)  # the device may not be registered yet
-    rows: list[dict[str, object]] = json.loads(out.stdout) if out.returncode == 0 else []
-    return rows
-
-
 def test_telemetry_twin_and_commands_over_serial(line: tuple[Daemon, Path, Path, list[subprocess.Popen[bytes]]]) -> None:
     daemon, _board, _gateway, _procs = line
-    rows = wait_until(lambda: (r := readings(daemon)) and len(r) >= 10 and r, timeout=60)
+    rows = wait_until(lambda: (r := daemon.readings(DEVICE, missing_ok=True)) and len(r) >= 10 and r, timeout=60)
     contiguous_per_boot(rows)
     device = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[DEVICE]
     assert device["online"] and device["meta"]["transport"] == "serial"
@@ -77,16 +71,16 @@ def test_telemetry_twin_and_commands_over_serial(line: tuple[Daemon, Path, Path,
 
 def test_unplugged_and_plugged_back_loses_nothing(line: tuple[Daemon, Path, Path, list[subprocess.Popen[bytes]]]) -> None:
     daemon, board, gateway, procs = line
-    wait_until(lambda: len(readings(daemon)) >= 5, timeout=60)
+    wait_until(lambda: len(daemon.readings(DEVICE, missing_ok=True)) >= 5, timeout=60)
     procs[0].send_signal(signal.SIGTERM)  # the cable is pulled: both ends of the line vanish
     procs[0].wait(timeout=10)
     wait_until(lambda: not {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
                [DEVICE]["online"])
     time.sleep(3)
     procs[0] = socat(board, gateway)  # plugged back
-    seen = len(readings(daemon))
-    wait_until(lambda: len(readings(daemon)) > seen + 10, timeout=60)
-    contiguous_per_boot(readings(daemon))
+    seen = len(daemon.readings(DEVICE, missing_ok=True))
+    wait_until(lambda: len(daemon.readings(DEVICE, missing_ok=True)) > seen + 10, timeout=60)
+    contiguous_per_boot(daemon.readings(DEVICE, missing_ok=True))
     status = daemon.status()
     assert status["running"] is True and DEVICE in status["daemon"]["devices_connected"]  # online again
 

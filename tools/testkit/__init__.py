@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import sqlite3
@@ -96,6 +97,22 @@ class Daemon:
     def admin(self) -> tuple[str, str]:
         return admin_credential(self.data_dir)
 
+    def readings(self, device: str, *extra: str, missing_ok: bool = False) -> list[dict[str, Any]]:
+        """`edgetrio readings DEVICE --json`; a device not registered yet has none when `missing_ok` (any other error
+        fails the test)."""
+        out = self.cli("readings", device, "--json", *extra, check=False)
+        if out.returncode != 0:
+            if missing_ok and "unknown device" in out.stderr:
+                return []
+            raise AssertionError(f"edgetrio readings {device} failed ({out.returncode}): {out.stderr}")
+        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        return rows
+
+    def alerts(self, *extra: str) -> list[dict[str, Any]]:
+        """`edgetrio alerts --json`."""
+        found: list[dict[str, Any]] = json.loads(self.cli("alerts", "--json", *extra).stdout)
+        return found
+
     def log_text(self) -> str:
         return (self.data_dir.parent / f"{self.data_dir.name}-daemon.log").read_text(errors="replace")
 
@@ -146,6 +163,13 @@ class Relay:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """`edgetrio cloud user add`, the password on stdin as an operator types it."""
+        proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", name, "--role", role,
+                               "--password-stdin", "--data-dir", str(self.data_dir)], input=password + "\n",
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
     def add_node(self, name: str) -> str:
         token: str = self.json("node", "add", name)["token"]
         return token
@@ -165,6 +189,68 @@ def virtual_boards(daemon: Daemon, prefix: str, count: int = 1, period: float = 
         finally:
             boards.send_signal(signal.SIGTERM)
             boards.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def blank_board(data_dir: Path, tty: Path, prefix: str = "board") -> Iterator[Path]:
+    """`edgetrio vdev --blank --repl-pty TTY`: a new virtual board with an empty flash on a serial port at `tty`, as
+    a board fresh from the box on USB; stopped (killed if it will not stop) after."""
+    with open(data_dir.parent / f"vdev-{tty.name}.log", "ab") as log:
+        board = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty),
+                                  "--prefix", prefix, "--data-dir", str(data_dir)], cwd=ROOT, stdout=log, stderr=log)
+        try:
+            wait_until(lambda: tty.exists() or board.poll() is not None, timeout=60)
+            assert board.poll() is None, f"the blank board did not start: {log.name}"
+            yield tty
+        finally:
+            board.send_signal(signal.SIGTERM)
+            try:
+                board.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                board.kill()
+                board.wait()
+
+
+class Mosquitto:
+    """Debian's mosquitto on a loopback port with the config lines given (a broker nobody here wrote)."""
+
+    PATH = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+    def __init__(self, folder: Path, *lines: str, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.conf = folder / f"mosquitto-{self.port}.conf"
+        self.conf.write_text("\n".join([f"listener {self.port} 127.0.0.1", *lines]) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return Path(Mosquitto.PATH).exists()
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen([self.PATH, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"mosquitto exited; config {self.conf}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+            return False
+        wait_until(listening, timeout=10, interval=0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def telemetry(seq: int, boot: int = 1, ts: float | None = None, **values: Any) -> str:
+    """A telemetry message as the device contract has it (docs/firmware.md); `ts` left out when None, as a board
+    whose clock is not set sends it."""
+    message: dict[str, Any] = {"boot": boot, "seq": seq, "values": values}
+    if ts is not None:
+        message["ts"] = ts
+    return json.dumps(message)
 
 
 def greenhouse_board(daemon: Daemon, period: float = 0.5) -> contextlib.AbstractContextManager[list[str]]:
