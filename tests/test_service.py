@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -27,8 +28,9 @@ from edgetrio.tools.demo import wait_for_daemon
 from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, needs, wait_until
 
 
-def scrape(daemon: Daemon) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=10) as reply:
+def metrics_at(address: str) -> dict[str, float]:
+    """Every sample of a Prometheus /metrics page (the daemon's or the relay's), by its name and labels."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     values = {}
     for line in text.splitlines():
@@ -36,6 +38,10 @@ def scrape(daemon: Daemon) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def scrape(daemon: Daemon) -> dict[str, float]:
+    return metrics_at(daemon.metrics)
 
 
 def test_metrics_and_health_move_with_the_readings(tmp_path: Path) -> None:
@@ -127,9 +133,25 @@ def test_service_install_writes_a_unit_systemd_accepts_and_a_config_the_daemon_l
     unit = tmp_path / ".config" / "systemd" / "user" / "edgetrio-daemon.service"
     config = tmp_path / ".config" / "edgetrio" / "daemon.toml"
     assert f"--config {config}" in unit.read_text()
-    settings = load_config_file(config)
-    cfg = build_config(settings, {})
-    assert cfg.data_dir == tmp_path / ".local" / "share" / "edgetrio" / "gateway" and cfg.metrics_port == 9883
+    # the unit's own command line starts a daemon from that file alone (ports moved off the defaults by flags, which
+    # win, so the suite's other daemons do not clash); it serves from the data dir the file names
+    exec_start = next(line for line in unit.read_text().splitlines() if line.startswith("ExecStart="))
+    command = [*shlex.split(exec_start.removeprefix("ExecStart=")), "--mqtt-host", "127.0.0.1", "--mqtt-port", "0",
+               "--metrics-port", "0", "--http-port", "0"]
+    data = tmp_path / ".local" / "share" / "edgetrio" / "gateway"
+    with open(tmp_path / "service-daemon.log", "ab") as log:
+        daemon = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=log)
+        try:
+            info = wait_for_daemon(data, daemon)
+            assert info["pid"] == daemon.pid
+            shown = json.loads(subprocess.run([sys.executable, "-m", "edgetrio", "config", "show", "--config",
+                                               str(config), "--json"], env=env, capture_output=True, text=True,
+                                              check=True, timeout=60).stdout)
+            assert shown["data_dir"] == {"value": str(data), "from": f"file {config}"}
+            assert shown["metrics_port"]["value"] == 9883 and shown["log_level"]["value"] == "info"
+        finally:
+            daemon.terminate()
+            assert daemon.wait(timeout=30) == 0
     config.write_text(config.read_text() + "# mine\n")
     again = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert [f["written"] for f in json.loads(again.stdout)["files"]] == [True, False]  # the user's settings stay
@@ -277,13 +299,7 @@ def test_the_relays_metrics_follow_edges_batches_and_api_requests(tmp_path: Path
         for seq in range(1, 31):
             probe.publish("edgetrio/r1/telemetry", json.dumps({"boot": 1, "seq": seq, "values": {"t": seq}}))
 
-        def relay_metrics() -> dict[str, float]:
-            with urllib.request.urlopen(f"http://{relay.metrics}/metrics", timeout=10) as reply:
-                text = reply.read().decode()
-            return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
-                    for line in text.splitlines() if line and not line.startswith("#")}
-
-        seen = wait_until(lambda: (m := relay_metrics()).get("edgetrio_relay_readings_received_total", 0) >= 30
+        seen = wait_until(lambda: (m := metrics_at(relay.metrics)).get("edgetrio_relay_readings_received_total", 0) >= 30
                           and m, timeout=60)
         assert seen["edgetrio_relay_edges_connected"] == 1 and seen["edgetrio_relay_batches_stored_total"] >= 1
         assert seen["edgetrio_relay_commits_total"] >= 1 and seen["process_resident_memory_bytes"] > 10e6
@@ -294,7 +310,7 @@ def test_the_relays_metrics_follow_edges_batches_and_api_requests(tmp_path: Path
                 urllib.request.urlopen(request, timeout=10).close()
             except urllib.error.HTTPError as exc:
                 assert exc.code == 401
-        after = relay_metrics()
+        after = metrics_at(relay.metrics)
         assert after['edgetrio_relay_api_requests_total{status="200"}'] >= 1
         assert after['edgetrio_relay_api_requests_total{status="401"}'] >= 1
         with urllib.request.urlopen(f"http://{relay.metrics}/healthz", timeout=10) as reply:
