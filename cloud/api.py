@@ -179,7 +179,9 @@ def openapi() -> dict[str, Any]:
             f"{device_path}/readings": {
                 "parameters": [*params, {"name": "since", "in": "query", "schema": string,
                                          "description": "epoch seconds, an ISO time, or an age such as 10m, 2h, 1d"},
-                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                               {"name": "limit", "in": "query", "schema": {
+                                   "type": "integer", "minimum": 1, "maximum": web.READINGS_LIMIT},
+                                "description": f"the newest N (default and most: {web.READINGS_LIMIT})"},
                                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}],
                 "get": {"summary": "Readings, oldest first (CSV with format=csv)",
                         "responses": {"200": {"description": "OK", "content": {

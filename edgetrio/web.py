@@ -16,11 +16,14 @@ import hmac
 import io
 import json
 import logging
+import os
 import re
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -51,6 +54,10 @@ STREAMS_TOTAL = 256  # open event streams of everyone together: each costs a tas
 STREAM_SEND_TIMEOUT = 30.0  # a client that takes no bytes for this long loses its stream (and its socket)
 LOGIN_CHECKS_AT_ONCE = 2  # password checks (scrypt, 32 MiB each) running together; more logins wait their turn
 LOGIN_FAILURES = 10  # failed logins a minute per source address, and per account name, before 429
+LOGIN_TARPIT = 1.0  # seconds a 429 for a login waits: a flood's clients wait instead of spinning (and the server idles)
+LOGIN_TARPIT_HELD = 256  # 429s waiting at once; past that they are answered at once (each holds a socket)
+READINGS_LIMIT = 10_000  # readings one request returns at most, the newest (page older ones with `since`)
+KDF_NICE = 10  # the password checks' threads run at this niceness: a flood of logins yields the CPU to ingest
 WAITING_TOTAL = 128  # connections still sending their first request; beyond, a new one is closed at once
 WAITING_PER_ADDRESS = 32  # ... of them from one address
 PEER: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="")  # the connection's source address
@@ -206,6 +213,11 @@ class Arrivals:
                 del self.waiting[address]
 
 
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), KDF_NICE)
+
+
 class LoginGuard:
     """What login tries may cost: at most LOGIN_CHECKS_AT_ONCE password checks at a time (each scrypt takes 32 MiB),
     and per source address and per account name at most LOGIN_FAILURES failures a minute, then 429 with Retry-After
@@ -215,6 +227,10 @@ class LoginGuard:
 
     def __init__(self) -> None:
         self.checks = trio.CapacityLimiter(LOGIN_CHECKS_AT_ONCE)
+        self.held = 0  # 429s waiting out LOGIN_TARPIT
+        # threads of their own, niced (on Linux a thread's niceness is its own): trio's worker threads, which the
+        # store's reads also use, keep theirs
+        self.kdf = ThreadPoolExecutor(LOGIN_CHECKS_AT_ONCE, "kdf", initializer=_lower_priority)
         self.failures: dict[str, list[float]] = {}
         self.refused: Counter[str] = Counter()  # since the last log line: names and addresses refused
         self.logged_at = 0.0
@@ -244,6 +260,22 @@ class LoginGuard:
         for key in (f"address {peer}", f"name {name[:64]}"):
             self.failures.setdefault(key, []).append(now)
         return now
+
+    async def slow_down(self) -> None:
+        """Hold a refused login's answer a moment, unless too many are held already."""
+        if self.held >= LOGIN_TARPIT_HELD:
+            return
+        self.held += 1
+        try:
+            await trio.sleep(LOGIN_TARPIT)
+        finally:
+            self.held -= 1
+
+    async def check(self, password: str, stored: str | None) -> bool:
+        """The password against its stored hash (as long for no hash), a few at a time, on the niced threads."""
+        async with self.checks:
+            job = self.kdf.submit(verify_password, password, stored)
+            return await trio.to_thread.run_sync(job.result)
 
     def succeeded(self, name: str, peer: str, at: float) -> None:
         for key in (f"address {peer}", f"name {name[:64]}"):
@@ -351,10 +383,11 @@ def readings_query(query: Params) -> tuple[float | None, int | None]:
         since = parse_since(query["since"]) if "since" in query else None
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
-    limit = None
+    limit = READINGS_LIMIT  # one answer is built in memory: without a bound a year of readings would be
     if "limit" in query:
-        if not query["limit"].isdigit() or int(query["limit"]) < 1:
-            raise HTTPError(400, f"limit {wire.clip(query['limit'], 40)!r}: use a whole number of 1 or more")
+        if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= READINGS_LIMIT:
+            raise HTTPError(400, f"limit {wire.clip(query['limit'], 40)!r}: use a whole number from 1 to "
+                                 f"{READINGS_LIMIT} (page with since= for more)")
         limit = int(query["limit"])
     return since, limit
 
@@ -549,7 +582,11 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
     if len(password) > 1024 or len(name) > 256:  # a megabyte password costs the KDF a megabyte to hash
         raise HTTPError(400, "name or password too long")
     peer = PEER.get()
-    tried = site.logins.admit(name, peer)
+    try:
+        tried = site.logins.admit(name, peer)
+    except HTTPError:
+        await site.logins.slow_down()
+        raise
     builtin, secret = site.builtin
     if name == builtin and site.builtin_login:  # the gateway's admin credential logs in as its local user
         user: dict[str, Any] | None = {"name": builtin, "role": "admin"}
@@ -557,8 +594,7 @@ async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
     else:
         user = await site.run(accounts.get_user, name)
         # the slow KDF runs beside the loop, a few at a time, and as long for an unknown name as for a known one
-        async with site.logins.checks:
-            ok = await trio.to_thread.run_sync(verify_password, password, user["password_hash"] if user else None)
+        ok = await site.logins.check(password, user["password_hash"] if user else None)
     if user is None or not ok:
         site.counters["login_refused"] += 1
         site.logins.failed(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from edgetrio.tools.testkit import Daemon, Probe, Relay, wait_until
-from edgetrio.web import LOGIN_FAILURES, STREAMS_PER_ACCOUNT
+from edgetrio.web import LOGIN_FAILURES, READINGS_LIMIT, STREAMS_PER_ACCOUNT
 
 
 def http(base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -128,6 +129,24 @@ def test_a_rule_that_would_backtrack_is_refused_at_once(relay: Relay, tmp_path: 
     refused = relay.cli("rules", "apply", "gw1", str(rules), check=False)
     assert refused.returncode == 2 and "regular expressions" in refused.stderr, refused.stderr
     assert http(relay.api_url, "GET", "/openapi.json")[0] == 200  # and the relay answers
+
+
+def test_readings_are_answered_a_bounded_page_at_a_time(relay: Relay) -> None:
+    """A request for a device's readings was built whole in memory (22 MB for one board's history): the newest
+    READINGS_LIMIT come, and a bigger limit is refused with what to do instead."""
+    relay.add_node("gw1")
+    relay.json("device", "add", "gw1", "r-1")
+    count = READINGS_LIMIT + 50
+    with sqlite3.connect(relay.data_dir / "relay.db", timeout=30) as db:  # a long history, written at once
+        db.executemany("INSERT INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [("gw1", "r-1", 1, seq, 1.7e9 + seq, 1.7e9 + seq, '{"t": 1}') for seq in range(1, count + 1)])
+    operator = {"authorization": "Bearer " + json.loads((relay.data_dir / "operator.json").read_text())["token"]}
+    status, _, body = http(relay.api_url, "GET", "/api/nodes/gw1/devices/r-1/readings", headers=operator)
+    seqs = [r["seq"] for r in json.loads(body)]
+    assert status == 200 and seqs == list(range(51, count + 1))  # the newest, oldest first
+    status, _, body = http(relay.api_url, "GET", f"/api/nodes/gw1/devices/r-1/readings?limit={READINGS_LIMIT + 1}",
+                           headers=operator)
+    assert status == 400 and f"from 1 to {READINGS_LIMIT}".encode() in body and b"since" in body
 
 
 async def test_an_edge_cannot_create_devices_without_bound(relay: Relay) -> None:

@@ -45,7 +45,10 @@ def layout(user: bool) -> Layout:
 
 
 # how both units run: restarted on failure, files private to the service, no new privileges, /usr and /etc read-only
-RUN_AS_SERVICE = """Restart=on-failure
+# LimitNOFILE: each board, dashboard stream and edge link is a socket; the 1,024 a shell gets by default would let
+# a crowd of them starve the store of file descriptors
+RUN_AS_SERVICE = """LimitNOFILE=65536
+Restart=on-failure
 RestartSec=5
 TimeoutStopSec=30
 UMask=0077
