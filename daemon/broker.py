@@ -15,7 +15,8 @@ amqtt 0.12.1 defects worked around here (see shared/notes/amqtt-under-trio.md):
 - a PUBLISH whose topic holds a wildcard was "discarded" with its payload left unread in the stream, so the next
   bytes were parsed as packets (no PUBACK, PINGREQ unanswered): such a packet now ends the connection;
 - there was no CONNECT timeout: a socket that never spoke held its fd for ever. CONNECT must arrive within
-  `connect_timeout`, and at most `max_unauthenticated` connections may wait for it;
+  `connect_timeout`, and at most `max_unauthenticated` connections may wait for it (a quarter of them from one
+  address, so one host cannot take every slot); what is refused there is logged once a minute with counts;
 - a connection with a known client id closed the connected session before authentication ran (anyone who knew a
   device id could knock it off), and a will message was not checked against the topic confinement (a device could
   publish on another's topics after leaving). Both are checked when CONNECT arrives, before any session is touched.
@@ -290,6 +291,32 @@ class _SnapshotDict(dict[str, Any]):
         return iter(list(super().keys()))
 
 
+class Tally:
+    """Connections closed before they logged in, logged once a minute with counts by reason and the busiest
+    addresses: a line each would let a flood of sockets flood the log too."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.addresses: Counter[str] = Counter()
+        self.logged_at = -self.EVERY
+        self.last = ""
+
+    def note(self, reason: str, address: str, detail: str) -> None:
+        self.reasons[reason] += 1
+        self.addresses[address] += 1
+        self.last = f"{address}: {detail}"
+        now = time.monotonic()
+        if now - self.logged_at >= self.EVERY:
+            self.logged_at = now
+            log.warning("closed %d connection(s) before they logged in since the last such line (%s; from %s); "
+                        "last: %s", sum(self.reasons.values()), ", ".join(f"{k} x{n}" for k, n in self.reasons.items()),
+                        ", ".join(f"{k} x{n}" for k, n in self.addresses.most_common(3)), clip(self.last, 200))
+            self.reasons.clear()
+            self.addresses.clear()
+
+
 class GatewayBroker(Broker):
     """amqtt's Broker with the gateway's hand-off to trio and the defect workarounds."""
 
@@ -310,6 +337,8 @@ class GatewayBroker(Broker):
         self.connect_timeout = connect_timeout
         self.max_unauthenticated = max_unauthenticated
         self._unauthenticated = 0  # connections waiting for their CONNECT
+        self._waiting_from: Counter[str] = Counter()  # ... by address
+        self._closed_early = Tally()
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
         self._index: dict[str, list[str]] = {}  # filters by their first two levels
@@ -325,28 +354,35 @@ class GatewayBroker(Broker):
         Raises AMQTTError (amqtt then releases the connection) for anything refused, after closing the socket.
         """
         peer = f"{remote_address}:{remote_port}"
-        if self._unauthenticated >= self.max_unauthenticated:
+        per_address = max(1, self.max_unauthenticated // 4)
+        if (self._unauthenticated >= self.max_unauthenticated
+                or self._waiting_from[remote_address] >= per_address):
             self.counters["connect_refused_busy"] += 1
-            log.warning("refused a connection from %s: %d connections are waiting to log in", peer, self._unauthenticated)
+            self._closed_early.note("busy", remote_address, f"{self._unauthenticated} connections waiting to log in, "
+                                    f"{self._waiting_from[remote_address]} from this address (at most {per_address})")
             await writer.close()
             raise AMQTTError("too many connections waiting to log in")
         self._unauthenticated += 1
+        self._waiting_from[remote_address] += 1
         try:
             handler, session = await asyncio.wait_for(
                 BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
         except TimeoutError:
             self.counters["connect_timeout"] += 1
-            log.warning("closed a connection from %s: no CONNECT within %g s", peer, self.connect_timeout)
+            self._closed_early.note("no CONNECT", remote_address, f"no CONNECT within {self.connect_timeout:g} s")
             await writer.close()
             raise AMQTTError("no CONNECT in time") from None
         except Exception as exc:  # anything else a stranger can send before CONNECT ends its connection, only
             self.counters["connect_invalid"] += 1
-            log.warning("closed a connection from %s: %s", peer, clip(str(exc) or type(exc).__name__))
+            self._closed_early.note("invalid", remote_address, str(exc) or type(exc).__name__)
             with suppress(Exception):
                 await writer.close()
             raise AMQTTError("invalid CONNECT") from exc
         finally:
             self._unauthenticated -= 1
+            self._waiting_from[remote_address] -= 1
+            if not self._waiting_from[remote_address]:
+                del self._waiting_from[remote_address]
         reason = self.credentials.check(session.username, session.password, session.client_id)
         if reason is None:
             reason = will_refusal(session, self.max_payload)

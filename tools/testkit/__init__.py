@@ -526,8 +526,9 @@ class RawMQTT:
     """A bare MQTT 3.1.1 client on a socket, for what a well-behaved library will not send: forged wills, abrupt
     closes, wildcard publishes, sockets that never speak."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
+    def __init__(self, host: str, port: int, source: str | None = None) -> None:
+        """`source`: the local address to connect from (another loopback address is another host to the server)."""
+        self.sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0) if source else None)
 
     def connect(self, client_id: str, username: str | None = None, password: str | None = None,
                 will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30) -> int | None:
