@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> None:
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
         cfg = RelayConfig(args.data_dir or Path("edgetrio-relay").absolute(), args.host or "0.0.0.0",
                           8765 if args.port is None else args.port, args.cert, args.key, args.retention_days,
-                          args.http_timeout, args.metrics_host, args.metrics_port, args.max_devices_per_node)
+                          args.http_timeout, args.metrics_host, args.metrics_port, args.max_devices_per_node,
+                          args.edge_keepalive)
+        if not 1 <= cfg.edge_keepalive <= 3600:
+            raise CliError("--edge-keepalive must be from 1 to 3600 seconds", 2)
         if not -1 <= cfg.metrics_port <= 65535:
             raise CliError("--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off", 2)
         if (cfg.cert is None) != (cfg.key is None):
@@ -300,6 +303,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-devices-per-node", type=int, default=10_000, metavar="N",
                    help="devices the relay keeps for one node; what an edge sends for more is refused and counted "
                         "(default 10000)")
+    p.add_argument("--edge-keepalive", type=float, default=20.0, metavar="S",
+                   help="ping each linked edge every S seconds; one that does not answer within S is disconnected "
+                        "(default 20)")
     p.add_argument("--http-timeout", type=float, default=15.0, metavar="S",
                    help="close a connection whose request headers or body take longer, or that idles longer between "
                         "requests (default 15)")

@@ -53,6 +53,7 @@ class RelayConfig:
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz, on a port of their own
     metrics_port: int = 9884  # 0 picks a free one (in the run file), -1 turns them off
     max_devices_per_node: int = 10_000  # devices the relay keeps for one node; what names more is refused, counted
+    edge_keepalive: float = 20.0  # seconds between the relay's pings to each edge; no pong within as long ends it
 
 
 def operator_token(data_dir: Path) -> str:
@@ -123,8 +124,9 @@ def readings_in(item: Any) -> int:
 
 class Relay:
     def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False,
-                 max_devices_per_node: int = 10_000) -> None:
+                 max_devices_per_node: int = 10_000, edge_keepalive: float = 20.0) -> None:
         self.max_devices_per_node = max_devices_per_node
+        self.edge_keepalive = edge_keepalive
         self.writer = writer  # what thousands of edges send at once shares one group commit
         self.token = token
         self.builtin = ("operator", token)  # the operator token: the first admin's, for scripts (no login page)
@@ -256,6 +258,7 @@ class Relay:
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_down, session)
+                    nursery.start_soon(self._keep_alive, session, nursery.cancel_scope)
                     await self._receive_up(session)
                     nursery.cancel_scope.cancel()
         finally:
@@ -265,6 +268,23 @@ class Relay:
                     await self.run(store.node_presence, node, False, time.time())
                 self.events.publish({"type": "node", "node": node, "online": False})
                 log.info("edge disconnected node=%s", node)
+
+    async def _keep_alive(self, session: EdgeSession, link: trio.CancelScope) -> None:
+        """Ping the edge; one that does not answer in time (its host gone without a FIN, a wedged process) is
+        disconnected, so it does not show as linked for ever nor hold its socket."""
+        while True:
+            await trio.sleep(self.edge_keepalive)
+            with trio.move_on_after(self.edge_keepalive):
+                try:
+                    await session.ws.ping()
+                except ConnectionClosed:  # the link is ending; receiving says so
+                    return
+                continue
+            self.counters["edge_timeouts"] += 1
+            log.warning("edge silent node=%s: no answer to a ping in %g s; disconnecting", session.node,
+                        self.edge_keepalive)
+            link.cancel()
+            return
 
     async def _refuse(self, session: EdgeSession, reason: str) -> None:
         """Answer a frame that may have carried readings this relay could not take, and end the link.
@@ -363,7 +383,7 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
             # leaving open_writer commits what was received, then stops the writer
             async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
                 relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert),
-                              max_devices_per_node=cfg.max_devices_per_node)
+                              max_devices_per_node=cfg.max_devices_per_node, edge_keepalive=cfg.edge_keepalive)
                 gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
                 async with trio.open_nursery() as connections, serve_metrics(
                         cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:

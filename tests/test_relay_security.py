@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from edgetrio.tools.testkit import Relay
+from edgetrio.tools.testkit import Relay, wait_until
 from edgetrio.wire import envelope
 
 
@@ -275,3 +277,25 @@ async def test_the_api_takes_since_as_the_cli_does_and_refuses_nonsense_in_one_l
 def test_healthz_answers_without_a_token(relay: Relay) -> None:
     assert http(relay, "/healthz", None) == (200, {"ok": True, "store": "ok"})
     assert http(relay, "/api/nodes", None)[0] == 401  # the rest still needs the operator token
+
+
+def test_an_edge_that_stops_answering_is_disconnected(tmp_path: Path) -> None:
+    """An edge whose host went away without closing (no FIN: power, a cable) showed as linked for ever and held its
+    socket: the relay pings each edge and ends a link whose pong does not come."""
+    relay = Relay(tmp_path / "relay")
+    relay.extra = ("--edge-keepalive", "1")
+    relay.start()
+    try:
+        token = relay.add_node("gw1")
+        host, port = relay.url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # the upgrade, then nothing read
+            sock.sendall(f"GET /edge HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                         f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n"
+                         f"authorization: Bearer {token}\r\nx-edgetrio-node: gw1\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            wait_until(lambda: relay.json("nodes")[0]["online"] is True)
+            wait_until(lambda: relay.json("nodes")[0]["online"] is False, timeout=60)
+        assert "edge silent node=gw1" in (relay.data_dir.parent / "relay-relay.log").read_text()
+    finally:
+        relay.stop()
