@@ -29,6 +29,7 @@ from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
 from edgetrio.identity import RegistryError
 from edgetrio.rules import (
+    MAX_CONDITIONS_TOTAL,
     Action,
     Engine,
     Rule,
@@ -40,6 +41,7 @@ from edgetrio.rules import (
     check_notify_urls,
     check_rule,
     compile_condition,
+    condition_size,
     holds,
     parse_document,
     parse_rule,
@@ -70,6 +72,18 @@ def check_exports(rule: Rule, sinks: Collection[str]) -> None:
                             f"in the daemon's config (those there: {known})")
 
 
+def _check_budget(db: Database, bodies: dict[str, dict[str, Any]], keep: str) -> None:
+    """Refuse what would take the gateway's conditions past MAX_CONDITIONS_TOTAL; `bodies` replace rules by name,
+    `keep` is the SQL condition of the stored rules that stay."""
+    kept = sum(condition_size(json.loads(r["body"])) for r in db.query(
+        f"SELECT name, body FROM automations WHERE kind = 'rule' AND ({keep})") if r["name"] not in bodies)
+    total = kept + sum(condition_size(b) for b in bodies.values())
+    if total > MAX_CONDITIONS_TOTAL:
+        raise RuleError(f"the gateway's rule conditions would hold {total:,} characters; at most "
+                        f"{MAX_CONDITIONS_TOTAL:,} (every reading is judged by each rule that covers its device): "
+                        "remove rules, or share conditions between devices")
+
+
 def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model | None], source: str = "local",
                     now: float | None = None, sinks: Collection[str] | None = None) -> list[str]:
     """Add (or replace, by name) the rules and schedules of a rule file's document; checked against the models of
@@ -80,6 +94,7 @@ def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model |
         if sinks is not None:
             check_exports(rule, sinks)
     check_notify_urls(rules)
+    _check_budget(db, {r.name: r.body for r in rules}, "1")
     now = time.time() if now is None else now
     for kind, items in (("rule", rules), ("schedule", schedules)):
         for item in items:
@@ -101,6 +116,7 @@ def apply_rule_set(db: Database, version: int, doc: dict[str, Any], now: float) 
     clash = sorted(local & ({r.name for r in rules} | {s.name for s in schedules}))
     if clash:
         raise RuleError(f"{clash[0]!r} is a local rule or schedule of this gateway; the cloud's set may not replace it")
+    _check_budget(db, {r.name: r.body for r in rules}, "source != 'cloud'")
     db.execute("DELETE FROM automations WHERE source = 'cloud'")
     for kind, items in (("rule", rules), ("schedule", schedules)):
         for item in items:

@@ -34,6 +34,9 @@ MISSED = ("skip", "run_once")
 MAX_WINDOW = 1_000  # readings one (rule, device) window keeps at most, whatever its span (memory: a gateway is small)
 MAX_ITEMS = 1_000  # rules and schedules in one document
 MAX_CONDITION = 2_000  # characters of one condition
+# Every reading is judged by every rule that covers its device, on the loop that also takes readings in: the
+# conditions' total size bounds that work (1,000 rules of 2,000 characters took 102 ms a reading)
+MAX_CONDITIONS_TOTAL = 50_000  # characters of all of a gateway's rule conditions together (when and clear)
 RULE_KEYS = {"name", "devices", "model", "when", "clear", "window", "for", "cooldown", "severity", "notify", "actions",
              "on_clear", "description"}
 SCHEDULE_KEYS = {"name", "devices", "cron", "every", "timezone", "missed", "actions", "description"}
@@ -233,6 +236,11 @@ def _symbols(model: Model, windowed: bool) -> dict[str, Any]:
 def _position(text: str, symbol: str) -> str:
     found = re.search(rf"\b{re.escape(symbol)}\b", text)
     return f" at column {found.start() + 1}" if found else ""
+
+
+def condition_size(body: dict[str, Any]) -> int:
+    """Characters of a rule's conditions (what MAX_CONDITIONS_TOTAL counts)."""
+    return sum(len(body[k]) for k in ("when", "clear") if isinstance(body.get(k), str))
 
 
 def compile_condition(rule: str, key: str, text: Any, model: Model | None = None, windowed: bool = False) -> Any:
