@@ -39,7 +39,7 @@ $(HA_REF):
 	touch $(HA_REF)
 
 lint: $(STAMP) $(TYPINGS)
-	$(BIN)/ruff check edgetrio daemon cloud tools tests hil-tests
+	$(BIN)/ruff check edgetrio tests hil-tests
 	$(BIN)/mypy
 	$(BIN)/mypy --config-file firmware/mypy.ini
 	$(BIN)/lint-imports

@@ -27,7 +27,7 @@ from edgetrio.daemon.config import admin_credential
 from edgetrio.tools.demo import wait_for_daemon
 from edgetrio.tools.vdev import device_tool
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout
+ROOT = Path(__file__).resolve().parents[3]  # the checkout
 
 
 def needs(available: bool, what: str) -> None:

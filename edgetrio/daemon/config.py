@@ -64,7 +64,7 @@ SINK_KEYS = {"name", "type", "url", "topic", "qos", "batch", "headers", "start",
 
 @dataclass(frozen=True)
 class Sink:
-    """Where readings are exported to, each sink with its own durable cursor (see daemon/export.py)."""
+    """Where readings are exported to, each sink with its own durable cursor (see edgetrio/daemon/export.py)."""
 
     name: str
     kind: str  # webhook | mqtt

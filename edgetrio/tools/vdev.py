@@ -30,8 +30,9 @@ from edgetrio.daemon import store
 from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
 
-ROOT = Path(__file__).resolve().parent.parent
-FIRMWARE = ROOT / "firmware"
+PACKAGE = Path(__file__).resolve().parents[1]  # edgetrio/
+# installed, the firmware ships inside the package; in a checkout it is the top-level firmware/ folder
+FIRMWARE = PACKAGE / "firmware" if (PACKAGE / "firmware").is_dir() else PACKAGE.parent / "firmware"
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
 PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32

@@ -31,7 +31,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketRequest, o
 
 from edgetrio.wire import MAX_FRAME, envelope
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout
+ROOT = Path(__file__).resolve().parents[3]  # the checkout
 
 
 def rss_mb(pid: int) -> float:

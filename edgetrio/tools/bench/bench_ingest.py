@@ -34,7 +34,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout
+ROOT = Path(__file__).resolve().parents[3]  # the checkout
 WINDOW = 10  # unconfirmed readings per device in the saturated phase
 # The baseline's subscriber takes delivery at QoS 0 (amqtt delivers at the subscription's QoS): the cheapest
 # delivery amqtt offers, so the baseline is as fast as it gets and the ratio is conservative.
