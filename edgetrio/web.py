@@ -56,7 +56,7 @@ LOGIN_CHECKS_AT_ONCE = 2  # password checks (scrypt, 32 MiB each) running togeth
 LOGIN_FAILURES = 10  # failed logins a minute per source address, and per account name, before 429
 LOGIN_TARPIT = 1.0  # seconds a 429 for a login waits: a flood's clients wait instead of spinning (and the server idles)
 LOGIN_TARPIT_HELD = 256  # 429s waiting at once; past that they are answered at once (each holds a socket)
-READINGS_LIMIT = 10_000  # readings one request returns at most, the newest (page older ones with `since`)
+READINGS_LIMIT = 10_000  # readings one request returns at most, the newest (older ones page by `until`)
 KDF_NICE = 10  # the password checks' threads run at this niceness: a flood of logins yields the CPU to ingest
 WAITING_TOTAL = 128  # connections still sending their first request; beyond, a new one is closed at once
 WAITING_PER_ADDRESS = 32  # ... of them from one address
@@ -377,19 +377,20 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
     raise HTTPError(404, f"no such endpoint {target.path}")
 
 
-def readings_query(query: Params) -> tuple[float | None, int | None]:
-    """`since` (as the CLI takes it: epoch seconds, an ISO time, or an age such as 10m) and `limit`."""
+def readings_query(query: Params) -> tuple[float | None, float | None, int]:
+    """`since` and `until` (as the CLI takes them: epoch seconds, an ISO time, or an age such as 10m) and `limit`."""
     try:
         since = parse_since(query["since"]) if "since" in query else None
+        until = parse_since(query["until"]) if "until" in query else None
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
     limit = READINGS_LIMIT  # one answer is built in memory: without a bound a year of readings would be
     if "limit" in query:
         if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= READINGS_LIMIT:
             raise HTTPError(400, f"limit {wire.clip(query['limit'], 40)!r}: use a whole number from 1 to "
-                                 f"{READINGS_LIMIT} (page with since= for more)")
+                                 f"{READINGS_LIMIT} (older ones: until= the oldest time you got)")
         limit = int(query["limit"])
-    return since, limit
+    return since, until, limit
 
 
 def series_query(query: Params) -> tuple[float, int]:

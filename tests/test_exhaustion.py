@@ -143,11 +143,15 @@ def test_readings_are_answered_a_bounded_page_at_a_time(relay: Relay) -> None:
                        [("gw1", "r-1", 1, seq, 1.7e9 + seq, 1.7e9 + seq, '{"t": 1}') for seq in range(1, count + 1)])
     operator = {"authorization": "Bearer " + json.loads((relay.data_dir / "operator.json").read_text())["token"]}
     status, _, body = http(relay.api_url, "GET", "/api/nodes/gw1/devices/r-1/readings", headers=operator)
-    seqs = [r["seq"] for r in json.loads(body)]
-    assert status == 200 and seqs == list(range(51, count + 1))  # the newest, oldest first
+    page = json.loads(body)
+    assert status == 200 and [r["seq"] for r in page] == list(range(51, count + 1))  # the newest, oldest first
+    # the page before: until the oldest time of this one
+    status, _, body = http(relay.api_url, "GET", f"/api/nodes/gw1/devices/r-1/readings?until={page[0]['ts']}",
+                           headers=operator)
+    assert status == 200 and [r["seq"] for r in json.loads(body)] == list(range(1, 51))
     status, _, body = http(relay.api_url, "GET", f"/api/nodes/gw1/devices/r-1/readings?limit={READINGS_LIMIT + 1}",
                            headers=operator)
-    assert status == 400 and f"from 1 to {READINGS_LIMIT}".encode() in body and b"since" in body
+    assert status == 400 and f"from 1 to {READINGS_LIMIT}".encode() in body and b"until=" in body
 
 
 async def test_an_edge_cannot_create_devices_without_bound(relay: Relay) -> None:

@@ -181,6 +181,19 @@ def test_a_system_install_runs_as_its_own_user_and_root_acts_as_the_data_dirs_ow
         path.write_text(unit)
         checked = subprocess.run([verify, "verify", str(path)], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and "ignoring" not in checked.stderr, checked.stderr
+    # a Python under /tmp (a venv made there to try it out): the unit leaves PrivateTmp out, which would hide it
+    temporary = Path(tempfile.mkdtemp(prefix="edgetrio-python-", dir="/tmp"))
+    try:
+        (temporary / "python3").symlink_to(sys.executable)
+        site = next(p for p in sys.path if p.endswith("site-packages"))
+        there = json.loads(subprocess.run([str(temporary / "python3"), "-m", "edgetrio", "service", "install",
+                                           "--dry-run", "--json"], capture_output=True, text=True, check=True,
+                                          timeout=60, env={**os.environ, "PYTHONPATH": f"{ROOT}:{site}"}).stdout)
+        assert "PrivateTmp" not in there["files"][0]["text"] and "ExecStart=" + str(temporary) in there["files"][0]["text"]
+        assert any("leaves out PrivateTmp" in note for note in there["notes"]), there["notes"]
+        assert "PrivateTmp=yes" in dry["files"][0]["text"] or str(ROOT).startswith(("/tmp/", "/var/tmp/"))
+    finally:
+        shutil.rmtree(temporary)
     needs(os.geteuid() == 0, "root, to act on a data dir another user owns")
     nobody = pwd.getpwnam("nobody")
     data = Path(tempfile.mkdtemp(prefix="edgetrio-owned-"))  # in /tmp: reachable by that user, unlike tmp_path

@@ -179,6 +179,8 @@ def openapi() -> dict[str, Any]:
             f"{device_path}/readings": {
                 "parameters": [*params, {"name": "since", "in": "query", "schema": string,
                                          "description": "epoch seconds, an ISO time, or an age such as 10m, 2h, 1d"},
+                               {"name": "until", "in": "query", "schema": string,
+                                "description": "only readings before this time (the next page of older ones)"},
                                {"name": "limit", "in": "query", "schema": {
                                    "type": "integer", "minimum": 1, "maximum": web.READINGS_LIMIT},
                                 "description": f"the newest N (default and most: {web.READINGS_LIMIT})"},
@@ -368,8 +370,8 @@ async def command(relay: Relay, who: Principal, path: Params, query: Params, dat
 
 
 async def readings(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    since, limit = web.readings_query(query)
-    rows = await relay.run(store.query_readings, path["node"], path["device"], since, limit)
+    since, until, limit = web.readings_query(query)
+    rows = await relay.run(store.query_readings, path["node"], path["device"], since, limit, until)
     if query.get("format") == "csv":
         return 200, web.readings_csv(path["device"], rows)
     return 200, rows

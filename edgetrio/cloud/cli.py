@@ -34,6 +34,15 @@ def api_target(args: argparse.Namespace) -> tuple[str, str]:
     return http_url(args.url or info["api_url"]), args.token or operator_token(data_dir)
 
 
+def relay_port(data_dir: Path | None) -> str:
+    """The port the relay in this data dir serves on, when it runs; else its default."""
+    try:
+        info = json.loads(((data_dir or Path("edgetrio-relay").absolute()) / RUN_FILE).read_text())
+        return str(info["api_url"]).rsplit(":", 1)[1].strip("/")
+    except (OSError, ValueError, KeyError, IndexError):
+        return "8765"
+
+
 def http_url(url: str) -> str:
     """The API's address; the edges' ws:// (wss://) address of the same relay is taken too: one port serves both."""
     for edge, api in (("ws://", "http://"), ("wss://", "https://")):
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> None:
         show(args, {"node": args.name, "token": token}, [
             f"node {args.name} added\n  token: {token}",
             f"Start its gateway with the token in a file only its user reads (a --token shows in `ps`):\n"
-            f"  edgetrio daemon --cloud ws://RELAY:PORT --node-id {args.name} --token-file /etc/edgetrio/token",
+            f"  edgetrio daemon --cloud ws://RELAY:{relay_port(args.data_dir)} --node-id {args.name} "
+            "--token-file /etc/edgetrio/cloud-token",
             "Keep the token now: it is stored only hashed and cannot be shown again."])
         return
     if action == "rules":
@@ -183,6 +193,8 @@ def run(args: argparse.Namespace) -> None:
         query = []
         if args.since:
             query.append(f"since={store_since(args.since)}")
+        if args.until:
+            query.append(f"until={store_since(args.until)}")
         if args.limit:
             query.append(f"limit={args.limit}")
         rows = call(args, "GET", f"/api/nodes/{args.node}/devices/{args.device}/readings"
@@ -362,8 +374,9 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser("readings", parents=[api])
     p.add_argument("node")
     p.add_argument("device")
-    p.add_argument("--since")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
+    p.add_argument("--until", help="only readings before this time (the next page of older ones)")
+    p.add_argument("--limit", type=int, help=f"only the newest N (at most and by default {web.READINGS_LIMIT})")
     p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv or jsonl for other tools")
     p = actions.add_parser("rules", help="the rules and schedules each node runs (sent down, versioned)")
     rules_actions = p.add_subparsers(dest="rules_action", required=True)

@@ -441,13 +441,18 @@ def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
     return deleted
 
 
-def query_readings(db: Database, node: str, device: str, since: float | None, limit: int | None) -> list[dict[str, Any]]:
+def query_readings(db: Database, node: str, device: str, since: float | None, limit: int | None,
+                   until: float | None = None) -> list[dict[str, Any]]:
+    """A device's readings in time order: the newest `limit` of those from `since` and before `until`."""
     _replica(db, node, device)
     sql = "SELECT boot, seq, ts, data FROM readings WHERE node = ? AND device = ?"
     params: list[Any] = [node, device]
     if since is not None:
         sql += " AND ts >= ?"
         params.append(since)
+    if until is not None:
+        sql += " AND ts < ?"
+        params.append(until)
     sql += " ORDER BY ts DESC, boot DESC, seq DESC"
     if limit is not None:
         sql += " LIMIT ?"

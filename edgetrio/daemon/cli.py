@@ -188,12 +188,16 @@ def cmd_integration_add(args: argparse.Namespace) -> None:
                     "password": store.add_integration(db, args.name)},
     )
     info = read_run_file(args.data_dir) if daemon_running(args.data_dir) else {}
-    host = str(info.get("mqtt_host") or "0.0.0.0")
-    # a daemon listening on every address is reached at this machine's address on the network, not at 0.0.0.0
-    result["broker"] = f"{'<this gateway address>' if host in ('0.0.0.0', '::') else host}:{info.get('mqtt_port', 1883)}"
+    host = str(info.get("mqtt_listen") or "0.0.0.0")
+    # a daemon listening on every address is reached at this machine's address on the network, not at 0.0.0.0 (nor
+    # at 127.0.0.1, unless Home Assistant runs on this machine)
+    everywhere = host in ("0.0.0.0", "::", "")
+    result["broker"] = f"{'<this gateway address>' if everywhere else host}:{info.get('mqtt_port', 1883)}"
     emit(args, result, lambda: print(
         f"credential for {result['name']}{' (a new one: the earlier one no longer works)' if replaced else ''}\n"
-        f"  broker:   {result['broker']}\n  username: {result['username']}\n  password: {result['password']}\n"
+        f"  broker:   {result['broker']}"
+        f"{'  (its address on your network; 127.0.0.1 if Home Assistant runs here)' if everywhere else ''}\n"
+        f"  username: {result['username']}\n  password: {result['password']}\n"
         "Keep the password now: it is stored only hashed. In Home Assistant add the MQTT integration with these,\n"
         "and run the daemon with --ha (or homeassistant = true in its config) so the devices are announced."))
 
@@ -331,12 +335,13 @@ def cmd_readings(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
     try:
         since = parse_since(args.since) if args.since else None
+        until = parse_since(args.until) if args.until else None
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     db = open_store(args.data_dir)
     if store.get_device(db, args.id) is None and store.reading_count(db, args.id) == 0:
         raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
-    rows = store.query_readings(db, args.id, since, args.limit)
+    rows = store.query_readings(db, args.id, since, args.limit, until)
     if print_readings_as(args.format, rows):
         return
 
@@ -743,6 +748,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
     p = sub.add_parser("readings", parents=[common, as_json], help="stored readings of a device")
     p.add_argument("id")
     p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
+    p.add_argument("--until", help="only readings before this time (the next page of older ones)")
     p.add_argument("--limit", type=int, help="only the newest N")
     p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv (a column per resource) or jsonl (a JSON "
                                                                       "object per line) for other tools")

@@ -251,7 +251,7 @@ def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | Non
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
     tmp = data_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics,
-                               "http": http}))
+                               "http": http, "mqtt_listen": mqtt_host}))  # mqtt_host: where this machine connects
     tmp.replace(data_dir / RUN_FILE)
 
 

@@ -389,14 +389,18 @@ def record_reject(db: Database, device_id: str | None, reason: str, detail: str,
 
 
 def query_readings(
-    db: Database, device_id: str, since: float | None = None, limit: int | None = None
+    db: Database, device_id: str, since: float | None = None, limit: int | None = None, until: float | None = None
 ) -> list[dict[str, Any]]:
-    """Readings of a device in time order (the newest `limit` of them), skipping rejected slots."""
+    """Readings of a device in time order (the newest `limit` of those from `since` and before `until`), skipping
+    rejected slots."""
     where = ["device = ?", "data IS NOT NULL"]
     params: list[Any] = [device_id]
     if since is not None:
         where.append("COALESCE(ts, received) >= ?")
         params.append(since)
+    if until is not None:
+        where.append("COALESCE(ts, received) < ?")
+        params.append(until)
     sql = (f"SELECT boot, seq, ts, received, data FROM readings WHERE {' AND '.join(where)}"
            " ORDER BY received DESC, boot DESC, seq DESC")
     if limit is not None:

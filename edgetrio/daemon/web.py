@@ -181,8 +181,8 @@ async def command(site: GatewayWeb, who: Principal, path: Params, query: Params,
 
 async def readings(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
     device = site.require_device(path)
-    since, limit = web.readings_query(query)
-    rows = await site.run(partial(store.query_readings, device_id=device, since=since, limit=limit))
+    since, until, limit = web.readings_query(query)
+    rows = await site.run(partial(store.query_readings, device_id=device, since=since, limit=limit, until=until))
     if query.get("format") == "csv":
         return 200, web.readings_csv(device, rows)
     return 200, rows

@@ -57,6 +57,20 @@ ProtectSystem=full
 PrivateTmp=yes"""
 
 
+def temporary_home() -> Path | None:
+    """The temporary folder this Python or edgetrio's code lives in, if any: PrivateTmp=yes would hide it from the
+    service (a venv made under /tmp to try edgetrio out)."""
+    for target in (Path(sys.executable), Path(__file__).resolve().parents[1]):
+        for temporary in (Path("/tmp"), Path("/var/tmp")):
+            if target.is_relative_to(temporary):
+                return temporary
+    return None
+
+
+def run_as_service() -> str:
+    return RUN_AS_SERVICE if temporary_home() is None else RUN_AS_SERVICE.replace("\nPrivateTmp=yes", "")
+
+
 def run_as(where: Layout) -> str:
     """The unit lines that make a system service run as its own user (a user service runs as its user already)."""
     return "" if where.user else f"User={SERVICE_USER}\nGroup={SERVICE_USER}\nStateDirectory=edgetrio\n"
@@ -74,7 +88,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m edgetrio daemon --config {config}
 WatchdogSec={WATCHDOG_SEC}
-{run_as(where)}{RUN_AS_SERVICE}
+{run_as(where)}{run_as_service()}
 
 [Install]
 WantedBy={where.wanted_by}
@@ -105,7 +119,7 @@ Wants=network-online.target
 
 [Service]
 ExecStart={sys.executable} -m edgetrio cloud serve --data-dir {where.data / 'relay'} --host 0.0.0.0 --port 8765
-{run_as(where)}{RUN_AS_SERVICE}
+{run_as(where)}{run_as_service()}
 
 [Install]
 WantedBy={where.wanted_by}
@@ -136,8 +150,7 @@ def service_user(dry_run: bool) -> str:
 def unreachable_for_others() -> Path | None:
     """The first folder on the way to this Python or to edgetrio's code that other users cannot pass (a pipx or venv
     install under /root or a 0700 home): the service user could not even start the service."""
-    code = Path(__file__).resolve().parents[1]
-    for target in (Path(sys.executable), code):
+    for target in (Path(sys.executable), Path(__file__).resolve().parents[1]):
         for folder in [*reversed(target.parents), *([target] if target.is_dir() else [])]:
             with contextlib.suppress(OSError):
                 if not folder.stat().st_mode & stat.S_IXOTH:
@@ -158,9 +171,14 @@ def install(what: str, user: bool, dry_run: bool) -> tuple[list[tuple[Path, str,
         if not dry_run:
             raise OSError(problem)
         notes.append(problem)
+    if (temporary := temporary_home()) is not None:
+        notes.append(f"edgetrio runs from {temporary}: the unit leaves out PrivateTmp=yes (it would hide that folder "
+                     "from the service); install it elsewhere for a service you keep")
     if what == "relay":
         notes.append("the relay serves on 0.0.0.0:8765 over plain HTTP: operators' passwords and edges' tokens cross "
-                     "the network unencrypted unless a TLS proxy fronts it (docs/cloud.md), or serve on 127.0.0.1")
+                     "the network unencrypted unless a TLS proxy fronts it (docs/cloud.md); to serve on this machine "
+                     "only, change --host 0.0.0.0 to --host 127.0.0.1 in the unit's ExecStart (`systemctl edit --full "
+                     "edgetrio-relay`)")
     done = []
     for path, text in files.items():
         keep = path.suffix == ".toml" and path.exists()  # the user's settings are theirs
