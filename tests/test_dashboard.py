@@ -232,7 +232,8 @@ def test_a_nodes_page_shows_its_link_counters_alerts_rules_and_devices(stack: tu
     find(browser, '#nodes a[href="#/node/gw1"]').click()
     wait(browser, lambda d: found(d, "#node-summary") and "linked" in find(d, "#node-summary").text)
     summary = find(browser, "#node-summary").text
-    assert f"{len(relay.json('devices'))} devices" in summary and "online" in summary, summary
+    count = len(relay.json("devices"))
+    assert f"{count} device{'' if count == 1 else 's'}\n" in summary + "\n" and "online" in summary, summary
     assert find(browser, "#node-counters .count-readings").text.split(": ")[1].isdigit()
     assert "frost-watch" in find(browser, "#alerts").text  # the edge's alert, on its node's page
     shown = find(browser, "#rules").text

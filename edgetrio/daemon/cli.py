@@ -42,7 +42,7 @@ from edgetrio.daemon.config import (
     read_run_file,
 )
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.gateway import run
+from edgetrio.daemon.gateway import node_report, run
 from edgetrio.daemon.homeassistant import ha_unit
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
@@ -624,7 +624,11 @@ def cmd_status(args: argparse.Namespace) -> None:
                                    f"{fmt_time(held['failing_since'])}; {held['readings_held']} readings held, "
                                    "none acknowledged until it can"))
             counters = d["counters"]
-            print("this run:  " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "-"))
+            totals = node_report(Counter(counters), 0, 0)
+            print(f"this run:  {totals['readings']} readings; refused {totals['refused']} (logins, topics), rejected "
+                  f"{totals['rejected']} (bad messages), dropped {totals['dropped']} (overload); `edgetrio rejects` "
+                  "says what")
+            print("           " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "-"))
         cloud = status.get("daemon", {}).get("cloud")
         if cloud:
             state = "connected" if cloud["connected"] else f"disconnected ({cloud['last_error'] or 'connecting'})"

@@ -76,8 +76,8 @@ async function fleet() {
   const online = devices.filter((d) => d.online).length;
   main().replaceChildren(
     el("h2", {}, "Alerts"), alertTable(alerts),
-    el("div", { class: "panel row", id: "summary" }, el("strong", {}, `${nodes.length} nodes`),
-       `${nodes.filter((n) => n.online).length} linked`, " · ", el("strong", {}, `${devices.length} devices`),
+    el("div", { class: "panel row", id: "summary" }, el("strong", {}, plural(nodes.length, "node")),
+       ` ${nodes.filter((n) => n.online).length} linked · `, el("strong", {}, plural(devices.length, "device")),
        `${online} online`, " · ", `${nodes.reduce((a, n) => a + n.queued, 0)} messages queued for edges`),
     el("h2", {}, "Nodes"),
     el("div", { class: "scroll" }, el("table", { id: "nodes" }, el("tr", {}, ["node", "link", "devices", "queued", "refused", "rejected", "dropped",
@@ -118,6 +118,8 @@ function deviceTable(devices) {
       el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen))))));
 }
 
+function plural(count, noun) { return `${count} ${noun}${count === 1 ? "" : "s"}`; }
+
 // one edge: its link and counters, its open alerts, the rule set the cloud applied to it and what the edge did with
 // it, and its devices
 async function node(name) {
@@ -134,8 +136,8 @@ async function node(name) {
     el("div", { class: "panel row", id: "node-summary" },
        el("span", { class: n.online ? "online" : "offline" }, n.online ? "linked" : "offline"),
        ` · last seen ${ago(n.last_seen)} · ${n.connects ?? 0} connects · `,
-       el("strong", {}, `${devices.length} devices`), ` ${online} online · ${n.queued ?? 0} messages queued for it`),
-    el("div", { class: "panel row", id: "node-counters" },
+       el("strong", {}, plural(devices.length, "device")), ` ${online} online · ${n.queued ?? 0} messages queued for it`),
+    el("div", { class: "panel row", id: "node-counters" }, "since its gateway started: ",
        ["readings", "refused", "rejected", "dropped", "outbox_rows"].map((k) =>
          el("span", { class: `count-${k}` }, `${k.replace("_", " ")}: ${c[k] ?? "-"}`))),
     el("h2", {}, "Alerts"), alertTable(alerts),
