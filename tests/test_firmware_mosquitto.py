@@ -14,8 +14,9 @@ import paho.mqtt.client as mqtt
 import pytest
 import trio
 
+from edgetrio.tools.bundle import build_bundle, device_config
 from edgetrio.tools.testkit import Mosquitto, needs
-from edgetrio.tools.vdev import VirtualDevice, build_bundle, device_config
+from edgetrio.tools.vdev import VirtualDevice
 
 
 @pytest.fixture(autouse=True)

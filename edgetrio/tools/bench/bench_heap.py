@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetrio.tools.bundle import FIRMWARE, build_bundle, device_config
 from edgetrio.tools.testkit import Daemon
-from edgetrio.tools.vdev import FIRMWARE, build_bundle, build_sim, device_config, micropython
+from edgetrio.tools.vdev import build_sim, micropython
 
 TRIALS = iter(range(1, 1 << 30))
 

@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgetrio.daemon.config import admin_credential
+from edgetrio.tools.bundle import device_tool
 from edgetrio.tools.demo import wait_for_daemon
-from edgetrio.tools.vdev import device_tool
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout
 

