@@ -17,6 +17,8 @@ class VersionConflict(Exception):
 
 @dataclass(frozen=True)
 class Twin:
+    """A device's desired and reported state, each versioned, and the delta between them."""
+
     desired: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 0
     reported: dict[str, Any] = field(default_factory=dict)

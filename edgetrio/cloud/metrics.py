@@ -18,6 +18,8 @@ ProcessCollector(registry=REGISTRY)
 
 
 class RelayCollector:
+    """What /metrics shows of the relay: its edges, queues and counters, read on the trio loop when scraped."""
+
     def __init__(self, relay: Any, token: trio.lowlevel.TrioToken) -> None:
         self.relay = relay
         self.token = token

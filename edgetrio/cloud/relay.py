@@ -123,6 +123,10 @@ def readings_in(item: Any) -> int:
 
 
 class Relay:
+    """The cloud relay's state in one process: the edges' links (one session per node, pinged), what comes up (stored
+    in group commits, then acknowledged) and what goes down (the durable down queue), the HTTP API and dashboard, and
+    the guards that keep one client from starving the others."""
+
     def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False,
                  max_devices_per_node: int = 10_000, edge_keepalive: float = 20.0) -> None:
         self.max_devices_per_node = max_devices_per_node

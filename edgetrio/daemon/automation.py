@@ -315,6 +315,10 @@ def dry_run(doc: dict[str, Any], models: dict[str, Model | None], device: str, v
 # -- the daemon's side -----------------------------------------------------------------------------------------------
 
 class Automation(Watch):
+    """Rules, alerts and schedules on the gateway: judges each committed reading against the rules that cover its
+    device, raises and resolves alerts, runs their actions (desired state, commands, exports) and the notification
+    outbox, and fires schedules; reloads when rules change here or come from the cloud."""
+
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
                  sinks: Collection[str] = (), exported: Callable[[], None] = lambda: None) -> None:
         self.sinks = frozenset(sinks)  # the export sinks rules may send readings to

@@ -34,6 +34,9 @@ def no_mirror(_db: Database, _resource: str, _body: Any) -> None:
 
 
 class Changes:
+    """State changes of the registry, twins, alerts and rules, written in the caller's transaction together with their
+    mirror to the cloud (the outbox), so the relay learns each change once and in order."""
+
     def __init__(self, mirror: Mirror = no_mirror) -> None:
         self.mirror = mirror
 

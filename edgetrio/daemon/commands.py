@@ -31,6 +31,8 @@ class CommandFailed(Exception):
 
 
 class Commands:
+    """Commands to devices: sends one, waits for its result (or a timeout) and stores both."""
+
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster) -> None:
         self.link = link
         self.writer = writer

@@ -20,6 +20,8 @@ class ConfigError(Exception):
 
 @dataclass
 class DaemonConfig:
+    """The daemon's settings: defaults, then the config file, the environment and the flags (docs/operations.md)."""
+
     data_dir: Path = Path("edgetrio-data")
     mqtt_host: str = "0.0.0.0"  # devices reach the gateway over Wi-Fi
     mqtt_port: int = 1883

@@ -25,6 +25,9 @@ MAX_LINE = 64 * 1024
 
 
 class SerialDevice:
+    """A board on a serial port (JSON lines, no Wi-Fi): bridged onto the bus as if it spoke MQTT, its login checked
+    as a network device's is."""
+
     def __init__(self, port: str, link: BrokerLink, credentials: Credentials, baud: int = 115200) -> None:
         self.port = port
         self.link = link

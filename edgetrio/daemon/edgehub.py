@@ -79,6 +79,10 @@ def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
 
 
 class EdgeHub:
+    """The gateway's link to its relay: dials out, sends the outbox (readings and changes, in order, each kept until
+    the relay acknowledges it), applies what comes down once, and reconnects with jittered backoff; the gateway works
+    the same while it is down."""
+
     def __init__(self, url: str, node: str, token: str, writer: Writer, apply_down: ApplyDown, *,
                  max_rows: int, max_age: float, keepalive: float = 15.0, cafile: str | None = None) -> None:
         self.url = url.rstrip("/") + "/edge"

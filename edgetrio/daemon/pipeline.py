@@ -133,6 +133,10 @@ class Watchers(Watch):
 
 
 class Ingest:
+    """The path of everything devices send: sorts bus events by channel (telemetry into the next group commit, the rest
+    into store operations), commits readings and only then acks them, and tells the watchers (rules, Home Assistant,
+    the dashboard) what was committed."""
+
     def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
                  control_requests: trio.MemorySendChannel[bytes], watchers: list[Watch] | None = None) -> None:
         self.watch = Watchers(watchers or [])

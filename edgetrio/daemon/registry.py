@@ -25,6 +25,8 @@ ACCESS_ALIASES = {"r": "r", "ro": "r", "readonly": "r", "read": "r", "rw": "rw",
 
 @dataclass(frozen=True)
 class Resource:
+    """One value of a model: its type, unit, access (r or rw) and bounds."""
+
     name: str
     type: str
     unit: str = ""
@@ -65,6 +67,8 @@ ON_INVALID = ("reject", "drop_value")
 
 @dataclass(frozen=True)
 class Model:
+    """A device model: the resources a device of it reports or takes, and what to do with a value that does not fit."""
+
     name: str
     resources: dict[str, Resource] = field(default_factory=dict)
     # a reading with a value that does not fit: refuse the whole reading, or keep the values that fit

@@ -20,6 +20,9 @@ log = logging.getLogger("edgetrio.roster")
 
 
 class Roster:
+    """Who is registered (with their model) and who is connected now: presence from the broker's connects and wills,
+    with the last seen time kept in the store."""
+
     def __init__(self, db: Database, writer: Writer, link: BrokerLink, credentials: Credentials) -> None:
         self.writer = writer
         self.link = link

@@ -46,6 +46,8 @@ class Component:
 
 
 class Supervisor:
+    """The daemon's components and their states: optional ones restarted with backoff, vital ones stop the daemon."""
+
     def __init__(self) -> None:
         self.components: dict[str, Component] = {}
 

@@ -185,6 +185,9 @@ class ReplPort:
 
 
 class VirtualDevice:
+    """One virtual ESP32: the real firmware on the MicroPython unix port in its own process, a folder as its flash, a
+    TCP proxy as its Wi-Fi, and a supervisor that starts it again after a reset, a crash or a power cut."""
+
     def __init__(self, device_id: str, flash: Path, broker: tuple[str, int], heap: str = "256K",
                  repl: ReplPort | None = None, sim: Path = FIRMWARE / "sim") -> None:
         self.id = device_id
