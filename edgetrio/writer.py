@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -211,3 +212,18 @@ async def open_writer(db: Database, **options: Any) -> AsyncIterator[Writer]:
     finally:
         if reader is not None:
             reader.conn.close()
+
+
+async def keep_retention(writer: Writer, prune: Callable[..., int], days: float) -> None:
+    """Hourly, delete what is older than `days` (nothing when 0): `prune(db, before)` deletes a chunk and says how many
+    rows, each chunk its own commit, so readings and edges keep being served meanwhile."""
+    while days > 0:
+        before, deleted = time.time() - days * 86400, 0
+        try:
+            while chunk := await writer.write(partial(prune, before=before)):
+                deleted += chunk
+        except Exception as exc:  # the store cannot write now; the next round deletes what this one did not
+            log.warning("retention: stopped after %d rows: %s", deleted, exc)
+        if deleted:
+            log.info("retention: deleted %d rows older than %g days", deleted, days)
+        await trio.sleep(3600)

@@ -32,7 +32,7 @@ from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
 from edgetrio.web import Arrivals, Events, LoginGuard, peer_address
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
-from edgetrio.writer import Writer, open_writer
+from edgetrio.writer import Writer, keep_retention, open_writer
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -346,17 +346,6 @@ class Relay:
                 self.counters["malformed_frames"] += 1
                 await session.ws.send_message(envelope("error", body={"message": f"unknown op {op!r}"}))
 
-    async def keep_retention(self, days: float) -> None:
-        """Hourly, delete readings and finished commands older than the retention period; nodes, devices, twins
-        and queued messages are kept whatever their age."""
-        while days > 0:
-            before, deleted = time.time() - days * 86400, 0
-            while chunk := await self.run(store.prune, before):
-                deleted += chunk  # in chunks, each its own group commit, so edges keep being served meanwhile
-            if deleted:
-                log.info("retention: deleted %d rows older than %g days", deleted, days)
-            await trio.sleep(3600)
-
     async def _send_down(self, session: EdgeSession) -> None:
         """Send what is queued for the node, in order, until the edge confirms each one (resent on reconnect)."""
         while True:
@@ -398,7 +387,7 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                     tmp.replace(run_file)
                     log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
                     connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
-                    connections.start_soon(relay.keep_retention, cfg.retention_days)
+                    connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
                     task_status.started(port)
                     async for signum in signals:
                         log.info("stopping on %s", signal.Signals(signum).name)

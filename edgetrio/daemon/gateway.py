@@ -43,7 +43,7 @@ from edgetrio.daemon.supervisor import Supervisor
 from edgetrio.daemon.web import GatewayWeb, serve_web
 from edgetrio.identity import ADMIN_USER, RegistryError
 from edgetrio.metrics import HEALTH_TIMEOUT, serve_metrics, store_answers
-from edgetrio.writer import Writer, open_writer
+from edgetrio.writer import Writer, keep_retention, open_writer
 
 log = logging.getLogger("edgetrio.gateway")
 CONTROL_REQUESTS_WAITING = 256  # control requests found on the bus and not yet started; more are dropped (logged)
@@ -117,20 +117,6 @@ async def report_node(writer: Writer, counters: Counters, health: Health, change
             except Exception as exc:  # the store cannot write now: the next look sends it
                 log.debug("node report not queued: %s", exc)
         await trio.sleep(NODE_REPORT_EVERY)
-
-
-async def keep_retention(writer: Writer, days: float) -> None:
-    """Hourly, delete what is older than the retention period (a gateway's disk is small)."""
-    while days > 0:
-        before, deleted = time.time() - days * 86400, 0
-        try:
-            while chunk := await writer.write(partial(store.prune, before=before)):
-                deleted += chunk  # in chunks, each its own commit, so readings keep flowing meanwhile
-        except Exception as exc:  # the store cannot write now; the next round deletes what this one did not
-            log.warning("retention: stopped after %d rows: %s", deleted, exc)
-        if deleted:
-            log.info("retention: deleted %d rows older than %g days", deleted, days)
-        await trio.sleep(3600)
 
 
 def status(started: float, roster: Roster, ingest: Ingest, writer: Writer, counters: Counters,
@@ -264,7 +250,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                         async def chores_until_stopped() -> None:
                             with chores:
                                 async with trio.open_nursery() as chore:
-                                    chore.start_soon(keep_retention, writer, cfg.retention_days)
+                                    chore.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
                                     chore.start_soon(counters.flush_every, 5)
                                     if hub is not None:
                                         chore.start_soon(report_node, writer, counters, health, changes)
