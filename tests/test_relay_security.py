@@ -287,15 +287,48 @@ def test_an_edge_that_stops_answering_is_disconnected(tmp_path: Path) -> None:
     relay.start()
     try:
         token = relay.add_node("gw1")
-        host, port = relay.url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
-        key = base64.b64encode(os.urandom(16)).decode()
-        with socket.create_connection((host, int(port)), timeout=10) as sock:  # the upgrade, then nothing read
-            sock.sendall(f"GET /edge HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-                         f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n"
-                         f"authorization: Bearer {token}\r\nx-edgetrio-node: gw1\r\n\r\n".encode())
-            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        with silent_link(relay, token, "gw1"):
             wait_until(lambda: relay.json("nodes")[0]["online"] is True)
             wait_until(lambda: relay.json("nodes")[0]["online"] is False, timeout=60)
         assert "edge silent node=gw1" in (relay.data_dir.parent / "relay-relay.log").read_text()
+    finally:
+        relay.stop()
+
+
+def silent_link(relay: Relay, token: str, node: str) -> socket.socket:
+    """A websocket upgrade for `node` done by hand, then nothing read: an edge whose host froze or lost power."""
+    host, port = relay.url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /edge HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                 f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n"
+                 f"authorization: Bearer {token}\r\nx-edgetrio-node: {node}\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+async def test_a_new_link_replaces_a_silent_one_at_once(tmp_path: Path) -> None:
+    """The edge came back (a reboot, a new NAT mapping) while its old link was silent: the relay waited for the old
+    link's close handshake, which never came, and never served the new one; the node stayed "online" for good."""
+    relay = Relay(tmp_path / "relay").start()
+    try:
+        token = relay.add_node("gw1")
+        old = silent_link(relay, token, "gw1")
+        headers = [(b"authorization", f"Bearer {token}".encode()), (b"x-edgetrio-node", b"gw1")]
+        reading = {"device": "d1", "boot": 1, "seq": 1, "ts": time.time(), "values": {"t": 1.0}}
+        frame = envelope("up", "batch", {"items": [{"offset": 1, "ts": time.time(), "resource": "readings",
+                                                    "body": {"readings": [reading]}}]})
+        async with open_websocket_url(relay.url.rstrip("/") + "/edge", extra_headers=headers) as ws:
+            await ws.send_message(frame)
+            with trio.fail_after(15):  # the relay's keep-alive would end the old link only after 40 s
+                while json.loads(await ws.get_message())["op"] != "ack":
+                    pass
+        old.close()
+    finally:
+        relay.stop()
+    # and a relay that starts again shows no node linked until one dials in
+    relay.start()
+    try:
+        assert relay.json("nodes")[0]["online"] is False
     finally:
         relay.stop()

@@ -105,6 +105,9 @@ def peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
+CLOSE_WAIT = 2.0  # seconds a replaced link's close handshake may take (a silent peer never answers it)
+
+
 class EdgeSession:
     def __init__(self, node: str, ws: WebSocketConnection) -> None:
         self.node = node
@@ -254,7 +257,9 @@ class Relay:
         previous = self.sessions.get(node)
         self.sessions[node] = session
         if previous is not None:  # the edge reconnected before its old connection timed out
-            await previous.ws.aclose(1000, "replaced by a new connection")
+            previous.scope.cancel()  # its tasks end now; its close handshake gets a moment, not the new link's time
+            with trio.move_on_after(CLOSE_WAIT):
+                await previous.ws.aclose(1000, "replaced by a new connection")
         await self.run(store.node_presence, node, True, time.time())
         self.events.publish({"type": "node", "node": node, "online": True})
         log.info("edge connected node=%s remote=%s", node, remote)
@@ -361,6 +366,8 @@ class Relay:
 async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve edges and operators until SIGINT/SIGTERM. Reports the bound port once listening."""
     db = store.open_db(cfg.data_dir)
+    with db.conn:  # links of a run that ended (even by kill -9) are gone: no node is linked until it dials in
+        db.execute("UPDATE nodes SET online = 0 WHERE online = 1")
     token = operator_token(cfg.data_dir)
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
     if cfg.cert and cfg.key:
