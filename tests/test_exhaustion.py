@@ -19,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from edgetrio.rules import MAX_CONDITIONS_TOTAL
+from edgetrio.rules import MAX_CONDITIONS_TOTAL, MAX_WINDOWS_TOTAL
 from edgetrio.tools.testkit import Daemon, Probe, Relay, cli, wait_until
 from edgetrio.web import LOGIN_FAILURES, READINGS_LIMIT, STREAMS_PER_ACCOUNT
 
@@ -242,7 +242,10 @@ def test_tries_sent_at_once_cannot_pass_the_login_limit_together(relay: Relay) -
 @pytest.mark.parametrize("condition, what", [
     ("temperature > $sum($range(1000000))", "built-in functions ($sum)"),
     ("[y for y in tags] == []", "comprehensions"),
-    ('"a" * 40 =~ "(a|aa)+$"', "regular expressions")])
+    ('"a" * 40 =~ "(a|aa)+$"', "regular expressions"),
+    ("(temperature + 1e999999).ceiling > 0", "numbers beyond a float's range"),  # 40 s a reading
+    ("(1e300).ceiling > 0", "rounding to an integer (.ceiling)"),
+    ("(temperature + 10) ** 100000 > 0", "powers (**)")])
 def test_conditions_that_could_run_without_bound_are_refused(relay: Relay, tmp_path: Path, condition: str,
                                                              what: str) -> None:
     relay.add_node("gw1")
@@ -308,3 +311,9 @@ def test_the_conditions_each_reading_is_judged_by_are_bounded_in_total(relay: Re
     relay.add_node("gw1")
     too_big = relay.cli("rules", "apply", "gw1", str(rule_file(tmp_path / "all.toml", range(count))), check=False)
     assert too_big.returncode != 0 and f"at most {MAX_CONDITIONS_TOTAL:,}" in too_big.stderr, too_big.stderr
+    # small rules with big windows: what they keep for each device is bounded too (2,000 such grew a gateway by 250 MB)
+    windows = tmp_path / "windows.toml"
+    windows.write_text("".join(f'[[rule]]\nname = "w{i}"\ndevices = ["*"]\nwhen = "avg_t > 0"\nwindow = 1000\n'
+                               for i in range(MAX_WINDOWS_TOTAL // 1000 + 1)))
+    refused = cli(tmp_path / "gw2", "rule", "add", str(windows), check=False)
+    assert refused.returncode != 0 and f"at most {MAX_WINDOWS_TOTAL:,}" in refused.stderr, refused.stderr

@@ -302,10 +302,9 @@ def checked_rule_set(data: Body) -> dict[str, Any]:
         doc = {"rule": doc.get("rule", []), "schedule": doc.get("schedule", [])}
         parsed = rules.parse_document(doc)[0]
         rules.check_notify_urls(parsed)
-        size = sum(rules.condition_size(r.body) for r in parsed)
-        if size > rules.MAX_CONDITIONS_TOTAL:  # the edge would refuse it: say so now
-            raise rules.RuleError(f"the set's conditions hold {size:,} characters; a gateway takes at most "
-                                  f"{rules.MAX_CONDITIONS_TOTAL:,} (every reading is judged by each rule)")
+        problem = rules.budget_problem(r.body for r in parsed)
+        if problem:  # the edge would refuse it: say so now
+            raise rules.RuleError(f"the set has {problem}")
     except rules.RuleError as exc:
         raise HTTPError(400, str(exc)) from exc
     return doc

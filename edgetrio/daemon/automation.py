@@ -29,7 +29,6 @@ from edgetrio.daemon.registry import Model
 from edgetrio.daemon.roster import Roster
 from edgetrio.identity import RegistryError
 from edgetrio.rules import (
-    MAX_CONDITIONS_TOTAL,
     Action,
     Engine,
     Rule,
@@ -38,10 +37,10 @@ from edgetrio.rules import (
     Subject,
     Transition,
     Window,
+    budget_problem,
     check_notify_urls,
     check_rule,
     compile_condition,
-    condition_size,
     holds,
     parse_document,
     parse_rule,
@@ -73,15 +72,13 @@ def check_exports(rule: Rule, sinks: Collection[str]) -> None:
 
 
 def _check_budget(db: Database, bodies: dict[str, dict[str, Any]], keep: str) -> None:
-    """Refuse what would take the gateway's conditions past MAX_CONDITIONS_TOTAL; `bodies` replace rules by name,
-    `keep` is the SQL condition of the stored rules that stay."""
-    kept = sum(condition_size(json.loads(r["body"])) for r in db.query(
-        f"SELECT name, body FROM automations WHERE kind = 'rule' AND ({keep})") if r["name"] not in bodies)
-    total = kept + sum(condition_size(b) for b in bodies.values())
-    if total > MAX_CONDITIONS_TOTAL:
-        raise RuleError(f"the gateway's rule conditions would hold {total:,} characters; at most "
-                        f"{MAX_CONDITIONS_TOTAL:,} (every reading is judged by each rule that covers its device): "
-                        "remove rules, or share conditions between devices")
+    """Refuse what would take the gateway's rules together past their budget (rules.budget_problem); `bodies` replace
+    rules by name, `keep` is the SQL condition of the stored rules that stay."""
+    kept = [json.loads(r["body"]) for r in db.query(
+        f"SELECT name, body FROM automations WHERE kind = 'rule' AND ({keep})") if r["name"] not in bodies]
+    problem = budget_problem([*kept, *bodies.values()])
+    if problem:
+        raise RuleError(f"the gateway's rules would have {problem}: remove rules, or share them between devices")
 
 
 def add_automations(db: Database, doc: dict[str, Any], models: dict[str, Model | None], source: str = "local",
