@@ -75,8 +75,11 @@ def loads_toml(text: str) -> dict[str, Any]:
 
 
 def clip(text: object, limit: int = 200) -> str:
-    """A user-controlled value cut for a log line: a 60,000-character username must not be logged whole."""
+    """A user-controlled value cut for a log line: a 60,000-character username must not be logged whole, and a
+    newline or other control character in it is shown escaped (a name with "\n" forged a whole log line)."""
     shown = repr(text) if not isinstance(text, str) else text
+    if not shown.isprintable():
+        shown = shown.encode("unicode_escape").decode("ascii")
     return shown if len(shown) <= limit else f"{shown[:limit]}...(+{len(shown) - limit} chars)"
 
 

@@ -173,3 +173,17 @@ def test_a_flooding_device_is_refused_beyond_its_share_and_others_are_served(str
     assert probe.next_json("edgetrio/calm/ack", timeout=60) == {"boot": 1, "seq": 1}
     probe.close()
     assert "sends faster than ingest takes it" in strict_daemon.log_text()
+
+
+def test_refused_logins_can_neither_flood_nor_forge_the_log(strict_daemon: Daemon) -> None:
+    """A wrong-password CONNECT wrote a WARNING line each (200 tries, 200 lines in 0.2 s), and a client id holding a
+    newline wrote a log line of the attacker's choosing."""
+    before = strict_daemon.counters().get("auth_refused", 0)
+    for _ in range(30):
+        liar = raw(strict_daemon)
+        assert liar.connect("liar\nINFO edgetrio.daemon forged line", "liar", "wrong") not in (0, None)
+        liar.close()
+    wait_until(lambda: strict_daemon.counters().get("auth_refused", 0) - before == 30)
+    log = strict_daemon.log_text()
+    assert "\nINFO edgetrio.daemon forged line" not in log and "liar\\nINFO" in log
+    assert log.count("connection refused client=liar") == 1  # once a minute for a client id; the rest counted

@@ -339,6 +339,7 @@ class GatewayBroker(Broker):
         self._unauthenticated = 0  # connections waiting for their CONNECT
         self._waiting_from: Counter[str] = Counter()  # ... by address
         self._closed_early = Tally()
+        self._refusals_logged: dict[str, float] = {}  # client id -> when its refusal was last logged
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
         self._index: dict[str, list[str]] = {}  # filters by their first two levels
@@ -388,7 +389,16 @@ class GatewayBroker(Broker):
             reason = will_refusal(session, self.max_payload)
         if reason is not None:
             self.counters["auth_refused"] += 1
-            log.warning("connection refused client=%s remote=%s reason=%s", clip(session.client_id), peer, clip(reason))
+            # a line for each client id once a minute (a board with the wrong password shows); a flood of tries is
+            # counted into the once-a-minute line instead of a line each
+            now, key = time.monotonic(), clip(session.client_id, 64)
+            if len(self._refusals_logged) > 1024:
+                self._refusals_logged = {k: t for k, t in self._refusals_logged.items() if now - t < 60}
+            if now - self._refusals_logged.get(key, -60.0) >= 60 and len(self._refusals_logged) <= 1024:
+                self._refusals_logged[key] = now
+                log.warning("connection refused client=%s remote=%s reason=%s", key, peer, clip(reason))
+            else:
+                self._closed_early.note("login refused", remote_address, f"client={key}: {clip(reason)}")
             with suppress(Exception):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
@@ -420,7 +430,7 @@ class GatewayBroker(Broker):
             topic = message.topic or ""
             if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
                 self.counters["invalid_topic"] += 1
-                log.warning("disconnecting client=%s: invalid publish topic %r", client_session.client_id, topic[:200])
+                log.warning("disconnecting client=%s: invalid publish topic %r", clip(client_session.client_id), topic[:200])
                 await handler.handle_connection_closed()
                 if handler.writer is not None:  # the waiter alone sometimes left the socket open (seen 1 in 3)
                     with contextlib.suppress(Exception):
@@ -501,7 +511,7 @@ class GatewayBroker(Broker):
     async def _delete_session(self, client_id: str) -> None:
         entry = self._sessions.get(client_id)
         if entry is not None and entry[0].transitions.is_connected():
-            log.info("client=%s connected again; closing its previous connection", client_id)
+            log.info("client=%s connected again; closing its previous connection", clip(client_id))
             await entry[1].handle_connection_closed()
         await super()._delete_session(client_id)
 
