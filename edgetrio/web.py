@@ -54,6 +54,7 @@ STREAMS_TOTAL = 256  # open event streams of everyone together: each costs a tas
 STREAM_SEND_TIMEOUT = 30.0  # a client that takes no bytes for this long loses its stream (and its socket)
 LOGIN_CHECKS_AT_ONCE = 2  # password checks (scrypt, 32 MiB each) running together; more logins wait their turn
 LOGIN_FAILURES = 10  # failed logins a minute per source address, and per account name, before 429
+LOGIN_CHECKS_WAITING = 16  # logins waiting for a password check; more get 503 at once
 LOGIN_TARPIT = 1.0  # seconds a 429 for a login waits: a flood's clients wait instead of spinning (and the server idles)
 LOGIN_TARPIT_HELD = 256  # 429s waiting at once; past that they are answered at once (each holds a socket)
 READINGS_LIMIT = 10_000  # readings one request returns at most, the newest (older ones page by `until`)
@@ -272,7 +273,12 @@ class LoginGuard:
             self.held -= 1
 
     async def check(self, password: str, stored: str | None) -> bool:
-        """The password against its stored hash (as long for no hash), a few at a time, on the niced threads."""
+        """The password against its stored hash (as long for no hash), a few at a time, on the niced threads; with
+        LOGIN_CHECKS_WAITING waiting already, 503 at once (tries from many addresses queued without end, and a right
+        password waited 27 s behind them)."""
+        if self.checks.statistics().tasks_waiting >= LOGIN_CHECKS_WAITING:
+            raise HTTPError(503, "too many logins are being checked: try again in a few seconds",
+                            [("retry-after", "5")])
         async with self.checks:
             job = self.kdf.submit(verify_password, password, stored)
             return await trio.to_thread.run_sync(job.result)

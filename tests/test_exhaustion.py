@@ -317,3 +317,24 @@ def test_the_conditions_each_reading_is_judged_by_are_bounded_in_total(relay: Re
                                for i in range(MAX_WINDOWS_TOTAL // 1000 + 1)))
     refused = cli(tmp_path / "gw2", "rule", "add", str(windows), check=False)
     assert refused.returncode != 0 and f"at most {MAX_WINDOWS_TOTAL:,}" in refused.stderr, refused.stderr
+
+
+def test_logins_waiting_for_a_password_check_are_bounded(relay: Relay) -> None:
+    """Each address may try 10 times a minute, but from many addresses the tries waiting for the two password
+    checkers queued without end (a right password waited 27 s behind them): past LOGIN_CHECKS_WAITING, 503 at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    host, port = relay.api_url.removeprefix("http://").rsplit(":", 1)
+
+    def guess(n: int) -> int:
+        body = json.dumps({"name": f"nobody-{n}", "password": "guess"}).encode()
+        with socket.create_connection((host, int(port)), timeout=120, source_address=(f"127.0.60.{n % 50 + 1}", 0)) as s:
+            s.sendall(b"POST /api/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            return int(s.recv(64).split()[1])
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(guess, range(100)))
+    assert answers.count(503) > 0 and answers.count(401) + answers.count(503) == 100, answers
+    relay.add_user("dora", "viewer", "dora-password-1")  # and a right password still gets in
+    status, _, _ = http(relay.api_url, "POST", "/api/login", json.dumps(
+        {"name": "dora", "password": "dora-password-1"}).encode(), {"content-type": "application/json"})
+    assert status == 200
