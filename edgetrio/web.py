@@ -454,6 +454,17 @@ ACCOUNT_ROUTES: Routes = [
 ]
 
 
+class BodyBytes:
+    """Bytes of request bodies received and not yet handled, in this process: bodies arriving a byte at a time on
+    many connections held 150 MB (the connection bound covers only a request's head)."""
+
+    held = 0
+
+
+BODIES = BodyBytes()
+BODIES_HELD = 32 << 20  # past this, a body that arrives is answered 503 and its connection closed
+
+
 async def serve_requests(site: Site, route: Callable[[h11.Request, bytes], Awaitable[tuple[int, Any]]],
                          conn: h11.Connection, stream: trio.abc.Stream, first: Any,
                          next_event: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> None:
@@ -463,28 +474,38 @@ async def serve_requests(site: Site, route: Callable[[h11.Request, bytes], Await
     event = first
     while isinstance(event, h11.Request):
         body = bytearray()
-        too_large = False
-        with trio.move_on_after(timeout):  # for the whole body: a byte now and then must not hold the connection
-            while True:
-                part = await next_event()
-                if isinstance(part, h11.Data):
-                    if len(body) + len(part.data) > MAX_BODY:
-                        too_large = True
-                    else:
-                        body.extend(part.data)
-                elif isinstance(part, h11.EndOfMessage):
-                    break
-                else:
-                    return
-        if not isinstance(part, h11.EndOfMessage):
-            return
-        extra: list[tuple[str, str]] = []
+        too_large = busy = False
+        part: Any = None  # nothing at all within the timeout: the connection ends
         try:
-            if too_large:
-                raise HTTPError(413, f"request body over {MAX_BODY} bytes")
-            status, payload = await route(event, bytes(body))
-        except HTTPError as exc:
-            status, payload, extra = exc.status, {"error": str(exc)}, exc.headers
+            with trio.move_on_after(timeout):  # for the whole body: a byte now and then must not hold the connection
+                while True:
+                    part = await next_event()
+                    if isinstance(part, h11.Data):
+                        if len(body) + len(part.data) > MAX_BODY:
+                            too_large = True
+                        elif busy or BODIES.held + len(part.data) > BODIES_HELD:
+                            busy = True  # read to its end and dropped (an answer before it would be reset), then 503
+                        else:
+                            body.extend(part.data)
+                            BODIES.held += len(part.data)
+                    elif isinstance(part, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+            if not isinstance(part, h11.EndOfMessage):
+                return
+            extra: list[tuple[str, str]] = []
+            try:
+                if busy:
+                    raise HTTPError(503, "the server is receiving too many request bodies at once: try again",
+                                    [("retry-after", "5")])
+                if too_large:
+                    raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+                status, payload = await route(event, bytes(body))
+            except HTTPError as exc:
+                status, payload, extra = exc.status, {"error": str(exc)}, exc.headers
+        finally:
+            BODIES.held -= len(body)
         site.counters[f"api_{status}"] += 1
         reply = payload if isinstance(payload, Reply) else Reply(status, json.dumps(payload).encode())
         headers = [("content-type", reply.content_type), *SECURITY_HEADERS, *reply.headers, *extra]

@@ -21,7 +21,7 @@ from trio_websocket import open_websocket_url
 
 from edgetrio.rules import MAX_CONDITIONS_TOTAL, MAX_WINDOWS_TOTAL
 from edgetrio.tools.testkit import Daemon, Probe, Relay, cli, wait_until
-from edgetrio.web import LOGIN_FAILURES, READINGS_LIMIT, STREAMS_PER_ACCOUNT
+from edgetrio.web import BODIES_HELD, LOGIN_FAILURES, READINGS_LIMIT, STREAMS_PER_ACCOUNT
 
 
 def http(base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -338,3 +338,23 @@ def test_logins_waiting_for_a_password_check_are_bounded(relay: Relay) -> None:
     status, _, _ = http(relay.api_url, "POST", "/api/login", json.dumps(
         {"name": "dora", "password": "dora-password-1"}).encode(), {"content-type": "application/json"})
     assert status == 200
+
+
+def test_request_bodies_held_at_once_are_bounded(relay: Relay) -> None:
+    """The bound on connections covers a request's head: 150 bodies of 960 KiB sent slowly after it took the relay
+    from 49 to 208 MB. Past BODIES_HELD bytes of bodies in hand, a body that arrives gets 503 and its connection ends."""
+    host, port = relay.api_url.removeprefix("http://").rsplit(":", 1)
+    chunk = b"x" * (960 * 1024)
+    socks, answers = [], []
+    for n in range(BODIES_HELD // len(chunk) + 8):
+        s = socket.create_connection((host, int(port)), timeout=30, source_address=(f"127.0.70.{n % 100 + 1}", 0))
+        s.sendall(b"POST /api/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(chunk) + 64, chunk))  # all but the last 64 bytes: the body stays in the server's hands
+        socks.append(s)
+    for s in socks[-8:]:  # the last ones came past the bound: their bodies are dropped as they come, then 503
+        s.sendall(b" " * 64)
+        s.settimeout(30)
+        answers.append(s.recv(64).split(b" ")[1])
+    assert answers == [b"503"] * 8, answers
+    for s in socks:
+        s.close()
