@@ -392,7 +392,8 @@ def readings_query(query: Params) -> tuple[float | None, float | None, int]:
         raise HTTPError(400, str(exc)) from None
     limit = READINGS_LIMIT  # one answer is built in memory: without a bound a year of readings would be
     if "limit" in query:
-        if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= READINGS_LIMIT:
+        # ASCII digits only, and few: "٣".isdigit() is true, and int() of 5,000 digits raises
+        if not re.fullmatch(r"[0-9]{1,6}", query["limit"]) or not 1 <= int(query["limit"]) <= READINGS_LIMIT:
             raise HTTPError(400, f"limit {wire.clip(query['limit'], 40)!r}: use a whole number from 1 to "
                                  f"{READINGS_LIMIT} (older ones: until= the oldest time you got)")
         limit = int(query["limit"])

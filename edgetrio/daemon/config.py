@@ -247,13 +247,14 @@ def daemon_running(data_dir: Path) -> bool:
 
 
 def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | None = None,
-                   http: str | None = None) -> None:
+                   http: str | None = None, max_payload: int = 64 * 1024) -> None:
     """Tell the CLI and local apps where the running daemon listens (and serves metrics and the dashboard,
     "host:port")."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
     tmp = data_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics,
-                               "http": http, "mqtt_listen": mqtt_host}))  # mqtt_host: where this machine connects
+                               "http": http, "mqtt_listen": mqtt_host,  # mqtt_host: where this machine connects
+                               "max_payload": max_payload}))
     tmp.replace(data_dir / RUN_FILE)
 
 

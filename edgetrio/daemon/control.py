@@ -49,6 +49,7 @@ class ControlClient:
 
     def __init__(self, data_dir: Path, connect_timeout: float = 5.0) -> None:
         info = read_run_file(data_dir)
+        self.max_payload = int(info.get("max_payload") or 64 * 1024)
         username, password = admin_credential(data_dir)
         self.client_id = f"edgetrio-cli-{uuid.uuid4().hex[:12]}"
         self.reply_topic = CONTROL_REPLY_ROOT + self.client_id
@@ -88,8 +89,11 @@ class ControlClient:
     def request(self, op: str, args: dict[str, Any], timeout: float = 15.0) -> Any:
         """Send one request and return its result; raise ControlError with the daemon's message on failure."""
         request_id = uuid.uuid4().hex
-        body = {"id": request_id, "reply_to": self.reply_topic, "op": op, "args": args}
-        self.client.publish(CONTROL_REQUEST, json.dumps(body), qos=1)
+        body = json.dumps({"id": request_id, "reply_to": self.reply_topic, "op": op, "args": args})
+        if len(body.encode()) > self.max_payload:  # the broker would drop it, and this would wait for nothing
+            raise ControlError(f"the request is {len(body.encode()):,} bytes; the daemon takes messages of at most "
+                               f"{self.max_payload:,} (max_payload): split it (a rule file into several)", "too_large")
+        self.client.publish(CONTROL_REQUEST, body, qos=1)
         while True:
             try:
                 reply = self._replies.get(timeout=timeout)

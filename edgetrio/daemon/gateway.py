@@ -280,7 +280,7 @@ async def run(cfg: DaemonConfig, *, task_status: trio.TaskStatus[int] = trio.TAS
                                 services.start_soon(supervisor.keep, "export", export.run)
                             supervisor.add("metrics", vital=False, state="running" if metrics else "off")
                             supervisor.add("web", vital=False, state="running" if dashboard else "off")
-                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics, dashboard)
+                            write_run_file(cfg.data_dir, cfg.mqtt_host, link.port, metrics, dashboard, cfg.max_payload)
                             log.info("daemon ready data_dir=%s mqtt=%s:%d devices=%d metrics=%s dashboard=%s",
                                      cfg.data_dir, cfg.mqtt_host, link.port, len(roster.models), metrics or "off",
                                      f"http://{dashboard}/" if dashboard else "off")
