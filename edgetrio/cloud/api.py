@@ -105,7 +105,10 @@ def openapi() -> dict[str, Any]:
                 "summary": "Log in; sets the session cookie and returns the CSRF token for writes", "security": [],
                 "requestBody": body({"name": string, "password": string}, ["name", "password"]),
                 "responses": {"200": ok(ref("Me")), "400": ok(ref("Error"), "Bad request"),
-                              "401": ok(ref("Error"), "Wrong name or password")}}},
+                              "401": ok(ref("Error"), "Wrong name or password"),
+                              "415": ok(ref("Error"), "Not a JSON body"),
+                              "429": ok(ref("Error"), "Too many failed logins (Retry-After)"),
+                              "503": ok(ref("Error"), "Too many logins being checked (Retry-After)")}}},
             "/api/logout": {"post": {"summary": "End the session", "responses": {"200": ok(obj), **errors()}}},
             "/api/me": {"get": {"summary": "Who is asking", "responses": {"200": ok(ref("Me")), **errors()}}},
             "/api/stream": {"get": {
@@ -124,7 +127,8 @@ def openapi() -> dict[str, Any]:
                               **errors(404)}}},
             "/api/devices": {"get": {"summary": "Devices of all nodes, a page at a time (x-total-count: how many)",
                                      "parameters": page,
-                                     "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors()}}},
+                                     "responses": {"200": ok({"type": "array", "items": ref("Device")}),
+                                                   **errors(400)}}},
             "/api/fleet/twin": {"patch": {
                 "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
                 "requestBody": body({"desired": changes, "node": string, "device": string}, ["desired"]),
@@ -158,7 +162,7 @@ def openapi() -> dict[str, Any]:
             "/api/nodes/{node}/devices": {
                 "parameters": [node_param],
                 "get": {"summary": "Devices of a node, a page at a time (x-total-count: how many)", "parameters": page,
-                        "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors(404)}},
+                        "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors(400, 404)}},
                 "post": {"summary": "Register a device on the node; the credential is returned once",
                          "requestBody": body({"id": string, "model": string}, ["id"]),
                          "responses": {"201": ok({"type": "object", "properties": {
@@ -172,7 +176,10 @@ def openapi() -> dict[str, Any]:
             f"{device_path}/commands": {
                 "parameters": params,
                 "post": {"summary": "Run a command on the device and wait for its result",
-                         "requestBody": body({"name": string, "args": obj, "timeout": number}, ["name"]),
+                         "requestBody": body({"name": {"type": "string", "minLength": 1}, "args": obj,
+                                              "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                                          "maximum": 300}},
+                                             ["name"]),
                          "responses": {"200": ok({"type": "object", "properties": {
                              "id": string, "ok": {"type": "boolean"}, "value": {}, "error": string}}),
                              **errors(400, 404, 409, 504)}}},
@@ -276,7 +283,7 @@ async def fleet_twin(relay: Relay, who: Principal, path: Params, query: Params, 
     if not isinstance(patch, dict) or not patch:
         raise HTTPError(400, "'desired' must be a non-empty object")
     node, device = data.get("node"), data.get("device")
-    if not isinstance(node, str | None) or not isinstance(device, str | None):
+    if any(key in data and not isinstance(data[key], str) for key in ("node", "device")):
         raise HTTPError(400, "'node' and 'device' must be strings when given")
     done = await relay.run(store.set_twin_fleet, patch, node, device)
     for name in list(relay.sessions):
