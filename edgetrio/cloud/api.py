@@ -131,7 +131,8 @@ def openapi() -> dict[str, Any]:
                                                    **errors(400)}}},
             "/api/fleet/twin": {"patch": {
                 "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
-                "requestBody": body({"desired": changes, "node": string, "device": string}, ["desired"]),
+                "requestBody": body({"desired": changes, "node": {"type": "string", "nullable": True},
+                                     "device": {"type": "string", "nullable": True}}, ["desired"]),
                 "responses": {"200": ok({"type": "object", "properties": {"devices": integer, "nodes": integer}}),
                               **errors(400, 404)}}},
             "/api/alerts": {"get": {
@@ -283,8 +284,8 @@ async def fleet_twin(relay: Relay, who: Principal, path: Params, query: Params, 
     if not isinstance(patch, dict) or not patch:
         raise HTTPError(400, "'desired' must be a non-empty object")
     node, device = data.get("node"), data.get("device")
-    if any(key in data and not isinstance(data[key], str) for key in ("node", "device")):
-        raise HTTPError(400, "'node' and 'device' must be strings when given")
+    if not isinstance(node, str | None) or not isinstance(device, str | None):
+        raise HTTPError(400, "'node' and 'device' must be strings when given (or null)")
     done = await relay.run(store.set_twin_fleet, patch, node, device)
     for name in list(relay.sessions):
         relay.notify(name)  # each session sends only what is queued for it

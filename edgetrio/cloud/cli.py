@@ -17,7 +17,7 @@ import trio
 from edgetrio import accounts, rules, web
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from edgetrio.console import CliError, fmt_time, parse_assignments, parse_since, setup_logging
+from edgetrio.console import EXIT_USAGE, CliError, fmt_time, parse_assignments, parse_since, setup_logging
 from edgetrio.identity import RegistryError, hash_password, new_secret
 from edgetrio.writer import offline_write
 
@@ -30,7 +30,7 @@ def api_target(args: argparse.Namespace) -> tuple[str, str]:
     try:
         info = json.loads((data_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
-        raise CliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", 2) from None
+        raise CliError(f"no running relay found in {data_dir}; give --url and --token, or --data-dir", EXIT_USAGE) from None
     return http_url(args.url or info["api_url"]), args.token or operator_token(data_dir)
 
 
@@ -84,15 +84,15 @@ def run(args: argparse.Namespace) -> None:
                           args.http_timeout, args.metrics_host, args.metrics_port, args.max_devices_per_node,
                           args.edge_keepalive)
         if not 1 <= cfg.edge_keepalive <= 3600:
-            raise CliError("--edge-keepalive must be from 1 to 3600 seconds", 2)
+            raise CliError("--edge-keepalive must be from 1 to 3600 seconds", EXIT_USAGE)
         if not -1 <= cfg.metrics_port <= 65535:
-            raise CliError("--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off", 2)
+            raise CliError("--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off", EXIT_USAGE)
         if (cfg.cert is None) != (cfg.key is None):
-            raise CliError("--cert and --key go together", 2)
+            raise CliError("--cert and --key go together", EXIT_USAGE)
         if cfg.retention_days < 0:
-            raise CliError("--retention-days must be 0 (keep everything) or more", 2)
+            raise CliError("--retention-days must be 0 (keep everything) or more", EXIT_USAGE)
         if not 0.5 <= cfg.http_timeout <= 3600:
-            raise CliError("--http-timeout must be from 0.5 to 3600 seconds", 2)
+            raise CliError("--http-timeout must be from 0.5 to 3600 seconds", EXIT_USAGE)
         if cfg.cert is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
             logging.getLogger("edgetrio.relay").warning(
                 "serving on %s without --cert/--key: passwords, session cookies and node tokens travel unencrypted; "
@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> None:
         try:
             trio.run(serve, cfg)
         except OSError as exc:
-            raise CliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", 2) from None
+            raise CliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", EXIT_USAGE) from None
         except RegistryError as exc:
-            raise CliError(str(exc), 2) from None
+            raise CliError(str(exc), EXIT_USAGE) from None
         return
     if action == "user":
         users(args)
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.twin_action == "set-all":
             patch = parse_assignments(args.assignments)
             if not patch:
-                raise CliError("give at least one key=value", 2)
+                raise CliError("give at least one key=value", EXIT_USAGE)
             done = call(args, "PATCH", "/api/fleet/twin", {"desired": patch, "node": args.node,
                                                            "device": args.device_name})
             show(args, done, [f"queued for {done['devices']} devices on {done['nodes']} nodes"])
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             patch = parse_assignments(args.assignments)
             if not patch:
-                raise CliError("give at least one key=value", 2)
+                raise CliError("give at least one key=value", EXIT_USAGE)
             twin = call(args, "PATCH", f"/api/nodes/{args.node}/devices/{args.device}/twin",
                         {"desired": patch, "version": args.version})
         show(args, twin, [
@@ -220,7 +220,7 @@ def users(args: argparse.Namespace) -> None:
         if args.user_action == "add":
             password = sys.stdin.readline().rstrip("\n") if args.password_stdin else new_secret()
             if len(password) < 8:
-                raise CliError("a password needs at least 8 characters", 2)
+                raise CliError("a password needs at least 8 characters", EXIT_USAGE)
             hashed = hash_password(password)
             with offline_write(db):
                 accounts.add_user(db, args.name, args.role, hashed)
@@ -268,13 +268,13 @@ def fleet_rules(args: argparse.Namespace) -> None:
              + [f"  schedule {s['name']}: {s.get('cron') or 'every ' + str(s.get('every'))}" for s in doc["schedule"]])
         return
     if len(args.targets) != (1 if args.all else 2):
-        raise CliError("give NODE FILE, or --all FILE for every node", 2)
+        raise CliError("give NODE FILE, or --all FILE for every node", EXIT_USAGE)
     node, path = (None, Path(args.targets[0])) if args.all else (args.targets[0], Path(args.targets[1]))
     try:
         doc = rules.read_rule_file(path)
         rules.check_notify_urls(rules.parse_document(doc)[0])
     except rules.RuleError as exc:
-        raise CliError(f"{path}: {exc}", 2) from None
+        raise CliError(f"{path}: {exc}", EXIT_USAGE) from None
     if node is None:
         done = call(args, "PUT", "/api/fleet/rules", {"doc": doc})
     else:
@@ -287,7 +287,7 @@ def store_since(text: str) -> float:
     try:
         return parse_since(text)
     except ValueError as exc:
-        raise CliError(str(exc), 2) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def add_parser(sub: Any) -> None:
