@@ -338,6 +338,8 @@ def _costly(text: str) -> str:
             # integer by .ceiling took 40 s a reading
             if token.type == "POW":
                 return "powers (**) are"
+            if token.type in ("BWLSH", "BWRSH"):  # 1 << temperature * 100000 took 7 s a reading
+                return "bit shifts (<<, >>) are"
             if token.type == "SYMBOL" and previous == "ATTR" and token.value in ("ceiling", "floor"):
                 return f"rounding to an integer (.{token.value}) is"
             if token.type == "FLOAT" and not _float_sized(str(token.value)):
@@ -362,7 +364,7 @@ def holds(condition: Any, subject: Subject) -> bool | None:
     try:
         return bool(condition.matches(subject))
     # evaluated only when something was raised; a Decimal that cannot compare, a stack too shallow for the condition
-    except (_engine().EngineError, ArithmeticError, RecursionError):
+    except (_engine().EngineError, ArithmeticError, RecursionError, MemoryError):
         return None
 
 

@@ -173,3 +173,23 @@ def test_the_relay_deletes_readings_older_than_its_retention(fleet: tuple[Relay,
     assert "retention: deleted 4 rows older than 30 days" in (relay.data_dir.parent / "relay-relay.log").read_text()
     with virtual_boards(daemon, "s", period=0.1):  # the link goes on as before: the board's next boot arrives
         wait_until(lambda: len({b for b, _ in cloud(relay, board)}) == 2, timeout=90)
+
+
+def test_a_gateway_installed_anew_for_its_node_loses_none_of_its_first_readings(fleet: tuple[Relay, Daemon, str],
+                                                                                  tmp_path: Path) -> None:
+    """A new data dir counts its outbox from 1 again: the relay took those offsets for ones it had, acknowledged
+    them and dropped them. The edge sends its outbox's identity; a new one sets the relay's count back."""
+    relay, daemon, _ = fleet
+    daemon.start()
+    with virtual_boards(daemon, "old", period=0.2) as [board]:
+        wait_until(lambda: len(cloud(relay, board)) >= 10, timeout=90)
+    daemon.stop()
+    again = Daemon(tmp_path / "gw-new", extra=daemon.extra).start()  # same node and token, nothing of the old
+    try:
+        with virtual_boards(again, "new", period=0.2) as [fresh]:
+            wait_until(lambda: len(edge(again, fresh)) >= 3, timeout=90)
+        final = edge(again, fresh)
+        wait_until(lambda: cloud(relay, fresh) == final, timeout=60)
+        assert "sends from a new outbox" in (relay.data_dir.parent / "relay-relay.log").read_text()
+    finally:
+        again.stop()

@@ -245,7 +245,8 @@ def test_tries_sent_at_once_cannot_pass_the_login_limit_together(relay: Relay) -
     ('"a" * 40 =~ "(a|aa)+$"', "regular expressions"),
     ("(temperature + 1e999999).ceiling > 0", "numbers beyond a float's range"),  # 40 s a reading
     ("(1e300).ceiling > 0", "rounding to an integer (.ceiling)"),
-    ("(temperature + 10) ** 100000 > 0", "powers (**)")])
+    ("(temperature + 10) ** 100000 > 0", "powers (**)"),
+    ("(1 << temperature * 100000) > 0", "bit shifts")])
 def test_conditions_that_could_run_without_bound_are_refused(relay: Relay, tmp_path: Path, condition: str,
                                                              what: str) -> None:
     relay.add_node("gw1")

@@ -252,6 +252,9 @@ class Relay:
             log.warning("edge refused node=%s remote=%s", clip(node), remote)
             await request.reject(401, body=b"unknown node or wrong token")
             return
+        if await self.run(store.link_outbox, node, headers.get("x-edgetrio-outbox", "")):
+            log.warning("edge node=%s sends from a new outbox (its gateway installed anew?): its offsets start again",
+                        node)
         ws = await request.accept()
         session = EdgeSession(node, ws)
         previous = self.sessions.get(node)

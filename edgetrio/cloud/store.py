@@ -33,6 +33,8 @@ def open_db(data_dir: Path) -> Database:
         db.table("nodes").create(
             {"name": str, "token_hash": str, "created": float, "online": int, "last_seen": float, "connects": int,
              "last_offset": int}, pk="name", if_not_exists=True)
+        if "outbox" not in db.table("nodes").columns_dict:  # the edge's outbox its offsets count in
+            db.table("nodes").add_column("outbox", str)
         db.table("devices").create(
             {"node": str, "id": str, "registered": int, "model": str, "online": int, "last_seen": float,
              "meta": str, "twin": str}, pk=("node", "id"), if_not_exists=True)
@@ -115,6 +117,16 @@ def list_nodes(db: Database) -> list[dict[str, Any]]:
         " FROM nodes n ORDER BY n.name")
     return [{**r, "online": bool(r["online"]), "counters": json.loads(r["counters"]) if r["counters"] else None}
             for r in rows]
+
+
+def link_outbox(db: Database, node: str, outbox: str) -> bool:
+    """Note the outbox a node's edge sends from; True when it is another than before (a gateway installed anew):
+    its offsets start again at 1, so the relay's count of what it has is set back (readings it has twice are one)."""
+    row = db.execute("SELECT outbox, last_offset FROM nodes WHERE name = ?", [node]).fetchone()
+    if row is None or not outbox or row[0] == outbox:
+        return False
+    db.execute("UPDATE nodes SET outbox = ?, last_offset = 0 WHERE name = ?", [outbox[:64], node])
+    return row[0] is not None  # the first outbox a relay hears of is no news
 
 
 def require_node(db: Database, name: str) -> None:

@@ -160,7 +160,9 @@ class EdgeHub:
             log.debug("link event not recorded: %s", exc)
 
     async def _session(self) -> None:
-        headers = [(b"authorization", f"Bearer {self.token}".encode()), (b"x-edgetrio-node", self.node.encode())]
+        outbox = await self.writer.read(store.outbox_identity)
+        headers = [(b"authorization", f"Bearer {self.token}".encode()), (b"x-edgetrio-node", self.node.encode()),
+                   (b"x-edgetrio-outbox", outbox.encode())]
         try:
             async with trio.open_nursery() as connection:  # the connection's own reader task lives here
                 # the whole opening (TCP, TLS, the upgrade's answer) within one bound: trio-websocket's connect_timeout

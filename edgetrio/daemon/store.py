@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,6 +92,11 @@ def _create_schema(db: Database) -> None:
         )
         db.table("counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
         # the cloud link: what goes up waits here until the relay has committed it; applied down-message ids
+        # the outbox's identity, sent with every link: a new data dir starts its offsets at 1 again, and the relay
+        # must not take them for ones it has (it acknowledged and dropped a reinstalled gateway's first readings)
+        db.execute("CREATE TABLE IF NOT EXISTS outbox_identity (id TEXT NOT NULL)")
+        if db.execute("SELECT count(*) FROM outbox_identity").fetchone()[0] == 0:
+            db.execute("INSERT INTO outbox_identity (id) VALUES (?)", [uuid.uuid4().hex])
         db.execute("CREATE TABLE IF NOT EXISTS outbox (offset INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,"
                    " resource TEXT NOT NULL, body TEXT NOT NULL)")
         db.table("inbox").create({"id": str, "applied": float, "result": str}, pk="id", if_not_exists=True)
@@ -490,6 +496,10 @@ def counters(db: Database) -> dict[str, int]:
 
 
 # -- the cloud link's outbox and inbox ---------------------------------------------------------------------------------
+
+def outbox_identity(db: Database) -> str:
+    return str(db.execute("SELECT id FROM outbox_identity").fetchone()[0])
+
 
 def outbox_add(db: Database, resource: str, body: Any, now: float) -> None:
     db.execute("INSERT INTO outbox (ts, resource, body) VALUES (?, ?, ?)", [now, resource, json.dumps(body)])
