@@ -513,6 +513,11 @@ class GatewayBroker(Broker):
         if entry is not None and entry[0].transitions.is_connected():
             log.info("client=%s connected again; closing its previous connection", clip(client_id))
             await entry[1].handle_connection_closed()
+            # and its socket, here: left to the old connection's own loop, the client was now and then never told
+            # (its connection stayed open beside the new one, against MQTT-3.1.4-2)
+            with suppress(Exception):
+                if entry[1].writer is not None:
+                    await entry[1].writer.close()
         await super()._delete_session(client_id)
 
     def close_sessions_of(self, username: str) -> None:
