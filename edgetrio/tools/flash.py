@@ -64,16 +64,24 @@ def credential(data_dir: Path, device_id: str) -> str:
         raise FlashError(str(exc)) from exc
 
 
+RAW_REPL_TRIES = 3  # a board busy or just resetting (its watchdog) may not take the raw REPL at the first try
+
+
 def mpremote(port: str, *commands: str, timeout: float = 60) -> str:
-    proc = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *commands], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
+    for attempt in range(1, RAW_REPL_TRIES + 1):
+        proc = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *commands], capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return proc.stdout
         lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
-        raise FlashError(f"mpremote failed on {port}: {lines[-1]}")
-    return proc.stdout
+        if "could not enter raw repl" not in lines[-1] or attempt == RAW_REPL_TRIES:
+            raise FlashError(f"mpremote failed on {port}: {lines[-1]}")
+        time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
-def copy_with_progress(port: str, bundle: Path, files: list[Path], timeout: float = 120) -> None:
+def copy_with_progress(port: str, bundle: Path, files: list[Path], timeout: float = 120,
+                       tries: int = RAW_REPL_TRIES) -> None:
     """Copy the bundle in one mpremote session, showing each file as mpremote starts it (a bar on a terminal)."""
     commands: list[str] = []
     for rel in files:
@@ -104,6 +112,10 @@ def copy_with_progress(port: str, bundle: Path, files: list[Path], timeout: floa
         print(flush=True)
     if proc.returncode != 0:
         lines = (error.strip() or f"stopped after {done} of {len(files)} files").splitlines()
+        if done == 0 and "could not enter raw repl" in lines[-1] and tries > 1:  # nothing written yet: again
+            time.sleep(1.0)
+            copy_with_progress(port, bundle, files, timeout, tries - 1)
+            return
         raise FlashError(f"mpremote failed on {port}: {lines[-1]}")
 
 
