@@ -267,6 +267,13 @@ def budget_problem(bodies: Iterable[dict[str, Any]]) -> str:
     return ""
 
 
+def hide_notify_secrets(rules: Iterable[Any]) -> None:
+    """Notification URLs carry their targets' secrets (tokens, passwords): for a viewer, only their scheme shows."""
+    for rule in rules:
+        if isinstance(rule, dict) and isinstance(rule.get("notify"), list):
+            rule["notify"] = [f"{str(url).partition('://')[0]}://(hidden)" for url in rule["notify"]]
+
+
 def condition_size(body: dict[str, Any]) -> int:
     """Characters of a rule's conditions (what MAX_CONDITIONS_TOTAL counts)."""
     return sum(len(body[k]) for k in ("when", "clear") if isinstance(body.get(k), str))

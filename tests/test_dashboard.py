@@ -235,7 +235,7 @@ def test_a_nodes_page_shows_its_link_counters_alerts_rules_and_devices(stack: tu
     count = len(relay.json("devices"))
     assert f"{count} device{'' if count == 1 else 's'}\n" in summary + "\n" and "online" in summary, summary
     assert find(browser, "#node-counters .count-readings").text.split(": ")[1].isdigit()
-    assert "frost-watch" in find(browser, "#alerts").text  # the edge's alert, on its node's page
+    wait(browser, lambda d: "frost-watch" in find(d, "#alerts").text, timeout=60)  # the edge's alert, on its node's page
     shown = find(browser, "#rules").text
     assert "applied in part" in shown and "rule damp: humidity > 99" in shown, shown
     assert "unknown resource 'wind'" in find(browser, '#rules li[data-rule="gusty"]').text, shown

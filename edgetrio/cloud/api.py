@@ -294,10 +294,8 @@ async def fleet_twin(relay: Relay, who: Principal, path: Params, query: Params, 
 
 async def rules_get(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
     found = await relay.run(store.get_rules, path["node"])
-    if who.role != "admin":  # notification URLs carry their targets' secrets (tokens, passwords): admins only
-        for rule in found["doc"].get("rule", []):
-            if isinstance(rule, dict) and isinstance(rule.get("notify"), list):
-                rule["notify"] = [f"{str(url).partition('://')[0]}://(hidden)" for url in rule["notify"]]
+    if who.role != "admin":
+        rules.hide_notify_secrets(found["doc"].get("rule", []))
     return 200, found
 
 

@@ -27,6 +27,7 @@ from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
 from edgetrio.daemon.ingest import Reading
 from edgetrio.daemon.pipeline import Watch
 from edgetrio.daemon.roster import Roster
+from edgetrio.rules import hide_notify_secrets
 from edgetrio.twin import Twin
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
 from edgetrio.writer import Writer
@@ -231,10 +232,8 @@ async def rules(site: GatewayWeb, who: Principal, path: Params, query: Params, d
         doc["rule" if a["kind"] == "rule" else "schedule"].append({**a["body"], "name": a["name"], "source": a["source"]})
         if a["problem"]:
             problems[a["name"]] = a["problem"]
-    if who.role != "admin":  # notification URLs carry their targets' secrets, as at the relay
-        for rule in doc["rule"]:
-            if isinstance(rule.get("notify"), list):
-                rule["notify"] = [f"{str(url).partition('://')[0]}://(hidden)" for url in rule["notify"]]
+    if who.role != "admin":
+        hide_notify_secrets(doc["rule"])
     return 200, {"node": site.node, "version": found["version"], "doc": doc, "applied": found["version"],
                  "result": {"ok": True, "problems": problems}}
 
