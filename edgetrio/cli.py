@@ -20,23 +20,15 @@ from edgetrio.tools import cli as tools_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetrio", description="edgetrio gateway, devices and fleet")
     parser.add_argument("--version", action="version", version=f"edgetrio {console.edgetrio_version()}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, default=None,
-                        help="the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)")
-    as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="print JSON (an error is a JSON object on stderr)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    daemon_cli.add_parsers(sub, common, as_json)
-    cloud_cli.add_parser(sub)
-    tools_cli.add_parsers(sub, common, as_json)
+    sub = parser.add_subparsers(required=True)
+    for tier in (daemon_cli, cloud_cli, tools_cli):
+        tier.COMMANDS.install(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
-    if hasattr(args, "data_dir") and args.data_dir is None and args.command not in ("daemon", "cloud", "config"):
-        args.data_dir = console.default_data_dir()
     # Every path is resolved here, once, before it is handed on: a child process (a virtual board, the relay of the
     # demo) runs in another directory and would read a relative path against its own.
     for name, value in vars(args).items():

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from edgetrio import wire
 
@@ -95,3 +95,81 @@ def setup_logging(level: str) -> None:
         # amqtt logs tracebacks for what the daemon reports itself in one line
         for noisy in ("amqtt", "transitions", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+# -- the command registry ----------------------------------------------------------------------------------------------
+# Each command declares its options beside its function; option groups shared by many commands (the data dir, --json)
+# are declared once as tuples and passed the same way, as sqlite-utils does with its decorators.
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+Handler = Callable[[argparse.Namespace], None]
+H = TypeVar("H", bound=Handler)
+
+
+def arg(*names: str, **options: Any) -> Arg:
+    """One argument or option, as `argparse.ArgumentParser.add_argument` takes it."""
+    return names, options
+
+
+JSON = (arg("--json", action="store_true", help="print JSON (an error is a JSON object on stderr)"),)
+
+
+def data_dir_option(default: Path | Callable[[], Path] | None, help: str) -> tuple[Arg, ...]:
+    """--data-dir; a default given as a function is read when the parser is built (an environment variable)."""
+    return (arg("--data-dir", type=Path, default=default, help=help),)
+
+
+class Commands:
+    """A tier's sub-commands by path ("node add"), each with its help, its arguments and its function."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, str] = {}
+        self.entries: list[tuple[str, str, tuple[Arg, ...], Handler]] = []
+
+    def group(self, path: str, help: str) -> None:
+        """The help of a word that only leads to sub-commands (`edgetrio model ...`)."""
+        self.groups[path] = help
+
+    def command(self, path: str, help: str, *args: Arg | tuple[Arg, ...]) -> Callable[[H], H]:
+        flat: list[Arg] = []
+        for item in args:
+            if len(item) == 2 and isinstance(item[1], dict):  # one argument, else a group of them
+                flat.append(cast(Arg, item))
+            else:
+                flat.extend(cast(tuple[Arg, ...], item))
+
+        def register(handler: H) -> H:
+            self.entries.append((path, help, tuple(flat), handler))
+            return handler
+
+        return register
+
+    def install(self, root: Any) -> None:
+        """Add every command under `root` (the sub-parsers of `edgetrio`)."""
+        handled = {path for path, *_ in self.entries}
+        parsers: dict[str, argparse.ArgumentParser] = {}
+        subs: dict[str, Any] = {"": root}
+
+        def parser_of(path: str, help: str | None) -> argparse.ArgumentParser:
+            if path in parsers:
+                return parsers[path]
+            parent, _, word = path.rpartition(" ")
+            if parent not in subs:  # a command with both a function and sub-commands makes them optional
+                subs[parent] = parser_of(parent, self.groups.get(parent)).add_subparsers(required=parent not in handled)
+            parsers[path] = subs[parent].add_parser(word, help=help, description=help)
+            return parsers[path]
+
+        for path, help, args, handler in self.entries:
+            parser = parser_of(path, help)
+            for names, options in args:
+                default = options.get("default")
+                parser.add_argument(*names, **{**options, "default": default()} if callable(default) else options)
+            parser.set_defaults(func=handler)
+
+
+def time_option(text: str | None) -> float | None:
+    """--since/--until as the user gave them (epoch, ISO, an age), or a usage error that says what is accepted."""
+    try:
+        return parse_since(text) if text else None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None

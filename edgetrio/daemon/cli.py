@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,18 +14,23 @@ from typing import Any
 
 import trio
 
-from edgetrio import accounts, web, wire
+from edgetrio import wire
+from edgetrio.common_cli import print_readings, readings_options, user_commands
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
+    JSON,
     CliError,
+    Commands,
+    arg,
+    data_dir_option,
     default_data_dir,
     emit,
     fmt_time,
     parse_assignments,
-    parse_since,
     require_positive,
     setup_logging,
+    time_option,
 )
 from edgetrio.daemon import automation as auto
 from edgetrio.daemon import store
@@ -47,10 +51,42 @@ from edgetrio.daemon.homeassistant import ha_unit
 from edgetrio.daemon.ingest import INTEGRATIONS
 from edgetrio.daemon.registry import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
-from edgetrio.identity import RegistryError, check_device_id, hash_password, integration_user, new_secret
+from edgetrio.identity import RegistryError, check_device_id, integration_user
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 from edgetrio.writer import offline_write
+
+COMMANDS = Commands()
+DATA_HELP = "the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)"
+# what the gateway's data commands take; the daemon's own --data-dir (below) is None unless given, as its config file
+# may name one
+LOCAL = (*data_dir_option(default_data_dir, DATA_HELP), *JSON)
+SETTINGS = (  # the daemon's settings, shared with `config show`
+    *data_dir_option(None, DATA_HELP),
+    arg("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)"),
+    arg("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)"),
+    arg("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)"),
+    arg("--metrics-port", type=int,
+        help="port for /metrics and /healthz (default 9883; 0 picks a free one, -1 turns them off)"),
+    arg("--http-host", help="address of the dashboard (default 127.0.0.1)"),
+    arg("--http-port", type=int, help="port of the dashboard (default 8080; 0 picks a free one, -1 turns it off)"),
+    arg("--ha", action="store_true", help="announce devices to Home Assistant by MQTT discovery (its credential: "
+                                          "`edgetrio integration add homeassistant`)"),
+    arg("--config", type=Path, help="TOML file with any of the settings above"),
+    arg("--log-level", help="debug, info, warning or error"),
+    arg("--serial", action="append", default=[], metavar="PORT",
+        help="a board on a serial port speaking JSON lines (repeatable)"),
+    arg("--cloud", metavar="URL", help="relay to dial out to: ws://HOST:PORT or wss://HOST:PORT"),
+    arg("--node-id", help="this gateway's node name at the relay"),
+    arg("--token", help="this node's token (from `edgetrio cloud node add`); visible in `ps`, so prefer --token-file "
+                        "or $EDGETRIO_CLOUD_TOKEN"),
+    arg("--token-file", type=Path, metavar="FILE", help="read this node's token from FILE"),
+)
+for path, help in (("config", "the daemon's settings"), ("device", "register, list and remove devices"),
+                   ("integration", "credentials for what else uses the gateway's broker (Home Assistant)"),
+                   ("model", "device models"), ("twin", "desired and reported state"),
+                   ("rule", "automation: rules on readings and schedules")):
+    COMMANDS.group(path, help)
 
 
 def open_store(data_dir: Path, must_exist: bool = True) -> Any:
@@ -76,6 +112,10 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
             return offline(db)
     except (RegistryError, VersionConflict, RuleError) as exc:
         raise CliError(str(exc)) from exc
+
+
+def gateway_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offline: Callable[[Any], Any]) -> Any:
+    return via_daemon_or_store(args.data_dir, op, op_args, offline)
 
 
 # -- commands -------------------------------------------------------------------------------------------------------
@@ -111,6 +151,7 @@ def daemon_settings(args: argparse.Namespace) -> tuple[DaemonConfig, dict[str, s
     return cfg, sources
 
 
+@COMMANDS.command("daemon", "run the gateway daemon in the foreground", SETTINGS, JSON)
 def cmd_daemon(args: argparse.Namespace) -> None:
     cfg, _ = daemon_settings(args)
     setup_logging(cfg.log_level)
@@ -126,6 +167,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
         raise CliError(str(failure), EXIT_FAILED if isinstance(failure, VitalFailure) else EXIT_USAGE)
 
 
+@COMMANDS.command("device add", "register a device and print its credential once", LOCAL, arg("id"),
+                  arg("--model", help="device model name (see `edgetrio model add`)"))
 def cmd_device_add(args: argparse.Namespace) -> None:
     try:
         check_device_id(args.id)  # a bad argument: exit 2, before anything is opened
@@ -141,12 +184,14 @@ def cmd_device_add(args: argparse.Namespace) -> None:
         "Keep the password now: it is stored only hashed and cannot be shown again."))
 
 
+@COMMANDS.command("device remove", "remove a device (its readings stay)", LOCAL, arg("id"))
 def cmd_device_remove(args: argparse.Namespace) -> None:
     via_daemon_or_store(args.data_dir, "device.remove", {"id": args.id},
                         lambda db: store.remove_device(db, args.id))
     emit(args, {"id": args.id, "removed": True}, lambda: print(f"removed {args.id} (its stored readings are kept)"))
 
 
+@COMMANDS.command("device list", "devices with online state and last seen", LOCAL)
 def cmd_device_list(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     devices = store.list_devices(db)
@@ -180,6 +225,8 @@ def cmd_device_list(args: argparse.Namespace) -> None:
     emit(args, devices, human)
 
 
+@COMMANDS.command("integration add", "make (or replace) an integration's credential and print it once", LOCAL,
+                  arg("name", choices=sorted(INTEGRATIONS)))
 def cmd_integration_add(args: argparse.Namespace) -> None:
     replaced = integration_user(args.name) in store.integration_secrets(open_store(args.data_dir))
     result = via_daemon_or_store(
@@ -202,6 +249,7 @@ def cmd_integration_add(args: argparse.Namespace) -> None:
         "and run the daemon with --ha (or homeassistant = true in its config) so the devices are announced."))
 
 
+@COMMANDS.command("integration remove", "remove an integration's credential", LOCAL, arg("name"))
 def cmd_integration_remove(args: argparse.Namespace) -> None:
     via_daemon_or_store(args.data_dir, "integration.remove", {"name": args.name},
                         lambda db: store.remove_integration(db, args.name))
@@ -209,6 +257,7 @@ def cmd_integration_remove(args: argparse.Namespace) -> None:
          lambda: print(f"removed {args.name}: its credential no longer works"))
 
 
+@COMMANDS.command("integration list", "integrations and their broker user", LOCAL)
 def cmd_integration_list(args: argparse.Namespace) -> None:
     rows = store.list_integrations(open_store(args.data_dir))
 
@@ -221,43 +270,8 @@ def cmd_integration_list(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
-def cmd_user(args: argparse.Namespace) -> None:
-    """Accounts for the gateway's dashboard and API (the admin credential of the data dir needs none)."""
-    action = args.user_action
-    if action == "list":
-        rows = accounts.list_users(open_store(args.data_dir))
-        emit(args, rows, lambda: print("\n".join(
-            [f"{'USER':<20} {'ROLE':<7} {'TOKENS':>6}  CREATED"]
-            + [f"{u['name']:<20} {u['role']:<7} {u['tokens']:>6}  {fmt_time(u['created'])}" for u in rows])))
-        return
-    if action == "add":
-        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else new_secret()
-        if len(password) < 8:
-            raise CliError("a password needs at least 8 characters", EXIT_USAGE)
-        op_args = {"name": args.name, "role": args.role, "password_hash": hash_password(password)}
-        result = via_daemon_or_store(args.data_dir, "user.add", op_args,
-                                     lambda db: accounts.add_user(db, args.name, args.role, op_args["password_hash"]))
-        shown = {"name": args.name, "role": args.role, **({} if args.password_stdin else {"password": password})}
-        emit(args, shown, lambda: print(f"user {args.name} added ({args.role})" + (
-            "" if args.password_stdin else f"\n  password: {password}\nKeep it now: it is stored only hashed.")))
-        return
-    if action == "remove":
-        result = via_daemon_or_store(args.data_dir, "user.remove", {"name": args.name},
-                                     lambda db: accounts.remove_user(db, args.name))
-        emit(args, {"name": args.name, "removed": True},
-             lambda: print(f"removed {args.name}: its sessions and tokens end now"))
-    elif action == "token":
-        result = via_daemon_or_store(args.data_dir, "user.token", {"name": args.name},
-                                     lambda db: dict(zip(("id", "token"), accounts.add_token(db, args.name),
-                                                         strict=True)))
-        emit(args, {"name": args.name, "id": result["id"], "token": result["token"]},
-             lambda: print(f"API token {result['id']} for {args.name}\n  token: {result['token']}"))
-    elif action == "revoke":
-        via_daemon_or_store(args.data_dir, "user.revoke", {"id": args.token_id},
-                            lambda db: accounts.revoke_token(db, args.token_id))
-        emit(args, {"id": args.token_id, "revoked": True}, lambda: print(f"token {args.token_id} revoked"))
 
-
+@COMMANDS.command("model add", "add or replace a model from a .json or .toml file", LOCAL, arg("file", type=Path))
 def cmd_model_add(args: argparse.Namespace) -> None:
     try:
         model = load_model_file(args.file)
@@ -268,6 +282,7 @@ def cmd_model_add(args: argparse.Namespace) -> None:
     emit(args, model.as_dict(), lambda: print(f"model {model.name} stored with {len(model.resources)} resources"))
 
 
+@COMMANDS.command("model list", "device models and their resources", LOCAL)
 def cmd_model_list(args: argparse.Namespace) -> None:
     models = store.list_models(open_store(args.data_dir))
 
@@ -285,6 +300,7 @@ def print_twin(twin: dict[str, Any]) -> None:
     print(f"delta: {json.dumps(twin['delta'])}")
 
 
+@COMMANDS.command("twin get", "a device's desired and reported state", LOCAL, arg("id"))
 def cmd_twin_get(args: argparse.Namespace) -> None:
     try:
         twin = store.get_twin(open_store(args.data_dir), args.id).as_json()
@@ -293,6 +309,9 @@ def cmd_twin_get(args: argparse.Namespace) -> None:
     emit(args, twin, lambda: print_twin(twin))
 
 
+@COMMANDS.command("twin set", "change desired state: key=value ... (null removes)", LOCAL, arg("id"),
+                  arg("assignments", nargs="*", metavar="key=value"),
+                  arg("--version", type=int, help="the desired version this change is based on (refused if stale)"))
 def cmd_twin_set(args: argparse.Namespace) -> None:
     patch = parse_assignments(args.assignments)
     if not patch:
@@ -308,6 +327,9 @@ def cmd_twin_set(args: argparse.Namespace) -> None:
     emit(args, twin, lambda: print_twin(twin))
 
 
+@COMMANDS.command("cmd", "send a command to a device and print its result", LOCAL, arg("id"), arg("name"),
+                  arg("assignments", nargs="*", metavar="key=value"),
+                  arg("--timeout", type=float, default=10.0, help="seconds to wait for the result (default 10)"))
 def cmd_cmd(args: argparse.Namespace) -> None:
     require_positive(timeout=args.timeout)
     if not daemon_running(args.data_dir):
@@ -331,30 +353,15 @@ def cmd_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(EXIT_FAILED)
 
 
+@COMMANDS.command("readings", "stored readings of a device", LOCAL, arg("id"),
+                  readings_options("only the newest N"))
 def cmd_readings(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
-    try:
-        since = parse_since(args.since) if args.since else None
-        until = parse_since(args.until) if args.until else None
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
+    since, until = time_option(args.since), time_option(args.until)
     db = open_store(args.data_dir)
     if store.get_device(db, args.id) is None and store.reading_count(db, args.id) == 0:
         raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
-    rows = store.query_readings(db, args.id, since, args.limit, until)
-    if print_readings_as(args.format, rows):
-        return
-
-    units = units_of(db, args.id)
-
-    def human() -> None:
-        for r in rows:
-            values = "  ".join(f"{k}={v}{units.get(k, '')}" for k, v in sorted(r["values"].items()))
-            print(f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} {values}")
-        if not rows:
-            print("no readings")
-
-    emit(args, rows, human)
+    print_readings(args, store.query_readings(db, args.id, since, args.limit, until), units_of(db, args.id))
 
 
 def units_of(db: Any, device_id: str) -> dict[str, str]:
@@ -368,17 +375,8 @@ def units_of(db: Any, device_id: str) -> dict[str, str]:
     return {k: f" {ha_unit(v)}" for k, v in units.items()}  # "C" as °C, the way Home Assistant is told
 
 
-def print_readings_as(form: str | None, rows: list[dict[str, Any]]) -> bool:
-    """Readings as CSV or JSON lines for other tools; False for the default (text, or --json)."""
-    if form == "csv":
-        sys.stdout.write(web.readings_csv_text(rows))
-    elif form == "jsonl":
-        sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
-    else:
-        return False
-    return True
-
-
+@COMMANDS.command("backup", "copy the gateway's data (safe while the daemon runs) into a new folder", LOCAL,
+                  arg("dest", type=Path))
 def cmd_backup(args: argparse.Namespace) -> None:
     """A copy of the data dir that restores by copying it back (with the daemon stopped): the database through
     SQLite's online backup, safe while the daemon runs, and the admin credential beside it."""
@@ -400,17 +398,14 @@ def cmd_backup(args: argparse.Namespace) -> None:
                        f"stopping the daemon and copying these files back"))
 
 
-def _since(args: argparse.Namespace) -> float | None:
-    try:
-        return parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-
-
+@COMMANDS.command("logs", "a device's log lines; --follow for new ones", LOCAL, arg("id"),
+                  arg("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d"),
+                  arg("--limit", type=int, default=200, help="the newest N lines first (default 200)"),
+                  arg("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C"))
 def cmd_logs(args: argparse.Namespace) -> None:
     """A device's log lines (like `esphome logs`); --follow keeps printing new ones until Ctrl-C."""
     require_positive(limit=args.limit)
-    since = _since(args)
+    since = time_option(args.since)
     db = open_store(args.data_dir)
     if store.get_device(db, args.id) is None and not store.device_logs(db, args.id, limit=1):
         raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
@@ -439,9 +434,13 @@ def cmd_logs(args: argparse.Namespace) -> None:
             last = row["id"]
 
 
+@COMMANDS.command("rejects", "refused messages with the reason", LOCAL,
+                  arg("--device", help="only this device's"),
+                  arg("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d"),
+                  arg("--limit", type=int, default=50, help="the newest N (default 50)"))
 def cmd_rejects(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
-    rows = store.rejects(open_store(args.data_dir), args.device, _since(args), args.limit)
+    rows = store.rejects(open_store(args.data_dir), args.device, time_option(args.since), args.limit)
 
     def human() -> None:
         for r in rows:
@@ -464,6 +463,8 @@ def rule_document(path: Path) -> dict[str, Any]:
     return doc
 
 
+@COMMANDS.command("rule add", "add (or replace, by name) the rules and schedules of a TOML or JSON file", LOCAL,
+                  arg("file", type=Path))
 def cmd_rule_add(args: argparse.Namespace) -> None:
     doc = rule_document(args.file)
     result = via_daemon_or_store(args.data_dir, "rule.add", {"doc": doc}, lambda db: {
@@ -476,6 +477,7 @@ def cmd_rule_add(args: argparse.Namespace) -> None:
     emit(args, result, human)
 
 
+@COMMANDS.command("rule remove", "remove a rule or schedule by name", LOCAL, arg("name"))
 def cmd_rule_remove(args: argparse.Namespace) -> None:
     def offline(db: Any) -> dict[str, Any]:
         auto.remove_automation(db, args.name)
@@ -485,6 +487,7 @@ def cmd_rule_remove(args: argparse.Namespace) -> None:
     emit(args, result, lambda: print(f"removed {args.name}"))
 
 
+@COMMANDS.command("rule list", "rules and schedules, local and from the cloud", LOCAL)
 def cmd_rule_list(args: argparse.Namespace) -> None:
     rows = auto.list_automations(open_store(args.data_dir))
 
@@ -501,6 +504,8 @@ def cmd_rule_list(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+@COMMANDS.command("rule history", "what a rule or schedule did: fired, resolved, actions and their failures", LOCAL,
+                  arg("name"), arg("--limit", type=int, default=auto.HISTORY_LIMIT, help="the newest N (default 100)"))
 def cmd_rule_history(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
     rows = auto.history(open_store(args.data_dir), args.name, args.limit)
@@ -514,6 +519,9 @@ def cmd_rule_history(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+@COMMANDS.command("rule test", "dry run: what the file's rules would do on one reading of a device", LOCAL,
+                  arg("file", type=Path), arg("--device", required=True),
+                  arg("--values", nargs="+", default=[], metavar="key=value"))
 def cmd_rule_test(args: argparse.Namespace) -> None:
     doc = rule_document(args.file)
     values = parse_assignments(args.values)
@@ -539,6 +547,8 @@ def cmd_rule_test(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+@COMMANDS.command("alerts", "open alerts (--all: resolved ones too); ack", LOCAL,
+                  arg("--all", action="store_true", help="resolved and acknowledged alerts too"))
 def cmd_alerts(args: argparse.Namespace) -> None:
     rows = auto.list_alerts(open_store(args.data_dir), args.all)
 
@@ -555,6 +565,7 @@ def cmd_alerts(args: argparse.Namespace) -> None:
     emit(args, rows, human)
 
 
+@COMMANDS.command("alerts ack", "acknowledge an alert by its id", LOCAL, arg("id", type=int))
 def cmd_alerts_ack(args: argparse.Namespace) -> None:
     who = os.environ.get("USER") or "cli"
     result = via_daemon_or_store(args.data_dir, "alerts.ack", {"id": args.id, "by": who}, lambda db: auto.ack_alert(
@@ -562,6 +573,8 @@ def cmd_alerts_ack(args: argparse.Namespace) -> None:
     emit(args, result, lambda: print(f"alert {args.id} acknowledged by {result['acked_by']}"))
 
 
+@COMMANDS.command("config show", "the effective settings (the same flags as `daemon`) and where each came from",
+                  SETTINGS, JSON)
 def cmd_config_show(args: argparse.Namespace) -> None:
     cfg, sources = daemon_settings(args)
     shown = {}
@@ -587,6 +600,7 @@ def refusal_advice(device: str, model: str | None) -> str:
     return f"{fix}; `edgetrio rejects --device {device}` shows each refusal"
 
 
+@COMMANDS.command("status", "daemon state and counters", LOCAL)
 def cmd_status(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
     status: dict[str, Any] = {"data_dir": str(args.data_dir), "running": daemon_running(args.data_dir),
@@ -649,163 +663,4 @@ def cmd_status(args: argparse.Namespace) -> None:
     emit(args, status, human)
 
 
-# -- argument parsing -------------------------------------------------------------------------------------------------
-
-def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
-    """The gateway's sub-commands: daemon, device, model, twin, cmd, readings, status."""
-    flags = argparse.ArgumentParser(add_help=False)  # the daemon's settings, shared with `config show`
-    p = flags
-    p.add_argument("--mqtt-host", help="address to listen on for devices (default 0.0.0.0)")
-    p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 picks a free one)")
-    p.add_argument("--metrics-host", help="address for /metrics and /healthz (default 127.0.0.1)")
-    p.add_argument("--metrics-port", type=int,
-                   help="port for /metrics and /healthz (default 9883; 0 picks a free one, -1 turns them off)")
-    p.add_argument("--http-host", help="address of the dashboard (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int,
-                   help="port of the dashboard (default 8080; 0 picks a free one, -1 turns it off)")
-    p.add_argument("--ha", action="store_true",
-                   help="announce devices to Home Assistant by MQTT discovery (its credential: "
-                        "`edgetrio integration add homeassistant`)")
-    p.add_argument("--config", type=Path, help="TOML file with any of the settings above")
-    p.add_argument("--log-level", help="debug, info, warning or error")
-    p.add_argument("--serial", action="append", default=[], metavar="PORT",
-                   help="a board on a serial port speaking JSON lines (repeatable)")
-    p.add_argument("--cloud", metavar="URL", help="relay to dial out to: ws://HOST:PORT or wss://HOST:PORT")
-    p.add_argument("--node-id", help="this gateway's node name at the relay")
-    p.add_argument("--token", help="this node's token (from `edgetrio cloud node add`); visible in `ps`, so prefer "
-                                   "--token-file or $EDGETRIO_CLOUD_TOKEN")
-    p.add_argument("--token-file", type=Path, metavar="FILE", help="read this node's token from FILE")
-    p = sub.add_parser("daemon", parents=[common, as_json, flags], help="run the gateway daemon in the foreground")
-    p.set_defaults(func=cmd_daemon)
-    config = sub.add_parser("config", help="the daemon's settings").add_subparsers(dest="action", required=True)
-    p = config.add_parser("show", parents=[common, as_json, flags],
-                          help="the effective settings (the same flags as `daemon`) and where each came from")
-    p.set_defaults(func=cmd_config_show)
-
-    device = sub.add_parser("device", help="register, list and remove devices").add_subparsers(dest="action", required=True)
-    p = device.add_parser("add", parents=[common, as_json], help="register a device and print its credential once")
-    p.add_argument("id")
-    p.add_argument("--model", help="device model name (see `edgetrio model add`)")
-    p.set_defaults(func=cmd_device_add)
-    p = device.add_parser("list", parents=[common, as_json], help="devices with online state and last seen")
-    p.set_defaults(func=cmd_device_list)
-    p = device.add_parser("remove", parents=[common, as_json], help="remove a device (its readings stay)")
-    p.add_argument("id")
-    p.set_defaults(func=cmd_device_remove)
-
-    integration = sub.add_parser("integration", help="credentials for what else uses the gateway's broker "
-                                 "(Home Assistant)").add_subparsers(dest="action", required=True)
-    p = integration.add_parser("add", parents=[common, as_json],
-                               help="make (or replace) an integration's credential and print it once")
-    p.add_argument("name", choices=sorted(INTEGRATIONS))
-    p.set_defaults(func=cmd_integration_add)
-    p = integration.add_parser("list", parents=[common, as_json])
-    p.set_defaults(func=cmd_integration_list)
-    p = integration.add_parser("remove", parents=[common, as_json], help="remove an integration's credential")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_integration_remove)
-
-    user = sub.add_parser("user", help="accounts for the gateway's dashboard and API").add_subparsers(
-        dest="user_action", required=True)
-    p = user.add_parser("add", parents=[common, as_json], help="add an account and print its password once")
-    p.add_argument("name")
-    p.add_argument("--role", choices=accounts.ROLES, default="viewer",
-                   help="admin changes things, viewer only looks (default viewer)")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of making one")
-    p.set_defaults(func=cmd_user)
-    p = user.add_parser("list", parents=[common, as_json])
-    p.set_defaults(func=cmd_user)
-    p = user.add_parser("remove", parents=[common, as_json], help="remove an account; its sessions and tokens end")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_user)
-    p = user.add_parser("token", parents=[common, as_json], help="make an API token for an account's scripts")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_user)
-    p = user.add_parser("revoke", parents=[common, as_json], help="revoke an API token by its id")
-    p.add_argument("token_id")
-    p.set_defaults(func=cmd_user)
-
-    model = sub.add_parser("model", help="device models").add_subparsers(dest="action", required=True)
-    p = model.add_parser("add", parents=[common, as_json], help="add or replace a model from a .json or .toml file")
-    p.add_argument("file", type=Path)
-    p.set_defaults(func=cmd_model_add)
-    p = model.add_parser("list", parents=[common, as_json])
-    p.set_defaults(func=cmd_model_list)
-
-    twin = sub.add_parser("twin", help="desired and reported state").add_subparsers(dest="action", required=True)
-    p = twin.add_parser("get", parents=[common, as_json])
-    p.add_argument("id")
-    p.set_defaults(func=cmd_twin_get)
-    p = twin.add_parser("set", parents=[common, as_json], help="change desired state: key=value ... (null removes)")
-    p.add_argument("id")
-    p.add_argument("assignments", nargs="*", metavar="key=value")
-    p.add_argument("--version", type=int, help="the desired version this change is based on (refused if stale)")
-    p.set_defaults(func=cmd_twin_set)
-
-    p = sub.add_parser("cmd", parents=[common, as_json], help="send a command to a device and print its result")
-    p.add_argument("id")
-    p.add_argument("name")
-    p.add_argument("assignments", nargs="*", metavar="key=value")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result (default 10)")
-    p.set_defaults(func=cmd_cmd)
-
-    p = sub.add_parser("readings", parents=[common, as_json], help="stored readings of a device")
-    p.add_argument("id")
-    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
-    p.add_argument("--until", help="only readings before this time (the next page of older ones)")
-    p.add_argument("--limit", type=int, help="only the newest N")
-    p.add_argument("--format", choices=("text", "csv", "jsonl"), help="csv (a column per resource) or jsonl (a JSON "
-                                                                      "object per line) for other tools")
-    p.set_defaults(func=cmd_readings)
-
-    p = sub.add_parser("status", parents=[common, as_json], help="daemon state and counters")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("logs", parents=[common, as_json], help="a device's log lines; --follow for new ones")
-    p.add_argument("id")
-    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
-    p.add_argument("--limit", type=int, default=200, help="the newest N lines first (default 200)")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
-    p.set_defaults(func=cmd_logs)
-
-    p = sub.add_parser("rejects", parents=[common, as_json], help="refused messages with the reason")
-    p.add_argument("--device", help="only this device's")
-    p.add_argument("--since", help="epoch seconds, ISO time, or an age like 10m, 2h, 1d")
-    p.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
-    p.set_defaults(func=cmd_rejects)
-
-    rule = sub.add_parser("rule", help="automation: rules on readings and schedules").add_subparsers(
-        dest="action", required=True)
-    p = rule.add_parser("add", parents=[common, as_json],
-                        help="add (or replace, by name) the rules and schedules of a TOML or JSON file")
-    p.add_argument("file", type=Path)
-    p.set_defaults(func=cmd_rule_add)
-    p = rule.add_parser("list", parents=[common, as_json], help="rules and schedules, local and from the cloud")
-    p.set_defaults(func=cmd_rule_list)
-    p = rule.add_parser("remove", parents=[common, as_json], help="remove a rule or schedule by name")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_rule_remove)
-    p = rule.add_parser("test", parents=[common, as_json],
-                        help="dry run: what the file's rules would do on one reading of a device")
-    p.add_argument("file", type=Path)
-    p.add_argument("--device", required=True)
-    p.add_argument("--values", nargs="+", default=[], metavar="key=value")
-    p.set_defaults(func=cmd_rule_test)
-    p = rule.add_parser("history", parents=[common, as_json],
-                        help="what a rule or schedule did: fired, resolved, actions and their failures")
-    p.add_argument("name")
-    p.add_argument("--limit", type=int, default=auto.HISTORY_LIMIT, help="the newest N (default 100)")
-    p.set_defaults(func=cmd_rule_history)
-
-    p = sub.add_parser("alerts", parents=[common, as_json], help="open alerts (--all: resolved ones too); ack")
-    p.add_argument("--all", action="store_true", help="resolved and acknowledged alerts too")
-    p.set_defaults(func=cmd_alerts)
-    alert = p.add_subparsers(dest="alert_action")
-    p = alert.add_parser("ack", parents=[common, as_json], help="acknowledge an alert by its id")
-    p.add_argument("id", type=int)
-    p.set_defaults(func=cmd_alerts_ack)
-
-    p = sub.add_parser("backup", parents=[common, as_json],
-                       help="copy the gateway's data (safe while the daemon runs) into a new folder")
-    p.add_argument("dest", type=Path)
-    p.set_defaults(func=cmd_backup)
+user_commands(COMMANDS, "", LOCAL[:1], lambda args: open_store(args.data_dir), gateway_write)

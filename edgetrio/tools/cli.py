@@ -6,7 +6,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgetrio.console import EXIT_FAILED, EXIT_USAGE, CliError, emit, parse_assignments, require_positive
+from edgetrio.console import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    JSON,
+    CliError,
+    Commands,
+    arg,
+    data_dir_option,
+    default_data_dir,
+    emit,
+    parse_assignments,
+    require_positive,
+)
 from edgetrio.daemon.config import daemon_running
 from edgetrio.tools.bundle import require_device_tools
 from edgetrio.tools.demo import run_demo
@@ -14,7 +26,30 @@ from edgetrio.tools.flash import FlashError, FlashTimeout, flash
 from edgetrio.tools.service import install as install_service
 from edgetrio.tools.vdev import main_vdev, set_fault
 
+COMMANDS = Commands()
+LOCAL = (*data_dir_option(default_data_dir, "the gateway's data directory (default: $EDGETRIO_DATA_DIR or "
+                                            "./edgetrio-data)"), *JSON)
+COMMANDS.group("service", "run the daemon or the relay as a systemd service")
 
+
+@COMMANDS.command(
+    "vdev", "run virtual ESP32s (the real firmware) against the daemon", LOCAL,
+    arg("--count", type=int, default=1, help="how many virtual boards (default 1)"),
+    arg("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)"),
+    arg("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one"),
+    arg("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)"),
+    arg("--buffer", type=int, default=500, metavar="N",
+        help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)"),
+    arg("--repl-pty", type=Path, metavar="PATH",
+        help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port"),
+    arg("--blank", action="store_true",
+        help="a new board with an empty flash, for `edgetrio flash` to fill: the first PREFIX-N not taken"),
+    arg("--sensor", choices=["bme280", "bmp280"], default="bme280",
+        help="the chip on the boards' I2C bus (a BMP280 has no humidity; default bme280)"),
+    arg("--forced", action="store_true",
+        help="run the sensor in forced mode, one measurement per reading, as battery boards do"),
+    arg("--uart", type=Path, metavar="PATH",
+        help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)"))
 def cmd_vdev(args: argparse.Namespace) -> None:
     require_positive(count=args.count, period=args.period, buffer=args.buffer)
     try:
@@ -30,6 +65,24 @@ def cmd_vdev(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
+@COMMANDS.command(
+    "flash", "install the firmware on a board (or a virtual one) with mpremote", LOCAL,
+    arg("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT"),
+    arg("--device-id", required=True),
+    arg("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it"),
+    arg("--wifi-ssid", default=""),
+    arg("--wifi-password", default=""),
+    arg("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)"),
+    arg("--watchdog", type=float, default=60.0, metavar="S",
+        help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above the time a "
+             "reflash takes, which the running watchdog also covers)"),
+    arg("--erase", action="store_true",
+        help="also delete the board's boot counter, twin state and unsent readings (a board moving to a new "
+             "gateway); by default a reflash keeps them, so nothing buffered is lost"),
+    arg("--out", type=Path, help="write the bundle to this folder instead of flashing"),
+    arg("--password", help="a credential made elsewhere (e.g. by `edgetrio cloud device add`): nothing is registered "
+                           "here"),
+    arg("--wait", type=float, default=60.0, help="seconds to wait for the device to come online"))
 def cmd_flash(args: argparse.Namespace) -> None:
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
@@ -40,6 +93,11 @@ def cmd_flash(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
+@COMMANDS.command(
+    "fault", "inject a fault into a running virtual device", LOCAL, arg("id"),
+    arg("kind", choices=["wifi", "env", "power", "hang"]),
+    arg("values", nargs="*", help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); hang: nothing "
+                                  "(the sensor bus locks up until the watchdog resets the board)"))
 def cmd_fault(args: argparse.Namespace) -> None:
     value: Any
     if args.kind == "wifi":
@@ -58,11 +116,19 @@ def cmd_fault(args: argparse.Namespace) -> None:
          lambda: print(f"{args.id}: {args.kind} {' '.join(args.values)}".rstrip()))
 
 
+@COMMANDS.command("demo", "run a daemon with simulated devices and show readings arriving", LOCAL,
+                  arg("--devices", type=int, default=3),
+                  arg("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)"))
 def cmd_demo(args: argparse.Namespace) -> None:
     require_positive(devices=args.devices)
     run_demo(args.data_dir, args.devices, args.duration)
 
 
+@COMMANDS.command(
+    "service install", "write the systemd unit, a config file and a data dir", JSON,
+    arg("what", nargs="?", choices=["daemon", "relay"], default="daemon"),
+    arg("--user", action="store_true", help="a user service (~/.config/systemd/user) instead of a system one"),
+    arg("--dry-run", action="store_true", help="print the files instead of writing them"))
 def cmd_service_install(args: argparse.Namespace) -> None:
     try:
         done, notes = install_service(args.what, args.user, args.dry_run)
@@ -83,65 +149,3 @@ def cmd_service_install(args: argparse.Namespace) -> None:
             print(f"then: systemctl {scope}enable --now edgetrio-{args.what}.service")
 
     emit(args, {"files": [{"path": str(p), "written": w, "text": t} for p, t, w in done], "notes": notes}, human)
-
-
-def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("vdev", parents=[common, as_json], help="run virtual ESP32s (the real firmware) against the daemon")
-    p.add_argument("--count", type=int, default=1, help="how many virtual boards (default 1)")
-    p.add_argument("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)")
-    p.add_argument("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one")
-    p.add_argument("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)")
-    p.add_argument("--buffer", type=int, default=500, metavar="N",
-                   help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)")
-    p.add_argument("--repl-pty", type=Path, metavar="PATH",
-                   help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port")
-    p.add_argument("--blank", action="store_true",
-                   help="a new board with an empty flash, for `edgetrio flash` to fill: the first PREFIX-N not taken")
-    p.add_argument("--sensor", choices=["bme280", "bmp280"], default="bme280",
-                   help="the chip on the boards' I2C bus (a BMP280 has no humidity; default bme280)")
-    p.add_argument("--forced", action="store_true",
-                   help="run the sensor in forced mode, one measurement per reading, as battery boards do")
-    p.add_argument("--uart", type=Path, metavar="PATH",
-                   help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)")
-    p.set_defaults(func=cmd_vdev)
-
-    p = sub.add_parser("flash", parents=[common, as_json],
-                       help="install the firmware on a board (or a virtual one) with mpremote")
-    p.add_argument("--port", help="the board's port: /dev/ttyUSB0, a virtual device's pty, socket://HOST:PORT")
-    p.add_argument("--device-id", required=True)
-    p.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it")
-    p.add_argument("--wifi-ssid", default="")
-    p.add_argument("--wifi-password", default="")
-    p.add_argument("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)")
-    p.add_argument("--watchdog", type=float, default=60.0, metavar="S",
-                   help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above "
-                        "the time a reflash takes, which the running watchdog also covers)")
-    p.add_argument("--erase", action="store_true",
-                   help="also delete the board's boot counter, twin state and unsent readings (a board moving to a "
-                        "new gateway); by default a reflash keeps them, so nothing buffered is lost")
-    p.add_argument("--out", type=Path, help="write the bundle to this folder instead of flashing")
-    p.add_argument("--password", help="a credential made elsewhere (e.g. by `edgetrio cloud device add`): nothing is "
-                                      "registered here")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the device to come online")
-    p.set_defaults(func=cmd_flash)
-
-    p = sub.add_parser("fault", parents=[common, as_json], help="inject a fault into a running virtual device")
-    p.add_argument("id")
-    p.add_argument("kind", choices=["wifi", "env", "power", "hang"])
-    p.add_argument("values", nargs="*",
-                   help="wifi: up|down; env: key=value ...; power: nothing (pull the plug); "
-                        "hang: nothing (the sensor bus locks up until the watchdog resets the board)")
-    p.set_defaults(func=cmd_fault)
-
-    p = sub.add_parser("service", help="run the daemon or the relay as a systemd service")
-    actions = p.add_subparsers(dest="service_action", required=True)
-    p = actions.add_parser("install", parents=[as_json], help="write the systemd unit, a config file and a data dir")
-    p.add_argument("what", nargs="?", choices=["daemon", "relay"], default="daemon")
-    p.add_argument("--user", action="store_true", help="a user service (~/.config/systemd/user) instead of a system one")
-    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
-    p.set_defaults(func=cmd_service_install)
-
-    p = sub.add_parser("demo", parents=[common, as_json], help="run a daemon with simulated devices and show readings arriving")
-    p.add_argument("--devices", type=int, default=3)
-    p.add_argument("--duration", type=float, default=0, help="seconds to run (default: until Ctrl-C)")
-    p.set_defaults(func=cmd_demo)
