@@ -152,7 +152,7 @@ def test_old_readings_are_deleted_after_the_retention_period(tmp_path: Path) -> 
     import time as clock
 
     from edgetrio.daemon import store
-    from edgetrio.daemon.ingest import Reading
+    from edgetrio.daemon.topics import Reading
 
     data = tmp_path / "gw"
     db = store.open_db(data)

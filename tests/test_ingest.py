@@ -184,8 +184,8 @@ def test_a_model_can_keep_the_values_that_fit_and_drop_only_the_bad_one(daemon: 
 
 
 def test_a_failing_watcher_costs_its_own_view_never_ingest() -> None:
-    from edgetrio.daemon.ingest import Reading
-    from edgetrio.daemon.pipeline import Watch, Watchers
+    from edgetrio.daemon.ingest import Watch, Watchers
+    from edgetrio.daemon.topics import Reading
 
     class Broken(Watch):
         def committed(self, readings: list[Reading]) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgetrio.daemon.ingest import (
+from edgetrio.daemon.models import Model
+from edgetrio.daemon.topics import (
     Rejected,
     advance_watermark,
     in_device_space,
@@ -12,7 +13,6 @@ from edgetrio.daemon.ingest import (
     parse_topic,
     topic_matches,
 )
-from edgetrio.daemon.registry import Model
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, verify_secret
 from edgetrio.twin import Twin, VersionConflict, set_desired, set_reported
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import ssl
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
+from edgetrio.process import run_file_removed, stop_signals, until_stopped, write_run_file
 from edgetrio.web import Arrivals, Events, LoginGuard, peer_address
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
 from edgetrio.writer import Writer, keep_retention, open_writer
@@ -381,27 +381,20 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     scheme = "wss" if cfg.cert else "ws"
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     run_file = cfg.data_dir / RUN_FILE
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            # leaving open_writer commits what was received, then stops the writer
-            async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
-                relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert),
-                              max_devices_per_node=cfg.max_devices_per_node, edge_keepalive=cfg.edge_keepalive)
-                gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
-                async with trio.open_nursery() as connections, serve_metrics(
-                        cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:
-                    tmp = run_file.with_name(RUN_FILE + ".tmp")  # replaced whole: a reader never sees it half written
-                    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "edge_url": f"{scheme}://{host}:{port}",
-                                               "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}",
-                                               "metrics": metrics}))
-                    tmp.replace(run_file)
-                    log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
-                    connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
-                    connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
-                    task_status.started(port)
-                    async for signum in signals:
-                        log.info("stopping on %s", signal.Signals(signum).name)
-                        break
-                    connections.cancel_scope.cancel()
-    finally:
-        run_file.unlink(missing_ok=True)
+    with stop_signals() as signals, run_file_removed(run_file):
+        # leaving open_writer commits what was received, then stops the writer
+        async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
+            relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert),
+                          max_devices_per_node=cfg.max_devices_per_node, edge_keepalive=cfg.edge_keepalive)
+            gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
+            async with trio.open_nursery() as connections, serve_metrics(
+                    cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:
+                write_run_file(run_file, {"port": port, "edge_url": f"{scheme}://{host}:{port}",
+                                          "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}",
+                                          "metrics": metrics})
+                log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
+                connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
+                connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
+                task_status.started(port)
+                await until_stopped(signals)
+                connections.cancel_scope.cancel()

@@ -52,7 +52,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from edgetrio.daemon.ingest import DEVICE_CHANNELS, INTEGRATIONS, ROOT, Confinement, in_device_space, parse_topic
+from edgetrio.daemon.topics import DEVICE_CHANNELS, INTEGRATIONS, ROOT, Confinement, in_device_space, parse_topic
 from edgetrio.identity import ADMIN_USER, INTEGRATION_PREFIX, verify_secret
 from edgetrio.wire import clip
 

@@ -13,8 +13,8 @@ from sqlite_utils import Database
 
 from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.daemon.ingest import Reading
-from edgetrio.daemon.registry import check_desired, settings_of
+from edgetrio.daemon.models import check_desired, settings_of
+from edgetrio.daemon.topics import Reading
 from edgetrio.identity import RegistryError
 from edgetrio.twin import Twin, set_desired, set_reported
 
@@ -33,7 +33,7 @@ def no_mirror(_db: Database, _resource: str, _body: Any) -> None:
     """A gateway without a cloud link keeps its changes to itself."""
 
 
-class Changes:
+class StateChanges:
     """State changes of the registry, twins, alerts and rules, written in the caller's transaction together with their
     mirror to the cloud (the outbox), so the relay learns each change once and in order."""
 

@@ -32,8 +32,7 @@ from edgetrio.console import (
     setup_logging,
     time_option,
 )
-from edgetrio.daemon import automation as auto
-from edgetrio.daemon import store
+from edgetrio.daemon import alerts, rulestore, store
 from edgetrio.daemon.broker import BrokerStartError
 from edgetrio.daemon.config import (
     ADMIN_FILE,
@@ -48,9 +47,9 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import node_report, run
 from edgetrio.daemon.homeassistant import ha_unit
-from edgetrio.daemon.ingest import INTEGRATIONS
-from edgetrio.daemon.registry import load_model_file
+from edgetrio.daemon.models import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
+from edgetrio.daemon.topics import INTEGRATIONS
 from edgetrio.identity import RegistryError, check_device_id, integration_user
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
@@ -468,7 +467,7 @@ def rule_document(path: Path) -> dict[str, Any]:
 def cmd_rule_add(args: argparse.Namespace) -> None:
     doc = rule_document(args.file)
     result = via_daemon_or_store(args.data_dir, "rule.add", {"doc": doc}, lambda db: {
-        "added": auto.add_automations(db, doc, store.device_models(db))})
+        "added": rulestore.add_automations(db, doc, store.device_models(db))})
     def human() -> None:
         print(f"added {', '.join(result['added'])}")
         for name, problem in (result.get("problems") or {}).items():
@@ -480,7 +479,7 @@ def cmd_rule_add(args: argparse.Namespace) -> None:
 @COMMANDS.command("rule remove", "remove a rule or schedule by name", LOCAL, arg("name"))
 def cmd_rule_remove(args: argparse.Namespace) -> None:
     def offline(db: Any) -> dict[str, Any]:
-        auto.remove_automation(db, args.name)
+        rulestore.remove_automation(db, args.name)
         return {"name": args.name, "removed": True}
 
     result = via_daemon_or_store(args.data_dir, "rule.remove", {"name": args.name}, offline)
@@ -489,7 +488,7 @@ def cmd_rule_remove(args: argparse.Namespace) -> None:
 
 @COMMANDS.command("rule list", "rules and schedules, local and from the cloud", LOCAL)
 def cmd_rule_list(args: argparse.Namespace) -> None:
-    rows = auto.list_automations(open_store(args.data_dir))
+    rows = rulestore.list_automations(open_store(args.data_dir))
 
     def human() -> None:
         for r in rows:
@@ -505,10 +504,10 @@ def cmd_rule_list(args: argparse.Namespace) -> None:
 
 
 @COMMANDS.command("rule history", "what a rule or schedule did: fired, resolved, actions and their failures", LOCAL,
-                  arg("name"), arg("--limit", type=int, default=auto.HISTORY_LIMIT, help="the newest N (default 100)"))
+                  arg("name"), arg("--limit", type=int, default=rulestore.HISTORY_LIMIT, help="the newest N (default 100)"))
 def cmd_rule_history(args: argparse.Namespace) -> None:
     require_positive(limit=args.limit)
-    rows = auto.history(open_store(args.data_dir), args.name, args.limit)
+    rows = rulestore.history(open_store(args.data_dir), args.name, args.limit)
 
     def human() -> None:
         for r in rows:
@@ -529,7 +528,7 @@ def cmd_rule_test(args: argparse.Namespace) -> None:
         raise CliError("give the reading's values: --values temperature=35 ...", EXIT_USAGE)
     request = {"doc": doc, "device": args.device, "values": values}
     rows = via_daemon_or_store(args.data_dir, "rule.test", request,
-                               lambda db: auto.dry_run(doc, store.device_models(db), args.device, values))
+                               lambda db: rulestore.dry_run(doc, store.device_models(db), args.device, values))
 
     def human() -> None:
         for r in rows:
@@ -550,7 +549,7 @@ def cmd_rule_test(args: argparse.Namespace) -> None:
 @COMMANDS.command("alerts", "open alerts (--all: resolved ones too); ack", LOCAL,
                   arg("--all", action="store_true", help="resolved and acknowledged alerts too"))
 def cmd_alerts(args: argparse.Namespace) -> None:
-    rows = auto.list_alerts(open_store(args.data_dir), args.all)
+    rows = alerts.list_alerts(open_store(args.data_dir), args.all)
 
     def human() -> None:
         for r in rows:
@@ -568,7 +567,7 @@ def cmd_alerts(args: argparse.Namespace) -> None:
 @COMMANDS.command("alerts ack", "acknowledge an alert by its id", LOCAL, arg("id", type=int))
 def cmd_alerts_ack(args: argparse.Namespace) -> None:
     who = os.environ.get("USER") or "cli"
-    result = via_daemon_or_store(args.data_dir, "alerts.ack", {"id": args.id, "by": who}, lambda db: auto.ack_alert(
+    result = via_daemon_or_store(args.data_dir, "alerts.ack", {"id": args.id, "by": who}, lambda db: alerts.ack_alert(
         db, args.id, who, time.time()))
     emit(args, result, lambda: print(f"alert {args.id} acknowledged by {result['acked_by']}"))
 

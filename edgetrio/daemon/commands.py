@@ -15,9 +15,9 @@ from sqlite_utils import Database
 
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink
-from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.ingest import desired_message, device_topic
+from edgetrio.daemon.changes import StateChanges
 from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.topics import desired_message, device_topic
 from edgetrio.twin import Twin
 from edgetrio.writer import Writer
 
@@ -82,7 +82,7 @@ def record_late_result(db: Database, cmd_id: str, body: dict[str, Any], now: flo
         log.info("late command result stored id=%s", cmd_id)
 
 
-async def set_desired(writer: Writer, changes: Changes, link: BrokerLink, device: str, patch: dict[str, Any],
+async def set_desired(writer: Writer, changes: StateChanges, link: BrokerLink, device: str, patch: dict[str, Any],
                       version: int | None) -> Twin:
     """Change a device's desired state (with its cloud mirror) and tell the device: the one way the CLI, the
     dashboard and Home Assistant set it. Raises VersionConflict on a stale version, UnknownDevice."""

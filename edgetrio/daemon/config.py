@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgetrio import wire
+from edgetrio import process, wire
 from edgetrio.identity import ADMIN_USER, new_secret
 
 
@@ -251,11 +251,10 @@ def write_run_file(data_dir: Path, mqtt_host: str, port: int, metrics: str | Non
     """Tell the CLI and local apps where the running daemon listens (and serves metrics and the dashboard,
     "host:port")."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(mqtt_host, mqtt_host)
-    tmp = data_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "mqtt_host": host, "mqtt_port": port, "metrics": metrics,
-                               "http": http, "mqtt_listen": mqtt_host,  # mqtt_host: where this machine connects
-                               "max_payload": max_payload}))
-    tmp.replace(data_dir / RUN_FILE)
+    process.write_run_file(data_dir / RUN_FILE, {
+        "mqtt_host": host, "mqtt_port": port, "metrics": metrics, "http": http,
+        "mqtt_listen": mqtt_host,  # mqtt_host: where this machine connects
+        "max_payload": max_payload})
 
 
 def read_run_file(data_dir: Path) -> dict[str, Any]:

@@ -20,18 +20,15 @@ import paho.mqtt.client as mqtt
 import trio
 
 from edgetrio import accounts
+from edgetrio.daemon import alerts, rulestore, store
 from edgetrio.daemon import automation as auto
-from edgetrio.daemon import store
-from edgetrio.daemon.broker import BrokerLink
-from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
+from edgetrio.daemon.commands import CommandFailed, set_desired
 from edgetrio.daemon.config import admin_credential, read_run_file
-from edgetrio.daemon.ingest import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, parse_object
-from edgetrio.daemon.registry import Model
-from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.models import Model
+from edgetrio.daemon.parts import Parts
+from edgetrio.daemon.topics import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, parse_object
 from edgetrio.identity import RegistryError, integration_user
 from edgetrio.twin import VersionConflict
-from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.control")
 
@@ -119,14 +116,11 @@ class ControlClient:
 class ControlServer:
     """The daemon's side of the control channel: each request found on the bus is answered in a task of its own."""
 
-    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 status: Callable[[], dict[str, Any]], automation: auto.Automation | None = None) -> None:
+    def __init__(self, parts: Parts, status: Callable[[], dict[str, Any]],
+                 automation: auto.Automation | None = None) -> None:
         self.automation = automation
-        self.link = link
-        self.writer = writer
-        self.roster = roster
-        self.changes = changes
-        self.commands = commands
+        self.link, self.writer, self.roster = parts.link, parts.writer, parts.roster
+        self.changes, self.commands = parts.changes, parts.commands
         self.status = status
 
     async def serve(self, requests: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -226,26 +220,26 @@ class ControlServer:
         """Rules, schedules and alerts; a changed rule set takes effect at once."""
         if op == "rule.add":
             names = await self.writer.write(partial(
-                auto.add_automations, doc=args["doc"], models=dict(self.roster.models),
+                rulestore.add_automations, doc=args["doc"], models=dict(self.roster.models),
                 sinks=self.automation.sinks if self.automation is not None else None))
             problems = await self.automation.reload() if self.automation is not None else {}
             return {"added": names, "problems": {n: p for n, p in problems.items() if n in names}}
         if op == "rule.remove":
-            await self.writer.write(partial(auto.remove_automation, name=str(args["name"])))
+            await self.writer.write(partial(rulestore.remove_automation, name=str(args["name"])))
             if self.automation is not None:
                 await self.automation.reload()
             return {"name": args["name"], "removed": True}
         if op == "rule.list":
-            return await self.writer.write(auto.list_automations)
+            return await self.writer.write(rulestore.list_automations)
         if op == "rule.history":
-            return await self.writer.write(partial(auto.history, name=str(args["name"]),
-                                                   limit=int(args.get("limit", auto.HISTORY_LIMIT))))
+            return await self.writer.write(partial(rulestore.history, name=str(args["name"]),
+                                                   limit=int(args.get("limit", rulestore.HISTORY_LIMIT))))
         if op == "rule.test":
-            return auto.dry_run(args["doc"], dict(self.roster.models), str(args["device"]), dict(args["values"]))
+            return rulestore.dry_run(args["doc"], dict(self.roster.models), str(args["device"]), dict(args["values"]))
         if op == "alerts.list":
-            return await self.writer.write(partial(auto.list_alerts, everything=bool(args.get("all"))))
+            return await self.writer.write(partial(alerts.list_alerts, everything=bool(args.get("all"))))
         if op == "alerts.ack":
-            return await self.writer.write(partial(auto.ack_alert, alert_id=int(args["id"]),
+            return await self.writer.write(partial(alerts.ack_alert, alert_id=int(args["id"]),
                                                    who=str(args.get("by") or "cli"), now=time.time(),
                                                    mirror=self.changes.mirror))
         raise ValueError(f"unknown operation {op!r}")

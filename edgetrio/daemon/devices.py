@@ -18,7 +18,7 @@ import trio
 
 from edgetrio import wire
 from edgetrio.daemon.broker import BrokerLink, BusEvent, Credentials
-from edgetrio.daemon.ingest import device_topic
+from edgetrio.daemon.topics import device_topic
 
 log = logging.getLogger("edgetrio.serial")
 MAX_LINE = 64 * 1024

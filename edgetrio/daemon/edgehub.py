@@ -2,7 +2,7 @@
 
 Up: every change of the gateway's state is mirrored into the durable outbox in its own transaction (`outbox_mirror`);
 rows go up in offset order, in batches, and a row is deleted only after the relay acknowledges its offset; a new
-connection resumes from the first unacknowledged row. Down: each message is applied once, in one transaction (`Down`),
+connection resumes from the first unacknowledged row. Down: each message is applied once, in one transaction (down.py),
 then acknowledged by id. The edge keeps working while the link is down; the outbox is bounded by rows and age, and what
 the bound drops is counted, never silent.
 """
@@ -13,8 +13,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -30,15 +29,6 @@ from trio_websocket import (
 
 from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import ack_alert, apply_rule_set
-from edgetrio.daemon.broker import BrokerLink
-from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands
-from edgetrio.daemon.ingest import desired_message
-from edgetrio.daemon.registry import Model
-from edgetrio.daemon.roster import Roster
-from edgetrio.identity import RegistryError
-from edgetrio.twin import Twin, VersionConflict
 from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
 from edgetrio.writer import Writer
 
@@ -288,102 +278,3 @@ class EdgeHub:
                 self.dropped += dropped
                 log.error("outbox over its bounds: dropped %d oldest rows (not sent to the cloud)", dropped)
             await trio.sleep(1)
-
-
-class Down:
-    """Applies what comes down from the cloud: twins, registrations, models and commands, each once."""
-
-    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                 nursery: trio.Nursery, rules_changed: Callable[[], Awaitable[Any]] | None = None) -> None:
-        self.rules_changed = rules_changed
-        self.link = link
-        self.writer = writer
-        self.roster = roster
-        self.changes = changes
-        self.commands = commands
-        self._commands_running = nursery
-
-    async def apply(self, message_id: str, resource: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Apply one message in one transaction, once: a repeated id returns the first result.
-
-        A command is dispatched here and runs on; its result goes up through the outbox."""
-        now = time.time()
-
-        def apply(db: Database) -> tuple[bool, dict[str, Any]]:
-            prior = store.inbox_result(db, message_id)
-            if prior is not None:
-                return False, prior
-            try:
-                with db.atomic():
-                    result = self._apply(db, resource, body)
-            except (RegistryError, VersionConflict, KeyError, TypeError, ValueError) as exc:
-                result = {"ok": False, "error": str(exc) or type(exc).__name__}
-            store.inbox_record(db, message_id, result, now)
-            return True, result
-
-        new, result = await self.writer.write(apply)
-        if not new or not result.get("ok"):
-            return result
-        device = body.get("device")
-        if resource == "twin" and isinstance(device, str):
-            twin = Twin(result["twin"]["desired"]["state"], result["twin"]["desired"]["version"])
-            self.link.publish([desired_message(device, twin)])
-        elif resource == "device" and isinstance(device, str):
-            await self.roster.reload(device)
-        elif resource == "model":
-            await self.roster.reload_models()
-        elif resource == "cmd":
-            self._commands_running.start_soon(self._command, body)
-        elif resource == "rules" and result.get("applied") and self.rules_changed is not None:
-            # what the edge made of the set goes back with the confirmation: rules left out or applied in part
-            result = {**result, "problems": await self.rules_changed()}
-        return result
-
-    def _apply(self, db: Database, resource: str, body: dict[str, Any]) -> dict[str, Any]:
-        if resource == "twin":
-            twin = self.changes.desired(db, str(body["device"]), dict(body["patch"]), None)
-            return {"ok": True, "twin": twin.as_json()}
-        if resource == "device":
-            if body.get("remove"):
-                self.changes.unregister(db, str(body["device"]))
-            else:
-                self.changes.register(db, str(body["device"]), body.get("model"), str(body["secret_hash"]))
-            return {"ok": True}
-        if resource == "model":
-            store.add_model(db, Model.from_dict(body["model"]))
-            return {"ok": True}
-        if resource == "alert_ack":  # an operator acknowledged an alert on the relay's page
-            alert = ack_alert(db, int(body["id"]), str(body.get("by") or "cloud"), time.time(), self.changes.mirror)
-            return {"ok": True, "acked_by": alert["acked_by"]}
-        if resource == "rules":  # the cloud's rule set for this node, versioned: an older one is not applied
-            return apply_rule_set(db, int(body["version"]), dict(body["doc"]), time.time())
-        if resource == "cmd":
-            if body.get("device") not in self.roster:
-                raise store.UnknownDevice(str(body.get("device")))
-            return {"ok": True, "dispatched": True}
-        raise ValueError(f"unknown resource {resource!r}")
-
-    async def _command(self, body: dict[str, Any]) -> None:
-        outcome_: dict[str, Any]
-        try:
-            result = await self.commands.send(str(body["device"]), str(body["name"]), body.get("args") or {},
-                                              float(body.get("timeout", 10)))
-            outcome_ = {"result": result}
-        except (CommandFailed, RegistryError) as exc:
-            outcome_ = {"error": str(exc), "code": getattr(exc, "code", "invalid")}
-        except Exception as exc:  # a store that cannot write, say: the command fails, the daemon goes on
-            outcome_ = {"error": f"{type(exc).__name__}: {exc}", "code": "failed"}
-        up = {"cmd": body.get("cmd"), "device": body.get("device"), **outcome_}
-        try:
-            await self.writer.write(partial(self.changes.command_result, result=up))
-        except Exception as exc:  # the relay times the command out; the daemon goes on
-            log.error("result of cloud command %s not queued for the cloud: %s", wire.clip(body.get("cmd")), exc)
-
-
-@asynccontextmanager
-async def open_down(link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands,
-                    rules_changed: Callable[[], Awaitable[Any]] | None = None) -> AsyncIterator[Down]:
-    """A `Down` whose commands run within this block; leaving it cancels the ones still waiting for a device."""
-    async with trio.open_nursery() as nursery:
-        yield Down(link, writer, roster, changes, commands, nursery, rules_changed)
-        nursery.cancel_scope.cancel()

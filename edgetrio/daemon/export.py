@@ -27,8 +27,8 @@ from sqlite_utils import Database
 
 from edgetrio.daemon.config import Sink
 from edgetrio.daemon.edgehub import backoff_delays
-from edgetrio.daemon.ingest import Reading
-from edgetrio.daemon.pipeline import Watch
+from edgetrio.daemon.ingest import Watch
+from edgetrio.daemon.topics import Reading
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.export")

@@ -32,15 +32,13 @@ from sqlite_utils import Database
 
 from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.daemon.broker import BrokerLink, BusEvent
-from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
-from edgetrio.daemon.ingest import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, topic_matches
-from edgetrio.daemon.pipeline import Watch
-from edgetrio.daemon.registry import TYPE_ALIASES, Model
-from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.broker import BusEvent
+from edgetrio.daemon.commands import CommandFailed, set_desired
+from edgetrio.daemon.ingest import Watch
+from edgetrio.daemon.models import TYPE_ALIASES, Model
+from edgetrio.daemon.parts import Parts
+from edgetrio.daemon.topics import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, topic_matches
 from edgetrio.twin import Twin
-from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.homeassistant")
 JOBS_WAITING = 256  # announcements, set and press requests waiting; more are dropped (logged)
@@ -227,12 +225,9 @@ class Retained:
 class HomeAssistant(Watch):
     """Announces devices to Home Assistant and carries its switches and buttons to the twin and to commands."""
 
-    def __init__(self, link: BrokerLink, writer: Writer, roster: Roster, changes: Changes, commands: Commands) -> None:
-        self.link = link
-        self.writer = writer
-        self.roster = roster
-        self.changes = changes
-        self.commands = commands
+    def __init__(self, parts: Parts) -> None:
+        self.link, self.writer, self.roster = parts.link, parts.writer, parts.roster
+        self.changes, self.commands = parts.changes, parts.commands
         self.jobs_in, self.jobs = trio.open_memory_channel[tuple[str, ...]](JOBS_WAITING)
         self.retained = Retained()
         self.offered: dict[str, set[str]] = {}  # device -> command topics of what was announced: all it may use

@@ -1,182 +1,410 @@
-"""Ingest rules: the device topic space, parsing what devices send, and the ack watermark (pure functions)."""
+"""The ingest pipeline: bus events -> classify -> group commit -> ack.
+
+The broker thread hands bus events over in batches; `classify` sorts them into store operations (readings for the group
+commit, other changes for the writer), and `commit` writes readings in groups and only then acknowledges devices.
+Control requests found on the bus are handed to the control server over a channel.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
+import outcome
+import trio
+from sqlite_utils import Database
+
 from edgetrio import wire
+from edgetrio.daemon import store
+from edgetrio.daemon.broker import BusEvent
+from edgetrio.daemon.commands import record_late_result
+from edgetrio.daemon.metrics import COMMIT_SECONDS, PUBLISH_TO_COMMIT
+from edgetrio.daemon.models import Model, check_values_without_model
+from edgetrio.daemon.parts import Parts
+from edgetrio.daemon.topics import (
+    CONTROL_REQUEST,
+    Reading,
+    Rejected,
+    desired_message,
+    device_topic,
+    parse_object,
+    parse_telemetry,
+    parse_topic,
+    time_message,
+    topic_matches,
+)
+from edgetrio.identity import ADMIN_USER, INTEGRATION_PREFIX, RegistryError, is_device_user
 from edgetrio.twin import Twin
 
-ROOT = "edgetrio"
-# What a device may send; everything else under its root is refused and counted.
-DEVICE_CHANNELS = frozenset({"status", "meta", "telemetry", "twin/reported", "cmd/result", "log"})
-# Local apps and the CLI talk to the daemon here (admin credential only); outside every device's root.
-CONTROL_REQUEST = "edgetrio-api/request"
-CONTROL_REPLY_ROOT = "edgetrio-api/reply/"
-# Home Assistant: discovery configs under its prefix; entity states and its commands under the gateway's own root
-HA_DISCOVERY = "homeassistant"
-HA_BIRTH = "homeassistant/status"
-HA_ROOT = "edgetrio-ha"
+log = logging.getLogger("edgetrio.ingest")
+Sorted = tuple[list[Reading], list[tuple[Reading, str]], float]  # readings, refused ones, oldest arrival
+MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest waits and the broker refuses
+COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
 
 
-EARLIEST_TRUE_TIME = 1577836800.0  # 2020-01-01: earlier readings come from a board whose clock was never set
-MAX_CLOCK_AHEAD = 600.0  # seconds a board's clock may run ahead of the gateway's before its times are not trusted
-MAX_TS_MS = 1 << 53  # integers a float holds exactly
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
-class Rejected(Exception):
-    """A message that cannot be accepted: `reason` is a short counter name, the message says what was wrong."""
+class RefusalLog:
+    """Logs refusals without flooding: the first of a kind (device, reason) at once, with what to do; then at most one
+    line a minute for it, with how many were left out. A board that sends a value its model lacks every 2 s would
+    otherwise write 1,800 identical lines an hour."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+    EVERY = 60.0
 
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
 
-@dataclass(frozen=True)
-class Reading:
-    device: str
-    boot: int
-    seq: int
-    ts: float | None  # true UTC, or None: stamped with its arrival when committed
-    values: dict[str, Any]
-    # Lowest seq of this boot the device still buffers: lower ones were dropped on the device (buffer full),
-    # so the watermark may pass them instead of waiting forever.
-    first: int = 1
-
-
-def desired_message(device_id: str, twin: Twin) -> tuple[str, bytes]:
-    """The message that tells a device its desired state."""
-    return device_topic(device_id, "twin/desired"), json.dumps(twin.desired_message()).encode()
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching for one concrete topic."""
-    fparts, tparts = topic_filter.split("/"), topic.split("/")
-    for i, part in enumerate(fparts):
-        if part == "#":
-            return True
-        if i >= len(tparts) or (part != "+" and part != tparts[i]):
-            return False
-    return len(fparts) == len(tparts)
+    def refused(self, device: str, reason: str, message: str, advice: str = "", detail: str = "") -> None:
+        # alike: the same device, reason and detail but for its numbers (a value out of range, each reading another)
+        key = (device, reason + " " + NUMBER.sub("#", detail)[:200])
+        now = time.monotonic()
+        if key in self._last and now - self._last[key] < self.EVERY:
+            self._held[key] += 1
+            return
+        first = key not in self._last
+        more = self._held.pop(key, 0)
+        if len(self._last) > 10_000:  # unbounded ids must not grow this without end
+            self._last.clear()
+        self._last[key] = now
+        log.warning("%s%s%s", message, f" ({more} more like it in the last minute)" if more else "",
+                    f"; {advice}" if advice and first else "")
 
 
-def time_message(device_id: str, now: float) -> tuple[str, bytes]:
-    """The gateway's clock for a board that connects (milliseconds as an integer: a board's floats are single)."""
-    return device_topic(device_id, "time"), json.dumps({"unix_ms": int(now * 1000)}).encode()
+class Watch:
+    """What ingest tells the components that follow it (Home Assistant, automation). Called in the pipeline's own
+    tasks: a watcher must not block (it queues its own work)."""
+
+    def committed(self, readings: list[Reading]) -> None:
+        """Readings just committed (and acknowledged)."""
+
+    def presence(self, device: str, online: bool) -> None:
+        """A registered device came online or went offline."""
+
+    def reported(self, device: str, twin: Twin) -> None:
+        """A device's reported state was stored."""
+
+    def meta(self, device: str) -> None:
+        """A device's meta (and with it perhaps its model) was stored."""
+
+    def integration(self, event: BusEvent) -> None:
+        """A message from an integration's credential (Home Assistant); the ACL kept it to that integration's topics."""
 
 
-def device_topic(device_id: str, channel: str) -> str:
-    return f"{ROOT}/{device_id}/{channel}"
+class Watchers(Watch):
+    """Several watchers as one. A watcher that fails costs its own view of that event, never ingest: they are
+    called on the commit path, and ingest is vital."""
+
+    def __init__(self, watchers: list[Watch]) -> None:
+        self.watchers = watchers
+
+    def _tell(self, what: str, *args: Any) -> None:
+        for watcher in self.watchers:
+            try:
+                getattr(watcher, what)(*args)
+            except Exception:
+                log.exception("%s failed to take %s", type(watcher).__name__, what)
+
+    def committed(self, readings: list[Reading]) -> None:
+        self._tell("committed", readings)
+
+    def presence(self, device: str, online: bool) -> None:
+        self._tell("presence", device, online)
+
+    def reported(self, device: str, twin: Twin) -> None:
+        self._tell("reported", device, twin)
+
+    def meta(self, device: str) -> None:
+        self._tell("meta", device)
+
+    def integration(self, event: BusEvent) -> None:
+        self._tell("integration", event)
 
 
-def parse_topic(topic: str) -> tuple[str, str] | None:
-    """Split `edgetrio/{device}/{channel}` into (device, channel); None for anything else."""
-    parts = topic.split("/", 2)
-    if len(parts) != 3 or parts[0] != ROOT or not parts[1]:
-        return None
-    return parts[1], parts[2]
+class GroupCommit:
+    """Commits readings in groups, one transaction in flight, and only then acknowledges them to their devices."""
+
+    def __init__(self, parts: Parts, watch: Watch, counts: Counter[str]) -> None:
+        self.writer, self.changes, self.link = parts.writer, parts.changes, parts.link
+        self.watch = watch
+        self.counts = counts
+        self.uncommitted = 0  # readings handed to the commit and not committed yet (held while the store cannot write)
+        self.max_held = MAX_HELD
+
+    async def run(self, sorted_: trio.MemoryReceiveChannel[Sorted]) -> None:
+        """Group commit: one readings transaction in flight; what arrives meanwhile goes into the next one.
+
+        Keeping a single commit in flight makes one `ack` per device per commit, however fast readings arrive.
+        While the store cannot write (a full disk), readings are held here and retried; none is acknowledged, and past
+        `max_held` this stops taking more, so classify waits and the broker refuses. Returns once the channel is closed
+        and everything sent on it is committed.
+        """
+        readings: list[Reading] = []
+        invalid: list[tuple[Reading, str]] = []
+        arrived = 0.0
+        retry_in = 0.25
+        async with sorted_:
+            while True:
+                if not (readings or invalid):
+                    try:
+                        readings, invalid, arrived = await sorted_.receive()
+                    except trio.EndOfChannel:
+                        return
+                while len(readings) + len(invalid) < self.max_held:  # everything that waits joins this commit
+                    try:
+                        more, more_invalid, more_arrived = sorted_.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    readings, invalid, arrived = readings + more, invalid + more_invalid, min(arrived, more_arrived)
+                now = time.time()
+                try:
+                    with COMMIT_SECONDS.time():
+                        acks = await self.writer.write(
+                            partial(self.changes.readings, readings=readings, invalid=invalid, now=now))
+                except Exception as exc:
+                    if self.writer.failure is None:  # this batch failed, not the store: holding it would block all
+                        log.error("%d readings not committed, not acknowledged: %s", len(readings) + len(invalid), exc)
+                        self.uncommitted -= len(readings) + len(invalid)
+                        readings, invalid = [], []
+                        continue
+                    log.debug("%d readings held, not committed: %s", len(readings) + len(invalid), exc)
+                    if sorted_.statistics().open_send_channels == 0 and retry_in >= 2:
+                        log.warning("stopping with %d readings not committed (not acknowledged either)", self.uncommitted)
+                        return
+                    retry_in = min(retry_in * 2, 10.0)
+                    await trio.sleep(retry_in)
+                    continue
+                retry_in = 0.25
+                PUBLISH_TO_COMMIT.observe(time.monotonic() - arrived)
+                self.uncommitted -= len(readings) + len(invalid)
+                self.counts["readings_received"] += len(readings)
+                self.counts["readings_arrival_time"] += sum(r.ts is None for r in readings)
+                # QoS 0 is enough: acks are cumulative, a lost one is repaired by the next
+                self.link.publish([(device_topic(device, "ack"), json.dumps({"boot": boot, "seq": seq}).encode())
+                                   for (device, boot), seq in acks.items()], qos=0)
+                self.watch.committed(readings)  # after the acks: those are what devices wait for
+                readings, invalid = [], []
 
 
-def in_device_space(device_id: str, topic: str) -> bool:
-    """True if a topic or filter lies inside the device's own root (wildcards allowed only below it)."""
-    prefix = f"{ROOT}/{device_id}/"
-    return topic.startswith(prefix) and len(topic) > len(prefix)
+class Ingest:
+    """The path of everything devices send: sorts bus events by channel (telemetry into the next group commit, the rest
+    into store operations), commits readings and only then acks them, and tells the watchers (rules, Home Assistant,
+    the dashboard) what was committed."""
 
+    def __init__(self, parts: Parts, control_requests: trio.MemorySendChannel[bytes],
+                 watchers: list[Watch] | None = None) -> None:
+        self.watch = Watchers(watchers or [])
+        self.link, self.writer, self.roster = parts.link, parts.writer, parts.roster
+        self.changes, self.commands = parts.changes, parts.commands
+        self.control_requests = control_requests
+        self.counts: Counter[str] = Counter()
+        self.refusals = RefusalLog()
+        self.group = GroupCommit(parts, self.watch, self.counts)
+        # store writes decided while sorting one batch, queued after it
+        self._writes: list[tuple[Callable[[Database], Any], Callable[[outcome.Outcome[Any]], None]]] = []
+        # readings sorted from the bus batch being classified, handed to the group commit as one item
+        self._readings: list[Reading] = []
+        self._invalid: list[tuple[Reading, str]] = []
+        self._by_kind: dict[str, Callable[[BusEvent, float], None]] = {
+            "connected": self._connected, "disconnected": self._disconnected, "subscribed": self._subscribed,
+            "message": self._message}
+        self._by_channel: dict[str, Callable[[str, BusEvent, float], None]] = {
+            "telemetry": self._telemetry, "twin/reported": self._reported, "meta": self._meta,
+            "cmd/result": self._cmd_result, "log": self._note, "status": self._note}
 
-def filter_within(inner: str, outer: str) -> bool:
-    """True if every topic the filter `inner` matches is also matched by the filter `outer`."""
-    iparts, oparts = inner.split("/"), outer.split("/")
-    for i, part in enumerate(oparts):
-        if part == "#":
-            return True
-        if i >= len(iparts) or iparts[i] == "#" or (part != "+" and part != iparts[i]):
-            return False
-    return len(iparts) == len(oparts)
+    @property
+    def uncommitted(self) -> int:
+        return self.group.uncommitted
 
+    async def run(self) -> None:
+        """Classify and commit until the broker has stopped and everything it handed over is committed (or, with a
+        store that cannot write, given up after a few tries: the devices still hold what was not acknowledged)."""
+        to_commit, sorted_ = trio.open_memory_channel[Sorted](COMMITS_WAITING)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.classify, to_commit)
+            nursery.start_soon(self.group.run, sorted_)
 
-@dataclass(frozen=True)
-class Confinement:
-    """What an integration's credential may do: publish on topics its `publish` filters match, subscribe to and
-    receive what lies within its `read` filters. Nothing of the devices' own topics."""
+    async def classify(self, to_commit: trio.MemorySendChannel[Sorted]) -> None:
+        """Take bus events in batches until the broker has stopped; closes the channel to the commit then."""
+        async with to_commit, self.control_requests:
+            while batch := await self.link.receive_batch():
+                for event in batch:
+                    try:
+                        self._classify(event)
+                    except Rejected as exc:
+                        self._reject(event, exc.reason, str(exc))
+                    except Exception as exc:  # a message nobody foresaw costs that message, never the daemon
+                        log.exception("message not handled client=%s topic=%s", wire.clip(event.client_id),
+                                      wire.clip(event.topic))
+                        self._reject(event, "internal", f"{type(exc).__name__}: {wire.clip(str(exc))}")
+                writes, self._writes = self._writes, []
+                for apply, done in writes:
+                    await self.writer.submit(apply, done)
+                if self._readings or self._invalid:
+                    batch_sorted = (self._readings, self._invalid, batch[0].at)  # the bus hands events over in order
+                    self._readings, self._invalid = [], []
+                    self.group.uncommitted += len(batch_sorted[0]) + len(batch_sorted[1])
+                    await to_commit.send(batch_sorted)
 
-    publish: tuple[str, ...]
-    read: tuple[str, ...]
+    def _publish_desired(self, device: str, twin: Twin) -> None:
+        self.link.publish([desired_message(device, twin)])
 
-    def may_publish(self, topic: str) -> bool:
-        return "+" not in topic and "#" not in topic and any(topic_matches(f, topic) for f in self.publish)
+    def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
+        self.counts[f"rejected_{reason}"] += 1
+        parsed = parse_topic(event.topic)
+        device = parsed[0] if parsed else event.username
+        self.refusals.refused(str(device), reason, f"rejected reason={reason} device={device} "
+                              f"topic={event.topic[:200]} detail={detail}", detail=detail)
+        self._write(partial(self.changes.reject, device=device, reason=reason, detail=detail, payload=event.payload,
+                            now=time.time(), registered=device in self.roster))
 
-    def may_read(self, topic_or_filter: str) -> bool:
-        return any(filter_within(topic_or_filter, f) for f in self.read)
+    def _write(self, apply: Callable[[Database], Any],
+               then: Callable[[Any], None] | None = None) -> None:
+        """Queue a store write after this batch; `then` gets its result. A failure is counted and logged."""
+        def done(result: outcome.Outcome[Any]) -> None:
+            if isinstance(result, outcome.Error):
+                self.counts["store_write_failed"] += 1
+                # while the store cannot write, the writer has said so once; one line per message would flood the log
+                (log.debug if self.writer.failure else log.error)("store write failed: %s", result.error)
+            elif then is not None and isinstance(result, outcome.Value):
+                then(result.value)
+        self._writes.append((apply, done))
 
+    def _model_known(self, device: str, model: Model | None) -> None:
+        self.roster.set_model(device, model)
+        self.watch.meta(device)
 
-INTEGRATIONS = {
-    # its birth and will, and the switches, numbers and buttons it offers; it reads discovery and entity states
-    "homeassistant": Confinement(publish=(HA_BIRTH, f"{HA_ROOT}/+/set/+", f"{HA_ROOT}/+/press/+"),
-                                 read=(f"{HA_DISCOVERY}/#", f"{HA_ROOT}/#")),
-}
+    def _check_announced(self, device: str, meta: dict[str, Any]) -> None:
+        """A board that announces resources its registered model lacks will have its readings refused: say so now,
+        at connect, with what to do, rather than only as a refusal per reading."""
+        model = self.roster.models.get(device)
+        announced = [r.get("name") for r in meta.get("resources") or [] if isinstance(r, dict)]
+        missing = [str(n) for n in announced if isinstance(n, str) and model is not None and n not in model.resources]
+        if model is not None and missing:
+            self.refusals.refused(
+                device, "model_lacks", f"device {device} announces {', '.join(missing)}, which its model "
+                f"{model.name!r} lacks: readings with them will be refused", "add them to the model and load it "
+                "again (`edgetrio model add FILE`)")
 
+    def _classify(self, event: BusEvent) -> None:
+        handler = self._by_kind.get(event.kind)
+        if handler is not None:
+            handler(event, time.time())
 
-def parse_object(payload: bytes) -> dict[str, Any]:
-    try:
-        body = wire.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Rejected("malformed_json", f"not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise Rejected("malformed_json", "expected a JSON object")
-    return body
+    # -- by the bus event's kind ------------------------------------------------------------------------------------
 
+    def _connected(self, event: BusEvent, now: float) -> None:
+        if is_device_user(event.username) and self.roster.connection_opened(event.client_id):
+            log.info("device online device=%s", event.client_id)
+            self._write(partial(self.changes.presence, device=event.client_id, online=True, now=now))
+            self.watch.presence(event.client_id, True)
 
-MAX_COUNTER = wire.MAX_INTEGER  # a larger seq would fail the whole group commit, every device's
+    def _disconnected(self, event: BusEvent, now: float) -> None:
+        if is_device_user(event.username) and self.roster.connection_closed(event.client_id):
+            log.info("device offline device=%s", event.client_id)
+            self._write(partial(self.changes.presence, device=event.client_id, online=False, now=now))
+            self.watch.presence(event.client_id, False)
 
+    def _subscribed(self, event: BusEvent, now: float) -> None:
+        if is_device_user(event.username):
+            if topic_matches(event.topic, device_topic(event.client_id, "time")):
+                self.link.publish([time_message(event.client_id, now)])  # a board's clock starts unset
+            if topic_matches(event.topic, device_topic(event.client_id, "twin/desired")):
+                self._write(partial(store.get_twin, device_id=event.client_id),
+                            partial(self._publish_desired, event.client_id))
+        elif event.username is not None and event.username.startswith(INTEGRATION_PREFIX):
+            self.watch.integration(event)  # Home Assistant subscribed: it gets what a retaining broker would send
 
-def _counter(body: dict[str, Any], key: str) -> int:
-    value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:
-        raise Rejected("bad_envelope", f"'{key}' must be an integer from 0 to {MAX_COUNTER}")
-    return value
+    def _message(self, event: BusEvent, now: float) -> None:
+        if event.topic == CONTROL_REQUEST and event.username == ADMIN_USER:
+            try:
+                self.control_requests.send_nowait(event.payload)
+            except trio.WouldBlock:
+                log.warning("control request dropped: too many in progress")
+            return
+        if event.username is not None and event.username.startswith(INTEGRATION_PREFIX):
+            self.watch.integration(event)  # its credential confines it to its own topics, never a device's
+            return
+        parsed = parse_topic(event.topic)
+        if parsed is None:
+            return  # admin traffic outside the device space is not ours to judge
+        device, channel = parsed
+        handler = self._by_channel.get(channel)
+        if handler is None:
+            if is_device_user(event.username):
+                raise Rejected("unknown_channel", f"devices do not publish on {channel!r}")
+            return  # edge -> device traffic (ack, twin/desired, cmd) sent by an admin app
+        if device not in self.roster:
+            raise Rejected("unknown_device", f"device {device!r} is not registered")
+        handler(device, event, now)
 
+    # -- a registered device's message, by its channel ---------------------------------------------------------------
 
-def parse_telemetry(device: str, payload: bytes, now: float) -> Reading:
-    """Parse `{"boot", "seq", "ts" or "ts_ms", "values"}`; raise Rejected if the envelope is unusable. A time that
-    cannot be true UTC (see `trusted_time`) becomes None: the reading is then stamped with its arrival, and marked."""
-    body = parse_object(payload)
-    boot = _counter(body, "boot")
-    seq = _counter(body, "seq")
-    ts = body.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
-        raise Rejected("bad_envelope", "'ts' must be a number of seconds")
-    ts_ms = body.get("ts_ms")
-    if ts_ms is not None:
-        if isinstance(ts_ms, bool) or not isinstance(ts_ms, int) or abs(ts_ms) > MAX_TS_MS:
-            raise Rejected("bad_envelope", "'ts_ms' must be an integer of milliseconds")
-        ts = ts_ms / 1000
-    values = body.get("values")
-    if not isinstance(values, dict) or not values:
-        raise Rejected("bad_envelope", "'values' must be a non-empty object")
-    first = _counter(body, "first") if "first" in body else 1
-    return Reading(device, boot, seq, trusted_time(float(ts) if ts is not None else None, now), values,
-                   min(first, seq))
+    def _telemetry(self, device: str, event: BusEvent, now: float) -> None:
+        reading = parse_telemetry(device, event.payload, now)
+        model = self.roster.models[device]
+        reason = model.check_values(reading.values) if model else check_values_without_model(reading.values)
+        if reason and model is not None and model.on_invalid == "drop_value":
+            kept, reasons = model.split_values(reading.values)
+            if kept:  # the model keeps what fits: the reading is stored without the bad values
+                self.counts["rejected_invalid_value"] += len(reasons)
+                self.refusals.refused(device, "drop_value", f"dropped values device={device} boot={reading.boot} "
+                                      f"seq={reading.seq} detail={'; '.join(reasons)}", detail="; ".join(reasons))
+                self._write(partial(self.changes.reject, device=device, reason="invalid_value",
+                                    detail=f"boot {reading.boot} seq {reading.seq}: " + "; ".join(reasons),
+                                    payload=event.payload, now=now, registered=True))
+                reading = replace(reading, values=kept)
+                reason = None
+        if reason:
+            self.counts["rejected_invalid_value"] += 1
+            self.refusals.refused(
+                device, "invalid_value", f"rejected reason=invalid_value device={device} boot={reading.boot} "
+                f"seq={reading.seq} detail={reason}",
+                f"its readings are not stored until the model allows them: add what it sends to its model and "
+                f"load it again (`edgetrio model add FILE`); `edgetrio rejects --device {device}` lists them",
+                detail=reason)
+            self._invalid.append((reading, reason))
+        else:
+            self._readings.append(reading)
 
+    def _reported(self, device: str, event: BusEvent, now: float) -> None:
+        state = parse_object(event.payload).get("state")
+        if not isinstance(state, dict):
+            raise Rejected("bad_envelope", "twin/reported needs {\"state\": {...}}")
+        self._write(partial(self.changes.reported, device=device, state=state), partial(self.watch.reported, device))
 
-def trusted_time(ts: float | None, now: float) -> float | None:
-    """A reading's time if it can be true UTC, else None (the reading is then stamped with its arrival, and marked).
+    def _meta(self, device: str, event: BusEvent, now: float) -> None:
+        meta = parse_object(event.payload)
+        if meta.get("resources"):
+            try:
+                Model.from_dict({"resources": meta["resources"]}, name=f"device:{device}")
+            except RegistryError as exc:
+                raise Rejected("bad_meta", str(exc)) from exc
+        self._write(partial(self.changes.meta, device=device, meta=meta, now=now))
+        self._write(partial(store.device_model, device_id=device), partial(self._model_known, device))
+        self._check_announced(device, meta)
 
-    A board's clock counts from 2000 until it is set, and one set wrong may run ahead."""
-    if ts is None or ts < EARLIEST_TRUE_TIME or ts > now + MAX_CLOCK_AHEAD:
-        return None
-    return ts
+    def _cmd_result(self, device: str, event: BusEvent, now: float) -> None:
+        body = parse_object(event.payload)
+        cmd_id = body.get("id")
+        if not isinstance(cmd_id, str):
+            raise Rejected("bad_envelope", "cmd/result needs a string 'id'")
+        if not self.commands.deliver(device, cmd_id, body):
+            self._write(partial(record_late_result, cmd_id=cmd_id, body=body, now=now))
 
-
-def advance_watermark(watermark: int, seqs: Iterable[int]) -> int:
-    """Highest contiguous seq reached from `watermark` through the sorted committed `seqs`."""
-    for seq in seqs:
-        if seq <= watermark:
-            continue
-        if seq != watermark + 1:
-            break
-        watermark = seq
-    return watermark
+    def _note(self, device: str, event: BusEvent, now: float) -> None:  # log and status lines, kept as events
+        note: Any
+        try:
+            note = wire.loads(event.payload)
+        except ValueError:
+            note = event.payload[:4096].decode("utf-8", "replace")
+        channel = event.topic.rsplit("/", 1)[1]
+        self._write(partial(self.changes.event, device=device, kind=channel, body=note, now=now))

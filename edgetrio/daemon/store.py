@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from edgetrio import accounts
-from edgetrio.daemon.ingest import INTEGRATIONS, Reading, advance_watermark
-from edgetrio.daemon.registry import Model
+from edgetrio.daemon.models import Model
+from edgetrio.daemon.topics import INTEGRATIONS, Reading, advance_watermark
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, integration_user, new_secret
 from edgetrio.twin import Twin
 from edgetrio.writer import PRUNE_CHUNK, connect

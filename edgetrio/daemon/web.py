@@ -20,17 +20,15 @@ import trio
 
 from edgetrio import accounts, web
 from edgetrio.daemon import store
-from edgetrio.daemon.automation import ack_alert, list_alerts, list_automations
-from edgetrio.daemon.broker import BrokerLink
-from edgetrio.daemon.changes import Changes
-from edgetrio.daemon.commands import CommandFailed, Commands, set_desired
-from edgetrio.daemon.ingest import Reading
-from edgetrio.daemon.pipeline import Watch
-from edgetrio.daemon.roster import Roster
+from edgetrio.daemon.alerts import ack_alert, list_alerts
+from edgetrio.daemon.commands import CommandFailed, set_desired
+from edgetrio.daemon.ingest import Watch
+from edgetrio.daemon.parts import Parts
+from edgetrio.daemon.rulestore import list_automations
+from edgetrio.daemon.topics import Reading
 from edgetrio.rules import hide_notify_secrets
 from edgetrio.twin import Twin
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
-from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.web")
 T = TypeVar("T")
@@ -41,9 +39,9 @@ class GatewayWeb(Watch):
     """The web side of the gateway: a `web.Site` for the shared pages, and a `Watch` that tells open pages what ingest
     stored."""
 
-    def __init__(self, writer: Writer, link: BrokerLink, roster: Roster, changes: Changes, commands: Commands,
-                 admin: tuple[str, str], node: str) -> None:
-        self.writer, self.link, self.roster, self.changes, self.commands = writer, link, roster, changes, commands
+    def __init__(self, parts: Parts, admin: tuple[str, str], node: str) -> None:
+        self.writer, self.link, self.roster = parts.writer, parts.link, parts.roster
+        self.changes, self.commands = parts.changes, parts.commands
         self.node = node
         self.counters: Counter[str] = Counter()
         self.events = web.Events()

@@ -13,11 +13,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from edgetrio import accounts
 from edgetrio.cloud import store as cloud_store
 from edgetrio.daemon import store
 from edgetrio.daemon.config import RUN_FILE, admin_credential
-from edgetrio.identity import hash_password, new_secret
 
 
 def wait_for_daemon(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, object]:
@@ -42,28 +40,22 @@ DEMO_RULES: dict[str, Any] = {"rule": [{
     "on_clear": [{"set": {"led": False}}]}], "schedule": []}
 
 
+def edgetrio(*args: str) -> Any:
+    """Run an `edgetrio ... --json` command as a user would, and return what it printed (its error, if it failed)."""
+    done = subprocess.run([sys.executable, "-m", "edgetrio", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        try:
+            message = json.loads(done.stderr)["error"]
+        except (ValueError, KeyError):
+            message = done.stderr.strip() or f"exit code {done.returncode}"
+        raise RuntimeError(f"`edgetrio {' '.join(args)}` failed: {message}")
+    return json.loads(done.stdout)
+
+
 def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Start the cloud relay with a node for the demo gateway (its token kept for reruns)."""
-    node_file = relay_dir / "demo-node.json"
-    db = cloud_store.open_db(relay_dir)
-    if not node_file.exists() or cloud_store.get_node(db, "demo-gw") is None:
-        with db.atomic():
-            if cloud_store.get_node(db, "demo-gw") is not None:
-                db.execute("DELETE FROM nodes WHERE name = 'demo-gw'")
-            node_file.write_text(json.dumps({"node": "demo-gw", "token": cloud_store.add_node(db, "demo-gw")}))
-    login_file = relay_dir / "demo-login.json"  # an admin account for the dashboard, made once
-    if not login_file.exists() or accounts.get_user(db, "demo") is None:
-        password = new_secret()
-        with db.atomic():
-            if accounts.get_user(db, "demo") is not None:
-                accounts.remove_user(db, "demo")
-            accounts.add_user(db, "demo", "admin", hash_password(password))
-        login_file.write_text(json.dumps({"name": "demo", "password": password}))
-        login_file.chmod(0o600)
-    if cloud_store.get_rules(db, "demo-gw")["doc"] != DEMO_RULES:  # sent down when the gateway connects
-        with db.atomic():
-            cloud_store.set_rules(db, "demo-gw", DEMO_RULES)
-    db.close()
+    """Start the cloud relay, and set it up through its CLI as an operator would: a node for the demo gateway, an
+    admin account for the dashboard, and the demo's rule set (the token and password are kept for reruns)."""
+    relay_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (relay_dir / "relay.json").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(relay_dir),
                              "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
@@ -73,8 +65,36 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the relay did not start")
         time.sleep(0.05)
-    info = json.loads((relay_dir / "relay.json").read_text())
-    return proc, {**info, **json.loads(node_file.read_text()), "login": json.loads(login_file.read_text())}
+    try:
+        return proc, {**json.loads((relay_dir / "relay.json").read_text()), **set_up_relay(relay_dir)}
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def set_up_relay(relay_dir: Path) -> dict[str, Any]:
+    data = ("--data-dir", str(relay_dir))
+    node_file = relay_dir / "demo-node.json"
+    if not node_file.exists():
+        try:
+            token = edgetrio("cloud", "node", "add", "demo-gw", *data)["token"]
+        except RuntimeError:  # the node is there, its token file is not: a new token
+            token = edgetrio("cloud", "node", "rotate", "demo-gw", *data)["token"]
+        node_file.write_text(json.dumps({"node": "demo-gw", "token": token}))
+        node_file.chmod(0o600)
+    login_file = relay_dir / "demo-login.json"
+    if not login_file.exists():
+        if any(u["name"] == "demo" for u in edgetrio("cloud", "user", "list", *data)):
+            edgetrio("cloud", "user", "remove", "demo", *data)
+        made = edgetrio("cloud", "user", "add", "demo", "--role", "admin", *data)
+        login_file.write_text(json.dumps({"name": "demo", "password": made["password"]}))
+        login_file.chmod(0o600)
+    if edgetrio("cloud", "rules", "show", "demo-gw", *data)["doc"] != DEMO_RULES:  # sent when the gateway connects
+        rules_file = relay_dir / "demo-rules.json"
+        rules_file.write_text(json.dumps(DEMO_RULES, indent=2))
+        edgetrio("cloud", "rules", "apply", "demo-gw", str(rules_file), *data)
+    return {**json.loads(node_file.read_text()), "login": json.loads(login_file.read_text())}
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2)

@@ -49,35 +49,45 @@ def _qos(qos):
     return qos
 
 
-class MQTTClient:
-    def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=15, will=None,
-                 max_in=4096, timeout=10):
-        if password and not user:
-            raise ValueError("MQTT needs a user name with a password")
-        self.client_id = client_id
-        self.host = host
-        self.port = port
-        self.user = user
-        self.password = password
-        self.keepalive = keepalive
-        self.will = will  # (topic, message) sent by the broker if we vanish; retained, as `online` is
-        self.max_in = max_in
+def connect_body(client_id, keepalive, will, user, password):
+    """CONNECT's variable header and payload: a clean session, the will (QoS 1, retained) and the credentials."""
+    flags = 0x02  # clean session
+    payload = _str(client_id)
+    if will:
+        flags |= 0x04 | 0x08 | 0x20  # will, will QoS 1, will retain
+        payload += _str(will[0]) + _str(will[1])
+    if user:
+        flags |= 0x80
+        payload += _str(user)
+    if password:
+        flags |= 0x40
+        payload += _str(password)
+    return _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
+
+
+class Packets:
+    """The connection under the protocol: whole packets written one at a time, and read with a timeout each."""
+
+    def __init__(self, timeout):
         self.timeout = timeout
-        self.on_message = None  # callback(topic: str, payload: bytes)
-        self.on_oversize = None  # callback(topic: str, size: int, head: bytes): a message too large to take
-        self.skipped = 0  # oversize incoming messages
         self._r = None
         self._w = None
-        self._pid = 0
-        self._acks = {}  # packet id -> asyncio.Event
-        self._granted = {}  # SUBSCRIBE packet id -> the SUBACK's return codes
         self._lock = asyncio.Lock()
         self._header = bytearray(5)  # the fixed header of each incoming packet, read into this (no allocation)
-        self.connected = False
 
-    def _next_pid(self):
-        self._pid = self._pid % 65535 + 1
-        return self._pid
+    async def close(self):
+        await self._drop_stream()
+
+    async def _drop_stream(self):
+        w = self._w
+        self._w = None
+        self._r = None
+        if w is not None:
+            try:
+                w.close()
+                await w.wait_closed()
+            except Exception:
+                pass
 
     async def _send(self, data):
         async with self._lock:
@@ -112,22 +122,41 @@ class MQTTClient:
             shift += 7
         return head[0], n
 
+    async def _skip(self, n):
+        while n:
+            n -= len(await self._read(min(n, 256)))
+
+
+class MQTTClient(Packets):
+    def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=15, will=None,
+                 max_in=4096, timeout=10):
+        if password and not user:
+            raise ValueError("MQTT needs a user name with a password")
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.keepalive = keepalive
+        self.will = will  # (topic, message) sent by the broker if we vanish; retained, as `online` is
+        self.max_in = max_in
+        self.on_message = None  # callback(topic: str, payload: bytes)
+        self.on_oversize = None  # callback(topic: str, size: int, head: bytes): a message too large to take
+        self.skipped = 0  # oversize incoming messages
+        self._pid = 0
+        self._acks = {}  # packet id -> asyncio.Event
+        self._granted = {}  # SUBSCRIBE packet id -> the SUBACK's return codes
+        self.connected = False
+        Packets.__init__(self, timeout)
+
+    def _next_pid(self):
+        self._pid = self._pid % 65535 + 1
+        return self._pid
+
     async def connect(self):
         """Open the connection and wait for CONNACK (within `timeout`); raises OSError or MQTTError on failure, and
         leaves no socket open behind it."""
-        flags = 0x02  # clean session
-        payload = _str(self.client_id)
-        if self.will:
-            flags |= 0x04 | 0x08 | 0x20  # will, will QoS 1, will retain
-            payload += _str(self.will[0]) + _str(self.will[1])
-        if self.user:
-            flags |= 0x80
-            payload += _str(self.user)
-        if self.password:
-            flags |= 0x40
-            payload += _str(self.password)
-        variable = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive)
-        body = variable + payload
+        body = connect_body(self.client_id, self.keepalive, self.will, self.user, self.password)
         address = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
         sock = socket.socket(address[0], address[1], address[2])
         sock.setblocking(False)
@@ -156,15 +185,7 @@ class MQTTClient:
         self.connected = False
         for ev in self._acks.values():
             ev.set()
-        w = self._w
-        self._w = None
-        self._r = None
-        if w is not None:
-            try:
-                w.close()
-                await w.wait_closed()
-            except Exception:
-                pass
+        await self._drop_stream()
 
     async def disconnect(self):
         if self.connected:
@@ -264,10 +285,6 @@ class MQTTClient:
         finally:
             pinger.cancel()
             await self.close()
-
-    async def _skip(self, n):
-        while n:
-            n -= len(await self._read(min(n, 256)))
 
     async def _incoming(self, first, n):
         qos = (first >> 1) & 3

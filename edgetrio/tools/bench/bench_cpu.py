@@ -36,7 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgetrio.daemon import automation, store
+from edgetrio.daemon import rulestore, store
 from edgetrio.daemon.config import admin_credential
 from edgetrio.tools.bench.bench_ingest import measure
 from edgetrio.tools.demo import wait_for_daemon
@@ -123,7 +123,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         db = store.open_db(data)
         creds = [(f"dev-{i:03d}", store.add_device(db, f"dev-{i:03d}")) for i in range(args.devices)]
         if "rules" in mode:
-            automation.add_automations(db, ten_rules(), store.device_models(db))
+            rulestore.add_automations(db, ten_rules(), store.device_models(db))
         db.conn.commit()
         db.close()
         extra: list[str] = []

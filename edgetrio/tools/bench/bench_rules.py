@@ -28,7 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgetrio.daemon import automation, store
+from edgetrio.daemon import rulestore, store
 from edgetrio.tools.bench.bench_ingest import measure
 from edgetrio.tools.demo import wait_for_daemon
 from edgetrio.tools.testkit import ROOT
@@ -51,7 +51,7 @@ def start_daemon(data: Path, devices: int, doc: dict[str, Any] | None) -> tuple[
     db = store.open_db(data)
     creds = [(f"dev-{i:03d}", store.add_device(db, f"dev-{i:03d}")) for i in range(devices)]
     if doc is not None:
-        automation.add_automations(db, doc, store.device_models(db))
+        rulestore.add_automations(db, doc, store.device_models(db))
     db.conn.commit()
     db.close()
     daemon = subprocess.Popen([sys.executable, "-m", "edgetrio", "daemon", "--data-dir", str(data), "--mqtt-host",
