@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the command, and turn what went wrong into one line and an exit code."""
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # data dirs hold readings and credential hashes: what edgetrio creates is its user's alone
     # Every path is resolved here, once, before it is handed on: a child process (a virtual board, the relay of the

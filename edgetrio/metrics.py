@@ -53,6 +53,7 @@ async def serve_metrics(host: str, port: int, registry: CollectorRegistry, colle
         metrics_app = make_wsgi_app(registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            """/metrics from the registry, /healthz from the health checks run on the trio side."""
             if environ.get("PATH_INFO") == "/healthz":
                 try:
                     checks = trio.from_thread.run(health, trio_token=token)

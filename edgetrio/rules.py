@@ -176,6 +176,7 @@ class Window:
         self.series: dict[str, Series] = {}
 
     def add(self, at: float, values: Mapping[str, Any]) -> None:
+        """Take a reading's numbers into the window, dropping what falls out of it."""
         self.n += 1
         self.times.append((self.n, at))
         for name in values if self.resources is None else self.resources:
@@ -379,6 +380,7 @@ def holds(condition: Any, subject: Subject) -> bool | None:
 
 @dataclass(frozen=True)
 class Action:
+    """What a rule or schedule does: set desired state, run a command, or export the reading, with retries."""
     set: dict[str, Any] | None = None  # desired twin state
     command: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
@@ -397,6 +399,7 @@ class Action:
 
 
 def parse_action(owner: str, body: Any) -> Action:
+    """One action table of a rule file, checked; a RuleError says which key of which rule is wrong."""
     if not isinstance(body, dict):
         raise RuleError(f"{owner}: an action must be a table such as {{ set = {{ led = true }} }}")
     unknown = set(body) - ACTION_KEYS
@@ -457,6 +460,7 @@ def _actions(owner: str, key: str, body: dict[str, Any]) -> tuple[Action, ...]:
 
 @dataclass(frozen=True)
 class Rule:
+    """A rule as parsed: the devices it watches, its conditions (compiled once), timing, severity and actions."""
     name: str
     devices: tuple[str, ...]  # ids or patterns ('*' for all); empty with a model: every device of that model
     model: str | None
@@ -560,6 +564,7 @@ def check_rule(rule: Rule, models: Mapping[str, Model | None]) -> Rule:
 
 @dataclass(frozen=True)
 class Schedule:
+    """A schedule as parsed: the devices it acts on, when (cron in a time zone, or every N seconds) and its actions."""
     name: str
     devices: tuple[str, ...]
     cron: str | None
@@ -583,6 +588,7 @@ class Schedule:
 
 
 def parse_schedule(body: Any) -> Schedule:
+    """One schedule table of a rule file, checked (its cron, time zone and actions)."""
     name, owner = _table("schedule", body, SCHEDULE_KEYS)
     devices = _devices(owner, body, required=True)
     if not devices:
@@ -709,6 +715,7 @@ class Engine:
         return found
 
     def evaluate(self, device: str, model: str | None, at: float, values: dict[str, Any]) -> list[Transition]:
+        """Judge one reading against the rules that watch its device; the alert transitions it causes."""
         out: list[Transition] = []
         for rule in self.watching(device, model):
             track = self.tracks.get((rule.name, device))

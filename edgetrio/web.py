@@ -585,6 +585,7 @@ def cookies(headers: dict[str, str]) -> dict[str, str]:
 
 
 async def authenticate(site: Site, headers: dict[str, str]) -> Principal:
+    """Who sends this request: a bearer token (the admin credential or an API token), or a session cookie."""
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         token = auth[7:].strip()
@@ -605,6 +606,7 @@ async def authenticate(site: Site, headers: dict[str, str]) -> Principal:
 
 
 async def login(site: Site, data: dict[str, Any]) -> tuple[int, Reply]:
+    """Check a name and password (through the login guard's tarpit and KDF limit) and open a session."""
     name, password = data.get("name"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str):
         raise HTTPError(400, "send 'name' and 'password'")

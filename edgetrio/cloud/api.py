@@ -348,6 +348,7 @@ async def alert_ack(relay: Relay, who: Principal, path: Params, query: Params, d
 
 
 async def command(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """Run a command on a device through its node's link and wait for the result (504 when none comes)."""
     name, args = data.get("name"), data.get("args") or {}
     timeout = float(data.get("timeout", 10))
     if not isinstance(name, str) or not name or not isinstance(args, dict):

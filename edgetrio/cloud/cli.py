@@ -72,6 +72,7 @@ def http_url(url: str) -> str:
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+    """One request to the relay's API as the operator; an error answer becomes a CliError with its message."""
     base, token = api_target(args)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base + path, data=data, method=method, headers={

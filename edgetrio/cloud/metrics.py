@@ -33,6 +33,7 @@ class RelayCollector:
                 "commits": writer.batches, "operations": writer.ops, "store_ok": writer.failure is None}
 
     def collect(self) -> Iterator[Metric]:
+        """The relay's gauges and counters, read from the trio side at each scrape."""
         try:
             s = trio.from_thread.run_sync(self._snapshot, trio_token=self.token)
         except trio.RunFinishedError:

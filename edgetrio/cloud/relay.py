@@ -13,7 +13,7 @@ import os
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -109,12 +109,30 @@ CLOSE_WAIT = 2.0  # seconds a replaced link's close handshake may take (a silent
 
 
 class EdgeSession:
+    """One edge's link: its WebSocket, what was sent down on it, and the scope that ends it."""
+
     def __init__(self, node: str, ws: WebSocketConnection) -> None:
         self.node = node
         self.ws = ws
         self.wakeup = trio.Event()
         self.sent: set[str] = set()
         self.scope = trio.CancelScope()  # cancelled to end the link from here (token rotated, node removed)
+
+    async def keep_alive(self, every: float, counters: Counter[str], link: trio.CancelScope) -> None:
+        """Ping the edge; one that does not answer in time (its host gone without a FIN, a wedged process) is
+        disconnected, so it does not show as linked for ever nor hold its socket."""
+        while True:
+            await trio.sleep(every)
+            with trio.move_on_after(every):
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:  # the link is ending; receiving says so
+                    return
+                continue
+            counters["edge_timeouts"] += 1
+            log.warning("edge silent node=%s: no answer to a ping in %g s; disconnecting", self.node, every)
+            link.cancel()
+            return
 
 
 def readings_in(item: Any) -> int:
@@ -123,6 +141,46 @@ def readings_in(item: Any) -> int:
         return 0
     readings = item["body"].get("readings")
     return len(readings) if isinstance(readings, list) else 0
+
+
+async def next_event(conn: h11.Connection, stream: trio.abc.Stream, raw: bytearray | None) -> Any:
+    """The next h11 event of the connection, reading as needed; the bytes read are kept in `raw` when given (the
+    WebSocket handshake is replayed from them)."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        data = bytes(await stream.receive_some(64 * 1024))
+        if raw is not None:
+            raw.extend(data)
+        conn.receive_data(data)
+
+async def respond(conn: h11.Connection, stream: trio.abc.Stream, status: int, body: Any) -> None:
+    """A JSON answer, and the connection closed after it."""
+    payload = json.dumps(body).encode()
+    await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+        ("content-type", "application/json"), ("content-length", str(len(payload))), ("connection", "close")])))
+    await stream.send_all(conn.send(h11.Data(data=payload)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def dashboard_events(node: str, items: list[Any]) -> Iterator[dict[str, Any]]:
+    """The dashboards' events for a stored batch of an edge (only what is well formed: the batch is stored)."""
+    for item in items:
+        body = item.get("body") if isinstance(item, dict) else None
+        if not isinstance(body, dict):
+            continue
+        if item.get("resource") == "readings" and isinstance(body.get("readings"), list):
+            by_device: dict[Any, list[dict[str, Any]]] = {}  # one event per device and batch
+            for r in body["readings"]:
+                if isinstance(r, dict) and isinstance(r.get("values"), dict):
+                    by_device.setdefault(r.get("device"), []).append({"ts": r.get("ts"), "values": r["values"]})
+            for device, readings in by_device.items():
+                yield {"type": "readings", "node": node, "device": device, "readings": readings}
+        elif item.get("resource") in ("twin", "device", "alert"):
+            yield {"type": item["resource"], "node": node, "device": body.get("device")}
+        elif item.get("resource") == "node":  # its report of itself: the fleet page shows the counts
+            yield {"type": "node", "node": node}
 
 
 class Relay:
@@ -165,24 +223,10 @@ class Relay:
             session.scope.cancel()
 
     def tell_dashboards(self, node: str, items: list[Any]) -> None:
-        """What a stored batch changed, for the open dashboards (only what is well formed: the batch is stored)."""
-        if not self.events.streams:
-            return
-        for item in items:
-            body = item.get("body") if isinstance(item, dict) else None
-            if not isinstance(body, dict):
-                continue
-            if item.get("resource") == "readings" and isinstance(body.get("readings"), list):
-                by_device: dict[Any, list[dict[str, Any]]] = {}  # one event per device and batch
-                for r in body["readings"]:
-                    if isinstance(r, dict) and isinstance(r.get("values"), dict):
-                        by_device.setdefault(r.get("device"), []).append({"ts": r.get("ts"), "values": r["values"]})
-                for device, readings in by_device.items():
-                    self.events.publish({"type": "readings", "node": node, "device": device, "readings": readings})
-            elif item.get("resource") in ("twin", "device", "alert"):
-                self.events.publish({"type": item["resource"], "node": node, "device": body.get("device")})
-            elif item.get("resource") == "node":  # its report of itself: the fleet page shows the counts
-                self.events.publish({"type": "node", "node": node})
+        """What a stored batch changed, for the open dashboards."""
+        if self.events.streams:
+            for event in dashboard_events(node, items):
+                self.events.publish(event)
 
     # -- connections -------------------------------------------------------------------------------------------------
 
@@ -206,39 +250,20 @@ class Relay:
             if not admitted:
                 return
             with trio.move_on_after(self.http_timeout) as timeout:
-                event = await self._next_event(conn, stream, raw)
+                event = await next_event(conn, stream, raw)
         if timeout.cancelled_caught or not isinstance(event, h11.Request):
             return
         headers = {k.lower(): v for k, v in event.headers}
         if headers.get(b"upgrade", b"").lower() == b"websocket":
             if event.target.split(b"?")[0] != b"/edge":
-                await self._respond(conn, stream, 404, {"error": "WebSocket endpoint is /edge"})
+                await respond(conn, stream, 404, {"error": "WebSocket endpoint is /edge"})
                 return
             async with trio.open_nursery() as nursery:
                 request = await wrap_server_stream(nursery, Replay(stream, bytes(raw)), max_message_size=MAX_FRAME)
                 await self._edge(request, peer(stream))
                 nursery.cancel_scope.cancel()
             return
-        await handle_http(self, conn, stream, event, lambda: self._next_event(conn, stream, None), self.http_timeout)
-
-    @staticmethod
-    async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, raw: bytearray | None) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = bytes(await stream.receive_some(64 * 1024))
-            if raw is not None:
-                raw.extend(data)
-            conn.receive_data(data)
-
-    @staticmethod
-    async def _respond(conn: h11.Connection, stream: trio.abc.Stream, status: int, body: Any) -> None:
-        payload = json.dumps(body).encode()
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-            ("content-type", "application/json"), ("content-length", str(len(payload))), ("connection", "close")])))
-        await stream.send_all(conn.send(h11.Data(data=payload)))
-        await stream.send_all(conn.send(h11.EndOfMessage()))
+        await handle_http(self, conn, stream, event, lambda: next_event(conn, stream, None), self.http_timeout)
 
     # -- edges -------------------------------------------------------------------------------------------------------
 
@@ -270,7 +295,7 @@ class Relay:
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_down, session)
-                    nursery.start_soon(self._keep_alive, session, nursery.cancel_scope)
+                    nursery.start_soon(session.keep_alive, self.edge_keepalive, self.counters, nursery.cancel_scope)
                     await self._receive_up(session)
                     nursery.cancel_scope.cancel()
         finally:
@@ -280,23 +305,6 @@ class Relay:
                     await self.run(store.node_presence, node, False, time.time())
                 self.events.publish({"type": "node", "node": node, "online": False})
                 log.info("edge disconnected node=%s", node)
-
-    async def _keep_alive(self, session: EdgeSession, link: trio.CancelScope) -> None:
-        """Ping the edge; one that does not answer in time (its host gone without a FIN, a wedged process) is
-        disconnected, so it does not show as linked for ever nor hold its socket."""
-        while True:
-            await trio.sleep(self.edge_keepalive)
-            with trio.move_on_after(self.edge_keepalive):
-                try:
-                    await session.ws.ping()
-                except ConnectionClosed:  # the link is ending; receiving says so
-                    return
-                continue
-            self.counters["edge_timeouts"] += 1
-            log.warning("edge silent node=%s: no answer to a ping in %g s; disconnecting", session.node,
-                        self.edge_keepalive)
-            link.cancel()
-            return
 
     async def _refuse(self, session: EdgeSession, reason: str) -> None:
         """Answer a frame that may have carried readings this relay could not take, and end the link.

@@ -204,6 +204,7 @@ class Notifier:
         self._wake.set()
 
     async def run(self) -> None:
+        """Send what is due in the notification outbox, then sleep until the next is due or new ones are queued."""
         while True:
             self._wake = trio.Event()
             try:

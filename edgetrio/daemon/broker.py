@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +210,8 @@ class DeviceTopics(BaseTopicPlugin):
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
     ) -> bool | None:
+        """amqtt's ACL hook: a device publishes and subscribes only in its own topic space, an integration in its
+        own."""
         if session is None or topic is None:
             return False
         if session.username == ADMIN_USER:
@@ -317,6 +319,37 @@ class Tally:
             self.addresses.clear()
 
 
+def index_filters(filters: Iterable[str]) -> dict[str, list[str]]:
+    """Subscription filters by their first two levels ("" for those with a wildcard there, which every topic tries)."""
+    index: dict[str, list[str]] = {}
+    for f in filters:
+        levels = f.split("/", 2)
+        if len(levels) >= 2 and "#" not in levels[0] + levels[1] and "+" not in levels[0] + levels[1]:
+            index.setdefault(f"{levels[0]}/{levels[1]}", []).append(f)
+        else:
+            index.setdefault("", []).append(f)
+    return index
+
+
+class LoginRefusals:
+    """A refused login is logged once a minute for each client id (a board with the wrong password shows); a flood of
+    tries is counted into the tally's once-a-minute line instead of a line each."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.logged: dict[str, float] = {}  # client id -> when its refusal was last logged
+
+    def note(self, client_id: str | None, peer: str, address: str, reason: str) -> None:
+        now, key = time.monotonic(), clip(client_id, 64)
+        if len(self.logged) > 1024:
+            self.logged = {k: t for k, t in self.logged.items() if now - t < 60}
+        if now - self.logged.get(key, -60.0) >= 60 and len(self.logged) <= 1024:
+            self.logged[key] = now
+            log.warning("connection refused client=%s remote=%s reason=%s", key, peer, clip(reason))
+        else:
+            self.tally.note("login refused", address, f"client={key}: {clip(reason)}")
+
+
 class GatewayBroker(Broker):
     """amqtt's Broker with the gateway's hand-off to trio and the defect workarounds."""
 
@@ -339,7 +372,7 @@ class GatewayBroker(Broker):
         self._unauthenticated = 0  # connections waiting for their CONNECT
         self._waiting_from: Counter[str] = Counter()  # ... by address
         self._closed_early = Tally()
-        self._refusals_logged: dict[str, float] = {}  # client id -> when its refusal was last logged
+        self._refusals = LoginRefusals(self._closed_early)
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
         self._index: dict[str, list[str]] = {}  # filters by their first two levels
@@ -389,16 +422,7 @@ class GatewayBroker(Broker):
             reason = will_refusal(session, self.max_payload)
         if reason is not None:
             self.counters["auth_refused"] += 1
-            # a line for each client id once a minute (a board with the wrong password shows); a flood of tries is
-            # counted into the once-a-minute line instead of a line each
-            now, key = time.monotonic(), clip(session.client_id, 64)
-            if len(self._refusals_logged) > 1024:
-                self._refusals_logged = {k: t for k, t in self._refusals_logged.items() if now - t < 60}
-            if now - self._refusals_logged.get(key, -60.0) >= 60 and len(self._refusals_logged) <= 1024:
-                self._refusals_logged[key] = now
-                log.warning("connection refused client=%s remote=%s reason=%s", key, peer, clip(reason))
-            else:
-                self._closed_early.note("login refused", remote_address, f"client={key}: {clip(reason)}")
+            self._refusals.note(session.client_id, peer, remote_address, reason)
             with suppress(Exception):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
@@ -462,14 +486,7 @@ class GatewayBroker(Broker):
         """Subscription filters that match a topic, found through an index instead of a scan of all filters."""
         if self._index_at != self._subscriptions.keys_changed:
             self._index_at = self._subscriptions.keys_changed
-            index: dict[str, list[str]] = {}
-            for f in self._subscriptions:
-                levels = f.split("/", 2)
-                if len(levels) >= 2 and "#" not in levels[0] + levels[1] and "+" not in levels[0] + levels[1]:
-                    index.setdefault(f"{levels[0]}/{levels[1]}", []).append(f)
-                else:
-                    index.setdefault("", []).append(f)  # wildcards in the first two levels: check always
-            self._index = index
+            self._index = index_filters(self._subscriptions)
         levels = topic.split("/", 2)
         candidates = self._index.get("/".join(levels[:2]), []) + self._index.get("", [])
         return [f for f in candidates if f == topic or self._matches(topic, f)]
@@ -561,6 +578,7 @@ class BrokerLink:
 
     # -- broker thread side --
     def deliver(self, event: BusEvent) -> None:
+        """Queue a bus event for trio (the broker thread's side); past the bounds it is refused and counted."""
         size = len(event.payload)
         with self._lock:
             if len(self._pending) >= self.max_pending or self._pending_bytes + size > self.max_pending_bytes:
@@ -708,6 +726,7 @@ async def open_broker(
     loop_box: list[asyncio.AbstractEventLoop] = []
 
     def run_thread() -> None:
+        """The broker's own asyncio loop, in its own thread, until trio asks it to stop."""
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         loop_box.append(loop)

@@ -152,6 +152,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> DaemonConfig:
+    """The daemon's settings from its config file and flags (flags win), each checked: a ConfigError names the bad
+    one."""
     settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None and v != []}}
     cfg = DaemonConfig(**settings)
     cfg.data_dir = cfg.data_dir.absolute()  # handed on to children (virtual boards, backups) that run elsewhere

@@ -68,6 +68,20 @@ def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
         attempt += 1
 
 
+async def ping_every(ws: WebSocketConnection, seconds: float) -> None:
+    """Ping the relay; no answer within `seconds` ends the link (TooSlowError), and the hub reconnects."""
+    while True:
+        await trio.sleep(seconds)
+        with trio.fail_after(seconds):
+            await ws.ping()
+
+
+def prune_outbox(db: Database, acked: int, max_rows: int, max_age: float) -> int:
+    """Delete what the relay acknowledged, then hold the outbox to its bounds; how many unsent rows that dropped."""
+    store.outbox_acknowledged(db, acked)
+    return store.outbox_bound(db, max_rows=max_rows, max_age=max_age, now=time.time())
+
+
 class EdgeHub:
     """The gateway's link to its relay: dials out, sends the outbox (readings and changes, in order, each kept until
     the relay acknowledges it), applies what comes down once, and reconnects with jittered backoff; the gateway works
@@ -75,22 +89,16 @@ class EdgeHub:
 
     def __init__(self, url: str, node: str, token: str, writer: Writer, apply_down: ApplyDown, *,
                  max_rows: int, max_age: float, keepalive: float = 15.0, cafile: str | None = None) -> None:
-        self.url = url.rstrip("/") + "/edge"
-        self.node = node
-        self.token = token
-        self.writer = writer
-        self.apply_down = apply_down
-        self.max_rows = max_rows
-        self.max_age = max_age
-        self.keepalive = keepalive
+        self.url, self.node, self.token = url.rstrip("/") + "/edge", node, token
+        self.writer, self.apply_down = writer, apply_down
+        self.max_rows, self.max_age, self.keepalive = max_rows, max_age, keepalive
         self.ssl_context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
         self.connected = False
         self.connects = 0
         self.last_change: float | None = None
         self.last_error: str | None = None
-        self.acked_upto = 0
-        self.sent_upto = 0
-        self.dropped = 0
+        self.acked_upto = self.sent_upto = 0
+        self.dropped = 0  # outbox rows its bounds dropped
         self._wakeup = trio.Event()
         self._prune_wakeup = trio.Event()
         self._window_full = False  # the sender waits for an ack before it may send more
@@ -186,7 +194,7 @@ class EdgeHub:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_up, ws)
             nursery.start_soon(self._receive, ws)
-            nursery.start_soon(self._ping, ws)
+            nursery.start_soon(ping_every, ws, self.keepalive)
 
     async def _send_up(self, ws: WebSocketConnection) -> None:
         in_flight: list[int] = []
@@ -243,16 +251,6 @@ class EdgeHub:
                 # end the link and resume from the last acknowledged offset rather than risk passing a gap.
                 raise RelayRefused(str(body.get("message")))
 
-    async def _ping(self, ws: WebSocketConnection) -> None:
-        while True:
-            await trio.sleep(self.keepalive)
-            with trio.fail_after(self.keepalive):
-                await ws.ping()
-
-    def _prune(self, db: Database, acked: int) -> int:
-        store.outbox_acknowledged(db, acked)
-        return store.outbox_bound(db, max_rows=self.max_rows, max_age=self.max_age, now=time.time())
-
     async def _bound_outbox(self) -> None:
         """At most once a second, delete what the relay acknowledged and hold the outbox to its bounds.
 
@@ -268,7 +266,8 @@ class EdgeHub:
             acked = self.acked_upto
 
             try:
-                dropped = await self.writer.write(partial(self._prune, acked=acked))
+                dropped = await self.writer.write(partial(prune_outbox, acked=acked, max_rows=self.max_rows,
+                                                          max_age=self.max_age))
             except Exception as exc:  # the store cannot write now (a full disk): look again in a second
                 log.debug("outbox bounds not applied: %s", exc)
                 await trio.sleep(1)

@@ -98,6 +98,8 @@ class Webhook:
         self.sink, self.node = sink, node
 
     def send(self, readings: list[dict[str, Any]]) -> None:
+        """Publish readings to the sink's broker (QoS 1) and wait for each acknowledgement; raises SinkDown if it
+        cannot."""
         body = json.dumps({"node": self.node, "sink": self.sink.name, "readings": readings}).encode()
         request = urllib.request.Request(self.sink.url, data=body, method="POST", headers={
             "content-type": "application/json", "user-agent": "edgetrio-export", **dict(self.sink.headers)})

@@ -142,7 +142,7 @@ class Health:
             cloud = {"connected": self.hub.connected, "outbox_rows": self.outbox["rows"],
                      "outbox_age": max(0.0, time.time() - oldest) if oldest else 0.0}
         return {"registered": len(self.roster.models), "online": len(self.roster.connected()),
-                "held": self.ingest.uncommitted, "store_ok": self.writer.failure is None,
+                "held": self.ingest.group.uncommitted, "store_ok": self.writer.failure is None,
                 "bus_pending": self.link.waiting(), "counters": dict(self.counters.live()), "cloud": cloud}
 
     async def check(self) -> dict[str, str]:
@@ -211,7 +211,7 @@ class Gateway:
             "counters_unflushed": dict(live - self.counters.flushed),  # not in the store's all-time counters yet
             "writer": {"batches": writer.batches, "operations": writer.ops},
             "store": {"ok": writer.failure is None, "error": writer.failure, "failing_since": writer.failing_since,
-                      "readings_held": self.ingest.uncommitted},
+                      "readings_held": self.ingest.group.uncommitted},
             "cloud": hub.state() if hub else None,
             "export": {name: dict(state) for name, state in self.export.states.items()} if self.export else {},
             "automation": self.automation.state(),

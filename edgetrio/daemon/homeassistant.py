@@ -277,6 +277,7 @@ class HomeAssistant(Watch):
 
     # -- the component --
     async def run(self) -> None:
+        """Restore what Home Assistant was told before, then announce devices and carry its presses and switches."""
         held = await self.writer.write(partial(store.ha_configs, withdrawn_before=time.time() - WITHDRAWALS_KEPT))
         for t, device, p, former in held:  # what Home Assistant was told before
             self.retained.put(device, [(t, former)] if former and not p else [])

@@ -34,6 +34,7 @@ from edgetrio.daemon.topics import (
     Rejected,
     desired_message,
     device_topic,
+    parse_note,
     parse_object,
     parse_telemetry,
     parse_topic,
@@ -129,6 +130,12 @@ class Watchers(Watch):
         self._tell("integration", event)
 
 
+def missing_from_model(model: Model | None, meta: dict[str, Any]) -> list[str]:
+    """The resources a board announces that its registered model lacks (none without a model)."""
+    announced = [r.get("name") for r in meta.get("resources") or [] if isinstance(r, dict)]
+    return [str(n) for n in announced if isinstance(n, str) and model is not None and n not in model.resources]
+
+
 class GroupCommit:
     """Commits readings in groups, one transaction in flight, and only then acknowledges them to their devices."""
 
@@ -220,10 +227,6 @@ class Ingest:
             "telemetry": self._telemetry, "twin/reported": self._reported, "meta": self._meta,
             "cmd/result": self._cmd_result, "log": self._note, "status": self._note}
 
-    @property
-    def uncommitted(self) -> int:
-        return self.group.uncommitted
-
     async def run(self) -> None:
         """Classify and commit until the broker has stopped and everything it handed over is committed (or, with a
         store that cannot write, given up after a few tries: the devices still hold what was not acknowledged)."""
@@ -254,9 +257,6 @@ class Ingest:
                     self.group.uncommitted += len(batch_sorted[0]) + len(batch_sorted[1])
                     await to_commit.send(batch_sorted)
 
-    def _publish_desired(self, device: str, twin: Twin) -> None:
-        self.link.publish([desired_message(device, twin)])
-
     def _reject(self, event: BusEvent, reason: str, detail: str) -> None:
         self.counts[f"rejected_{reason}"] += 1
         parsed = parse_topic(event.topic)
@@ -281,18 +281,6 @@ class Ingest:
     def _model_known(self, device: str, model: Model | None) -> None:
         self.roster.set_model(device, model)
         self.watch.meta(device)
-
-    def _check_announced(self, device: str, meta: dict[str, Any]) -> None:
-        """A board that announces resources its registered model lacks will have its readings refused: say so now,
-        at connect, with what to do, rather than only as a refusal per reading."""
-        model = self.roster.models.get(device)
-        announced = [r.get("name") for r in meta.get("resources") or [] if isinstance(r, dict)]
-        missing = [str(n) for n in announced if isinstance(n, str) and model is not None and n not in model.resources]
-        if model is not None and missing:
-            self.refusals.refused(
-                device, "model_lacks", f"device {device} announces {', '.join(missing)}, which its model "
-                f"{model.name!r} lacks: readings with them will be refused", "add them to the model and load it "
-                "again (`edgetrio model add FILE`)")
 
     def _classify(self, event: BusEvent) -> None:
         handler = self._by_kind.get(event.kind)
@@ -319,7 +307,7 @@ class Ingest:
                 self.link.publish([time_message(event.client_id, now)])  # a board's clock starts unset
             if topic_matches(event.topic, device_topic(event.client_id, "twin/desired")):
                 self._write(partial(store.get_twin, device_id=event.client_id),
-                            partial(self._publish_desired, event.client_id))
+                            lambda twin: self.link.publish([desired_message(event.client_id, twin)]))
         elif event.username is not None and event.username.startswith(INTEGRATION_PREFIX):
             self.watch.integration(event)  # Home Assistant subscribed: it gets what a retaining broker would send
 
@@ -390,7 +378,13 @@ class Ingest:
                 raise Rejected("bad_meta", str(exc)) from exc
         self._write(partial(self.changes.meta, device=device, meta=meta, now=now))
         self._write(partial(store.device_model, device_id=device), partial(self._model_known, device))
-        self._check_announced(device, meta)
+        model = self.roster.models.get(device)
+        missing = missing_from_model(model, meta)
+        if model is not None and missing:  # its readings will be refused: say so now, not only once per reading
+            self.refusals.refused(
+                device, "model_lacks", f"device {device} announces {', '.join(missing)}, which its model "
+                f"{model.name!r} lacks: readings with them will be refused", "add them to the model and load it "
+                "again (`edgetrio model add FILE`)")
 
     def _cmd_result(self, device: str, event: BusEvent, now: float) -> None:
         body = parse_object(event.payload)
@@ -401,10 +395,5 @@ class Ingest:
             self._write(partial(record_late_result, cmd_id=cmd_id, body=body, now=now))
 
     def _note(self, device: str, event: BusEvent, now: float) -> None:  # log and status lines, kept as events
-        note: Any
-        try:
-            note = wire.loads(event.payload)
-        except ValueError:
-            note = event.payload[:4096].decode("utf-8", "replace")
         channel = event.topic.rsplit("/", 1)[1]
-        self._write(partial(self.changes.event, device=device, kind=channel, body=note, now=now))
+        self._write(partial(self.changes.event, device=device, kind=channel, body=parse_note(event.payload), now=now))

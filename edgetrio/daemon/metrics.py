@@ -34,6 +34,7 @@ class GatewayCollector:
         return []  # values come from the running daemon only; nothing to register at import time
 
     def collect(self) -> Iterator[Metric]:
+        """The gateway's gauges, read from the trio side at each scrape."""
         try:
             s = trio.from_thread.run_sync(self.snapshot, trio_token=self.token)
         except trio.RunFinishedError:

@@ -34,6 +34,7 @@ class Scheduler:
         self._reschedule.set()
 
     async def run(self, actions: trio.Nursery) -> None:
+        """Fire each schedule at its time (actions start in `actions`), replanning when the schedules change."""
         next_at: dict[str, float] = {}
         while True:
             if self._reschedule.is_set():

@@ -28,6 +28,7 @@ class VitalFailure(Exception):
 
 @dataclass
 class Component:
+    """One component's state as `status` and /healthz show it: vital ones stop the daemon when they fail for good."""
     name: str
     vital: bool
     state: str = "starting"  # starting, running, restarting, off, stopped

@@ -133,6 +133,14 @@ def parse_object(payload: bytes) -> dict[str, Any]:
 MAX_COUNTER = wire.MAX_INTEGER  # a larger seq would fail the whole group commit, every device's
 
 
+def parse_note(payload: bytes) -> Any:
+    """A log or status line as the device sent it: JSON when it is, else its text (at most 4 KiB)."""
+    try:
+        return wire.loads(payload)
+    except ValueError:
+        return payload[:4096].decode("utf-8", "replace")
+
+
 def _counter(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:

@@ -74,6 +74,7 @@ def start_relay(relay_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any
 
 
 def set_up_relay(relay_dir: Path) -> dict[str, Any]:
+    """The demo's node, dashboard account and rule set, made through the CLI once and kept for reruns."""
     data = ("--data-dir", str(relay_dir))
     node_file = relay_dir / "demo-node.json"
     if not node_file.exists():
@@ -115,6 +116,7 @@ CHILD: dict[str, Any] = {"start_new_session": True, "preexec_fn": partial(die_wi
 
 
 def run_demo(data_dir: Path, count: int, duration: float) -> None:
+    """Run a relay, a gateway linked to it and virtual boards, printing what arrives where, until Ctrl-C."""
     relay_dir = data_dir / "relay"
     data_dir = data_dir / "gateway"
     print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} virtual ESP32s running the "

@@ -77,6 +77,7 @@ def run_as(where: Layout) -> str:
 
 
 def daemon_files(where: Layout) -> dict[Path, str]:
+    """The daemon's systemd unit and a commented config file, for a system or a user install."""
     config = where.config / "daemon.toml"
     unit = f"""[Unit]
 Description=edgetrio gateway daemon (MQTT broker, store, cloud link)

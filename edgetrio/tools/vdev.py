@@ -184,6 +184,70 @@ class ReplPort:
                 return
 
 
+class WifiProxy:
+    """A virtual board's Wi-Fi: a TCP proxy between the board and the broker, cut while its `sim/wifi` file says
+    down (the links it carries closed at once, as a radio losing its access point)."""
+
+    def __init__(self, device_id: str, sim_dir: Path, broker: tuple[str, int]) -> None:
+        self.id = device_id
+        self.sim_dir = sim_dir
+        self.broker = broker
+        self.wifi_up = True
+        self.links: set[trio.abc.Stream] = set()
+
+    async def serve(self, nursery: trio.Nursery) -> int:
+        """Listen on a free loopback port (written to `sim/proxy_port` for the board) and serve; the port."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port: int = listeners[0].socket.getsockname()[1]
+        self.sim_dir.mkdir(parents=True, exist_ok=True)
+        (self.sim_dir / "proxy_port").write_text(str(port))
+        nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
+        nursery.start_soon(self._watch_wifi)
+        return port
+
+    async def _watch_wifi(self) -> None:
+        wifi = self.sim_dir / "wifi"
+        while True:
+            up = not (wifi.exists() and wifi.read_text().strip() == "down")
+            if self.wifi_up and not up:
+                log.info("vdev %s wifi down", self.id)
+                for link in list(self.links):
+                    await trio.aclose_forcefully(link)
+            elif up and not self.wifi_up:
+                log.info("vdev %s wifi up", self.id)
+            self.wifi_up = up
+            await trio.sleep(0.1)
+
+    async def _proxy(self, device_side: trio.SocketStream) -> None:
+        if not self.wifi_up or not self.broker[1]:
+            await trio.aclose_forcefully(device_side)
+            return
+        try:
+            broker_side = await trio.open_tcp_stream(*self.broker)
+        except OSError:
+            await trio.aclose_forcefully(device_side)
+            return
+        self.links.update((device_side, broker_side))
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(src)
+                await trio.aclose_forcefully(dst)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, device_side, broker_side)
+                nursery.start_soon(pump, broker_side, device_side)
+        finally:
+            self.links.discard(device_side)
+            self.links.discard(broker_side)
+
+
 class VirtualDevice:
     """One virtual ESP32: the real firmware on the MicroPython unix port in its own process, a folder as its flash, a
     TCP proxy as its Wi-Fi, and a supervisor that starts it again after a reset, a crash or a power cut."""
@@ -196,9 +260,8 @@ class VirtualDevice:
         self.broker = broker
         self.heap = heap
         self.repl = repl
+        self.wifi = WifiProxy(device_id, flash / "sim", broker)
         self.proxy_port = 0
-        self.wifi_up = True
-        self.links: set[trio.abc.Stream] = set()
         self.boots = 0
         self.process: trio.Process | None = None
 
@@ -216,12 +279,7 @@ class VirtualDevice:
         """Run the board (its Wi-Fi proxy and its supervisor) until cancelled; its REPL link goes with it."""
         try:
             async with trio.open_nursery() as nursery:
-                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                self.proxy_port = listeners[0].socket.getsockname()[1]
-                (self.flash / "sim").mkdir(parents=True, exist_ok=True)
-                (self.flash / "sim" / "proxy_port").write_text(str(self.proxy_port))
-                nursery.start_soon(trio.serve_listeners, self._proxy, listeners)
-                nursery.start_soon(self._watch_wifi)
+                self.proxy_port = await self.wifi.serve(nursery)
                 if self.repl is not None:
                     nursery.start_soon(self.repl.from_host)
                 config_path = self.flash / "config.json"
@@ -367,48 +425,6 @@ class VirtualDevice:
         except (OSError, ValueError):  # not armed yet, or caught mid-write
             return False
 
-    async def _watch_wifi(self) -> None:
-        wifi = self.flash / "sim" / "wifi"
-        while True:
-            up = not (wifi.exists() and wifi.read_text().strip() == "down")
-            if self.wifi_up and not up:
-                log.info("vdev %s wifi down", self.id)
-                for link in list(self.links):
-                    await trio.aclose_forcefully(link)
-            elif up and not self.wifi_up:
-                log.info("vdev %s wifi up", self.id)
-            self.wifi_up = up
-            await trio.sleep(0.1)
-
-    async def _proxy(self, device_side: trio.SocketStream) -> None:
-        if not self.wifi_up or not self.broker[1]:
-            await trio.aclose_forcefully(device_side)
-            return
-        try:
-            broker_side = await trio.open_tcp_stream(*self.broker)
-        except OSError:
-            await trio.aclose_forcefully(device_side)
-            return
-        self.links.update((device_side, broker_side))
-
-        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-            try:
-                while data := await src.receive_some(65536):
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(src)
-                await trio.aclose_forcefully(dst)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, device_side, broker_side)
-                nursery.start_soon(pump, broker_side, device_side)
-        finally:
-            self.links.discard(device_side)
-            self.links.discard(broker_side)
-
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
                     blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
@@ -479,6 +495,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
               blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
               forced: bool = False) -> None:
+    """Run virtual boards (the real firmware on the unix port) against the daemon until Ctrl-C."""
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart,
