@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import sqlite3
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from edgetrio.tools.testkit import ROOT, Daemon, cli, wait_until
 
@@ -267,3 +271,40 @@ def test_readings_as_csv_and_json_lines_for_other_tools(daemon: Daemon, device: 
     assert [(row["seq"], row["t"], row["label"], row["on"], row["ts_arrival"]) for row in table] == [
         ("1", "21.5", 'a,b "q"', "", ""), ("2", "22.0", "", "true", "true")]
     assert table[0]["time_utc"] == "2023-11-14T22:13:21.000+00:00" and float(table[1]["ts"]) == stored[1]["ts"]
+
+
+def leaf_commands(parser: object, words: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command of an argparse tree, as the words a user types."""
+    import argparse
+
+    found = []
+    for action in getattr(parser, "_actions", []):
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += leaf_commands(sub, (*words, name)) or [(*words, name)]
+    return found
+
+
+def test_every_command_has_help_and_data_commands_share_their_options(tmp_path: Path) -> None:
+    from edgetrio.cli import build_parser
+
+    commands = leaf_commands(build_parser())
+    assert len(commands) > 40 and ("cloud", "user", "add") in commands and ("user", "add") in commands
+    for words in commands:
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown), pytest.raises(SystemExit) as stopped:
+            build_parser().parse_args([*words, "--help"])
+        assert stopped.value.code == 0 and "usage: edgetrio " + " ".join(words) in shown.getvalue(), words
+        if words[0] not in ("service", "cloud"):
+            assert "--data-dir" in shown.getvalue(), words  # the gateway's data dir, declared once for all of them
+    # the accounts commands are the same on both tiers: the same answers, each on its own store
+    gateway, relay = tmp_path / "gateway", tmp_path / "relay"
+    made = [json.loads(cli(where, *prefix, "user", "add", "ops", "--role", "admin", "--json").stdout)
+            for prefix, where in (((), gateway), (("cloud",), relay))]
+    assert [sorted(m) for m in made] == [["name", "password", "role"]] * 2 and made[0]["password"] != made[1]["password"]
+    for prefix, where in (((), gateway), (("cloud",), relay)):
+        listed = json.loads(cli(where, *prefix, "user", "list", "--json").stdout)
+        assert [(u["name"], u["role"]) for u in listed] == [("ops", "admin")]
+    short = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", "x", "--password-stdin",
+                            "--data-dir", str(relay)], input="short\n", capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
