@@ -157,7 +157,7 @@ def test_the_bme280_driver_gives_the_datasheets_worked_example(tmp_path: Path) -
     # formulas and the simulated chip's floating-point ones (written separately) must both land on it.
     out = run_micropython(tmp_path, """
 import bme280
-from sensors import compensate_t, compensate_p
+from drv_bme280 import compensate_t, compensate_p
 cal = {"T1": 27504, "T2": 26435, "T3": -1000, "P1": 36477, "P2": -10685, "P3": 3024, "P4": 2855, "P5": 140,
        "P6": -7, "P7": 15500, "P8": -14600, "P9": 6000}
 t, fine = compensate_t(519888, cal)
@@ -178,7 +178,7 @@ def test_the_driver_reads_back_what_an_independent_chip_model_was_set_to(tmp_pat
     (tmp_path / "sim").mkdir()
     out = run_micropython(tmp_path, """
 import json, machine
-from sensors import BME280
+from drv_bme280 import BME280
 cases = [(-20.0, 850.0, 10.0), (0.5, 950.25, 33.3), (21.37, 1013.25, 45.0), (38.9, 1080.0, 90.0)]
 for t, p, h in cases:
     with open("sim/env.json", "w") as f:
@@ -196,7 +196,7 @@ def test_a_bmp280_has_no_humidity_and_forced_mode_measures_on_request(tmp_path: 
     (tmp_path / "sim" / "sensor").write_text("bmp280")
     out = run_micropython(tmp_path, """
 import json, machine
-from sensors import BME280
+from drv_bme280 import BME280
 def pin(t):
     with open("sim/env.json", "w") as f:
         json.dump({"temperature": t, "pressure": 1000.0, "humidity": 50.0}, f)

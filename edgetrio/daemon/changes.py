@@ -80,6 +80,10 @@ class StateChanges:
         self.mirror(db, "device", {"device": device, "registered": True, "model": model})
         return secret
 
+    def set_model(self, db: Database, device: str, model: str | None) -> None:
+        store.set_device_model(db, device, model)
+        self.mirror(db, "device", {"device": device, "registered": True, "model": model})
+
     def unregister(self, db: Database, device: str) -> None:
         store.remove_device(db, device)
         self.mirror(db, "device", {"device": device, "registered": False})

@@ -166,6 +166,11 @@ class ControlServer:
             await self.roster.reload(device_id)
             self.link.disconnect(device_id)
             return {"id": device_id, "username": device_id, "password": secret}
+        if op == "device.model":  # a board flashed from a board file: the model its components make
+            device_id, model = args["id"], args.get("model")
+            await self.writer.write(partial(self.changes.set_model, device=device_id, model=model))
+            await self.roster.reload(device_id)
+            return {"id": device_id, "model": model}
         if op == "device.remove":
             device_id = args["id"]
             await self.writer.write(partial(self.changes.unregister, device=device_id))

@@ -120,13 +120,17 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
     configs = []
     controls = controls_of(model, meta)
     control_names = {c["name"] for c in controls}
+    # what a board file said a contact is (door, window, motion...): its meta carries the class with the resource
+    classes = {r["name"]: r["device_class"] for r in meta.get("resources") or []
+               if isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("device_class"), str)}
     for r in (model.resources.values() if model is not None else []):
         if r.name in control_names:
             continue
         name = r.name.replace("_", " ")
         if r.type == "bool":
             configs.append(entity("binary_sensor", r.name, name, {
-                "state_topic": topic(device, "state", r.name), "payload_on": "true", "payload_off": "false"}))
+                "state_topic": topic(device, "state", r.name), "payload_on": "true", "payload_off": "false",
+                **({"device_class": classes[r.name]} if r.name in classes else {})}))
             continue
         body: dict[str, Any] = {"state_topic": topic(device, "state", r.name)}
         if r.type in ("int", "float"):
@@ -147,9 +151,11 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
             configs.append(entity("switch", c["name"], name, {
                 **body, "payload_on": "true", "payload_off": "false", "state_on": "true", "state_off": "false"}))
         elif c["type"] in ("int", "float"):
+            # a dimmer's 0-100 %: a slider; a period of 0.1 s to a day: a box to type in
+            bounded = c["min"] is not None and c["max"] is not None and c["max"] - c["min"] <= 1000
             body.update({"min": c["min"] if c["min"] is not None else -1e9,
                          "max": c["max"] if c["max"] is not None else 1e9,
-                         "step": 1 if c["type"] == "int" else 0.1, "mode": "box"})
+                         "step": 1 if c["type"] == "int" else 0.1, "mode": "slider" if bounded else "box"})
             if c["unit"]:
                 body["unit_of_measurement"] = ha_unit(c["unit"])
             configs.append(entity("number", c["name"], name, body))

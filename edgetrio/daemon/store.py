@@ -195,6 +195,15 @@ def add_device(db: Database, device_id: str, model: str | None = None, secret_ha
     return secret
 
 
+def set_device_model(db: Database, device_id: str, model: str | None) -> None:
+    """Give a registered device a model (None: none, its announced one applies)."""
+    if get_device(db, device_id) is None:
+        raise UnknownDevice(device_id)
+    if model is not None and get_model(db, model) is None:
+        raise RegistryError(f"unknown model {model!r} (add it with `edgetrio model add FILE`)")
+    db.execute("UPDATE devices SET model = ? WHERE id = ?", [model, device_id])
+
+
 def remove_device(db: Database, device_id: str) -> None:
     """Remove a device and its twin; its stored readings stay (nothing recorded is thrown away)."""
     if get_device(db, device_id) is None:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgetrio.tools.boards import Board, reference_board
+
 PACKAGE = Path(__file__).resolve().parents[1]  # edgetrio/
 # installed, the firmware ships inside the package; in a checkout it is the top-level firmware/ folder
 FIRMWARE = PACKAGE / "firmware" if (PACKAGE / "firmware").is_dir() else PACKAGE.parent / "firmware"
@@ -57,11 +59,14 @@ def build_bundle(out: Path) -> Path:
     return out
 
 
-def device_config(device_id: str, password: str, period: float, buffer: int = 500,
-                  forced: bool = False) -> dict[str, Any]:
-    """A board's config.json: its identity and credential, its gateway, its sensors (the pins of the reference
-    board: a BME280 on I2C 21/22, an analog input on 34)."""
-    bme280: dict[str, Any] = {"scl": 22, "sda": 21, **({"mode": "forced"} if forced else {})}
-    return {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
-            "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "period": period, "buffer": buffer,
-            "sensors": {"bme280": bme280, "adc": {"pin": 34}, "chip": True}}
+def device_config(device_id: str, password: str, period: float | None = None, buffer: int = 500,
+                  forced: bool = False, board: Board | None = None) -> dict[str, Any]:
+    """A board's config.json: its identity and credential, its gateway, and its components (those of the board file,
+    else the reference board: a BME280 on I2C 21/22, an analog input on 34, the chip's temperature)."""
+    described = board or reference_board(forced)
+    config = {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
+              "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "buffer": buffer,
+              **described.config()}
+    if period is not None:  # given on the command line: it wins over the board file's
+        config["period"] = period
+    return config

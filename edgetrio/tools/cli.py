@@ -20,6 +20,7 @@ from edgetrio.console import (
     require_positive,
 )
 from edgetrio.daemon.config import daemon_running
+from edgetrio.tools.boards import BoardError, load_board
 from edgetrio.tools.bundle import require_device_tools
 from edgetrio.tools.demo import run_demo
 from edgetrio.tools.flash import FlashError, FlashTimeout, flash
@@ -44,6 +45,8 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
         help="expose the device's REPL on a pty linked at PATH, like a board's USB serial port"),
     arg("--blank", action="store_true",
         help="a new board with an empty flash, for `edgetrio flash` to fill: the first PREFIX-N not taken"),
+    arg("--board", type=Path, metavar="FILE",
+        help="a board file (TOML): the boards have these parts wired and run with this config (docs/firmware.md)"),
     arg("--sensor", choices=["bme280", "bmp280"], default="bme280",
         help="the chip on the boards' I2C bus (a BMP280 has no humidity; default bme280)"),
     arg("--forced", action="store_true",
@@ -59,8 +62,12 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     if not args.blank and not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: start `edgetrio daemon` first", EXIT_USAGE)
     try:
+        board = load_board(args.board, wifi=args.uart is None) if args.board else None
+    except BoardError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    try:
         main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
-                  args.buffer, args.sensor, args.forced)
+                  args.buffer, args.sensor, args.forced, board)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -72,7 +79,11 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     arg("--broker", required=True, metavar="HOST[:PORT]", help="the gateway's MQTT address as the board sees it"),
     arg("--wifi-ssid", default=""),
     arg("--wifi-password", default=""),
-    arg("--period", type=float, default=10.0, help="sample period in seconds (the twin can change it)"),
+    arg("--board", type=Path, metavar="FILE",
+        help="a board file (TOML) describing what is wired to the board: its components, their pins and filters; "
+             "its model is registered for the device (docs/firmware.md). Default: the reference board"),
+    arg("--period", type=float, help="sample period in seconds (default: the board file's, else 10; the twin can "
+                                     "change it)"),
     arg("--watchdog", type=float, default=60.0, metavar="S",
         help="reset the board when its firmware stops for this long (default 60 s; 2-3600; keep it above the time a "
              "reflash takes, which the running watchdog also covers)"),
@@ -86,7 +97,8 @@ def cmd_vdev(args: argparse.Namespace) -> None:
 def cmd_flash(args: argparse.Namespace) -> None:
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
-              args.period, args.wait, watchdog=args.watchdog, erase=args.erase, password=args.password)
+              args.period, args.wait, watchdog=args.watchdog, erase=args.erase, password=args.password,
+              board_file=args.board)
     except FlashTimeout as exc:  # flashed, but not online: a failure to look into, not a usage error
         raise CliError(str(exc), EXIT_FAILED) from exc
     except (FlashError, RuntimeError) as exc:

@@ -14,12 +14,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from edgetrio.daemon import store
 from edgetrio.daemon.config import daemon_running
 from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.daemon.models import Model
 from edgetrio.identity import RegistryError, check_device_id
+from edgetrio.tools.boards import Board, BoardError, i2c_scan_script, load_board, missing_chips, reference_board
 from edgetrio.tools.bundle import build_bundle, device_config, require_device_tools
 
 
@@ -124,10 +125,11 @@ DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "b
 
 
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
-          out: Path | None = None, period: float = 10.0, wait: float = 60.0, sensors: dict[str, Any] | None = None,
-          watchdog: float = 60.0, erase: bool = False, password: str | None = None) -> None:
+          out: Path | None = None, period: float | None = None, wait: float = 60.0, watchdog: float = 60.0,
+          erase: bool = False, password: str | None = None, board_file: Path | None = None) -> None:
     """Flash a board; `password` is a credential made elsewhere (say `edgetrio cloud device add`), so nothing is
-    registered here (a laptop can flash for a gateway it does not run)."""
+    registered here (a laptop can flash for a gateway it does not run). `board_file` describes what is wired to the
+    board (else the reference board); its model is registered for the device."""
     try:
         check_device_id(device_id)
     except RegistryError as exc:
@@ -142,23 +144,33 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
     if port is not None and "://" not in port and not os.path.exists(port):
         raise FlashError(f"no such port {port}: is the board plugged in? (ls /dev/ttyUSB* /dev/ttyACM*)")
     try:
+        board = load_board(board_file) if board_file is not None else reference_board()
+    except BoardError as exc:
+        raise FlashError(str(exc)) from None
+    try:
         require_device_tools(flashing=out is None)  # before the device is registered
     except RuntimeError as exc:
         raise FlashError(str(exc)) from exc
     total = 3 if out else 6
+    if port is not None and out is None and board.i2c_buses:
+        # every chip the file names must answer before anything is registered or written
+        print(f"      looking for the board's I2C chips on {port}", flush=True)
+        missing = missing_chips(board, mpremote(port, "exec", i2c_scan_script(board), timeout=30))
+        if missing:
+            raise FlashError(missing)
     if password:
         step(1, total, f"using the credential given for {device_id} (not registering it here)")
     else:
         step(1, total, f"registering {device_id} at the gateway in {data_dir}")
         password = credential(data_dir, device_id)
+        if board_file is not None:
+            print(f"      {register_model(data_dir, device_id, board)}", flush=True)
     step(2, total, "compiling the firmware with mpy-cross")
     with tempfile.TemporaryDirectory(prefix="edgetrio-flash-") as tmp:
         bundle = build_bundle(Path(tmp) / "bundle")
-        config = device_config(device_id, password, period)
+        config = device_config(device_id, password, period, board=board)
         config.update({"wifi_ssid": wifi_ssid, "wifi_password": wifi_password, "broker_host": host,
                        "broker_port": int(broker_port or 1883), "watchdog_ms": int(watchdog * 1000)})
-        if sensors is not None:
-            config["sensors"] = sensors
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
         os.chmod(bundle / "config.json", 0o600)  # it holds the device's credential
         if out is not None:
@@ -186,6 +198,37 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
         raise FlashTimeout(f"{device_id} did not come online within {wait:g} s: check Wi-Fi ({wifi_ssid or 'none'}), "
                          f"the broker address {broker}, and the board's console (mpremote connect {port} repl)")
     print(f"{device_id} is online", flush=True)
+
+
+def register_model(data_dir: Path, device_id: str, board: Board) -> str:
+    """Store the model the board's components make and give it to the device, unless the device has another model
+    the user gave it (that one wins; the gateway says loudly where the two disagree). What was done, in words."""
+    model = Model.from_dict(board.model_document())
+    db = store.open_db(data_dir)
+    try:
+        current = (store.get_device(db, device_id) or {}).get("model")
+    finally:
+        db.close()
+    if current not in (None, model.name):
+        return (f"{device_id} keeps its model {current!r} (given by hand); the board file's {model.name!r} is not "
+                f"applied: `edgetrio device list` shows where they differ")
+    try:
+        if daemon_running(data_dir):
+            with ControlClient(data_dir) as control:
+                control.request("model.add", {"model": model.as_dict()})
+                control.request("device.model", {"id": device_id, "model": model.name})
+        else:
+            db = store.open_db(data_dir)
+            try:
+                with db.atomic():
+                    store.add_model(db, model)
+                    store.set_device_model(db, device_id, model.name)
+            finally:
+                db.close()
+    except (ControlError, RegistryError) as exc:
+        raise FlashError(f"cannot register the model of {device_id}: {exc}") from exc
+    names = ", ".join(f"{r.name}{' (' + r.unit + ')' if r.unit else ''}" for r in model.resources.values())
+    return f"model {model.name}: {names}"
 
 
 def wait_online(data_dir: Path, device_id: str, since: float, timeout: float) -> bool:

@@ -27,7 +27,9 @@ import trio
 from edgetrio.daemon import store
 from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.tools.boards import Board
 from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool
+from edgetrio.tools.flash import register_model
 
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
@@ -428,7 +430,7 @@ class VirtualDevice:
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
                     blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
-                    forced: bool = False,
+                    forced: bool = False, board: Board | None = None,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
 
@@ -450,6 +452,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
         hold_board(data_dir, device_id)
         device = VirtualDevice(device_id, flash_dir(data_dir, device_id), broker, heap,
                                ReplPort(repl_pty) if repl_pty else None, sim)
+        fit_parts(device.flash, board)
         async with trio.open_nursery() as nursery:
             await nursery.start(device.run)
             task_status.started([device])
@@ -478,7 +481,10 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
                                    ReplPort(repl_pty) if repl_pty else None, sim)
-            config = device_config(device_id, str(password), period, buffer, forced)
+            config = device_config(device_id, str(password), period, buffer, forced, board)
+            if board is not None:
+                print(register_model(data_dir, device_id, board), flush=True)
+            fit_parts(flash, board)
             if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
                 config["transport"] = "serial"
             device.install(bundle, config)
@@ -492,14 +498,23 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
         task_status.started(devices)
 
 
+def fit_parts(flash: Path, board: Board | None) -> None:
+    """What is wired to the virtual board: the board file's parts (sim/board.json), else the reference board's."""
+    (flash / "sim").mkdir(parents=True, exist_ok=True)
+    if board is None:
+        (flash / "sim" / "board.json").unlink(missing_ok=True)
+    else:
+        (flash / "sim" / "board.json").write_text(json.dumps(board.components))
+
+
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
               blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
-              forced: bool = False) -> None:
+              forced: bool = False, board: Board | None = None) -> None:
     """Run virtual boards (the real firmware on the unix port) against the daemon until Ctrl-C."""
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart,
-                                          buffer, sensor, forced)
+                                          buffer, sensor, forced, board)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             if blank:

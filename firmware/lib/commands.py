@@ -21,7 +21,7 @@ async def command(node, cmd):
             node.led.value(1 if node.twin.get("led") else 0)
             result["value"] = "blinked"
         elif name == "read_now":
-            if node.sensors is None:
+            if node.board is None:
                 raise ValueError("safe mode: sensors are off")
             result["value"] = node.take_reading()
         elif name == "reboot":

@@ -77,11 +77,15 @@ class Node:
         self.seq = 0
         self.twin = state.get("twin") or {"period": cfg.get("period", 10), "led": False, "threshold": 0}
         self.buffer = Buffer("buffer.log", cfg.get("buffer", 500))
-        self.sensors = None
+        self.board = None  # what is wired to it (safe mode leaves it alone: a driver may be what crashed)
         if not safe_mode:
-            import sensors
+            from components import Board
 
-            self.sensors = sensors.Sensors(cfg.get("sensors", {"chip": True}))
+            self.board = Board(cfg.get("components") or [])
+            for name, component in self.board.outputs.items():
+                if component.spec.get("restore") and name in self.twin:
+                    self.board.write(name, self.twin[name])
+            gc.collect()  # what importing the drivers left behind, before the session's buffers
         self.led = machine.Pin(cfg.get("led_pin", 2), machine.Pin.OUT)
         self.led.value(1 if self.twin.get("led") else 0)
         self.link = Link(cfg, self.id, self.root, self.log)
@@ -129,8 +133,16 @@ class Node:
 
     async def apply_desired(self, desired):
         rejected = {}
+        board = self.board
         for key, value in desired.items():
-            reason = check_twin(key, value)
+            if board is not None and key in board.outputs:
+                reason = board.check_output(key, value)
+                if reason is None:
+                    board.write(key, value)
+            else:
+                reason = check_twin(key, value)
+                if reason is None and key == "period" and board is not None:
+                    board.reschedule()
             if reason:
                 rejected[key] = reason
             else:
@@ -145,8 +157,10 @@ class Node:
 
     # -- telemetry ----------------------------------------------------------------------------------------------------
 
-    def take_reading(self):
-        values = self.sensors.read() if self.sensors else {}
+    def take_reading(self, values=None):
+        """Buffer a reading: the values given, or all the board's sensors read now."""
+        if values is None:
+            values = self.board.read(self.twin.get("period", 10), True) if self.board else {}
         if not values:
             return values
         self.seq += 1
@@ -158,17 +172,26 @@ class Node:
         return values
 
     async def sample(self):
-        sensors = self.sensors
-        if sensors is None:
+        """Read each component when it is due (its interval, else the period) and buffer what changed enough; an
+        input's change is buffered at once (polled every 50 ms)."""
+        board = self.board
+        if board is None:
             return
+        for error in board.errors:
+            self.log("error", "component not started: " + error)
         while True:
             try:
-                values = sensors.read()
+                values = board.read(self.twin.get("period", 10))
                 if values and changed(self.twin.get("threshold"), self.last_values, values):
-                    self.take_reading()
+                    self.take_reading(values)
+                for _ in range(20 if board.inputs else 0):
+                    now = board.changes()
+                    if now:
+                        self.take_reading(now)
+                    await asyncio.sleep(0.05)
             except Exception as e:
                 self.log("error", "sensor read failed: %s" % e)
-            await asyncio.sleep(self.twin.get("period", 10))
+            await asyncio.sleep(board.wait(self.twin.get("period", 10)) if not board.inputs else 0)
 
     async def send(self, client):
         """Publish what the buffer holds, oldest first; again after each new reading. Ends with the connection.
@@ -220,7 +243,7 @@ class Node:
 
     def meta(self):
         return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
-                "resources": self.sensors.resources() if self.sensors else [], "rssi": self.link.rssi(),
+                "resources": self.board.resources() if self.board else [], "rssi": self.link.rssi(),
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
                 "safe_mode": self.safe_mode, "reset_cause": self.reset_cause,
                 "transport": "serial" if self.link.serial else "mqtt", "controls": CONTROLS, "commands": COMMANDS}
@@ -235,6 +258,7 @@ class Node:
             self.clock.sync_ntp(host)
         # retained like the will, so a broker that keeps retained messages never shows a stale `offline`
         await client.publish(root + "status", "online", qos=1, retain=True)
+        gc.collect()  # meta is the largest message a board sends
         await client.publish(root + "meta", json.dumps(self.meta()), qos=1)
         self.log("info", "online, boot %d after a %s reset%s"
                  % (self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else ""))
@@ -252,7 +276,7 @@ class Node:
 
     async def main(self):
         tasks = [asyncio.create_task(self.link.run(self, self.buffer.flush)), asyncio.create_task(self.watchdog())]
-        if self.sensors is not None:
+        if self.board is not None:
             tasks.append(asyncio.create_task(self.sample()))
         await asyncio.gather(*tasks)
 

@@ -9,6 +9,10 @@ import machine  # noqa: F401
 import network  # noqa: F401
 import time  # noqa: F401
 
+if machine.exists("sim/board.json"):  # a board file's parts: their models, before the flash hides them
+    import onewire  # noqa: F401
+    import parts  # noqa: F401
+
 import flashfs
 
 flashfs.mount_flash()

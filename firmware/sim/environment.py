@@ -17,7 +17,7 @@ def _unit(seed, n):
     return h / 4294967296.0
 
 
-def _device_id():
+def device_id():
     try:
         with open("config.json") as f:
             return json.load(f).get("device_id", "vdev")
@@ -42,6 +42,7 @@ class Room:
         self.drift_phase = u[8] * 2 * math.pi
         self.analog = 0.8 + 1.6 * u[9]  # V at the ADC pin
         self.chip = 38.0 + 8.0 * u[10]  # degC, the ESP32 die
+        self.daylight = 5000.0 + 25000.0 * u[11]  # lx at noon through its window
         self._noise = seed
 
     def noise(self, step):
@@ -68,13 +69,15 @@ class Room:
             "humidity": max(5.0, min(95.0, self.humidity - 2.5 * self.day_swing * daily - 6.0 * weather)),
             "analog": max(0.0, min(3.3, self.analog + 0.05 * drift)),
             "chip_temperature": self.chip + 0.5 * (temperature - 20.0),
+            "illuminance": max(0.0, math.sin((hour - 6.0) / 12.0 * math.pi)) * self.daylight * (0.8 + 0.2 * weather),
         }
 
 
 _room = None
 # noise at the BME280's output resolution (datasheet: 0.01 degC, 0.18 Pa, 0.008 %RH; RMS noise at x1
 # oversampling about 0.005 degC and 3.3 Pa), and what an ADC and the die sensor show
-_NOISE = {"temperature": 0.01, "pressure": 0.033, "humidity": 0.02, "analog": 0.004, "chip_temperature": 0.3}
+_NOISE = {"temperature": 0.01, "pressure": 0.033, "humidity": 0.02, "analog": 0.004, "chip_temperature": 0.3,
+          "illuminance": 2.0}
 
 
 def pinned():
@@ -85,12 +88,15 @@ def pinned():
         return {}
 
 
-def value(key):
-    """What the board's sensor `key` sees now: a pinned value, or its room's, with noise."""
+def value(key, default=None):
+    """What the board's sensor `key` sees now: a pinned value, or its room's, with noise (`default` for what the
+    room does not model: an input pin's level, a meter's pulses)."""
     global _room
     fixed = pinned()
     if key in fixed:
         return fixed[key]
+    if key not in _NOISE:
+        return default
     if _room is None:
-        _room = Room(_device_id())
+        _room = Room(device_id())
     return _room.at(time.host_time())[key] + _room.noise(_NOISE[key])

@@ -20,9 +20,9 @@ def exists(path):
         return False
 
 
-def env(key):
+def env(key, default=None):
     """What the board's sensors see now (sim/environment.py; sim/env.json pins values)."""
-    return environment.value(key)
+    return environment.value(key, default)
 
 
 def reset():
@@ -69,16 +69,24 @@ def reset_cause():
 class Pin:
     IN = 0
     OUT = 1
+    OPEN_DRAIN = 2
     PULL_UP = 2
+    PULL_DOWN = 1
+    IRQ_RISING = 1
+    IRQ_FALLING = 2
     _levels = {}
 
     def __init__(self, n, mode=-1, pull=-1, value=None):
         self.n = n
+        self.mode = mode
+        self.pull = pull
         if value is not None:
             Pin._levels[n] = value
 
     def value(self, v=None):
         if v is None:
+            if self.mode == Pin.IN:  # what is wired to it: `edgetrio fault ID env gpio13=0` closes a contact
+                return int(env("gpio%d" % self.n, 1 if self.pull == Pin.PULL_UP else 0))
             return Pin._levels.get(self.n, 0)
         Pin._levels[self.n] = 1 if v else 0
         return None
@@ -89,8 +97,28 @@ class Pin:
     def off(self):
         self.value(0)
 
+    def irq(self, handler=None, trigger=None):
+        return None  # the simulated board counts pulses with its PCNT unit (esp32.PCNT)
+
+
+class PWM:
+    def __init__(self, pin, freq=1000, duty_u16=0):
+        self.pin = pin
+        self.freq = freq
+        self.duty = duty_u16
+
+    def duty_u16(self, value=None):
+        if value is None:
+            return self.duty
+        self.duty = value
+        Pin._levels[self.pin.n] = value
+        return None
+
 
 class ADC:
+    ATTN_0DB = 0
+    ATTN_2_5DB = 1
+    ATTN_6DB = 2
     ATTN_11DB = 3
 
     def __init__(self, pin, atten=None):
@@ -98,6 +126,27 @@ class ADC:
 
     def read_u16(self):
         return max(0, min(65535, int(env("analog") / 3.3 * 65535)))
+
+    def read_uv(self):
+        return int(max(0.0, min(3.3, env("analog"))) * 1000000)
+
+
+def fitted_parts():
+    """sim/parts.py when the board has a board file's parts (it was imported before the flash was mounted), else
+    None: the reference board needs none of it, and its heap stays as it was."""
+    if not exists("sim/board.json"):
+        return None
+    import parts
+
+    return parts
+
+
+def dht_readinto(pin, buf):
+    parts = fitted_parts()
+    part = parts.part_on(pin.n, ("dht22", "dht11")) if parts else None
+    if part is None:
+        raise OSError(110)  # ETIMEDOUT: nothing answered on the pin
+    buf[:] = parts.dht_frame(part["driver"])
 
 
 def _sensor_kind():
@@ -109,28 +158,53 @@ def _sensor_kind():
 
 
 class I2C:
-    """The board's I2C bus with one BME280 (or a BMP280 when sim/sensor says so) at 0x76."""
+    """The board's I2C buses with the chips its sim/board.json wires to them (the reference board: one BME280, or a
+    BMP280 when sim/sensor says so, at 0x76)."""
 
-    _chip = None  # one chip per board, whichever bus object reaches it
+    _chips = None  # (sda, scl, address) -> chip; each chip is reached through whichever bus object has its pins
 
     def __init__(self, bus=0, scl=None, sda=None, freq=400000):
-        if I2C._chip is None:
-            I2C._chip = bme280.Chip(_sensor_kind())
+        self.pins = (getattr(sda, "n", 21), getattr(scl, "n", 22))
+        if I2C._chips is None:
+            I2C._chips = {}
+            parts = fitted_parts()
+            board = parts.fitted() if parts else None
+            models = {"bme280": bme280.Chip, "bmp280": bme280.Chip}
+            if parts:
+                models.update({"sht3x": parts.SHT3x, "bh1750": parts.BH1750})
+            for part in board if board is not None else [{"driver": _sensor_kind(), "address": 0x76}]:
+                kind = part.get("driver")
+                chip = models.get(kind)
+                if chip is not None:
+                    key = (part.get("sda", 21), part.get("scl", 22), part.get("address"))
+                    I2C._chips[key] = chip(kind)
 
-    def scan(self):
-        return [0x76]
-
-    def readfrom_mem(self, addr, reg, n):
-        if addr != 0x76:
+    def _chip(self, addr):
+        chip = I2C._chips.get(self.pins + (addr,))
+        if chip is None:
             raise OSError(19)  # ENODEV, as a board reports a missing device
         while exists("sim/hang"):  # a sensor holding the bus: the read blocks the whole board until a reset
             time.sleep(0.1)
-        return I2C._chip.read(reg, n)
+        return chip
+
+    def scan(self):
+        return sorted(a for (sda, scl, a) in I2C._chips if (sda, scl) == self.pins)
+
+    def readfrom_mem(self, addr, reg, n):
+        return self._chip(addr).read(reg, n)
 
     def writeto_mem(self, addr, reg, data):
-        if addr != 0x76:
-            raise OSError(19)
-        I2C._chip.write(reg, bytes(data))
+        self._chip(addr).write(reg, bytes(data))
+
+    def writeto(self, addr, data):
+        self._chip(addr).command(bytes(data))
+        return len(data)
+
+    def readfrom(self, addr, n):
+        return self._chip(addr).read(n)
+
+
+SoftI2C = I2C
 
 
 def _open_uart():

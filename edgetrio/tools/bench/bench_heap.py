@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetrio.tools.boards import load_board
 from edgetrio.tools.bundle import FIRMWARE, build_bundle, device_config
 from edgetrio.tools.testkit import Daemon
 from edgetrio.tools.vdev import build_sim, micropython
@@ -96,7 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--limit", type=float, default=15.0, help="seconds a trial may take")
+    parser.add_argument("--board", type=Path, metavar="FILE",
+                        help="also the .mpy bundle on a board described by FILE (its parts fitted to the simulation)")
     args = parser.parse_args()
+    board = load_board(args.board) if args.board else None
     with tempfile.TemporaryDirectory(prefix="edgetrio-heap-") as tmp:
         root = Path(tmp)
         daemon = Daemon(root / "gw")
@@ -113,9 +117,15 @@ def main() -> None:
             (bare / "main.py").write_text(SIM_ONLY)
             print("the simulated hardware alone:", flush=True)
             results["sim"] = smallest_heap(lambda kib: trial_sim(bare, sim, kib, args.limit))
-            for kind in ("py", "mpy"):
+            for kind in ("py", "mpy", *(["board"] if board else [])):
                 flash = root / kind
-                if kind == "mpy":
+                if kind == "board" and board is not None:
+                    build_bundle(flash)
+                    (flash / "sim").mkdir(exist_ok=True)
+                    (flash / "sim" / "board.json").write_text(json.dumps(board.components))
+                    config = {**config, **device_config("heap-1", password, 0.2, board=board),
+                              "broker_host": "127.0.0.1", "broker_port": daemon.port}
+                elif kind == "mpy":
                     build_bundle(flash)
                 else:
                     shutil.copytree(FIRMWARE / "lib", flash / "lib")
@@ -134,6 +144,9 @@ def main() -> None:
     print(f"  the simulated hardware alone (in ROM on an ESP32): {results['sim']} KiB")
     print(f"ratio .mpy/.py: {results['mpy'] / results['py']:.2f}x; the firmware's own share as .mpy: about "
           f"{results['mpy'] - results['sim']} KiB (aim for an ESP32 without PSRAM: 64 KiB or less)")
+    if "board" in results:
+        print(f"  .mpy on the board of {args.board}: {results['board']} KiB (ratio to the reference board "
+              f"{results['board'] / results['mpy']:.2f}x; its simulated parts count here, in ROM on an ESP32)")
     sys.exit(0)
 
 

@@ -177,13 +177,14 @@ class Relay:
 
 
 @contextlib.contextmanager
-def virtual_boards(daemon: Daemon, prefix: str, count: int = 1, period: float = 0.5) -> Iterator[list[str]]:
+def virtual_boards(daemon: Daemon, prefix: str, count: int = 1, period: float = 0.5,
+                   extra: tuple[str, ...] = ()) -> Iterator[list[str]]:
     """`edgetrio vdev` running `count` virtual boards (the real firmware on the MicroPython unix port), PREFIX-1..N,
     registered with the daemon if they are not yet; stopped after. Yields their ids."""
     with open(daemon.data_dir.parent / f"vdev-{prefix}.log", "ab") as log:
         boards = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--count", str(count), "--prefix", prefix,
-                                   "--period", str(period), "--data-dir", str(daemon.data_dir)], cwd=ROOT, stdout=log,
-                                  stderr=log)
+                                   "--period", str(period), "--data-dir", str(daemon.data_dir), *extra], cwd=ROOT,
+                                  stdout=log, stderr=log)
         try:
             yield [f"{prefix}-{i}" for i in range(1, count + 1)]
         finally:
@@ -192,12 +193,13 @@ def virtual_boards(daemon: Daemon, prefix: str, count: int = 1, period: float = 
 
 
 @contextlib.contextmanager
-def blank_board(data_dir: Path, tty: Path, prefix: str = "board") -> Iterator[Path]:
+def blank_board(data_dir: Path, tty: Path, prefix: str = "board", extra: tuple[str, ...] = ()) -> Iterator[Path]:
     """`edgetrio vdev --blank --repl-pty TTY`: a new virtual board with an empty flash on a serial port at `tty`, as
     a board fresh from the box on USB; stopped (killed if it will not stop) after."""
     with open(data_dir.parent / f"vdev-{tty.name}.log", "ab") as log:
         board = subprocess.Popen([sys.executable, "-m", "edgetrio", "vdev", "--blank", "--repl-pty", str(tty),
-                                  "--prefix", prefix, "--data-dir", str(data_dir)], cwd=ROOT, stdout=log, stderr=log)
+                                  "--prefix", prefix, "--data-dir", str(data_dir), *extra], cwd=ROOT, stdout=log,
+                                  stderr=log)
         try:
             wait_until(lambda: tty.exists() or board.poll() is not None, timeout=60)
             assert board.poll() is None, f"the blank board did not start: {log.name}"

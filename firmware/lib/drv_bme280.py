@@ -1,5 +1,5 @@
-# Sensors behind a thin hardware layer (machine.I2C, machine.ADC, esp32): a BME280 over I2C with the datasheet's
-# compensation formulas, an analog input, and the chip's own temperature. Each reading carries its unit.
+# A Bosch BME280 (or BMP280: no humidity) over I2C, register-level, with the datasheet's integer compensation
+# formulas (an ESP32's floats are single precision), in normal or forced mode.
 import struct
 import time
 from micropython import const
@@ -109,55 +109,17 @@ class BME280:
         return values
 
 
-RESOURCES = {
-    "temperature": {"name": "temperature", "type": "float", "unit": "C", "min": -40, "max": 85},
-    "pressure": {"name": "pressure", "type": "float", "unit": "hPa", "min": 300, "max": 1100},
-    "humidity": {"name": "humidity", "type": "float", "unit": "%", "min": 0, "max": 100},
-    "analog": {"name": "analog", "type": "float", "unit": "V", "min": 0, "max": 3.3},
-    "chip_temperature": {"name": "chip_temperature", "type": "float", "unit": "C", "min": -40, "max": 125},
-}
+class Device:
+    """The board's component (see components.py): values by the driver's keys."""
 
+    def __init__(self, spec):
+        from components import i2c
 
-class Sensors:
-    """The sensors a config says are fitted: {"bme280": {"scl": 22, "sda": 21}, "adc": {"pin": 34}, "chip": true}."""
+        self.chip = BME280(i2c(spec.get("sda", 21), spec.get("scl", 22)), spec.get("address", BME280_ADDR),
+                           spec.get("mode", "normal"))
 
-    def __init__(self, fitted):
-        import machine
-
-        self.bme = None
-        self.adc = None
-        self.chip = bool(fitted.get("chip"))
-        self.errors = []
-        if "bme280" in fitted:
-            pins = fitted["bme280"]
-            try:
-                i2c = machine.I2C(0, scl=machine.Pin(pins.get("scl", 22)), sda=machine.Pin(pins.get("sda", 21)))
-                self.bme = BME280(i2c, pins.get("addr", BME280_ADDR), pins.get("mode", "normal"))
-            except OSError as e:
-                self.errors.append("bme280: %s" % e)
-        if "adc" in fitted:
-            self.adc = machine.ADC(machine.Pin(fitted["adc"].get("pin", 34)))
-
-    def resources(self):
-        names = []
-        if self.bme:
-            names += self.bme.names()
-        if self.adc:
-            names.append("analog")
-        if self.chip:
-            names.append("chip_temperature")
-        return [RESOURCES[n] for n in names]
+    def keys(self):
+        return self.chip.names()
 
     def read(self):
-        values = {}
-        if self.bme:
-            values.update(self.bme.read())
-        if self.adc:
-            values["analog"] = round(self.adc.read_u16() * 3.3 / 65535, 3)
-        if self.chip:
-            import esp32
-
-            read_chip = getattr(esp32, "mcu_temperature", None)  # not in every port nor in the stubs
-            if read_chip:
-                values["chip_temperature"] = round(float(read_chip()), 1)
-        return values
+        return self.chip.read()
