@@ -236,3 +236,21 @@ def test_the_documented_example_boards_run_as_written(daemon: Daemon, example: s
         assert {r["name"] for r in model["resources"]} == {r["name"] for r in board.resources}
         assert all(isinstance(v, bool) if r["type"] == "bool" else isinstance(v, float | int)
                    for r in board.resources if (v := rows[-1]["values"].get(r["name"])) is not None)
+
+
+def test_a_model_given_by_hand_wins_and_what_it_lacks_is_shown_loudly(daemon: Daemon, tmp_path: Path) -> None:
+    hand = tmp_path / "hand.toml"
+    hand.write_text('name = "by-hand"\n[[resources]]\nname = "temperature"\ntype = "float"\nunit = "C"\n')
+    daemon.cli("model", "add", str(hand))
+    daemon.add_device("hand-1", "--model", "by-hand")
+    board_file = tmp_path / "sht.toml"
+    board_file.write_text('[[component]]\ndriver = "sht3x"\n')
+    with virtual_boards(daemon, "hand", 1, period=1, extra=("--board", str(board_file))):
+        listed = wait_until(lambda: (d := {d["id"]: d for d in json.loads(
+            daemon.cli("device", "list", "--json").stdout)}["hand-1"]) and d["model_lacks"] and d)
+        assert listed["model"] == "by-hand" and listed["model_lacks"] == ["humidity"]
+        text = daemon.cli("device", "list").stdout
+        assert "! hand-1: the board announces humidity, which its model 'by-hand' lacks" in text
+        assert "hand-1 announces humidity, which its model lacks" in daemon.cli("status").stdout
+    log = (daemon.data_dir.parent / "vdev-hand.log").read_text()
+    assert "hand-1 keeps its model 'by-hand' (given by hand)" in log

@@ -47,6 +47,7 @@ from edgetrio.daemon.config import (
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import node_report, run
 from edgetrio.daemon.homeassistant import ha_unit
+from edgetrio.daemon.ingest import missing_from_model
 from edgetrio.daemon.models import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.daemon.topics import INTEGRATIONS
@@ -202,6 +203,8 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         if not d["model"] and (d["meta"] or {}).get("model"):
             d["announced_model"] = d["meta"]["model"]
         d["refused"] = store.refusing(db, d["id"], time.time() - 3600)  # the last hour
+        model = store.get_model(db, d["model"]) if d["model"] else None
+        d["model_lacks"] = missing_from_model(model, d["meta"] or {})  # what the board sends that its model refuses
 
     def human() -> None:
         if not devices:
@@ -217,6 +220,10 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         if any(d.get("announced_model") and not d["model"] for d in devices):
             print("* as the device announced it (no model registered)")
         for d in devices:
+            if d["model_lacks"]:
+                print(f"! {d['id']}: the board announces {', '.join(d['model_lacks'])}, which its model "
+                      f"{d['model']!r} lacks: readings with them are refused (reflash with its board file, or add them "
+                      "to the model)")
             if d["refused"] and d["refused"]["readings_refused"]:
                 print(f"! {d['id']}: its readings are being refused: {d['refused']['detail']}\n"
                       f"  {refusal_advice(d['id'], d['model'])}")
@@ -608,6 +615,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     hour_ago = time.time() - 3600
     status["refusing"] = {d["id"]: r for d in store.list_devices(db)
                           if (r := store.refusing(db, d["id"], hour_ago)) and r["readings_refused"]}
+    status["model_lacks"] = {d["id"]: lacks for d in store.list_devices(db) if d["model"] and (lacks := missing_from_model(
+        store.get_model(db, d["model"]), d["meta"] or {}))}
     if status["running"]:
         try:
             with ControlClient(args.data_dir) as control:
@@ -655,6 +664,8 @@ def cmd_status(args: argparse.Namespace) -> None:
             why = f" ({sink['error']})" if sink.get("error") else ""
             print(f"export:    {name}: {sink['state']}{why}, {sink['sent']} readings sent by this run")
         print(f"devices:   {status['devices']}   readings stored: {status['readings']}")
+        for device, lacks in status["model_lacks"].items():
+            print(f"model:     {device} announces {', '.join(lacks)}, which its model lacks (`edgetrio device list`)")
         for device, refused in status["refusing"].items():
             print(f"refusing:  {device}: {refused['count']} refused in the last hour, the newest: {refused['detail']}")
         print("all time:  " + (", ".join(f"{k}={v}" for k, v in status["counters"].items()) or "-"))
