@@ -158,7 +158,7 @@ def test_a_described_board_reports_every_part_with_units_and_takes_its_outputs_f
         daemon: Daemon, tmp_path: Path) -> None:
     board_file = tmp_path / "greenhouse.toml"
     board_file.write_text(GREENHOUSE)
-    with virtual_boards(daemon, "gh", 1, period=1, extra=("--board", str(board_file), "--heap", "200K")) as (device,):
+    with virtual_boards(daemon, "gh", 1, period=1, extra=("--board", str(board_file))) as (device,):
         rows = wait_until(lambda: [r for r in daemon.readings(device, missing_ok=True)
                                    if {"air_temperature", "soil_1", "soil_2", "water"} <= set(r["values"])], timeout=60)
         values = rows[-1]["values"]
@@ -226,7 +226,7 @@ def test_the_documented_example_boards_run_as_written(daemon: Daemon, example: s
     board_file = ROOT / "examples" / "boards" / f"{example}.toml"
     board = load_board(board_file)
     readable = {r["name"] for r in board.resources if r["access"] == "r"}
-    with virtual_boards(daemon, example, 1, period=1, extra=("--board", str(board_file), "--heap", "200K")) as (
+    with virtual_boards(daemon, example, 1, period=1, extra=("--board", str(board_file))) as (
             device,):
         rows = wait_until(lambda: [r for r in daemon.readings(device, missing_ok=True)
                                    if readable <= set(r["values"])], timeout=60)

@@ -38,7 +38,8 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
     arg("--count", type=int, default=1, help="how many virtual boards (default 1)"),
     arg("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)"),
     arg("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one"),
-    arg("--heap", default="110K", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM)"),
+    arg("--heap", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM; 200K with --board, whose "
+                       "simulated parts take heap here that is hardware on a real board)"),
     arg("--buffer", type=int, default=500, metavar="N",
         help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)"),
     arg("--repl-pty", type=Path, metavar="PATH",
@@ -66,7 +67,8 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     except BoardError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     try:
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, args.heap, args.repl_pty, args.blank, args.uart,
+        heap = args.heap or ("200K" if board else "110K")
+        main_vdev(args.data_dir, args.count, args.prefix, args.period, heap, args.repl_pty, args.blank, args.uart,
                   args.buffer, args.sensor, args.forced, board)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc

@@ -197,7 +197,10 @@ async function device(nodeName, id) {
   const units = Object.fromEntries(((info.meta && info.meta.resources) || []).filter((r) => r && r.unit)
                                    .map((r) => [r.name, r.unit]));
   drawPlots(plots, series, range, units);
-  showTwin(twinPanel, base, twin);
+  // what can be set: a board's outputs (rw resources) and the firmware's own settings, as its meta says
+  const controls = [...((info.meta && info.meta.resources) || []).filter((r) => r && r.access === "rw"),
+                    ...((info.meta && info.meta.controls) || [])].filter((c) => c && typeof c.name === "string");
+  showTwin(twinPanel, base, twin, controls);
   showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
   showLogs(logs, base);
   follow({ node: nodeName, device: id }, async () => showTwin(twinPanel, base, await api("GET", `${base}/twin`)),
@@ -237,11 +240,39 @@ function appendReading(reading, range) {
 }
 
 // The editor is built once; live updates refresh the shown state only, so an edit in progress is never wiped.
-function showTwin(panel, base, twin) {
+function showTwin(panel, base, twin, controls) {
   panel.twin = twin;
+  if (controls) panel.controls = controls;
   if (!panel.dataset.ready) {
     panel.dataset.ready = "1";
     const message = el("p", { id: "twin-message" });
+    const send = async (change) => {
+      try {
+        const updated = await api("PATCH", `${base}/twin`, { desired: change, version: panel.twin.desired.version });
+        showTwin(panel, base, updated);
+        say(`Desired version ${updated.desired.version} queued for the device.`);
+      } catch (e) {
+        if (e.status === 409) showTwin(panel, base, await api("GET", `${base}/twin`));
+        say(e.status === 409 ? "Conflict: the desired state changed meanwhile; set it again." : e.message, true);
+      }
+    };
+    // a switch for each on/off output, a slider for a bounded level (a dimmer's 0-100 %), a box for other numbers
+    const rows = (panel.controls || []).map((c) => {
+      const id = `control-${c.name}`;
+      let input;
+      if (c.type === "bool") {
+        input = el("input", { type: "checkbox", id, class: "switch" });
+        input.addEventListener("change", () => send({ [c.name]: input.checked }));
+      } else if (c.type === "float" || c.type === "int") {
+        const slider = c.min != null && c.max != null && c.max - c.min <= 1000;
+        input = el("input", { type: slider ? "range" : "number", id, min: c.min ?? "", max: c.max ?? "",
+                              step: c.type === "int" ? 1 : slider ? (c.max - c.min) / 100 : "any" });
+        input.addEventListener("change", () => { const v = Number(input.value); if (input.value !== "" && Number.isFinite(v)) send({ [c.name]: v }); });
+      } else { return null; }
+      input.disabled = !isAdmin();
+      return el("label", { class: "control row", "data-control": c.name }, el("span", {}, c.name.replace(/_/g, " ")),
+                input, el("span", { class: "muted", id: `${id}-value` }, ""), c.unit ? el("span", { class: "muted" }, c.unit) : "");
+    }).filter(Boolean);
     const patch = el("textarea", { id: "twin-patch", rows: 3, placeholder: '{"led": true}   (null removes a key)' });
     const apply = el("button", { id: "twin-apply" }, "Set desired");
     const say = (text, error) => { message.textContent = text; message.className = error ? "error" : ""; };
@@ -261,7 +292,8 @@ function showTwin(panel, base, twin) {
       }
     });
     const shown = (id, title) => el("div", {}, el("strong", { id: `${id}-title` }, title), el("pre", { id }, ""));
-    panel.replaceChildren(el("h3", {}, "Twin"), shown("twin-desired", "desired"), shown("twin-reported", "reported"),
+    panel.replaceChildren(el("h3", {}, "Twin"), ...(rows.length ? [el("div", { class: "controls" }, rows)] : []),
+      shown("twin-desired", "desired"), shown("twin-reported", "reported"),
       shown("twin-delta", "delta"),
       ...(isAdmin() ? [patch, el("div", { class: "row" }, apply)] : [el("p", { class: "muted" }, "Viewers cannot change the twin.")]),
       message);
@@ -272,6 +304,14 @@ function showTwin(panel, base, twin) {
   set("twin-reported-title", `reported (version ${twin.reported.version})`);
   set("twin-reported", JSON.stringify(twin.reported.state));
   set("twin-delta", JSON.stringify(twin.delta));
+  for (const c of panel.controls || []) {  // what the board reports it did; an input being used is left alone
+    const input = panel.querySelector(`#control-${CSS.escape(c.name)}`);
+    const value = c.name in twin.reported.state ? twin.reported.state[c.name] : twin.desired.state[c.name];
+    if (!input || value === undefined || document.activeElement === input) continue;
+    if (input.type === "checkbox") input.checked = value === true; else input.value = value;
+    const shownValue = panel.querySelector(`#control-${CSS.escape(c.name)}-value`);
+    if (shownValue) shownValue.textContent = input.type === "checkbox" ? (value ? "on" : "off") : String(value);
+  }
 }
 
 // Commands that restart or reset a board ask first; arguments (`times=3`) go in the field beside the buttons.
