@@ -59,7 +59,7 @@ def user_commands(commands: Commands, prefix: str, data: tuple[Arg, ...], open_d
                      lambda db: dict(zip(("id", "token"), accounts.add_token(db, args.name), strict=True)))
         emit(args, {"name": args.name, "id": made["id"], "token": made["token"]}, lambda: print(
             f"API token {made['id']} for {args.name}\n  token: {made['token']}\n"
-            "Scripts send it as `authorization: Bearer TOKEN`; `user revoke ID` ends it."))
+            f"Scripts send it as `authorization: Bearer TOKEN`; `edgetrio {prefix}user revoke {made['id']}` ends it."))
 
     @commands.command(f"{prefix}user revoke", "revoke an API token by its id", options, arg("token_id"))
     def user_revoke(args: argparse.Namespace) -> None:

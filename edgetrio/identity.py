@@ -25,11 +25,12 @@ class RegistryError(ValueError):
     """A device id, credential or model that cannot be accepted; the message says why."""
 
 
-def check_device_id(device_id: str) -> str:
-    """Return the id if it can name a device and an MQTT topic level, else raise RegistryError."""
+def check_device_id(device_id: str, kind: str = "device id") -> str:
+    """Return the id if it can name a device (or a node, a model: `kind`) and an MQTT topic level, else raise
+    RegistryError."""
     if device_id == ADMIN_USER or not DEVICE_ID.fullmatch(device_id):
         raise RegistryError(
-            f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"invalid {kind} {device_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return device_id
 

@@ -91,7 +91,7 @@ def read_rule_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"cannot read {path}: {exc}") from exc
+        raise RuleError(f"{path}: cannot read it: {exc.strerror if isinstance(exc, OSError) else exc}") from exc
     try:  # bounded like everything else read (a file nested thousands deep is an error, not a crash)
         doc = wire.loads(text) if path.suffix == ".json" else wire.loads_toml(text)
     except json.JSONDecodeError as exc:

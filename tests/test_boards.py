@@ -186,6 +186,8 @@ def test_a_described_board_reports_every_part_with_units_and_takes_its_outputs_f
         door = wait_until(lambda: [r for r in daemon.readings(device) if r["values"].get("door") is False],
                           timeout=10)
         assert set(door[0]["values"]) == {"door"}
+        bogus = cli(daemon.data_dir, "fault", device, "env", "gpio99=0", check=False)
+        assert bogus.returncode == 1 and "gpioN (an input pin's level" in bogus.stderr
 
 
 def test_flashing_refuses_a_chip_that_does_not_answer_before_writing_anything(daemon: Daemon, tmp_path: Path) -> None:
@@ -252,5 +254,15 @@ def test_a_model_given_by_hand_wins_and_what_it_lacks_is_shown_loudly(daemon: Da
         text = daemon.cli("device", "list").stdout
         assert "! hand-1: the board announces humidity, which its model 'by-hand' lacks" in text
         assert "hand-1 announces humidity, which its model lacks" in daemon.cli("status").stdout
+        daemon.cli("device", "set-model", "hand-1", "board-sht")  # the fix the warning names
+        listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}["hand-1"]
+        assert listed["model"] == "board-sht" and listed["model_lacks"] == []
     log = (daemon.data_dir.parent / "vdev-hand.log").read_text()
     assert "hand-1 keeps its model 'by-hand' (given by hand)" in log
+    # a board rewired: the model of its earlier board file is replaced, not kept as if given by hand
+    light = tmp_path / "light.toml"
+    light.write_text('[[component]]\ndriver = "bh1750"\n')
+    with virtual_boards(daemon, "hand", 1, period=1, extra=("--board", str(light))):
+        rows = wait_until(lambda: [r for r in daemon.readings("hand-1") if "illuminance" in r["values"]])
+        listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}["hand-1"]
+        assert listed["model"] == "board-light" and rows

@@ -308,3 +308,16 @@ def test_every_command_has_help_and_data_commands_share_their_options(tmp_path: 
     short = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", "x", "--password-stdin",
                             "--data-dir", str(relay)], input="short\n", capture_output=True, text=True, timeout=60)
     assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+
+def test_flags_out_of_range_and_a_url_that_is_none_are_one_line_errors(tmp_path: Path) -> None:
+    for args in (["flash", "--out", str(tmp_path / "b"), "--device-id", "x", "--broker", "h", "--period", "0"],
+                 ["flash", "--out", str(tmp_path / "b"), "--device-id", "x", "--broker", "h:99999"],
+                 ["cloud", "nodes", "--url", "notaurl", "--token", "x"],
+                 ["cloud", "node", "add", "bad/node", "--data-dir", str(tmp_path / "relay")]):
+        proc = subprocess.run([sys.executable, "-m", "edgetrio", *args], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+        one_line_error(proc)
+    proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "node", "add", "bad/node", "--data-dir",
+                           str(tmp_path / "relay")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "invalid node name 'bad/node'" in proc.stderr

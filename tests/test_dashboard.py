@@ -177,6 +177,24 @@ def test_an_admin_watches_the_board_changes_its_twin_and_runs_a_command(stack: t
     assert csv_text.splitlines()[0].startswith("time_utc,ts,ts_arrival,boot,seq,") and len(csv_text.splitlines()) > 3
 
 
+def test_a_boards_settings_have_controls_and_the_board_reports_what_they_set(stack: tuple[Relay, Daemon],
+                                                                            browser: Any) -> None:
+    relay, _daemon = stack
+    log_in(browser, relay, "adam", "admin-password-1")
+    wait(browser, lambda d: "adam (admin)" in find(d, "#whoami").text)
+    browser.get(f"{relay.api_url}/#/device/gw1/{BOARD}")
+    led = wait(browser, lambda d: found(d, "#control-led") and find(d, "#control-led"))
+    wanted = not led.is_selected()
+    led.click()  # a switch: the board sets its LED and reports it; the switch follows the report
+    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("led") is wanted, timeout=60)
+    wait(browser, lambda d: find(d, "#control-led-value").text == ("on" if wanted else "off"))
+    box = find(browser, "#control-threshold")
+    assert box.get_attribute("type") == "number"  # 0 to unbounded: a box, not a slider
+    box.clear()
+    box.send_keys("0.5\n")
+    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("threshold") == 0.5, timeout=60)
+
+
 def test_a_viewer_sees_but_cannot_change_anything(stack: tuple[Relay, Daemon], browser: Any) -> None:
     relay, _daemon = stack
     log_in(browser, relay, "vera", "viewer-password-1")
@@ -328,20 +346,3 @@ def test_a_gateway_event_stream_outlives_the_request_timeout(stack: tuple[Relay,
     assert received.startswith(b"HTTP/1.1 200 OK") and b"retry: 2000" in received and b": idle" in received
 
 
-
-def test_a_boards_settings_have_controls_and_the_board_reports_what_they_set(stack: tuple[Relay, Daemon],
-                                                                            browser: Any) -> None:
-    relay, _daemon = stack
-    log_in(browser, relay, "adam", "admin-password-1")
-    wait(browser, lambda d: "adam (admin)" in find(d, "#whoami").text)
-    browser.get(f"{relay.api_url}/#/device/gw1/{BOARD}")
-    led = wait(browser, lambda d: found(d, "#control-led") and find(d, "#control-led"))
-    wanted = not led.is_selected()
-    led.click()  # a switch: the board sets its LED and reports it; the switch follows the report
-    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("led") is wanted, timeout=60)
-    wait(browser, lambda d: find(d, "#control-led-value").text == ("on" if wanted else "off"))
-    box = find(browser, "#control-threshold")
-    assert box.get_attribute("type") == "number"  # 0 to unbounded: a box, not a slider
-    box.clear()
-    box.send_keys("0.5\n")
-    wait(browser, lambda d: json.loads(find(d, "#twin-reported").text).get("threshold") == 0.5, timeout=60)

@@ -32,7 +32,7 @@ from edgetrio.console import (
     setup_logging,
     time_option,
 )
-from edgetrio.identity import RegistryError
+from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.writer import offline_write
 
 COMMANDS = Commands()
@@ -75,10 +75,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, tim
     """One request to the relay's API as the operator; an error answer becomes a CliError with its message."""
     base, token = api_target(args)
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method, headers={
-        "authorization": f"Bearer {token}", "content-type": "application/json"})
     context = ssl.create_default_context(cafile=args.cafile) if base.startswith("https") else None
     try:
+        request = urllib.request.Request(base + path, data=data, method=method, headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
@@ -89,6 +89,8 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, tim
         raise CliError(f"{message} (HTTP {exc.code})") from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach the relay at {base}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:  # not a URL at all
+        raise CliError(f"--url {base!r}: {exc}; give http://HOST:PORT (or https://)", EXIT_USAGE) from None
 
 
 def relay_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offline: Any) -> Any:
@@ -151,6 +153,10 @@ COMMANDS.group("cloud node", "nodes")
 
 @COMMANDS.command("cloud node add", "add a node and print its token once", DATA, JSON, arg("name"))
 def cmd_node_add(args: argparse.Namespace) -> None:
+    try:
+        check_device_id(args.name, "node name")
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     token = relay_write(args, "node.add", {"name": args.name}, lambda db: store.add_node(db, args.name))
     emit(args, {"node": args.name, "token": token}, lambda: print(
         f"node {args.name} added\n  token: {token}\n"
@@ -282,8 +288,8 @@ def cmd_rules_apply(args: argparse.Namespace) -> None:
     try:
         doc = rules.read_rule_file(path)
         rules.check_notify_urls(rules.parse_document(doc)[0])
-    except rules.RuleError as exc:
-        raise CliError(f"{path}: {exc}", EXIT_USAGE) from None
+    except rules.RuleError as exc:  # each message names the file once
+        raise CliError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}", EXIT_USAGE) from None
     if node is None:
         done = call(args, "PUT", "/api/fleet/rules", {"doc": doc})
     else:
@@ -321,7 +327,7 @@ def cmd_alerts(args: argparse.Namespace) -> None:
             f"{fmt_time(a['fired'] or a['started'])}  "
             + ", ".join(f"{k}={json.dumps(v)}" for k, v in a["values"].items())
             + (f"  acked by {a['acked_by']}" if a["acked"] else "") for a in found]
-        if found else ["no open alerts" + ("" if args.all else " (--all shows resolved ones too)")])))
+        if found else ["no alerts" if args.all else "no open alerts (--all shows resolved ones too)"])))
 
 
 @COMMANDS.command("cloud alerts ack", "acknowledge an alert (NODE ID, as listed)", API,

@@ -184,6 +184,16 @@ def cmd_device_add(args: argparse.Namespace) -> None:
         "Keep the password now: it is stored only hashed and cannot be shown again."))
 
 
+@COMMANDS.command("device set-model", "give a device a model (without MODEL: none, the one its board announces)",
+                  LOCAL, arg("id"), arg("model", nargs="?"))
+def cmd_device_set_model(args: argparse.Namespace) -> None:
+    via_daemon_or_store(args.data_dir, "device.model", {"id": args.id, "model": args.model},
+                        lambda db: store.set_device_model(db, args.id, args.model))
+    emit(args, {"id": args.id, "model": args.model}, lambda: print(
+        f"{args.id} now has model {args.model}" if args.model else
+        f"{args.id} has no model: the one its board announces applies"))
+
+
 @COMMANDS.command("device remove", "remove a device (its readings stay)", LOCAL, arg("id"))
 def cmd_device_remove(args: argparse.Namespace) -> None:
     via_daemon_or_store(args.data_dir, "device.remove", {"id": args.id},
@@ -464,8 +474,8 @@ def rule_document(path: Path) -> dict[str, Any]:
     try:
         doc = read_rule_file(path)
         check_notify_urls(parse_document(doc)[0])
-    except RuleError as exc:
-        raise CliError(f"{path}: {exc}", EXIT_USAGE) from exc
+    except RuleError as exc:  # each message names the file once
+        raise CliError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}", EXIT_USAGE) from exc
     return doc
 
 
@@ -566,7 +576,7 @@ def cmd_alerts(args: argparse.Namespace) -> None:
             print(f"{r['id']:>5} {r['state']:<9} {r['severity']:<9} {r['rule']:<20} {r['device']:<16} "
                   f"{fmt_time(since)}  {values}{acked}")
         if not rows:
-            print("no open alerts" + ("" if args.all else " (--all shows resolved ones too)"))
+            print("no alerts" if args.all else "no open alerts (--all shows resolved ones too)")
 
     emit(args, rows, human)
 

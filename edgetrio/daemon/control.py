@@ -201,9 +201,10 @@ class ControlServer:
         if op == "user.revoke":
             await self.writer.write(partial(accounts.revoke_token, token_id=str(args["id"])))
             return {"id": args["id"], "revoked": True}
-        if op == "model.add":
+        if op == "model.add":  # source: "file" (`model add`) or "board" (a board file's, which a reflash replaces)
             model = Model.from_dict(args.get("model"))
-            await self.writer.write(partial(store.add_model, model=model))
+            source = "board" if args.get("source") == "board" else "file"
+            await self.writer.write(partial(store.add_model, model=model, source=source))
             await self.roster.reload_models()
             return model.as_dict()
         if op == "twin.set":

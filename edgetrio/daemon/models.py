@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ TYPE_ALIASES = {
     "bool": "bool", "boolean": "bool",
     "string": "string", "str": "string",
 }
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # ':' for a device's announced one, device:ID
 ACCESS_ALIASES = {"r": "r", "ro": "r", "readonly": "r", "read": "r", "rw": "rw", "readwrite": "rw", "w": "rw"}
 
 
@@ -82,6 +84,9 @@ class Model:
         name = name or body.get("name")
         if not isinstance(name, str) or not name:
             raise RegistryError("a model needs a non-empty 'name'")
+        if not MODEL_NAME.fullmatch(name):  # it names a model in URLs, Home Assistant's topics and file names
+            raise RegistryError(f"invalid model name {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-', "
+                                "starting with a letter or digit")
         items = body.get("resources")
         if not isinstance(items, list) or not items:
             raise RegistryError(f"model {name!r}: 'resources' must be a non-empty list")

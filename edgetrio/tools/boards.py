@@ -127,8 +127,10 @@ def check_board(path: Path, doc: dict[str, Any], wifi: bool = True) -> Board:
         raise BoardError(f"{path}: [board] takes model and period")
     model = head.get("model") or f"board-{re.sub(r'[^a-z0-9]+', '-', path.stem.lower()).strip('-') or 'custom'}"
     period = head.get("period", 10)
-    if not isinstance(model, str) or not isinstance(period, int | float) or not 0.1 <= period <= 86400:
-        raise BoardError(f"{path}: [board] model is a name, period 0.1 to 86400 seconds")
+    if not isinstance(model, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", model):
+        raise BoardError(f"{path}: [board] model {model!r}: 1-64 letters, digits, '_', '.' or '-'")
+    if not isinstance(period, int | float) or isinstance(period, bool) or not 0.1 <= period <= 86400:
+        raise BoardError(f"{path}: [board] period {period!r}: 0.1 to 86400 seconds")
     items = doc.get("component")
     if not isinstance(items, list) or not items:
         raise BoardError(f"{path}: no [[component]]: describe at least one thing wired to the board")

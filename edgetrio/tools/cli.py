@@ -37,7 +37,8 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
     "vdev", "run virtual ESP32s (the real firmware) against the daemon", LOCAL,
     arg("--count", type=int, default=1, help="how many virtual boards (default 1)"),
     arg("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)"),
-    arg("--period", type=float, default=5.0, help="sample period in seconds until the twin sets one"),
+    arg("--period", type=float, help="sample period in seconds until the twin sets one (default: the board file's, "
+                                     "else 5)"),
     arg("--heap", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM; 200K with --board, whose "
                        "simulated parts take heap here that is hardware on a real board)"),
     arg("--buffer", type=int, default=500, metavar="N",
@@ -68,7 +69,8 @@ def cmd_vdev(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_USAGE) from exc
     try:
         heap = args.heap or ("200K" if board else "110K")
-        main_vdev(args.data_dir, args.count, args.prefix, args.period, heap, args.repl_pty, args.blank, args.uart,
+        period = args.period if args.period is not None else board.period if board else 5.0
+        main_vdev(args.data_dir, args.count, args.prefix, period, heap, args.repl_pty, args.blank, args.uart,
                   args.buffer, args.sensor, args.forced, board)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc

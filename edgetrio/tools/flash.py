@@ -137,6 +137,10 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
     host, _, broker_port = broker.partition(":")
     if not host or (broker_port and not broker_port.isdigit()):
         raise FlashError(f"--broker {broker!r}: use HOST or HOST:PORT")
+    if broker_port and not 1 <= int(broker_port) <= 65535:
+        raise FlashError(f"--broker {broker!r}: the port is 1 to 65535")
+    if period is not None and not 0.1 <= period <= 86400:
+        raise FlashError(f"--period {period:g}: use 0.1 to 86400 seconds")
     if not 2 <= watchdog <= 3600:
         raise FlashError(f"--watchdog {watchdog:g}: use 2 to 3600 seconds")
     if out is None and port is None:
@@ -207,26 +211,32 @@ def register_model(data_dir: Path, device_id: str, board: Board) -> str:
     db = store.open_db(data_dir)
     try:
         current = (store.get_device(db, device_id) or {}).get("model")
+        sources = {m["name"]: m["source"] for m in store.list_models(db)}
     finally:
         db.close()
-    if current not in (None, model.name):
-        return (f"{device_id} keeps its model {current!r} (given by hand); the board file's {model.name!r} is not "
-                f"applied: `edgetrio device list` shows where they differ")
+    # a model given by hand wins; one an earlier board file made is replaced (the board was rewired)
+    assign = current in (None, model.name) or sources.get(current) == "board"
     try:
         if daemon_running(data_dir):
             with ControlClient(data_dir) as control:
-                control.request("model.add", {"model": model.as_dict()})
-                control.request("device.model", {"id": device_id, "model": model.name})
+                control.request("model.add", {"model": model.as_dict(), "source": "board"})
+                if assign:
+                    control.request("device.model", {"id": device_id, "model": model.name})
         else:
             db = store.open_db(data_dir)
             try:
                 with db.atomic():
-                    store.add_model(db, model)
-                    store.set_device_model(db, device_id, model.name)
+                    store.add_model(db, model, source="board")
+                    if assign:
+                        store.set_device_model(db, device_id, model.name)
             finally:
                 db.close()
     except (ControlError, RegistryError) as exc:
         raise FlashError(f"cannot register the model of {device_id}: {exc}") from exc
+    if not assign:
+        return (f"{device_id} keeps its model {current!r} (given by hand); the board file's {model.name!r} is stored "
+                f"but not applied: `edgetrio device list` shows what it lacks; `edgetrio device set-model {device_id} "
+                f"{model.name}` takes the board's")
     names = ", ".join(f"{r.name}{' (' + r.unit + ')' if r.unit else ''}" for r in model.resources.values())
     return f"model {model.name}: {names}"
 

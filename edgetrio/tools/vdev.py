@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import termios
@@ -27,7 +28,7 @@ import trio
 from edgetrio.daemon import store
 from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.tools.boards import Board
+from edgetrio.tools.boards import GPIOS, Board
 from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool
 from edgetrio.tools.flash import register_model
 
@@ -82,6 +83,9 @@ def new_board_id(data_dir: Path, prefix: str) -> str:
     return f"{prefix}-{n}"
 
 
+ENV_KEYS = ("temperature", "pressure", "humidity", "analog", "chip_temperature", "illuminance")  # sim/environment.py
+
+
 def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
     """Write a fault file the virtual device (and its supervisor) obey."""
     sim = flash_dir(data_dir, device_id) / "sim"
@@ -91,6 +95,13 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
     if kind == "wifi":
         (sim / "wifi").write_text(str(value))
     elif kind == "env":
+        for key, pinned in value.items():
+            pin = re.fullmatch(r"gpio(\d+)(_hz)?", key)
+            if not (key in ENV_KEYS or (pin and int(pin[1]) in GPIOS)):
+                raise ValueError(f"env {key!r}: use one of {', '.join(ENV_KEYS)}, gpioN (an input pin's level, 0 or 1) "
+                                 "or gpioN_hz (a pulse rate)")
+            if not isinstance(pinned, int | float) or isinstance(pinned, bool):
+                raise ValueError(f"env {key}={pinned!r}: a number")
         path = sim / "env.json"
         env = json.loads(path.read_text()) if path.exists() else {}
         env.update(value)

@@ -307,8 +307,9 @@ function showTwin(panel, base, twin, controls) {
   for (const c of panel.controls || []) {  // what the board reports it did; an input being used is left alone
     const input = panel.querySelector(`#control-${CSS.escape(c.name)}`);
     const value = c.name in twin.reported.state ? twin.reported.state[c.name] : twin.desired.state[c.name];
-    if (!input || value === undefined || document.activeElement === input) continue;
-    if (input.type === "checkbox") input.checked = value === true; else input.value = value;
+    if (!input || value === undefined) continue;
+    if (input.type === "checkbox") input.checked = value === true;
+    else if (document.activeElement !== input) input.value = value;  // a number being typed is not overwritten
     const shownValue = panel.querySelector(`#control-${CSS.escape(c.name)}-value`);
     if (shownValue) shownValue.textContent = input.type === "checkbox" ? (value ? "on" : "off") : String(value);
   }
