@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edgetrio.daemon.models import Model
+from edgetrio.models import Model
 from edgetrio.rules import (
     MAX_WINDOW,
     Engine,

@@ -65,6 +65,13 @@ def test_readings_reach_the_relay_and_twin_flows_both_ways(fleet: tuple[Relay, D
         # a stale version is a conflict at the cloud too
         stale = relay.cli("twin", "set", "gw1", board, "period=1", "--version", "0", check=False)
         assert stale.returncode == 1 and "conflict" in stale.stderr and "409" in stale.stderr
+        # what the board says it cannot take is refused at the relay too, as at the gateway (else the two disagree)
+        for bad, why in (("period=-1", "below minimum"), ("nosuch=1", "not a setting"), ("led=maybe", "expected bool")):
+            refused = relay.cli("twin", "set", "gw1", board, bad, check=False)
+            assert refused.returncode == 1 and why in refused.stderr and "400" in refused.stderr, refused.stderr
+        assert relay.json("twin", "get", "gw1", board)["desired"]["state"] == {"period": 15}
+        done = relay.json("twin", "set-all", "nosuch=1")
+        assert done["devices"] == 0 and "not a setting" in done["skipped"][f"gw1/{board}"]
 
 
 def test_relay_down_then_back_ends_with_every_reading_exactly_once(fleet: tuple[Relay, Daemon, str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from edgetrio.daemon.models import Model
 from edgetrio.daemon.topics import (
     Rejected,
     advance_watermark,
@@ -14,6 +13,7 @@ from edgetrio.daemon.topics import (
     topic_matches,
 )
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, verify_secret
+from edgetrio.models import Model
 from edgetrio.twin import Twin, VersionConflict, set_desired, set_reported
 
 

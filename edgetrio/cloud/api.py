@@ -130,10 +130,13 @@ def openapi() -> dict[str, Any]:
                                      "responses": {"200": ok({"type": "array", "items": ref("Device")}),
                                                    **errors(400)}}},
             "/api/fleet/twin": {"patch": {
-                "summary": "One desired change for every device (or those of `node`, or named `device`), one transaction",
+                "summary": "One desired change for every device (or those of `node`, or named `device`) that has those "
+                           "settings, one transaction; the others are skipped, each with why",
                 "requestBody": body({"desired": changes, "node": {"type": "string", "nullable": True},
                                      "device": {"type": "string", "nullable": True}}, ["desired"]),
-                "responses": {"200": ok({"type": "object", "properties": {"devices": integer, "nodes": integer}}),
+                "responses": {"200": ok({"type": "object", "properties": {
+                    "devices": integer, "nodes": integer,
+                    "skipped": {"type": "object", "additionalProperties": string}}}),
                               **errors(400, 404)}}},
             "/api/alerts": {"get": {
                 "summary": "Alerts of the fleet, newest first: open ones and resolved ones not acknowledged (all=1: all)",

@@ -248,7 +248,10 @@ def cmd_twin_set(args: argparse.Namespace) -> None:
 def cmd_twin_set_all(args: argparse.Namespace) -> None:
     done = call(args, "PATCH", "/api/fleet/twin", {"desired": desired_patch(args), "node": args.node,
                                                    "device": args.device_name})
-    emit(args, done, lambda: print(f"queued for {done['devices']} devices on {done['nodes']} nodes"))
+    skipped = done.get("skipped") or {}
+    emit(args, done, lambda: print(f"queued for {done['devices']} devices on {done['nodes']} nodes" + "".join(
+        f"\n  skipped {device}: {why}" for device, why in sorted(skipped.items())[:20])
+        + (f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")))
 
 
 @COMMANDS.command("cloud cmd", "run a command on a device", API, arg("node"), arg("device"), arg("name"), ASSIGNMENTS,

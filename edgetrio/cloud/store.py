@@ -5,6 +5,7 @@ Plain synchronous functions over one sqlite-utils Database; the relay runs them 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -16,6 +17,7 @@ from sqlite_utils import Database
 
 from edgetrio import accounts, wire
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
 from edgetrio.writer import PRUNE_CHUNK, connect
@@ -346,18 +348,42 @@ def set_twin(db: Database, node: str, device: str, patch: dict[str, Any], versio
 
     The edge applies the patch when it gets it and sends its twin back, which then replaces the replica.
     """
-    twin = set_desired(_replica(db, node, device), patch, version)
+    replica = _replica(db, node, device)
+    row = next(iter(db.query("SELECT meta FROM devices WHERE node = ? AND id = ?", [node, device])))
+    problem = desired_problem(json.loads(row["meta"]) if row["meta"] else {}, patch)
+    if problem:  # refused here, as the gateway would: the two must not disagree for good
+        raise RegistryError(f"{device}: {problem}")
+    twin = set_desired(replica, patch, version)
     queue_down(db, node, "twin", {"device": device, "patch": patch})
     db.execute("UPDATE devices SET twin = ? WHERE node = ? AND id = ?", [json.dumps(twin.as_json()), node, device])
     return twin.as_json()
 
 
-def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device: str | None) -> dict[str, int]:
-    """Queue one desired change for every registered device (of a node, or with an id); says how many."""
-    targets = [d for d in list_devices(db, node) if device is None or d["id"] == device]
-    for d in targets:
+def desired_problem(meta: dict[str, Any], patch: dict[str, Any]) -> str | None:
+    """Why a desired change does not fit what the device's board announced it can be set to (its outputs and its
+    firmware's settings), as the gateway checks it; None if it fits or nothing is known of the device yet."""
+    outputs = [r for r in meta.get("resources") or [] if isinstance(r, dict) and r.get("access") == "rw"]
+    model = None
+    if outputs:
+        with contextlib.suppress(RegistryError):  # a board that describes itself badly judges its own desired state
+            model = Model.from_dict({"resources": outputs}, name="announced")
+    return check_desired(settings_of(model, meta), patch)
+
+
+def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device: str | None) -> dict[str, Any]:
+    """Queue one desired change for every registered device (of a node, or with an id) that has those settings; says
+    how many, and which were skipped and why."""
+    targets, skipped = [], {}
+    for d in list_devices(db, node):
+        if device is not None and d["id"] != device:
+            continue
+        problem = desired_problem(d["meta"] or {}, patch)
+        if problem:  # a device without that setting (a pump on some boards only) is left as it is, and counted
+            skipped[f"{d['node']}/{d['id']}"] = problem
+            continue
         set_twin(db, d["node"], d["id"], patch, None)
-    return {"nodes": len({d["node"] for d in targets}), "devices": len(targets)}
+        targets.append(d)
+    return {"nodes": len({d["node"] for d in targets}), "devices": len(targets), "skipped": skipped}
 
 
 def set_rules(db: Database, node: str, doc: dict[str, Any]) -> dict[str, Any]:

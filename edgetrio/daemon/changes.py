@@ -13,9 +13,9 @@ from sqlite_utils import Database
 
 from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.daemon.models import check_desired, settings_of
 from edgetrio.daemon.topics import Reading
 from edgetrio.identity import RegistryError
+from edgetrio.models import check_desired, settings_of
 from edgetrio.twin import Twin, set_desired, set_reported
 
 # (db, resource, body): record a change for the cloud, inside the transaction that makes it

@@ -48,10 +48,10 @@ from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.gateway import node_report, run
 from edgetrio.daemon.homeassistant import ha_unit
 from edgetrio.daemon.ingest import missing_from_model
-from edgetrio.daemon.models import load_model_file
 from edgetrio.daemon.supervisor import VitalFailure
 from edgetrio.daemon.topics import INTEGRATIONS
 from edgetrio.identity import RegistryError, check_device_id, integration_user
+from edgetrio.models import load_model_file
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 from edgetrio.writer import offline_write

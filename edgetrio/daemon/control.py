@@ -24,10 +24,10 @@ from edgetrio.daemon import alerts, rulestore, store
 from edgetrio.daemon import automation as auto
 from edgetrio.daemon.commands import CommandFailed, set_desired
 from edgetrio.daemon.config import admin_credential, read_run_file
-from edgetrio.daemon.models import Model
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.topics import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, parse_object
 from edgetrio.identity import RegistryError, integration_user
+from edgetrio.models import Model
 from edgetrio.twin import VersionConflict
 
 log = logging.getLogger("edgetrio.control")

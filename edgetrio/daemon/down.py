@@ -18,11 +18,11 @@ from edgetrio import wire
 from edgetrio.daemon import store
 from edgetrio.daemon.alerts import ack_alert
 from edgetrio.daemon.commands import CommandFailed
-from edgetrio.daemon.models import Model
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.rulestore import apply_rule_set
 from edgetrio.daemon.topics import desired_message
 from edgetrio.identity import RegistryError
+from edgetrio.models import Model
 from edgetrio.twin import Twin, VersionConflict
 
 log = logging.getLogger("edgetrio.down")

@@ -35,9 +35,9 @@ from edgetrio.daemon import store
 from edgetrio.daemon.broker import BusEvent
 from edgetrio.daemon.commands import CommandFailed, set_desired
 from edgetrio.daemon.ingest import Watch
-from edgetrio.daemon.models import TYPE_ALIASES, Model
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.topics import HA_BIRTH, HA_DISCOVERY, HA_ROOT, Reading, topic_matches
+from edgetrio.models import TYPE_ALIASES, Model
 from edgetrio.twin import Twin
 
 log = logging.getLogger("edgetrio.homeassistant")

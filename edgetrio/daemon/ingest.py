@@ -26,7 +26,6 @@ from edgetrio.daemon import store
 from edgetrio.daemon.broker import BusEvent
 from edgetrio.daemon.commands import record_late_result
 from edgetrio.daemon.metrics import COMMIT_SECONDS, PUBLISH_TO_COMMIT
-from edgetrio.daemon.models import Model, check_values_without_model
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.topics import (
     CONTROL_REQUEST,
@@ -42,6 +41,7 @@ from edgetrio.daemon.topics import (
     topic_matches,
 )
 from edgetrio.identity import ADMIN_USER, INTEGRATION_PREFIX, RegistryError, is_device_user
+from edgetrio.models import Model, check_values_without_model
 from edgetrio.twin import Twin
 
 log = logging.getLogger("edgetrio.ingest")

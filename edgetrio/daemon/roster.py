@@ -13,7 +13,7 @@ from sqlite_utils import Database
 
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BrokerLink, Credentials
-from edgetrio.daemon.models import Model
+from edgetrio.models import Model
 from edgetrio.writer import Writer
 
 log = logging.getLogger("edgetrio.roster")

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from edgetrio.daemon.models import Model
 from edgetrio.identity import RegistryError
+from edgetrio.models import Model
 from edgetrio.rules import (
     Rule,
     RuleError,

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from edgetrio import accounts
-from edgetrio.daemon.models import Model
 from edgetrio.daemon.topics import INTEGRATIONS, Reading, advance_watermark
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, integration_user, new_secret
+from edgetrio.models import Model
 from edgetrio.twin import Twin
 from edgetrio.writer import PRUNE_CHUNK, connect
 

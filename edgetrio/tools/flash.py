@@ -18,8 +18,8 @@ from pathlib import Path
 from edgetrio.daemon import store
 from edgetrio.daemon.config import daemon_running
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.models import Model
 from edgetrio.identity import RegistryError, check_device_id
+from edgetrio.models import Model
 from edgetrio.tools.boards import Board, BoardError, i2c_scan_script, load_board, missing_chips, reference_board
 from edgetrio.tools.bundle import build_bundle, device_config, require_device_tools
 

@@ -1,4 +1,5 @@
-"""Device models: what a device reports and the rules its readings are checked against (no I/O but model files)."""
+"""Device models: what a device reports and the rules its readings are checked against (no I/O but model files);
+shared: the gateway checks readings and desired state with them, the relay desired state."""
 
 from __future__ import annotations
 
