@@ -266,3 +266,24 @@ def test_a_model_given_by_hand_wins_and_what_it_lacks_is_shown_loudly(daemon: Da
         rows = wait_until(lambda: [r for r in daemon.readings("hand-1") if "illuminance" in r["values"]])
         listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}["hand-1"]
         assert listed["model"] == "board-light" and rows
+
+
+def test_home_assistant_gets_each_part_as_the_entity_it_is(tmp_path: Path) -> None:
+    from edgetrio.daemon.homeassistant import discovery
+    from edgetrio.models import Model
+
+    board_file = tmp_path / "gh.toml"
+    board_file.write_text(GREENHOUSE)
+    board = load_board(board_file)
+    model = Model.from_dict(board.model_document())
+    meta = {"model": board.model, "resources": board.resources, "controls": [
+        {"name": "period", "type": "float", "unit": "s", "min": 0.1, "max": 86400}]}
+    entities = {topic.split("/")[1] + ":" + body["name"]: body for topic, body in discovery("gh-1", model, meta)}
+    assert entities["binary_sensor:door"]["device_class"] == "door"
+    assert entities["switch:pump"]["command_topic"].endswith("/set/pump")
+    assert entities["number:lamp"]["mode"] == "slider" and entities["number:lamp"]["max"] == 100
+    assert entities["number:period"]["mode"] == "box"  # 0.1 s to a day: typed, not slid
+    assert entities["sensor:air temperature"]["device_class"] == "temperature"
+    assert entities["sensor:air temperature"]["unit_of_measurement"] == "°C"
+    assert entities["sensor:water"]["unit_of_measurement"] == "L"
+    assert "sensor:pump" not in entities and "sensor:lamp" not in entities  # outputs are not also sensors
