@@ -286,4 +286,6 @@ def test_home_assistant_gets_each_part_as_the_entity_it_is(tmp_path: Path) -> No
     assert entities["sensor:air temperature"]["device_class"] == "temperature"
     assert entities["sensor:air temperature"]["unit_of_measurement"] == "°C"
     assert entities["sensor:water"]["unit_of_measurement"] == "L"
+    assert entities["sensor:water"]["state_class"] == "total_increasing"  # a meter: Home Assistant sums it
+    assert entities["sensor:water rate"]["state_class"] == "measurement"
     assert "sensor:pump" not in entities and "sensor:lamp" not in entities  # outputs are not also sensors

@@ -121,8 +121,9 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
     controls = controls_of(model, meta)
     control_names = {c["name"] for c in controls}
     # what a board file said a contact is (door, window, motion...): its meta carries the class with the resource
-    classes = {r["name"]: r["device_class"] for r in meta.get("resources") or []
-               if isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("device_class"), str)}
+    announced = [r for r in meta.get("resources") or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    classes = {r["name"]: r["device_class"] for r in announced if isinstance(r.get("device_class"), str)}
+    totals = {r["name"] for r in announced if r.get("state_class") == "total_increasing"}  # a meter's count
     for r in (model.resources.values() if model is not None else []):
         if r.name in control_names:
             continue
@@ -142,7 +143,8 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
                 device_class = "humidity"
             if device_class:
                 body["device_class"] = device_class
-            body["state_class"] = "total_increasing" if device_class in TOTAL_CLASSES else "measurement"
+            counts_up = device_class in TOTAL_CLASSES or r.name in totals
+            body["state_class"] = "total_increasing" if counts_up else "measurement"
         configs.append(entity("sensor", r.name, name, body))
     for c in controls:
         name = c["name"].replace("_", " ")

@@ -99,8 +99,8 @@ class Board:
 
     def model_document(self) -> dict[str, Any]:
         """The device model flashing registers: every resource the components report or take."""
-        return {"name": self.model, "resources": [{k: v for k, v in r.items() if k not in ("key", "device_class")}
-                                                  for r in self.resources]}
+        return {"name": self.model, "resources": [
+            {k: v for k, v in r.items() if k not in ("key", "device_class", "state_class")} for r in self.resources]}
 
     def config(self) -> dict[str, Any]:
         """What goes into the board's config.json besides its identity and gateway."""
@@ -354,6 +354,8 @@ def resources_of(kind: str, driver: Driver, name: str | None, component: dict[st
                 resource["max"] = high
             if component.get("device_class"):
                 resource["device_class"] = component["device_class"]
+            if kind == "pulse_counter" and suffix == "":  # a meter's total: counts up, from 0 again at a reboot
+                resource["state_class"] = "total_increasing"
             out.append(resource)
     return out
 
