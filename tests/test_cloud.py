@@ -146,8 +146,13 @@ def test_command_from_the_cloud_and_device_added_from_the_cloud(fleet: tuple[Rel
         # a device added from the cloud: its credential works at the edge; connected, it takes commands and (this
         # one) never answers, which the cloud's caller is told
         added = relay.json("device", "add", "gw1", "s6")
-        assert set(added) == {"id", "username", "password"}
-        wait_until(lambda: "s6" in [d["id"] for d in json.loads(daemon.cli("device", "list", "--json").stdout)])
+        assert set(added) == {"id", "username", "password", "state"} and added["state"] == "registered"
+        assert "s6" in [d["id"] for d in json.loads(daemon.cli("device", "list", "--json").stdout)]  # at once
+        # a model the gateway does not have: the node refuses, and the operator is told, not shown success
+        refused = relay.cli("device", "add", "gw1", "s7", "--model", "nosuch", check=False)
+        assert refused.returncode == 1 and "the node refused this registration: unknown model 'nosuch'" in (
+            refused.stderr), refused.stderr
+        assert "s7" not in [d["id"] for d in relay.json("devices", "gw1")]
         silent = Probe(daemon, added["username"], added["password"], "s6")
         assert silent.accepted() and silent.subscribe("edgetrio/s6/cmd")
         silent.publish("edgetrio/s6/status", "online")
@@ -159,6 +164,7 @@ def test_command_from_the_cloud_and_device_added_from_the_cloud(fleet: tuple[Rel
         daemon.stop()
         offline = relay.cli("cmd", "gw1", board, "ping", check=False)
         assert offline.returncode == 1 and "offline" in offline.stderr
+        assert relay.json("device", "add", "gw1", "s8")["state"] == "queued"  # the node is offline: it waits
 
 
 def test_the_relay_deletes_readings_older_than_its_retention(fleet: tuple[Relay, Daemon, str]) -> None:

@@ -21,6 +21,7 @@ from edgetrio.web import Body, HTTPError, Params, Principal, Result
 from edgetrio.wire import MAX_INTEGER
 
 log = logging.getLogger("edgetrio.api")
+REGISTRATION_WAIT = 10.0  # seconds `device add` waits for a linked node to take (or refuse) a device
 
 
 class Relay(web.Site, Protocol):
@@ -28,11 +29,11 @@ class Relay(web.Site, Protocol):
 
     sessions: dict[str, Any]  # node -> its live edge session
     command_waiters: dict[str, trio.Event]
+    down_waiters: dict[str, trio.Event]  # a down message's id -> set when the edge confirms it
 
     def notify(self, node: str) -> None: ...
 
     async def close_link(self, node: str, reason: str) -> None: ...
-
 
 
 def openapi() -> dict[str, Any]:
@@ -167,10 +168,14 @@ def openapi() -> dict[str, Any]:
                 "parameters": [node_param],
                 "get": {"summary": "Devices of a node, a page at a time (x-total-count: how many)", "parameters": page,
                         "responses": {"200": ok({"type": "array", "items": ref("Device")}), **errors(400, 404)}},
-                "post": {"summary": "Register a device on the node; the credential is returned once",
+                "post": {"summary": "Register a device on the node; the credential is returned once. A linked node's "
+                                    "answer is awaited a moment: registered, or refused (409: a model it lacks); "
+                                    "an offline node's comes when it connects (queued)",
                          "requestBody": body({"id": string, "model": string}, ["id"]),
                          "responses": {"201": ok({"type": "object", "properties": {
-                             "id": string, "username": string, "password": string}}), **errors(400, 404)}}},
+                             "id": string, "username": string, "password": string,
+                             "state": {"type": "string", "enum": ["registered", "queued"]}}}),
+                             **errors(400, 404, 409)}}},
             f"{device_path}/twin": {
                 "parameters": params,
                 "get": {"summary": "Twin replica", "responses": {"200": ok(ref("Twin")), **errors(404)}},
@@ -261,9 +266,21 @@ async def device_add(relay: Relay, who: Principal, path: Params, query: Params, 
         raise HTTPError(400, "'id' must be a device id (a string)")
     if model is not None and not isinstance(model, str):  # an object here once reached SQLite: a 500
         raise HTTPError(400, "'model' must be the name of a model the gateway has (a string), or left out")
-    secret = await relay.run(store.register_device, path["node"], device, data.get("model"))
-    relay.notify(path["node"])
-    return 201, {"id": device, "username": device, "password": secret}
+    node = path["node"]
+    secret, message = await relay.run(store.register_device, node, device, data.get("model"))
+    answered = relay.down_waiters[message] = trio.Event()
+    try:
+        relay.notify(node)
+        if node in relay.sessions:  # linked: the node's answer comes in a moment (a model it lacks is refused)
+            with trio.move_on_after(REGISTRATION_WAIT):
+                await answered.wait()
+    finally:
+        relay.down_waiters.pop(message, None)
+    refused = await relay.run(store.registration_refused, node, device) if answered.is_set() else None
+    if refused:
+        raise HTTPError(409, refused)
+    return 201, {"id": device, "username": device, "password": secret,
+                 "state": "registered" if answered.is_set() else "queued"}
 
 
 async def twin_get(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:

@@ -205,9 +205,11 @@ COMMANDS.group("cloud device", "register a device from the cloud")
                   arg("node"), arg("device"), arg("--model", help="device model name on the node"))
 def cmd_device_add(args: argparse.Namespace) -> None:
     added = call(args, "POST", f"/api/nodes/{args.node}/devices", {"id": args.device, "model": args.model})
-    emit(args, added, lambda: print(f"registered {added['id']} on {args.node}\n  username: {added['username']}\n"
-                                    f"  password: {added['password']}\nIt reaches the gateway when the node is "
-                                    "connected."))
+    where = ("the gateway has it" if added.get("state") == "registered" else
+             "queued: it reaches the gateway when the node connects")
+    emit(args, added, lambda: print(f"registered {added['id']} on {args.node} ({where})\n"
+                                    f"  username: {added['username']}\n  password: {added['password']}\n"
+                                    "Keep the password now: it is stored only hashed."))
 
 
 def print_twin(twin: dict[str, Any]) -> None:

@@ -204,6 +204,7 @@ class Relay:
         self.sessions: dict[str, EdgeSession] = {}
         self.counters: Counter[str] = Counter()
         self.command_waiters: dict[str, trio.Event] = {}
+        self.down_waiters: dict[str, trio.Event] = {}  # a down message's id -> set when the edge confirms it
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run store work in the next group commit and return its result once committed."""
@@ -356,6 +357,8 @@ class Relay:
                 if isinstance(parent, str):
                     refused = await self.run(store.down_applied, session.node, parent, body)
                     session.sent.discard(parent)
+                    if parent in self.down_waiters:
+                        self.down_waiters[parent].set()
                     if refused and refused in self.command_waiters:
                         self.command_waiters[refused].set()
             else:

@@ -301,6 +301,13 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
     if resource == "rules":
         db.execute("UPDATE rule_sets SET applied = ?, result = ? WHERE node = ?",
                    [int(result.get("version") or 0) if result.get("ok") else None, json.dumps(result), node])
+    if resource == "device" and not result.get("ok") and not body.get("remove"):
+        # the node could not register it (a model it does not have): the relay's fleet must not show it as there
+        db.execute("UPDATE devices SET registered = 0 WHERE node = ? AND id = ?", [node, body["device"]])
+        db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": time.time(),
+                                          "received": time.time(), "kind": "log", "body": json.dumps({
+                                              "level": "error", "message": "the node refused this registration: "
+                                              f"{clip_text(result.get('error'))}"})})
     if resource == "cmd" and not result.get("ok"):
         db.execute("UPDATE commands SET status = 'error', result = ? WHERE id = ?",
                    [json.dumps({"cmd": body["cmd"], "error": result.get("error"), "code": "refused"}), body["cmd"]])
@@ -435,18 +442,33 @@ def list_alerts(db: Database, everything: bool = False, node: str | None = None,
     return [{**{k: v for k, v in r.items() if k != "values_"}, "values": json.loads(r["values_"] or "{}")} for r in rows]
 
 
-def register_device(db: Database, node: str, device: str, model: str | None) -> str:
-    """Register a device on an edge from the cloud; the credential is made here, returned once, sent down hashed."""
+def clip_text(value: Any) -> str:
+    return wire.clip(str(value), 300)
+
+
+def registration_refused(db: Database, node: str, device: str) -> str | None:
+    """Why the node refused a device registered from here (None: it took it, or has not answered yet)."""
+    row = db.execute("SELECT registered FROM devices WHERE node = ? AND id = ?", [node, device]).fetchone()
+    if row is None or row[0]:
+        return None
+    event = db.execute("SELECT body FROM device_events WHERE node = ? AND device = ? AND kind = 'log' ORDER BY id DESC "
+                       "LIMIT 1", [node, device]).fetchone()
+    return str(json.loads(event[0]).get("message")) if event else "the node refused it"
+
+
+def register_device(db: Database, node: str, device: str, model: str | None) -> tuple[str, str]:
+    """Register a device on an edge from the cloud; the credential is made here, returned once, sent down hashed.
+    Returns it and the id of the message that carries it down."""
     require_node(db, node)
     check_device_id(device)
     rows = list(db.query("SELECT registered FROM devices WHERE node = ? AND id = ?", [node, device]))
     if rows and rows[0]["registered"]:
         raise RegistryError(f"device {device!r} is already registered on node {node!r}")
     secret = new_secret()
-    queue_down(db, node, "device", {"device": device, "model": model, "secret_hash": hash_secret(secret)})
+    message = queue_down(db, node, "device", {"device": device, "model": model, "secret_hash": hash_secret(secret)})
     _device(db, node, device)
     db.execute("UPDATE devices SET registered = 1, model = ? WHERE node = ? AND id = ?", [model, node, device])
-    return secret
+    return secret, message
 
 
 def start_command(db: Database, node: str, device: str, name: str, args: dict[str, Any], timeout: float) -> str:
