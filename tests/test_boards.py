@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,12 @@ def test_a_model_given_by_hand_wins_and_what_it_lacks_is_shown_loudly(daemon: Da
         text = daemon.cli("device", "list").stdout
         assert "! hand-1: the board announces humidity, which its model 'by-hand' lacks" in text
         assert "hand-1 announces humidity, which its model lacks" in daemon.cli("status").stdout
+        # and on the gateway's device page, from its API
+        info = json.loads((daemon.data_dir / "daemon.json").read_text())
+        request = urllib.request.Request(f"http://{info['http']}/api/nodes/local/devices",
+                                         headers={"authorization": f"Bearer {daemon.admin()[1]}"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert {d["id"]: d for d in json.loads(reply.read())}["hand-1"]["model_lacks"] == ["humidity"]
         daemon.cli("device", "set-model", "hand-1", "board-sht")  # the fix the warning names
         listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}["hand-1"]
         assert listed["model"] == "board-sht" and listed["model_lacks"] == []

@@ -61,11 +61,13 @@ def browser() -> Iterator[Any]:
 
 
 def wait(driver: Any, predicate: Any, timeout: float = 30) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    # a live page re-renders: an element read just as it was replaced is looked up again
+    # a live page re-renders: an element read just as it was replaced is looked up again, and one not there yet is
+    # waited for (not ignoring it failed the wait at its first look whenever the page was slower than the test)
     return WebDriverWait(driver, timeout, poll_frequency=0.2,
-                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: predicate(d))
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(
+        lambda d: predicate(d))
 
 
 def find(driver: Any, css: str) -> Any:

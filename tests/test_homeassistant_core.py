@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, free_port, greenhouse_board, needs, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, free_port, greenhouse_board, needs, virtual_boards, wait_until
 
 HASS = ROOT / ".ha" / "bin" / "hass"
 NODE = "edgetrio_greenhouse_1"  # Home Assistant's entity ids: <component>.<object_id> from the discovery config
@@ -246,5 +246,43 @@ def test_home_assistant_started_first_and_restarts_on_either_side_keep_it_right(
             ha.start()
             wait_until(lambda: live(ha, f"sensor.{NODE}_temperature"), timeout=90)
             wait_until(lambda: "switch.edgetrio_fanbox_9_fan" not in ha.states(), timeout=60)
+    finally:
+        daemon.stop()
+
+
+def test_a_board_described_in_a_file_appears_with_each_part_as_the_entity_it_is(
+        tmp_path: Path, home_assistant: HomeAssistant) -> None:
+    """A board file's parts, as Home Assistant itself shows them: a contact as a door, a relay as a switch, a PWM
+    output as a slider, light and soil sensors with their units; its controls drive the board's outputs."""
+    daemon, secret = gateway(tmp_path)
+    board_file = ROOT / "examples" / "boards" / "greenhouse.toml"
+    node = "edgetrio_gh_1"
+    try:
+        with virtual_boards(daemon, "gh", 1, period=1, extra=("--board", str(board_file))):
+            wait_until(lambda: any(d["id"] == "gh-1" and d["online"] and d["meta"]
+                                   for d in json.loads(daemon.cli("device", "list", "--json").stdout)), timeout=90)
+            ha = home_assistant.start()
+            ha.onboard()
+            assert ha.add_mqtt(daemon.port, "integration:homeassistant", secret)["type"] == "create_entry"
+            wanted = [f"binary_sensor.{node}_door", f"switch.{node}_pump", f"number.{node}_lamp",
+                      f"sensor.{node}_air_temperature", f"sensor.{node}_light", f"sensor.{node}_soil_1"]
+            wait_until(lambda: all(live(ha, e) for e in wanted), timeout=90)
+            states = ha.states()
+            assert states[f"binary_sensor.{node}_door"]["attributes"]["device_class"] == "door"
+            assert states[f"binary_sensor.{node}_door"]["state"] == "on"  # the contact open (its pin pulled up)
+            assert states[f"number.{node}_lamp"]["attributes"]["mode"] == "slider"
+            assert states[f"number.{node}_lamp"]["attributes"]["max"] == 100
+            assert states[f"sensor.{node}_light"]["attributes"]["unit_of_measurement"] == "lx"
+            assert states[f"sensor.{node}_light"]["attributes"]["device_class"] == "illuminance"
+            assert states[f"sensor.{node}_soil_1"]["attributes"]["unit_of_measurement"] == "°C"
+            # its controls drive the board's outputs, and the board's report is what Home Assistant shows
+            ha.service("switch", "turn_on", entity_id=f"switch.{node}_pump")
+            ha.service("number", "set_value", entity_id=f"number.{node}_lamp", value=40)
+            wait_until(lambda: (s := json.loads(daemon.cli("twin", "get", "gh-1", "--json").stdout)["reported"][
+                "state"]).get("pump") is True and s.get("lamp") == 40, timeout=30)
+            wait_until(lambda: ha.state(f"switch.{node}_pump") == "on", timeout=30)
+            # the door closes: Home Assistant sees it within moments
+            daemon.cli("fault", "gh-1", "env", "gpio13=0")
+            wait_until(lambda: ha.state(f"binary_sensor.{node}_door") == "off", timeout=30)
     finally:
         daemon.stop()

@@ -22,10 +22,11 @@ from edgetrio import accounts, web
 from edgetrio.daemon import store
 from edgetrio.daemon.alerts import ack_alert, list_alerts
 from edgetrio.daemon.commands import CommandFailed, set_desired
-from edgetrio.daemon.ingest import Watch
+from edgetrio.daemon.ingest import Watch, missing_from_model
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.rulestore import list_automations
 from edgetrio.daemon.topics import Reading
+from edgetrio.models import Model
 from edgetrio.rules import hide_notify_secrets
 from edgetrio.twin import Twin
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
@@ -133,9 +134,11 @@ async def serve_web(site: GatewayWeb, host: str, port: int) -> AsyncIterator[str
 
 # -- the API, as the relay's with one node ----------------------------------------------------------------------------
 
-def _device_row(node: str, row: dict[str, Any]) -> dict[str, Any]:
+def _device_row(node: str, row: dict[str, Any], models: dict[str, Model | None]) -> dict[str, Any]:
+    model = models.get(row["id"]) if row["model"] else None
     return {"node": node, "id": row["id"], "model": row["model"], "online": row["online"],
-            "last_seen": row["last_seen"], "meta": row["meta"]}
+            "last_seen": row["last_seen"], "meta": row["meta"],
+            "model_lacks": missing_from_model(model, row["meta"] or {})}  # what the board sends that it refuses
 
 
 async def nodes(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
@@ -145,7 +148,8 @@ async def nodes(site: GatewayWeb, who: Principal, path: Params, query: Params, d
 
 async def devices(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:
     site.check_node(path)
-    return 200, [_device_row(site.node, row) for row in await site.run(store.list_devices)]
+    rows = await site.run(store.list_devices)
+    return 200, [_device_row(site.node, row, site.roster.models) for row in rows]
 
 
 async def twin_get(site: GatewayWeb, who: Principal, path: Params, query: Params, data: Body) -> Result:

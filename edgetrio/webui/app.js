@@ -192,6 +192,10 @@ async function device(nodeName, id) {
                              info.online ? "online" : "offline")),
     el("p", { class: "muted" }, `model ${info.model || (info.meta && info.meta.model) || "-"} · firmware `,
        (info.meta && info.meta.firmware) || "-", ` · last seen ${ago(info.last_seen)}`),
+    // a model given by hand that lacks what the board sends: its readings with those are refused (the gateway says)
+    ...((info.model_lacks || []).length ? [el("p", { class: "error", id: "model-lacks" },
+      `The board sends ${info.model_lacks.join(", ")}, which model ${info.model} lacks: readings with them are refused. `
+      + `Reflash it with its board file, or \`edgetrio device set-model ${id} MODEL\`.`)] : []),
     ranges, plots, twinPanel, commands, logs);
   // units as the board announced its resources (meta), shown in each plot's title
   const units = Object.fromEntries(((info.meta && info.meta.resources) || []).filter((r) => r && r.unit)

@@ -103,7 +103,8 @@ class Board:
 
     def __init__(self, components):
         self.components = []
-        self.errors = []
+        self.errors = []  # components that did not start, and why
+        self.failed = []  # reads that failed in the last round
         for spec in components:
             component, error = open_component(spec)
             if component is not None:
@@ -130,9 +131,11 @@ class Board:
         return out
 
     def read(self, period, force=False):
-        """The values of the components due now (each at its own interval, or the board's period)."""
+        """The values of the components due now (each at its own interval, or the board's period); what failed this
+        time is in `failed` (a sensor that fails every period must not grow a list on a small heap)."""
         now = time.ticks_ms()
         values = {}
+        self.failed = []
         for c in self.components:
             if c.resources[0].get("access") == "rw":
                 continue
@@ -142,7 +145,7 @@ class Board:
             try:
                 values.update(c.read(now))
             except Exception as e:
-                self.errors.append("%s: %s" % (c.spec["driver"], e))
+                self.failed.append("%s: %s" % (c.spec["driver"], e))
         return values
 
     def wait(self, period):

@@ -85,6 +85,8 @@ class Node:
             for name, component in self.board.outputs.items():
                 if component.spec.get("restore") and name in self.twin:
                     self.board.write(name, self.twin[name])
+                else:  # off at boot, and reported so: a switch shows off, not unknown, until it is set
+                    self.twin[name] = component.device.read()[""]
             gc.collect()  # what importing the drivers left behind, before the session's buffers
         self.led = machine.Pin(cfg.get("led_pin", 2), machine.Pin.OUT)
         self.led.value(1 if self.twin.get("led") else 0)
@@ -182,6 +184,8 @@ class Node:
         while True:
             try:
                 values = board.read(self.twin.get("period", 10))
+                for failure in board.failed:
+                    self.log("error", "sensor read failed: " + failure)
                 if values and changed(self.twin.get("threshold"), self.last_values, values):
                     self.take_reading(values)
                 for _ in range(20 if board.inputs else 0):
