@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgetrio import accounts, web
-from edgetrio.console import EXIT_USAGE, JSON, Arg, CliError, Commands, arg, emit, fmt_time
+from edgetrio.console import EXIT_USAGE, JSON, Arg, CliError, Commands, arg, emit, fmt_time, parse_assignments
 from edgetrio.identity import hash_password, new_secret
 
 # write(args, op, op_args, offline): the change through whatever owns the store (the running daemon's control
@@ -65,6 +65,20 @@ def user_commands(commands: Commands, prefix: str, data: tuple[Arg, ...], open_d
     def user_revoke(args: argparse.Namespace) -> None:
         write(args, "user.revoke", {"id": args.token_id}, lambda db: accounts.revoke_token(db, args.token_id))
         emit(args, {"id": args.token_id, "revoked": True}, lambda: print(f"token {args.token_id} revoked"))
+
+
+def print_twin(twin: dict[str, Any]) -> None:
+    print(f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}\n"
+          f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}\n"
+          f"delta: {json.dumps(twin['delta'])}")
+
+
+def desired_patch(args: argparse.Namespace) -> dict[str, Any]:
+    """The key=value ... of `twin set`: at least one, each value JSON where it parses."""
+    patch = parse_assignments(args.assignments)
+    if not patch:
+        raise CliError("give at least one key=value", EXIT_USAGE)
+    return patch
 
 
 def readings_options(limit_help: str) -> tuple[Arg, ...]:

@@ -16,7 +16,7 @@ import trio
 from edgetrio import rules, web
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from edgetrio.common_cli import print_readings, readings_options, user_commands
+from edgetrio.common_cli import desired_patch, print_readings, print_twin, readings_options, user_commands
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -210,19 +210,6 @@ def cmd_device_add(args: argparse.Namespace) -> None:
     emit(args, added, lambda: print(f"registered {added['id']} on {args.node} ({where})\n"
                                     f"  username: {added['username']}\n  password: {added['password']}\n"
                                     "Keep the password now: it is stored only hashed."))
-
-
-def print_twin(twin: dict[str, Any]) -> None:
-    print(f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}\n"
-          f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}\n"
-          f"delta: {json.dumps(twin['delta'])}")
-
-
-def desired_patch(args: argparse.Namespace) -> dict[str, Any]:
-    patch = parse_assignments(args.assignments)
-    if not patch:
-        raise CliError("give at least one key=value", EXIT_USAGE)
-    return patch
 
 
 COMMANDS.group("cloud twin", "twin of a device")

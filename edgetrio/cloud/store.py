@@ -369,6 +369,8 @@ def set_twin(db: Database, node: str, device: str, patch: dict[str, Any], versio
 def desired_problem(meta: dict[str, Any], patch: dict[str, Any]) -> str | None:
     """Why a desired change does not fit what the device's board announced it can be set to (its outputs and its
     firmware's settings), as the gateway checks it; None if it fits or nothing is known of the device yet."""
+    if not isinstance(meta, dict):  # what an edge mirrored as meta is not checked there: a list must not crash here
+        meta = {}
     outputs = [r for r in meta.get("resources") or [] if isinstance(r, dict) and r.get("access") == "rw"]
     model = None
     if outputs:

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from edgetrio import wire
-from edgetrio.common_cli import print_readings, readings_options, user_commands
+from edgetrio.common_cli import desired_patch, print_readings, print_twin, readings_options, user_commands
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -310,12 +310,6 @@ def cmd_model_list(args: argparse.Namespace) -> None:
     emit(args, models, human)
 
 
-def print_twin(twin: dict[str, Any]) -> None:
-    print(f"desired  (version {twin['desired']['version']}): {json.dumps(twin['desired']['state'])}")
-    print(f"reported (version {twin['reported']['version']}): {json.dumps(twin['reported']['state'])}")
-    print(f"delta: {json.dumps(twin['delta'])}")
-
-
 @COMMANDS.command("twin get", "a device's desired and reported state", LOCAL, arg("id"))
 def cmd_twin_get(args: argparse.Namespace) -> None:
     try:
@@ -329,9 +323,7 @@ def cmd_twin_get(args: argparse.Namespace) -> None:
                   arg("assignments", nargs="*", metavar="key=value"),
                   arg("--version", type=int, help="the desired version this change is based on (refused if stale)"))
 def cmd_twin_set(args: argparse.Namespace) -> None:
-    patch = parse_assignments(args.assignments)
-    if not patch:
-        raise CliError("give at least one key=value", EXIT_USAGE)
+    patch = desired_patch(args)
 
     def offline(db: Any) -> dict[str, Any]:
         twin = set_desired(store.get_twin(db, args.id), patch, args.version)
