@@ -181,7 +181,8 @@ def load_model_file(path: Path) -> Model:
 def settings_of(model: Model | None, meta: dict[str, Any]) -> dict[str, Resource]:
     """What can be set on a device: its model's rw resources, and the controls its board announced in meta."""
     settings = {r.name: r for r in model.resources.values() if r.access == "rw"} if model is not None else {}
-    controls = [dict(c, access="rw") for c in meta.get("controls") or []
+    announced = meta.get("controls")
+    controls = [dict(c, access="rw") for c in (announced if isinstance(announced, list) else [])
                 if isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] not in settings]
     if controls:  # a board that describes its controls badly: it judges its own desired state
         with contextlib.suppress(RegistryError):

@@ -296,3 +296,15 @@ def test_home_assistant_gets_each_part_as_the_entity_it_is(tmp_path: Path) -> No
     assert entities["sensor:water"]["state_class"] == "total_increasing"  # a meter: Home Assistant sums it
     assert entities["sensor:water rate"]["state_class"] == "measurement"
     assert "sensor:pump" not in entities and "sensor:lamp" not in entities  # outputs are not also sensors
+
+
+def test_a_meta_whose_parts_are_not_lists_is_taken_as_nothing_known() -> None:
+    # what a device announces reaches both tiers unchecked in shape: an attacker's board sends numbers for lists
+    from edgetrio.cloud.store import desired_problem
+    from edgetrio.daemon.homeassistant import controls_of, discovery
+    from edgetrio.models import settings_of
+
+    for meta in ({"controls": 5, "resources": 3}, {"controls": "ab", "resources": {"a": 1}}, [1, 2]):
+        assert desired_problem(meta, {"led": True}) is None  # type: ignore[arg-type]
+    assert settings_of(None, {"controls": 7}) == {} and controls_of(None, {"controls": 7}) == []
+    assert discovery("x", None, {"controls": 7, "resources": 9, "commands": 3}) == []

@@ -371,7 +371,9 @@ def desired_problem(meta: dict[str, Any], patch: dict[str, Any]) -> str | None:
     firmware's settings), as the gateway checks it; None if it fits or nothing is known of the device yet."""
     if not isinstance(meta, dict):  # what an edge mirrored as meta is not checked there: a list must not crash here
         meta = {}
-    outputs = [r for r in meta.get("resources") or [] if isinstance(r, dict) and r.get("access") == "rw"]
+    announced = meta.get("resources")
+    outputs = [r for r in (announced if isinstance(announced, list) else [])
+               if isinstance(r, dict) and r.get("access") == "rw"]
     model = None
     if outputs:
         with contextlib.suppress(RegistryError):  # a board that describes itself badly judges its own desired state

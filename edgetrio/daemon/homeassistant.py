@@ -82,6 +82,12 @@ def topic(device: str, *levels: str) -> str:
     return "/".join((HA_ROOT, device, *levels))
 
 
+def listed(meta: dict[str, Any], key: str) -> list[Any]:
+    """A list a device announced in its meta, or none: what it sends is not checked in shape."""
+    value = meta.get(key)
+    return value if isinstance(value, list) else []
+
+
 def controls_of(model: Model | None, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """What can be set on a device: its model's rw resources, and the twin keys its meta describes."""
     out: dict[str, dict[str, Any]] = {}
@@ -89,7 +95,7 @@ def controls_of(model: Model | None, meta: dict[str, Any]) -> list[dict[str, Any
         for r in model.resources.values():
             if r.access == "rw":
                 out[r.name] = {"name": r.name, "type": r.type, "unit": r.unit, "min": r.minimum, "max": r.maximum}
-    for item in meta.get("controls") or []:
+    for item in listed(meta, "controls"):
         if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] not in out:
             kind = TYPE_ALIASES.get(str(item.get("type", "")).lower())
             if kind is not None:
@@ -121,7 +127,7 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
     controls = controls_of(model, meta)
     control_names = {c["name"] for c in controls}
     # what a board file said a contact is (door, window, motion...): its meta carries the class with the resource
-    announced = [r for r in meta.get("resources") or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    announced = [r for r in listed(meta, "resources") if isinstance(r, dict) and isinstance(r.get("name"), str)]
     classes = {r["name"]: r["device_class"] for r in announced if isinstance(r.get("device_class"), str)}
     totals = {r["name"] for r in announced if r.get("state_class") == "total_increasing"}  # a meter's count
     for r in (model.resources.values() if model is not None else []):
@@ -163,7 +169,7 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
             configs.append(entity("number", c["name"], name, body))
         else:
             configs.append(entity("text", c["name"], name, body))
-    for command in meta.get("commands") or []:
+    for command in listed(meta, "commands"):
         if isinstance(command, str) and command:
             body = {"command_topic": topic(device, "press", command), "payload_press": "PRESS"}
             if command in RESTART_COMMANDS:
