@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, RawMQTT, greenhouse_board, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, RawMQTT, greenhouse_board, virtual_boards, wait_until
 
 HA_PYTHON = ROOT / ".ha" / "bin" / "python"
 HA_USER = "integration:homeassistant"
@@ -175,6 +175,28 @@ def test_registering_and_removing_a_device_adds_and_withdraws_its_entities(gatew
     daemon.cli("device", "remove", "fanbox.1")
     withdrawn = ha.until(fan_topic, timeout=15)
     assert withdrawn[-1][1] == b""  # an empty config removes the entity
+
+
+def test_a_board_reflashed_with_a_changed_file_changes_its_entities(gateway: tuple[Daemon, str],
+                                                                    tmp_path: Path) -> None:
+    daemon, secret = gateway
+    node = "edgetrio_rewired-1"
+    humidity = f"homeassistant/sensor/{node}/humidity/config"
+    light = f"homeassistant/sensor/{node}/illuminance/config"
+    ha = home_assistant(daemon, secret, "ha-rewire")
+    sht = tmp_path / "sht.toml"
+    sht.write_text('[[component]]\ndriver = "sht3x"\n')
+    with virtual_boards(daemon, "rewired", 1, period=1, extra=("--board", str(sht))):
+        first = configs_in(ha.gather(lambda latest: latest.get(humidity), timeout=90))
+        assert first[humidity]["unit_of_measurement"] == "%" and light not in first
+    lux = tmp_path / "lux.toml"
+    lux.write_text('[[component]]\ndriver = "bh1750"\n')
+    with virtual_boards(daemon, "rewired", 1, period=1, extra=("--board", str(lux))):
+        # the part the board no longer has is withdrawn (an empty config), the new one appears with its unit
+        latest = dict(ha.gather(lambda latest: latest.get(humidity) == b"" and latest.get(light), timeout=90))
+        assert json.loads(latest[light])["unit_of_measurement"] == "lx"
+        assert json.loads(latest[light])["device_class"] == "illuminance"
+    assert ha_reference(configs_in(list(latest.items())))["problems"] == []
 
 
 def test_the_integration_credential_is_confined_to_its_own_topics(gateway: tuple[Daemon, str]) -> None:

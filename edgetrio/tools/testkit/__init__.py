@@ -394,6 +394,7 @@ class Board:
         self.config = config
         self.id = "board-1"
         self.flash_dir = daemon.data_dir / "vdevs" / self.id
+        self.wired: tuple[str, ...] = ()  # --board FILE when the board is flashed from a board file
 
     # -- actions --
     def flash(self, period: float = 0.3, watchdog: float = 60, erase: bool = False) -> subprocess.CompletedProcess[str]:
@@ -405,7 +406,7 @@ class Board:
         return self.daemon.cli("flash", "--port", self.port, "--device-id", self.id, "--broker", broker,
                                "--period", str(period), "--wifi-ssid", self.config.getoption("--wifi-ssid"),
                                "--wifi-password", self.config.getoption("--wifi-password"), "--wait", "90",
-                               "--watchdog", str(watchdog), *(["--erase"] if erase else []))
+                               "--watchdog", str(watchdog), *(["--erase"] if erase else []), *self.wired)
 
     def wifi(self, up: bool) -> None:
         if not self.virtual:
