@@ -422,6 +422,9 @@ def cmd_logs(args: argparse.Namespace) -> None:
         body = row["body"]
         if row["kind"] == "status":
             text = f"[status] {body}"
+        elif row["kind"] == "ota" and isinstance(body, dict):
+            text = (f"[firmware update] bundle {str(body.get('bundle'))[:12]} {body.get('state')}"
+                    + (f": {body['reason']}" if body.get("reason") else ""))
         elif isinstance(body, dict):
             text = f"[{body.get('level', 'info')}] {body.get('message', json.dumps(body))}"
         else:

@@ -24,6 +24,7 @@ from edgetrio.daemon import alerts, rulestore, store
 from edgetrio.daemon import automation as auto
 from edgetrio.daemon.commands import CommandFailed, set_desired
 from edgetrio.daemon.config import admin_credential, read_run_file
+from edgetrio.daemon.ota import CONFIRM_S, Updates
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.topics import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected, parse_object
 from edgetrio.identity import RegistryError, integration_user
@@ -117,8 +118,9 @@ class ControlServer:
     """The daemon's side of the control channel: each request found on the bus is answered in a task of its own."""
 
     def __init__(self, parts: Parts, status: Callable[[], dict[str, Any]],
-                 automation: auto.Automation | None = None) -> None:
+                 automation: auto.Automation | None = None, updates: Updates | None = None) -> None:
         self.automation = automation
+        self.updates = updates
         self.link, self.writer, self.roster = parts.link, parts.writer, parts.roster
         self.changes, self.commands = parts.changes, parts.commands
         self.status = status
@@ -220,6 +222,22 @@ class ControlServer:
             return self.status()
         if op.startswith(("rule.", "alerts.")):
             return await self.automate(op, args)
+        if op.startswith("ota.") and self.updates is not None:
+            return await self.update(op, args)
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def update(self, op: str, args: dict[str, Any]) -> Any:
+        """Firmware updates over the air: start one (its bundle already in the data dir), follow it, cancel it."""
+        assert self.updates is not None
+        if op == "ota.start":
+            return await self.updates.start(str(args["id"]), str(args["bundle"]),
+                                            int(args.get("confirm_s") or CONFIRM_S))
+        if op == "ota.status":
+            return self.updates.status(str(args["id"]))
+        if op == "ota.cancel":
+            return self.updates.cancel(str(args["id"]))
+        if op == "ota.list":
+            return self.updates.all()
         raise ValueError(f"unknown operation {op!r}")
 
     async def automate(self, op: str, args: dict[str, Any]) -> Any:

@@ -42,6 +42,7 @@ from edgetrio.daemon.export import Export
 from edgetrio.daemon.homeassistant import HomeAssistant
 from edgetrio.daemon.ingest import Ingest
 from edgetrio.daemon.metrics import REGISTRY, GatewayCollector
+from edgetrio.daemon.ota import Updates
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.roster import Roster
 from edgetrio.daemon.service import feed_watchdog, notify
@@ -182,11 +183,12 @@ class Gateway:
     hub: EdgeHub | None
     ha: HomeAssistant | None
     export: Export | None
+    updates: Updates
     started: float = field(default_factory=time.time)
     control: ControlServer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.control = ControlServer(self.parts, self.status, self.automation)
+        self.control = ControlServer(self.parts, self.status, self.automation, self.updates)
 
     def status(self) -> dict[str, Any]:
         """What `edgetrio status` shows of the running daemon; the components' states follow the writer and link."""
@@ -241,13 +243,15 @@ def make_components(cfg: DaemonConfig, parts: Parts, credentials: Credentials, s
     requests_in, requests_out = trio.open_memory_channel[bytes](CONTROL_REQUESTS_WAITING)
     ha = HomeAssistant(parts) if cfg.homeassistant else None
     site = GatewayWeb(parts, (ADMIN_USER, credentials.admin_secret), cfg.node_id or "local")
-    ingest = Ingest(parts, requests_in, [site, automation, *([ha] if ha else []), *([export] if export else [])])
+    updates = Updates(parts, cfg.data_dir)
+    ingest = Ingest(parts, requests_in, [site, automation, updates, *([ha] if ha else []),
+                                         *([export] if export else [])])
     counters = Counters(ingest, parts.link, parts.writer, hub, automation)
     health = Health(parts.roster, ingest, parts.link, parts.writer, counters, hub)
     # the gateway's own fleet page shows what the relay's shows of it
     site.report = lambda: node_report(counters.live(), health.outbox["rows"], len(parts.roster.connected()))
     return Gateway(cfg, parts, credentials, supervisor, ingest, automation, requests_out, site, health, counters, hub,
-                   ha, export)
+                   ha, export, updates)
 
 
 @asynccontextmanager
@@ -292,6 +296,7 @@ async def open_gateway(cfg: DaemonConfig) -> AsyncIterator[Gateway]:
                     # rules are loaded before the first reading is taken
                     await writer.write(forget_pending)
                     await gateway.automation.reload()
+                    await gateway.updates.load()
                     nursery.start_soon(ingest_until_drained)
                     nursery.start_soon(chores_until_stopped)
                     yield gateway
@@ -327,6 +332,7 @@ async def serve(gateway: Gateway, signals: AsyncIterator[int], *,
         if gateway.ha is not None:
             services.start_soon(supervisor.keep, "home assistant", gateway.ha.run)
         services.start_soon(supervisor.keep, "automation", gateway.automation.run)
+        services.start_soon(supervisor.keep, "firmware updates", gateway.updates.run)
         if gateway.export is not None:
             services.start_soon(supervisor.keep, "export", gateway.export.run)
         supervisor.add("metrics", vital=False, state="running" if metrics else "off")

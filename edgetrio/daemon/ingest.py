@@ -99,6 +99,9 @@ class Watch:
     def integration(self, event: BusEvent) -> None:
         """A message from an integration's credential (Home Assistant); the ACL kept it to that integration's topics."""
 
+    def ota(self, device: str, body: dict[str, Any]) -> None:
+        """A board's answer about a firmware update (where it wants the next chunk, installed, confirmed, failed)."""
+
 
 class Watchers(Watch):
     """Several watchers as one. A watcher that fails costs its own view of that event, never ingest: they are
@@ -128,6 +131,9 @@ class Watchers(Watch):
 
     def integration(self, event: BusEvent) -> None:
         self._tell("integration", event)
+
+    def ota(self, device: str, body: dict[str, Any]) -> None:
+        self._tell("ota", device, body)
 
 
 def missing_from_model(model: Model | None, meta: dict[str, Any]) -> list[str]:
@@ -225,7 +231,7 @@ class Ingest:
             "message": self._message}
         self._by_channel: dict[str, Callable[[str, BusEvent, float], None]] = {
             "telemetry": self._telemetry, "twin/reported": self._reported, "meta": self._meta,
-            "cmd/result": self._cmd_result, "log": self._note, "status": self._note}
+            "cmd/result": self._cmd_result, "log": self._note, "status": self._note, "ota/status": self._ota}
 
     async def run(self) -> None:
         """Classify and commit until the broker has stopped and everything it handed over is committed (or, with a
@@ -393,6 +399,12 @@ class Ingest:
             raise Rejected("bad_envelope", "cmd/result needs a string 'id'")
         if not self.commands.deliver(device, cmd_id, body):
             self._write(partial(record_late_result, cmd_id=cmd_id, body=body, now=now))
+
+    def _ota(self, device: str, event: BusEvent, now: float) -> None:
+        body = parse_object(event.payload)
+        if body.get("state") != "receiving":  # the steps of an update, not each chunk, go on the device's log
+            self._write(partial(self.changes.event, device=device, kind="ota", body=body, now=now))
+        self.watch.ota(device, body)
 
     def _note(self, device: str, event: BusEvent, now: float) -> None:  # log and status lines, kept as events
         channel = event.topic.rsplit("/", 1)[1]

@@ -322,8 +322,9 @@ def events(db: Database, device_id: str, limit: int = 50) -> list[dict[str, Any]
 
 def device_logs(db: Database, device_id: str, after_id: int = 0, since: float | None = None,
                 limit: int = 1000) -> list[dict[str, Any]]:
-    """A device's log and status lines in order, after event `after_id` (for following) and from `since`."""
-    sql = "SELECT id, ts, kind, body FROM events WHERE device = ? AND kind IN ('log', 'status') AND id > ?"
+    """A device's log and status lines and the steps of its firmware updates, in order, after event `after_id` (for
+    following) and from `since`."""
+    sql = "SELECT id, ts, kind, body FROM events WHERE device = ? AND kind IN ('log', 'status', 'ota') AND id > ?"
     params: list[Any] = [device_id, after_id]
     if since is not None:
         sql += " AND ts >= ?"

@@ -13,7 +13,7 @@ from edgetrio.twin import Twin
 
 ROOT = "edgetrio"
 # What a device may send; everything else under its root is refused and counted.
-DEVICE_CHANNELS = frozenset({"status", "meta", "telemetry", "twin/reported", "cmd/result", "log"})
+DEVICE_CHANNELS = frozenset({"status", "meta", "telemetry", "twin/reported", "cmd/result", "log", "ota/status"})
 # Local apps and the CLI talk to the daemon here (admin credential only); outside every device's root.
 CONTROL_REQUEST = "edgetrio-api/request"
 CONTROL_REPLY_ROOT = "edgetrio-api/reply/"

@@ -4,7 +4,9 @@ unix port) come with the `devices` extra; a missing one is named in one line bef
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -52,8 +54,10 @@ def compile_mpy(sources: list[Path], dest: Path) -> None:
 
 
 def build_bundle(out: Path) -> Path:
-    """Compile firmware/lib to .mpy with mpy-cross, as flashing does; boot.py and main.py stay source."""
+    """Compile firmware/lib to .mpy with mpy-cross, as flashing does, and start.py (the boot's work, at the root: it
+    is not updated over the air); boot.py and main.py stay source."""
     compile_mpy(sorted((FIRMWARE / "lib").glob("*.py")), out / "lib")
+    compile_mpy([FIRMWARE / "start.py"], out)
     for name in ("boot.py", "main.py"):
         shutil.copy2(FIRMWARE / name, out / name)
     return out
@@ -70,3 +74,24 @@ def device_config(device_id: str, password: str, period: float | None = None, bu
     if period is not None:  # given on the command line: it wins over the board file's
         config["period"] = period
     return config
+
+
+def bundle_files(bundle: Path) -> list[list[Any]]:
+    """The files of a bundle's lib/ as a board checks them: [name, size, sha256], sorted by name."""
+    lib = bundle / "lib"
+    if not lib.is_dir():
+        raise RuntimeError(f"{bundle}: no lib/ folder (a bundle is what `edgetrio flash --out DIR` writes)")
+    files = [[p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(lib.glob("*.mpy"))]
+    if not any(name == "node.mpy" for name, _, _ in files):
+        raise RuntimeError(f"{bundle}: lib/ has no node.mpy: not a firmware bundle")
+    return files
+
+
+def bundle_id(files: list[list[Any]]) -> str:
+    """A bundle's id: the sha256 of its sorted 'name size sha256' lines (firmware/lib/ota.py computes the same)."""
+    return hashlib.sha256("".join(f"{n} {s} {h}\n" for n, s, h in sorted(files)).encode()).hexdigest()
+
+
+def firmware_record(bundle: Path) -> str:
+    """firmware.json for a board just flashed with `bundle`: lib/ runs, and which bundle that is."""
+    return json.dumps({"active": "lib", "bundle": bundle_id(bundle_files(bundle))})

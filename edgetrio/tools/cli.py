@@ -1,8 +1,9 @@
-"""`edgetrio vdev|flash|fault|demo`: the device tier's commands (virtual boards, flashing, faults, the demo)."""
+"""`edgetrio vdev|flash|ota|fault|demo`: the device tier's commands (virtual boards, flashing, faults, the demo)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from edgetrio.tools.boards import BoardError, load_board
 from edgetrio.tools.bundle import require_device_tools
 from edgetrio.tools.demo import run_demo
 from edgetrio.tools.flash import FlashError, FlashTimeout, flash
+from edgetrio.tools.ota import OtaError, control_op, ota, print_update
 from edgetrio.tools.service import install as install_service
 from edgetrio.tools.vdev import main_vdev, set_fault
 
@@ -39,7 +41,8 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
     arg("--prefix", default="vdev", help="device ids are PREFIX-1..PREFIX-N (default vdev)"),
     arg("--period", type=float, help="sample period in seconds until the twin sets one (default: the board file's, "
                                      "else 5)"),
-    arg("--heap", help="MicroPython heap size (default 110K, about an ESP32 without PSRAM; 200K with --board, whose "
+    arg("--heap", help="MicroPython heap size (default 128K: the unix port's 64-bit objects make that less than an "
+                       "ESP32 without PSRAM holds of this firmware, docs/benchmarks.md; 200K with --board, whose "
                        "simulated parts take heap here that is hardware on a real board)"),
     arg("--buffer", type=int, default=500, metavar="N",
         help="readings a board keeps on flash until acknowledged; past N the oldest go (default 500)"),
@@ -68,7 +71,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     except BoardError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     try:
-        heap = args.heap or ("200K" if board else "110K")
+        heap = args.heap or ("200K" if board else "128K")
         period = args.period if args.period is not None else board.period if board else 5.0
         main_vdev(args.data_dir, args.count, args.prefix, period, heap, args.repl_pty, args.blank, args.uart,
                   args.buffer, args.sensor, args.forced, board)
@@ -107,6 +110,34 @@ def cmd_flash(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_FAILED) from exc
     except (FlashError, RuntimeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+@COMMANDS.command(
+    "ota", "update a board's firmware over the air, through the running gateway", LOCAL, arg("id"),
+    arg("--bundle", type=Path, metavar="DIR",
+        help="a bundle `edgetrio flash --out DIR` wrote (its lib/*.mpy); default: this edgetrio's firmware"),
+    arg("--status", action="store_true", help="show the board's last update and return"),
+    arg("--cancel", action="store_true", help="stop sending an update (the same bundle later resumes where it was)"),
+    arg("--no-wait", action="store_true", help="start the update and return; follow it with --status"),
+    arg("--timeout", type=float, default=900.0, metavar="S", help="seconds to follow the update (default 900)"),
+    arg("--confirm-timeout", type=float, default=300.0, metavar="S",
+        help="seconds the board runs the new firmware without an acknowledged reading before it restarts to try "
+             "again; after 3 tries it goes back to the firmware that worked (default 300; 30-86400)"))
+def cmd_ota(args: argparse.Namespace) -> None:
+    require_positive(timeout=args.timeout)
+    if not daemon_running(args.data_dir):
+        raise CliError(f"no daemon is running on {args.data_dir}: updates go through it", EXIT_USAGE)
+    try:
+        if args.status or args.cancel:
+            update = control_op(args.data_dir, "ota.cancel" if args.cancel else "ota.status", args.id)
+            emit(args, update, lambda: print_update(update, args.id))
+            return
+        update = ota(args.data_dir, args.id, args.bundle, args.json, not args.no_wait, args.timeout,
+                     args.confirm_timeout)
+    except OtaError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from exc
+    if args.json:
+        print(json.dumps(update))
 
 
 @COMMANDS.command(

@@ -21,7 +21,7 @@ from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.models import Model
 from edgetrio.tools.boards import Board, BoardError, i2c_scan_script, load_board, missing_chips, reference_board
-from edgetrio.tools.bundle import build_bundle, device_config, require_device_tools
+from edgetrio.tools.bundle import build_bundle, device_config, firmware_record, require_device_tools
 
 
 class FlashError(Exception):
@@ -177,6 +177,7 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
                        "broker_port": int(broker_port or 1883), "watchdog_ms": int(watchdog * 1000)})
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
         os.chmod(bundle / "config.json", 0o600)  # it holds the device's credential
+        (bundle / "firmware.json").write_text(firmware_record(bundle))  # lib/ runs, not an earlier update's folder
         if out is not None:
             if out.exists():
                 shutil.rmtree(out)

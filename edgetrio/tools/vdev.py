@@ -29,7 +29,7 @@ from edgetrio.daemon import store
 from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.tools.boards import GPIOS, Board
-from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool
+from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool, firmware_record
 from edgetrio.tools.flash import register_model
 
 RESET_EXIT = 75
@@ -284,9 +284,10 @@ class VirtualDevice:
         if (self.flash / "lib").exists():
             shutil.rmtree(self.flash / "lib")
         shutil.copytree(bundle / "lib", self.flash / "lib")
-        for name in ("boot.py", "main.py"):
+        for name in ("boot.py", "main.py", "start.mpy"):
             shutil.copy2(bundle / name, self.flash / name)
         (self.flash / "config.json").write_text(json.dumps(config))
+        (self.flash / "firmware.json").write_text(firmware_record(bundle))  # lib/ runs, not an earlier update
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the board (its Wi-Fi proxy and its supervisor) until cancelled; its REPL link goes with it."""

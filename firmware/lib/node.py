@@ -77,8 +77,11 @@ class Node:
         self.seq = 0
         self.twin = state.get("twin") or {"period": cfg.get("period", 10), "led": False, "threshold": 0}
         self.buffer = Buffer("buffer.log", cfg.get("buffer", 500))
+        self.firmware = load_json("firmware.json", {})  # which bundle runs, and whether it is still a trial
+        # receiving an update: the sensors stay off so the transfer has the heap (a few seconds to a minute)
+        self.updating = bool(self.firmware.get("receive"))
         self.board = None  # what is wired to it (safe mode leaves it alone: a driver may be what crashed)
-        if not safe_mode:
+        if not safe_mode and not self.updating:
             from components import Board
 
             self.board = Board(cfg.get("components") or [])
@@ -96,6 +99,8 @@ class Node:
         self.last_values = {}
         self.clock = Clock(state, self.boot, self.save_state)
         self.healthy = False
+        self.version = VERSION
+        self.ota = None  # the update being received, made at the first `ota` message
 
     def save_state(self):
         save_json(STATE_FILE, self.state)
@@ -104,6 +109,18 @@ class Node:
 
     def on_message(self, topic, payload):
         channel = topic[len(self.root):]
+        if channel == "ota":  # a JSON header line, then raw bytes; ota.py is imported only for an update
+            fw = self.firmware
+            if self.ota is None and payload.startswith(b'{"op": "begin"'):  # asked what runs: at every reconnect
+                bundle = json.loads(payload).get("bundle")
+                if bundle and bundle == fw.get("trial_bundle" if fw.get("trial") else "bundle"):
+                    asyncio.create_task(self.link.publish("ota/status", json.dumps(
+                        {"bundle": bundle, "state": "trial" if fw.get("trial") else "confirmed", "version": VERSION})))
+                    return
+            from ota import receive
+
+            receive(self, payload)
+            return
         try:
             body = json.loads(payload)
         except ValueError:
@@ -116,6 +133,10 @@ class Node:
                 self.healthy = True  # a committed reading: this boot works
                 self.state["failed_boots"] = 0
                 self.save_state()
+                if self.firmware.get("trial"):  # and so does the firmware it tried
+                    from trial import confirm
+
+                    asyncio.create_task(confirm(self))
         elif channel == "time":
             self.clock.set(body.get("unix_ms"))
         elif channel == "twin/desired":
@@ -246,17 +267,24 @@ class Node:
             asyncio.create_task(self.link.publish("log", json.dumps({"level": level, "message": message}), qos=0))
 
     def meta(self):
-        return {"firmware": VERSION, "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
+        fw = self.firmware
+        meta = {"firmware": VERSION, "bundle": (fw.get("trial_bundle" if fw.get("trial") else "bundle") or "")[:12],
+                "model": self.cfg.get("model", "esp32-sensor"), "boot": self.boot,
                 "resources": self.board.resources() if self.board else [], "rssi": self.link.rssi(),
                 "free_heap": gc.mem_free(), "buffered": self.buffer.unacked(), "dropped": self.buffer.dropped,
                 "safe_mode": self.safe_mode, "reset_cause": self.reset_cause,
                 "transport": "serial" if self.link.serial else "mqtt", "controls": CONTROLS, "commands": COMMANDS}
+        if fw.get("trial"):  # said only when so: meta is the largest message a board sends
+            meta["trial"] = True
+        if self.updating:
+            meta["updating"] = True
+        return meta
 
     async def greet(self, client):
         """A new session: subscribe, say online with what this board is, and wait a little for the time."""
         root = self.root
         self.clock.known.clear()
-        await client.subscribe([root + "ack", root + "twin/desired", root + "cmd", root + "time"])
+        await client.subscribe([root + "ack", root + "twin/desired", root + "cmd", root + "time", root + "ota"])
         host = self.cfg.get("ntp_host")
         if host and not self.link.serial:
             self.clock.sync_ntp(host)
@@ -264,8 +292,13 @@ class Node:
         await client.publish(root + "status", "online", qos=1, retain=True)
         gc.collect()  # meta is the largest message a board sends
         await client.publish(root + "meta", json.dumps(self.meta()), qos=1)
-        self.log("info", "online, boot %d after a %s reset%s"
-                 % (self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else ""))
+        self.log("info", "online, boot %d after a %s reset%s" % (
+            self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else
+            " (receiving a firmware update)" if self.updating else ""))
+        failed = self.firmware.get("failed")
+        if failed:  # went back to the firmware that worked: say why, at every connect until the next update
+            await client.publish(root + "ota/status", json.dumps(
+                {"bundle": failed.get("bundle"), "state": "rolled back", "reason": failed.get("reason")}), qos=1)
         try:  # readings taken before the clock was set go out once it is, with their true time
             await asyncio.wait_for(self.clock.known.wait(), CLOCK_WAIT_MS / 1000)
         except asyncio.TimeoutError:
@@ -282,6 +315,14 @@ class Node:
         tasks = [asyncio.create_task(self.link.run(self, self.buffer.flush)), asyncio.create_task(self.watchdog())]
         if self.board is not None:
             tasks.append(asyncio.create_task(self.sample()))
+        if self.firmware.get("trial"):
+            from trial import watch
+
+            tasks.append(asyncio.create_task(watch(self)))
+        elif self.updating:
+            from ota import watch
+
+            tasks.append(asyncio.create_task(watch(self)))
         await asyncio.gather(*tasks)
 
 

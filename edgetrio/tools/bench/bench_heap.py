@@ -129,7 +129,7 @@ def main() -> None:
                     build_bundle(flash)
                 else:
                     shutil.copytree(FIRMWARE / "lib", flash / "lib")
-                    for name in ("boot.py", "main.py"):
+                    for name in ("boot.py", "main.py", "start.py"):
                         shutil.copy2(FIRMWARE / name, flash / name)
                 (flash / "sim").mkdir(exist_ok=True)
                 (flash / "config.json").write_text(json.dumps(config))

@@ -1,0 +1,117 @@
+"""`edgetrio ota ID`: update a board's firmware over the air through the running gateway, with progress.
+
+The bundle (built from this edgetrio's firmware, or one `edgetrio flash --out DIR` wrote) is put into the gateway's
+data dir under its id; the gateway sends it (edgetrio/daemon/ota.py) and this follows it to the board's confirmation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgetrio.daemon.control import ControlClient, ControlError
+from edgetrio.daemon.ota import BUNDLES, DONE, UpdateError, bundle_files, bundle_id
+from edgetrio.tools.bundle import build_bundle, require_device_tools
+
+
+class OtaError(Exception):
+    """The update could not start or did not end confirmed; the message says why in one line."""
+
+
+def stage_bundle(data_dir: Path, bundle: Path | None) -> tuple[str, list[list[Any]]]:
+    """Put the bundle's .mpy files into DATA/bundles/<id>/ (once; a folder appears whole or not at all)."""
+    with tempfile.TemporaryDirectory(prefix="edgetrio-ota-") as tmp:
+        if bundle is None:
+            try:
+                require_device_tools()
+            except RuntimeError as exc:
+                raise OtaError(str(exc)) from exc
+            bundle = build_bundle(Path(tmp) / "bundle")
+        lib = bundle / "lib"
+        if not lib.is_dir():
+            raise OtaError(f"{bundle}: no lib/ folder (a bundle is what `edgetrio flash --out DIR` writes)")
+        try:
+            files = bundle_files(lib)
+        except UpdateError as exc:
+            raise OtaError(str(exc)) from exc
+        ident = bundle_id(files)
+        target = data_dir / BUNDLES / ident
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+            for name, _, _ in files:
+                shutil.copy2(lib / name, staging / name)
+            staging.rename(target)
+    return ident, files
+
+
+def progress_line(update: dict[str, Any], began: float) -> str:
+    total, position, sent = update["total"], update["position"], update["sent"]
+    rate = sent / max(time.monotonic() - began, 1e-3) / 1024
+    resumed = update.get("resumed_from")
+    note = f", resumed at {resumed:,}" if resumed else ""
+    return (f"  {update['state']}: {position:,} / {total:,} bytes ({100 * position // max(total, 1)}%), "
+            f"{update['chunks']} chunks, {rate:.1f} KiB/s{note}")
+
+
+def follow(control: ControlClient, device: str, as_json: bool, timeout: float) -> dict[str, Any]:
+    """Print the update's progress until it ends (or `timeout`); returns its last state."""
+    began, deadline = time.monotonic(), time.monotonic() + timeout
+    shown: tuple[Any, ...] = ()
+    update: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        update = control.request("ota.status", {"id": device}) or {}
+        step = (update.get("state"), update.get("position", 0) * 20 // max(update.get("total", 1), 1))
+        if step != shown:  # a line per state and per 5 %: readable in a log, not a flood
+            shown = step
+            print(json.dumps(update) if as_json else progress_line(update, began), flush=True)
+        if update.get("state") in DONE:
+            return update
+        time.sleep(0.3)
+    raise OtaError(f"{device}: the update did not end within {timeout:g} s (it is {update.get('state')}; the gateway "
+                   f"goes on with it: `edgetrio ota {device} --status`)")
+
+
+def ota(data_dir: Path, device: str, bundle: Path | None, as_json: bool = False, wait: bool = True,
+        timeout: float = 900, confirm_timeout: float = 300) -> dict[str, Any]:
+    """Start updating `device` (the same bundle again goes on where it is) and follow it unless `wait` is False."""
+    ident, files = stage_bundle(data_dir, bundle)  # staged before the daemon is asked: it reads it from there
+    try:
+        with ControlClient(data_dir) as control:
+            update = control.request("ota.start", {"id": device, "bundle": ident, "confirm_s": int(confirm_timeout)})
+            if not as_json:
+                print(f"updating {device} to bundle {ident[:12]} ({len(files)} files, {update['total']:,} bytes)"
+                      f"{'' if update.get('online') else ': it is offline, the update starts when it connects'}",
+                      flush=True)
+            if not wait:
+                return dict(update)
+            update = follow(control, device, as_json, timeout)
+    except ControlError as exc:
+        raise OtaError(str(exc)) from exc
+    if update["state"] != "confirmed":
+        raise OtaError(f"{device}: update {update['state']}: {update['detail']}")
+    if not as_json:
+        print(f"{device} confirmed bundle {ident[:12]}: {update['detail']}", flush=True)
+    return update
+
+
+def control_op(data_dir: Path, op: str, device: str | None) -> Any:
+    try:
+        with ControlClient(data_dir) as control:
+            return control.request(op, {"id": device} if device else {})
+    except ControlError as exc:
+        raise OtaError(str(exc)) from exc
+
+
+def print_update(update: dict[str, Any] | None, device: str) -> None:
+    if not update:
+        print(f"{device}: no firmware update on record", file=sys.stderr)
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(update["started"]))
+    print(f"{update['device']}: bundle {update['bundle'][:12]} {update['state']} (started {when}; "
+          f"{update['position']:,}/{update['total']:,} bytes){': ' + update['detail'] if update['detail'] else ''}")

@@ -1,0 +1,58 @@
+# The firmware's start, imported by main.py (compiled to start.mpy at the flash's root: compiling this as source at
+# every boot would take heap the firmware needs). Not updated over the air: it is what makes going back possible.
+#
+# Boots and failed boots are counted first, before anything that could crash, so a boot loop is seen; the node clears
+# the failed count once the gateway has acknowledged a reading. Then it picks the firmware folder: lib/ as flashed, or
+# the one an update over the air installed (firmware.json). A new folder is a trial until the board confirms it;
+# after TRIES boots without that, the board goes back to the folder that worked and reports why.
+import json
+import os
+import sys
+
+TRIES = 3
+
+
+def load(path, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def save(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.rename(path + ".tmp", path)
+
+
+state = load("state.json", {"boot": 0, "failed_boots": 0})
+state["boot"] = state.get("boot", 0) + 1
+state["failed_boots"] = state.get("failed_boots", 0) + 1
+fw = load("firmware.json", {})
+folder = fw.get("active") or "lib"
+trial = fw.get("trial")
+if trial:
+    fw["tries"] = fw.get("tries", 0) + 1
+    if fw["tries"] > TRIES:  # it never confirmed: back to what worked, whose boots are not failures
+        fw["failed"] = {"bundle": fw.get("trial_bundle"),
+                        "reason": "the new firmware did not confirm in %d boots" % TRIES}
+        fw["trial"], trial = None, None
+        state["failed_boots"] = 1
+    else:
+        folder = trial
+    save("firmware.json", fw)
+save("state.json", state)
+sys.path[:] = [("/" + folder if p == "/lib" else folder) if p in ("lib", "/lib") else p for p in sys.path]
+del state, fw, load, save
+try:
+    import node  # noqa: E402
+
+    node.run()
+except Exception as e:
+    if not trial:
+        raise
+    sys.print_exception(e)
+    import machine  # a trial that fails at once tries again now, not when the watchdog fires
+
+    machine.reset()

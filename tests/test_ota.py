@@ -1,0 +1,171 @@
+"""Firmware over the air, on virtual boards running the real firmware: an update confirmed with nothing lost, a bundle
+that cannot start rolled back by the board itself, a transfer cut by a power loss resumed where it was, and the
+board's receiver refusing what does not match its manifest (in MicroPython, against the firmware's own module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from edgetrio.daemon.ota import bundle_files, bundle_id
+from edgetrio.tools.bundle import FIRMWARE, compile_mpy, device_tool
+from edgetrio.tools.testkit import Daemon, cli, contiguous_per_boot, virtual_boards, wait_until
+
+
+def make_bundle(where: Path, version: str, first_line: str = "", padding: int = 0) -> Path:
+    """This firmware with another version (and a first line for node.py, a padding file), compiled as flash does."""
+    src = where / f"src-{version}"
+    shutil.copytree(FIRMWARE / "lib", src)
+    node = (src / "node.py").read_text().replace('VERSION = "0.1.0"', f'VERSION = "{version}"')
+    (src / "node.py").write_text(first_line + "\n" + node if first_line else node)
+    bundle = where / f"bundle-{version}"
+    compile_mpy(sorted(src.glob("*.py")), bundle / "lib")
+    if padding:  # a larger bundle, so a transfer takes long enough to be cut in the middle
+        (bundle / "lib" / "padding.mpy").write_bytes(os.urandom(padding))
+    return bundle
+
+
+def meta_of(daemon: Daemon, device: str) -> dict[str, Any]:
+    listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+    meta: dict[str, Any] = listed.get(device, {}).get("meta") or {}
+    return meta
+
+
+def status_of(daemon: Daemon, device: str) -> dict[str, Any]:
+    update: dict[str, Any] = json.loads(daemon.cli("ota", device, "--status", "--json").stdout) or {}
+    return update
+
+
+def test_an_update_is_confirmed_and_nothing_is_lost(daemon: Daemon, tmp_path: Path) -> None:
+    new = make_bundle(tmp_path, "0.2.0-test")
+    new_id = bundle_id(bundle_files(new / "lib"))
+    with virtual_boards(daemon, "ota", 1, period=0.5) as (device,):
+        flashed = wait_until(lambda: meta_of(daemon, device).get("bundle"), timeout=90)
+        # this edgetrio's own firmware is what the board runs: built, sent nothing, confirmed at once
+        same = cli(daemon.data_dir, "ota", device, timeout=120)
+        assert f"{device} confirmed bundle {flashed[:12]}" in same.stdout
+        done = cli(daemon.data_dir, "ota", device, "--bundle", str(new), timeout=300)
+        assert f"updating {device} to bundle {new_id[:12]}" in done.stdout
+        assert "restarting:" in done.stdout and "sending:" in done.stdout and "installed:" in done.stdout
+        assert f"{device} confirmed bundle {new_id[:12]}" in done.stdout and "firmware 0.2.0-test" in done.stdout
+        meta = wait_until(lambda: (m := meta_of(daemon, device)) and not m.get("trial") and m, timeout=30)
+        assert meta["firmware"] == "0.2.0-test" and meta["bundle"] == new_id[:12] and "updating" not in meta
+        update = status_of(daemon, device)
+        assert update["state"] == "confirmed" and update["position"] == update["total"] > 0
+        manifest = len("".join(f"{n} {s} {h}\n" for n, s, h in bundle_files(new / "lib")))
+        assert update["total"] + manifest <= update["sent"] < update["total"] + manifest + 8192  # no byte many times
+        # it keeps reading, and every reading of every boot (before, while and after) is stored once
+        boot = max(r["boot"] for r in daemon.readings(device))
+        wait_until(lambda: len([r for r in daemon.readings(device) if r["boot"] == boot]) >= 3, timeout=60)
+        rows = daemon.readings(device)
+        assert len(contiguous_per_boot(rows)) >= 2  # the first boot, the update's, the new firmware's
+        again = cli(daemon.data_dir, "ota", device, "--bundle", str(new), timeout=120)
+        assert f"{device} confirmed bundle {new_id[:12]}" in again.stdout  # already runs it: nothing sent
+        steps = [e["body"]["state"] for e in json.loads(daemon.cli("logs", device, "--json").stdout)
+                 if e["kind"] == "ota"]
+        assert steps[-4:] == ["restarting", "installed", "confirmed", "confirmed"], steps  # on the device's log
+        assert f"[firmware update] bundle {new_id[:12]} installed" in daemon.cli("logs", device).stdout
+
+
+def test_a_bundle_that_cannot_start_is_rolled_back_by_the_board(daemon: Daemon, tmp_path: Path) -> None:
+    broken = make_bundle(tmp_path, "0.3.0-broken", 'raise ImportError("broken on purpose")')
+    with virtual_boards(daemon, "otb", 1, period=0.5) as (device,):
+        flashed = wait_until(lambda: meta_of(daemon, device).get("bundle"), timeout=90)
+        done = cli(daemon.data_dir, "ota", device, "--bundle", str(broken), check=False, timeout=300)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "update rolled back: the new firmware did not confirm in 3 boots" in done.stderr
+        # back on what it ran, and reading again: a new boot's readings arrive and are acknowledged
+        meta = wait_until(lambda: (m := meta_of(daemon, device)) and m.get("bundle") == flashed and m, timeout=60)
+        assert meta["firmware"] == "0.1.0" and "trial" not in meta
+        boot = meta["boot"]
+        wait_until(lambda: [r for r in daemon.readings(device) if r["boot"] == boot], timeout=60)
+        contiguous_per_boot(daemon.readings(device))
+        console = (daemon.data_dir / "vdevs" / device / "console.log").read_text()
+        assert console.count("broken on purpose") == 3  # each of the three tries, then back
+
+
+def test_a_transfer_cut_by_a_power_loss_resumes_where_it_was(daemon: Daemon, tmp_path: Path) -> None:
+    big = make_bundle(tmp_path, "0.4.0-big", padding=160_000)
+    big_id = bundle_id(bundle_files(big / "lib"))
+    with virtual_boards(daemon, "otc", 1, period=0.5) as (device,):
+        wait_until(lambda: meta_of(daemon, device).get("bundle"), timeout=90)
+        cli(daemon.data_dir, "ota", device, "--bundle", str(big), "--no-wait")
+        first = wait_until(lambda: (u := status_of(daemon, device)) and u["position"] > 40_000 and u, timeout=120)
+        assert first["state"] == "sending"
+        daemon.cli("fault", device, "wifi", "down")  # the link goes, then the power
+        daemon.cli("fault", device, "power")
+        cut_at = status_of(daemon, device)["position"]
+        daemon.cli("fault", device, "wifi", "up")
+        done = wait_until(lambda: (u := status_of(daemon, device))["state"] == "confirmed" and u, timeout=240)
+        # the board resumed from what its staging folder held: where the gateway knew it was, give or take the chunk
+        # whose answer the cut lost (written, or cut off in the middle: LittleFS keeps a file's last whole write)
+        assert done["resumed_from"] > 0 and abs(done["resumed_from"] - cut_at) < 4096, (done, cut_at)
+        assert done["sent"] < done["total"] + 8192  # nothing sent twice but the chunk the cut lost
+        assert meta_of(daemon, device).get("bundle") == big_id[:12]
+
+
+def test_the_boards_receiver_takes_only_what_its_manifest_says(tmp_path: Path) -> None:
+    """The firmware's ota.py in MicroPython: a manifest not matching the bundle id, a file whose bytes do not match
+    its sha256, a chunk out of step, a name that would leave lib/: each refused, and a good bundle installed."""
+    good = b"print('hello')\n"
+    files = [["app.mpy", len(good), __import__("hashlib").sha256(good).hexdigest()]]
+    text = "".join(f"{n} {s} {h}\n" for n, s, h in files)
+    ident = bundle_id(files)
+    script = tmp_path / "t.py"
+    script.write_text(f"""
+import json
+from ota import Receiver, load
+
+class Client:
+    max_in = 4352  # a chunk of up to 4096 bytes and its header
+
+class Link:
+    client = Client()
+
+class Node:
+    board = None
+    version = "t"
+    link = Link()
+
+def run(r, head, data=b""):
+    try:  # as node.py answers
+        print(json.dumps(r.begin(head) if head.get("op") == "begin" else r.chunk(head, memoryview(data))))
+    except ValueError as e:
+        print(json.dumps({{"state": "failed", "reason": str(e)}}))
+
+ident, text, good = {ident!r}, {text!r}.encode(), {good!r}
+r = Receiver(Node())
+begin = {{"op": "begin", "bundle": ident, "count": 2, "size": len(text), "total": len(good)}}
+run(r, begin)
+run(r, {{"bundle": ident, "file": 0, "offset": 0}}, text.replace(b"app", b"bad"))   # not the manifest of this id
+run(r, {{"bundle": ident, "file": 0, "offset": 5}}, text)                         # out of step
+run(r, {{"bundle": ident, "file": 0, "offset": 0}}, text)
+run(r, {{"bundle": ident, "file": 1, "offset": 0}}, b"print('evil!')\\n")           # same size, other bytes
+run(r, {{"bundle": ident, "file": 1, "offset": 0}}, good)
+print(json.dumps(load()))
+evil = b"x.mpy 1 " + b"0" * 64 + b"\\n"
+import hashlib, binascii
+evil = b"../" + evil
+bad_id = binascii.hexlify(hashlib.sha256(evil).digest()).decode()
+r2 = Receiver(Node())
+run(r2, {{"op": "begin", "bundle": bad_id, "count": 2, "size": len(evil), "total": 1}})
+run(r2, {{"bundle": bad_id, "file": 0, "offset": 0}}, evil)
+""")
+    proc = subprocess.run([device_tool("micropython"), str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={"MICROPYPATH": f"{FIRMWARE / 'lib'}:{FIRMWARE / 'sim'}:.frozen"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert out[0] == {"bundle": ident, "state": "receiving", "file": 0, "offset": 0, "chunk": 4096}
+    assert out[1]["offset"] == 0 and "manifest.txt: sha256 does not match" in out[1]["error"]
+    assert out[2] == out[0]  # out of step: told where to go on
+    assert out[3]["file"] == 1 and out[3]["offset"] == 0
+    assert "app.mpy: sha256 does not match" in out[4]["error"] and out[4]["offset"] == 0
+    assert out[5]["state"] == "installed"
+    assert out[6]["trial"] == "fw-" + ident[:12] and out[6]["trial_bundle"] == ident
+    assert (tmp_path / ("fw-" + ident[:12]) / "app.mpy").read_bytes() == good
+    # a manifest that names a file outside lib/ is refused even when its hash is right
+    assert out[8]["state"] == "failed" and "a .mpy name" in out[8]["reason"]
