@@ -104,6 +104,21 @@ def test_a_board_files_mistakes_are_one_line_each(tmp_path: Path) -> None:
     assert "firmware's own settings" in one_line(f, part.format("switch", 'pin = 12\nname = "led"'))
     assert "not valid TOML" in one_line(f, "[[component]\n")
     assert "no [[component]]" in one_line(f, "[board]\nmodel = \"x\"\n")
+    # what a new user tried (a walk with only the docs): values that are no numbers, pins that cannot drive a bus,
+    # filters that cannot work, more parts than a board's heap takes
+    assert "multiply is a number" in one_line(f, part.format("adc", "pin = 34\nfilters = { multiply = nan }"))
+    assert "offset is a number" in one_line(f, part.format("adc", "pin = 34\nfilters = { offset = inf }"))
+    assert "throttle is a number, 0 to 86400" in one_line(f, part.format("sht3x", "filters = { throttle = 1e300 }"))
+    assert "I2C needs pins that can drive" in one_line(f, part.format("sht3x", "scl = 34"))
+    assert "sda and scl are both GPIO21" in one_line(f, part.format("sht3x", "scl = 21"))
+    assert "median or average, not both" in one_line(f, part.format("sht3x", "filters = { median = 3, average = 3 }"))
+    assert "a contact reports true or false" in one_line(f, part.format("binary_input",
+                                                                        "pin = 13\nfilters = { multiply = 3 }"))
+    assert "per_pulse is a number above 0" in one_line(f, part.format("pulse_counter", "pin = 25\nper_pulse = 0"))
+    assert "its values are humidity, temperature" in one_line(f, part.format("dht22", "pin = 4\nfilters = { "
+                                                                                      "pressure = { offset = 1 } }"))
+    assert "up to 32 lower-case" in one_line(f, part.format("chip", f'name = "{"a" * 33}"'))
+    assert "a board takes up to 24" in one_line(f, part.format("chip", "") * 25)
     # ADC2 is fine without Wi-Fi (a board on the serial link); two chips share a bus; a calibrated value has no range
     (tmp_path / "ok.toml").write_text(part.format("adc", 'pin = 25\nname = "soil"\nfilters = { calibrate = '
                                                          '[[2.8, 0], [1.2, 100]] }\nunit = "%"')
@@ -308,3 +323,25 @@ def test_a_meta_whose_parts_are_not_lists_is_taken_as_nothing_known() -> None:
         assert desired_problem(meta, {"led": True}) is None  # type: ignore[arg-type]
     assert settings_of(None, {"controls": 7}) == {} and controls_of(None, {"controls": 7}) == []
     assert discovery("x", None, {"controls": 7, "resources": 9, "commands": 3}) == []
+
+
+def test_a_board_file_does_not_replace_a_model_others_rely_on(daemon: Daemon, tmp_path: Path) -> None:
+    def flash(device: str, board: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "b.toml").write_text(board)
+        return daemon.cli("flash", "--out", str(tmp_path / device), "--device-id", device, "--broker", "h",
+                          "--board", str(tmp_path / "b.toml"), check=False)
+
+    hand = tmp_path / "hand.toml"
+    hand.write_text('name = "clash-file"\n[[resources]]\nname = "temperature"\ntype = "float"\nunit = "C"\n')
+    daemon.cli("model", "add", str(hand))
+    refused = flash("clash-1", '[board]\nmodel = "clash-file"\n[[component]]\ndriver = "adc"\npin = 34\n')
+    assert refused.returncode == 2 and "'clash-file' was added from a file" in refused.stderr
+    assert "temperature" in json.dumps([m for m in json.loads(daemon.cli("model", "list", "--json").stdout)
+                                        if m["name"] == "clash-file"])  # left as it was
+    sht = '[board]\nmodel = "clash-board"\n[[component]]\ndriver = "sht3x"\n'
+    assert flash("clash-1", sht).returncode == 0 and flash("clash-2", sht).returncode == 0  # one file, one model
+    light = '[board]\nmodel = "clash-board"\n[[component]]\ndriver = "bh1750"\n'
+    refused = flash("clash-2", light)  # rewiring one of two boards under the shared name would break the other
+    assert refused.returncode == 2 and "'clash-board' is what clash-1 run with other parts" in refused.stderr
+    daemon.cli("device", "remove", "clash-1")
+    assert flash("clash-2", light).returncode == 0  # its only board now: rewired, the model follows

@@ -206,7 +206,8 @@ class ControlServer:
         if op == "model.add":  # source: "file" (`model add`) or "board" (a board file's, which a reflash replaces)
             model = Model.from_dict(args.get("model"))
             source = "board" if args.get("source") == "board" else "file"
-            await self.writer.write(partial(store.add_model, model=model, source=source))
+            device = args.get("device") if isinstance(args.get("device"), str) else None
+            await self.writer.write(partial(store.add_model, model=model, source=source, device=device))
             await self.roster.reload_models()
             return model.as_dict()
         if op == "twin.set":

@@ -264,7 +264,21 @@ def device_secrets(db: Database) -> dict[str, str]:
     return {row["id"]: row["secret_hash"] for row in db.query("SELECT id, secret_hash FROM devices")}
 
 
-def add_model(db: Database, model: Model, source: str = "file") -> None:
+def add_model(db: Database, model: Model, source: str = "file", device: str | None = None) -> None:
+    """Add or replace a model. A board file's (source "board", flashed for `device`) may not replace one added from a
+    file, nor one other devices' boards use with other parts: RegistryError says how to name it instead."""
+    if source == "board":
+        rows = list(db.query("SELECT body, source FROM models WHERE name = ?", [model.name]))
+        if rows and json.loads(rows[0]["body"]) != model.as_dict():
+            fix = f"give this board file its own name ([board] model = \"{model.name}-2\", say)"
+            if rows[0]["source"] != "board":
+                raise RegistryError(f"model {model.name!r} was added from a file (`edgetrio model add`): a board file "
+                                    f"does not replace it; {fix}")
+            others = [r["id"] for r in db.query("SELECT id FROM devices WHERE model = ? AND id != ? ORDER BY id",
+                                                 [model.name, device or ""])]
+            if others:
+                raise RegistryError(f"model {model.name!r} is what {', '.join(others[:3])}"
+                                    f"{' and others' if len(others) > 3 else ''} run with other parts; {fix}")
     db.table("models").upsert({"name": model.name, "body": json.dumps(model.as_dict()), "source": source}, pk="name")
 
 

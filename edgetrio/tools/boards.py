@@ -17,6 +17,7 @@ device model that follows from it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ ADC1 = frozenset(range(32, 40))
 ADC2 = frozenset({0, 2, 4, 12, 13, 14, 15, 25, 26, 27})
 GPIOS = frozenset({*range(0, 20), 21, 22, 23, 25, 26, 27, *range(32, 40)})
 RESERVED = {2: "the board's LED"}  # the firmware drives it for the `led` setting
+MAX_COMPONENTS = 24  # each driver's code and state live in the board's heap
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 FIRMWARE_KEYS = ("led", "period", "threshold")  # the firmware's own settings: no resource may take these names
 
@@ -134,6 +136,9 @@ def check_board(path: Path, doc: dict[str, Any], wifi: bool = True) -> Board:
     items = doc.get("component")
     if not isinstance(items, list) or not items:
         raise BoardError(f"{path}: no [[component]]: describe at least one thing wired to the board")
+    if len(items) > MAX_COMPONENTS:
+        raise BoardError(f"{path}: {len(items)} components: a board takes up to {MAX_COMPONENTS} (each driver and "
+                         "its readings take heap on the board)")
     board = Board(path, model, float(period))
     pins_used: dict[int, str] = {}
     names: dict[str, str] = {}
@@ -165,7 +170,8 @@ def check_component(where: str, item: Any, wifi: bool, pins_used: dict[int, str]
         raise BoardError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
     name = item.get("name")
     if name is not None and (not isinstance(name, str) or not NAME.match(name)):
-        raise BoardError(f"{where}: name {name!r}: lower-case letters, digits and _, starting with a letter")
+        raise BoardError(f"{where}: name {str(name)[:40]!r}: up to 32 lower-case letters, digits and _, starting "
+                         "with a letter")
     out: dict[str, Any] = {"driver": kind}
     if name:
         out["name"] = name
@@ -184,6 +190,8 @@ def check_component(where: str, item: Any, wifi: bool, pins_used: dict[int, str]
     if "filters" in item:
         if driver.writable:
             raise BoardError(f"{where}: filters apply to what a board reads, not to outputs")
+        if all(r["type"] == "bool" for r in resources):
+            raise BoardError(f"{where}: filters shape numbers; a contact reports true or false (use debounce_ms)")
         out["filters"] = check_filters(where, item["filters"], {r["key"] for r in resources})
         for resource in resources:  # a value scaled or calibrated leaves the chip's range: the model keeps none
             scaling = {**out["filters"], **out["filters"].get(resource["key"], {})}
@@ -229,6 +237,11 @@ def check_wiring(where: str, driver: Driver, item: dict[str, Any], wifi: bool, p
         return {}
     if driver.wiring == I2C:
         sda, scl = pin_of(where, {"sda": 21, **item}, "sda"), pin_of(where, {"scl": 22, **item}, "scl")
+        if sda == scl:
+            raise BoardError(f"{where}: sda and scl are both GPIO{sda}: I2C needs two pins")
+        for pin in (sda, scl):
+            if pin in INPUT_ONLY:  # the bus pulls its lines low: both are outputs too
+                raise BoardError(f"{where}: GPIO{pin} is an input only (34-39): I2C needs pins that can drive")
         address = item.get("address", driver.addresses[0])
         if address not in driver.addresses:
             raise BoardError(f"{where}: address {address!r}: this chip answers at "
@@ -271,12 +284,13 @@ def check_settings(where: str, kind: str, item: dict[str, Any]) -> dict[str, Any
             raise BoardError(f"{where}: mode is normal or forced")
         out["mode"] = item["mode"]
     numbers = {"debounce_ms": (0, 10_000), "count": (1, 16), "divider": (1, 100), "frequency": (1, 40_000_000),
-               "per_pulse": (0, 1e9)}
+               "per_pulse": (1e-9, 1e9)}
     for key, (low, high) in numbers.items():
         if key in item:
             value = item[key]
             if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-                raise BoardError(f"{where}: {key} is a number from {low:g} to {high:g}")
+                raise BoardError(f"{where}: {key} is a number from {low:g} to {high:g}" if low >= 1 or low == 0
+                                 else f"{where}: {key} is a number above 0, up to {high:g}")
             out[key] = value
     if "attenuation" in item:
         if item["attenuation"] not in ATTENUATIONS:
@@ -303,24 +317,29 @@ def check_filters(where: str, filters: Any, resources: set[str]) -> dict[str, An
     if not isinstance(filters, dict):
         raise BoardError(f"{where}: filters is a table such as {{ offset = -0.5, median = 5 }}")
     out: dict[str, Any] = {}
+    if "median" in filters and "average" in filters:
+        raise BoardError(f"{where}: median or average, not both")
     for key, value in filters.items():
         if key in resources:
             out[key] = check_filters(f"{where} {key}", value, set())
             continue
         if key not in FILTERS:
-            raise BoardError(f"{where}: unknown filter {key!r} (known: {', '.join(sorted(FILTERS))})")
+            values = f"; its values are {', '.join(sorted(resources))}" if len(resources) > 1 else ""
+            raise BoardError(f"{where}: unknown filter {key!r} (known: {', '.join(sorted(FILTERS))}){values}")
         if key == "calibrate":
             if (not isinstance(value, list) or len(value) != 2
-                    or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int | float) for x in p)
-                               for p in value) or value[0][0] == value[1][0]):
+                    or not all(isinstance(p, list) and len(p) == 2
+                               and all(isinstance(x, int | float) and math.isfinite(x) for x in p) for p in value)
+                    or value[0][0] == value[1][0]):
                 raise BoardError(f"{where}: calibrate is two [measured, true] points with different measured "
                                  "values, e.g. [[0.5, 0], [2.9, 100]]")
         elif key in ("median", "average"):
             if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 32:
                 raise BoardError(f"{where}: {key} is the number of readings it takes, 2 to 32")
-        elif not isinstance(value, int | float) or isinstance(value, bool) or (key in ("delta", "throttle")
-                                                                             and value <= 0):
-            raise BoardError(f"{where}: {key} is a number" + (" above 0" if key in ("delta", "throttle") else ""))
+        elif (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+              or (key in ("delta", "throttle") and value <= 0) or (key == "throttle" and value > 86400)):
+            raise BoardError(f"{where}: {key} is a number" + (" above 0" if key == "delta" else
+                                                              ", 0 to 86400 seconds" if key == "throttle" else ""))
         out[key] = value
     return out
 

@@ -220,14 +220,14 @@ def register_model(data_dir: Path, device_id: str, board: Board) -> str:
     try:
         if daemon_running(data_dir):
             with ControlClient(data_dir) as control:
-                control.request("model.add", {"model": model.as_dict(), "source": "board"})
+                control.request("model.add", {"model": model.as_dict(), "source": "board", "device": device_id})
                 if assign:
                     control.request("device.model", {"id": device_id, "model": model.name})
         else:
             db = store.open_db(data_dir)
             try:
                 with db.atomic():
-                    store.add_model(db, model, source="board")
+                    store.add_model(db, model, source="board", device=device_id)
                     if assign:
                         store.set_device_model(db, device_id, model.name)
             finally:
