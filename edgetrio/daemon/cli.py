@@ -201,6 +201,12 @@ def cmd_device_remove(args: argparse.Namespace) -> None:
     emit(args, {"id": args.id, "removed": True}, lambda: print(f"removed {args.id} (its stored readings are kept)"))
 
 
+def firmware_of(meta: dict[str, Any]) -> str:
+    """The version a board runs, and whether it is a firmware update on trial or one is being received."""
+    version = str(meta.get("firmware") or "-")[:16]
+    return version + (" trial" if meta.get("trial") else " updating" if meta.get("updating") else "")
+
+
 @COMMANDS.command("device list", "devices with online state and last seen", LOCAL)
 def cmd_device_list(args: argparse.Namespace) -> None:
     db = open_store(args.data_dir)
@@ -220,12 +226,16 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         if not devices:
             print("no devices registered")
             return
-        print(f"{'DEVICE':<20} {'MODEL':<16} {'STATE':<8} {'LAST SEEN':<20} {'READINGS':>8}  REFUSED (1 h)")
+        width = max([16, *(len(d["model"] or d.get("announced_model") or "") + 1 for d in devices)])
+        fw_width = max([8, *(len(firmware_of(d["meta"] or {})) for d in devices)])
+        print(f"{'DEVICE':<20} {'MODEL':<{width}} {'FIRMWARE':<{fw_width}} {'STATE':<8} {'LAST SEEN':<20} {'READINGS':>8}  "
+              "REFUSED (1 h)")
         for d in devices:
             state = "online" if d["online"] else "offline"
             model = d["model"] or (f"{d['announced_model']}*" if d.get("announced_model") else "-")
             refused = d["refused"]["count"] if d["refused"] else 0
-            print(f"{d['id']:<20} {model:<16} {state:<8} {fmt_time(d['last_seen']):<20} {d['readings']:>8}  "
+            print(f"{d['id']:<20} {model:<{width}} {firmware_of(d['meta'] or {}):<{fw_width}} {state:<8} "
+                  f"{fmt_time(d['last_seen']):<20} {d['readings']:>8}  "
                   f"{refused}{' !' if d['refused'] and d['refused']['readings_refused'] else ''}")
         if any(d.get("announced_model") and not d["model"] for d in devices):
             print("* as the device announced it (no model registered)")
