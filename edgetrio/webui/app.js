@@ -191,7 +191,11 @@ async function device(nodeName, id) {
     el("h2", {}, id, " ", el("span", { id: "device-state", class: info.online ? "online" : "offline" },
                              info.online ? "online" : "offline")),
     el("p", { class: "muted" }, `model ${info.model || (info.meta && info.meta.model) || "-"} · firmware `,
-       (info.meta && info.meta.firmware) || "-", ` · last seen ${ago(info.last_seen)}`),
+       (info.meta && info.meta.firmware) || "-",
+       // the bundle it runs, and whether an update is on trial (not yet confirmed) or being received
+       info.meta && info.meta.bundle ? ` (${info.meta.bundle}${info.meta.trial ? ", on trial" : ""}`
+         + `${info.meta.updating ? ", receiving an update" : ""})` : "",
+       ` · last seen ${ago(info.last_seen)}`),
     // a model given by hand that lacks what the board sends: its readings with those are refused (the gateway says)
     ...((info.model_lacks || []).length ? [el("p", { class: "error", id: "model-lacks" },
       `The board sends ${info.model_lacks.join(", ")}, which model ${info.model} lacks: readings with them are refused. `
