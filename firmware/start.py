@@ -35,16 +35,19 @@ trial = fw.get("trial")
 if trial:
     fw["tries"] = fw.get("tries", 0) + 1
     if fw["tries"] > TRIES:  # it never confirmed: back to what worked, whose boots are not failures
+        error = fw.pop("error", None)  # what the last try died of, if it said
         fw["failed"] = {"bundle": fw.get("trial_bundle"),
-                        "reason": "the new firmware did not confirm in %d boots" % TRIES}
+                        "reason": "the new firmware did not confirm in %d boots%s"
+                                  % (TRIES, "; the last: " + error if error else "")}
         fw["trial"], trial = None, None
         state["failed_boots"] = 1
     else:
         folder = trial
     save("firmware.json", fw)
 save("state.json", state)
+fw_save = save
 sys.path[:] = [("/" + folder if p == "/lib" else folder) if p in ("lib", "/lib") else p for p in sys.path]
-del state, fw, load, save
+del state, load, save
 try:
     import node  # noqa: E402
 
@@ -53,6 +56,8 @@ except Exception as e:
     if not trial:
         raise
     sys.print_exception(e)
+    fw["error"] = ("%s: %s" % (type(e).__name__, e))[:160]  # said with the rollback: a board has no console
+    fw_save("firmware.json", fw)
     import machine  # a trial that fails at once tries again now, not when the watchdog fires
 
     machine.reset()

@@ -203,7 +203,7 @@ def cmd_device_remove(args: argparse.Namespace) -> None:
 
 def firmware_of(meta: dict[str, Any]) -> str:
     """The version a board runs, and whether it is a firmware update on trial or one is being received."""
-    version = str(meta.get("firmware") or "-")[:16]
+    version = wire.clip(meta.get("firmware") or "-", 16)  # what a board says: no escape codes on a terminal
     return version + (" trial" if meta.get("trial") else " updating" if meta.get("updating") else "")
 
 
@@ -433,8 +433,8 @@ def cmd_logs(args: argparse.Namespace) -> None:
         if row["kind"] == "status":
             text = f"[status] {body}"
         elif row["kind"] == "ota" and isinstance(body, dict):
-            text = (f"[firmware update] bundle {str(body.get('bundle'))[:12]} {body.get('state')}"
-                    + (f": {body['reason']}" if body.get("reason") else ""))
+            text = (f"[firmware update] bundle {wire.clip(str(body.get('bundle'))[:12])} {wire.clip(body.get('state'), 20)}"
+                    + (f": {wire.clip(body['reason'], 300)}" if body.get("reason") else ""))
         elif isinstance(body, dict):
             text = f"[{body.get('level', 'info')}] {body.get('message', json.dumps(body))}"
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -26,6 +27,7 @@ from typing import Any
 import trio
 from sqlite_utils import Database
 
+from edgetrio import wire
 from edgetrio.daemon import store
 from edgetrio.daemon.ingest import Watch
 from edgetrio.daemon.parts import Parts
@@ -46,11 +48,27 @@ class UpdateError(ValueError):
     """An update that cannot start (no such bundle, a device not registered, one already running)."""
 
 
+FILE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}\.mpy")
+# a bundle without these could not start, or could never be updated over the air again
+REQUIRED = ("node.mpy", "ota.mpy", "trial.mpy")
+
+
 def bundle_files(lib: Path) -> list[list[Any]]:
-    """The .mpy files of a bundle's lib folder as a board checks them: [name, size, sha256], sorted by name."""
-    files = [[p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(lib.glob("*.mpy"))]
-    if not any(name == "node.mpy" for name, _, _ in files):
-        raise UpdateError(f"{lib}: no node.mpy: not a firmware bundle (what `edgetrio flash --out DIR` writes)")
+    """The .mpy files of a bundle's lib folder as a board checks them: [name, size, sha256], sorted by name;
+    UpdateError for a name a board's import cannot take, a link, or a module every update needs missing."""
+    files = []
+    for p in sorted(lib.glob("*.mpy")):
+        if not FILE_NAME.fullmatch(p.name):
+            raise UpdateError(f"{p}: a module's name is letters, digits and _ (up to 40), then .mpy")
+        if p.is_symlink() or not p.is_file():
+            raise UpdateError(f"{p}: not a plain file (a link is not sent)")
+        files.append([p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()])
+    names = {name for name, _, _ in files}
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        raise UpdateError(f"{lib}: no {', '.join(missing)}: not a whole firmware bundle (what `edgetrio flash --out "
+                          f"DIR` writes); without ota.mpy and trial.mpy a board could not be updated over the air "
+                          "again")
     return files
 
 
@@ -129,6 +147,8 @@ class Updates(Watch):
         await self.writer.write(create_table)
         for row in await self.writer.write(list_updates):
             update = Update(**{k: v for k, v in row.items() if k in Update.__dataclass_fields__})
+            if update.state in ("installed", "trial", "confirmed"):
+                update.position = update.total  # the board had it all
             if update.state in DONE:
                 self.updates[update.device] = update
                 continue
@@ -188,6 +208,8 @@ class Updates(Watch):
 
     def status(self, device: str) -> dict[str, Any] | None:
         update = self.updates.get(device)
+        if update is None and device not in self.roster:
+            raise store.UnknownDevice(device)
         return update.view() if update else None
 
     def all(self) -> list[dict[str, Any]]:
@@ -212,7 +234,7 @@ class Updates(Watch):
         state = body.get("state")
         if update is None or update.state in DONE or body.get("bundle") != update.bundle:
             if state in ("rolled back", "failed"):  # an earlier update's outcome, reported at every connect
-                log.info("firmware update of %s: %s (%s)", device, state, body.get("reason"))
+                log.info("firmware update of %s: %s (%s)", device, state, wire.clip(body.get("reason"), 300))
             return
         update.asked, update.unanswered = 0.0, 0
         if state == "receiving":
@@ -224,11 +246,11 @@ class Updates(Watch):
                     update.position = update.total
                 self._persist(update)
                 log.info("firmware update device=%s bundle=%s %s", device, update.bundle[:12], state)
-        elif state == "confirmed":
+        elif state == "confirmed":  # what a board says is shown to the admin: clipped, control characters escaped
             self._finish(update, "confirmed", f"running bundle {update.bundle[:12]}"
-                         + (f" (firmware {body['version']})" if body.get("version") else ""))
+                         + (f" (firmware {wire.clip(body['version'], 40)})" if body.get("version") else ""))
         elif state in ("failed", "rolled back"):
-            self._finish(update, str(state), str(body.get("reason") or "no reason given"))
+            self._finish(update, str(state), wire.clip(body.get("reason") or "no reason given", 300))
 
     def _send_chunk(self, update: Update, body: dict[str, Any]) -> None:
         files, data = self.bundle(update.bundle)
@@ -239,9 +261,10 @@ class Updates(Watch):
             return
         if body.get("error"):
             update.retries += 1
-            log.warning("firmware update device=%s: %s", update.device, body["error"])
+            error = wire.clip(body["error"], 200)
+            log.warning("firmware update device=%s: %s", update.device, error)
             if update.retries > MAX_FILE_RETRIES:
-                self._finish(update, "failed", f"{body['error']} ({MAX_FILE_RETRIES} times)")
+                self._finish(update, "failed", f"{error} ({MAX_FILE_RETRIES} times)")
                 return
         position = sum(f[1] for f in files[1:index]) + (offset if index else 0)  # the manifest is not counted
         if position > update.position:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from edgetrio.console import (
     require_positive,
 )
 from edgetrio.daemon.config import daemon_running
+from edgetrio.identity import RegistryError, check_device_id
 from edgetrio.tools.boards import BoardError, load_board
 from edgetrio.tools.bundle import require_device_tools
 from edgetrio.tools.demo import run_demo
@@ -125,6 +127,14 @@ def cmd_flash(args: argparse.Namespace) -> None:
              "again; after 3 tries it goes back to the firmware that worked (default 300; 30-86400)"))
 def cmd_ota(args: argparse.Namespace) -> None:
     require_positive(timeout=args.timeout)
+    try:
+        check_device_id(args.id)
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    if args.status and args.cancel:
+        raise CliError("--status or --cancel, not both", EXIT_USAGE)
+    if not (math.isfinite(args.confirm_timeout) and 30 <= args.confirm_timeout <= 86400):
+        raise CliError("--confirm-timeout: 30 to 86400 seconds", EXIT_USAGE)
     if not daemon_running(args.data_dir):
         raise CliError(f"no daemon is running on {args.data_dir}: updates go through it", EXIT_USAGE)
     try:

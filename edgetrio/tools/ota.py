@@ -41,13 +41,23 @@ def stage_bundle(data_dir: Path, bundle: Path | None) -> tuple[str, list[list[An
             raise OtaError(str(exc)) from exc
         ident = bundle_id(files)
         target = data_dir / BUNDLES / ident
+        if target.is_dir() and not intact(target, ident):
+            shutil.rmtree(target)  # a stored copy changed since: this one replaces it
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
             for name, _, _ in files:
-                shutil.copy2(lib / name, staging / name)
+                shutil.copyfile(lib / name, staging / name)
+                (staging / name).chmod(0o600)  # as the rest of the data dir
             staging.rename(target)
     return ident, files
+
+
+def intact(folder: Path, ident: str) -> bool:
+    try:
+        return bundle_id(bundle_files(folder)) == ident
+    except (UpdateError, OSError):
+        return False
 
 
 def progress_line(update: dict[str, Any], began: float) -> str:

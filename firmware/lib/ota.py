@@ -220,6 +220,7 @@ class Receiver:
         fw["trial"], fw["trial_bundle"], fw["tries"] = self.folder, self.bundle, 0
         fw["confirm_s"] = self.confirm_s
         fw.pop("failed", None)
+        fw.pop("error", None)
         fw.pop("receive", None)
         save(fw)
         return self.answer("installed")

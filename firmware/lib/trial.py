@@ -12,9 +12,12 @@ FIRMWARE_FILE = "firmware.json"
 
 
 async def watch(node):
-    await asyncio.sleep(node.firmware.get("confirm_s") or 300)
+    wait = node.firmware.get("confirm_s") or 300
+    await asyncio.sleep(wait)
     if not node.healthy:
         node.log("info", "the new firmware has not been confirmed: restarting")
+        node.firmware["error"] = "no reading acknowledged within %d s" % wait  # said with the rollback
+        save(node.firmware)
         await asyncio.sleep(0.5)
         node.buffer.flush()
         machine.reset()
@@ -29,6 +32,12 @@ def remove_folder(folder):
         pass
 
 
+def save(fw):
+    with open(FIRMWARE_FILE + ".tmp", "w") as f:
+        json.dump(fw, f)
+    os.rename(FIRMWARE_FILE + ".tmp", FIRMWARE_FILE)
+
+
 async def confirm(node):
     """The trial works: it becomes the active folder (one atomic rename); the one before is kept for a rollback on
     request, older ones are removed; the gateway is told, with meta."""
@@ -38,9 +47,8 @@ async def confirm(node):
     fw["active"], fw["bundle"] = fw.pop("trial"), fw.pop("trial_bundle", None)
     fw.pop("tries", None)
     fw.pop("confirm_s", None)
-    with open(FIRMWARE_FILE + ".tmp", "w") as f:
-        json.dump(fw, f)
-    os.rename(FIRMWARE_FILE + ".tmp", FIRMWARE_FILE)
+    fw.pop("error", None)
+    save(fw)
     for entry in os.ilistdir():
         name = entry[0]
         if name.startswith("fw-") and name not in (fw["active"], previous) and entry[1] == 0x4000:
