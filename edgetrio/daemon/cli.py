@@ -435,10 +435,10 @@ def cmd_logs(args: argparse.Namespace) -> None:
         elif row["kind"] == "ota" and isinstance(body, dict):
             text = (f"[firmware update] bundle {wire.clip(str(body.get('bundle'))[:12])} {wire.clip(body.get('state'), 20)}"
                     + (f": {wire.clip(body['reason'], 300)}" if body.get("reason") else ""))
-        elif isinstance(body, dict):
-            text = f"[{body.get('level', 'info')}] {body.get('message', json.dumps(body))}"
+        elif isinstance(body, dict):  # what a board says: clipped, and no escape codes on a terminal
+            text = f"[{wire.clip(body.get('level', 'info'), 10)}] {wire.clip(body.get('message', json.dumps(body)), 2000)}"
         else:
-            text = str(body)
+            text = wire.clip(body, 2000)
         return f"{fmt_time(row['ts'])}  {text}"
 
     rows = store.device_logs(db, args.id, since=since, limit=args.limit)

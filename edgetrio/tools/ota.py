@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetrio.daemon.config import ConfigError
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.daemon.ota import BUNDLES, DONE, UpdateError, bundle_files, bundle_id
 from edgetrio.tools.bundle import build_bundle, require_device_tools
@@ -69,13 +70,22 @@ def progress_line(update: dict[str, Any], began: float) -> str:
             f"{update['chunks']} chunks, {rate:.1f} KiB/s{note}")
 
 
-def follow(control: ControlClient, device: str, as_json: bool, timeout: float) -> dict[str, Any]:
-    """Print the update's progress until it ends (or `timeout`); returns its last state."""
+def follow(data_dir: Path, control: ControlClient, device: str, as_json: bool, timeout: float) -> dict[str, Any]:
+    """Print the update's progress until it ends (or `timeout`); returns its last state. A daemon restarted meanwhile
+    is waited for: the update goes on where the board is."""
     began, deadline = time.monotonic(), time.monotonic() + timeout
     shown: tuple[Any, ...] = ()
     update: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        update = control.request("ota.status", {"id": device}) or {}
+        try:
+            update = control.request("ota.status", {"id": device}) or {}
+        except ControlError as exc:
+            if exc.code not in ("timeout", "unreachable"):
+                raise
+            print(f"  the daemon does not answer ({exc}); waiting for it", file=sys.stderr, flush=True)
+            control.close()
+            control = reconnect(data_dir, deadline)
+            continue
         step = (update.get("state"), update.get("position", 0) * 20 // max(update.get("total", 1), 1))
         if step != shown:  # a line per state and per 5 %: readable in a log, not a flood
             shown = step
@@ -85,6 +95,17 @@ def follow(control: ControlClient, device: str, as_json: bool, timeout: float) -
         time.sleep(0.3)
     raise OtaError(f"{device}: the update did not end within {timeout:g} s (it is {update.get('state')}; the gateway "
                    f"goes on with it: `edgetrio ota {device} --status`)")
+
+
+def reconnect(data_dir: Path, deadline: float) -> ControlClient:
+    while True:
+        time.sleep(1)
+        try:
+            return ControlClient(data_dir)
+        except (ControlError, ConfigError, OSError, KeyError, ValueError):
+            if time.monotonic() > deadline:
+                raise OtaError("the daemon did not come back; the update goes on when it does: `edgetrio ota ID "
+                               "--status`") from None
 
 
 def ota(data_dir: Path, device: str, bundle: Path | None, as_json: bool = False, wait: bool = True,
@@ -100,7 +121,7 @@ def ota(data_dir: Path, device: str, bundle: Path | None, as_json: bool = False,
                       flush=True)
             if not wait:
                 return dict(update)
-            update = follow(control, device, as_json, timeout)
+            update = follow(data_dir, control, device, as_json, timeout)
     except ControlError as exc:
         raise OtaError(str(exc)) from exc
     if update["state"] != "confirmed":
