@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,21 @@ def test_a_bundle_a_board_could_not_take_is_refused_before_anything_is_sent(daem
     assert unknown.returncode == 1 and "nosuch" in unknown.stderr
     assert not (daemon.data_dir / "bundles").exists() or not any(
         (daemon.data_dir / "bundles").glob("*/a b.mpy"))  # nothing of a refused bundle is kept
+
+
+def test_stored_bundles_no_update_uses_go_after_a_day(tmp_path: Path) -> None:
+    from edgetrio.daemon.ota import prune_bundles
+
+    for name in ("a" * 64, "b" * 64, ".staging-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "node.mpy").write_bytes(b"x")
+    day_ago = time.time() - 90_000
+    for name in ("a" * 64, ".staging-x"):
+        os.utime(tmp_path / name, (day_ago, day_ago))
+    assert prune_bundles(tmp_path, set(), time.time()) == [".staging-x", "a" * 64]
+    assert (tmp_path / ("b" * 64)).is_dir()  # staged an hour ago: an update may be about to use it
+    os.utime(tmp_path / ("b" * 64), (day_ago, day_ago))
+    assert prune_bundles(tmp_path, {"b" * 64}, time.time()) == []  # an update in progress uses it
 
 
 def test_the_boards_receiver_takes_only_what_its_manifest_says(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -40,6 +41,7 @@ ANSWER_WAIT = 10.0  # no answer from an online board this long: ask it where it 
 MAX_DROPS = 3  # a board that drops its link this often while receiving, without progress, cannot take the update
 MAX_UNANSWERED = 6  # asked where it is this often with no answer (a minute): the board cannot take the update
 MAX_FILE_RETRIES = 3  # a file whose sha256 fails this often at the board: the update fails
+BUNDLE_KEEP_S = 86400  # a stored bundle no update in progress uses goes after a day (a new `ota` stages it again)
 CONFIRM_S = 300  # how long a board runs a new bundle without an acknowledged reading before it restarts to retry
 DONE = frozenset({"confirmed", "failed", "rolled back", "cancelled"})
 
@@ -80,6 +82,17 @@ def manifest(files: list[list[Any]]) -> bytes:
 def bundle_id(files: list[list[Any]]) -> str:
     """A bundle's id: the sha256 of its manifest (a board checks the manifest against it, then each file)."""
     return hashlib.sha256(manifest(files)).hexdigest()
+
+
+def prune_bundles(folder: Path, keep: set[str], now: float, max_age: float = BUNDLE_KEEP_S) -> list[str]:
+    """Remove stored bundles (and staging leftovers) older than `max_age` that no update in progress uses; returns
+    the names removed."""
+    removed = []
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if path.name not in keep and now - path.stat().st_mtime > max_age:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def create_table(db: Database) -> None:
@@ -157,6 +170,9 @@ class Updates(Watch):
             except UpdateError as exc:
                 self._finish(update, "failed", f"the bundle is gone from {self.folder}: {exc}")
             self.updates[update.device] = update
+        in_use = {u.bundle for u in self.updates.values() if u.state not in DONE}
+        for name in prune_bundles(self.folder, in_use, time.time()):
+            log.info("stored firmware bundle %s removed (unused for a day)", name[:12])
 
     def bundle(self, bundle: str) -> tuple[list[list[Any]], list[bytes]]:
         """A stored bundle's files and their bytes, checked against its id once."""

@@ -7,6 +7,7 @@ data dir under its id; the gateway sends it (edgetrio/daemon/ota.py) and this fo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def stage_bundle(data_dir: Path, bundle: Path | None) -> tuple[str, list[list[An
                 shutil.copyfile(lib / name, staging / name)
                 (staging / name).chmod(0o600)  # as the rest of the data dir
             staging.rename(target)
+        os.utime(target)  # used now: kept a day from now (the daemon prunes unused ones)
     return ident, files
 
 
