@@ -46,6 +46,31 @@ def test_ack_is_the_highest_contiguous_committed_seq_of_the_boot(daemon: Daemon,
     assert len(daemon.readings(device_id)) == 6
 
 
+def test_a_batch_of_readings_is_stored_and_acknowledged_as_a_whole(daemon: Daemon, device: Any) -> None:
+    device_id, _, probe = device()
+    topic, ack = f"edgetrio/{device_id}/telemetry", f"edgetrio/{device_id}/ack"
+    batch = [json.loads(telemetry(seq, boot=5, ts=T0 + seq, t=20.0 + seq)) for seq in range(1, 51)]
+    probe.publish(topic, json.dumps({"batch": batch}))
+    assert probe.next_json(ack) == {"boot": 5, "seq": 50}  # one ack for the fifty
+    probe.publish(topic, json.dumps({"batch": batch[:10]}))  # a batch sent again is stored once, and acked again
+    assert probe.next_json(ack) == {"boot": 5, "seq": 50}
+    stored = daemon.readings(device_id, "--limit", "100")
+    assert [r["seq"] for r in stored] == list(range(1, 51)) and stored[0]["values"] == {"t": 21.0}
+    # a bad reading in a batch is refused on its own; the rest are taken
+    bad = [*[json.loads(telemetry(seq, boot=6, t=1.0)) for seq in (1, 2)], {"boot": 6, "seq": 3, "values": {}}]
+    probe.publish(topic, json.dumps({"batch": bad}))
+    assert probe.next_json(ack) == {"boot": 6, "seq": 2}
+    # what is no batch at all is refused whole: several boots, too many readings, not a list
+    wrongs: list[dict[str, Any]] = [
+        {"batch": [json.loads(telemetry(1, boot=7, t=1.0)), json.loads(telemetry(1, boot=8, t=1.0))]},
+        {"batch": [json.loads(telemetry(s, boot=9, t=1.0)) for s in range(1, 102)]}, {"batch": {}}]
+    for wrong in wrongs:
+        probe.publish(topic, json.dumps(wrong))
+    wait_until(lambda: len([r for r in json.loads(daemon.cli("rejects", "--device", device_id, "--json").stdout)
+                            if r["reason"] == "bad_envelope"]) == 4, timeout=30)  # the empty reading, three batches
+    assert {r["boot"] for r in daemon.readings(device_id, "--limit", "100")} == {5, 6}
+
+
 def test_bad_input_is_rejected_counted_and_the_daemon_keeps_serving(daemon: Daemon, device: Any, tmp_path: Path,
                                                                      connect: Any) -> None:
     model = tmp_path / "climate.toml"

@@ -33,9 +33,9 @@ from edgetrio.daemon.topics import (
     Rejected,
     desired_message,
     device_topic,
+    parse_batch,
     parse_note,
     parse_object,
-    parse_telemetry,
     parse_topic,
     time_message,
     topic_matches,
@@ -343,7 +343,13 @@ class Ingest:
     # -- a registered device's message, by its channel ---------------------------------------------------------------
 
     def _telemetry(self, device: str, event: BusEvent, now: float) -> None:
-        reading = parse_telemetry(device, event.payload, now)
+        for reading in parse_batch(device, event.payload, now):
+            if isinstance(reading, Rejected):
+                self._reject(event, reading.reason, str(reading))
+            else:
+                self._take(device, event, reading, now)
+
+    def _take(self, device: str, event: BusEvent, reading: Reading, now: float) -> None:
         model = self.roster.models[device]
         reason = model.check_values(reading.values) if model else check_values_without_model(reading.values)
         if reason and model is not None and model.on_invalid == "drop_value":

@@ -148,10 +148,41 @@ def _counter(body: dict[str, Any], key: str) -> int:
     return value
 
 
+MAX_BATCH = 100  # readings in one telemetry message
+
+
 def parse_telemetry(device: str, payload: bytes, now: float) -> Reading:
+    """Parse one reading `{"boot", "seq", "ts" or "ts_ms", "values"}`; raise Rejected if the envelope is unusable."""
+    return parse_reading(device, parse_object(payload), now)
+
+
+def parse_batch(device: str, payload: bytes, now: float) -> list[Reading | Rejected]:
+    """A telemetry message: one reading, or a batch `{"batch": [reading, ...]}` of one boot (a board catching up
+    sends several in one message; the watermark acknowledges them as a whole). Each reading of a batch is parsed on
+    its own: a bad one is refused (a Rejected in its place), the others are taken."""
+    body = parse_object(payload)
+    if "batch" not in body:
+        return [parse_reading(device, body, now)]
+    batch = body["batch"]
+    if not isinstance(batch, list) or not 0 < len(batch) <= MAX_BATCH:
+        raise Rejected("bad_envelope", f"'batch' must be a list of 1 to {MAX_BATCH} readings")
+    out: list[Reading | Rejected] = []
+    for item in batch:
+        try:
+            if not isinstance(item, dict):
+                raise Rejected("bad_envelope", "a reading in a batch must be an object")
+            out.append(parse_reading(device, item, now))
+        except Rejected as exc:
+            out.append(exc)
+    boots = {r.boot for r in out if isinstance(r, Reading)}
+    if len(boots) > 1:
+        raise Rejected("bad_envelope", "a batch carries the readings of one boot")
+    return out
+
+
+def parse_reading(device: str, body: dict[str, Any], now: float) -> Reading:
     """Parse `{"boot", "seq", "ts" or "ts_ms", "values"}`; raise Rejected if the envelope is unusable. A time that
     cannot be true UTC (see `trusted_time`) becomes None: the reading is then stamped with its arrival, and marked."""
-    body = parse_object(payload)
     boot = _counter(body, "boot")
     seq = _counter(body, "seq")
     ts = body.get("ts")
