@@ -82,8 +82,9 @@ def free_port() -> int:
 # -- load ------------------------------------------------------------------------------------------------------------
 
 class Device:
-    def __init__(self, device_id: str, password: str, mode: str, vary: bool = False) -> None:
+    def __init__(self, device_id: str, password: str, mode: str, vary: bool = False, batch: int = 1) -> None:
         self.id = device_id
+        self.batch = batch  # readings per message (a board catching up sends batches)
         self.vary = vary  # values that move like a sensor's (a random walk at the BME280's resolution)
         self.values = {"temperature": 21.5, "humidity": 40.2}
         self.mode = mode
@@ -116,20 +117,24 @@ class Device:
         return self.seq - self.confirmed
 
     def publish(self) -> None:
-        self.seq += 1
-        if self.vary:
-            self.values = {"temperature": round(self.values["temperature"] + random.choice((-0.01, 0, 0.01)), 2),
-                           "humidity": round(self.values["humidity"] + random.choice((-0.02, 0, 0.02)), 2)}
-        payload = json.dumps({"boot": self.boot, "seq": self.seq, "ts": round(time.time(), 3),
-                              "values": self.values, "t0": time.monotonic()})
-        self.sent_at[self.seq] = time.monotonic()
-        self.client.publish(f"edgetrio/{self.id}/telemetry", payload.ljust(100), qos=1)
+        readings = []
+        for _ in range(self.batch):
+            self.seq += 1
+            if self.vary:
+                self.values = {"temperature": round(self.values["temperature"] + random.choice((-0.01, 0, 0.01)), 2),
+                               "humidity": round(self.values["humidity"] + random.choice((-0.02, 0, 0.02)), 2)}
+            readings.append(json.dumps({"boot": self.boot, "seq": self.seq, "ts": round(time.time(), 3),
+                                        "values": self.values, "t0": time.monotonic()}).ljust(100))
+            self.sent_at[self.seq] = time.monotonic()
+        payload = readings[0] if self.batch == 1 else '{"batch": [' + ", ".join(readings) + "]}"
+        self.client.publish(f"edgetrio/{self.id}/telemetry", payload, qos=1)
 
 
 def run_load(host: str, port: int, creds: list[tuple[str, str]], mode: str, phase: str, rate: float,
-             duration: float, subscriber: tuple[str, str] | None, out: Any, vary: bool = False) -> None:
+             duration: float, subscriber: tuple[str, str] | None, out: Any, vary: bool = False,
+             batch: int = 1) -> None:
     """One load process: connect its devices, drive them for `duration`, report latencies in the window."""
-    devices = [Device(d, pw, mode, vary) for d, pw in creds]
+    devices = [Device(d, pw, mode, vary, batch) for d, pw in creds]
     clients = [d.client for d in devices]
     deliveries: list[tuple[float, float]] = []
     if subscriber:
@@ -176,7 +181,7 @@ def run_load(host: str, port: int, creds: list[tuple[str, str]], mode: str, phas
                     device.publish()
                     next_at[i] += interval
             else:
-                while device.outstanding() < WINDOW:
+                while device.outstanding() < WINDOW * device.batch:  # the same messages in flight
                     device.publish()
         # block in select until a socket is readable or the next reading is due: a spinning load generator
         # would take the CPU the server under test needs
@@ -196,14 +201,15 @@ def run_load(host: str, port: int, creds: list[tuple[str, str]], mode: str, phas
 
 
 def measure(host: str, port: int, creds: list[tuple[str, str]], mode: str, phase: str, rate: float,
-            duration: float, subscriber: tuple[str, str] | None, processes: int, vary: bool = False) -> dict[str, Any]:
+            duration: float, subscriber: tuple[str, str] | None, processes: int, vary: bool = False,
+            batch: int = 1) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     per = [creds[i::processes] for i in range(processes)]
     # each load process has its own subscriber (baseline) for its own devices, so windows close on delivery
     procs = [ctx.Process(target=run_load, args=(host, port, chunk, mode, phase, rate / processes, duration,
                                                  (f"{subscriber[0]}-{i}", subscriber[1]) if subscriber else None, out,
-                                                 vary))
+                                                 vary, batch))
              for i, chunk in enumerate(per)]
     for p in procs:
         p.start()
