@@ -131,7 +131,7 @@ def test_a_board_files_mistakes_are_one_line_each(tmp_path: Path) -> None:
 
 GREENHOUSE = """
 [board]
-model = "greenhouse"
+model = "greenhouse-test"
 period = 1
 
 [[component]]
@@ -183,13 +183,13 @@ def test_a_described_board_reports_every_part_with_units_and_takes_its_outputs_f
         assert values["water"] >= 0 and "water_rate" in values
         # the model follows from the board: registered by vdev, with units and the outputs writable
         models = {m["name"]: m for m in json.loads(daemon.cli("model", "list", "--json").stdout)}
-        resources = {r["name"]: r for r in models["greenhouse"]["resources"]}
+        resources = {r["name"]: r for r in models["greenhouse-test"]["resources"]}
         assert resources["air_temperature"]["unit"] == "C" and resources["water"]["unit"] == "L"
         assert resources["water_rate"]["unit"] == "L/min"
         assert resources["pump"]["access"] == "rw" and resources["lamp"] == {
             "name": "lamp", "type": "float", "unit": "%", "access": "rw", "min": 0, "max": 100}
         listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
-        assert listed[device]["model"] == "greenhouse" and not listed[device]["refused"]
+        assert listed[device]["model"] == "greenhouse-test" and not listed[device]["refused"]
         # outputs from the twin: the board reports what it set; a value out of range is refused by the gateway
         daemon.cli("twin", "set", device, "pump=true", "lamp=40")
         twin = wait_until(lambda: (t := json.loads(daemon.cli("twin", "get", device, "--json").stdout))["reported"][
@@ -349,5 +349,9 @@ def test_a_board_file_does_not_replace_a_model_others_rely_on(daemon: Daemon, tm
     light = '[board]\nmodel = "clash-board"\n[[component]]\ndriver = "bh1750"\n'
     refused = flash("clash-2", light)  # rewiring one of two boards under the shared name would break the other
     assert refused.returncode == 2 and "'clash-board' is what clash-1 run with other parts" in refused.stderr
+    (tmp_path / "light.toml").write_text(light)  # vdev says so in one line too, and starts no board
+    refused = daemon.cli("vdev", "--prefix", "clash", "--board", str(tmp_path / "light.toml"), check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "'clash-board' is what clash-2 run with other parts" in refused.stderr
     daemon.cli("device", "remove", "clash-1")
     assert flash("clash-2", light).returncode == 0  # its only board now: rewired, the model follows

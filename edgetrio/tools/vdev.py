@@ -30,7 +30,7 @@ from edgetrio.daemon.config import ConfigError, read_run_file
 from edgetrio.daemon.control import ControlClient, ControlError
 from edgetrio.tools.boards import GPIOS, Board
 from edgetrio.tools.bundle import FIRMWARE, build_bundle, compile_mpy, device_config, device_tool, firmware_record
-from edgetrio.tools.flash import register_model
+from edgetrio.tools.flash import FlashError, register_model
 
 RESET_EXIT = 75
 DEEPSLEEP_EXIT = 76
@@ -495,7 +495,10 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                                    ReplPort(repl_pty) if repl_pty else None, sim)
             config = device_config(device_id, str(password), period, buffer, forced, board)
             if board is not None:
-                print(register_model(data_dir, device_id, board), flush=True)
+                try:
+                    print(register_model(data_dir, device_id, board), flush=True)
+                except FlashError as exc:  # said in one line by the CLI
+                    raise RuntimeError(str(exc)) from None
             fit_parts(flash, board)
             if uart is not None:  # no Wi-Fi: JSON lines on the UART, wired to one end of a pty pair
                 config["transport"] = "serial"
