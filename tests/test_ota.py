@@ -195,6 +195,10 @@ bad_id = binascii.hexlify(hashlib.sha256(evil).digest()).decode()
 r2 = Receiver(Node())
 run(r2, {{"op": "begin", "bundle": bad_id, "count": 2, "size": len(evil), "total": 1}})
 run(r2, {{"bundle": bad_id, "file": 0, "offset": 0}}, evil)
+class Wired(Node):
+    board = object()  # sensors on: it would restart to receive, but not for a bundle its flash cannot hold
+run(Receiver(Wired()), {{"op": "begin", "bundle": "c" * 64, "count": 2, "size": 10, "total": 10 ** 15}})
+print(json.dumps(load()))
 """)
     proc = subprocess.run([device_tool("micropython"), str(script)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={"MICROPYPATH": f"{FIRMWARE / 'lib'}:{FIRMWARE / 'sim'}:.frozen"})
@@ -210,3 +214,5 @@ run(r2, {{"bundle": bad_id, "file": 0, "offset": 0}}, evil)
     assert (tmp_path / ("fw-" + ident[:12]) / "app.mpy").read_bytes() == good
     # a manifest that names a file outside lib/ is refused even when its hash is right
     assert out[8]["state"] == "failed" and "a .mpy name" in out[8]["reason"]
+    assert out[9]["state"] == "failed" and "not enough flash" in out[9]["reason"]
+    assert not (tmp_path / ("fw-" + "c" * 12)).exists() and "receive" not in out[10]  # and no restart asked

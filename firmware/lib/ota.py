@@ -117,21 +117,23 @@ class Receiver:
         failed = fw.get("failed") or {}
         if failed.get("bundle") == bundle and not body.get("again"):  # not installed again unless asked anew
             return self.answer("rolled back", reason=failed.get("reason"))
+        folder = folder_of(bundle)
+        if folder in (fw.get("active"), fw.get("previous")):
+            folder = "fw-" + bundle[12:24]  # the same prefix as a folder in use: stage beside it, not over it
+        new = size_of(folder) < 0  # else a transfer of this bundle was cut short: it resumes
+        if new:  # said before restarting for it: a bundle the flash cannot hold costs no restart
+            free, total = free_bytes(), int(body.get("total") or 0)
+            if free is not None and free < total + 16384:
+                self.bundle = None
+                return {"bundle": bundle, "state": "failed",
+                        "reason": "not enough flash: %d bytes free, the bundle needs %d" % (free, total)}
         if self.node.board is not None:  # the sensors hold the heap: restart without them to receive
             fw["receive"] = bundle
             save(fw)
             return self.answer("restarting")
         self.count, self.manifest_size = int(body["count"]), int(body["size"])
         self.confirm_s = body.get("confirm_s") or 300
-        folder = folder_of(bundle)
-        if folder in (fw.get("active"), fw.get("previous")):
-            folder = "fw-" + bundle[12:24]  # the same prefix as a folder in use: stage beside it, not over it
-        if size_of(folder) < 0:  # a new transfer (a folder of this id is this bundle's, cut short)
-            free, total = free_bytes(), int(body.get("total") or 0)
-            if free is not None and free < total + 16384:
-                self.bundle = None
-                return {"bundle": bundle, "state": "failed",
-                        "reason": "not enough flash: %d bytes free, the bundle needs %d" % (free, total)}
+        if new:
             os.mkdir(folder)
         self.folder = folder
         self.resume()
