@@ -343,10 +343,14 @@ class Ingest:
     # -- a registered device's message, by its channel ---------------------------------------------------------------
 
     def _telemetry(self, device: str, event: BusEvent, now: float) -> None:
-        for reading in parse_batch(device, event.payload, now):
-            if isinstance(reading, Rejected):
-                self._reject(event, reading.reason, str(reading))
-            else:
+        parsed = parse_batch(device, event.payload, now)
+        refused = [r for r in parsed if isinstance(r, Rejected)]
+        if refused:  # one refusal per message, not per reading: a batch of 100 bad ones must not store 100 copies
+            detail = "; ".join(str(r) for r in refused[:3])
+            self._reject(event, refused[0].reason,
+                         f"{len(refused)} of {len(parsed)} readings: {detail}" if len(parsed) > 1 else detail)
+        for reading in parsed:
+            if not isinstance(reading, Rejected):
                 self._take(device, event, reading, now)
 
     def _take(self, device: str, event: BusEvent, reading: Reading, now: float) -> None:
