@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from edgetrio.tools.testkit import Daemon, stored, virtual_boards, wait_until, whole
+from edgetrio.tools.vdev import flash_dir
 
 
 def grown(daemon: Daemon, boards: list[str], by: int) -> None:
@@ -45,5 +46,26 @@ def test_sigterm_stops_promptly_and_commits_what_was_received(tmp_path: Path) ->
             grown(daemon, boards, 10)
         for board in boards:
             whole(stored(daemon.data_dir / "edgetrio.db", board))
+    finally:
+        daemon.stop()
+
+
+def test_a_board_back_from_an_outage_catches_up_in_batches(tmp_path: Path) -> None:
+    """Readings buffered on flash while the Wi-Fi was down go out several to a message (a batch, acknowledged by the
+    same watermark), every one stored once."""
+    daemon = Daemon(tmp_path / "data").start()
+    db = daemon.data_dir / "edgetrio.db"
+    try:
+        with virtual_boards(daemon, "catcher", count=1, period=0.1) as (board,):
+            grown(daemon, [board], 5)
+            daemon.cli("fault", board, "wifi", "down")
+            before = len(stored(db, board))
+            log = flash_dir(daemon.data_dir, board) / "buffer.log"
+            wait_until(lambda: len(log.read_bytes().splitlines()) >= 80, timeout=60)  # ~60 taken offline
+            batches = daemon.counters().get("telemetry_batches", 0)
+            daemon.cli("fault", board, "wifi", "up")
+            wait_until(lambda: len(stored(db, board)) >= before + 60, timeout=60)
+            assert daemon.counters().get("telemetry_batches", 0) >= batches + 5, "the catch-up went one per message"
+        whole(stored(db, board))
     finally:
         daemon.stop()

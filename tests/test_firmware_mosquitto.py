@@ -42,16 +42,17 @@ class AckingGateway:
 
     def _on_message(self, client: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         body = json.loads(message.payload)
-        seq = int(body["seq"])
-        if seq == self.lose and not self.lost_once:
+        readings = body.get("batch") or [body]  # a board with several waiting sends them in one message
+        seqs = {int(r["seq"]) for r in readings}
+        if self.lose in seqs and not self.lost_once:
             self.lost_once = True
             return
-        if seq == self.lose:
+        if self.lose in seqs:
             self.resent.set()
-        self.seen.add(seq)
+        self.seen |= seqs
         while self.acked + 1 in self.seen:
             self.acked += 1
-        client.publish(f"edgetrio/{self.device}/ack", json.dumps({"boot": body["boot"], "seq": self.acked}))
+        client.publish(f"edgetrio/{self.device}/ack", json.dumps({"boot": readings[0]["boot"], "seq": self.acked}))
 
     def close(self) -> None:
         self.client.disconnect()

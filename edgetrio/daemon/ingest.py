@@ -344,6 +344,8 @@ class Ingest:
 
     def _telemetry(self, device: str, event: BusEvent, now: float) -> None:
         parsed = parse_batch(device, event.payload, now)
+        if len(parsed) > 1:  # how much boards catch up in batches (readings_received counts the readings)
+            self.counts["telemetry_batches"] += 1
         refused = [r for r in parsed if isinstance(r, Rejected)]
         if refused:  # one refusal per message, not per reading: a batch of 100 bad ones must not store 100 copies
             detail = "; ".join(str(r) for r in refused[:3])

@@ -24,16 +24,16 @@ def exists(path):
 
 
 def parse(line):
-    """(boot, seq, payload) of a buffer line (bytes), or None for a line cut short by a power loss mid-write
+    """(boot, seq, payload bytes) of a buffer line (bytes), or None for a line cut short by a power loss mid-write
     (each line is written with its newline in one write, so a line without one is torn)."""
     if not line.endswith(b"\n"):
         return None
     parts = line[:-1].split(b" ", 2)
     if len(parts) != 3 or not parts[2].endswith(b"}"):
         return None
-    try:
-        return int(parts[0]), int(parts[1]), parts[2].decode()
-    except (ValueError, UnicodeError):
+    try:  # the payload stays bytes: the sender copies it into its packet as it is
+        return int(parts[0]), int(parts[1]), parts[2]
+    except ValueError:
         return None
 
 
@@ -98,7 +98,7 @@ class Buffer:
     def read(self, pos, limit=8):
         """Up to `limit` unacknowledged readings (boot, seq, payload) from byte `pos` of the file, oldest first, and
         the position to go on from. Start at 0; start again at 0 when `generation` has changed since."""
-        records = []  # type: list[tuple[int, int, str]]
+        records = []  # type: list[tuple[int, int, bytes]]
         if not exists(self.path):
             return records, 0
         with open(self.path, "rb") as f:

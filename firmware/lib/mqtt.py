@@ -196,18 +196,20 @@ class MQTTClient(Packets):
         await self.close()
 
     async def publish(self, topic, payload, qos=0, retain=False, retries=3):
-        """Publish; with qos=1 wait for PUBACK, resending with DUP. Raises on failure (connection is then closed)."""
+        """Publish `payload` (str, bytes, or a list of them sent as one); with qos=1 wait for PUBACK, resending with
+        DUP. Raises on failure (connection is then closed)."""
         _qos(qos)
-        if isinstance(payload, str):
-            payload = payload.encode()
+        # a payload in parts (a batch of readings as the buffer holds them) is copied into the packet part by part:
+        # the packet is the one block the size of the message (one write: a header sent on its own would wait on
+        # Nagle's algorithm for the rest)
+        parts = [p.encode() if isinstance(p, str) else p for p in (payload if isinstance(payload, list) else [payload])]
         if not self.connected:
             raise MQTTError("not connected")
         t = topic.encode()
-        size = 2 + len(t) + (2 if qos else 0) + len(payload)
+        size = 2 + len(t) + (2 if qos else 0) + sum(len(p) for p in parts)
         length = _remaining(size)
-        # the whole packet once: a retry only sets the DUP bit in place
         packet = bytearray(1 + len(length) + size)
-        packet[0] = PUBLISH | (qos << 1) | (1 if retain else 0)
+        packet[0] = PUBLISH | (qos << 1) | (1 if retain else 0)  # a retry sets the DUP bit in place
         i = 1 + len(length)
         packet[1:i] = length
         struct.pack_into("!H", packet, i, len(t))
@@ -219,7 +221,10 @@ class MQTTClient(Packets):
             struct.pack_into("!H", packet, i, pid)
             i += 2
             self._acks[pid] = asyncio.Event()
-        packet[i:] = payload
+        for part in parts:
+            packet[i:i + len(part)] = part
+            i += len(part)
+        parts = []
         try:
             for attempt in range(retries + 1):
                 if attempt:

@@ -101,6 +101,7 @@ class Node:
         self.healthy = False
         self.version = VERSION
         self.ota = None  # the update being received, made at the first `ota` message
+        self.batch = max(1, min(100, cfg.get("batch", 10)))  # readings per telemetry message when catching up
 
     def save_state(self):
         save_json(STATE_FILE, self.state)
@@ -230,22 +231,30 @@ class Node:
             while True:
                 if generation != buffer.generation:  # compacted: the position is stale, `sent` skips what went
                     pos, generation = 0, buffer.generation
-                records, next_pos = buffer.read(pos)
+                records, next_pos = buffer.read(pos, self.batch)
                 if not records:
                     pos = next_pos
                     break
+                batch = []  # type: list  # readings of one boot going out in one message
+                sent_boot = 0
                 for boot, seq, payload in records:
                     if seq <= sent.get(boot, 0) or buffer.is_acked(boot, seq):
                         continue
                     first = buffer.first(boot) if buffer.dropped else None
-                    if (first and first > 1) or '"clk"' in payload:
+                    if (first and first > 1) or b'"clk"' in payload:
                         body = self.clock.stamp(json.loads(payload))
                         if first and first > 1:
                             body["first"] = first
                         payload = json.dumps(body)
-                    await client.publish(self.root + "telemetry", payload, qos=1)
+                    if batch and boot != sent_boot:
+                        await self.publish_readings(client, batch)
+                        batch = []
+                    batch.append(payload)
                     sent[boot] = seq
+                    sent_boot = boot
                 pos = next_pos
+                if batch:
+                    await self.publish_readings(client, batch)
             try:
                 await asyncio.wait_for(self.new_reading.wait(), 30)
             except asyncio.TimeoutError:
@@ -257,6 +266,30 @@ class Node:
                 # under load, a gateway that could not commit it). Offer the unacknowledged ones again.
                 sent, pos = {}, 0
                 self.acked_at = time.ticks_ms()
+
+    async def publish_readings(self, client, batch):
+        """One reading as it is; several (catching up) as one batch message, acknowledged by the same watermark.
+
+        A heap too fragmented for the message halves the batch, for the rest of this boot: what did not go out is
+        sent in smaller ones (the gateway stores a reading it already has once, should the first one have gone)."""
+        try:
+            parts = [b'{"batch": [']  # type: list
+            for reading in batch:
+                parts.append(reading)
+                parts.append(b", ")
+            parts[-1] = b"]}"
+            await client.publish(self.root + "telemetry", batch[0] if len(batch) == 1 else parts, qos=1)
+        except MemoryError:
+            if len(batch) == 1:
+                raise
+            parts = []
+            half = len(batch) // 2
+            if half < self.batch:
+                self.batch = half
+                print("[warning] heap too fragmented for %d readings in a message: %d from now on" % (len(batch), half))
+            gc.collect()
+            await self.publish_readings(client, batch[:half])
+            await self.publish_readings(client, batch[half:])
 
     # -- the gateway ------------------------------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class SerialLink:
     async def publish(self, topic, payload, qos=0, retain=False, retries=0):
         if not self.connected:
             raise OSError("not connected")
+        if isinstance(payload, list):  # a message in parts (a batch)
+            payload = "".join(p if isinstance(p, str) else p.decode() for p in payload)
         if isinstance(payload, bytes):
             payload = payload.decode()
         try:
