@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from edgetrio import accounts, web
+from edgetrio import accounts, web, wire
 from edgetrio.console import EXIT_USAGE, JSON, Arg, CliError, Commands, arg, emit, fmt_time, parse_assignments
 from edgetrio.identity import hash_password, new_secret
 
@@ -100,3 +100,18 @@ def print_readings(args: argparse.Namespace, rows: list[dict[str, Any]], units: 
             f"{fmt_time(r['ts'])}  boot {r['boot']:<4} seq {r['seq']:<8} "
             + "  ".join(f"{k}={v}{units.get(k, '')}" for k, v in sorted(r["values"].items())) for r in rows)
             or "no readings"))
+
+
+def log_line(row: dict[str, Any]) -> str:
+    """One line of a device's log (its log and status lines, the steps of its firmware updates), for a terminal."""
+    body = row["body"]
+    if row["kind"] == "status":
+        text = f"[status] {wire.clip(body, 40)}"
+    elif row["kind"] == "ota" and isinstance(body, dict):
+        text = (f"[firmware update] bundle {wire.clip(str(body.get('bundle'))[:12])} {wire.clip(body.get('state'), 20)}"
+                + (f": {wire.clip(body['reason'], 300)}" if body.get("reason") else ""))
+    elif isinstance(body, dict):  # what a board says: clipped, and no escape codes on a terminal
+        text = f"[{wire.clip(body.get('level', 'info'), 10)}] {wire.clip(body.get('message', json.dumps(body)), 2000)}"
+    else:
+        text = wire.clip(body, 2000)
+    return f"{fmt_time(row['ts'])}  {text}"

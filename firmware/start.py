@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import machine
+
 TRIES = 3
 
 
@@ -28,7 +30,9 @@ def save(path, value):
 
 state = load("state.json", {"boot": 0, "failed_boots": 0})
 state["boot"] = state.get("boot", 0) + 1
-state["failed_boots"] = state.get("failed_boots", 0) + 1
+# a battery board's wake from deep sleep is not a new try: most wakes never reach the gateway, by design
+woke = machine.reset_cause() == machine.DEEPSLEEP_RESET
+state["failed_boots"] = state.get("failed_boots", 0) + (0 if woke else 1)
 fw = load("firmware.json", {})
 folder = fw.get("active") or "lib"
 trial = fw.get("trial")
@@ -47,7 +51,7 @@ if trial:
 save("state.json", state)
 fw_save = save
 sys.path[:] = [("/" + folder if p == "/lib" else folder) if p in ("lib", "/lib") else p for p in sys.path]
-del state, load, save
+del state, load, save, woke
 try:
     import node  # noqa: E402
 
@@ -58,6 +62,4 @@ except Exception as e:
     sys.print_exception(e)
     fw["error"] = ("%s: %s" % (type(e).__name__, e))[:160]  # said with the rollback: a board has no console
     fw_save("firmware.json", fw)
-    import machine  # a trial that fails at once tries again now, not when the watchdog fires
-
-    machine.reset()
+    machine.reset()  # a trial that fails at once tries again now, not when the watchdog fires

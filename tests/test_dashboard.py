@@ -274,6 +274,25 @@ def test_a_nodes_page_shows_its_link_counters_alerts_rules_and_devices(stack: tu
     assert "applied in part" in find(browser, "#rules").text
 
 
+def test_a_rollout_is_on_the_fleet_page_and_its_own_with_each_board(stack: tuple[Relay, Daemon], browser: Any) -> None:
+    """A rollout of the firmware the board runs already: the board confirms at once (nothing is sent). The fleet page
+    lists it; its page shows each board's state as it moves, and the viewer has no buttons to steer it."""
+    relay, _daemon = stack
+    bundle = relay.data_dir.parent / "same-firmware"
+    subprocess.run([sys.executable, "-m", "edgetrio", "bundle", str(bundle)], check=True, capture_output=True,
+                   timeout=120)
+    created = relay.json("rollout", "create", "--bundle", str(bundle), "--select", f"device={BOARD}")
+    log_in(browser, relay, "vera", "viewer-password-1")
+    wait(browser, lambda d: found(d, f'#rollouts tr[data-rollout="{created["id"]}"] a'))
+    find(browser, f'#rollouts tr[data-rollout="{created["id"]}"] a').click()
+    wait(browser, lambda d: "done" in find(d, "#rollout-summary").text, timeout=120)  # live: the page follows it
+    row = find(browser, f'#rollout-boards tr[data-device="{BOARD}"]').text
+    assert "confirmed" in row and "gw1" in row, row
+    assert "1 of 1 confirmed" in find(browser, "#rollout-summary").text
+    assert not found(browser, "#rollout-summary button")  # a viewer steers nothing
+    assert relay.json("rollout", "status", created["id"])["state"] == "done"
+
+
 def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[Relay, Daemon], browser: Any) -> None:
     relay, daemon = stack
     relay.stop()  # the internet is down: the gateway's own page goes on

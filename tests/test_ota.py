@@ -6,28 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from edgetrio.daemon.ota import bundle_files, bundle_id
-from edgetrio.tools.bundle import FIRMWARE, compile_mpy, device_tool
-from edgetrio.tools.testkit import Daemon, cli, contiguous_per_boot, virtual_boards, wait_until
-
-
-def make_bundle(where: Path, version: str, first_line: str = "", padding: int = 0) -> Path:
-    """This firmware with another version (and a first line for node.py, a padding file), compiled as flash does."""
-    src = where / f"src-{version}"
-    shutil.copytree(FIRMWARE / "lib", src)
-    node = (src / "node.py").read_text().replace('VERSION = "0.1.0"', f'VERSION = "{version}"')
-    (src / "node.py").write_text(first_line + "\n" + node if first_line else node)
-    bundle = where / f"bundle-{version}"
-    compile_mpy(sorted(src.glob("*.py")), bundle / "lib")
-    if padding:  # a larger bundle, so a transfer takes long enough to be cut in the middle
-        (bundle / "lib" / "padding.mpy").write_bytes(os.urandom(padding))
-    return bundle
+from edgetrio.tools.bundle import FIRMWARE, device_tool
+from edgetrio.tools.testkit import Daemon, cli, contiguous_per_boot, make_bundle, virtual_boards, wait_until
 
 
 def meta_of(daemon: Daemon, device: str) -> dict[str, Any]:

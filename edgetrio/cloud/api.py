@@ -6,6 +6,8 @@ The relay's operator token is the first admin's; accounts are made with `edgetri
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import time
@@ -16,7 +18,7 @@ import h11
 import trio
 
 from edgetrio import rules, web
-from edgetrio.cloud import store
+from edgetrio.cloud import rollouts, store
 from edgetrio.web import Body, HTTPError, Params, Principal, Result
 from edgetrio.wire import MAX_INTEGER
 
@@ -34,6 +36,10 @@ class Relay(web.Site, Protocol):
     def notify(self, node: str) -> None: ...
 
     async def close_link(self, node: str, reason: str) -> None: ...
+
+
+BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+WAVE = "([1-9][0-9]{0,5}|[1-9][0-9]?%|100%)"  # a number of boards, or a share of them
 
 
 def openapi() -> dict[str, Any]:
@@ -72,7 +78,8 @@ def openapi() -> dict[str, Any]:
                                                                "additionalProperties": integer}}},
         "Device": {"type": "object", "properties": {"node": string, "id": string, "model": {**string, "nullable": True},
                                                     "online": {"type": "boolean"}, "last_seen": nullable_number,
-                                                    "meta": {**obj, "nullable": True}}},
+                                                    "meta": {**obj, "nullable": True},
+                                                    "asleep_until": nullable_number}},
         "Twin": {"type": "object", "properties": {
             "desired": {"type": "object", "properties": {"state": obj, "version": integer}},
             "reported": {"type": "object", "properties": {"state": obj, "version": integer}}, "delta": obj}},
@@ -150,6 +157,36 @@ def openapi() -> dict[str, Any]:
                 "post": {"summary": "Acknowledge an alert; the edge, which holds it, is told through the down channel",
                          "responses": {"200": ok({"type": "object", "properties": {
                              "node": string, "id": integer, "acked_by": string}}), **errors(400, 404)}}},
+            "/api/rollouts": {
+                "get": {"summary": "The newest 100 firmware rollouts, with their counts (no boards)",
+                        "responses": {"200": ok({"type": "array", "items": obj}), **errors()}},
+                "post": {"summary": "Roll a firmware bundle out to the boards `select` names, in waves; halts by itself "
+                                    "past `max_failures`, moves to the next wave when `success` of this one confirmed",
+                         "requestBody": body({
+                             "files": {"type": "object", "minProperties": 3, "maxProperties": 200,
+                                       "required": ["node.mpy", "ota.mpy", "trial.mpy"],
+                                       "propertyNames": {"pattern": r"^[A-Za-z0-9_]{1,40}\.mpy$"},
+                                       "additionalProperties": {"type": "string", "pattern": BASE64}},
+                             "select": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                                        "properties": {k: {"type": "string", "minLength": 1}
+                                                       for k in ("node", "device", "model")}},
+                             "waves": {"type": "string", "pattern": f"^{WAVE}(,{WAVE}){{0,19}}$"},
+                             "success": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+                             "max_failures": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                             "timeout": {"type": "number", "minimum": 60, "maximum": 604800},
+                             "confirm_s": {"type": "integer", "minimum": 30, "maximum": 86400}}, ["files", "select"]),
+                         "responses": {"201": ok(obj, "Created; the first wave is queued"), **errors(400, 404, 409)}}},
+            "/api/rollouts/{rollout}": {
+                "parameters": [{"name": "rollout", "in": "path", "required": True, "schema": string}],
+                "get": {"summary": "A rollout and each of its boards' state",
+                        "responses": {"200": ok(obj), **errors(404)}}},
+            "/api/rollouts/{rollout}/{action}": {
+                "parameters": [{"name": "rollout", "in": "path", "required": True, "schema": string},
+                               {"name": "action", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": ["pause", "resume", "abort"]}}],
+                "post": {"summary": "Pause (no new wave starts), resume, or abort (boards not updated yet are left "
+                                    "alone; those in progress are cancelled at their gateway)",
+                         "responses": {"200": ok(obj), **errors(400, 404)}}},
             "/api/fleet/rules": {"put": {
                 "summary": "The same rule set for every node (each its own next version)",
                 "requestBody": body({"doc": obj}, ["doc"]),
@@ -427,8 +464,8 @@ async def node_rotate(relay: Relay, who: Principal, path: Params, query: Params,
 
 
 async def logs(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    """The device's newest log and status lines, as its gateway sent them up."""
-    return 200, await relay.run(store.device_events, path["node"], path["device"], ("log", "status"), 100)
+    """The device's newest log and status lines and firmware update steps, as its gateway sent them up."""
+    return 200, await relay.run(store.device_events, path["node"], path["device"], ("log", "status", "ota"), 100)
 
 
 async def rejects(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
@@ -436,6 +473,54 @@ async def rejects(relay: Relay, who: Principal, path: Params, query: Params, dat
     rows = await relay.run(store.device_events, path["node"], path["device"], ("reject",), 50)
     return 200, [{"received": r["ts"], "reason": r["body"].get("reason"), "detail": r["body"].get("detail")}
                  for r in rows]
+
+
+async def rollout_create(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    """A staged rollout of a bundle (its files' bytes in base64) to the boards a selector names."""
+    files = data.get("files")
+    if not isinstance(files, dict) or not files or len(files) > 200:
+        raise HTTPError(400, "'files': the bundle's .mpy files, an object of name -> base64 bytes")
+    try:
+        contents = {str(name): base64.b64decode(str(value), validate=True) for name, value in files.items()}
+    except binascii.Error:
+        raise HTTPError(400, "'files': each value is the file's bytes in base64") from None
+    selector = data.get("select")
+    if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
+        raise HTTPError(400, "'select': an object of node, device or model -> name")
+    waves = rollouts.parse_waves(str(data.get("waves") or "1,10%,100%"))
+    numbers = {}
+    for key, default in (("success", 1.0), ("max_failures", 0), ("timeout", 1800), ("confirm_s", 300)):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise HTTPError(400, f"{key!r} must be a number")
+        numbers[key] = value
+    try:
+        created = await relay.run(rollouts.create, contents, {str(k): v for k, v in selector.items()}, waves,
+                                  float(numbers["success"]), int(numbers["max_failures"]), float(numbers["timeout"]),
+                                  int(numbers["confirm_s"]), who.name, time.time())
+    except rollouts.BoardsBusy as exc:
+        raise HTTPError(409, str(exc)) from None
+    log.info("rollout %s created by=%s bundle=%s boards=%d", created["id"], who.name, created["bundle"][:12],
+             created["total"])
+    for node in (await relay.run(rollouts.drive, time.time()))[0]:  # the first wave starts now
+        relay.notify(node)
+    return 201, await relay.run(rollouts.view, created["id"])
+
+
+async def rollout_list(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    return 200, await relay.run(rollouts.list_rollouts)
+
+
+async def rollout_get(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    return 200, await relay.run(rollouts.view, path["rollout"])
+
+
+async def rollout_action(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
+    done, nodes = await relay.run(rollouts.set_state, path["rollout"], path["action"], time.time())
+    log.info("rollout %s %s by=%s", path["rollout"], path["action"], who.name)
+    for node in nodes:
+        relay.notify(node)
+    return 200, done
 
 
 ROUTES: web.Routes = [
@@ -457,6 +542,10 @@ ROUTES: web.Routes = [
     web.Route("GET", "/api/nodes/{node}/devices/{device}/logs", logs),
     web.Route("GET", "/api/nodes/{node}/devices/{device}/rejects", rejects),
     web.Route("DELETE", "/api/nodes/{node}", node_remove),
+    web.Route("GET", "/api/rollouts", rollout_list),
+    web.Route("POST", "/api/rollouts", rollout_create),
+    web.Route("GET", "/api/rollouts/{rollout}", rollout_get),
+    web.Route("POST", "/api/rollouts/{rollout}/{action}", rollout_action),
     web.Route("POST", "/api/nodes/{node}/token", node_rotate),
     *web.ACCOUNT_ROUTES,
 ]

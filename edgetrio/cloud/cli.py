@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import ssl
@@ -16,7 +17,7 @@ import trio
 from edgetrio import rules, web
 from edgetrio.cloud import store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from edgetrio.common_cli import desired_patch, print_readings, print_twin, readings_options, user_commands
+from edgetrio.common_cli import desired_patch, log_line, print_readings, print_twin, readings_options, user_commands
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -328,6 +329,104 @@ def cmd_alerts_ack(args: argparse.Namespace) -> None:
     done = call(args, "POST", f"/api/nodes/{args.node_name}/alerts/{args.id}/ack")
     emit(args, done, lambda: print(f"alert {args.id} of {args.node_name} acknowledged by {done['acked_by']} "
                                    "(the node is told)"))
+
+
+@COMMANDS.command("cloud logs", "a device's newest log lines as its gateway sent them up", API, arg("node"),
+                  arg("device"))
+def cmd_logs(args: argparse.Namespace) -> None:
+    rows = call(args, "GET", f"/api/nodes/{args.node}/devices/{args.device}/logs")
+    emit(args, rows, lambda: print("\n".join(log_line(r) for r in rows) if rows else "no log lines"))
+
+
+COMMANDS.group("cloud rollout", "firmware rolled out across the fleet in waves, halting by itself when boards fail")
+
+
+def percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / 100
+    except ValueError:
+        raise CliError(f"{text!r}: a percentage, e.g. 90%", EXIT_USAGE) from None
+    if not 0 < value <= 1:
+        raise CliError(f"{text!r}: above 0% and at most 100%", EXIT_USAGE)
+    return value
+
+
+def print_rollout(r: dict[str, Any], boards: bool = True) -> None:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(r["counts"].items()))
+    print(f"rollout {r['id']}: {r['state']}{' (' + r['reason'] + ')' if r['reason'] else ''}\n"
+          f"  bundle {r['bundle'][:12]} to {r['total']} boards ("
+          + " ".join(f"{k}={v}" for k, v in r["selector"].items()) + f"), waves {','.join(r['waves'])}, now wave "
+          f"{r['wave'] + 1} of {len(r['waves'])}\n"
+          f"  {r['confirmed']} confirmed, {r['failed']} failed (halts past {r['max_failures']}); {counts}")
+    for b in r.get("boards", []) if boards else []:
+        print(f"  wave {b['wave'] + 1:<3} {b['node'] + '/' + b['device']:<32} {b['state']:<12} {b['detail'] or ''}")
+
+
+@COMMANDS.command("cloud rollout create", "roll a firmware bundle out to the boards --select names, in waves", API,
+                  arg("--bundle", type=Path, required=True, metavar="DIR",
+                      help="the firmware bundle: what `edgetrio bundle DIR` writes (DIR/lib/*.mpy)"),
+                  arg("--select", action="append", required=True, metavar="KEY=VALUE",
+                      help="node=NAME, device=ID or model=NAME (repeat: all must hold)"),
+                  arg("--waves", default="1,10%,100%",
+                      help="each wave's size, boards or a share of all (default 1,10%%,100%%)"),
+                  arg("--success", default="100%", help="share of a wave that must confirm before the next one "
+                                                         "starts (default 100%%)"),
+                  arg("--max-failures", type=int, default=0,
+                      help="the rollout halts when more boards than this failed (default 0: at the first)"),
+                  arg("--timeout", type=float, default=1800.0,
+                      help="seconds a board may take from its gateway starting the update to confirming (default "
+                           "1800)"),
+                  arg("--confirm-timeout", type=int, default=300,
+                      help="seconds a board runs the new bundle without an acknowledged reading before it goes back "
+                           "(default 300)"))
+def cmd_rollout_create(args: argparse.Namespace) -> None:
+    from edgetrio.bundles import BundleError, read_bundle
+
+    selector: dict[str, str] = {}
+    for item in args.select:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("node", "device", "model") or not value or key in selector:
+            raise CliError(f"--select {item!r}: node=NAME, device=ID or model=NAME, each at most once", EXIT_USAGE)
+        selector[key] = value
+    try:
+        contents = read_bundle(args.bundle)
+    except (BundleError, OSError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    created = call(args, "POST", "/api/rollouts", {
+        "files": {name: base64.b64encode(data).decode() for name, data in contents.items()}, "select": selector,
+        "waves": args.waves, "success": percent(args.success), "max_failures": args.max_failures,
+        "timeout": args.timeout, "confirm_s": args.confirm_timeout})
+    if args.json:
+        print(json.dumps(created, indent=2))
+        return
+    print_rollout(created, boards=False)
+    print(f"follow it: edgetrio cloud rollout status {created['id']}")
+
+
+@COMMANDS.command("cloud rollout list", "the newest rollouts", API)
+def cmd_rollout_list(args: argparse.Namespace) -> None:
+    found = call(args, "GET", "/api/rollouts")
+    emit(args, found, lambda: print("\n".join(
+        f"{r['id']}  {r['state']:<8} {fmt_time(r['created'])}  bundle {r['bundle'][:12]}  {r['confirmed']}/"
+        f"{r['total']} confirmed, {r['failed']} failed" for r in found) if found else "no rollouts"))
+
+
+@COMMANDS.command("cloud rollout status", "a rollout and each of its boards", API, arg("id"))
+def cmd_rollout_status(args: argparse.Namespace) -> None:
+    found = call(args, "GET", f"/api/rollouts/{args.id}")
+    emit(args, found, lambda: print_rollout(found))
+
+
+def rollout_action(action: str, what: str) -> None:
+    @COMMANDS.command(f"cloud rollout {action}", what, API, arg("id"))
+    def cmd(args: argparse.Namespace) -> None:
+        done = call(args, "POST", f"/api/rollouts/{args.id}/{action}")
+        emit(args, done, lambda: print_rollout(done, boards=False))
+
+
+rollout_action("pause", "no new wave starts (boards updating now go on)")
+rollout_action("resume", "a paused or halted rollout goes on")
+rollout_action("abort", "stop a rollout: boards not updated yet are left alone, those in progress cancelled")
 
 
 user_commands(COMMANDS, "cloud ", DATA, lambda args: store.open_db(args.data_dir), relay_write)

@@ -24,7 +24,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from edgetrio import wire
-from edgetrio.cloud import store
+from edgetrio.cloud import rollouts, store
 from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.identity import new_secret
@@ -177,7 +177,7 @@ def dashboard_events(node: str, items: list[Any]) -> Iterator[dict[str, Any]]:
                     by_device.setdefault(r.get("device"), []).append({"ts": r.get("ts"), "values": r["values"]})
             for device, readings in by_device.items():
                 yield {"type": "readings", "node": node, "device": device, "readings": readings}
-        elif item.get("resource") in ("twin", "device", "alert"):
+        elif item.get("resource") in ("twin", "device", "alert", "ota"):  # ota: a board of a rollout moved on
             yield {"type": item["resource"], "node": node, "device": body.get("device")}
         elif item.get("resource") == "node":  # its report of itself: the fleet page shows the counts
             yield {"type": "node", "node": node}
@@ -209,6 +209,19 @@ class Relay:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run store work in the next group commit and return its result once committed."""
         return await self.writer.write(lambda db: fn(db, *args))
+
+    async def drive_rollouts(self, every: float = 2.0) -> None:
+        """Move the running firmware rollouts on (rollouts.py): start waves, time boards out, halt at the threshold."""
+        while True:
+            try:
+                nodes, changed = await self.run(rollouts.drive, time.time())
+                for node in nodes:
+                    self.notify(node)
+                for rollout in changed:
+                    self.events.publish({"type": "ota", "node": None, "rollout": rollout})
+            except Exception:  # a bad row must not stop the relay; it is logged each round until fixed
+                log.exception("driving the rollouts failed")
+            await trio.sleep(every)
 
     def notify(self, node: str) -> None:
         """Something was queued for a node: its session sends it now if it is connected."""
@@ -406,6 +419,7 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                 log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
                 connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                 connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
+                connections.start_soon(relay.drive_rollouts)
                 task_status.started(port)
                 await until_stopped(signals)
                 connections.cancel_scope.cancel()

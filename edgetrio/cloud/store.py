@@ -16,6 +16,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from edgetrio import accounts, wire
+from edgetrio.cloud import rollouts
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
@@ -49,6 +50,8 @@ def open_db(data_dir: Path) -> Database:
             {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
              "result": str}, pk="id", if_not_exists=True)
         accounts.create_tables(db)
+        if "asleep_until" not in db.table("devices").columns_dict:  # a battery board's next wake
+            db.table("devices").add_column("asleep_until", float)
         if "counters" not in db.table("nodes").columns_dict:  # what each gateway last reported of itself
             db.table("nodes").add_column("counters", str)
         db.table("device_events").create(  # log and status lines, and what the gateway refused, per device
@@ -65,6 +68,7 @@ def open_db(data_dir: Path) -> Database:
             pk=("node", "id"), if_not_exists=True)
         db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
         db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
+        rollouts.create_tables(db)
     return db
 
 
@@ -231,7 +235,9 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
     elif resource == "device":
         device = str(body["device"])
         _device(db, node, device, max_devices, counts)
-        fields: dict[str, Any] = {k: body[k] for k in ("online", "last_seen", "model") if k in body}
+        fields: dict[str, Any] = {k: body[k] for k in ("online", "last_seen", "model", "asleep_until") if k in body}
+        if fields.get("asleep_until") is not None:
+            fields["asleep_until"] = float(fields["asleep_until"])
         if "meta" in body:
             fields["meta"] = json.dumps(body["meta"])
         if "registered" in body:
@@ -242,7 +248,7 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
             db.table("devices").update((node, device), fields)
     elif resource == "event":
         kind = str(body["kind"])
-        if kind not in ("log", "status", "reject"):
+        if kind not in ("log", "status", "reject", "ota"):
             raise ValueError(f"unknown event kind {kind!r}")
         _device(db, node, str(body["device"]), max_devices, counts)
         db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": float(body["ts"]),
@@ -259,6 +265,8 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
         db.table("alerts").upsert({"node": node, "id": int(body["id"]), **fields,
                                    "values_": json.dumps(body.get("values") or {}), "received": now},
                                   pk=("node", "id"))
+    elif resource == "ota":  # a board's firmware update, as its gateway has it now
+        rollouts.progress(db, node, body, now)
     elif resource == "cmd_result":
         cmd_id = str(body["cmd"])
         status = "ok" if body.get("result", {}).get("ok") else "error"
@@ -308,6 +316,8 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
                                           "received": time.time(), "kind": "log", "body": json.dumps({
                                               "level": "error", "message": "the node refused this registration: "
                                               f"{clip_text(result.get('error'))}"})})
+    if resource == "ota":
+        rollouts.taken(db, node, message_id, body, result, time.time())
     if resource == "cmd" and not result.get("ok"):
         db.execute("UPDATE commands SET status = 'error', result = ? WHERE id = ?",
                    [json.dumps({"cmd": body["cmd"], "error": result.get("error"), "code": "refused"}), body["cmd"]])
@@ -325,7 +335,7 @@ def count_devices(db: Database, node: str | None = None) -> int:
 
 def list_devices(db: Database, node: str | None = None, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
     """Registered devices by node and id; a page of them with `limit` (-1: all) and `offset`."""
-    sql = "SELECT node, id, model, online, last_seen, meta FROM devices WHERE registered = 1"
+    sql = "SELECT node, id, model, online, last_seen, meta, asleep_until FROM devices WHERE registered = 1"
     params: list[Any] = []
     if node is not None:
         require_node(db, node)

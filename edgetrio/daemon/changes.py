@@ -49,7 +49,13 @@ class StateChanges:
 
     def presence(self, db: Database, device: str, online: bool, now: float) -> None:
         store.set_presence(db, device, online, now)
-        self.mirror(db, "device", {"device": device, "online": online, "last_seen": now})
+        self.mirror(db, "device", {"device": device, "online": online, "last_seen": now,
+                                   **({"asleep_until": None} if online else {})})
+
+    def asleep(self, db: Database, device: str, until: float) -> None:
+        """A battery board went to sleep until about `until` (it says so before it disconnects)."""
+        store.set_asleep(db, device, until)
+        self.mirror(db, "device", {"device": device, "asleep_until": until})
 
     def meta(self, db: Database, device: str, meta: dict[str, Any], now: float) -> None:
         store.record_meta(db, device, meta, now)

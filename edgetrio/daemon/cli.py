@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from edgetrio import wire
-from edgetrio.common_cli import desired_patch, print_readings, print_twin, readings_options, user_commands
+from edgetrio.common_cli import desired_patch, log_line, print_readings, print_twin, readings_options, user_commands
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -55,6 +55,8 @@ from edgetrio.models import load_model_file
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 from edgetrio.writer import offline_write
+
+WAKE_GRACE_S = 60  # past its announced wake by this much: a sleeping board is shown as having missed it
 
 COMMANDS = Commands()
 DATA_HELP = "the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)"
@@ -112,6 +114,12 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
             return offline(db)
     except (RegistryError, VersionConflict, RuleError) as exc:
         raise CliError(str(exc)) from exc
+
+
+def asleep(device: dict[str, Any], now: float | None = None) -> bool:
+    """A battery board asleep: it said when it wakes next, and that is not long past (a wake takes a few seconds)."""
+    until = device.get("asleep_until")
+    return until is not None and not device.get("online") and (now or time.time()) < until + WAKE_GRACE_S
 
 
 def gateway_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offline: Callable[[Any], Any]) -> Any:
@@ -231,7 +239,7 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         print(f"{'DEVICE':<20} {'MODEL':<{width}} {'FIRMWARE':<{fw_width}} {'STATE':<8} {'LAST SEEN':<20} {'READINGS':>8}  "
               "REFUSED (1 h)")
         for d in devices:
-            state = "online" if d["online"] else "offline"
+            state = "online" if d["online"] else "asleep" if asleep(d) else "offline"
             model = d["model"] or (f"{d['announced_model']}*" if d.get("announced_model") else "-")
             refused = d["refused"]["count"] if d["refused"] else 0
             print(f"{d['id']:<20} {model:<{width}} {firmware_of(d['meta'] or {}):<{fw_width}} {state:<8} "
@@ -239,6 +247,10 @@ def cmd_device_list(args: argparse.Namespace) -> None:
                   f"{refused}{' !' if d['refused'] and d['refused']['readings_refused'] else ''}")
         if any(d.get("announced_model") and not d["model"] for d in devices):
             print("* as the device announced it (no model registered)")
+        for d in devices:
+            if not d["online"] and d.get("asleep_until"):
+                print(f"~ {d['id']}: " + (f"asleep, next wake ~{fmt_time(d['asleep_until'])}" if asleep(d) else
+                                          f"missed its wake at ~{fmt_time(d['asleep_until'])} (battery? out of range?)"))
         for d in devices:
             if d["model_lacks"]:
                 print(f"! {d['id']}: the board announces {', '.join(d['model_lacks'])}, which its model "
@@ -358,6 +370,10 @@ def cmd_cmd(args: argparse.Namespace) -> None:
                                              "args": parse_assignments(args.assignments), "timeout": args.timeout},
                                      timeout=args.timeout + 10)
     except ControlError as exc:
+        if exc.code == "held":  # a sleeping board gets it at its next wake: accepted, not failed
+            held = str(exc)
+            emit(args, {"held": True, "message": held}, lambda: print(held))
+            return
         raise CliError(str(exc)) from exc
 
     def human() -> None:
@@ -428,19 +444,7 @@ def cmd_logs(args: argparse.Namespace) -> None:
     if store.get_device(db, args.id) is None and not store.device_logs(db, args.id, limit=1):
         raise CliError(f"unknown device {args.id!r} (see `edgetrio device list`)")
 
-    def line(row: dict[str, Any]) -> str:
-        body = row["body"]
-        if row["kind"] == "status":
-            text = f"[status] {body}"
-        elif row["kind"] == "ota" and isinstance(body, dict):
-            text = (f"[firmware update] bundle {wire.clip(str(body.get('bundle'))[:12])} {wire.clip(body.get('state'), 20)}"
-                    + (f": {wire.clip(body['reason'], 300)}" if body.get("reason") else ""))
-        elif isinstance(body, dict):  # what a board says: clipped, and no escape codes on a terminal
-            text = f"[{wire.clip(body.get('level', 'info'), 10)}] {wire.clip(body.get('message', json.dumps(body)), 2000)}"
-        else:
-            text = wire.clip(body, 2000)
-        return f"{fmt_time(row['ts'])}  {text}"
-
+    line = log_line
     rows = store.device_logs(db, args.id, since=since, limit=args.limit)
     last = rows[-1]["id"] if rows else 0
     def human() -> None:

@@ -43,16 +43,18 @@ class Commands:
         """Send a command and wait for its result; raises UnknownDevice, or CommandFailed (offline, timeout)."""
         if device not in self.roster:
             raise store.UnknownDevice(device)
-        if not self.roster.online(device):
+        wakes = None if self.roster.online(device) else self.roster.asleep.get(device)
+        if not self.roster.online(device) and wakes is None:
             raise CommandFailed("offline", f"device {device!r} is not connected")
         cmd_id = uuid.uuid4().hex[:16]
         await self.writer.write(partial(store.record_command, cmd_id=cmd_id, device_id=device, name=name, args=args,
-                                        now=time.time()))
+                                        now=time.time(), status="sent" if wakes is None else "held"))
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[cmd_id] = (device, send)
         try:
-            self.link.publish([(device_topic(device, "cmd"),
-                                json.dumps({"id": cmd_id, "name": name, "args": args}).encode())])
+            if wakes is None:
+                self.link.publish([command_message(device, cmd_id, name, args)])
+            # else held: sent when the board, awake again, subscribes to its commands (`release`)
             with trio.move_on_after(timeout):
                 result = await receive.receive()
                 status = "ok" if result.get("ok") else "error"
@@ -61,9 +63,19 @@ class Commands:
                 return result
         finally:
             del self._waiting[cmd_id]
+        if wakes is not None:  # still held (or sent at a wake and not answered yet): its result is recorded when it comes
+            wake = time.strftime("%H:%M:%S", time.localtime(wakes))
+            raise CommandFailed("held", f"device {device!r} is asleep (next wake ~{wake}): command {name!r} is held "
+                                        f"for its next wake; its result is recorded then (command id {cmd_id})")
         await self.writer.write(partial(store.finish_command, cmd_id=cmd_id, status="timeout", result=None,
                                         now=time.time()))
         raise CommandFailed("timeout", f"device {device!r} did not answer command {name!r} within {timeout:g} s")
+
+    def release(self, device: str, held: list[dict[str, Any]]) -> None:
+        """A sleeping board woke and listens for commands: what was held for it goes out now."""
+        if held:
+            log.info("sending %d held commands to device=%s", len(held), device)
+            self.link.publish([command_message(device, c["id"], c["name"], c["args"]) for c in held])
 
     def deliver(self, device: str, cmd_id: str, body: dict[str, Any]) -> bool:
         """Hand a result to the command waiting for it; False when none waits (a late result)."""
@@ -73,6 +85,10 @@ class Commands:
         with contextlib.suppress(trio.WouldBlock):  # a repeated result: the first one counts
             waiter[1].send_nowait(body)
         return True
+
+
+def command_message(device: str, cmd_id: str, name: str, args: dict[str, Any]) -> tuple[str, bytes]:
+    return device_topic(device, "cmd"), json.dumps({"id": cmd_id, "name": name, "args": args}).encode()
 
 
 def record_late_result(db: Database, cmd_id: str, body: dict[str, Any], now: float) -> None:

@@ -4,6 +4,8 @@ the roster reloaded, a command dispatched) runs after it."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +17,11 @@ import trio
 from sqlite_utils import Database
 
 from edgetrio import wire
+from edgetrio.bundles import stage
 from edgetrio.daemon import store
 from edgetrio.daemon.alerts import ack_alert
 from edgetrio.daemon.commands import CommandFailed
+from edgetrio.daemon.ota import CONFIRM_S, UpdateError, Updates, save_update
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.rulestore import apply_rule_set
 from edgetrio.daemon.topics import desired_message
@@ -47,7 +51,10 @@ class Down:
             "alert_ack": (self._alert_ack, self._nothing),
             "rules": (self._rules, self._rules_applied),
             "cmd": (self._cmd, self._dispatch),
+            "bundle": (self._bundle, self._nothing),
+            "ota": (self._ota, self._start_update),
         }
+        self.updates: Updates | None = None  # set once the gateway has its firmware updates
 
     async def apply(self, message_id: str, resource: str, body: Body) -> Result:
         """Apply one message in one transaction, once: a repeated id returns the first result.
@@ -63,7 +70,7 @@ class Down:
             try:
                 with db.atomic():
                     result = change(db, body)
-            except (RegistryError, VersionConflict, KeyError, TypeError, ValueError) as exc:
+            except (RegistryError, VersionConflict, KeyError, TypeError, ValueError, binascii.Error, OSError) as exc:
                 result = {"ok": False, "error": str(exc) or type(exc).__name__}
             store.inbox_record(db, message_id, result, now)
             return True, result
@@ -105,6 +112,31 @@ class Down:
             raise store.UnknownDevice(str(body.get("device")))
         return {"ok": True, "dispatched": True}
 
+    def _bundle(self, _db: Database, body: Body) -> Result:  # a rollout's bundle, before its boards' updates
+        if self.updates is None:
+            raise ValueError("this gateway does not take firmware updates")
+        files = body["files"]
+        if not isinstance(files, dict) or len(files) > 200:
+            raise ValueError("files: an object of up to 200 names and their base64 bytes")
+        contents = {str(name): base64.b64decode(str(data), validate=True) for name, data in files.items()}
+        ident = stage(self.updates.folder, contents)  # checked: names, the modules every update needs
+        if ident != body.get("id"):
+            raise ValueError(f"the bundle's files are bundle {ident[:12]}, not {wire.clip(body.get('id'), 64)}")
+        return {"ok": True, "bundle": ident}
+
+    def _ota(self, db: Database, body: Body) -> Result:
+        """A rollout's update of one board: checked, and kept as a row in this transaction (so a restart before it
+        starts still starts it: the row is loaded); started once committed."""
+        if self.updates is None:
+            raise ValueError("this gateway does not take firmware updates")
+        device = str(body["device"])
+        if body.get("cancel"):
+            return {"ok": True, "cancel": True}
+        update = self.updates.check(device, str(body["bundle"]), int(body.get("confirm_s") or CONFIRM_S))
+        if update is not None:
+            save_update(db, update.row())
+        return {"ok": True}
+
     # -- what follows each, once committed ------------------------------------------------------------------------
 
     async def _nothing(self, _body: Body, result: Result) -> Result:
@@ -128,6 +160,17 @@ class Down:
             # what the edge made of the set goes back with the confirmation: rules left out or applied in part
             return {**result, "problems": await self.rules_changed()}
         return result
+
+    async def _start_update(self, body: Body, result: Result) -> Result:
+        assert self.updates is not None
+        device = str(body["device"])
+        try:
+            if result.get("cancel"):
+                return {"ok": True, "update": self.updates.cancel(device)}
+            update = await self.updates.start(device, str(body["bundle"]), int(body.get("confirm_s") or CONFIRM_S))
+        except (UpdateError, store.UnknownDevice) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "state": update["state"]}
 
     async def _dispatch(self, body: Body, result: Result) -> Result:
         self._commands_running.start_soon(self._command, body)

@@ -280,6 +280,7 @@ async def open_gateway(cfg: DaemonConfig) -> AsyncIterator[Gateway]:
                 async with open_down(parts) as down:
                     gateway = make_components(cfg, parts, credentials, supervisor, down)
                     down.rules_changed = gateway.automation.reload
+                    down.updates = gateway.updates
 
                     async def ingest_until_drained() -> None:
                         await supervisor.keep("ingest", gateway.ingest.run, vital=True)

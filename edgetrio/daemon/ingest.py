@@ -47,6 +47,7 @@ from edgetrio.twin import Twin
 log = logging.getLogger("edgetrio.ingest")
 Sorted = tuple[list[Reading], list[tuple[Reading, str]], float]  # readings, refused ones, oldest arrival
 MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest waits and the broker refuses
+MAX_SLEEP_S = 7 * 86400  # the longest sleep a board may announce
 COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
 
 
@@ -311,6 +312,10 @@ class Ingest:
         if is_device_user(event.username):
             if topic_matches(event.topic, device_topic(event.client_id, "time")):
                 self.link.publish([time_message(event.client_id, now)])  # a board's clock starts unset
+            if topic_matches(event.topic, device_topic(event.client_id, "cmd")):  # listening: what was held for it
+                device = event.client_id
+                self._write(partial(store.take_held, device_id=device, now=now),
+                            lambda held: self.commands.release(device, held))
             if topic_matches(event.topic, device_topic(event.client_id, "twin/desired")):
                 self._write(partial(store.get_twin, device_id=event.client_id),
                             lambda twin: self.link.publish([desired_message(event.client_id, twin)]))
@@ -420,4 +425,10 @@ class Ingest:
 
     def _note(self, device: str, event: BusEvent, now: float) -> None:  # log and status lines, kept as events
         channel = event.topic.rsplit("/", 1)[1]
-        self._write(partial(self.changes.event, device=device, kind=channel, body=parse_note(event.payload), now=now))
+        body = parse_note(event.payload)
+        self._write(partial(self.changes.event, device=device, kind=channel, body=body, now=now))
+        wake_in = body.get("wake_in") if isinstance(body, dict) and body.get("state") == "asleep" else None
+        if channel == "status" and isinstance(wake_in, int | float) and not isinstance(wake_in, bool) \
+                and 0 < wake_in <= MAX_SLEEP_S:  # a battery board going to sleep: when it wakes next
+            self.roster.asleep[device] = now + wake_in
+            self._write(partial(self.changes.asleep, device=device, until=now + wake_in))

@@ -14,10 +14,8 @@ device to sending on its own channels).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ import trio
 from sqlite_utils import Database
 
 from edgetrio import wire
+from edgetrio.bundles import BundleError, bundle_files, bundle_id, manifest
 from edgetrio.daemon import store
 from edgetrio.daemon.ingest import Watch
 from edgetrio.daemon.parts import Parts
@@ -46,42 +45,8 @@ CONFIRM_S = 300  # how long a board runs a new bundle without an acknowledged re
 DONE = frozenset({"confirmed", "failed", "rolled back", "cancelled"})
 
 
-class UpdateError(ValueError):
+class UpdateError(BundleError):
     """An update that cannot start (no such bundle, a device not registered, one already running)."""
-
-
-FILE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}\.mpy")
-# a bundle without these could not start, or could never be updated over the air again
-REQUIRED = ("node.mpy", "ota.mpy", "trial.mpy")
-
-
-def bundle_files(lib: Path) -> list[list[Any]]:
-    """The .mpy files of a bundle's lib folder as a board checks them: [name, size, sha256], sorted by name;
-    UpdateError for a name a board's import cannot take, a link, or a module every update needs missing."""
-    files = []
-    for p in sorted(lib.glob("*.mpy")):
-        if not FILE_NAME.fullmatch(p.name):
-            raise UpdateError(f"{p}: a module's name is letters, digits and _ (up to 40), then .mpy")
-        if p.is_symlink() or not p.is_file():
-            raise UpdateError(f"{p}: not a plain file (a link is not sent)")
-        files.append([p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()])
-    names = {name for name, _, _ in files}
-    missing = [name for name in REQUIRED if name not in names]
-    if missing:
-        raise UpdateError(f"{lib}: no {', '.join(missing)}: not a whole firmware bundle (what `edgetrio flash --out "
-                          f"DIR` writes); without ota.mpy and trial.mpy a board could not be updated over the air "
-                          "again")
-    return files
-
-
-def manifest(files: list[list[Any]]) -> bytes:
-    """A bundle's manifest, the first file a board receives: its files' 'name size sha256' lines, sorted."""
-    return "".join(f"{n} {s} {h}\n" for n, s, h in sorted(files)).encode()
-
-
-def bundle_id(files: list[list[Any]]) -> str:
-    """A bundle's id: the sha256 of its manifest (a board checks the manifest against it, then each file)."""
-    return hashlib.sha256(manifest(files)).hexdigest()
 
 
 def prune_bundles(folder: Path, keep: set[str], now: float, max_age: float = BUNDLE_KEEP_S) -> list[str]:
@@ -150,6 +115,7 @@ class Updates(Watch):
 
     def __init__(self, parts: Parts, data_dir: Path) -> None:
         self.link, self.writer, self.roster = parts.link, parts.writer, parts.roster
+        self.mirror = parts.changes.mirror
         self.folder = data_dir / BUNDLES
         self.updates: dict[str, Update] = {}
         self._bundles: dict[str, tuple[list[list[Any]], list[bytes]]] = {}
@@ -188,7 +154,8 @@ class Updates(Watch):
                                      [manifest(files), *[(lib / name).read_bytes() for name, _, _ in files]])
         return self._bundles[bundle]
 
-    async def start(self, device: str, bundle: str, confirm_s: int = CONFIRM_S) -> dict[str, Any]:
+    def check(self, device: str, bundle: str, confirm_s: int = CONFIRM_S) -> Update | None:
+        """The update `start` would begin (None: this one is in progress already); UpdateError if it cannot."""
         if device not in self.roster:
             raise store.UnknownDevice(device)
         if device in self.link.sinks:  # attached by a serial line
@@ -198,14 +165,19 @@ class Updates(Watch):
         current = self.updates.get(device)
         if current is not None and current.state not in DONE:
             if current.bundle == bundle:
-                return current.view()  # asked again (a CLI that reconnected): the same update goes on
+                return None  # asked again (a CLI that reconnected): the same update goes on
             raise UpdateError(f"{device} is being updated to bundle {current.bundle[:12]} ({current.state}): "
                               f"wait for it or `edgetrio ota {device} --cancel`")
         if not 30 <= confirm_s <= 86400:
             raise UpdateError("confirm_s: 30 to 86400 seconds")
-        update = Update(device, bundle, sum(size for _, size, _ in files[1:]), confirm_s=confirm_s)
+        return Update(device, bundle, sum(size for _, size, _ in files[1:]), confirm_s=confirm_s)
+
+    async def start(self, device: str, bundle: str, confirm_s: int = CONFIRM_S) -> dict[str, Any]:
+        update = self.check(device, bundle, confirm_s)
+        if update is None:
+            return self.updates[device].view()
         self.updates[device] = update
-        await self.writer.write(partial(save_update, row=update.row()))
+        await self.writer.write(partial(self._store_row, row=update.row()))
         log.info("firmware update queued device=%s bundle=%s bytes=%d", device, bundle[:12], update.total)
         online = self.roster.online(device)
         if online:
@@ -343,4 +315,8 @@ class Updates(Watch):
 
     async def _store_rows(self) -> None:
         async for row in self._rows:
-            await self.writer.write(partial(save_update, row=row))
+            await self.writer.write(partial(self._store_row, row=row))
+
+    def _store_row(self, db: Database, row: dict[str, Any]) -> None:
+        save_update(db, row)
+        self.mirror(db, "ota", row)  # to the relay, when linked: a rollout follows its boards by these

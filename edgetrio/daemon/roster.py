@@ -30,6 +30,9 @@ class Roster:
         self.models: dict[str, Model | None] = store.device_models(db)
         # a device may hold two connections for a moment: the will of a replaced one arrives after the new birth
         self.connections: Counter[str] = Counter()
+        # battery boards asleep, and until about when (they say so before they sleep; a connection clears it)
+        self.asleep: dict[str, float] = {r[0]: r[1] for r in db.execute(
+            "SELECT id, asleep_until FROM devices WHERE asleep_until IS NOT NULL")}
         # presence left over from a previous run that ended abruptly
         db.execute("UPDATE devices SET online = 0 WHERE online = 1")
         db.conn.commit()
@@ -46,6 +49,7 @@ class Roster:
     def connection_opened(self, device: str) -> bool:
         """Count a connection; True when the device just came online."""
         self.connections[device] += 1
+        self.asleep.pop(device, None)
         return self.connections[device] == 1 and device in self.models
 
     def connection_closed(self, device: str) -> bool:

@@ -107,6 +107,8 @@ def _create_schema(db: Database) -> None:
         # notifications waiting to be sent
         db.table("automations").create({"name": str, "kind": str, "source": str, "body": str, "added": float},
                                        pk="name", if_not_exists=True)
+        if "asleep_until" not in db.table("devices").columns_dict:  # a battery board's next wake, said as it sleeps
+            db.table("devices").add_column("asleep_until", float)
         if "problem" not in db.table("automations").columns_dict:  # why the daemon left it out at its last load
             db.table("automations").add_column("problem", str)
         db.table("rule_sets").create({"source": str, "version": int}, pk="source", if_not_exists=True)
@@ -219,7 +221,8 @@ def get_device(db: Database, device_id: str) -> dict[str, Any] | None:
 
 def list_devices(db: Database) -> list[dict[str, Any]]:
     out = []
-    for row in db.query("SELECT id, model, online, last_seen, last_connect, meta FROM devices ORDER BY id"):
+    for row in db.query("SELECT id, model, online, last_seen, last_connect, meta, asleep_until FROM devices "
+                        "ORDER BY id"):
         row["online"] = bool(row["online"])
         row["meta"] = json.loads(row["meta"]) if row["meta"] else None
         out.append(row)
@@ -311,7 +314,12 @@ def set_presence(db: Database, device_id: str, online: bool, now: float) -> None
     fields: dict[str, Any] = {"online": int(online), "last_seen": now}
     if online:
         fields["last_connect"] = now
+        fields["asleep_until"] = None  # awake
     db.table("devices").update(device_id, fields)
+
+
+def set_asleep(db: Database, device_id: str, until: float) -> None:
+    db.table("devices").update(device_id, {"asleep_until": until})
 
 
 def record_meta(db: Database, device_id: str, meta: dict[str, Any], now: float) -> None:
@@ -493,9 +501,18 @@ def save_twin(db: Database, device_id: str, twin: Twin) -> None:
 
 # -- commands and counters -------------------------------------------------------------------------------------------
 
-def record_command(db: Database, cmd_id: str, device_id: str, name: str, args: dict[str, Any], now: float) -> None:
+def record_command(db: Database, cmd_id: str, device_id: str, name: str, args: dict[str, Any], now: float,
+                   status: str = "sent") -> None:
     db.table("commands").insert({"id": cmd_id, "device": device_id, "name": name, "args": json.dumps(args), "sent": now,
-                           "status": "sent", "result": None, "finished": None})
+                           "status": status, "result": None, "finished": None})
+
+
+def take_held(db: Database, device_id: str, now: float) -> list[dict[str, Any]]:
+    """The commands held for a sleeping device, oldest first, marked sent (it is awake and listening now)."""
+    rows = [{"id": r["id"], "name": r["name"], "args": json.loads(r["args"])} for r in db.query(
+        "SELECT id, name, args FROM commands WHERE device = ? AND status = 'held' ORDER BY sent", [device_id])]
+    db.execute("UPDATE commands SET status = 'sent', sent = ? WHERE device = ? AND status = 'held'", [now, device_id])
+    return rows
 
 
 def finish_command(db: Database, cmd_id: str, status: str, result: Any, now: float) -> bool:

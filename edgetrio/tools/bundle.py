@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgetrio.bundles import bundle_id
 from edgetrio.tools.boards import Board, reference_board
 
 PACKAGE = Path(__file__).resolve().parents[1]  # edgetrio/
@@ -64,34 +65,23 @@ def build_bundle(out: Path) -> Path:
 
 
 def device_config(device_id: str, password: str, period: float | None = None, buffer: int = 500,
-                  forced: bool = False, board: Board | None = None) -> dict[str, Any]:
+                  forced: bool = False, board: Board | None = None, battery: int | None = None) -> dict[str, Any]:
     """A board's config.json: its identity and credential, its gateway, and its components (those of the board file,
-    else the reference board: a BME280 on I2C 21/22, an analog input on 34, the chip's temperature)."""
-    described = board or reference_board(forced)
+    else the reference board: a BME280 on I2C 21/22, an analog input on 34, the chip's temperature). `battery`: deep
+    sleep between readings, connecting every `battery` readings (docs/firmware.md, "Battery mode")."""
+    described = board or reference_board(forced or bool(battery))
     config = {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
               "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "buffer": buffer,
               **described.config()}
     if period is not None:  # given on the command line: it wins over the board file's
         config["period"] = period
+    if battery:
+        config["battery"] = {"send_every": battery}
     return config
-
-
-def bundle_files(bundle: Path) -> list[list[Any]]:
-    """The files of a bundle's lib/ as a board checks them: [name, size, sha256], sorted by name."""
-    lib = bundle / "lib"
-    if not lib.is_dir():
-        raise RuntimeError(f"{bundle}: no lib/ folder (a bundle is what `edgetrio flash --out DIR` writes)")
-    files = [[p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(lib.glob("*.mpy"))]
-    if not any(name == "node.mpy" for name, _, _ in files):
-        raise RuntimeError(f"{bundle}: lib/ has no node.mpy: not a firmware bundle")
-    return files
-
-
-def bundle_id(files: list[list[Any]]) -> str:
-    """A bundle's id: the sha256 of its sorted 'name size sha256' lines (firmware/lib/ota.py computes the same)."""
-    return hashlib.sha256("".join(f"{n} {s} {h}\n" for n, s, h in sorted(files)).encode()).hexdigest()
 
 
 def firmware_record(bundle: Path) -> str:
     """firmware.json for a board just flashed with `bundle`: lib/ runs, and which bundle that is."""
-    return json.dumps({"active": "lib", "bundle": bundle_id(bundle_files(bundle))})
+    lib = bundle / "lib"  # as it is, checked or not: the record says what the board runs
+    files = [[p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(lib.glob("*.mpy"))]
+    return json.dumps({"active": "lib", "bundle": bundle_id(files)})

@@ -59,9 +59,11 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
     arg("--forced", action="store_true",
         help="run the sensor in forced mode, one measurement per reading, as battery boards do"),
     arg("--uart", type=Path, metavar="PATH",
-        help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)"))
+        help="use the serial transport on this pty (one end of a socat pair; the daemon gets the other)"),
+    arg("--battery", type=int, metavar="N",
+        help="battery mode: deep sleep between readings (one per period), connecting every N readings"))
 def cmd_vdev(args: argparse.Namespace) -> None:
-    require_positive(count=args.count, period=args.period, buffer=args.buffer)
+    require_positive(count=args.count, period=args.period, buffer=args.buffer, battery=args.battery)
     try:
         require_device_tools(virtual=True)
     except RuntimeError as exc:
@@ -76,7 +78,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
         heap = args.heap or ("200K" if board else "128K")
         period = args.period if args.period is not None else board.period if board else 5.0
         main_vdev(args.data_dir, args.count, args.prefix, period, heap, args.repl_pty, args.blank, args.uart,
-                  args.buffer, args.sensor, args.forced, board)
+                  args.buffer, args.sensor, args.forced, board, args.battery)
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -115,9 +117,30 @@ def cmd_flash(args: argparse.Namespace) -> None:
 
 
 @COMMANDS.command(
+    "bundle", "write this edgetrio's firmware as a bundle (OUT/lib/*.mpy), for `ota --bundle` and `cloud rollout`",
+    arg("out", type=Path, metavar="OUT", help="a new (or empty) folder"), *JSON)
+def cmd_bundle(args: argparse.Namespace) -> None:
+    from edgetrio.bundles import bundle_files, bundle_id
+    from edgetrio.tools.bundle import build_bundle
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CliError(f"{args.out} exists and is not an empty folder: give a new one", EXIT_USAGE)
+    try:
+        require_device_tools()
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    build_bundle(args.out)
+    files = bundle_files(args.out / "lib")
+    made = {"bundle": bundle_id(files), "files": len(files), "bytes": sum(size for _, size, _ in files),
+            "path": str(args.out)}
+    emit(args, made, lambda: print(f"bundle {made['bundle'][:12]} ({made['files']} files, {made['bytes']:,} bytes) "
+                                   f"in {args.out}"))
+
+
+@COMMANDS.command(
     "ota", "update a board's firmware over the air, through the running gateway", LOCAL, arg("id"),
     arg("--bundle", type=Path, metavar="DIR",
-        help="a bundle `edgetrio flash --out DIR` wrote (its lib/*.mpy); default: this edgetrio's firmware"),
+        help="a bundle folder `edgetrio bundle DIR` wrote (its lib/*.mpy); default: this edgetrio's firmware"),
     arg("--status", action="store_true", help="show the board's last update and return"),
     arg("--cancel", action="store_true", help="stop sending an update (the same bundle later resumes where it was)"),
     arg("--no-wait", action="store_true", help="start the update and return; follow it with --status"),

@@ -1,23 +1,22 @@
 """`edgetrio ota ID`: update a board's firmware over the air through the running gateway, with progress.
 
-The bundle (built from this edgetrio's firmware, or one `edgetrio flash --out DIR` wrote) is put into the gateway's
+The bundle (built from this edgetrio's firmware, or one `edgetrio bundle DIR` wrote) is put into the gateway's
 data dir under its id; the gateway sends it (edgetrio/daemon/ota.py) and this follows it to the board's confirmation.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from edgetrio.bundles import BundleError, files_of, read_bundle, stage
 from edgetrio.daemon.config import ConfigError
 from edgetrio.daemon.control import ControlClient, ControlError
-from edgetrio.daemon.ota import BUNDLES, DONE, UpdateError, bundle_files, bundle_id
+from edgetrio.daemon.ota import BUNDLES, DONE
 from edgetrio.tools.bundle import build_bundle, require_device_tools
 
 
@@ -34,33 +33,14 @@ def stage_bundle(data_dir: Path, bundle: Path | None) -> tuple[str, list[list[An
             except RuntimeError as exc:
                 raise OtaError(str(exc)) from exc
             bundle = build_bundle(Path(tmp) / "bundle")
-        lib = bundle / "lib"
-        if not lib.is_dir():
-            raise OtaError(f"{bundle}: no lib/ folder (a bundle is what `edgetrio flash --out DIR` writes)")
+        if not (bundle / "lib").is_dir():
+            raise OtaError(f"{bundle}: no lib/ folder (a bundle is what `edgetrio bundle DIR` writes)")
         try:
-            files = bundle_files(lib)
-        except UpdateError as exc:
+            contents = read_bundle(bundle)
+            ident = stage(data_dir / BUNDLES, contents)
+        except BundleError as exc:
             raise OtaError(str(exc)) from exc
-        ident = bundle_id(files)
-        target = data_dir / BUNDLES / ident
-        if target.is_dir() and not intact(target, ident):
-            shutil.rmtree(target)  # a stored copy changed since: this one replaces it
-        if not target.is_dir():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-            for name, _, _ in files:
-                shutil.copyfile(lib / name, staging / name)
-                (staging / name).chmod(0o600)  # as the rest of the data dir
-            staging.rename(target)
-        os.utime(target)  # used now: kept a day from now (the daemon prunes unused ones)
-    return ident, files
-
-
-def intact(folder: Path, ident: str) -> bool:
-    try:
-        return bundle_id(bundle_files(folder)) == ident
-    except (UpdateError, OSError):
-        return False
+    return ident, files_of(contents, str(bundle))
 
 
 def progress_line(update: dict[str, Any], began: float) -> str:

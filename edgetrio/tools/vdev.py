@@ -442,7 +442,7 @@ class VirtualDevice:
 
 async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
                     blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
-                    forced: bool = False, board: Board | None = None,
+                    forced: bool = False, board: Board | None = None, battery: int | None = None,
                     *, task_status: trio.TaskStatus[list[VirtualDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Register (if needed), flash and run `count` virtual devices against the daemon in data_dir, until cancelled.
 
@@ -493,7 +493,7 @@ async def run_vdevs(data_dir: Path, count: int, prefix: str, period: float, heap
                     raise RuntimeError(f"cannot register {device_id}: {exc}") from exc
             device = VirtualDevice(device_id, flash, (str(info["mqtt_host"]), int(info["mqtt_port"])), heap,
                                    ReplPort(repl_pty) if repl_pty else None, sim)
-            config = device_config(device_id, str(password), period, buffer, forced, board)
+            config = device_config(device_id, str(password), period, buffer, forced, board, battery)
             if board is not None:
                 try:
                     print(register_model(data_dir, device_id, board), flush=True)
@@ -524,12 +524,12 @@ def fit_parts(flash: Path, board: Board | None) -> None:
 
 def main_vdev(data_dir: Path, count: int, prefix: str, period: float, heap: str, repl_pty: Path | None = None,
               blank: bool = False, uart: Path | None = None, buffer: int = 500, sensor: str = "bme280",
-              forced: bool = False, board: Board | None = None) -> None:
+              forced: bool = False, board: Board | None = None, battery: int | None = None) -> None:
     """Run virtual boards (the real firmware on the unix port) against the daemon until Ctrl-C."""
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             devices = await nursery.start(run_vdevs, data_dir, count, prefix, period, heap, repl_pty, blank, uart,
-                                          buffer, sensor, forced, board)
+                                          buffer, sensor, forced, board, battery)
             if repl_pty is not None:
                 print(f"{devices[0].id}: REPL on {repl_pty} (mpremote connect {repl_pty} ...)", flush=True)
             if blank:

@@ -71,8 +71,9 @@ function showLogin(message) {
 
 async function fleet() {
   setCrumbs({ text: "fleet" });
-  const [nodes, devices, alerts] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices"),
-                                                     api("GET", "/api/alerts")]);
+  const [nodes, devices, alerts, rollouts] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/devices"),
+                                                               api("GET", "/api/alerts"),
+                                                               api("GET", "/api/rollouts").catch(() => [])]);  // none on a gateway
   const online = devices.filter((d) => d.online).length;
   main().replaceChildren(
     el("h2", {}, "Alerts"), alertTable(alerts),
@@ -90,8 +91,44 @@ async function fleet() {
          el("td", {}, ago(n.last_seen))); }))),
     el("h2", {}, "Devices"), deviceTable(devices),
     devices.length >= 500 ? el("p", { class: "muted", id: "devices-more" },
-                               "The first 500 devices; a node's page lists its own.") : "");
-  follow({ kinds: "node,device,alert" }, () => route());
+                               "The first 500 devices; a node's page lists its own.") : "",
+    el("h2", {}, "Firmware rollouts"), rolloutTable(rollouts));
+  follow({ kinds: "node,device,alert,ota" }, () => route());
+}
+
+// firmware rollouts, newest first (edgetrio cloud rollout create)
+function rolloutTable(rollouts) {
+  if (!rollouts.length) return el("p", { id: "rollouts", class: "quiet" }, "No rollouts.");
+  return el("div", { class: "scroll" }, el("table", { id: "rollouts" },
+    el("tr", {}, ["rollout", "state", "bundle", "confirmed", "failed", "wave", "started"].map((h) => el("th", {}, h))),
+    rollouts.map((r) => el("tr", { "data-rollout": r.id },
+      el("td", {}, el("a", { href: `#/rollout/${encodeURIComponent(r.id)}` }, r.id)),
+      el("td", { class: `rollout-${r.state}` }, r.state), el("td", {}, r.bundle.slice(0, 12)),
+      el("td", {}, `${r.confirmed} / ${r.total}`), el("td", {}, r.failed),
+      el("td", {}, `${r.wave + 1} of ${r.waves.length}`), el("td", {}, ago(r.created))))));
+}
+
+// one rollout: its waves and each board's state, live; pause, resume and abort for an admin
+async function rollout(id) {
+  setCrumbs({ text: "fleet", href: "#/" }, { text: `rollout ${id}` });
+  const r = await api("GET", `/api/rollouts/${encodeURIComponent(id)}`);
+  const act = (action) => el("button", { class: `rollout-${action}`, onclick: async () => {
+    await api("POST", `/api/rollouts/${encodeURIComponent(id)}/${action}`); route(); } }, action);
+  const actions = !isAdmin() ? [] : r.state === "running" ? [act("pause"), act("abort")]
+    : ["paused", "halted"].includes(r.state) ? [act("resume"), act("abort")] : [];
+  main().replaceChildren(
+    el("h2", {}, `Rollout ${id}`),
+    el("div", { class: "panel row", id: "rollout-summary" },
+       el("strong", { class: `rollout-${r.state}` }, r.state), r.reason ? ` (${r.reason})` : "",
+       ` · bundle ${r.bundle.slice(0, 12)} · ${r.confirmed} of ${r.total} confirmed, ${r.failed} failed (halts past `,
+       `${r.max_failures}) · wave ${r.wave + 1} of ${r.waves.length} (${r.waves.join(", ")})`, ...actions),
+    el("div", { class: "scroll" }, el("table", { id: "rollout-boards" },
+      el("tr", {}, ["wave", "node", "device", "state", "detail"].map((h) => el("th", {}, h))),
+      r.boards.map((b) => el("tr", { "data-device": b.device },
+        el("td", {}, b.wave + 1), el("td", {}, b.node),
+        el("td", {}, el("a", { href: `#/device/${encodeURIComponent(b.node)}/${encodeURIComponent(b.device)}` }, b.device)),
+        el("td", { class: `board-${b.state.replace(" ", "-")}` }, b.state), el("td", {}, b.detail || ""))))));
+  follow({ kinds: "ota" }, () => route());
 }
 
 // open alerts (and resolved ones not yet acknowledged), newest first
@@ -165,7 +202,7 @@ function follow(filter, onChange, onReading) {
   const source = new EventSource(`/api/stream${query ? "?" + query : ""}`);
   let pending = null;
   const later = () => { if (!pending) pending = setTimeout(() => { pending = null; onChange(); }, 1000); };
-  for (const type of ["node", "device", "twin", "alert"]) source.addEventListener(type, later);
+  for (const type of ["node", "device", "twin", "alert", "ota"]) source.addEventListener(type, later);
   source.addEventListener("readings", (event) => { for (const r of JSON.parse(event.data).readings) onReading(r); });
   state.stream = source;
 }
@@ -364,6 +401,7 @@ async function route() {
   try {
     if (parts[0] === "node" && parts[1]) await node(parts[1]);
     else if (parts[0] === "device" && parts[2]) await device(parts[1], parts[2]);
+    else if (parts[0] === "rollout" && parts[1]) await rollout(parts[1]);
     else await fleet();
   } catch (e) {
     if (e.message !== "401") main().replaceChildren(el("p", { class: "error", id: "page-error" }, e.message));

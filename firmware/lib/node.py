@@ -102,13 +102,29 @@ class Node:
         self.version = VERSION
         self.ota = None  # the update being received, made at the first `ota` message
         self.batch = max(1, min(100, cfg.get("batch", 10)))  # readings per telemetry message when catching up
+        self.woke = time.ticks_ms()
+        self.heard = time.ticks_ms()  # the last message from the gateway
+        self.running = 0  # commands and desired changes being applied
 
     def save_state(self):
         save_json(STATE_FILE, self.state)
 
     # -- messages from the gateway --------------------------------------------------------------------------------
 
+    def run_task(self, coro):
+        """Run a message's work beside the session, counted while it runs (a battery board sleeps only after)."""
+        self.running += 1
+
+        async def counted():
+            try:
+                await coro
+            finally:
+                self.running -= 1
+
+        asyncio.create_task(counted())
+
     def on_message(self, topic, payload):
+        self.heard = time.ticks_ms()
         channel = topic[len(self.root):]
         if channel == "ota":  # a JSON header line, then raw bytes; ota.py is imported only for an update
             fw = self.firmware
@@ -141,11 +157,11 @@ class Node:
         elif channel == "time":
             self.clock.set(body.get("unix_ms"))
         elif channel == "twin/desired":
-            asyncio.create_task(self.apply_desired(body.get("state") or {}))
+            self.run_task(self.apply_desired(body.get("state") or {}))
         elif channel == "cmd":
             from commands import command  # imported at the first command: a board that gets none saves the heap
 
-            asyncio.create_task(command(self, body))
+            self.run_task(command(self, body))
 
     def on_oversize(self, topic, size, head):
         if topic[len(self.root):] != "cmd":
@@ -313,7 +329,7 @@ class Node:
             meta["updating"] = True
         return meta
 
-    async def greet(self, client):
+    async def greet(self, client, with_meta=True):
         """A new session: subscribe, say online with what this board is, and wait a little for the time."""
         root = self.root
         self.clock.known.clear()
@@ -323,11 +339,13 @@ class Node:
             self.clock.sync_ntp(host)
         # retained like the will, so a broker that keeps retained messages never shows a stale `offline`
         await client.publish(root + "status", "online", qos=1, retain=True)
-        gc.collect()  # meta is the largest message a board sends
-        await client.publish(root + "meta", json.dumps(self.meta()), qos=1)
-        self.log("info", "online, boot %d after a %s reset%s" % (
-            self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else
-            " (receiving a firmware update)" if self.updating else ""))
+        if with_meta:
+            gc.collect()  # meta is the largest message a board sends
+            await client.publish(root + "meta", json.dumps(self.meta()), qos=1)
+        if with_meta:  # not at each wake of a battery board
+            self.log("info", "online, boot %d after a %s reset%s" % (
+                self.boot, self.reset_cause, " (safe mode)" if self.safe_mode else
+                " (receiving a firmware update)" if self.updating else ""))
         failed = self.firmware.get("failed")
         if failed:  # went back to the firmware that worked: say why, at every connect until the next update
             await client.publish(root + "ota/status", json.dumps(
@@ -345,6 +363,12 @@ class Node:
             await asyncio.sleep(min(5, timeout / 4000))  # fed from the event loop: a blocked loop resets the board
 
     async def main(self):
+        if self.cfg.get("battery") and self.board is not None and not self.firmware.get("trial"):
+            from battery import wake  # deep sleep between readings; an update or a trial runs awake
+
+            asyncio.create_task(self.watchdog())  # a hung wake must not drain the battery
+            await wake(self)
+            return
         tasks = [asyncio.create_task(self.link.run(self, self.buffer.flush)), asyncio.create_task(self.watchdog())]
         if self.board is not None:
             tasks.append(asyncio.create_task(self.sample()))

@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgetrio.daemon.config import admin_credential
-from edgetrio.tools.bundle import device_tool
+from edgetrio.tools.bundle import FIRMWARE, compile_mpy, device_tool
 from edgetrio.tools.demo import wait_for_daemon
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout
@@ -648,3 +648,16 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def make_bundle(where: Path, version: str, first_line: str = "", padding: int = 0) -> Path:
+    """This firmware with another version (and a first line for node.py, a padding file), compiled as flash does."""
+    src = where / f"src-{version}"
+    shutil.copytree(FIRMWARE / "lib", src)
+    node = (src / "node.py").read_text().replace('VERSION = "0.1.0"', f'VERSION = "{version}"')
+    (src / "node.py").write_text(first_line + "\n" + node if first_line else node)
+    bundle = where / f"bundle-{version}"
+    compile_mpy(sorted(src.glob("*.py")), bundle / "lib")
+    if padding:  # a larger bundle, so a transfer takes long enough to be cut in the middle
+        (bundle / "lib" / "padding.mpy").write_bytes(os.urandom(padding))
+    return bundle

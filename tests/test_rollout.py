@@ -1,0 +1,95 @@
+"""Firmware rollouts from the cloud: a relay, two gateways linked to it, virtual boards running the real firmware.
+
+A bundle that cannot start on one gateway's boards is rolled out in waves; the relay restarts in the middle; the
+gateway holding the failing boards is offline when its wave starts, and catches up when it returns; the rollout halts
+by itself at its failure threshold, and the boards after it keep the firmware they run."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgetrio.bundles import bundle_files, bundle_id
+from edgetrio.cloud.rollouts import RolloutError, parse_waves, wave_ends
+from edgetrio.tools.testkit import Daemon, Relay, make_bundle, virtual_boards, wait_until
+
+
+def test_waves_are_cumulative_and_the_last_takes_every_board() -> None:
+    assert wave_ends(parse_waves("1,10%,100%"), 10) == [1, 2, 10]
+    assert wave_ends(parse_waves("1,10%,100%"), 100) == [1, 10, 100]
+    assert wave_ends(parse_waves("2,4,100%"), 10) == [2, 6, 10]
+    assert wave_ends(parse_waves("2,4"), 10) == [2, 10]
+    assert wave_ends(parse_waves("50%"), 3) == [3]
+    assert wave_ends(parse_waves("5,5"), 3) == [3, 3]  # more waves than boards: the later ones are empty
+    for bad in ("", "0", "-1", "150%", "x", ",".join(["1"] * 21)):
+        with pytest.raises(RolloutError):
+            parse_waves(bad)
+
+
+def boards_of(relay: Relay, rollout: str) -> dict[str, dict[str, Any]]:
+    return {b["device"]: b for b in relay.json("rollout", "status", rollout)["boards"]}
+
+
+def relay_meta(relay: Relay) -> dict[str, dict[str, Any]]:
+    return {d["id"]: d.get("meta") or {} for d in relay.json("devices")}
+
+
+def test_a_rollout_halts_at_its_threshold_and_an_offline_gateway_catches_up_in_its_wave(tmp_path: Path) -> None:
+    relay = Relay(tmp_path / "relay").start()
+    gateways = {}
+    for name in ("gw-a", "gw-b"):
+        token = relay.add_node(name)
+        gateways[name] = Daemon(tmp_path / name, extra=("--cloud", relay.url, "--node-id", name, "--token", token))
+    a, b = gateways["gw-a"].start(), gateways["gw-b"].start()
+    # fails at import on gw-b's boards only (their ids start with rb): they go back to what they ran, by themselves
+    bad = make_bundle(tmp_path, "0.6.0-half", 'import json as _j\nif _j.load(open("config.json"))["device_id"]'
+                                              '.startswith("rb"): raise ImportError("not on this board")')
+    bad_id = bundle_id(bundle_files(bad / "lib"))
+    try:
+        with virtual_boards(a, "ra", 3, period=1.0), virtual_boards(b, "rb", 3, period=1.0):
+            flashed = wait_until(lambda: (m := relay_meta(relay)) and len(m) == 6 and all(
+                x.get("bundle") for x in m.values()) and m, timeout=120)
+            b.stop()  # gw-b is offline when its wave starts
+            created = relay.json("rollout", "create", "--bundle", str(bad), "--select", "model=esp32-sensor",
+                                 "--waves", "2,2,100%", "--max-failures", "0", "--timeout", "600")
+            rollout = created["id"]
+            assert created["total"] == 6 and created["state"] == "running" and created["bundle"] == bad_id
+            # boards in (node, device) order: wave 1 ra-1, ra-2; wave 2 ra-3, rb-1; wave 3 rb-2, rb-3
+            waves = {d: x["wave"] for d, x in boards_of(relay, rollout).items()}
+            assert waves == {"ra-1": 0, "ra-2": 0, "ra-3": 1, "rb-1": 1, "rb-2": 2, "rb-3": 2}
+            wait_until(lambda: boards_of(relay, rollout)["ra-1"]["state"] not in ("pending", "queued"), timeout=120)
+            relay.stop()  # a relay restart in the middle: the rollout is rows, and goes on from them
+            relay.start()
+            wait_until(lambda: boards_of(relay, rollout)["ra-3"]["state"] == "confirmed", timeout=240)
+            status = relay.json("rollout", "status", rollout)
+            assert status["state"] == "running" and status["wave"] == 1  # waits for rb-1, whose gateway is offline
+            assert boards_of(relay, rollout)["rb-1"]["state"] == "queued"
+            b.start()  # back: rb-1 gets the bundle, in its wave, fails, and the rollout halts
+            halted = wait_until(lambda: (s := relay.json("rollout", "status", rollout))["state"] == "halted" and s,
+                                timeout=240)
+        boards = {x["device"]: x for x in halted["boards"]}
+        assert [d for d, x in boards.items() if x["state"] == "confirmed"] == ["ra-1", "ra-2", "ra-3"]
+        assert boards["rb-1"]["state"] == "rolled back" and "not on this board" in boards["rb-1"]["detail"]
+        assert boards["rb-2"]["state"] == boards["rb-3"]["state"] == "pending"  # never sent: wave 3 did not start
+        assert "halted: 1 boards failed" in halted["reason"] and "rb-1" in halted["reason"]
+        meta = relay_meta(relay)
+        assert all(meta[d]["bundle"] == bad_id[:12] for d in ("ra-1", "ra-2", "ra-3"))
+        assert all(meta[d]["bundle"] == flashed[d]["bundle"] for d in ("rb-1", "rb-2", "rb-3"))  # the old one
+        shown = relay.cli("rollout", "status", rollout).stdout
+        assert f"rollout {rollout}: halted" in shown and "rolled back" in shown and "not on this board" in shown
+        # the failure is in rb-1's log at the relay too
+        logs = json.loads(relay.cli("logs", "gw-b", "rb-1", "--json").stdout)
+        assert any(e["kind"] == "ota" and e["body"].get("state") == "rolled back" for e in logs), logs
+        aborted = relay.json("rollout", "abort", rollout)
+        assert aborted["state"] == "aborted" and aborted["counts"] == {"confirmed": 3, "rolled back": 1,
+                                                                       "cancelled": 2}
+        refused = relay.cli("rollout", "resume", rollout, check=False)
+        assert refused.returncode != 0 and "only a paused or halted one resumes" in refused.stderr
+    finally:
+        for daemon in gateways.values():
+            daemon.stop(signal.SIGTERM)
+        relay.stop()
