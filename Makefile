@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_cpu
 	$(BIN)/python -m edgetrio.tools.bench.bench_exhaustion
 	$(BIN)/python -m edgetrio.tools.bench.bench_catchup
+	$(BIN)/python -m edgetrio.tools.bench.bench_battery
 
 # long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
 chaos: $(STAMP)

@@ -29,9 +29,10 @@ def save(path, value):
 
 
 state = load("state.json", {"boot": 0, "failed_boots": 0})
-state["boot"] = state.get("boot", 0) + 1
-# a battery board's wake from deep sleep is not a new try: most wakes never reach the gateway, by design
+# a battery board's wake from deep sleep goes on with the boot it slept in (its seq is kept in RTC memory), and is
+# not a new try: most wakes never reach the gateway, by design
 woke = machine.reset_cause() == machine.DEEPSLEEP_RESET
+state["boot"] = state.get("boot", 0) + (0 if woke else 1)
 state["failed_boots"] = state.get("failed_boots", 0) + (0 if woke else 1)
 fw = load("firmware.json", {})
 folder = fw.get("active") or "lib"
@@ -48,7 +49,8 @@ if trial:
     else:
         folder = trial
     save("firmware.json", fw)
-save("state.json", state)
+if not woke:
+    save("state.json", state)  # a wake writes nothing here: one flash write fewer per reading
 fw_save = save
 sys.path[:] = [("/" + folder if p == "/lib" else folder) if p in ("lib", "/lib") else p for p in sys.path]
 del state, load, save, woke

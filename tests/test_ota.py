@@ -108,7 +108,7 @@ def test_a_bundle_a_board_could_not_take_is_refused_before_anything_is_sent(daem
     make_bundle(tmp_path / "b", "0.5.0")
     (tmp_path / "b" / "bundle-0.5.0" / "lib" / "a b.mpy").write_bytes(b"x")
     refused = daemon.cli("ota", "otd-1", "--bundle", str(tmp_path / "b" / "bundle-0.5.0"), check=False)
-    assert refused.returncode == 1 and "a b.mpy: a module's name is letters" in refused.stderr
+    assert refused.returncode == 1 and "'a b.mpy': a module's name is letters" in refused.stderr
     for flags, message in ((["--confirm-timeout", "nan"], "--confirm-timeout: 30 to 86400"),
                            (["--confirm-timeout", "0"], "--confirm-timeout: 30 to 86400"),
                            (["--status", "--cancel"], "--status or --cancel, not both")):

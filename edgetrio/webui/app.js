@@ -151,9 +151,13 @@ function deviceTable(devices) {
     devices.map((d) => el("tr", {},
       el("td", {}, d.node),
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(d.node)}/${encodeURIComponent(d.id)}` }, d.id)),
-      el("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
+      el("td", { class: d.online ? "online" : "offline", title: asleep(d) ? `next wake ~${new Date(d.asleep_until * 1000).toLocaleTimeString()}` : undefined },
+         d.online ? "online" : asleep(d) ? "asleep" : "offline"),
       el("td", {}, d.model || (d.meta && d.meta.model) || "-"), el("td", {}, ago(d.last_seen))))));
 }
+
+// a battery board between its wakes (it said when it wakes next; a minute past that it has missed it)
+const asleep = (d) => !d.online && d.asleep_until && Date.now() / 1000 < d.asleep_until + 60;
 
 function plural(count, noun) { return `${count} ${noun}${count === 1 ? "" : "s"}`; }
 

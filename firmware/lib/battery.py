@@ -1,7 +1,8 @@
 # Battery mode: the board deep-sleeps between readings. Each wake takes one reading into the flash buffer; every
 # `send_every` readings (and after a power-on) it joins the Wi-Fi, sends what is buffered in batches, takes the acks,
 # any desired-state change and the commands its gateway held for it, says when it wakes next, and sleeps again.
-# What survives the sleep: the buffer and its acks on flash, the boot number, the clock (the RTC keeps counting).
+# What survives the sleep: the buffer and its acks on flash; the boot and its seq in RTC memory (a wake goes on with
+# the boot it slept in, so the readings of several wakes go in one batch); the clock (the RTC keeps counting).
 import asyncio
 import json
 import time
@@ -53,6 +54,7 @@ async def wake(node):
     cfg = node.cfg.get("battery") or {}
     period = node.twin.get("period", 10)
     node.take_reading()
+    machine.RTC().memory(json.dumps([node.boot, node.seq]))  # the next wake goes on from here (lost with the power)
     sent = False
     if node.reset_cause != "deep sleep" or node.buffer.unacked() >= cfg.get("send_every", 1):
         try:

@@ -75,6 +75,17 @@ class Node:
         self.boot = state["boot"]
         self.reset_cause = RESET_CAUSES.get(machine.reset_cause(), "unknown")  # a watchdog reset tells of a hang
         self.seq = 0
+        if self.reset_cause == "deep sleep":  # a battery board's wake: the same boot goes on where it slept
+            kept = machine.RTC().memory()
+            try:
+                boot, seq = json.loads(kept) if kept else (0, 0)
+            except ValueError:
+                boot, seq = 0, 0
+            if boot == self.boot:
+                self.seq = seq
+            else:  # nothing kept (cannot be told where the boot was): a new boot, so no seq is used twice
+                self.boot = state["boot"] = self.boot + 1
+                save_json(STATE_FILE, state)
         self.twin = state.get("twin") or {"period": cfg.get("period", 10), "led": False, "threshold": 0}
         self.buffer = Buffer("buffer.log", cfg.get("buffer", 500))
         self.firmware = load_json("firmware.json", {})  # which bundle runs, and whether it is still a trial
