@@ -71,22 +71,29 @@ def test_a_rollout_halts_at_its_threshold_and_an_offline_gateway_catches_up_in_i
             b.start()  # back: rb-1 gets the bundle, in its wave, fails, and the rollout halts
             halted = wait_until(lambda: (s := relay.json("rollout", "status", rollout))["state"] == "halted" and s,
                                 timeout=240)
-        boards = {x["device"]: x for x in halted["boards"]}
-        assert [d for d, x in boards.items() if x["state"] == "confirmed"] == ["ra-1", "ra-2", "ra-3"]
-        assert boards["rb-1"]["state"] == "rolled back" and "not on this board" in boards["rb-1"]["detail"]
-        assert boards["rb-2"]["state"] == boards["rb-3"]["state"] == "pending"  # never sent: wave 3 did not start
-        assert "halted: 1 boards failed" in halted["reason"] and "rb-1" in halted["reason"]
-        meta = relay_meta(relay)
-        assert all(meta[d]["bundle"] == bad_id[:12] for d in ("ra-1", "ra-2", "ra-3"))
-        assert all(meta[d]["bundle"] == flashed[d]["bundle"] for d in ("rb-1", "rb-2", "rb-3"))  # the old one
-        shown = relay.cli("rollout", "status", rollout).stdout
-        assert f"rollout {rollout}: halted" in shown and "rolled back" in shown and "not on this board" in shown
-        # the failure is in rb-1's log at the relay too
-        logs = json.loads(relay.cli("logs", "gw-b", "rb-1", "--json").stdout)
-        assert any(e["kind"] == "ota" and e["body"].get("state") == "rolled back" for e in logs), logs
-        aborted = relay.json("rollout", "abort", rollout)
-        assert aborted["state"] == "aborted" and aborted["counts"] == {"confirmed": 3, "rolled back": 1,
-                                                                       "cancelled": 2}
+            boards = {x["device"]: x for x in halted["boards"]}
+            assert [d for d, x in boards.items() if x["state"] == "confirmed"] == ["ra-1", "ra-2", "ra-3"]
+            assert boards["rb-1"]["state"] == "rolled back" and "not on this board" in boards["rb-1"]["detail"]
+            assert boards["rb-2"]["state"] == boards["rb-3"]["state"] == "pending"  # never sent: wave 3 did not start
+            assert "halted: 1 boards failed" in halted["reason"] and "rb-1" in halted["reason"]
+            meta = wait_until(lambda: (m := relay_meta(relay)) and m["rb-1"]["bundle"] == flashed["rb-1"]["bundle"]
+                              and m, timeout=60)
+            assert all(meta[d]["bundle"] == bad_id[:12] for d in ("ra-1", "ra-2", "ra-3"))
+            assert all(meta[d]["bundle"] == flashed[d]["bundle"] for d in ("rb-1", "rb-2", "rb-3"))  # the old one
+            shown = relay.cli("rollout", "status", rollout).stdout
+            assert f"rollout {rollout}: halted" in shown and "rolled back" in shown and "not on this board" in shown
+            # the failure is in rb-1's log at the relay too
+            logs = json.loads(relay.cli("logs", "gw-b", "rb-1", "--json").stdout)
+            assert any(e["kind"] == "ota" and e["body"].get("state") == "rolled back" for e in logs), logs
+            refused = relay.cli("rollout", "abort", rollout, "--rollback", "--select", "x", check=False)
+            assert refused.returncode == 2  # a usage error, said before anything is done
+            # aborted, and the boards that took the bundle sent back to what they ran before
+            aborted = relay.json("rollout", "abort", rollout, "--rollback")
+            assert aborted["state"] == "aborted" and aborted["counts"] == {"reverting": 3, "rolled back": 1,
+                                                                           "cancelled": 2}
+            wait_until(lambda: relay.json("rollout", "status", rollout)["counts"].get("reverted") == 3, timeout=120)
+            wait_until(lambda: all(relay_meta(relay)[d].get("bundle") == flashed[d]["bundle"]
+                                   for d in ("ra-1", "ra-2", "ra-3")), timeout=120)
         refused = relay.cli("rollout", "resume", rollout, check=False)
         assert refused.returncode != 0 and "only a paused or halted one resumes" in refused.stderr
     finally:

@@ -185,7 +185,10 @@ def openapi() -> dict[str, Any]:
                                {"name": "action", "in": "path", "required": True,
                                 "schema": {"type": "string", "enum": ["pause", "resume", "abort"]}}],
                 "post": {"summary": "Pause (no new wave starts), resume, or abort (boards not updated yet are left "
-                                    "alone; those in progress are cancelled at their gateway)",
+                                    "alone; those in progress are cancelled at their gateway; with rollback, the "
+                                    "confirmed ones go back to the firmware they ran before)",
+                         "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                             "type": "object", "properties": {"rollback": {"type": "boolean"}}}}}},
                          "responses": {"200": ok(obj), **errors(400, 404)}}},
             "/api/fleet/rules": {"put": {
                 "summary": "The same rule set for every node (each its own next version)",
@@ -516,7 +519,10 @@ async def rollout_get(relay: Relay, who: Principal, path: Params, query: Params,
 
 
 async def rollout_action(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:
-    done, nodes = await relay.run(rollouts.set_state, path["rollout"], path["action"], time.time())
+    rollback = data.get("rollback", False)
+    if not isinstance(rollback, bool):
+        raise HTTPError(400, "'rollback' must be true or false")
+    done, nodes = await relay.run(rollouts.set_state, path["rollout"], path["action"], time.time(), rollback)
     log.info("rollout %s %s by=%s", path["rollout"], path["action"], who.name)
     for node in nodes:
         relay.notify(node)

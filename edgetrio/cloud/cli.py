@@ -417,16 +417,19 @@ def cmd_rollout_status(args: argparse.Namespace) -> None:
     emit(args, found, lambda: print_rollout(found))
 
 
-def rollout_action(action: str, what: str) -> None:
-    @COMMANDS.command(f"cloud rollout {action}", what, API, arg("id"))
+def rollout_action(action: str, what: str, *extra: Any) -> None:
+    @COMMANDS.command(f"cloud rollout {action}", what, API, arg("id"), *extra)
     def cmd(args: argparse.Namespace) -> None:
-        done = call(args, "POST", f"/api/rollouts/{args.id}/{action}")
+        done = call(args, "POST", f"/api/rollouts/{args.id}/{action}",
+                    {"rollback": True} if getattr(args, "rollback", False) else None)
         emit(args, done, lambda: print_rollout(done, boards=False))
 
 
 rollout_action("pause", "no new wave starts (boards updating now go on)")
 rollout_action("resume", "a paused or halted rollout goes on")
-rollout_action("abort", "stop a rollout: boards not updated yet are left alone, those in progress cancelled")
+rollout_action("abort", "stop a rollout: boards not updated yet are left alone, those in progress cancelled",
+               arg("--rollback", action="store_true",
+                   help="and send the boards that took the bundle back to the firmware they ran before"))
 
 
 user_commands(COMMANDS, "cloud ", DATA, lambda args: store.open_db(args.data_dir), relay_write)

@@ -25,9 +25,10 @@ from edgetrio.accounts import NotFound
 from edgetrio.bundles import BundleError, bundle_id, files_of
 
 # a board's states: pending (its wave has not started), queued (in its gateway's down queue), started (the gateway
-# took it), the gateway's own (restarting, sending, installed, trial), and the ends
-ENDS = frozenset({"confirmed", "failed", "rolled back", "cancelled", "timed out", "refused"})
-FAILED = ENDS - {"confirmed"}
+# took it), the gateway's own (restarting, sending, installed, trial), and the ends (reverted: confirmed, then sent
+# back to its earlier firmware by an abort with rollback; reverting: on its way there)
+ENDS = frozenset({"confirmed", "failed", "rolled back", "cancelled", "timed out", "refused", "reverted"})
+FAILED = ENDS - {"confirmed", "reverted"}
 STATES = ("running", "paused", "halted", "aborted", "done")
 MAX_WAVES = 20
 
@@ -156,7 +157,8 @@ def list_rollouts(db: Database) -> list[dict[str, Any]]:
             for r in db.query("SELECT id FROM rollouts ORDER BY created DESC LIMIT 100")]
 
 
-def set_state(db: Database, rollout: str, action: str, now: float) -> tuple[dict[str, Any], set[str]]:
+def set_state(db: Database, rollout: str, action: str, now: float,
+              rollback: bool = False) -> tuple[dict[str, Any], set[str]]:
     """pause, resume or abort; returns the rollout and the nodes that have something new queued. The actor is in the
     relay's log."""
     current = view(db, rollout)
@@ -178,6 +180,17 @@ def set_state(db: Database, rollout: str, action: str, now: float) -> tuple[dict
             raise RolloutError(f"rollout {rollout} is already {state}")
         new = "aborted"
         nodes = _withdraw(db, rollout, "cancelled", "the rollout was aborted", now)
+        if rollback:  # the boards that took the bundle go back to the firmware they kept from before
+            for board in current["boards"]:
+                if board["state"] == "confirmed":
+                    message = _queue(db, board["node"], "ota", {"device": board["device"], "rollback": True,
+                                                                "rollout": rollout})
+                    db.execute("UPDATE rollout_boards SET state = 'reverting', message = ?, detail = '' WHERE "
+                               "rollout = ? AND node = ? AND device = ?", [message, rollout, board["node"],
+                                                                           board["device"]])
+                    nodes.add(board["node"])
+    elif rollback:
+        raise RolloutError("rollback goes with abort")
     else:
         raise RolloutError(f"unknown action {action!r}")
     reason = {"pause": "paused", "resume": "resumed" + (f"; the {current['failed']} failures so far accepted"
@@ -293,6 +306,12 @@ def taken(db: Database, node: str, message_id: str, body: dict[str, Any], result
     row = db.execute("SELECT rollout, device FROM rollout_boards WHERE node = ? AND message = ?",
                      [node, message_id]).fetchone()
     if row is None:
+        return
+    if body.get("rollback"):  # an aborted rollout's board asked to go back
+        went = result.get("ok")
+        _end_board(db, row[0], node, row[1], "reverted" if went else "confirmed",
+                   "back on the firmware it ran before" if went else
+                   f"not rolled back: {wire.clip(result.get('error') or 'refused', 200)}", now)
         return
     if result.get("ok"):
         db.execute("UPDATE rollout_boards SET state = CASE WHEN state = 'queued' THEN 'started' ELSE state END, "

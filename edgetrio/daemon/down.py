@@ -132,6 +132,10 @@ class Down:
         device = str(body["device"])
         if body.get("cancel"):
             return {"ok": True, "cancel": True}
+        if body.get("rollback"):  # back to the firmware the board kept from before (an aborted rollout)
+            if device not in self.parts.roster:
+                raise store.UnknownDevice(device)
+            return {"ok": True, "rollback": True}
         update = self.updates.check(device, str(body["bundle"]), int(body.get("confirm_s") or CONFIRM_S))
         if update is not None:
             save_update(db, update.row())
@@ -167,8 +171,12 @@ class Down:
         try:
             if result.get("cancel"):
                 return {"ok": True, "update": self.updates.cancel(device)}
+            if result.get("rollback"):
+                answer = await self.parts.commands.send(device, "rollback", {}, 30)
+                return {"ok": bool(answer.get("ok")), "rollback": True,
+                        **({"value": answer.get("value")} if answer.get("ok") else {"error": answer.get("error")})}
             update = await self.updates.start(device, str(body["bundle"]), int(body.get("confirm_s") or CONFIRM_S))
-        except (UpdateError, store.UnknownDevice) as exc:
+        except (UpdateError, store.UnknownDevice, CommandFailed) as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "state": update["state"]}
 

@@ -62,6 +62,7 @@ UNIT_CLASSES = {"°C": "temperature", "°F": "temperature", "K": "temperature", 
                 "s": "duration", "ms": "duration", "min": "duration", "h": "duration"}
 TOTAL_CLASSES = {"energy"}  # meters count up: state class total_increasing, not measurement
 RESTART_COMMANDS = {"reboot", "restart", "reset"}
+NOT_BUTTONS = {"rollback"}  # going back to older firmware is an admin's act (edgetrio cmd), not a button on a page
 
 
 def object_id(text: str) -> str:
@@ -170,7 +171,7 @@ def discovery(device: str, model: Model | None, meta: dict[str, Any]) -> list[tu
         else:
             configs.append(entity("text", c["name"], name, body))
     for command in listed(meta, "commands"):
-        if isinstance(command, str) and command:
+        if isinstance(command, str) and command and command not in NOT_BUTTONS:
             body = {"command_topic": topic(device, "press", command), "payload_press": "PRESS"}
             if command in RESTART_COMMANDS:
                 body["device_class"] = "restart"

@@ -24,6 +24,10 @@ async def command(node, cmd):
             if node.board is None:
                 raise ValueError("safe mode: sensors are off")
             result["value"] = node.take_reading()
+        elif name == "rollback":  # back to the firmware kept from before the last update
+            from trial import go_back
+
+            result["value"] = go_back(node)
         elif name == "reboot":
             if args.get("normal"):  # leave safe mode: the next boot starts with a clean count
                 node.state["failed_boots"] = 0
@@ -34,7 +38,7 @@ async def command(node, cmd):
     except Exception as e:
         result = {"id": cmd.get("id"), "ok": False, "error": str(e)}
     await node.link.publish("cmd/result", json.dumps(result))
-    if name == "reboot" and result["ok"]:
+    if name in ("reboot", "rollback") and result["ok"]:
         await asyncio.sleep(0.5)
         node.buffer.flush()
         machine.reset()

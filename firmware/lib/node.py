@@ -19,7 +19,7 @@ TWIN_KEYS = ("period", "led", "threshold")
 # what the twin keys and commands are, told in meta so a gateway can offer them (switches, numbers, buttons)
 CONTROLS = [{"name": "led", "type": "bool"}, {"name": "period", "type": "float", "unit": "s", "min": 0.1, "max": 86400},
             {"name": "threshold", "type": "float", "min": 0}]
-COMMANDS = ["ping", "blink", "read_now", "reboot"]
+COMMANDS = ["ping", "blink", "read_now", "reboot", "rollback"]
 RESET_CAUSES = {1: "power-on", 2: "hard", 3: "watchdog", 4: "deep sleep", 5: "soft"}
 CLOCK_WAIT_MS = 2000  # after connecting, how long readings wait for the gateway's time
 

@@ -65,3 +65,17 @@ async def confirm(node):
             except MemoryError as e:
                 print("confirm: %s: %r" % (message, e))
             await asyncio.sleep(1)
+
+
+def go_back(node):
+    """Run the firmware kept from before the last update again (a rollback asked for): the two folders swap places
+    in one atomic rename of firmware.json; the board restarts into it after answering."""
+    fw = node.firmware
+    previous = fw.get("previous")
+    if not previous or fw.get("trial"):
+        raise ValueError("no earlier firmware is kept on this board" if not previous else
+                         "the board runs a new firmware on trial: it confirms or goes back by itself")
+    fw["active"], fw["previous"] = previous, fw.get("active") or "lib"
+    fw["bundle"], fw["previous_bundle"] = fw.get("previous_bundle"), fw.get("bundle")
+    save(fw)
+    return {"bundle": (fw["bundle"] or "")[:12], "restarting": True}
