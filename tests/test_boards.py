@@ -119,6 +119,10 @@ def test_a_board_files_mistakes_are_one_line_each(tmp_path: Path) -> None:
                                                                                       "pressure = { offset = 1 } }"))
     assert "up to 32 lower-case" in one_line(f, part.format("chip", f'name = "{"a" * 33}"'))
     assert "a board takes up to 24" in one_line(f, part.format("chip", "") * 25)
+    assert "online every 1 to 1000 readings" in one_line(f, "[board]\nbattery = 0\n" + part.format("chip", ""))
+    assert "online every 1 to 1000 readings" in one_line(f, "[board]\nbattery = true\n" + part.format("chip", ""))
+    f.write_text("[board]\nbattery = 6\n" + part.format("chip", ""))
+    assert load_board(f).config()["battery"] == {"send_every": 6}  # a battery board, from its file
     # ADC2 is fine without Wi-Fi (a board on the serial link); two chips share a bus; a calibrated value has no range
     (tmp_path / "ok.toml").write_text(part.format("adc", 'pin = 25\nname = "soil"\nfilters = { calibrate = '
                                                          '[[2.8, 0], [1.2, 100]] }\nunit = "%"')

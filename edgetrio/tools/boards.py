@@ -5,6 +5,7 @@ device model that follows from it.
     [board]
     model = "greenhouse"          # the device model flashing registers (default: board-<file name>)
     period = 10                   # seconds between readings (the twin can change it)
+    battery = 6                   # optional: deep sleep between readings, online every 6th (docs/firmware.md)
 
     [[component]]
     driver = "sht3x"              # see DRIVERS
@@ -94,6 +95,7 @@ class Board:
     path: Path
     model: str
     period: float
+    battery: int | None = None  # battery mode: online every `battery` readings, deep sleep between
     components: list[dict[str, Any]] = field(default_factory=list)
     resources: list[dict[str, Any]] = field(default_factory=list)
     # (sda, scl) -> {address: the component expected there}
@@ -106,7 +108,8 @@ class Board:
 
     def config(self) -> dict[str, Any]:
         """What goes into the board's config.json besides its identity and gateway."""
-        return {"model": self.model, "period": self.period, "components": self.components}
+        return {"model": self.model, "period": self.period, "components": self.components,
+                **({"battery": {"send_every": self.battery}} if self.battery else {})}
 
 
 def load_board(path: Path, wifi: bool = True) -> Board:
@@ -125,8 +128,11 @@ def check_board(path: Path, doc: dict[str, Any], wifi: bool = True) -> Board:
     if unknown:
         raise BoardError(f"{path}: unknown table {sorted(unknown)[0]!r} (use [board] and [[component]])")
     head = doc.get("board") or {}
-    if not isinstance(head, dict) or set(head) - {"model", "period"}:
-        raise BoardError(f"{path}: [board] takes model and period")
+    if not isinstance(head, dict) or set(head) - {"model", "period", "battery"}:
+        raise BoardError(f"{path}: [board] takes model, period and battery")
+    battery = head.get("battery")
+    if battery is not None and (not isinstance(battery, int) or isinstance(battery, bool) or not 1 <= battery <= 1000):
+        raise BoardError(f"{path}: [board] battery {battery!r}: online every 1 to 1000 readings (deep sleep between)")
     model = head.get("model") or f"board-{re.sub(r'[^a-z0-9]+', '-', path.stem.lower()).strip('-') or 'custom'}"
     period = head.get("period", 10)
     if not isinstance(model, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", model):
@@ -139,7 +145,7 @@ def check_board(path: Path, doc: dict[str, Any], wifi: bool = True) -> Board:
     if len(items) > MAX_COMPONENTS:
         raise BoardError(f"{path}: {len(items)} components: a board takes up to {MAX_COMPONENTS} (each driver and "
                          "its readings take heap on the board)")
-    board = Board(path, model, float(period))
+    board = Board(path, model, float(period), battery)
     pins_used: dict[int, str] = {}
     names: dict[str, str] = {}
     for index, item in enumerate(items, 1):

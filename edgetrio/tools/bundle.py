@@ -70,6 +70,7 @@ def device_config(device_id: str, password: str, period: float | None = None, bu
     else the reference board: a BME280 on I2C 21/22, an analog input on 34, the chip's temperature). `battery`: deep
     sleep between readings, connecting every `battery` readings (docs/firmware.md, "Battery mode")."""
     described = board or reference_board(forced or bool(battery))
+    battery = battery or (board.battery if board else None)
     config = {"device_id": device_id, "password": password, "wifi_ssid": "sim", "wifi_password": "sim",
               "broker_host": "127.0.0.1", "broker_port": 1883, "transport": "mqtt", "buffer": buffer,
               **described.config()}

@@ -101,15 +101,18 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     arg("--erase", action="store_true",
         help="also delete the board's boot counter, twin state and unsent readings (a board moving to a new "
              "gateway); by default a reflash keeps them, so nothing buffered is lost"),
+    arg("--battery", type=int, metavar="N",
+        help="battery mode: deep sleep between readings, online every N readings (docs/firmware.md)"),
     arg("--out", type=Path, help="write the bundle to this folder instead of flashing"),
     arg("--password", help="a credential made elsewhere (e.g. by `edgetrio cloud device add`): nothing is registered "
                            "here"),
     arg("--wait", type=float, default=60.0, help="seconds to wait for the device to come online"))
 def cmd_flash(args: argparse.Namespace) -> None:
+    require_positive(battery=args.battery)
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
               args.period, args.wait, watchdog=args.watchdog, erase=args.erase, password=args.password,
-              board_file=args.board)
+              board_file=args.board, battery=args.battery)
     except FlashTimeout as exc:  # flashed, but not online: a failure to look into, not a usage error
         raise CliError(str(exc), EXIT_FAILED) from exc
     except (FlashError, RuntimeError) as exc:

@@ -126,7 +126,8 @@ DATA_FILES = ("state.json", "state.json.tmp", "buffer.log", "buffer.log.ack", "b
 
 def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ssid: str = "", wifi_password: str = "",
           out: Path | None = None, period: float | None = None, wait: float = 60.0, watchdog: float = 60.0,
-          erase: bool = False, password: str | None = None, board_file: Path | None = None) -> None:
+          erase: bool = False, password: str | None = None, board_file: Path | None = None,
+          battery: int | None = None) -> None:
     """Flash a board; `password` is a credential made elsewhere (say `edgetrio cloud device add`), so nothing is
     registered here (a laptop can flash for a gateway it does not run). `board_file` describes what is wired to the
     board (else the reference board); its model is registered for the device."""
@@ -172,7 +173,7 @@ def flash(port: str | None, device_id: str, broker: str, data_dir: Path, wifi_ss
     step(2, total, "compiling the firmware with mpy-cross")
     with tempfile.TemporaryDirectory(prefix="edgetrio-flash-") as tmp:
         bundle = build_bundle(Path(tmp) / "bundle")
-        config = device_config(device_id, password, period, board=board)
+        config = device_config(device_id, password, period, board=board, battery=battery)
         config.update({"wifi_ssid": wifi_ssid, "wifi_password": wifi_password, "broker_host": host,
                        "broker_port": int(broker_port or 1883), "watchdog_ms": int(watchdog * 1000)})
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
