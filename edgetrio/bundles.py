@@ -17,7 +17,9 @@ from typing import Any
 FILE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}\.mpy")
 # a bundle without these could not start, or could never be updated over the air again
 REQUIRED = ("node.mpy", "ota.mpy", "trial.mpy")
-MAX_BUNDLE = 2 * 1024 * 1024  # bytes of all its files: far past what an ESP32's flash takes for lib/
+# bytes of all its files: more than an ESP32's LittleFS keeps beside the running firmware (a 1.5 MiB partition holds
+# two), and what fits the relay's 1 MiB API requests once in base64
+MAX_BUNDLE = 640 * 1024
 
 
 class BundleError(ValueError):
@@ -36,7 +38,8 @@ def check_files(files: list[list[Any]], where: str) -> list[list[Any]]:
                           f"DIR` writes); without ota.mpy and trial.mpy a board could not be updated over the air "
                           "again")
     if sum(size for _, size, _ in files) > MAX_BUNDLE:
-        raise BundleError(f"{where}: over {MAX_BUNDLE // 1024} KiB: not a firmware bundle")
+        raise BundleError(f"{where}: {sum(size for _, size, _ in files) // 1024} KiB, over the {MAX_BUNDLE // 1024} "
+                          "KiB a bundle may have (a board keeps the running firmware and this one on its flash)")
     return sorted(files)
 
 

@@ -23,6 +23,11 @@ def test_the_relay_answers_as_its_openapi_document_says(tmp_path: Path) -> None:
         relay.add_node("gw1")
         relay.json("device", "add", "gw1", "d1")
         token = json.loads((relay.data_dir / "operator.json").read_text())["token"]
+        # A rollout's bundle must be a whole firmware (importable module names, node.mpy among them): more than
+        # OpenAPI 3.0 can say of an object's keys, so for that one operation a 400 answers schema-valid data too.
+        (tmp_path / "schemathesis.toml").write_text(
+            '[[operations]]\ninclude-path = "/api/rollouts"\ninclude-method = "POST"\n'
+            'checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409"]\n')
         checked = subprocess.run(
             [schemathesis, "run", f"{relay.api_url}/openapi.json", "-H", f"Authorization: Bearer {token}",
              "--phases", "examples,coverage", "--checks", "all", "--seed", "1", "--no-color"],

@@ -60,9 +60,10 @@ def openapi() -> dict[str, Any]:
                    409: "Version conflict, or the node is offline", 504: "No result within the timeout"}
         return {str(c): ok(ref("Error"), reasons[c]) for c in (401, 403, *codes)}
 
-    def body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    def body(properties: dict[str, Any], required: list[str], closed: bool = False) -> dict[str, Any]:
         return {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "properties": properties, "required": required}}}}
+            "type": "object", "properties": properties, "required": required,
+            **({"additionalProperties": False} if closed else {})}}}}
 
     string, number, integer, obj = {"type": "string"}, {"type": "number"}, {"type": "integer"}, {"type": "object"}
     changes = {"type": "object", "minProperties": 1}  # a change changes something: {} is refused (400)
@@ -165,7 +166,6 @@ def openapi() -> dict[str, Any]:
                          "requestBody": body({
                              "files": {"type": "object", "minProperties": 3, "maxProperties": 200,
                                        "required": ["node.mpy", "ota.mpy", "trial.mpy"],
-                                       "propertyNames": {"pattern": r"^[A-Za-z0-9_]{1,40}\.mpy$"},
                                        "additionalProperties": {"type": "string", "pattern": BASE64}},
                              "select": {"type": "object", "minProperties": 1, "additionalProperties": False,
                                         "properties": {k: {"type": "string", "minLength": 1}
@@ -174,7 +174,8 @@ def openapi() -> dict[str, Any]:
                              "success": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
                              "max_failures": {"type": "integer", "minimum": 0, "maximum": 1000000},
                              "timeout": {"type": "number", "minimum": 60, "maximum": 604800},
-                             "confirm_s": {"type": "integer", "minimum": 30, "maximum": 86400}}, ["files", "select"]),
+                             "confirm_s": {"type": "integer", "minimum": 30, "maximum": 86400}}, ["files", "select"],
+                             closed=True),
                          "responses": {"201": ok(obj, "Created; the first wave is queued"), **errors(400, 404, 409)}}},
             "/api/rollouts/{rollout}": {
                 "parameters": [{"name": "rollout", "in": "path", "required": True, "schema": string}],
@@ -490,15 +491,27 @@ async def rollout_create(relay: Relay, who: Principal, path: Params, query: Para
     selector = data.get("select")
     if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
         raise HTTPError(400, "'select': an object of node, device or model -> name")
-    waves = rollouts.parse_waves(str(data.get("waves") or "1,10%,100%"))
-    numbers = {}
-    for key, default in (("success", 1.0), ("max_failures", 0), ("timeout", 1800), ("confirm_s", 300)):
+    waves = data.get("waves", "1,10%,100%")
+    if not isinstance(waves, str):
+        raise HTTPError(400, "'waves' must be a string, e.g. \"1,10%,100%\"")
+    unknown = set(data) - {"files", "select", "waves", "success", "max_failures", "timeout", "confirm_s"}
+    if unknown:
+        raise HTTPError(400, f"unknown field {sorted(unknown)[0][:40]!r}")
+    numbers: dict[str, float] = {}
+    for key, default, whole in (("success", 1.0, False), ("max_failures", 0, True), ("timeout", 1800, False),
+                                ("confirm_s", 300, True)):
         value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise HTTPError(400, f"{key!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+            raise HTTPError(400, f"{key!r} must be {'a whole number' if whole else 'a number'}")
+        if not -1e9 < value < 1e9:  # a number no setting takes (and one a float cannot hold)
+            raise HTTPError(400, f"{key!r} is out of range")
         numbers[key] = value
     try:
-        created = await relay.run(rollouts.create, contents, {str(k): v for k, v in selector.items()}, waves,
+        parsed = rollouts.parse_waves(waves)
+    except rollouts.RolloutError as exc:
+        raise HTTPError(400, f"'waves': {exc}") from None
+    try:
+        created = await relay.run(rollouts.create, contents, {str(k): v for k, v in selector.items()}, parsed,
                                   float(numbers["success"]), int(numbers["max_failures"]), float(numbers["timeout"]),
                                   int(numbers["confirm_s"]), who.name, time.time())
     except rollouts.BoardsBusy as exc:

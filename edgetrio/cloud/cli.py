@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from edgetrio import rules, web
-from edgetrio.cloud import store
+from edgetrio.cloud import rollouts, store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.common_cli import desired_patch, log_line, print_readings, print_twin, readings_options, user_commands
 from edgetrio.console import (
@@ -353,8 +353,8 @@ def percent(text: str) -> float:
 
 def print_rollout(r: dict[str, Any], boards: bool = True) -> None:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(r["counts"].items()))
-    print(f"rollout {r['id']}: {r['state']}{' (' + r['reason'] + ')' if r['reason'] else ''}\n"
-          f"  bundle {r['bundle'][:12]} to {r['total']} boards ("
+    print(f"rollout {r['id']}: {r['state']}{': ' + r['reason'].removeprefix(r['state'] + ': ') if r['reason'] else ''}\n"
+          f"  bundle {r['bundle'][:12]} to {rollouts.plural(r['total'], 'board')} ("
           + " ".join(f"{k}={v}" for k, v in r["selector"].items()) + f"), waves {','.join(r['waves'])}, now wave "
           f"{r['wave'] + 1} of {len(r['waves'])}\n"
           f"  {r['confirmed']} confirmed, {r['failed']} failed (halts past {r['max_failures']}); {counts}")
@@ -388,6 +388,15 @@ def cmd_rollout_create(args: argparse.Namespace) -> None:
         if not sep or key not in ("node", "device", "model") or not value or key in selector:
             raise CliError(f"--select {item!r}: node=NAME, device=ID or model=NAME, each at most once", EXIT_USAGE)
         selector[key] = value
+    try:
+        rollouts.parse_waves(args.waves)
+    except rollouts.RolloutError as exc:
+        raise CliError(f"--waves {args.waves[:60]!r}: {exc}", EXIT_USAGE) from None
+    for flag, value, low, high in (("--max-failures", args.max_failures, 0, 1_000_000),
+                                   ("--timeout", args.timeout, 60, 7 * 86400),
+                                   ("--confirm-timeout", args.confirm_timeout, 30, 86400)):
+        if not low <= value <= high:
+            raise CliError(f"{flag} {value:g}: {low} to {high}" + (" seconds" if "timeout" in flag else ""), EXIT_USAGE)
     try:
         contents = read_bundle(args.bundle)
     except (BundleError, OSError) as exc:

@@ -212,8 +212,14 @@ class Relay:
 
     async def drive_rollouts(self, every: float = 2.0) -> None:
         """Move the running firmware rollouts on (rollouts.py): start waves, time boards out, halt at the threshold."""
+        rounds = 0
         while True:
             try:
+                if rounds % int(3600 / every) == 0:  # hourly: bundles no rollout can send any more
+                    pruned = await self.run(rollouts.prune_bundles, time.time())
+                    if pruned:
+                        log.info("removed %d firmware bundles of rollouts that ended a day ago", pruned)
+                rounds += 1
                 nodes, changed = await self.run(rollouts.drive, time.time())
                 for node in nodes:
                     self.notify(node)

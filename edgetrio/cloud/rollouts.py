@@ -28,7 +28,7 @@ from edgetrio.bundles import BundleError, bundle_id, files_of
 # took it), the gateway's own (restarting, sending, installed, trial), and the ends (reverted: confirmed, then sent
 # back to its earlier firmware by an abort with rollback; reverting: on its way there)
 ENDS = frozenset({"confirmed", "failed", "rolled back", "cancelled", "timed out", "refused", "reverted"})
-FAILED = ENDS - {"confirmed", "reverted"}
+FAILED = ENDS - {"confirmed", "reverted", "cancelled"}  # cancelled: by an operator (abort, `ota --cancel`)
 STATES = ("running", "paused", "halted", "aborted", "done")
 MAX_WAVES = 20
 
@@ -46,7 +46,9 @@ def create_tables(db: Database) -> None:
     db.table("rollouts").create(
         {"id": str, "bundle": str, "created": float, "by": str, "state": str, "reason": str, "selector": str,
          "waves": str, "wave": int, "success": float, "max_failures": int, "timeout": float, "confirm_s": int,
-         "updated": float}, pk="id", if_not_exists=True)
+         "updated": float, "accepted": int}, pk="id", if_not_exists=True)
+    if "accepted" not in db.table("rollouts").columns_dict:  # the wave a resume after a halt let pass
+        db.table("rollouts").add_column("accepted", int, not_null_default=-1)
     db.table("rollout_boards").create(
         {"rollout": str, "node": str, "device": str, "wave": int, "state": str, "message": str, "started": float,
          "finished": float, "detail": str}, pk=("rollout", "node", "device"), if_not_exists=True)
@@ -55,16 +57,16 @@ def create_tables(db: Database) -> None:
 
 def parse_waves(text: str) -> list[str]:
     """'1,10%,100%': each wave's size, a count of boards or a share of them; the last is always everything."""
-    waves = [w.strip() for w in str(text).split(",") if w.strip()]
-    if not 0 < len(waves) <= MAX_WAVES:
-        raise RolloutError(f"waves: 1 to {MAX_WAVES}, e.g. 1,10%,100%")
+    waves = [w.strip() for w in str(text).split(",")]
+    if not 0 < len(waves) <= MAX_WAVES or "" in waves:
+        raise RolloutError(f"1 to {MAX_WAVES} sizes separated by commas, e.g. 1,10%,100%")
     for wave in waves:
         try:
             value = int(wave[:-1]) if wave.endswith("%") else int(wave)
         except ValueError:
-            raise RolloutError(f"wave {wave[:20]!r}: a whole number of boards or a percentage (10%)") from None
+            raise RolloutError(f"{wave[:40]!r}: a whole number of boards or a percentage (10%)") from None
         if not (0 < value <= 100 if wave.endswith("%") else 0 < value <= 999999):
-            raise RolloutError(f"wave {wave[:20]!r}: 1 to 999999 boards, or 1% to 100%")
+            raise RolloutError(f"{wave[:40]!r}: 1 to 999999 boards, or 1% to 100%")
     return waves
 
 
@@ -114,12 +116,12 @@ def create(db: Database, contents: dict[str, bytes], selector: dict[str, str], w
         raise NotFound(f"no registered device matches {' '.join(f'{k}={v}' for k, v in selector.items())}")
     busy = db.execute(
         f"SELECT b.node, b.device, b.rollout FROM rollout_boards b JOIN rollouts r ON r.id = b.rollout "
-        f"WHERE r.state IN ('running', 'paused') AND b.state NOT IN ({','.join('?' * len(ENDS))})",
+        f"WHERE r.state IN ('running', 'paused', 'halted') AND b.state NOT IN ({','.join('?' * len(ENDS))})",
         list(ENDS)).fetchall()
     taken = {(n, d): r for n, d, r in busy}
     clash = [(n, d) for n, d in boards if (n, d) in taken]
     if clash:
-        raise BoardsBusy(f"{len(clash)} of these boards are in rollout {taken[clash[0]]}, still running ("
+        raise BoardsBusy(f"{len(clash)} of these boards are in rollout {taken[clash[0]]}, not ended ("
                            f"{', '.join(f'{n}/{d}' for n, d in clash[:3])}): wait for it or abort it")
     db.table("bundles").upsert({"id": ident, "created": now, "files": json.dumps(
         {name: base64.b64encode(data).decode() for name, data in contents.items()})}, pk="id")
@@ -128,7 +130,7 @@ def create(db: Database, contents: dict[str, bytes], selector: dict[str, str], w
     db.table("rollouts").insert({"id": rollout, "bundle": ident, "created": now, "by": by, "state": "running",
                                  "reason": "", "selector": json.dumps(selector), "waves": json.dumps(waves), "wave": 0,
                                  "success": success, "max_failures": max_failures, "timeout": timeout,
-                                 "confirm_s": confirm_s, "updated": now})
+                                 "confirm_s": confirm_s, "updated": now, "accepted": -1})
     wave_of = [next(i for i, end in enumerate(ends) if n < end) for n in range(len(boards))]
     db.table("rollout_boards").insert_all(
         [{"rollout": rollout, "node": n, "device": d, "wave": wave_of[i], "state": "pending", "message": None,
@@ -172,8 +174,8 @@ def set_state(db: Database, rollout: str, action: str, now: float,
         if state not in ("paused", "halted"):
             raise RolloutError(f"rollout {rollout} is {state}: only a paused or halted one resumes")
         new = "running"
-        if state == "halted":  # the failures so far are accepted: the threshold counts from here
-            db.execute("UPDATE rollouts SET max_failures = ? WHERE id = ?",
+        if state == "halted":  # what stopped it is accepted: the failures so far, a wave short of --success
+            db.execute("UPDATE rollouts SET max_failures = ?, accepted = wave WHERE id = ?",
                        [current["failed"] + current["max_failures"], rollout])
     elif action == "abort":
         if state in ("aborted", "done"):
@@ -193,8 +195,8 @@ def set_state(db: Database, rollout: str, action: str, now: float,
         raise RolloutError("rollback goes with abort")
     else:
         raise RolloutError(f"unknown action {action!r}")
-    reason = {"pause": "paused", "resume": "resumed" + (f"; the {current['failed']} failures so far accepted"
-                                                        if state == "halted" else ""), "abort": "aborted"}[action]
+    reason = (f"resumed; what halted it is accepted ({plural(current['failed'], 'failure')} so far)"
+              if action == "resume" and state == "halted" else "")
     db.execute("UPDATE rollouts SET state = ?, reason = ?, updated = ? WHERE id = ?", [new, reason, now, rollout])
     return view(db, rollout), nodes
 
@@ -222,6 +224,13 @@ def _queue(db: Database, node: str, resource: str, body: dict[str, Any]) -> str:
     return message_id
 
 
+def prune_bundles(db: Database, now: float, keep_s: float = 86400) -> int:
+    """Bundles of rollouts that ended (aborted, done) a day ago go; those a rollout may still send stay."""
+    return db.execute(
+        "DELETE FROM bundles WHERE created < ? AND id NOT IN (SELECT bundle FROM rollouts WHERE state IN "
+        "('running', 'paused', 'halted') OR updated > ?)", [now - keep_s, now - keep_s]).rowcount
+
+
 def drive(db: Database, now: float) -> tuple[set[str], list[str]]:
     """Move every running rollout on; returns the nodes that have something new queued, and the rollouts that
     changed (a wave started, halted, done: the dashboards are told)."""
@@ -236,38 +245,56 @@ def drive(db: Database, now: float) -> tuple[set[str], list[str]]:
 
 def _drive_one(db: Database, rollout: str, now: float) -> set[str]:
     r = view(db, rollout)
-    for board in r["boards"]:  # a board that took longer than the per-board timeout failed
+    nodes: set[str] = set()
+    for board in r["boards"]:  # a board that took longer than the per-board timeout failed: stopped at its gateway
         if board["started"] and board["state"] not in ENDS and now - board["started"] > r["timeout"]:
             _end_board(db, rollout, board["node"], board["device"], "timed out",
                        f"not confirmed within {r['timeout']:g} s of its gateway taking the update", now)
+            _queue(db, board["node"], "ota", {"device": board["device"], "cancel": True, "rollout": rollout})
+            nodes.add(board["node"])
     r = view(db, rollout)
     if r["failed"] > r["max_failures"]:
-        for board in r["boards"]:  # not taken by its gateway yet: back to waiting (a resume sends it again)
-            if board["state"] == "queued":
-                db.execute("DELETE FROM downqueue WHERE id = (SELECT message FROM rollout_boards WHERE rollout = ? "
-                           "AND node = ? AND device = ?)", [rollout, board["node"], board["device"]])
-                db.execute("UPDATE rollout_boards SET state = 'pending', message = NULL WHERE rollout = ? AND "
-                           "node = ? AND device = ?", [rollout, board["node"], board["device"]])
         worst = [b for b in r["boards"] if b["state"] in FAILED][:3]
-        reason = (f"halted: {r['failed']} boards failed, more than the {r['max_failures']} allowed ("
-                  + "; ".join(f"{b['device']}: {b['state']}, {wire.clip(b['detail'], 80)}" for b in worst) + ")")
-        db.execute("UPDATE rollouts SET state = 'halted', reason = ?, updated = ? WHERE id = ?", [reason, now, rollout])
-        return set()
+        return nodes | _halt(db, r, f"{plural(r['failed'], 'board')} failed, more than the {r['max_failures']} "
+                                    "allowed (" + "; ".join(f"{b['device']}: {b['state']}, {wire.clip(b['detail'], 120)}"
+                                                             for b in worst) + ")", now)
     wave = r["wave"]
     in_wave = [b for b in r["boards"] if b["wave"] == wave]
     if any(b["state"] == "pending" for b in in_wave):
-        return _start_wave(db, r, wave, now)
-    waiting = [b for b in in_wave if b["state"] not in ENDS and b["state"] != "queued"]
+        return nodes | _start_wave(db, r, wave, now)
+    if any(b["state"] not in ENDS and b["state"] != "queued" for b in in_wave):
+        return nodes  # boards still updating
     confirmed = sum(b["state"] == "confirmed" for b in in_wave)
-    if waiting or confirmed < math.ceil(r["success"] * len(in_wave) - 1e-9):
-        return set()  # boards still updating, or too few confirmed yet (some wait on a gateway that is offline)
+    needed = math.ceil(r["success"] * len(in_wave) - 1e-9)
+    if confirmed < needed and wave > r["accepted"]:
+        if any(b["state"] == "queued" for b in in_wave):
+            return nodes  # some wait on a gateway that is offline: they may yet confirm
+        return nodes | _halt(db, r, f"wave {wave + 1}: {confirmed} of {len(in_wave)} confirmed, --success needs "
+                                    f"{needed} (resume goes on to the next wave)", now)
     if wave + 1 >= len(r["waves"]) or not any(b["wave"] > wave for b in r["boards"]):
         if all(b["state"] in ENDS for b in r["boards"]):
             db.execute("UPDATE rollouts SET state = 'done', reason = ?, updated = ? WHERE id = ?",
-                       [f"{r['confirmed']} of {r['total']} boards confirmed", now, rollout])
-        return set()
+                       [f"{r['confirmed']} of {plural(r['total'], 'board')} confirmed", now, rollout])
+        return nodes
     db.execute("UPDATE rollouts SET wave = ?, updated = ? WHERE id = ?", [wave + 1, now, rollout])
-    return _start_wave(db, {**r, "wave": wave + 1}, wave + 1, now)
+    return nodes | _start_wave(db, {**r, "wave": wave + 1}, wave + 1, now)
+
+
+def _halt(db: Database, r: dict[str, Any], why: str, now: float) -> set[str]:
+    """Stop starting boards: those not taken by their gateway yet go back to waiting (a resume sends them again)."""
+    for board in r["boards"]:
+        if board["state"] == "queued":
+            db.execute("DELETE FROM downqueue WHERE id = (SELECT message FROM rollout_boards WHERE rollout = ? "
+                       "AND node = ? AND device = ?)", [r["id"], board["node"], board["device"]])
+            db.execute("UPDATE rollout_boards SET state = 'pending', message = NULL WHERE rollout = ? AND "
+                       "node = ? AND device = ?", [r["id"], board["node"], board["device"]])
+    db.execute("UPDATE rollouts SET state = 'halted', reason = ?, updated = ? WHERE id = ?",
+               [f"halted: {why}", now, r["id"]])
+    return set()
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _start_wave(db: Database, r: dict[str, Any], wave: int, now: float) -> set[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -23,6 +24,7 @@ from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
 from edgetrio.writer import PRUNE_CHUNK, connect
 
+log = logging.getLogger("edgetrio.relay")
 DB_FILE = "relay.db"
 
 
@@ -311,6 +313,8 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
                    [int(result.get("version") or 0) if result.get("ok") else None, json.dumps(result), node])
     if resource == "device" and not result.get("ok") and not body.get("remove"):
         # the node could not register it (a model it does not have): the relay's fleet must not show it as there
+        log.warning("node=%s refused the registration of %s: %s", node, wire.clip(body["device"], 64),
+                    wire.clip(result.get("error"), 200))
         db.execute("UPDATE devices SET registered = 0 WHERE node = ? AND id = ?", [node, body["device"]])
         db.table("device_events").insert({"node": node, "device": str(body["device"]), "ts": time.time(),
                                           "received": time.time(), "kind": "log", "body": json.dumps({

@@ -65,6 +65,10 @@ async def confirm(node):
             except MemoryError as e:
                 print("confirm: %s: %r" % (message, e))
             await asyncio.sleep(1)
+    if node.cfg.get("battery"):  # a battery board ran its trial awake: back to sleeping between readings
+        await asyncio.sleep(1)
+        node.buffer.flush()
+        machine.reset()
 
 
 def go_back(node):
