@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_exhaustion
 	$(BIN)/python -m edgetrio.tools.bench.bench_catchup
 	$(BIN)/python -m edgetrio.tools.bench.bench_battery
+	$(BIN)/python -m edgetrio.tools.bench.bench_ota
 
 # long runs, not part of `make test` (figures in docs/reliability.md); SEED=n replays a chaos schedule
 chaos: $(STAMP)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -115,3 +116,18 @@ def log_line(row: dict[str, Any]) -> str:
     else:
         text = wire.clip(body, 2000)
     return f"{fmt_time(row['ts'])}  {text}"
+
+
+WAKE_GRACE_S = 60  # past its announced wake by this much: a sleeping board is shown as having missed it
+
+
+def asleep(device: dict[str, Any], now: float | None = None) -> bool:
+    """A battery board asleep: it said when it wakes next, and that is not long past (a wake takes a few seconds)."""
+    until = device.get("asleep_until")
+    return until is not None and not device.get("online") and (now or time.time()) < until + WAKE_GRACE_S
+
+
+def firmware_of(meta: dict[str, Any]) -> str:
+    """The version a board runs, and whether it is a firmware update on trial or one is being received."""
+    version = wire.clip(meta.get("firmware") or "-", 16)  # what a board says: no escape codes on a terminal
+    return version + (" trial" if meta.get("trial") else " updating" if meta.get("updating") else "")

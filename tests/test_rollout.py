@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgetrio.accounts import NotFound
 from edgetrio.bundles import bundle_files, bundle_id
+from edgetrio.cloud import rollouts, store
 from edgetrio.cloud.rollouts import RolloutError, parse_waves, wave_ends
 from edgetrio.tools.testkit import Daemon, Relay, make_bundle, virtual_boards, wait_until
 
@@ -28,6 +31,74 @@ def test_waves_are_cumulative_and_the_last_takes_every_board() -> None:
     for bad in ("", "0", "-1", "150%", "x", ",".join(["1"] * 21)):
         with pytest.raises(RolloutError):
             parse_waves(bad)
+
+
+def fleet(tmp_path: Path, boards: int) -> Any:
+    """A relay store with one node and `boards` registered boards, and a bundle's files."""
+    db = store.open_db(tmp_path)
+    store.add_node(db, "gw")
+    for i in range(1, boards + 1):
+        store.register_device(db, "gw", f"b-{i}", "esp32-sensor")
+    db.execute("DELETE FROM downqueue")  # the registrations: this store has no edge to take them
+    return db, {name: b"\x4d\x06" + name.encode() for name in ("node.mpy", "ota.mpy", "trial.mpy")}
+
+
+def take(db: Any, now: float) -> dict[str, str]:
+    """Play the gateway: take every queued `ota` message (the update starts there); returns device -> message."""
+    taken = {}
+    for row in store.pending_down(db, "gw"):
+        store.down_applied(db, "gw", row["id"], {"ok": True})
+        if row["resource"] == "ota" and not row["body"].get("cancel"):
+            taken[row["body"]["device"]] = row["id"]
+    return taken
+
+
+def test_a_wave_short_of_its_success_halts_and_a_board_past_its_timeout_is_stopped_at_its_gateway(
+        tmp_path: Path) -> None:
+    db, files = fleet(tmp_path, 4)
+    now = time.time()  # the gateway's taking of an update is stamped with the relay's clock
+    r = rollouts.create(db, files, {"node": "gw"}, parse_waves("2,100%"), 1.0, 5, 60, 300, "op", now)
+    assert r["counts"] == {"pending": 4}
+    rollouts.drive(db, now)
+    assert take(db, now).keys() == {"b-1", "b-2"}
+    rollouts.progress(db, "gw", {"device": "b-1", "bundle": r["bundle"], "state": "confirmed"}, now + 5)
+    rollouts.drive(db, now + 61)  # b-2 took longer than the timeout: it failed, and its gateway is told to stop
+    status = rollouts.view(db, r["id"])
+    assert {b["device"]: b["state"] for b in status["boards"]} == {"b-1": "confirmed", "b-2": "timed out",
+                                                                    "b-3": "pending", "b-4": "pending"}
+    cancels = [m["body"] for m in store.pending_down(db, "gw") if m["resource"] == "ota"]
+    assert cancels == [{"device": "b-2", "cancel": True, "rollout": r["id"]}]
+    rollouts.drive(db, now + 62)  # 1 of 2 confirmed, --success 100%: halted with why, within the failure budget
+    status = rollouts.view(db, r["id"])
+    assert status["state"] == "halted" and "wave 1: 1 of 2 confirmed, --success needs 2" in status["reason"]
+    resumed, _ = rollouts.set_state(db, r["id"], "resume", now + 63)
+    assert resumed["state"] == "running" and "accepted" in resumed["reason"]
+    rollouts.drive(db, now + 64)  # what halted it is accepted: wave 2 starts
+    assert take(db, now + 64).keys() == {"b-3", "b-4"}
+    for device in ("b-3", "b-4"):
+        rollouts.progress(db, "gw", {"device": device, "bundle": r["bundle"], "state": "confirmed"}, now + 70)
+    rollouts.drive(db, now + 71)
+    done = rollouts.view(db, r["id"])
+    assert done["state"] == "done" and done["reason"] == "3 of 4 boards confirmed" and done["failed"] == 1
+    # a board's later word on an ended update changes nothing
+    rollouts.progress(db, "gw", {"device": "b-2", "bundle": r["bundle"], "state": "confirmed"}, now + 80)
+    assert {b["device"]: b["state"] for b in rollouts.view(db, r["id"])["boards"]}["b-2"] == "timed out"
+
+
+def test_an_abort_leaves_boards_not_started_alone_and_counts_them_as_no_failure(tmp_path: Path) -> None:
+    db, files = fleet(tmp_path, 3)
+    r = rollouts.create(db, files, {"model": "esp32-sensor"}, parse_waves("1,100%"), 1.0, 0, 600, 300, "op", 0.0)
+    rollouts.drive(db, 1.0)
+    aborted, _ = rollouts.set_state(db, r["id"], "abort", 2.0)
+    assert aborted["state"] == "aborted" and aborted["failed"] == 0 and aborted["counts"] == {"cancelled": 3}
+    assert not [m for m in store.pending_down(db, "gw") if m["resource"] == "ota"]  # the queued one withdrawn
+    with pytest.raises(NotFound, match="no registered device matches node=nowhere"):
+        rollouts.create(db, files, {"node": "nowhere"}, parse_waves("1"), 1.0, 0, 600, 300, "op", 3.0)
+    with pytest.raises(RolloutError, match="node=NAME, device=ID or model=NAME"):  # an empty name is not "all"
+        rollouts.create(db, files, {"node": ""}, parse_waves("1"), 1.0, 0, 600, 300, "op", 3.0)
+    again = rollouts.create(db, files, {"node": "gw"}, parse_waves("100%"), 1.0, 0, 600, 300, "op", 3.0)
+    with pytest.raises(rollouts.BoardsBusy, match=f"1 of these boards are in rollout {again['id']}, not ended \\(gw/b-2\\)"):
+        rollouts.create(db, files, {"device": "b-2"}, parse_waves("1"), 1.0, 0, 600, 300, "op", 4.0)
 
 
 def boards_of(relay: Relay, rollout: str) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,16 @@ import trio
 from edgetrio import rules, web
 from edgetrio.cloud import rollouts, store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
-from edgetrio.common_cli import desired_patch, log_line, print_readings, print_twin, readings_options, user_commands
+from edgetrio.common_cli import (
+    asleep,
+    desired_patch,
+    firmware_of,
+    log_line,
+    print_readings,
+    print_twin,
+    readings_options,
+    user_commands,
+)
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -194,9 +203,9 @@ def cmd_nodes(args: argparse.Namespace) -> None:
 @COMMANDS.command("cloud devices", "devices of all nodes or one", API, arg("node", nargs="?"))
 def cmd_devices(args: argparse.Namespace) -> None:
     devices = call(args, "GET", (f"/api/nodes/{args.node}/devices" if args.node else "/api/devices") + "?limit=5000")
-    emit(args, devices, lambda: print("\n".join([f"{'NODE':<16} {'DEVICE':<20} {'STATE':<8} LAST SEEN"] + [
-        f"{d['node']:<16} {d['id']:<20} {'online' if d['online'] else 'offline':<8} {fmt_time(d['last_seen'])}"
-        for d in devices])))
+    emit(args, devices, lambda: print("\n".join([f"{'NODE':<16} {'DEVICE':<20} {'STATE':<8} {'FIRMWARE':<16} LAST SEEN"] + [
+        f"{d['node']:<16} {d['id']:<20} {'online' if d['online'] else 'asleep' if asleep(d) else 'offline':<8} "
+        f"{firmware_of(d['meta'] or {}):<16} {fmt_time(d['last_seen'])}" for d in devices])))
 
 
 COMMANDS.group("cloud device", "register a device from the cloud")

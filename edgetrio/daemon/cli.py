@@ -15,7 +15,16 @@ from typing import Any
 import trio
 
 from edgetrio import wire
-from edgetrio.common_cli import desired_patch, log_line, print_readings, print_twin, readings_options, user_commands
+from edgetrio.common_cli import (
+    asleep,
+    desired_patch,
+    firmware_of,
+    log_line,
+    print_readings,
+    print_twin,
+    readings_options,
+    user_commands,
+)
 from edgetrio.console import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -55,8 +64,6 @@ from edgetrio.models import load_model_file
 from edgetrio.rules import RuleError, check_notify_urls, parse_document, read_rule_file
 from edgetrio.twin import VersionConflict, set_desired
 from edgetrio.writer import offline_write
-
-WAKE_GRACE_S = 60  # past its announced wake by this much: a sleeping board is shown as having missed it
 
 COMMANDS = Commands()
 DATA_HELP = "the gateway's data directory (default: $EDGETRIO_DATA_DIR or ./edgetrio-data)"
@@ -114,12 +121,6 @@ def via_daemon_or_store(data_dir: Path, op: str, op_args: dict[str, Any], offlin
             return offline(db)
     except (RegistryError, VersionConflict, RuleError) as exc:
         raise CliError(str(exc)) from exc
-
-
-def asleep(device: dict[str, Any], now: float | None = None) -> bool:
-    """A battery board asleep: it said when it wakes next, and that is not long past (a wake takes a few seconds)."""
-    until = device.get("asleep_until")
-    return until is not None and not device.get("online") and (now or time.time()) < until + WAKE_GRACE_S
 
 
 def gateway_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offline: Callable[[Any], Any]) -> Any:
@@ -207,12 +208,6 @@ def cmd_device_remove(args: argparse.Namespace) -> None:
     via_daemon_or_store(args.data_dir, "device.remove", {"id": args.id},
                         lambda db: store.remove_device(db, args.id))
     emit(args, {"id": args.id, "removed": True}, lambda: print(f"removed {args.id} (its stored readings are kept)"))
-
-
-def firmware_of(meta: dict[str, Any]) -> str:
-    """The version a board runs, and whether it is a firmware update on trial or one is being received."""
-    version = wire.clip(meta.get("firmware") or "-", 16)  # what a board says: no escape codes on a terminal
-    return version + (" trial" if meta.get("trial") else " updating" if meta.get("updating") else "")
 
 
 @COMMANDS.command("device list", "devices with online state and last seen", LOCAL)
