@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from edgetrio.tools.testkit import Board, contiguous_per_boot, wait_until
+from edgetrio.tools.testkit import Board, cli, contiguous_per_boot, make_bundle, wait_until
 
 
 def test_boots_goes_online_and_telemetry_is_stored_and_acked(board: Board) -> None:
@@ -286,3 +287,20 @@ def test_a_board_from_a_file_reports_each_part_and_takes_its_outputs(board: Boar
         assert latest["door"] is True  # open: the pull-up holds the pin high
         board.daemon.cli("fault", board.id, "env", "gpio13=0")
         wait_until(lambda: board.readings()[-1]["values"].get("door") is False, timeout=10)
+
+
+def test_an_update_over_the_air_is_confirmed_and_a_rollback_goes_back(board: Board, tmp_path: Path) -> None:
+    """What the unix port can only simulate: LittleFS's rename under the swap, the watchdog fed while chunks are
+    written to flash, the heap of a real ESP32 through two restarts (docs/firmware.md, Updates over the air)."""
+    flashed = wait_until(lambda: (board.device().get("meta") or {}).get("bundle"), timeout=90)
+    new = make_bundle(tmp_path, "0.9.0-hil")
+    done = cli(board.daemon.data_dir, "ota", board.id, "--bundle", str(new), timeout=600)
+    assert f"{board.id} confirmed bundle" in done.stdout and "firmware 0.9.0-hil" in done.stdout, done.stdout
+    wait_until(lambda: (board.device().get("meta") or {}).get("firmware") == "0.9.0-hil", timeout=60)
+    went = board.cmd("rollback")  # back to what was flashed, kept beside it
+    assert went["ok"] and went["value"]["bundle"] == flashed, went
+    meta = wait_until(lambda: (m := board.device().get("meta") or {}).get("bundle") == flashed and m, timeout=120)
+    assert meta["firmware"] == "0.1.0"
+    boot = meta["boot"]
+    wait_until(lambda: any(r["boot"] == boot for r in board.readings()), timeout=60)  # and it reads again
+    contiguous_per_boot(board.readings())
