@@ -6,6 +6,7 @@ by itself at its failure threshold, and the boards after it keep the firmware th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -121,10 +122,12 @@ def test_a_rollout_halts_at_its_threshold_and_an_offline_gateway_catches_up_in_i
                                               '.startswith("rb"): raise ImportError("not on this board")')
     bad_id = bundle_id(bundle_files(bad / "lib"))
     try:
-        with virtual_boards(a, "ra", 2, period=0.5), virtual_boards(b, "rb", 2, period=0.5):
+        with virtual_boards(a, "ra", 2, period=0.5), contextlib.ExitStack() as site_b:
+            site_b.enter_context(virtual_boards(b, "rb", 2, period=0.5))
             flashed = wait_until(lambda: (m := relay_meta(relay)) and len(m) == 4 and all(
                 x.get("bundle") for x in m.values()) and m, timeout=120)
-            b.stop()  # gw-b is offline when its wave starts
+            site_b.close()  # gw-b's site loses power: its gateway and its boards are off when its wave starts
+            b.stop()
             created = relay.json("rollout", "create", "--bundle", str(bad), "--select", "model=esp32-sensor",
                                  "--waves", "1,2,100%", "--max-failures", "0", "--timeout", "600")
             rollout = created["id"]
@@ -140,6 +143,7 @@ def test_a_rollout_halts_at_its_threshold_and_an_offline_gateway_catches_up_in_i
             assert status["state"] == "running" and status["wave"] == 1  # waits for rb-1, whose gateway is offline
             assert boards_of(relay, rollout)["rb-1"]["state"] == "queued"
             b.start()  # back: rb-1 gets the bundle, in its wave, fails, and the rollout halts
+            site_b.enter_context(virtual_boards(b, "rb", 2, period=0.5))
             halted = wait_until(lambda: (s := relay.json("rollout", "status", rollout))["state"] == "halted" and s,
                                 timeout=240)
             boards = {x["device"]: x for x in halted["boards"]}

@@ -103,6 +103,9 @@ class Watch:
     def ota(self, device: str, body: dict[str, Any]) -> None:
         """A board's answer about a firmware update (where it wants the next chunk, installed, confirmed, failed)."""
 
+    def ota_listening(self, device: str) -> None:
+        """A board subscribed to its `ota` topic: what is sent there now reaches it (not so at its connect)."""
+
 
 class Watchers(Watch):
     """Several watchers as one. A watcher that fails costs its own view of that event, never ingest: they are
@@ -129,6 +132,9 @@ class Watchers(Watch):
 
     def meta(self, device: str) -> None:
         self._tell("meta", device)
+
+    def ota_listening(self, device: str) -> None:
+        self._tell("ota_listening", device)
 
     def integration(self, event: BusEvent) -> None:
         self._tell("integration", event)
@@ -312,6 +318,8 @@ class Ingest:
         if is_device_user(event.username):
             if topic_matches(event.topic, device_topic(event.client_id, "time")):
                 self.link.publish([time_message(event.client_id, now)])  # a board's clock starts unset
+            if topic_matches(event.topic, device_topic(event.client_id, "ota")):
+                self.watch.ota_listening(event.client_id)
             if topic_matches(event.topic, device_topic(event.client_id, "cmd")):  # listening: what was held for it
                 device = event.client_id
                 self._write(partial(store.take_held, device_id=device, now=now),

@@ -207,15 +207,20 @@ class Updates(Watch):
 
     def presence(self, device: str, online: bool) -> None:
         update = self.updates.get(device)
-        if update is None or update.state in DONE:
+        # back online, a board is asked where it is once it listens on its `ota` topic (ota_listening): a `begin`
+        # sent at its connect, before its subscription, was lost and cost the 10 s wait for the retry
+        if update is None or update.state in DONE or online:
             return
-        if online:
-            self._begin(update)  # after a restart or a dropped link: the board says where it is
-        elif update.asked and update.state in ("queued", "sending"):
+        if update.asked and update.state in ("queued", "sending"):
             update.drops += 1  # it went while it had something of ours to answer: out of memory, perhaps
             if update.drops >= MAX_DROPS:
                 self._finish(update, "failed", f"the board dropped its link {MAX_DROPS} times while receiving, "
                                                "without progress (out of memory? see its console)")
+
+    def ota_listening(self, device: str) -> None:
+        update = self.updates.get(device)
+        if update is not None and update.state not in DONE:
+            self._begin(update)  # after a restart or a dropped link: the board says where it is
 
     def ota(self, device: str, body: dict[str, Any]) -> None:
         update = self.updates.get(device)
