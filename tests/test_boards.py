@@ -5,6 +5,7 @@ from the twin, a contact's change reported at once, a chip that does not answer 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -359,3 +360,17 @@ def test_a_board_file_does_not_replace_a_model_others_rely_on(daemon: Daemon, tm
     assert "'clash-board' is what clash-2 run with other parts" in refused.stderr
     daemon.cli("device", "remove", "clash-1")
     assert flash("clash-2", light).returncode == 0  # its only board now: rewired, the model follows
+
+
+def test_a_fault_pins_only_what_a_room_and_a_board_can_give(tmp_path: Path) -> None:
+    """`fault ID env` took values no wiring gives (1e9 degrees, a pin level of 5): refused now, with the range."""
+    from edgetrio.tools.vdev import flash_dir, set_fault
+
+    flash_dir(tmp_path, "v-1").mkdir(parents=True)
+    for pin, why in ((("temperature", 1e9), "-40 to 85 °C"), (("humidity", -1), "0 to 100 %"),
+                     (("gpio13", 5), "0 or 1 (the pin's level)"), (("gpio25_hz", 1e9), "0 to 40000 Hz"),
+                     (("temperature", float("nan")), "a number")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            set_fault(tmp_path, "v-1", "env", dict([pin]))
+    set_fault(tmp_path, "v-1", "env", {"temperature": -5.5, "gpio13": 0, "gpio25_hz": 120})
+    assert json.loads((flash_dir(tmp_path, "v-1") / "sim" / "env.json").read_text())["temperature"] == -5.5

@@ -84,6 +84,11 @@ def new_board_id(data_dir: Path, prefix: str) -> str:
 
 
 ENV_KEYS = ("temperature", "pressure", "humidity", "analog", "chip_temperature", "illuminance")  # sim/environment.py
+# what each can be in a room a board is in (the sensors' own ranges: BME280 -40..85 C, 300..1100 hPa; the ESP32's
+# ADC 0..3.3 V and its die -40..125 C; BH1750 up to 65535 lx); a pulse rate a GPIO's counter still follows
+ENV_RANGES = {"temperature": (-40, 85, "°C"), "pressure": (300, 1100, "hPa"), "humidity": (0, 100, "%"),
+              "analog": (0, 3.3, "V"), "chip_temperature": (-40, 125, "°C"), "illuminance": (0, 65535, "lx")}
+MAX_PULSE_HZ = 40_000  # past what the firmware's pulse counter and the simulation follow
 
 
 def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
@@ -100,8 +105,12 @@ def set_fault(data_dir: Path, device_id: str, kind: str, value: Any) -> None:
             if not (key in ENV_KEYS or (pin and int(pin[1]) in GPIOS)):
                 raise ValueError(f"env {key!r}: use one of {', '.join(ENV_KEYS)}, gpioN (an input pin's level, 0 or 1) "
                                  "or gpioN_hz (a pulse rate)")
-            if not isinstance(pinned, int | float) or isinstance(pinned, bool):
+            if not isinstance(pinned, int | float) or isinstance(pinned, bool) or pinned != pinned:
                 raise ValueError(f"env {key}={pinned!r}: a number")
+            low, high, unit = ENV_RANGES.get(key) or ((0, MAX_PULSE_HZ, "Hz") if key.endswith("_hz") else (0, 1, ""))
+            if not low <= pinned <= high or (not unit and pinned not in (0, 1)):
+                raise ValueError(f"env {key}={pinned!r}: " + (f"{low} to {high} {unit}".rstrip() if unit else
+                                                              "0 or 1 (the pin's level)"))
         path = sim / "env.json"
         env = json.loads(path.read_text()) if path.exists() else {}
         env.update(value)
