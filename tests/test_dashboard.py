@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, greenhouse_board, wait_until
+from edgetrio.tools.testkit import ROOT, Daemon, Probe, Relay, greenhouse_board, virtual_boards, wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 BOARD = "greenhouse-1"
@@ -291,6 +291,24 @@ def test_a_rollout_is_on_the_fleet_page_and_its_own_with_each_board(stack: tuple
     assert "1 of 1 confirmed" in find(browser, "#rollout-summary").text
     assert not found(browser, "#rollout-summary button")  # a viewer steers nothing
     assert relay.json("rollout", "status", created["id"])["state"] == "done"
+
+
+def test_a_contacts_state_is_shown_and_follows_the_board(stack: tuple[Relay, Daemon], browser: Any) -> None:
+    """A door contact reports true or false: no plot for it, its state now, changing as the board reports it."""
+    relay, daemon = stack
+    board_file = ROOT / "examples" / "boards" / "greenhouse.toml"
+    with virtual_boards(daemon, "door", 1, period=0.5, extra=("--board", str(board_file))) as (device,):
+        wait_until(lambda: any(d["id"] == device and d["online"] for d in relay.json("devices")), timeout=90)
+        daemon.cli("fault", device, "env", "gpio13=0")  # the reed contact closed: the door is shut
+        wait_until(lambda: any(r["values"].get("door") is False for r in daemon.readings(device, missing_ok=True)),
+                   timeout=60)
+        log_in(browser, relay, "vera", "viewer-password-1")
+        wait(browser, lambda d: found(d, "#whoami") and "vera" in find(d, "#whoami").text)
+        browser.get(f"{relay.api_url}/#/device/gw1/{device}")
+        wait(browser, lambda d: "door: off" in find(d, '#states [data-state="door"]').text, timeout=60)
+        assert not found(browser, '.plot[data-resource="door"]')
+        daemon.cli("fault", device, "env", "gpio13=1")  # opened: the page follows without a reload
+        wait(browser, lambda d: "door: on" in find(d, '#states [data-state="door"]').text, timeout=60)
 
 
 def test_the_gateway_serves_the_same_dashboard_with_the_relay_gone(stack: tuple[Relay, Daemon], browser: Any) -> None:

@@ -228,6 +228,7 @@ async function device(nodeName, id) {
   const twinPanel = el("div", { class: "panel", id: "twin" });
   const commands = el("div", { class: "panel", id: "commands" });
   const logs = el("div", { class: "panel", id: "logs", hidden: true });
+  const states = el("div", { class: "panel row", id: "states", hidden: true });
   main().replaceChildren(
     el("h2", {}, id, " ", el("span", { id: "device-state", class: info.online ? "online" : "offline" },
                              info.online ? "online" : "offline")),
@@ -241,11 +242,26 @@ async function device(nodeName, id) {
     ...((info.model_lacks || []).length ? [el("p", { class: "error", id: "model-lacks" },
       `The board sends ${info.model_lacks.join(", ")}, which model ${info.model} lacks: readings with them are refused. `
       + `Reflash it with its board file, or \`edgetrio device set-model ${id} MODEL\`.`)] : []),
-    ranges, plots, twinPanel, commands, logs);
+    ranges, states, plots, twinPanel, commands, logs);
   // units as the board announced its resources (meta), shown in each plot's title
   const units = Object.fromEntries(((info.meta && info.meta.resources) || []).filter((r) => r && r.unit)
                                    .map((r) => [r.name, r.unit]));
   drawPlots(plots, series, range, units);
+  // what reports true or false (a door contact, a float switch): its state now, not a plot
+  const contacts = ((info.meta && info.meta.resources) || []).filter((r) => r && r.type === "bool" && r.access !== "rw")
+    .map((r) => r.name);
+  const now = {};
+  const showStates = (values, ts) => {
+    for (const name of contacts) if (typeof (values || {})[name] === "boolean") now[name] = [values[name], ts];
+    const shown = contacts.filter((name) => name in now);
+    states.hidden = !shown.length;
+    states.replaceChildren(...shown.map((name) => el("span", { class: `state state-${now[name][0]}`, "data-state": name },
+      `${name}: ${now[name][0] ? "on" : "off"} (${ago(now[name][1])})`)));
+  };
+  if (contacts.length) {
+    const last = await api("GET", `${base}/readings?limit=200`).catch(() => []);
+    for (const r of last) showStates(r.values, r.ts);
+  }
   // what can be set: a board's outputs (rw resources) and the firmware's own settings, as its meta says
   const controls = [...((info.meta && info.meta.resources) || []).filter((r) => r && r.access === "rw"),
                     ...((info.meta && info.meta.controls) || [])].filter((c) => c && typeof c.name === "string");
@@ -253,7 +269,7 @@ async function device(nodeName, id) {
   showCommands(commands, base, (info.meta && info.meta.commands) || ["ping"]);
   showLogs(logs, base);
   follow({ node: nodeName, device: id }, async () => showTwin(twinPanel, base, await api("GET", `${base}/twin`)),
-         (reading) => appendReading(reading, range));  // readings of this device only, as the relay stores them
+         (reading) => { appendReading(reading, range); showStates(reading.values, reading.ts); });  // this device's only
 }
 
 function drawPlots(container, series, range, units = {}) {
