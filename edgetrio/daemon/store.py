@@ -507,11 +507,16 @@ def record_command(db: Database, cmd_id: str, device_id: str, name: str, args: d
                            "status": status, "result": None, "finished": None})
 
 
+HELD_PER_WAKE = 4  # held commands sent at one wake: a board's heap takes a few at once (15 at once ran it out)
+
+
 def take_held(db: Database, device_id: str, now: float) -> list[dict[str, Any]]:
-    """The commands held for a sleeping device, oldest first, marked sent (it is awake and listening now)."""
+    """The oldest commands held for a sleeping device (a few: the rest wait for its next wake), marked sent (it is
+    awake and listening now)."""
     rows = [{"id": r["id"], "name": r["name"], "args": json.loads(r["args"])} for r in db.query(
-        "SELECT id, name, args FROM commands WHERE device = ? AND status = 'held' ORDER BY sent", [device_id])]
-    db.execute("UPDATE commands SET status = 'sent', sent = ? WHERE device = ? AND status = 'held'", [now, device_id])
+        "SELECT id, name, args FROM commands WHERE device = ? AND status = 'held' ORDER BY sent, rowid LIMIT ?",
+        [device_id, HELD_PER_WAKE])]
+    db.conn.executemany("UPDATE commands SET status = 'sent', sent = ? WHERE id = ?", [(now, r["id"]) for r in rows])
     return rows
 
 

@@ -137,7 +137,7 @@ async def serve_web(site: GatewayWeb, host: str, port: int) -> AsyncIterator[str
 def _device_row(node: str, row: dict[str, Any], models: dict[str, Model | None]) -> dict[str, Any]:
     model = models.get(row["id"]) if row["model"] else None
     return {"node": node, "id": row["id"], "model": row["model"], "online": row["online"],
-            "last_seen": row["last_seen"], "meta": row["meta"],
+            "last_seen": row["last_seen"], "meta": row["meta"], "asleep_until": row.get("asleep_until"),
             "model_lacks": missing_from_model(model, row["meta"] or {})}  # what the board sends that it refuses
 
 

@@ -37,6 +37,11 @@ LOCAL = (*data_dir_option(default_data_dir, "the gateway's data directory (defau
 COMMANDS.group("service", "run the daemon or the relay as a systemd service")
 
 
+def require_battery(battery: int | None) -> None:
+    if battery is not None and not 1 <= battery <= 1000:  # as a board file's [board] battery
+        raise CliError(f"--battery {battery}: online every 1 to 1000 readings (deep sleep between)", EXIT_USAGE)
+
+
 @COMMANDS.command(
     "vdev", "run virtual ESP32s (the real firmware) against the daemon", LOCAL,
     arg("--count", type=int, default=1, help="how many virtual boards (default 1)"),
@@ -64,6 +69,7 @@ COMMANDS.group("service", "run the daemon or the relay as a systemd service")
         help="battery mode: deep sleep between readings (one per period), connecting every N readings"))
 def cmd_vdev(args: argparse.Namespace) -> None:
     require_positive(count=args.count, period=args.period, buffer=args.buffer, battery=args.battery)
+    require_battery(args.battery)
     try:
         require_device_tools(virtual=True)
     except RuntimeError as exc:
@@ -109,6 +115,7 @@ def cmd_vdev(args: argparse.Namespace) -> None:
     arg("--wait", type=float, default=60.0, help="seconds to wait for the device to come online"))
 def cmd_flash(args: argparse.Namespace) -> None:
     require_positive(battery=args.battery)
+    require_battery(args.battery)
     try:
         flash(args.port, args.device_id, args.broker, args.data_dir, args.wifi_ssid, args.wifi_password, args.out,
               args.period, args.wait, watchdog=args.watchdog, erase=args.erase, password=args.password,

@@ -352,7 +352,11 @@ class VirtualDevice:
                 elif code == DEEPSLEEP_EXIT:
                     sleep_file = self.flash / "sim" / "sleep_ms"
                     ms = int(sleep_file.read_text() or 0) if sleep_file.exists() else 0
-                    await trio.sleep(ms / 1000)
+                    with trio.move_on_after(ms / 1000):
+                        while not power.exists():  # the power cut while it sleeps: it comes back from power-on
+                            await trio.sleep(0.1)
+                        cause = PWRON_RESET
+                        log.info("vdev %s power cycled while asleep", self.id)
                 elif code == "watchdog":
                     (self.flash / "sim" / "hang").unlink(missing_ok=True)  # the reset frees the stuck bus
                     log.warning("vdev %s: watchdog reset (the firmware stopped feeding it)", self.id)

@@ -54,13 +54,19 @@ async def wake(node):
     cfg = node.cfg.get("battery") or {}
     period = node.twin.get("period", 10)
     node.take_reading()
-    machine.RTC().memory(json.dumps([node.boot, node.seq]))  # the next wake goes on from here (lost with the power)
+    rtc = machine.RTC()
+    rtc.memory(json.dumps([node.boot, node.seq, node.misses]))  # the next wake goes on from here (lost with the power)
     sent = False
-    if node.reset_cause != "deep sleep" or node.buffer.unacked() >= cfg.get("send_every", 1):
+    # no gateway at the last tries (Wi-Fi or gateway down): try again after twice as many readings each time, up to
+    # 16 times as many, so an outage does not cost a 10 s Wi-Fi search at every wake (readings stay on flash)
+    every = cfg.get("send_every", 1) * min(16, 2 ** node.misses)
+    if node.reset_cause != "deep sleep" or node.buffer.unacked() >= every:
         try:
             sent = await session(node, cfg, period)
         except Exception as e:
             print("session failed:", repr(e))
+        node.misses = 0 if sent else min(node.misses + 1, 4)
+        rtc.memory(json.dumps([node.boot, node.seq, node.misses]))
     node.buffer.flush()  # the acks to flash: RTC memory would do on a real board, the buffer is on flash anyway
     awake = time.ticks_diff(time.ticks_ms(), node.woke)
     print("[battery] awake %d ms%s; sleeping %g s" % (awake, ", sent" if sent else "", period))

@@ -75,14 +75,17 @@ class Node:
         self.boot = state["boot"]
         self.reset_cause = RESET_CAUSES.get(machine.reset_cause(), "unknown")  # a watchdog reset tells of a hang
         self.seq = 0
+        self.misses = 0  # a battery board's sessions in a row that found no gateway (it then connects less often)
         if self.reset_cause == "deep sleep":  # a battery board's wake: the same boot goes on where it slept
-            kept = machine.RTC().memory()
+            memory = machine.RTC().memory()
             try:
-                boot, seq = json.loads(kept) if kept else (0, 0)
-            except ValueError:
-                boot, seq = 0, 0
+                kept = json.loads(memory) if memory else [0, 0]  # [boot, seq, misses]
+                boot, seq = kept[0], kept[1]
+            except (ValueError, IndexError, TypeError):
+                boot, seq, kept = 0, 0, []
             if boot == self.boot:
                 self.seq = seq
+                self.misses = kept[2] if len(kept) > 2 else 0
             else:  # nothing kept (cannot be told where the boot was): a new boot, so no seq is used twice
                 self.boot = state["boot"] = self.boot + 1
                 save_json(STATE_FILE, state)
