@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import time
 import uuid
 from typing import Any
 
@@ -23,6 +22,7 @@ from sqlite_utils import Database
 from edgetrio import wire
 from edgetrio.accounts import NotFound
 from edgetrio.bundles import BundleError, bundle_id, files_of
+from edgetrio.cloud.downqueue import queue_down
 
 # a board's states: pending (its wave has not started), queued (in its gateway's down queue), started (the gateway
 # took it), the gateway's own (restarting, sending, installed, trial), and the ends (reverted: confirmed, then sent
@@ -185,7 +185,7 @@ def set_state(db: Database, rollout: str, action: str, now: float,
         if rollback:  # the boards that took the bundle go back to the firmware they kept from before
             for board in current["boards"]:
                 if board["state"] == "confirmed":
-                    message = _queue(db, board["node"], "ota", {"device": board["device"], "rollback": True,
+                    message = queue_down(db, board["node"], "ota", {"device": board["device"], "rollback": True,
                                                                 "rollout": rollout})
                     db.execute("UPDATE rollout_boards SET state = 'reverting', message = ?, detail = '' WHERE "
                                "rollout = ? AND node = ? AND device = ?", [message, rollout, board["node"],
@@ -210,18 +210,11 @@ def _withdraw(db: Database, rollout: str, state: str, detail: str, now: float) -
         if board["state"] == "queued" and board["message"]:
             db.execute("DELETE FROM downqueue WHERE id = ?", [board["message"]])
         elif board["state"] != "pending":
-            _queue(db, board["node"], "ota", {"device": board["device"], "cancel": True, "rollout": rollout})
+            queue_down(db, board["node"], "ota", {"device": board["device"], "cancel": True, "rollout": rollout})
             nodes.add(board["node"])
         db.execute("UPDATE rollout_boards SET state = ?, finished = ?, detail = ? WHERE rollout = ? AND node = ? AND "
                    "device = ?", [state, now, detail, rollout, board["node"], board["device"]])
     return nodes
-
-
-def _queue(db: Database, node: str, resource: str, body: dict[str, Any]) -> str:
-    message_id = uuid.uuid4().hex
-    db.table("downqueue").insert({"id": message_id, "node": node, "created": time.time(), "resource": resource,
-                                  "body": json.dumps(body)})
-    return message_id
 
 
 def prune_bundles(db: Database, now: float, keep_s: float = 86400) -> int:
@@ -250,7 +243,7 @@ def _drive_one(db: Database, rollout: str, now: float) -> set[str]:
         if board["started"] and board["state"] not in ENDS and now - board["started"] > r["timeout"]:
             _end_board(db, rollout, board["node"], board["device"], "timed out",
                        f"not confirmed within {r['timeout']:g} s of its gateway taking the update", now)
-            _queue(db, board["node"], "ota", {"device": board["device"], "cancel": True, "rollout": rollout})
+            queue_down(db, board["node"], "ota", {"device": board["device"], "cancel": True, "rollout": rollout})
             nodes.add(board["node"])
     r = view(db, rollout)
     if r["failed"] > r["max_failures"]:
@@ -309,9 +302,9 @@ def _start_wave(db: Database, r: dict[str, Any], wave: int, now: float) -> set[s
         if node not in bundle_sent:
             if files is None:
                 files = json.loads(db.execute("SELECT files FROM bundles WHERE id = ?", [r["bundle"]]).fetchone()[0])
-            _queue(db, node, "bundle", {"id": r["bundle"], "files": files})
+            queue_down(db, node, "bundle", {"id": r["bundle"], "files": files})
             bundle_sent.add(node)
-        message = _queue(db, node, "ota", {"device": board["device"], "bundle": r["bundle"], "rollout": r["id"],
+        message = queue_down(db, node, "ota", {"device": board["device"], "bundle": r["bundle"], "rollout": r["id"],
                                            "confirm_s": r["confirm_s"]})
         db.execute("UPDATE rollout_boards SET state = 'queued', message = ? WHERE rollout = ? AND node = ? AND "
                    "device = ?", [message, r["id"], node, board["device"]])

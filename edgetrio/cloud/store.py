@@ -18,6 +18,7 @@ from sqlite_utils import Database
 
 from edgetrio import accounts, wire
 from edgetrio.cloud import rollouts
+from edgetrio.cloud.downqueue import queue_down
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
@@ -281,13 +282,6 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
 
 
 # -- what goes down --------------------------------------------------------------------------------------------------
-
-def queue_down(db: Database, node: str, resource: str, body: dict[str, Any]) -> str:
-    message_id = uuid.uuid4().hex
-    db.table("downqueue").insert({"id": message_id, "node": node, "created": time.time(), "resource": resource,
-                                  "body": json.dumps(body)})
-    return message_id
-
 
 def pending_down(db: Database, node: str) -> list[dict[str, Any]]:
     return [{**r, "body": json.loads(r["body"])} for r in db.query(
