@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chaos soak clean
+.PHONY: demo test test-postgres lint bench chaos soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,7 +47,15 @@ lint: $(STAMP) $(TYPINGS)
 # lint and the install of Home Assistant's schemas need nothing of each other: side by side on a fresh checkout
 test:
 	$(MAKE) --no-print-directory -j2 lint $(HA_REF)
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/pytest -q -n 4 --dist loadfile --durations=15
+
+# the relay's tests again, each relay on a fresh database of a PostgreSQL server the tests start (tests/test_postgres.py,
+# in `make test`, covers what is PostgreSQL's own: migrations, replicas, fencing, a crashed database)
+RELAY_TESTS := tests/test_cloud.py tests/test_cloud_link.py tests/test_relay_security.py tests/test_accounts.py \
+	tests/test_rollout.py tests/test_exhaustion.py tests/test_dashboard.py tests/test_automation_e2e.py \
+	tests/test_api_contract.py
+test-postgres: $(STAMP)
+	$(BIN)/pytest -q -n 4 --dist loadfile --relay-database postgresql $(RELAY_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest

@@ -50,7 +50,7 @@ def get_user(db: Database, name: str) -> dict[str, Any] | None:
 
 
 def list_users(db: Database) -> list[dict[str, Any]]:
-    return list(db.query("SELECT u.name, u.role, u.created, (SELECT count(*) FROM api_tokens t WHERE t.user = u.name)"
+    return list(db.query('SELECT u.name, u.role, u.created, (SELECT count(*) FROM api_tokens t WHERE t."user" = u.name)'
                          " AS tokens FROM users u ORDER BY u.name"))
 
 
@@ -59,7 +59,7 @@ def remove_user(db: Database, name: str) -> None:
     if get_user(db, name) is None:
         raise NotFound(f"unknown user {name!r}")
     for table in ("api_tokens", "web_sessions"):
-        db.execute(f"DELETE FROM {table} WHERE user = ?", [name])
+        db.execute(f'DELETE FROM {table} WHERE "user" = ?', [name])
     db.execute("DELETE FROM users WHERE name = ?", [name])
 
 
@@ -80,7 +80,7 @@ def revoke_token(db: Database, token_id: str) -> None:
 
 
 def token_user(db: Database, token: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT u.name, u.role FROM api_tokens t JOIN users u ON u.name = t.user"
+    rows = list(db.query('SELECT u.name, u.role FROM api_tokens t JOIN users u ON u.name = t."user"'
                          " WHERE t.token_hash = ?", [token_digest(token)]))
     return rows[0] if rows else None
 
@@ -93,7 +93,7 @@ def start_session(db: Database, user: str, role: str, key: str, csrf: str, expir
 
 def session_user(db: Database, key: str, now: float) -> dict[str, Any] | None:
     """The session's user (a removed account's sessions are deleted with it), or None once expired."""
-    rows = list(db.query("SELECT user AS name, role, csrf FROM web_sessions WHERE key_hash = ? AND expires > ?",
+    rows = list(db.query('SELECT "user" AS name, role, csrf FROM web_sessions WHERE key_hash = ? AND expires > ?',
                          [token_digest(key), now]))
     return rows[0] if rows else None
 
@@ -113,8 +113,11 @@ def series(db: Database, where: str, params: list[Any], ts: str, since: float, u
     keys = sorted({k for (data,) in recent for k, v in json.loads(data).items()
                    if isinstance(v, int | float) and not isinstance(v, bool)})
     width = max((until - since) / points, 0.001)
-    columns = "".join(", AVG(json_extract(data, ?))" for _ in keys)
-    rows = db.execute(f"SELECT CAST(({ts} - ?) / ? AS INTEGER) AS bucket, count(*){columns} FROM readings"
+    # PostgreSQL (the relay on it, cloud/database.py): its own number-only json_number, and FLOOR (its CAST rounds)
+    postgres = getattr(db, "dialect", None) == "postgresql"
+    columns = "".join(f", AVG({'json_number' if postgres else 'json_extract'}(data, ?))" for _ in keys)
+    bucket = "FLOOR(({ts} - ?) / ?)::bigint" if postgres else "CAST(({ts} - ?) / ? AS INTEGER)"
+    rows = db.execute(f"SELECT {bucket.format(ts=ts)} AS bucket, count(*){columns} FROM readings"
                       f" WHERE {where} AND data IS NOT NULL AND {ts} >= ? AND {ts} <= ? GROUP BY bucket ORDER BY bucket",
                       [since, width, *(f'$."{k}"' for k in keys), *params, since, until]).fetchall()
     return {"since": since, "until": until, "bucket": width, "ts": [since + (r[0] + 0.5) * width for r in rows],

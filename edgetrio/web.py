@@ -301,6 +301,10 @@ class LoginGuard:
             self.refused.clear()
 
 
+class Unavailable(Exception):
+    """The store does not answer now (its database restarting, say): 503, try again."""
+
+
 class Site(Protocol):
     """What the shared web side needs of a server (the relay, the gateway daemon)."""
 
@@ -370,6 +374,8 @@ async def dispatch(site: Site, routes: Routes, request: h11.Request, body: bytes
                 raise HTTPError(404, str(exc)) from exc
             except VersionConflict as exc:
                 raise HTTPError(409, str(exc)) from exc
+            except Unavailable as exc:
+                raise HTTPError(503, f"the store does not answer now: {exc}; try again") from exc
             except (RegistryError, KeyError, TypeError, ValueError) as exc:
                 raise HTTPError(400, str(exc) or f"bad request: {type(exc).__name__}") from exc
             except (HTTPError, trio.Cancelled):

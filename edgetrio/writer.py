@@ -26,6 +26,7 @@ from edgetrio.identity import RegistryError
 
 log = logging.getLogger("edgetrio.store")
 T = TypeVar("T")
+POSTGRES = "postgresql"
 PRUNE_CHUNK = 5000  # rows per table per transaction: a first prune of months of rows must not stall ingest
 
 
@@ -51,13 +52,22 @@ def connect(path: Path) -> Database:
     return Database(conn)
 
 
+def is_postgres(db: Any) -> bool:
+    """The relay's store on PostgreSQL (cloud/database.py) rather than a SQLite file."""
+    return getattr(db, "dialect", None) == POSTGRES
+
+
 @contextlib.contextmanager
 def offline_write(db: Database) -> Iterator[Database]:
     """A transaction for a write from outside the running service (the CLI beside a running relay, say).
 
     BEGIN IMMEDIATE takes the write lock first, waiting out the busy timeout: a deferred transaction that reads and
     then writes fails at once with "database is locked" when the service committed in between (WAL cannot upgrade a
-    stale snapshot)."""
+    stale snapshot). On PostgreSQL, a transaction."""
+    if is_postgres(db):
+        with db.atomic():
+            yield db
+        return
     db.conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
@@ -131,7 +141,9 @@ class Writer:
                 for op in batch:
                     try:
                         with self.db.atomic():
-                            results.append(outcome.Value(op.apply(self.db)))
+                            value = op.apply(self.db)
+                        # after the savepoint's release, which can fail too (a database server gone mid-batch)
+                        results.append(outcome.Value(value))
                     except Exception as exc:
                         results.append(outcome.Error(exc))
         except Exception as exc:
@@ -184,7 +196,10 @@ class Writer:
 
 
 def open_reader(db: Database) -> Database | None:
-    """A second, read-only connection to db's file (None for an in-memory store)."""
+    """A second, read-only connection to db's file (None for an in-memory store, and for PostgreSQL: the relay reads
+    through its writer)."""
+    if is_postgres(db):
+        return None
     path = db.conn.execute("PRAGMA database_list").fetchone()[2]
     if not path:
         return None

@@ -8,7 +8,35 @@ from typing import Any
 
 import pytest
 
-from edgetrio.tools.testkit import Daemon, Probe
+from edgetrio.tools.testkit import TEST_POSTGRES, Daemon, Probe, needs
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--relay-database", choices=("sqlite", "postgresql"),
+                     default=os.environ.get("EDGETRIO_TEST_RELAY_DATABASE", "sqlite"),
+                     help="the back end of every relay the tests start: its SQLite file (default) or a fresh PostgreSQL "
+                          "database each test (make test-postgres)")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A PostgreSQL server of this test run's own (per xdist worker), on a free port."""
+    from edgetrio.tools.testkit.postgres import Postgres, server_bin
+    needs(server_bin() is not None, "PostgreSQL (Debian's postgresql package)")
+    server = Postgres().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def relay_database(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under --relay-database postgresql, every relay the tests start (testkit.Relay) gets a new database."""
+    if request.config.getoption("--relay-database") != "postgresql":
+        yield
+        return
+    os.environ[TEST_POSTGRES] = request.getfixturevalue("postgres").url("postgres")
+    yield
+    del os.environ[TEST_POSTGRES]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ node tokens rotated and nodes removed with their live links closed."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -123,8 +122,7 @@ async def test_viewers_look_admins_change_and_cookie_writes_need_the_csrf_token(
     assert operator.call("GET", "/api/me")[1] == {"name": "operator", "role": "admin", "via": "token", "csrf": None}
 
     # a session ends when it expires, on logout, and when its account is removed
-    with sqlite3.connect(relay.data_dir / "relay.db") as db:
-        db.execute("UPDATE web_sessions SET expires = 0 WHERE user = 'adam'")
+    relay.sql("UPDATE web_sessions SET expires = 0 WHERE \"user\" = 'adam'")
     assert admin.call("GET", "/api/nodes")[0] == 401
     assert admin.login("adam", "admin-password-1") == 200
     assert admin.call("POST", "/api/logout")[0] == 200

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def edge(daemon: Daemon, device: str) -> list[tuple[int, int]]:
 
 
 def cloud(relay: Relay, device: str) -> list[tuple[int, int]]:
-    return stored(relay.data_dir / "relay.db", device)
+    return relay.stored(device)
 
 
 def online_at_relay(relay: Relay, device: str) -> bool:
@@ -175,11 +174,9 @@ def test_the_relay_deletes_readings_older_than_its_retention(fleet: tuple[Relay,
         relay.stop()
     kept = edge(daemon, board)  # the board stopped: final
     oldest = kept[:4]
-    db = sqlite3.connect(relay.data_dir / "relay.db")
-    with db:  # the first four arrived 40 days ago
-        db.executemany("UPDATE readings SET received = received - 40 * 86400, ts = ts - 40 * 86400 "
-                       "WHERE device = ? AND boot = ? AND seq = ?", [(board, b, s) for b, s in oldest])
-    db.close()
+    # the first four arrived 40 days ago
+    relay.sql("UPDATE readings SET received = received - 40 * 86400, ts = ts - 40 * 86400 "
+              "WHERE device = ? AND boot = ? AND seq = ?", [(board, b, s) for b, s in oldest], many=True)
     relay.extra = ("--retention-days", "30")
     relay.start()
     wait_until(lambda: cloud(relay, board) == kept[4:], timeout=60)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -138,9 +137,9 @@ def test_readings_are_answered_a_bounded_page_at_a_time(relay: Relay) -> None:
     relay.add_node("gw1")
     relay.json("device", "add", "gw1", "r-1")
     count = READINGS_LIMIT + 50
-    with sqlite3.connect(relay.data_dir / "relay.db", timeout=30) as db:  # a long history, written at once
-        db.executemany("INSERT INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [("gw1", "r-1", 1, seq, 1.7e9 + seq, 1.7e9 + seq, '{"t": 1}') for seq in range(1, count + 1)])
+    relay.sql("INSERT INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+              [("gw1", "r-1", 1, seq, 1.7e9 + seq, 1.7e9 + seq, '{"t": 1}') for seq in range(1, count + 1)],
+              many=True)  # a long history, written at once
     operator = {"authorization": "Bearer " + json.loads((relay.data_dir / "operator.json").read_text())["token"]}
     status, _, body = http(relay.api_url, "GET", "/api/nodes/gw1/devices/r-1/readings", headers=operator)
     page = json.loads(body)

@@ -19,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from edgetrio.tools.testkit import Relay, stored, wait_until
+from edgetrio.tools.testkit import Relay, wait_until
 from edgetrio.wire import envelope
 
 
@@ -251,7 +251,7 @@ async def test_an_unusable_up_frame_ends_the_link_so_nothing_behind_it_is_acknow
                                   max_message_size=16 * 1024 * 1024) as ws:
         await ws.send_message(envelope("up", "batch", {"items": rows}))
         assert json.loads(await ws.get_message())["body"] == {"offset": 200}
-    assert len(stored(relay.data_dir / "relay.db", "i2")) == 20_000
+    assert len(relay.stored("i2")) == 20_000
 
 
 async def test_the_api_takes_since_as_the_cli_does_and_refuses_nonsense_in_one_line(relay: Relay) -> None:

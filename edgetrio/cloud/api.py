@@ -35,6 +35,8 @@ class Relay(web.Site, Protocol):
 
     def notify(self, node: str) -> None: ...
 
+    async def linked(self, node: str) -> bool: ...
+
     async def close_link(self, node: str, reason: str) -> None: ...
 
 
@@ -277,7 +279,10 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> Result:
         return 200, openapi()
     if method == "GET" and path == "/healthz":  # for load balancers and probes: no token, nothing revealed
         with trio.move_on_after(5):
-            await relay.run(lambda db: db.execute("SELECT 1").fetchone())
+            try:
+                await relay.run(lambda db: db.execute("SELECT 1").fetchone())
+            except web.Unavailable as exc:  # the balancer sends new links to another replica meanwhile
+                raise HTTPError(503, f"the store does not answer: {exc}") from exc
             return 200, {"ok": True, "store": "ok"}
         raise HTTPError(503, "the store did not answer within 5 s")
     return await web.dispatch(relay, ROUTES, request, body)
@@ -312,9 +317,13 @@ async def device_add(relay: Relay, who: Principal, path: Params, query: Params, 
     answered = relay.down_waiters[message] = trio.Event()
     try:
         relay.notify(node)
-        if node in relay.sessions:  # linked: the node's answer comes in a moment (a model it lacks is refused)
+        if await relay.linked(node):  # the node's answer comes in a moment (a model it lacks is refused)
             with trio.move_on_after(REGISTRATION_WAIT):
-                await answered.wait()
+                while not answered.is_set():
+                    with trio.move_on_after(1):  # the hint of another replica may be missed: look in the store too
+                        await answered.wait()
+                    if not answered.is_set() and await relay.run(store.down_confirmed, node, message):
+                        answered.set()
     finally:
         relay.down_waiters.pop(message, None)
     refused = await relay.run(store.registration_refused, node, device) if answered.is_set() else None
@@ -415,7 +424,7 @@ async def command(relay: Relay, who: Principal, path: Params, query: Params, dat
     if not isinstance(name, str) or not name or not isinstance(args, dict):
         raise HTTPError(400, "a command needs a 'name' and an object 'args'")
     node = path["node"]
-    if node not in relay.sessions:
+    if not await relay.linked(node):
         # commands are bound in time, unlike desired state: refuse rather than run it whenever the edge returns
         await relay.run(store.require_node, node)
         raise HTTPError(409, f"node {node!r} is offline")
@@ -425,7 +434,8 @@ async def command(relay: Relay, who: Principal, path: Params, query: Params, dat
     try:
         with trio.move_on_after(timeout + 5):  # the edge gives the device `timeout`; allow for the round trips
             while (result := await relay.run(store.command_outcome, cmd_id)) is None:
-                await waiter.wait()
+                with trio.move_on_after(1):  # a hint from another replica may be missed: the store says it anyway
+                    await waiter.wait()
                 relay.command_waiters[cmd_id] = waiter = trio.Event()
             if "result" in result:
                 return 200, result["result"]

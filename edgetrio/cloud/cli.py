@@ -6,6 +6,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import ssl
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ from typing import Any
 import trio
 
 from edgetrio import rules, web
-from edgetrio.cloud import rollouts, store
+from edgetrio.cloud import database, rollouts, store
 from edgetrio.cloud.relay import RUN_FILE, RelayConfig, operator_token, serve
 from edgetrio.common_cli import (
     asleep,
@@ -48,6 +49,9 @@ from edgetrio.writer import offline_write
 COMMANDS = Commands()
 COMMANDS.group("cloud", "the cloud relay and the fleet")
 DATA = data_dir_option(Path("edgetrio-relay"), "the relay's data directory (default ./edgetrio-relay)")
+DB = (arg("--database", metavar="URL", help="postgresql://USER:PASSWORD@HOST/NAME: the relay's state in PostgreSQL, "
+          "shared by its replicas (default: $EDGETRIO_DATABASE, else `database` in DATA/relay.toml, else the SQLite "
+          "file DATA/relay.db)"),)
 API = (*DATA, arg("--url", help="relay API URL, e.g. http://relay:8765"), arg("--token", help="operator token"),
        arg("--cafile", help="CA file to trust for https"), *JSON)
 
@@ -103,10 +107,18 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, tim
         raise CliError(f"--url {base!r}: {exc}; give http://HOST:PORT (or https://)", EXIT_USAGE) from None
 
 
+def open_store(args: argparse.Namespace) -> Any:
+    """The relay's database for this data dir (--database, $EDGETRIO_DATABASE, relay.toml or the SQLite file)."""
+    try:
+        return store.open_db(args.data_dir, database.database_url(args.data_dir, getattr(args, "database", None)))
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
+
+
 def relay_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offline: Any) -> Any:
-    """What the relay's own machine writes into its store (accounts, nodes): straight into the file, beside the
-    running relay, which SQLite's locking allows."""
-    db = store.open_db(args.data_dir)
+    """What the relay's own machine writes into its store (accounts, nodes): straight into the database, beside the
+    running relay (SQLite's locking allows it; PostgreSQL is made for it)."""
+    db = open_store(args)
     try:
         with offline_write(db):
             return offline(db)
@@ -115,7 +127,7 @@ def relay_write(args: argparse.Namespace, op: str, op_args: dict[str, Any], offl
 
 
 @COMMANDS.command(
-    "cloud serve", "run the relay in the foreground", DATA,
+    "cloud serve", "run the relay in the foreground", DATA, *DB,
     arg("--host", help="address to serve on (default 0.0.0.0)"),
     arg("--port", type=int, default=8765, help="port for edges (WebSocket /edge) and the API (default 8765)"),
     arg("--cert", help="TLS certificate (PEM), with --key"), arg("--key", help="its private key"),
@@ -137,6 +149,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = RelayConfig(args.data_dir, args.host or "0.0.0.0", args.port, args.cert, args.key, args.retention_days,
                       args.http_timeout, args.metrics_host, args.metrics_port, args.max_devices_per_node,
                       args.edge_keepalive)
+    try:
+        cfg.database = database.database_url(args.data_dir, args.database)
+    except RegistryError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if args.database and cfg.database:  # the other commands of this data dir must use the same database
+        remember_database(args.data_dir, cfg.database)
     for problem in (
         not 1 <= cfg.edge_keepalive <= 3600 and "--edge-keepalive must be from 1 to 3600 seconds",
         not -1 <= cfg.metrics_port <= 65535 and "--metrics-port: use a port, 0 for a free one, or -1 to turn metrics off",
@@ -158,10 +176,44 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(exc), EXIT_USAGE) from None
 
 
+def remember_database(data_dir: Path, url: str) -> None:
+    """Write `database` into DATA/relay.toml (0600: the URL may hold a password) unless it says it already."""
+    path = data_dir / database.CONFIG_FILE
+    if database.database_url(data_dir) == url and not os.environ.get(database.ENV):
+        return
+    if path.exists():
+        logging.getLogger("edgetrio.relay").warning("--database differs from %s; that file is left as it is", path)
+        return
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# the relay's database: `edgetrio cloud ...` commands with this data dir use it too\n"
+                f"database = {json.dumps(url)}\n")
+    logging.getLogger("edgetrio.relay").info("the database is noted in %s for the other commands", path)
+
+
+@COMMANDS.command("cloud migrate", "bring the relay's database to this version's schema (serve does it at start too)",
+                  DATA, *DB, JSON, arg("--status", action="store_true", help="only say which version it is at"))
+def cmd_migrate(args: argparse.Namespace) -> None:
+    try:
+        url = database.database_url(args.data_dir, args.database)
+        db = database.open_database(args.data_dir, url)
+        before = database.schema_version(db)
+        applied = [] if args.status else database.migrate(db)
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
+    where = database.redact(url) if url else str(args.data_dir / database.DB_FILE)
+    result = {"database": where, "version": before if args.status else database.LATEST, "latest": database.LATEST,
+              "applied": applied}
+    emit(args, result, lambda: print(
+        f"{where}: schema version {result['version']} of {database.LATEST}"
+        + (f" (applied {', '.join(map(str, applied))})" if applied else " (nothing to do)" if not args.status else "")))
+
+
 COMMANDS.group("cloud node", "nodes")
 
 
-@COMMANDS.command("cloud node add", "add a node and print its token once", DATA, JSON, arg("name"))
+@COMMANDS.command("cloud node add", "add a node and print its token once", DATA, *DB, JSON, arg("name"))
 def cmd_node_add(args: argparse.Namespace) -> None:
     try:
         check_device_id(args.name, "node name")
@@ -450,4 +502,4 @@ rollout_action("abort", "stop a rollout: boards not updated yet are left alone, 
                    help="and send the boards that took the bundle back to the firmware they ran before"))
 
 
-user_commands(COMMANDS, "cloud ", DATA, lambda args: store.open_db(args.data_dir), relay_write)
+user_commands(COMMANDS, "cloud ", (*DATA, *DB), open_store, relay_write)

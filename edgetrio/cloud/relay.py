@@ -7,11 +7,15 @@ then on everything it sends is attributed to that node, so no node can act for a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import ssl
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,15 +28,17 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from edgetrio import wire
-from edgetrio.cloud import rollouts, store
+from edgetrio.cloud import database, rollouts, store
 from edgetrio.cloud.api import handle_http
+from edgetrio.cloud.downqueue import CHANNEL, notify
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
+from edgetrio.edgelink import Applied, RelayProtocol, Unknown, Unusable, Up
 from edgetrio.identity import new_secret
 from edgetrio.metrics import serve_metrics
 from edgetrio.process import run_file_removed, stop_signals, until_stopped, write_run_file
-from edgetrio.web import Arrivals, Events, LoginGuard, peer_address
-from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, clip, envelope
-from edgetrio.writer import Writer, keep_retention, open_writer
+from edgetrio.web import Arrivals, Events, LoginGuard, Unavailable, peer_address
+from edgetrio.wire import MAX_FRAME, clip
+from edgetrio.writer import Writer, is_postgres, keep_retention, offline_write, open_writer
 
 log = logging.getLogger("edgetrio.relay")
 T = TypeVar("T")
@@ -54,6 +60,7 @@ class RelayConfig:
     metrics_port: int = 9884  # 0 picks a free one (in the run file), -1 turns them off
     max_devices_per_node: int = 10_000  # devices the relay keeps for one node; what names more is refused, counted
     edge_keepalive: float = 20.0  # seconds between the relay's pings to each edge; no pong within as long ends it
+    database: str | None = None  # postgresql://...: replicas share it; None: DATA/relay.db (cloud/database.py)
 
 
 def operator_token(data_dir: Path) -> str:
@@ -105,17 +112,20 @@ def peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
+STORE_AWAY: tuple[type[Exception], ...] = (Unavailable, *database.UNAVAILABLE)  # the database does not answer
 CLOSE_WAIT = 2.0  # seconds a replaced link's close handshake may take (a silent peer never answers it)
 
 
 class EdgeSession:
-    """One edge's link: its WebSocket, what was sent down on it, and the scope that ends it."""
+    """One edge's link: its WebSocket, the epoch this replica holds it at, what was sent down on it, and the scope
+    that ends it."""
 
-    def __init__(self, node: str, ws: WebSocketConnection) -> None:
+    def __init__(self, node: str, ws: WebSocketConnection, epoch: int = 0) -> None:
         self.node = node
         self.ws = ws
+        self.epoch = epoch
         self.wakeup = trio.Event()
-        self.sent: set[str] = set()
+        self.protocol = RelayProtocol()  # the link's rules (edgelink.py): what its frames mean, what it was sent
         self.scope = trio.CancelScope()  # cancelled to end the link from here (token rotated, node removed)
 
     async def keep_alive(self, every: float, counters: Counter[str], link: trio.CancelScope) -> None:
@@ -189,7 +199,12 @@ class Relay:
     the guards that keep one client from starving the others."""
 
     def __init__(self, writer: Writer, token: str, http_timeout: float = 15.0, secure_cookies: bool = False,
-                 max_devices_per_node: int = 10_000, edge_keepalive: float = 20.0) -> None:
+                 max_devices_per_node: int = 10_000, edge_keepalive: float = 20.0, replica: str | None = None,
+                 shared: bool = False) -> None:
+        # this process among the replicas on one database (one, on SQLite); `shared`: others may be on it too, so
+        # what the dashboards are told is told to them as well
+        self.replica = replica or f"{socket.gethostname()[:32]}-{uuid.uuid4().hex[:8]}"
+        self.shared = shared
         self.max_devices_per_node = max_devices_per_node
         self.edge_keepalive = edge_keepalive
         self.writer = writer  # what thousands of edges send at once shares one group commit
@@ -207,8 +222,13 @@ class Relay:
         self.down_waiters: dict[str, trio.Event] = {}  # a down message's id -> set when the edge confirms it
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run store work in the next group commit and return its result once committed."""
-        return await self.writer.write(lambda db: fn(db, *args))
+        """Run store work in the next group commit and return its result once committed (web.Unavailable while the
+        database does not answer)."""
+        try:
+            return await self.writer.write(lambda db: fn(db, *args))
+        except database.UNAVAILABLE as exc:
+            raise Unavailable(clip(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                                   200)) from exc
 
     async def drive_rollouts(self, every: float = 2.0) -> None:
         """Move the running firmware rollouts on (rollouts.py): start waves, time boards out, halt at the threshold."""
@@ -225,9 +245,66 @@ class Relay:
                     self.notify(node)
                 for rollout in changed:
                     self.events.publish({"type": "ota", "node": None, "rollout": rollout})
+            except Unavailable as exc:  # the database is away: the next round goes on
+                log.warning("driving the rollouts: %s", exc)
             except Exception:  # a bad row must not stop the relay; it is logged each round until fixed
                 log.exception("driving the rollouts failed")
             await trio.sleep(every)
+
+    async def keep_replica(self, address: str, every: float = 5.0) -> None:
+        """Heartbeat and sweep: end the links of replicas gone silent, let go of links another replica took (a hint
+        that was missed), and send what is queued for the links held here (in case its hint was missed)."""
+        while True:
+            try:
+                offline, held, queued = await self.run(store.replica_seen, self.replica, address, time.time())
+                for node in offline:
+                    log.warning("node=%s: its replica went silent; marked offline", node)
+                    self.events.publish({"type": "node", "node": node, "online": False})
+                for node, session in list(self.sessions.items()):
+                    if held.get(node) != session.epoch and session.epoch:
+                        log.warning("node=%s: its link is held elsewhere now (epoch %s); closing this one", node,
+                                    held.get(node))
+                        session.scope.cancel()
+                for node in queued:
+                    self.notify(node)
+            except Exception as exc:  # the database is away: the next round tries again
+                log.warning("replica heartbeat failed: %s", clip(str(exc), 200))
+            await trio.sleep(every)
+
+    def hint(self, payload: str) -> None:
+        """A hint from a replica on this database (this one included): what changed, for whoever waits on it here."""
+        kind, _, rest = payload.partition(" ")
+        if kind == "down":
+            self.notify(rest)
+        elif kind == "session":  # another replica took an edge's link: this one lets its own go
+            node, _, epoch = rest.rpartition(" ")
+            session = self.sessions.get(node)
+            if session is not None and epoch.isdigit() and session.epoch < int(epoch):
+                log.info("node=%s moved to another replica (epoch %s); closing its link here", node, epoch)
+                session.scope.cancel()
+        elif kind == "close":
+            node, _, reason = rest.partition(" ")
+            if node in self.sessions:
+                log.info("closing the link of node=%s: %s", node, reason)
+                self.sessions[node].scope.cancel()
+        elif kind in ("cmd", "applied"):
+            waiters = self.command_waiters if kind == "cmd" else self.down_waiters
+            if rest in waiters:
+                waiters[rest].set()
+        elif kind == "event":  # what another replica stored, for the dashboards open here
+            origin, _, event = rest.partition(" ")
+            if origin != self.replica and self.events.streams:
+                with contextlib.suppress(ValueError):
+                    self.events.publish(json.loads(event))
+
+    async def linked(self, node: str) -> bool:
+        """Whether the node's edge is linked: here, or to another replica of the same database."""
+        return node in self.sessions or (self.shared and await self.run(store.is_online, node))
+
+    def wake_all(self) -> None:
+        """Every link here looks at its queue again (after hints may have been missed)."""
+        for node in list(self.sessions):
+            self.notify(node)
 
     def notify(self, node: str) -> None:
         """Something was queued for a node: its session sends it now if it is connected."""
@@ -257,6 +334,9 @@ class Relay:
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                  ssl.SSLError, OSError) as group:
             log.debug("connection ended: %r", group.exceptions[0])
+        except* STORE_AWAY as group:  # the database is away: nothing was acknowledged, the edge resends
+            log.warning("connection ended: the database did not answer (%s)",
+                        clip(str(group.exceptions[0]).strip().splitlines()[0], 200))
         except* Exception as group:
             self.counters["connection_errors"] += 1
             log.error("connection failed: %r", group.exceptions[0], exc_info=group.exceptions[0])
@@ -301,14 +381,13 @@ class Relay:
             log.warning("edge node=%s sends from a new outbox (its gateway installed anew?): its offsets start again",
                         node)
         ws = await request.accept()
-        session = EdgeSession(node, ws)
+        session = EdgeSession(node, ws, await self.run(store.claim_session, node, self.replica, remote, time.time()))
         previous = self.sessions.get(node)
         self.sessions[node] = session
         if previous is not None:  # the edge reconnected before its old connection timed out
             previous.scope.cancel()  # its tasks end now; its close handshake gets a moment, not the new link's time
             with trio.move_on_after(CLOSE_WAIT):
                 await previous.ws.aclose(1000, "replaced by a new connection")
-        await self.run(store.node_presence, node, True, time.time())
         self.events.publish({"type": "node", "node": node, "online": True})
         log.info("edge connected node=%s remote=%s", node, remote)
         try:
@@ -321,41 +400,47 @@ class Relay:
         finally:
             if self.sessions.get(node) is session:
                 del self.sessions[node]
-                with trio.CancelScope(shield=True):
-                    await self.run(store.node_presence, node, False, time.time())
-                self.events.publish({"type": "node", "node": node, "online": False})
+                released = False
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):  # the database may be away
+                    released = await self.run(store.release_session, node, self.replica, session.epoch, time.time())
+                if released:
+                    self.events.publish({"type": "node", "node": node, "online": False})
                 log.info("edge disconnected node=%s", node)
 
-    async def _refuse(self, session: EdgeSession, reason: str) -> None:
-        """Answer a frame that may have carried readings this relay could not take, and end the link.
-
-        Batches are pipelined: acknowledging the next one would tell the edge to delete what this one held. On its
-        next connection the edge resends from the last offset acknowledged.
-        """
+    async def _refuse(self, session: EdgeSession, unusable: Unusable) -> None:
+        """Answer a frame that may have carried readings this relay could not take, and end the link (edgelink.py:
+        the edge resends from the last offset acknowledged)."""
         self.counters["malformed_frames"] += 1
-        log.warning("unusable frame from node=%s: %s", session.node, clip(reason))
-        await session.ws.send_message(envelope("error", body={"message": reason}))
+        log.warning("unusable frame from node=%s: %s", session.node, clip(unusable.reason))
+        await session.ws.send_message(session.protocol.refusal(unusable))
         await session.ws.aclose(1007, "unusable frame")
 
+    async def held(self, session: EdgeSession, fn: Callable[..., T], *args: Any) -> T:
+        """Store work for an edge, in one transaction with the check that this replica still holds its link."""
+        def work(db: Any) -> T:
+            store.hold_session(db, session.node, self.replica, session.epoch)
+            return fn(db, *args)
+        return await self.writer.write(work)
+
     async def _receive_up(self, session: EdgeSession) -> None:
+        try:
+            await self._receive(session)
+        except store.Fenced as exc:  # the edge is linked elsewhere now: what it sends here is not this one's to store
+            self.counters["links_fenced"] += 1
+            log.warning("fenced: %s; closing this link", exc)
+            with trio.move_on_after(CLOSE_WAIT):
+                await session.ws.aclose(1012, "linked to another relay replica")
+
+    async def _receive(self, session: EdgeSession) -> None:
         while True:
-            raw = await session.ws.get_message()
-            try:
-                message = wire.loads(raw, max_depth=FRAME_DEPTH, max_items=FRAME_ITEMS)
-                op = message["op"]
-                body = message.get("body") or {}
-                if not isinstance(body, dict):
-                    raise TypeError("body must be an object")
-            except (ValueError, KeyError, TypeError) as exc:
-                await self._refuse(session, f"malformed frame: {exc}")
+            event = session.protocol.receive(await session.ws.get_message())
+            if isinstance(event, Unusable):
+                await self._refuse(session, event)
                 return
-            if op == "up":
-                items = body.get("items")
-                if not isinstance(items, list):
-                    await self._refuse(session, "up needs a list of items")
-                    return
-                offset, finished, skipped, over_cap = await self.run(store.apply_up, session.node, items, time.time(),
-                                                                     self.max_devices_per_node)
+            if isinstance(event, Up):
+                items = event.items
+                offset, finished, skipped, over_cap = await self.held(session, self._store_up, session.node, items,
+                                                                      time.time())
                 if over_cap:  # counted and logged; the edge is acknowledged (resending would not make room)
                     self.counters["devices_refused"] += len(over_cap)
                     log.warning("node=%s: %d devices refused, over its cap of %d devices (%s ...)", session.node,
@@ -366,42 +451,87 @@ class Relay:
                 if skipped:
                     self.counters["items_skipped"] += skipped
                     log.warning("node=%s sent %d items this relay cannot use", session.node, skipped)
-                await session.ws.send_message(envelope("ack", body={"offset": offset}, parent=message.get("id")))
+                await session.ws.send_message(session.protocol.ack(offset, event))
                 for cmd_id in finished:
                     waiter = self.command_waiters.get(cmd_id)
                     if waiter is not None:
                         waiter.set()
-            elif op == "applied":
-                parent = message.get("parent")
-                if isinstance(parent, str):
-                    refused = await self.run(store.down_applied, session.node, parent, body)
-                    session.sent.discard(parent)
-                    if parent in self.down_waiters:
-                        self.down_waiters[parent].set()
-                    if refused and refused in self.command_waiters:
-                        self.command_waiters[refused].set()
-            else:
+            elif isinstance(event, Applied):
+                refused = await self.held(session, store.down_applied, session.node, event.parent, event.result)
+                if event.parent in self.down_waiters:
+                    self.down_waiters[event.parent].set()
+                if refused and refused in self.command_waiters:
+                    self.command_waiters[refused].set()
+            elif isinstance(event, Unknown):
                 self.counters["malformed_frames"] += 1
-                await session.ws.send_message(envelope("error", body={"message": f"unknown op {op!r}"}))
+                await session.ws.send_message(session.protocol.unknown(event))
+
+    def _store_up(self, db: Any, node: str, items: list[Any], now: float) -> tuple[int, list[str], int, set[str]]:
+        """Store a batch; on a shared database, tell the other replicas' dashboards what it changed (at commit)."""
+        done = store.apply_up(db, node, items, now, self.max_devices_per_node)
+        if self.shared:
+            for event in dashboard_events(node, items):
+                text = json.dumps(event)
+                if len(text) > 7000:  # past NOTIFY's size: the other dashboards just refresh that node
+                    text = json.dumps({"type": "node", "node": node})
+                notify(db, f"event {self.replica} {text}")
+        return done
 
     async def _send_down(self, session: EdgeSession) -> None:
         """Send what is queued for the node, in order, until the edge confirms each one (resent on reconnect)."""
         while True:
             session.wakeup = trio.Event()
-            for row in await self.run(store.pending_down, session.node):
-                if row["id"] in session.sent:
-                    continue
-                await session.ws.send_message(envelope("apply", row["resource"], row["body"], message_id=row["id"]))
-                session.sent.add(row["id"])
+            for frame in session.protocol.to_send(await self.run(store.pending_down, session.node)):
+                await session.ws.send_message(frame)
             await session.wakeup.wait()
+
+
+async def listen_hints(url: str, on_hint: Callable[[str], None], on_connect: Callable[[], None]) -> None:
+    """The replicas' hints (PostgreSQL LISTEN), on a connection of its own in a worker thread (psycopg's async mode is
+    asyncio's). A lost connection is opened again; on each (re)connect `on_connect` runs: hints sent meanwhile are lost,
+    so what they would have said is looked up."""
+    import psycopg
+    stop = threading.Event()
+
+    def listen() -> None:
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(url, autocommit=True, connect_timeout=5, application_name="edgetrio-hints")
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    trio.from_thread.run_sync(on_connect)
+                for hint in conn.notifies(timeout=1.0):
+                    trio.from_thread.run_sync(on_hint, hint.payload)
+            except psycopg.Error as exc:
+                log.warning("hints from the other replicas: %s; listening again in 1 s", clip(str(exc).strip(), 200))
+                with contextlib.suppress(Exception):
+                    conn.close()  # type: ignore[union-attr]
+                conn = None
+                stop.wait(1.0)
+            except (trio.RunFinishedError, trio.Cancelled):
+                break
+        if conn is not None:
+            conn.close()
+
+    try:
+        await trio.to_thread.run_sync(listen, abandon_on_cancel=True)
+    finally:
+        stop.set()
 
 
 async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve edges and operators until SIGINT/SIGTERM. Reports the bound port once listening."""
-    db = store.open_db(cfg.data_dir)
-    with db.conn:  # links of a run that ended (even by kill -9) are gone: no node is linked until it dials in
-        db.execute("UPDATE nodes SET online = 0 WHERE online = 1")
+    url = database.database_url(cfg.data_dir, cfg.database)
+    db = store.open_db(cfg.data_dir, url)
+    shared = is_postgres(db)
     token = operator_token(cfg.data_dir)
+    if shared:  # every replica answers to the same operator token: the first one's, also in this data dir's file
+        with offline_write(db):
+            first = store.shared_operator_token(db, token)
+        if first != token:
+            (cfg.data_dir / OPERATOR_FILE).write_text(json.dumps({"token": first}))
+            token = first
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
     if cfg.cert and cfg.key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -415,7 +545,12 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
         # leaving open_writer commits what was received, then stops the writer
         async with open_writer(db, max_batch=1024, queue_size=4096) as writer:
             relay = Relay(writer, token, cfg.http_timeout, secure_cookies=bool(cfg.cert),
-                          max_devices_per_node=cfg.max_devices_per_node, edge_keepalive=cfg.edge_keepalive)
+                          max_devices_per_node=cfg.max_devices_per_node, edge_keepalive=cfg.edge_keepalive,
+                          shared=shared)
+            address = f"{socket.gethostname()}:{port}"
+            # links of a run that ended (even by kill -9) are gone: on SQLite at once, on PostgreSQL when the sweep
+            # finds that run's replica silent
+            await relay.run(store.start_replica, relay.replica, address, time.time())
             gauges = RelayCollector(relay, trio.lowlevel.current_trio_token())
             async with trio.open_nursery() as connections, serve_metrics(
                     cfg.metrics_host, cfg.metrics_port, REGISTRY, gauges, partial(relay_health, relay)) as metrics:
@@ -426,6 +561,9 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                 connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                 connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
                 connections.start_soon(relay.drive_rollouts)
+                connections.start_soon(relay.keep_replica, address)
+                if shared and url:
+                    connections.start_soon(listen_hints, url, relay.hint, relay.wake_all)
                 task_status.started(port)
                 await until_stopped(signals)
                 connections.cancel_scope.cancel()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -17,61 +16,27 @@ from typing import Any
 from sqlite_utils import Database
 
 from edgetrio import accounts, wire
-from edgetrio.cloud import rollouts
-from edgetrio.cloud.downqueue import queue_down
+from edgetrio.cloud import database, rollouts
+from edgetrio.cloud.downqueue import notify, queue_down
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
-from edgetrio.writer import PRUNE_CHUNK, connect
+from edgetrio.writer import PRUNE_CHUNK, is_postgres
 
 log = logging.getLogger("edgetrio.relay")
-DB_FILE = "relay.db"
+DB_FILE = database.DB_FILE
+# what makes one item of an edge's batch unusable (a number the store cannot hold, a value it cannot bind, ...)
+ITEM_ERRORS: tuple[type[Exception], ...] = (KeyError, TypeError, ValueError, AttributeError, *database.bind_errors())
 
 
 NotFound = accounts.NotFound  # an unknown node, device, user or token: 404
 
 
-def open_db(data_dir: Path) -> Database:
-    """Open (creating if needed) the relay database in data_dir."""
-    db = connect(data_dir / DB_FILE)
-    with db.atomic():
-        db.table("nodes").create(
-            {"name": str, "token_hash": str, "created": float, "online": int, "last_seen": float, "connects": int,
-             "last_offset": int}, pk="name", if_not_exists=True)
-        if "outbox" not in db.table("nodes").columns_dict:  # the edge's outbox its offsets count in
-            db.table("nodes").add_column("outbox", str)
-        db.table("devices").create(
-            {"node": str, "id": str, "registered": int, "model": str, "online": int, "last_seen": float,
-             "meta": str, "twin": str}, pk=("node", "id"), if_not_exists=True)
-        db.table("readings").create(
-            {"node": str, "device": str, "boot": int, "seq": int, "ts": float, "received": float, "data": str},
-            pk=("node", "device", "boot", "seq"), if_not_exists=True)
-        db.table("downqueue").create(
-            {"id": str, "node": str, "created": float, "resource": str, "body": str}, pk="id", if_not_exists=True)
-        db.table("commands").create(
-            {"id": str, "node": str, "device": str, "name": str, "args": str, "created": float, "status": str,
-             "result": str}, pk="id", if_not_exists=True)
-        accounts.create_tables(db)
-        if "asleep_until" not in db.table("devices").columns_dict:  # a battery board's next wake
-            db.table("devices").add_column("asleep_until", float)
-        if "counters" not in db.table("nodes").columns_dict:  # what each gateway last reported of itself
-            db.table("nodes").add_column("counters", str)
-        db.table("device_events").create(  # log and status lines, and what the gateway refused, per device
-            {"id": int, "node": str, "device": str, "ts": float, "received": float, "kind": str, "body": str},
-            pk="id", if_not_exists=True)
-        db.table("device_events").create_index(["node", "device", "kind", "id"], if_not_exists=True)
-        db.table("device_events").create_index(["received"], if_not_exists=True)
-        # each node's rule set (versioned like a twin: the edge applies only a newer one) and the alerts edges send up
-        db.table("rule_sets").create({"node": str, "version": int, "doc": str, "updated": float, "applied": int,
-                                      "result": str}, pk="node", if_not_exists=True)
-        db.table("alerts").create(
-            {"node": str, "id": int, "rule": str, "device": str, "severity": str, "state": str, "values_": str,
-             "started": float, "fired": float, "resolved": float, "acked": float, "acked_by": str, "received": float},
-            pk=("node", "id"), if_not_exists=True)
-        db.table("downqueue").create_index(["node", "created"], if_not_exists=True)
-        db.table("readings").create_index(["received"], if_not_exists=True)  # retention deletes by age
-        rollouts.create_tables(db)
+def open_db(data_dir: Path, url: str | None = None) -> Database:
+    """Open the relay's database (the SQLite file in data_dir, or PostgreSQL at `url`) at the latest schema."""
+    db = database.open_database(data_dir, url)
+    database.migrate(db)
     return db
 
 
@@ -93,15 +58,18 @@ def rotate_node(db: Database, name: str) -> str:
     require_node(db, name)
     token = new_secret()
     db.execute("UPDATE nodes SET token_hash = ? WHERE name = ?", [hash_secret(token), name])
+    notify(db, f"close {name} its token was rotated")  # whichever replica holds its link ends it
     return token
 
 
 def remove_node(db: Database, name: str) -> None:
     """Forget a node: its token, devices, queue and readings."""
     require_node(db, name)
-    for table in ("devices", "downqueue", "commands", "readings", "device_events", "alerts", "rule_sets"):
+    for table in ("devices", "downqueue", "commands", "readings", "device_events", "alerts", "rule_sets",
+                  "edge_sessions"):
         db.execute(f"DELETE FROM {table} WHERE node = ?", [name])
     db.execute("DELETE FROM nodes WHERE name = ?", [name])
+    notify(db, f"close {name} it was removed")
 
 
 def get_node(db: Database, name: str) -> dict[str, Any] | None:
@@ -141,6 +109,91 @@ def link_outbox(db: Database, node: str, outbox: str) -> bool:
 def require_node(db: Database, name: str) -> None:
     if get_node(db, name) is None:
         raise NotFound(f"unknown node {name!r}")
+
+
+def is_online(db: Database, name: str) -> bool:
+    """Whether the node's edge is linked to this relay or to another replica on the same database."""
+    row = db.execute("SELECT online FROM nodes WHERE name = ?", [name]).fetchone()
+    return bool(row and row[0])
+
+
+# -- edge sessions: which replica holds each edge's link -------------------------------------------------------------
+# An edge may dial any replica. The one it reaches claims its session (the epoch goes up); every write that replica
+# makes for the edge first checks it still holds that epoch (`hold_session`, a row lock on PostgreSQL), so a replica
+# that lost the link (the edge moved, or the replica was cut off and swept) is fenced instead of writing for it.
+
+REPLICA_STALE = 30.0  # seconds without a heartbeat after which a replica's links count as gone
+
+
+class Fenced(RuntimeError):
+    """This replica no longer holds the edge's link: another took it, or it was swept as gone."""
+
+
+def start_replica(db: Database, replica: str, address: str, now: float) -> None:
+    """A replica's first heartbeat. A SQLite relay is the only one: the links of its earlier runs are gone."""
+    if not is_postgres(db):
+        db.execute("UPDATE edge_sessions SET replica = '' WHERE replica != ''")
+        db.execute("DELETE FROM replicas")
+        db.execute("UPDATE nodes SET online = 0 WHERE online = 1")
+    db.table("replicas").upsert({"id": replica, "started": now, "seen": now, "address": address}, pk="id")
+
+
+def shared_operator_token(db: Database, mine: str) -> str:
+    """The operator token of every replica on this database: the first replica's (a later one adopts it)."""
+    db.execute("INSERT INTO settings (key, value) VALUES ('operator_token', ?) ON CONFLICT (key) DO NOTHING", [mine])
+    return str(db.execute("SELECT value FROM settings WHERE key = 'operator_token'").fetchone()[0])
+
+
+def claim_session(db: Database, node: str, replica: str, remote: str, now: float) -> int:
+    """The edge's link is now on this replica: its session's next epoch (a replica holding an older one is fenced)."""
+    epoch = int(db.execute(
+        "INSERT INTO edge_sessions (node, replica, epoch, since, remote) VALUES (?, ?, 1, ?, ?) ON CONFLICT (node) DO "
+        "UPDATE SET replica = excluded.replica, epoch = edge_sessions.epoch + 1, since = excluded.since, "
+        "remote = excluded.remote RETURNING epoch", [node, replica, now, remote[:64]]).fetchone()[0])
+    node_presence(db, node, True, now)
+    notify(db, f"session {node} {epoch}")  # the replica that held it before lets its link go
+    return epoch
+
+
+def hold_session(db: Database, node: str, replica: str, epoch: int) -> None:
+    """Fenced unless this replica still holds the node's link at this epoch; on PostgreSQL the row stays locked to the
+    end of the transaction, so a takeover waits for the write in progress instead of interleaving with it."""
+    lock = " FOR UPDATE" if is_postgres(db) else ""
+    row = db.execute(f"SELECT replica, epoch FROM edge_sessions WHERE node = ?{lock}", [node]).fetchone()
+    if row is None or row[0] != replica or int(row[1]) != epoch:
+        holder = f"replica {row[0]} (epoch {row[1]})" if row and row[0] else "no replica"
+        raise Fenced(f"node {node}: its link is held by {holder}, not by this one (epoch {epoch})")
+
+
+def release_session(db: Database, node: str, replica: str, epoch: int, now: float) -> bool:
+    """The link ended; the node is offline unless another replica holds it by now. True when it went offline."""
+    if db.execute("UPDATE edge_sessions SET replica = '' WHERE node = ? AND replica = ? AND epoch = ?",
+                  [node, replica, epoch]).rowcount:
+        node_presence(db, node, False, now)
+        return True
+    return False
+
+
+def replica_seen(db: Database, replica: str, address: str, now: float,
+                 stale: float = REPLICA_STALE) -> tuple[list[str], dict[str, int], set[str]]:
+    """A replica's heartbeat and sweep. Ends the links of replicas silent for `stale` seconds (killed, or cut off from
+    the database): their nodes go offline, and a cut-off one is fenced when it comes back. Returns the nodes that went
+    offline, the links this replica holds (node -> epoch), and the nodes it holds with messages queued."""
+    if not db.execute("UPDATE replicas SET seen = ? WHERE id = ?", [now, replica]).rowcount:
+        db.table("replicas").upsert({"id": replica, "started": now, "seen": now, "address": address}, pk="id")
+    gone = db.execute("SELECT s.node, s.epoch FROM edge_sessions s LEFT JOIN replicas r ON r.id = s.replica "
+                      "WHERE s.replica != '' AND (r.seen IS NULL OR r.seen < ?)", [now - stale]).fetchall()
+    offline = []
+    for node, epoch in gone:
+        if db.execute("UPDATE edge_sessions SET replica = '' WHERE node = ? AND epoch = ?", [node, epoch]).rowcount:
+            node_presence(db, node, False, now)
+            offline.append(str(node))
+    db.execute("DELETE FROM replicas WHERE seen < ?", [now - 86400])
+    held = {str(n): int(e) for n, e in db.execute("SELECT node, epoch FROM edge_sessions WHERE replica = ?",
+                                                   [replica]).fetchall()}
+    queued = {str(n) for (n,) in db.execute("SELECT DISTINCT q.node FROM downqueue q JOIN edge_sessions s ON "
+                                            "s.node = q.node WHERE s.replica = ?", [replica]).fetchall()}
+    return offline, held, queued
 
 
 # -- what comes up ---------------------------------------------------------------------------------------------------
@@ -202,8 +255,7 @@ def apply_up(db: Database, node: str, items: list[dict[str, Any]], now: float,
         except TooManyDevices:
             over_cap.add(str(body.get("device")) if isinstance(body, dict) else "?")
             done = None
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, sqlite3.InterfaceError,
-                sqlite3.ProgrammingError):  # a number SQLite cannot hold, a value it cannot bind
+        except ITEM_ERRORS:
             skipped += 1  # an item this relay cannot use must not block the ones behind it
             done = None
         if done:
@@ -228,7 +280,8 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
                 continue
             db.execute("UPDATE devices SET last_seen = ? WHERE node = ? AND id = ?", [now, node, device])
         db.conn.executemany(
-            "INSERT OR IGNORE INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO readings (node, device, boot, seq, ts, received, data) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             [r for r in rows if r[1] not in refused])
         over_cap.update(refused)
     elif resource == "twin":
@@ -275,6 +328,7 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
         status = "ok" if body.get("result", {}).get("ok") else "error"
         db.execute("UPDATE commands SET status = ?, result = ? WHERE id = ? AND node = ?",
                    [status, json.dumps(body), cmd_id, node])
+        notify(db, f"cmd {cmd_id}")  # the replica whose operator waits for it may be another
         return cmd_id
     else:
         raise ValueError(f"unknown resource {resource!r}")
@@ -284,8 +338,14 @@ def _apply_item(db: Database, node: str, resource: str, body: dict[str, Any], no
 # -- what goes down --------------------------------------------------------------------------------------------------
 
 def pending_down(db: Database, node: str) -> list[dict[str, Any]]:
+    order = "seq" if is_postgres(db) else "created, rowid"  # the order they were queued in
     return [{**r, "body": json.loads(r["body"])} for r in db.query(
-        "SELECT id, resource, body FROM downqueue WHERE node = ? ORDER BY created, rowid", [node])]
+        f"SELECT id, resource, body FROM downqueue WHERE node = ? ORDER BY {order}", [node])]
+
+
+def down_confirmed(db: Database, node: str, message_id: str) -> bool:
+    """Whether the edge confirmed a down message (it left the queue)."""
+    return db.execute("SELECT 1 FROM downqueue WHERE id = ? AND node = ?", [message_id, node]).fetchone() is None
 
 
 def down_applied(db: Database, node: str, message_id: str, result: Any) -> str | None:
@@ -296,6 +356,7 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
     if row is None:
         return None  # a repeated confirmation
     db.execute("DELETE FROM downqueue WHERE id = ?", [message_id])
+    notify(db, f"applied {message_id}")
     resource, body = row[0], json.loads(row[1])
     if not isinstance(result, dict):
         return None
@@ -319,6 +380,7 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
     if resource == "cmd" and not result.get("ok"):
         db.execute("UPDATE commands SET status = 'error', result = ? WHERE id = ?",
                    [json.dumps({"cmd": body["cmd"], "error": result.get("error"), "code": "refused"}), body["cmd"]])
+        notify(db, f"cmd {body['cmd']}")
         return str(body["cmd"])
     return None
 
@@ -339,8 +401,12 @@ def list_devices(db: Database, node: str | None = None, limit: int = -1, offset:
         require_node(db, node)
         sql += " AND node = ?"
         params.append(node)
+    sql += " ORDER BY node, id"
+    if limit >= 0 or offset:
+        sql += " LIMIT ? OFFSET ?"
+        params += [limit if limit >= 0 else MAX_INTEGER, offset]
     return [{**r, "online": bool(r["online"]), "meta": json.loads(r["meta"]) if r["meta"] else None}
-            for r in db.query(sql + " ORDER BY node, id LIMIT ? OFFSET ?", [*params, limit, offset])]
+            for r in db.query(sql, params)]
 
 
 def _replica(db: Database, node: str, device: str) -> Twin:
@@ -443,13 +509,14 @@ def ack_alert(db: Database, node: str, alert_id: int, who: str) -> dict[str, Any
 
 def list_alerts(db: Database, everything: bool = False, node: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
     """Alerts of the fleet, newest first: open ones (and resolved ones not yet acknowledged), or all."""
-    where, params = ["1"], []
+    where, params = ["1 = 1"], []
     if not everything:
         where.append("(state != 'resolved' OR acked IS NULL)")
     if node is not None:
         where.append("node = ?")
         params.append(node)
-    rows = db.query(f"SELECT * FROM alerts WHERE {' AND '.join(where)} ORDER BY COALESCE(fired, started) DESC LIMIT ?",
+    rows = db.query(f"SELECT * FROM alerts WHERE {' AND '.join(where)} ORDER BY COALESCE(fired, started) DESC NULLS LAST "
+                    "LIMIT ?",
                     [*params, limit])
     return [{**{k: v for k, v in r.items() if k != "values_"}, "values": json.loads(r["values_"] or "{}")} for r in rows]
 
@@ -501,14 +568,23 @@ def command_outcome(db: Database, cmd_id: str) -> dict[str, Any] | None:
 
 def prune(db: Database, before: float, limit: int = PRUNE_CHUNK) -> int:
     """Delete up to `limit` readings received and commands finished before `before`; returns how many rows went
-    (call again until it returns 0)."""
-    deleted = int(db.execute("DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE received < ? LIMIT ?)",
-                             [before, limit]).rowcount)
-    deleted += int(db.execute("DELETE FROM device_events WHERE rowid IN (SELECT rowid FROM device_events WHERE "
+    (call again until it returns 0). On PostgreSQL readings go a day at a time: their daily partitions are dropped
+    (by the readings' own time), and what the default partition holds is deleted as rows."""
+    row, deleted = "rowid", 0
+    if is_postgres(db):
+        row = "ctid"
+        database.ensure_partitions(db, time.time())
+        deleted += database.drop_partitions(db, before)
+        deleted += int(db.execute("DELETE FROM readings_default WHERE ctid IN (SELECT ctid FROM readings_default "
+                                  "WHERE ts < ? LIMIT ?)", [before, limit]).rowcount)
+    else:
+        deleted += int(db.execute("DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE received < ? "
+                                  "LIMIT ?)", [before, limit]).rowcount)
+    deleted += int(db.execute(f"DELETE FROM device_events WHERE {row} IN (SELECT {row} FROM device_events WHERE "
                               "received < ? LIMIT ?)", [before, limit]).rowcount)
-    deleted += int(db.execute("DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE created < ? "
+    deleted += int(db.execute(f"DELETE FROM commands WHERE {row} IN (SELECT {row} FROM commands WHERE created < ? "
                               "AND status != 'queued' LIMIT ?)", [before, limit]).rowcount)
-    deleted += int(db.execute("DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts WHERE state = 'resolved' "
+    deleted += int(db.execute(f"DELETE FROM alerts WHERE {row} IN (SELECT {row} FROM alerts WHERE state = 'resolved' "
                               "AND received < ? LIMIT ?)", [before, limit]).rowcount)
     return deleted
 

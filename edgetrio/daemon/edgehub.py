@@ -27,16 +27,14 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from edgetrio import wire
 from edgetrio.daemon import store
-from edgetrio.wire import FRAME_DEPTH, FRAME_ITEMS, MAX_FRAME, envelope
+from edgetrio.edgelink import Acked, Apply, EdgeProtocol, Refused
+from edgetrio.wire import MAX_FRAME
 from edgetrio.writer import Writer
 
 # (message id, resource, body) -> result: applies one message from the cloud once, in one transaction
 ApplyDown = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 log = logging.getLogger("edgetrio.edgehub")
-BATCH_ROWS = 200
-BATCHES_IN_FLIGHT = 4
 CONNECT_TIMEOUT = 15.0  # seconds for the whole opening of the link: TCP, TLS and the relay's answer to the upgrade
 
 
@@ -97,7 +95,7 @@ class EdgeHub:
         self.connects = 0
         self.last_change: float | None = None
         self.last_error: str | None = None
-        self.acked_upto = self.sent_upto = 0
+        self.protocol = EdgeProtocol()  # the link's rules (edgelink.py): offsets sent and acknowledged, the window
         self.dropped = 0  # outbox rows its bounds dropped
         self._wakeup = trio.Event()
         self._prune_wakeup = trio.Event()
@@ -115,7 +113,7 @@ class EdgeHub:
 
     def state(self) -> dict[str, Any]:
         return {"url": self.url, "node": self.node, "connected": self.connected, "connects": self.connects,
-                "since": self.last_change, "last_error": self.last_error, "acked_offset": self.acked_upto,
+                "since": self.last_change, "last_error": self.last_error, "acked_offset": self.protocol.acked,
                 "dropped": self.dropped}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,7 +130,7 @@ class EdgeHub:
                 except HandshakeError as exc:
                     await self._down(f"cannot connect to {self.url}: {handshake_reason(exc)}")
                 except RelayRefused as exc:
-                    await self._down(f"the relay refused a frame ({exc}); resending from offset {self.acked_upto}")
+                    await self._down(f"the relay refused a frame ({exc}); resending from offset {self.protocol.acked}")
                 except (ConnectionClosed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                     await self._down(f"link lost: {type(exc).__name__}" + (f" {exc}" if str(exc) else ""))
                 except Exception as exc:  # whatever the relay sends must cost the link, never the daemon
@@ -194,80 +192,61 @@ class EdgeHub:
         self.last_error = None
         log.info("cloud link up node=%s url=%s", self.node, self.url)
         await self._record_link_event(True)
-        self.sent_upto = self.acked_upto  # resume from the first row the relay has not confirmed
+        self.protocol.connected()  # resume from the first row the relay has not confirmed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_up, ws)
             nursery.start_soon(self._receive, ws)
             nursery.start_soon(ping_every, ws, self.keepalive)
 
     async def _send_up(self, ws: WebSocketConnection) -> None:
-        in_flight: list[int] = []
         while True:
             self._wakeup = trio.Event()  # before looking: whatever is committed or acknowledged from now on wakes us
-            in_flight = [o for o in in_flight if o > self.acked_upto]
             rows: list[dict[str, Any]] = []
-            self._window_full = len(in_flight) >= BATCHES_IN_FLIGHT
+            self._window_full = not self.protocol.window_open()
             if not self._window_full:
                 # a read, not a write: the sender is woken by commits and must not wake itself
-                rows = await self.writer.read(partial(store.outbox_after, offset=self.sent_upto, limit=BATCH_ROWS))
+                rows = await self.writer.read(partial(store.outbox_after, offset=self.protocol.sent,
+                                                      limit=self.protocol.batch_rows))
             if not rows:
                 await self._wakeup.wait()
                 continue
-            frame = envelope("up", "batch", {"items": rows})
-            while len(frame) > MAX_FRAME and len(rows) > 1:
-                rows = rows[: len(rows) // 2]
-                frame = envelope("up", "batch", {"items": rows})
-            await ws.send_message(frame)
-            self.sent_upto = rows[-1]["offset"]
-            in_flight.append(self.sent_upto)
+            await ws.send_message(self.protocol.batch(rows))
 
     async def _receive(self, ws: WebSocketConnection) -> None:
         while True:
-            raw = await ws.get_message()
-            try:
-                message = wire.loads(raw, max_depth=FRAME_DEPTH, max_items=FRAME_ITEMS)
-                op, body = message["op"], message.get("body") or {}
-                if not isinstance(body, dict):
-                    raise TypeError("body is not an object")
-                offset = int(body.get("offset", 0)) if op == "ack" else 0
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignored a malformed frame from the relay")
-                continue
-            if op == "ack":
-                if offset > self.acked_upto:
-                    self.acked_upto = offset  # deleted from the outbox within a second, in one commit (_bound_outbox)
+            event = self.protocol.receive(await ws.get_message())
+            if isinstance(event, Acked):
+                if event.advanced:  # deleted from the outbox within a second, in one commit (_bound_outbox)
                     self._prune_wakeup.set()
                     if self._window_full:  # otherwise the sender has nothing new to look at: a wake is a wasted read
                         self.wake()
-            elif op == "apply":
-                message_id = message.get("id")
-                if not isinstance(message_id, str):
-                    log.warning("ignored an apply frame without an id or an object body")
-                    continue
+            elif isinstance(event, Apply):
                 try:
-                    result = await self.apply_down(message_id, str(message.get("resource")), body)
+                    result = await self.apply_down(event.message_id, event.resource, event.body)
                 except Exception as exc:  # what the relay sends must not stop the edge
-                    log.exception("could not apply message %s from the relay", message_id)
+                    log.exception("could not apply message %s from the relay", event.message_id)
                     result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                await ws.send_message(envelope("applied", message.get("resource", ""), result, parent=message_id))
-            elif op == "error":
-                # Something sent was not taken. Batches are pipelined, so the relay may acknowledge later offsets:
+                await ws.send_message(self.protocol.applied(event, result))
+            elif isinstance(event, Refused):
+                # Something sent was not taken; batches are pipelined, so the relay may acknowledge later offsets:
                 # end the link and resume from the last acknowledged offset rather than risk passing a gap.
-                raise RelayRefused(str(body.get("message")))
+                raise RelayRefused(event.reason)
+            else:
+                log.warning("ignored %s", event.reason)
 
     async def _bound_outbox(self) -> None:
         """At most once a second, delete what the relay acknowledged and hold the outbox to its bounds.
 
         Acknowledged rows go in this one commit rather than one commit (an fsync) per ack: a gateway sending 10
         readings a second would otherwise pay two commits per reading. Rows acknowledged but not yet deleted are never
-        sent again while the daemon runs (the sender starts after `acked_upto`); after a crash they go again, and the
+        sent again while the daemon runs (the sender starts after the acknowledged offset); after a crash they go again, and the
         relay keeps each once."""
         deleted_upto = 0
         while True:
-            if self.acked_upto <= deleted_upto:
+            if self.protocol.acked <= deleted_upto:
                 await self._prune_wakeup.wait()
             self._prune_wakeup = trio.Event()
-            acked = self.acked_upto
+            acked = self.protocol.acked
 
             try:
                 dropped = await self.writer.write(partial(prune_outbox, acked=acked, max_rows=self.max_rows,

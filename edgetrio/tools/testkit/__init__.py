@@ -23,6 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgetrio.cloud.database import database_url, open_database
 from edgetrio.daemon.config import admin_credential
 from edgetrio.tools.bundle import FIRMWARE, compile_mpy, device_tool
 from edgetrio.tools.demo import wait_for_daemon
@@ -117,6 +118,19 @@ class Daemon:
         return (self.data_dir.parent / f"{self.data_dir.name}-daemon.log").read_text(errors="replace")
 
 
+TEST_POSTGRES = "EDGETRIO_TEST_POSTGRES"  # a server's URL: every Relay here gets a new database on it
+
+
+def fresh_database() -> dict[str, str]:
+    """Under `make test-postgres` (tests/conftest.py sets $EDGETRIO_TEST_POSTGRES), a new PostgreSQL database for a
+    relay, as the environment of its process and commands; else nothing (the SQLite file in its data dir)."""
+    server = os.environ.get(TEST_POSTGRES)
+    if not server:
+        return {}
+    from edgetrio.tools.testkit.postgres import create_database
+    return {"EDGETRIO_DATABASE": create_database(server)}
+
+
 class Relay:
     """A real relay process on loopback."""
 
@@ -125,12 +139,14 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.extra: tuple[str, ...] = ()
+        self.env: dict[str, str] = fresh_database()  # for this relay and its commands (EDGETRIO_DATABASE, say)
 
     def start(self) -> Relay:
         log = open(self.data_dir.parent / f"{self.data_dir.name}-relay.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgetrio", "cloud", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--metrics-port", "0", *self.extra], cwd=ROOT, stdout=log, stderr=log)
+             "--port", str(self.port), "--metrics-port", "0", *self.extra], cwd=ROOT, stdout=log, stderr=log,
+            env={**os.environ, **self.env})
         run_file = self.data_dir / "relay.json"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -155,7 +171,7 @@ class Relay:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", *args, "--data-dir", str(self.data_dir)],
-                              capture_output=True, text=True, timeout=90, cwd=ROOT)
+                              capture_output=True, text=True, timeout=90, cwd=ROOT, env={**os.environ, **self.env})
         if check and proc.returncode != 0:
             raise AssertionError(f"edgetrio cloud {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
@@ -167,12 +183,31 @@ class Relay:
         """`edgetrio cloud user add`, the password on stdin as an operator types it."""
         proc = subprocess.run([sys.executable, "-m", "edgetrio", "cloud", "user", "add", name, "--role", role,
                                "--password-stdin", "--data-dir", str(self.data_dir)], input=password + "\n",
-                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+                              capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, **self.env})
         assert proc.returncode == 0, proc.stderr
 
     def add_node(self, name: str) -> str:
         token: str = self.json("node", "add", name)["token"]
         return token
+
+    def sql(self, statement: str, params: Any = (), many: bool = False) -> list[tuple[Any, ...]]:
+        """Run SQL (with ? placeholders) on the relay's own database, SQLite file or PostgreSQL ($EDGETRIO_DATABASE),
+        and commit: what a test reads or changes behind the relay's back."""
+        db = open_database(self.data_dir, database_url(self.data_dir, self.env.get("EDGETRIO_DATABASE")))
+        try:
+            with db.atomic():
+                if many:
+                    db.conn.executemany(statement, params)
+                    return []
+                cursor = db.execute(statement, params)
+                return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+        finally:
+            db.conn.close()
+
+    def stored(self, device: str) -> list[tuple[int, int]]:
+        """(boot, seq) of every reading of a device the relay holds, in order."""
+        return [(int(b), int(s)) for b, s in
+                self.sql("SELECT boot, seq FROM readings WHERE device = ? ORDER BY boot, seq", [device])]
 
 
 
