@@ -111,7 +111,7 @@ def open_store(args: argparse.Namespace) -> Any:
     """The relay's database for this data dir (--database, $EDGETRIO_DATABASE, relay.toml or the SQLite file)."""
     try:
         return store.open_db(args.data_dir, database.database_url(args.data_dir, getattr(args, "database", None)))
-    except RegistryError as exc:
+    except (RegistryError, database.DatabaseError) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -151,9 +151,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       args.edge_keepalive)
     try:
         cfg.database = database.database_url(args.data_dir, args.database)
-    except RegistryError as exc:
+    except database.DatabaseError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    if args.database and cfg.database:  # the other commands of this data dir must use the same database
+    if args.database and cfg.database:  # the other commands of this data dir must use the same database, once it answers
+        try:
+            database.open_database(args.data_dir, cfg.database).close()
+        except database.DatabaseError as exc:
+            raise CliError(str(exc)) from None
         remember_database(args.data_dir, cfg.database)
     for problem in (
         not 1 <= cfg.edge_keepalive <= 3600 and "--edge-keepalive must be from 1 to 3600 seconds",
@@ -174,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", EXIT_USAGE) from None
     except RegistryError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    except database.DatabaseError as exc:  # the database does not answer at start: said, not a traceback
+        raise CliError(str(exc)) from None
 
 
 def remember_database(data_dir: Path, url: str) -> None:
@@ -200,7 +206,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         db = database.open_database(args.data_dir, url)
         before = database.schema_version(db)
         applied = [] if args.status else database.migrate(db)
-    except RegistryError as exc:
+    except (RegistryError, database.DatabaseError) as exc:
         raise CliError(str(exc)) from None
     where = database.redact(url) if url else str(args.data_dir / database.DB_FILE)
     result = {"database": where, "version": before if args.status else database.LATEST, "latest": database.LATEST,

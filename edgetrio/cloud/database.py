@@ -22,7 +22,6 @@ from typing import Any
 
 from edgetrio import accounts
 from edgetrio.cloud import rollouts
-from edgetrio.identity import RegistryError
 from edgetrio.writer import POSTGRES, connect, is_postgres
 
 log = logging.getLogger("edgetrio.relay")
@@ -33,8 +32,11 @@ ENV = "EDGETRIO_DATABASE"
 Store = Any  # a sqlite_utils.Database or a PgDatabase: the calls the store makes are the same
 
 
-class DatabaseError(RegistryError):
-    """A database the relay cannot use (a bad URL, a server that does not answer, a corrupt config): said in a line."""
+class DatabaseError(RuntimeError):
+    """A database the relay cannot use (a bad URL, a server that does not answer, a corrupt config): said in a line.
+
+    Not a ValueError (as RegistryError is): a batch item that met it was not unusable, the database was away, and it
+    must not be skipped as bad input and acknowledged (a crash test lost a reading that way)."""
 
 
 def database_url(data_dir: Path, given: str | None = None) -> str | None:
@@ -156,12 +158,18 @@ class PgDatabase:
         self.url = url
         self.connect_timeout = connect_timeout
         self._conn: Any = None
+        self._depth = 0  # transactions open: inside one, a lost connection fails it, never opens a new one
         self.conn = PgConnection(self)
         self.raw()  # a database that cannot be reached is said at start, not at the first write
 
     def raw(self) -> Any:
-        """The live psycopg connection (autocommit; `atomic` makes the transactions), reconnecting when it broke."""
+        """The live psycopg connection (autocommit; `atomic` makes the transactions), reconnecting when it broke and
+        no transaction is open (statements on a new connection would run outside the one that failed)."""
         import psycopg
+        if self._depth:
+            if self._conn is None or self._conn.broken or self._conn.closed:
+                raise DatabaseError(f"the connection to {redact(self.url)} was lost in a transaction")
+            return self._conn
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
@@ -192,9 +200,17 @@ class PgDatabase:
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[PgDatabase]:
-        """A transaction; nested, a savepoint (as sqlite-utils' atomic)."""
-        with self.raw().transaction():
-            yield self
+        """A transaction; nested, a savepoint (as sqlite-utils' atomic). Raises when it did not commit: psycopg's
+        transaction ends silently on a connection that broke inside it if no exception left the block (the writer
+        catches each operation's), and a batch the server never committed was taken as committed and acknowledged."""
+        with self.raw().transaction() as transaction:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+        if transaction.status != transaction.Status.COMMITTED:
+            raise DatabaseError(f"the connection to {redact(self.url)} was lost: the transaction was not committed")
 
     def close(self) -> None:
         if self._conn is not None:

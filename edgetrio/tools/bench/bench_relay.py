@@ -66,12 +66,14 @@ async def baseline_server(port: int) -> None:
 
 # -- the edges ----------------------------------------------------------------------------------------------------------
 
-def run_edges(url: str, nodes: list[tuple[str, str]], seconds: float, commands: Any, results: Any) -> None:
+def run_edges(url: str | list[str], nodes: list[tuple[str, str]], seconds: float, commands: Any, results: Any) -> None:
     raise_fd_limit()
     trio.run(edges_main, url, nodes, seconds, commands, results)
 
 
-async def edges_main(url: str, nodes: list[tuple[str, str]], seconds: float, commands: Any, results: Any) -> None:
+async def edges_main(url: str | list[str], nodes: list[tuple[str, str]], seconds: float, commands: Any,
+                     results: Any) -> None:
+    urls = [url] if isinstance(url, str) else url  # several: the edges spread over them in turn (relay replicas)
     received: dict[str, float] = {}
     sent_readings = [0]
     phase = {"send": False}
@@ -82,7 +84,7 @@ async def edges_main(url: str, nodes: list[tuple[str, str]], seconds: float, com
 
     limiter = trio.CapacityLimiter(200)  # connect in waves, not one SYN flood
 
-    async def edge(node: str, token: str) -> None:
+    async def edge(node: str, token: str, url: str) -> None:
         headers = [(b"authorization", f"Bearer {token}".encode()), (b"x-edgetrio-node", node.encode())]
         for _attempt in range(5):
             await limiter.acquire_on_behalf_of(node)
@@ -160,22 +162,24 @@ async def edges_main(url: str, nodes: list[tuple[str, str]], seconds: float, com
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(control)
-        for node, token in nodes:
-            nursery.start_soon(edge, node, token)
+        for i, (node, token) in enumerate(nodes):
+            nursery.start_soon(edge, node, token, urls[i % len(urls)])
         await stop.wait()
 
 
-def measure(url: str, pid: int, nodes: list[tuple[str, str]], seconds: float,
+def measure(url: str | list[str], pid: int | list[int], nodes: list[tuple[str, str]], seconds: float,
             push: Any = None) -> dict[str, float]:
+    """Figures of one server (or of several replicas: `url` and `pid` lists, memory summed over them)."""
     ctx = mp.get_context("fork")
     commands, results = ctx.Queue(), ctx.Queue()
-    before = rss_mb(pid)
+    pids = [pid] if isinstance(pid, int) else pid
+    before = sum(rss_mb(p) for p in pids)
     proc = ctx.Process(target=run_edges, args=(url, nodes, seconds, commands, results))
     proc.start()
     commands.put("wait-connected")
     _kind, connect_time = results.get(timeout=600)
     time.sleep(1)
-    after = rss_mb(pid)
+    after = sum(rss_mb(p) for p in pids)
     out = {"connect_s": connect_time, "kib_per_conn": (after - before) * 1024 / len(nodes), "rss_mb": after}
     if push is not None:
         started = time.monotonic()
