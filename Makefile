@@ -60,6 +60,7 @@ test-postgres: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest
 	$(BIN)/python -m edgetrio.tools.bench.bench_relay
+	$(BIN)/python -m edgetrio.tools.bench.bench_replicas
 	$(BIN)/python -m edgetrio.tools.bench.bench_flood
 	$(BIN)/python -m edgetrio.tools.bench.bench_metrics
 	$(BIN)/python -m edgetrio.tools.bench.bench_heap

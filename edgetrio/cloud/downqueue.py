@@ -29,3 +29,9 @@ def notify(db: Database, payload: str) -> None:
     hint only, each replica also sweeps for what it missed. The SQLite relay is one process and tells itself."""
     if is_postgres(db):
         db.execute("SELECT pg_notify(?, ?)", [CHANNEL, payload[:7900]]).fetchone()
+
+
+def notify_many(db: Database, payloads: list[str]) -> None:
+    """Several hints in one round trip (psycopg sends executemany's statements in a pipeline)."""
+    if is_postgres(db) and payloads:
+        db.conn.executemany("SELECT pg_notify(?, ?)", [(CHANNEL, p[:7900]) for p in payloads])

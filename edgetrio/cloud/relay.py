@@ -256,12 +256,14 @@ class Relay:
         that was missed), and send what is queued for the links held here (in case its hint was missed)."""
         while True:
             try:
+                # only links claimed before the sweep's query: one claimed in the same batch after it is not in it
+                linked = list(self.sessions.items())
                 offline, held, queued = await self.run(store.replica_seen, self.replica, address, time.time())
                 for node in offline:
                     log.warning("node=%s: its replica went silent; marked offline", node)
                     self.events.publish({"type": "node", "node": node, "online": False})
-                for node, session in list(self.sessions.items()):
-                    if held.get(node) != session.epoch and session.epoch:
+                for node, session in linked:
+                    if self.sessions.get(node) is session and held.get(node) != session.epoch:
                         log.warning("node=%s: its link is held elsewhere now (epoch %s); closing this one", node,
                                     held.get(node))
                         session.scope.cancel()
@@ -291,11 +293,12 @@ class Relay:
             waiters = self.command_waiters if kind == "cmd" else self.down_waiters
             if rest in waiters:
                 waiters[rest].set()
-        elif kind == "event":  # what another replica stored, for the dashboards open here
-            origin, _, event = rest.partition(" ")
+        elif kind == "events":  # what another replica stored, for the dashboards open here
+            origin, _, events = rest.partition(" ")
             if origin != self.replica and self.events.streams:
-                with contextlib.suppress(ValueError):
-                    self.events.publish(json.loads(event))
+                with contextlib.suppress(ValueError, TypeError):
+                    for event in json.loads(events):
+                        self.events.publish(event)
 
     async def linked(self, node: str) -> bool:
         """Whether the node's edge is linked: here, or to another replica of the same database."""
@@ -469,12 +472,9 @@ class Relay:
     def _store_up(self, db: Any, node: str, items: list[Any], now: float) -> tuple[int, list[str], int, set[str]]:
         """Store a batch; on a shared database, tell the other replicas' dashboards what it changed (at commit)."""
         done = store.apply_up(db, node, items, now, self.max_devices_per_node)
-        if self.shared:
-            for event in dashboard_events(node, items):
-                text = json.dumps(event)
-                if len(text) > 7000:  # past NOTIFY's size: the other dashboards just refresh that node
-                    text = json.dumps({"type": "node", "node": node})
-                notify(db, f"event {self.replica} {text}")
+        if self.shared:  # one hint per batch, all its events; past NOTIFY's size, the dashboards refresh the node
+            text = json.dumps(list(dashboard_events(node, items)))
+            notify(db, f"events {self.replica} {text if len(text) < 7000 else json.dumps([{'type': 'node', 'node': node}])}")
         return done
 
     async def _send_down(self, session: EdgeSession) -> None:

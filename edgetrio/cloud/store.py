@@ -17,7 +17,7 @@ from sqlite_utils import Database
 
 from edgetrio import accounts, wire
 from edgetrio.cloud import database, rollouts
-from edgetrio.cloud.downqueue import notify, queue_down
+from edgetrio.cloud.downqueue import notify, notify_many, queue_down
 from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
 from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
@@ -414,9 +414,13 @@ def _replica(db: Database, node: str, device: str) -> Twin:
     rows = list(db.query("SELECT twin FROM devices WHERE node = ? AND id = ? AND registered = 1", [node, device]))
     if not rows:
         raise NotFound(f"unknown device {device!r} on node {node!r}")
-    if not rows[0]["twin"]:
+    return _twin_of(rows[0]["twin"])
+
+
+def _twin_of(text: str | None) -> Twin:
+    if not text:
         return Twin()
-    t = json.loads(rows[0]["twin"])
+    t = json.loads(text)
     return Twin(t["desired"]["state"], t["desired"]["version"], t["reported"]["state"], t["reported"]["version"])
 
 
@@ -457,18 +461,29 @@ def desired_problem(meta: dict[str, Any], patch: dict[str, Any]) -> str | None:
 
 def set_twin_fleet(db: Database, patch: dict[str, Any], node: str | None, device: str | None) -> dict[str, Any]:
     """Queue one desired change for every registered device (of a node, or with an id) that has those settings; says
-    how many, and which were skipped and why."""
-    targets, skipped = [], {}
-    for d in list_devices(db, node):
-        if device is not None and d["id"] != device:
-            continue
-        problem = desired_problem(d["meta"] or {}, patch)
+    how many, and which were skipped and why. In a few statements whatever the fleet's size (on PostgreSQL each one
+    is a round trip: a statement per device took 3 s for 2,000 devices)."""
+    sql, params = "SELECT node, id, meta, twin FROM devices WHERE registered = 1", []
+    if node is not None:
+        require_node(db, node)
+        sql, params = sql + " AND node = ?", [node]
+    if device is not None:
+        sql, params = sql + " AND id = ?", [*params, device]
+    queued, twins, skipped, nodes = [], [], {}, set()
+    now = time.time()
+    for d in db.query(sql + " ORDER BY node, id", params):
+        problem = desired_problem(json.loads(d["meta"]) if d["meta"] else {}, patch)
         if problem:  # a device without that setting (a pump on some boards only) is left as it is, and counted
             skipped[f"{d['node']}/{d['id']}"] = problem
             continue
-        set_twin(db, d["node"], d["id"], patch, None)
-        targets.append(d)
-    return {"nodes": len({d["node"] for d in targets}), "devices": len(targets), "skipped": skipped}
+        twin = set_desired(_twin_of(d["twin"]), patch, None)
+        queued.append((uuid.uuid4().hex, d["node"], now, "twin", json.dumps({"device": d["id"], "patch": patch})))
+        twins.append((json.dumps(twin.as_json()), d["node"], d["id"]))
+        nodes.add(d["node"])
+    db.conn.executemany("INSERT INTO downqueue (id, node, created, resource, body) VALUES (?, ?, ?, ?, ?)", queued)
+    db.conn.executemany("UPDATE devices SET twin = ? WHERE node = ? AND id = ?", twins)
+    notify_many(db, [f"down {n}" for n in sorted(nodes)])
+    return {"nodes": len(nodes), "devices": len(queued), "skipped": skipped}
 
 
 def set_rules(db: Database, node: str, doc: dict[str, Any]) -> dict[str, Any]:
