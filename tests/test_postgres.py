@@ -142,6 +142,8 @@ frontend edges
     default_backend relays
 backend relays
     balance roundrobin
+    option redispatch
+    retries 2
     option httpchk GET /healthz
     http-check expect status 200
     default-server check inter 500ms fall 2 rise 1
@@ -160,6 +162,7 @@ class Fleet:
             relay.port = free_port()
         self.daemons: dict[str, Daemon] = {}
         self.probes: dict[str, Probe] = {}
+        self.passwords: dict[str, str] = {}
         self.published: dict[str, int] = {}
         self.haproxy: subprocess.Popen[bytes] | None = None
         self.port = free_port()
@@ -183,7 +186,8 @@ class Fleet:
             t.join()
         for node, daemon in self.daemons.items():
             device = f"d{node[2:]}"
-            probe = Probe(daemon, device, daemon.add_device(device), device)
+            self.passwords[node] = daemon.add_device(device)
+            probe = Probe(daemon, device, self.passwords[node], device)
             assert probe.accepted()
             assert probe.subscribe(f"edgetrio/{device}/#")
             self.probes[node] = probe
@@ -374,9 +378,18 @@ def test_the_database_crashed_under_load_loses_nothing(fleet: Fleet, postgres: A
     wait_until(lambda: all(healthz(r) == 503 for r in fleet.relays.values()), timeout=30)
     for node in fleet.daemons:  # ... while the gateways keep taking readings
         fleet.publish(node, 5)
+    gone = "gw-01"  # and one gateway stops meanwhile: its link ends while no replica can write that down
+    fleet.probes[gone].close()
+    fleet.daemons[gone].stop()
     postgres.start()
     for relay in fleet.relays.values():  # the relays waited and resumed: neither exited
         assert relay.proc is not None and relay.proc.poll() is None
+    # the gone gateway is shown offline (its replica's sweep ends the link row it could not end then), the rest online
+    wait_until(lambda: fleet.online() == set(fleet.daemons) - {gone}, timeout=120)
+    fleet.daemons[gone].start()
+    probe = Probe(fleet.daemons[gone], f"d{gone[2:]}", fleet.passwords[gone], f"d{gone[2:]}")
+    assert probe.accepted()
+    fleet.probes[gone] = probe
     fleet.all_stored_once(timeout=180)
     wait_until(lambda: fleet.online() == set(fleet.daemons), timeout=120)
 

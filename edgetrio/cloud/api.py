@@ -77,6 +77,8 @@ def openapi() -> dict[str, Any]:
         "Node": {"type": "object", "properties": {"name": string, "online": {"type": "boolean"},
                                                   "last_seen": nullable_number, "connects": integer,
                                                   "devices": integer, "queued": integer,
+                                                  # host:port of the relay replica holding its link, if any
+                                                  "replica": {**string, "nullable": True},
                                                   "counters": {"type": "object", "nullable": True,
                                                                "additionalProperties": integer}}},
         "Device": {"type": "object", "properties": {"node": string, "id": string, "model": {**string, "nullable": True},
@@ -282,7 +284,8 @@ async def route(relay: Relay, request: h11.Request, body: bytes) -> Result:
             try:
                 await relay.run(lambda db: db.execute("SELECT 1").fetchone())
             except web.Unavailable as exc:  # the balancer sends new links to another replica meanwhile
-                raise HTTPError(503, f"the store does not answer: {exc}") from exc
+                # no token here: the database's address and the error stay in the relay's log
+                raise HTTPError(503, "the store does not answer") from exc
             return 200, {"ok": True, "store": "ok"}
         raise HTTPError(503, "the store did not answer within 5 s")
     return await web.dispatch(relay, ROUTES, request, body)

@@ -154,10 +154,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except database.DatabaseError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     if args.database and cfg.database:  # the other commands of this data dir must use the same database, once it answers
+        if "@" in cfg.database and ":" in cfg.database.split("://", 1)[1].split("@", 1)[0]:
+            logging.getLogger("edgetrio.relay").warning(
+                "--database holds a password, which `ps` shows: use $EDGETRIO_DATABASE, DATA/relay.toml or ~/.pgpass")
         try:
-            database.open_database(args.data_dir, cfg.database).close()
+            db = database.open_database(args.data_dir, cfg.database)
+            database.migrate(db)  # refused here (a newer database) before the data dir notes it
+            db.close()
         except database.DatabaseError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(str(exc), EXIT_USAGE) from None
         remember_database(args.data_dir, cfg.database)
     for problem in (
         not 1 <= cfg.edge_keepalive <= 3600 and "--edge-keepalive must be from 1 to 3600 seconds",
@@ -179,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except RegistryError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     except database.DatabaseError as exc:  # the database does not answer at start: said, not a traceback
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def remember_database(data_dir: Path, url: str) -> None:
@@ -203,17 +208,24 @@ def remember_database(data_dir: Path, url: str) -> None:
 def cmd_migrate(args: argparse.Namespace) -> None:
     try:
         url = database.database_url(args.data_dir, args.database)
+        where = database.redact(url) if url else str(args.data_dir / database.DB_FILE)
+        if args.status and not url and not (args.data_dir / database.DB_FILE).exists():
+            raise CliError(f"no relay database in {args.data_dir} (give --database, or the data dir of a relay)")
         db = database.open_database(args.data_dir, url)
         before = database.schema_version(db)
         applied = [] if args.status else database.migrate(db)
     except (RegistryError, database.DatabaseError) as exc:
         raise CliError(str(exc)) from None
-    where = database.redact(url) if url else str(args.data_dir / database.DB_FILE)
+    if url and args.database and not args.status:  # this data dir's other commands use it from now on
+        remember_database(args.data_dir, url)
     result = {"database": where, "version": before if args.status else database.LATEST, "latest": database.LATEST,
               "applied": applied}
     emit(args, result, lambda: print(
         f"{where}: schema version {result['version']} of {database.LATEST}"
         + (f" (applied {', '.join(map(str, applied))})" if applied else " (nothing to do)" if not args.status else "")))
+    if before > database.LATEST:
+        raise CliError(f"the database is at schema version {before}, newer than this relay's {database.LATEST}: "
+                       "upgrade edgetrio on this machine")
 
 
 COMMANDS.group("cloud node", "nodes")
@@ -253,9 +265,13 @@ def cmd_node_rotate(args: argparse.Namespace) -> None:
 @COMMANDS.command("cloud nodes", "nodes with online state", API)
 def cmd_nodes(args: argparse.Namespace) -> None:
     nodes = call(args, "GET", "/api/nodes")
-    emit(args, nodes, lambda: print("\n".join([f"{'NODE':<20} {'STATE':<8} {'DEVICES':>7} {'QUEUED':>6}  LAST SEEN"] + [
-        f"{n['name']:<20} {'online' if n['online'] else 'offline':<8} {n['devices']:>7} {n['queued']:>6}  "
-        f"{fmt_time(n['last_seen'])}" for n in nodes])))
+    replicas = any(n.get("replica") and n["online"] for n in nodes) and len({n.get("replica") for n in nodes
+                                                                             if n["online"]}) > 1
+    emit(args, nodes, lambda: print("\n".join(
+        [f"{'NODE':<20} {'STATE':<8} {'DEVICES':>7} {'QUEUED':>6}  LAST SEEN" + ("            REPLICA" if replicas else "")]
+        + [f"{n['name']:<20} {'online' if n['online'] else 'offline':<8} {n['devices']:>7} {n['queued']:>6}  "
+           f"{fmt_time(n['last_seen'])}" + (f"  {n.get('replica') or '-'}" if replicas and n["online"] else "")
+           for n in nodes])))
 
 
 @COMMANDS.command("cloud devices", "devices of all nodes or one", API, arg("node", nargs="?"))

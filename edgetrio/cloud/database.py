@@ -46,11 +46,15 @@ def database_url(data_dir: Path, given: str | None = None) -> str | None:
     if not url:
         path = data_dir / CONFIG_FILE
         try:
-            url = tomllib.loads(path.read_text()).get("database")
+            config = tomllib.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise DatabaseError(f"{path}: {exc}") from None
+        unknown = sorted(set(config) - {"database"})
+        if unknown:  # a misspelt `database` would leave this replica on a SQLite file of its own, taking edges
+            raise DatabaseError(f"{path}: unknown key {unknown[0]!r} (the relay's config file takes: database)")
+        url = config.get("database")
         if url is not None and not isinstance(url, str):
             raise DatabaseError(f"{path}: database must be a string such as \"postgresql://relay@db/edgetrio\"")
     if not url or url == "sqlite":

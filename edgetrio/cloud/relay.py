@@ -217,6 +217,7 @@ class Relay:
         self.arrivals = Arrivals()  # bounds connections still sending their first request
         self.http_timeout = http_timeout
         self.sessions: dict[str, EdgeSession] = {}
+        self.claiming: set[str] = set()  # nodes whose link is being claimed now
         self.counters: Counter[str] = Counter()
         self.command_waiters: dict[str, trio.Event] = {}
         self.down_waiters: dict[str, trio.Event] = {}  # a down message's id -> set when the edge confirms it
@@ -262,6 +263,13 @@ class Relay:
                 for node in offline:
                     log.warning("node=%s: its replica went silent; marked offline", node)
                     self.events.publish({"type": "node", "node": node, "online": False})
+                # rows that say this replica holds a link it does not have: its release failed (the database was away
+                # when the link ended), and no other replica would ever end them: the node showed online for good
+                stale = [(n, e) for n, e in held.items() if n not in self.sessions and n not in self.claiming]
+                for node, epoch in stale:
+                    if await self.run(store.release_session, node, self.replica, epoch, time.time()):
+                        log.info("node=%s: its link here ended while the database was away; marked offline", node)
+                        self.events.publish({"type": "node", "node": node, "online": False})
                 for node, session in linked:
                     if self.sessions.get(node) is session and held.get(node) != session.epoch:
                         log.warning("node=%s: its link is held elsewhere now (epoch %s); closing this one", node,
@@ -384,7 +392,11 @@ class Relay:
             log.warning("edge node=%s sends from a new outbox (its gateway installed anew?): its offsets start again",
                         node)
         ws = await request.accept()
-        session = EdgeSession(node, ws, await self.run(store.claim_session, node, self.replica, remote, time.time()))
+        self.claiming.add(node)  # the sweep must not take the claim's row for a stale one before the session is here
+        try:
+            session = EdgeSession(node, ws, await self.run(store.claim_session, node, self.replica, remote, time.time()))
+        finally:
+            self.claiming.discard(node)
         previous = self.sessions.get(node)
         self.sessions[node] = session
         if previous is not None:  # the edge reconnected before its old connection timed out
@@ -494,17 +506,23 @@ async def listen_hints(url: str, on_hint: Callable[[str], None], on_connect: Cal
     stop = threading.Event()
 
     def listen() -> None:
-        conn = None
+        conn, failing = None, False
         while not stop.is_set():
             try:
                 if conn is None:
                     conn = psycopg.connect(url, autocommit=True, connect_timeout=5, application_name="edgetrio-hints")
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if failing:
+                        log.info("hints from the other replicas: listening again")
+                    failing = False
                     trio.from_thread.run_sync(on_connect)
                 for hint in conn.notifies(timeout=1.0):
                     trio.from_thread.run_sync(on_hint, hint.payload)
             except psycopg.Error as exc:
-                log.warning("hints from the other replicas: %s; listening again in 1 s", clip(str(exc).strip(), 200))
+                reason = clip(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 200)
+                (log.debug if failing else log.warning)("hints from the other replicas: %s; listening again each second "
+                                                        "(the sweep covers what they would say)", reason)
+                failing = True
                 with contextlib.suppress(Exception):
                     conn.close()  # type: ignore[union-attr]
                 conn = None
@@ -530,6 +548,8 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
         with offline_write(db):
             first = store.shared_operator_token(db, token)
         if first != token:
+            log.warning("%s now holds the operator token of the replicas on this database (the first one's); the "
+                        "token it held before is no longer accepted", cfg.data_dir / OPERATOR_FILE)
             (cfg.data_dir / OPERATOR_FILE).write_text(json.dumps({"token": first}))
             token = first
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
@@ -557,7 +577,9 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                 write_run_file(run_file, {"port": port, "edge_url": f"{scheme}://{host}:{port}",
                                           "api_url": f"{'https' if cfg.cert else 'http'}://{host}:{port}",
                                           "metrics": metrics})
-                log.info("relay ready data_dir=%s port=%d metrics=%s", cfg.data_dir, port, metrics or "off")
+                log.info("relay ready data_dir=%s port=%d metrics=%s database=%s replica=%s", cfg.data_dir, port,
+                         metrics or "off", database.redact(url) if url else cfg.data_dir / database.DB_FILE,
+                         relay.replica)
                 connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                 connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
                 connections.start_soon(relay.drive_rollouts)

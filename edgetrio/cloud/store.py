@@ -90,7 +90,8 @@ def node_presence(db: Database, name: str, online: bool, now: float) -> None:
 def list_nodes(db: Database) -> list[dict[str, Any]]:
     rows = db.query(
         "SELECT n.name, n.online, n.last_seen, n.connects, n.counters, (SELECT count(*) FROM devices d WHERE d.node = n.name"
-        " AND d.registered = 1) AS devices, (SELECT count(*) FROM downqueue q WHERE q.node = n.name) AS queued"
+        " AND d.registered = 1) AS devices, (SELECT count(*) FROM downqueue q WHERE q.node = n.name) AS queued,"
+        " (SELECT r.address FROM edge_sessions s JOIN replicas r ON r.id = s.replica WHERE s.node = n.name) AS replica"
         " FROM nodes n ORDER BY n.name")
     return [{**r, "online": bool(r["online"]), "counters": json.loads(r["counters"]) if r["counters"] else None}
             for r in rows]
