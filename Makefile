@@ -50,12 +50,14 @@ test:
 	$(BIN)/pytest -q -n 4 --dist loadfile --durations=15
 
 # the relay's tests again, each relay on a fresh database of a PostgreSQL server the tests start (tests/test_postgres.py,
-# in `make test`, covers what is PostgreSQL's own: migrations, replicas, fencing, a crashed database)
+# in `make test`, covers what is PostgreSQL's own: migrations, replicas, fencing, a crashed database; here the database
+# stays down for a minute)
 RELAY_TESTS := tests/test_cloud.py tests/test_cloud_link.py tests/test_relay_security.py tests/test_accounts.py \
 	tests/test_rollout.py tests/test_exhaustion.py tests/test_dashboard.py tests/test_automation_e2e.py \
 	tests/test_api_contract.py
 test-postgres: $(STAMP)
-	$(BIN)/pytest -q -n 4 --dist loadfile --relay-database postgresql $(RELAY_TESTS)
+	EDGETRIO_TEST_DATABASE_OUTAGE=60 $(BIN)/pytest -q -n 4 --dist loadfile --relay-database postgresql $(RELAY_TESTS) \
+		tests/test_postgres.py
 
 bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest

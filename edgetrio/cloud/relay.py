@@ -33,10 +33,10 @@ from edgetrio.cloud.api import handle_http
 from edgetrio.cloud.downqueue import CHANNEL, notify
 from edgetrio.cloud.metrics import REGISTRY, RelayCollector, relay_health
 from edgetrio.edgelink import Applied, RelayProtocol, Unknown, Unusable, Up
-from edgetrio.identity import new_secret
+from edgetrio.identity import new_secret, token_digest
 from edgetrio.metrics import serve_metrics
 from edgetrio.process import run_file_removed, stop_signals, until_stopped, write_run_file
-from edgetrio.web import Arrivals, Events, LoginGuard, Unavailable, peer_address
+from edgetrio.web import DIGEST, Arrivals, Events, LoginGuard, Unavailable, peer_address
 from edgetrio.wire import MAX_FRAME, clip
 from edgetrio.writer import Writer, is_postgres, keep_retention, offline_write, open_writer
 
@@ -544,14 +544,14 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
     db = store.open_db(cfg.data_dir, url)
     shared = is_postgres(db)
     token = operator_token(cfg.data_dir)
-    if shared:  # every replica answers to the same operator token: the first one's, also in this data dir's file
+    if shared:  # every replica answers to the same operator token: the first one's
         with offline_write(db):
-            first = store.shared_operator_token(db, token)
-        if first != token:
-            log.warning("%s now holds the operator token of the replicas on this database (the first one's); the "
-                        "token it held before is no longer accepted", cfg.data_dir / OPERATOR_FILE)
-            (cfg.data_dir / OPERATOR_FILE).write_text(json.dumps({"token": first}))
-            token = first
+            digest = store.shared_operator_digest(db, token)
+        if digest != token_digest(token):
+            log.warning("%s is not the operator token of the relays on this database: this relay accepts theirs "
+                        "(the first replica's); copy that replica's %s here for the CLI on this machine",
+                        cfg.data_dir / OPERATOR_FILE, OPERATOR_FILE)
+        token = DIGEST + digest
     listeners: list[Any] = list(await trio.open_tcp_listeners(cfg.port, host=cfg.host))
     if cfg.cert and cfg.key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -18,7 +18,7 @@ from sqlite_utils import Database
 from edgetrio import accounts, wire
 from edgetrio.cloud import database, rollouts
 from edgetrio.cloud.downqueue import notify, notify_many, queue_down
-from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, verify_secret
+from edgetrio.identity import RegistryError, check_device_id, hash_secret, new_secret, token_digest, verify_secret
 from edgetrio.models import Model, check_desired, settings_of
 from edgetrio.twin import Twin, set_desired
 from edgetrio.wire import MAX_INTEGER
@@ -139,10 +139,13 @@ def start_replica(db: Database, replica: str, address: str, now: float) -> None:
     db.table("replicas").upsert({"id": replica, "started": now, "seen": now, "address": address}, pk="id")
 
 
-def shared_operator_token(db: Database, mine: str) -> str:
-    """The operator token of every replica on this database: the first replica's (a later one adopts it)."""
-    db.execute("INSERT INTO settings (key, value) VALUES ('operator_token', ?) ON CONFLICT (key) DO NOTHING", [mine])
-    return str(db.execute("SELECT value FROM settings WHERE key = 'operator_token'").fetchone()[0])
+def shared_operator_digest(db: Database, mine: str) -> str:
+    """The digest of the operator token every replica on this database answers to: the first replica's. Only the
+    digest is kept (the database is not to hand out the operator's access); the token is in that replica's
+    DATA/operator.json, to be copied to the others'."""
+    db.execute("INSERT INTO settings (key, value) VALUES ('operator_token_digest', ?) ON CONFLICT (key) DO NOTHING",
+               [token_digest(mine)])
+    return str(db.execute("SELECT value FROM settings WHERE key = 'operator_token_digest'").fetchone()[0])
 
 
 def claim_session(db: Database, node: str, replica: str, remote: str, now: float) -> int:

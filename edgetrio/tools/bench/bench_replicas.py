@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,10 @@ def run(base: Path, edges: int, seconds: float, url: str | None, replicas: int) 
     with db.atomic():
         nodes = [(f"edge-{i:05d}", store.add_node(db, f"edge-{i:05d}")) for i in range(edges)]
     db.conn.close()
-    procs = []
-    for data in datas:  # one after the other: the second adopts the first one's operator token
+    procs = [start_relay(datas[0], url)]
+    for data in datas[1:]:  # the others get the first one's operator token, as docs/cloud.md says
+        data.mkdir(parents=True)
+        shutil.copy(datas[0] / "operator.json", data / "operator.json")
         procs.append(start_relay(data, url))
     token = operator_token(datas[0])
     api = procs[0][1]["api_url"]
