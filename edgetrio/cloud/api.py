@@ -446,7 +446,7 @@ async def command(relay: Relay, who: Principal, path: Params, query: Params, dat
             raise HTTPError(code, str(result.get("error")))
     finally:
         relay.command_waiters.pop(cmd_id, None)
-    raise HTTPError(504, f"no result from node {node!r} within {timeout + 5:g} s")
+    raise HTTPError(504, f"no result from node {node!r} within {timeout:g} s (and 5 s more for the link)")
 
 
 async def readings(relay: Relay, who: Principal, path: Params, query: Params, data: Body) -> Result:

@@ -153,7 +153,7 @@ def claim_session(db: Database, node: str, replica: str, remote: str, now: float
     epoch = int(db.execute(
         "INSERT INTO edge_sessions (node, replica, epoch, since, remote) VALUES (?, ?, 1, ?, ?) ON CONFLICT (node) DO "
         "UPDATE SET replica = excluded.replica, epoch = edge_sessions.epoch + 1, since = excluded.since, "
-        "remote = excluded.remote RETURNING epoch", [node, replica, now, remote[:64]]).fetchone()[0])
+        "remote = excluded.remote RETURNING epoch", [node, replica, now, remote[:64]]).fetchall()[0][0])
     node_presence(db, node, True, now)
     notify(db, f"session {node} {epoch}")  # the replica that held it before lets its link go
     return epoch
@@ -356,12 +356,13 @@ def down_applied(db: Database, node: str, message_id: str, result: Any) -> str |
     """The edge applied a message: it leaves the queue; a twin result refreshes the replica.
 
     Returns the command id when the edge refused a command (its result is then final)."""
-    row = db.execute("SELECT resource, body FROM downqueue WHERE id = ? AND node = ?", [message_id, node]).fetchone()
-    if row is None:
+    rows = db.execute("DELETE FROM downqueue WHERE id = ? AND node = ? RETURNING resource, body",
+                      [message_id, node]).fetchall()  # one statement (on PostgreSQL each is a round trip); all read
+    if not rows:
         return None  # a repeated confirmation
-    db.execute("DELETE FROM downqueue WHERE id = ?", [message_id])
-    notify(db, f"applied {message_id}")
-    resource, body = row[0], json.loads(row[1])
+    resource, body = rows[0][0], json.loads(rows[0][1])
+    if resource == "device":  # an operator's `device add` may wait for it on another replica
+        notify(db, f"applied {message_id}")
     if not isinstance(result, dict):
         return None
     if resource == "twin" and result.get("ok") and isinstance(result.get("twin"), dict):
