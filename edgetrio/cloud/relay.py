@@ -583,7 +583,8 @@ async def serve(cfg: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TA
                 connections.start_soon(trio.serve_listeners, relay.handle_connection, listeners)
                 connections.start_soon(keep_retention, writer, store.prune, cfg.retention_days)
                 connections.start_soon(relay.drive_rollouts)
-                connections.start_soon(relay.keep_replica, address)
+                # replicas beat every 5 s; a lone SQLite relay only sweeps, each minute (no needless fsyncs)
+                connections.start_soon(relay.keep_replica, address, 5.0 if shared else 60.0)
                 if shared and url:
                     connections.start_soon(listen_hints, url, relay.hint, relay.wake_all)
                 task_status.started(port)
