@@ -238,10 +238,12 @@ def cmd_node_add(args: argparse.Namespace) -> None:
     except RegistryError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     token = relay_write(args, "node.add", {"name": args.name}, lambda db: store.add_node(db, args.name))
+    # replicas on PostgreSQL: the gateway dials the balancer in front of them, not this replica
+    relay = "BALANCER:PORT" if database.database_url(args.data_dir, args.database) else f"RELAY:{relay_port(args.data_dir)}"
     emit(args, {"node": args.name, "token": token}, lambda: print(
         f"node {args.name} added\n  token: {token}\n"
         f"Start its gateway with the token in a file only its user reads (a --token shows in `ps`):\n"
-        f"  edgetrio daemon --cloud ws://RELAY:{relay_port(args.data_dir)} --node-id {args.name} "
+        f"  edgetrio daemon --cloud ws://{relay} --node-id {args.name} "
         "--token-file /etc/edgetrio/cloud-token\n"
         "Keep the token now: it is stored only hashed and cannot be shown again."))
 
