@@ -107,10 +107,13 @@ class PgTable:
         self.insert_all([row])
 
     def insert_all(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Rows with the same columns in one executemany (one pipeline, not a round trip per row)."""
+        by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
         for row in rows:
-            columns = ", ".join(_quote(c) for c in row)
-            self.db.execute(f"INSERT INTO {_quote(self.name)} ({columns}) VALUES ({', '.join('?' for _ in row)})",
-                            list(row.values()))
+            by_columns.setdefault(tuple(row), []).append(list(row.values()))
+        for columns, values in by_columns.items():
+            self.db.conn.executemany(f"INSERT INTO {_quote(self.name)} ({', '.join(_quote(c) for c in columns)}) "
+                                     f"VALUES ({', '.join('?' for _ in columns)})", values)
 
     def upsert(self, row: dict[str, Any], pk: str | Sequence[str]) -> None:
         keys = (pk,) if isinstance(pk, str) else tuple(pk)
