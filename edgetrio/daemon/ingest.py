@@ -25,7 +25,7 @@ from edgetrio import wire
 from edgetrio.daemon import store
 from edgetrio.daemon.broker import BusEvent
 from edgetrio.daemon.commands import record_late_result
-from edgetrio.daemon.metrics import COMMIT_SECONDS, PUBLISH_TO_COMMIT
+from edgetrio.daemon.metrics import COMMIT_SECONDS, PUBLISH_TO_COMMIT, STAGE_SECONDS
 from edgetrio.daemon.parts import Parts
 from edgetrio.daemon.topics import (
     CONTROL_REQUEST,
@@ -49,6 +49,7 @@ Sorted = tuple[list[Reading], list[tuple[Reading, str]], float]  # readings, ref
 MAX_HELD = 20_000  # readings held while the store cannot write; past it ingest waits and the broker refuses
 MAX_SLEEP_S = 7 * 86400  # the longest sleep a board may announce
 COMMITS_WAITING = 8  # sorted bus batches that may wait for the commit in flight
+BUS_STAGE, TO_COMMIT, COMMIT_STAGE = (STAGE_SECONDS.labels(s) for s in ("bus", "to_commit", "commit"))
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -185,8 +186,9 @@ class GroupCommit:
                         break
                     readings, invalid, arrived = readings + more, invalid + more_invalid, min(arrived, more_arrived)
                 now = time.time()
+                TO_COMMIT.observe(time.monotonic() - arrived)
                 try:
-                    with COMMIT_SECONDS.time():
+                    with COMMIT_SECONDS.time(), COMMIT_STAGE.time():
                         acks = await self.writer.write(
                             partial(self.changes.readings, readings=readings, invalid=invalid, now=now))
                 except Exception as exc:
@@ -252,6 +254,7 @@ class Ingest:
         """Take bus events in batches until the broker has stopped; closes the channel to the commit then."""
         async with to_commit, self.control_requests:
             while batch := await self.link.receive_batch():
+                BUS_STAGE.observe(time.monotonic() - batch[0].at)
                 for event in batch:
                     try:
                         self._classify(event)
