@@ -79,3 +79,35 @@ def test_credentials() -> None:
     for bad in ("", "a/b", "+", "#", "edgetrio-admin", "x" * 65, "-lead"):
         with pytest.raises(RegistryError):
             check_device_id(bad)
+
+
+def test_fast_judge_answers_as_the_engine_does() -> None:
+    """The closures a condition is turned into give the engine's answer on every reading: numbers of both kinds, NaN,
+    infinities, null, bools against numbers, strings, lists (judged by the engine), missing values, windows; and a
+    condition with a part they do not cover (arithmetic) is left to the engine."""
+    import random
+
+    from edgetrio import rules
+
+    rng = random.Random(7)
+    conditions = ["temperature > 60 and humidity < 90", "avg_temperature > 61 or delta_humidity > 50", "not led",
+                  "led == true", 'name == "x" or name != "y"', "temperature >= 21.5", "temperature == 21",
+                  "temperature <= 21.5 and not (humidity > 40)", "humidity != null", "temperature > 1e308",
+                  "temperature < 0.1000000000000000000001", "led != 1", 'name > "a"', "temperature + 1 > 3",
+                  "count > 2 and max_temperature < 30", "temperature == null or temperature > -5",
+                  "null >= null and not null", "min_humidity <= 1 or count == 0"]
+    values = [None, True, False, 0, 1, 21, 21.5, 21.500000001, -3.2, float("nan"), float("inf"), "x", "y", "", [1],
+              30, 0.1, 1e308, -5, 2**60]
+    fast = 0
+    for text in conditions:
+        condition = rules.compile_condition("r", "when", text)
+        judge = rules.fast_judge(condition)
+        fast += judge is not None
+        for _ in range(300):
+            reading = {k: rng.choice(values) for k in ("temperature", "humidity", "led", "name") if rng.random() < 0.9}
+            window = rules.Window(seconds=30, resources=("temperature", "humidity"))
+            for i in range(rng.randint(0, 3)):
+                window.add(i, {k: rng.choice([1.0, 2.5, 30.0, 1]) for k in ("temperature", "humidity")})
+            subject = rules.Subject(reading, window)
+            assert rules.holds(condition, subject, judge) == rules.holds(condition, subject), (text, reading)
+    assert fast == len(conditions) - 2  # arithmetic, and a literal with more digits than a float keeps
