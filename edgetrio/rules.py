@@ -387,13 +387,15 @@ class _Unjudgeable(Exception):
     """What the engine would raise as an evaluation error (a type mismatch, a missing value): the reading is not judged."""
 
 
+KINDS: dict[type, type] = {int: float, float: float, bool: bool, str: str, type(None): type(None)}  # the engine's
+
+
 def _kind(value: Any) -> type:
     """The engine's type of a value: numbers are one type (Decimal), bool, str and None their own."""
-    if value is None or isinstance(value, bool | str):
-        return type(value)
-    if isinstance(value, int | float):
-        return float
-    raise _EngineNeeded
+    kind = KINDS.get(type(value))
+    if kind is None:
+        raise _EngineNeeded
+    return kind
 
 
 def _symbol(name: str) -> Judge:
@@ -410,8 +412,7 @@ def _symbol(name: str) -> Judge:
                 found = resolve(subject, name)
             except Exception as exc:
                 raise _Unjudgeable(name) from exc
-        _kind(found)
-        return found
+        return found  # its kind is checked where it is compared (truth is the same for the engine's values)
     return value
 
 
@@ -428,16 +429,24 @@ def _literal(value: Any) -> Judge | None:
 
 def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     def compare(left: Any, right: Any) -> bool:
-        if left is None and right is None:
-            return op in (operator.ge, operator.le)
-        if _kind(left) is not _kind(right) or left != left or right != right:  # a mismatch, or NaN: the engine raises
+        kind = KINDS.get(type(left))
+        if kind is None or kind is not KINDS.get(type(right)):
+            if kind is None or type(right) not in KINDS:
+                raise _EngineNeeded
             raise _Unjudgeable("data type mismatch")
+        if left is None:
+            return op in (operator.ge, operator.le)
+        if left != left or right != right:  # NaN: the engine's Decimal raises
+            raise _Unjudgeable("NaN")
         return op(left, right)
     return compare
 
 
 def _equal(left: Any, right: Any) -> bool:
-    return _kind(left) is _kind(right) and left == right
+    kind = KINDS.get(type(left))
+    if kind is None or type(right) not in KINDS:
+        raise _EngineNeeded
+    return kind is KINDS[type(right)] and left == right
 
 
 ORDERED = {t: _ordered(op) for t, op in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
@@ -823,6 +832,8 @@ class Engine:
         self.symbols: dict[str, tuple[str, ...]] = {}  # per rule: the symbols its conditions use
         self.tracks: dict[tuple[str, str], Track] = {}
         self._watching: dict[tuple[str, str | None], list[Rule]] = {}
+        self._entries: dict[tuple[str, str | None], list[tuple[Rule, Any, Any, tuple[Judge | None, Judge | None],
+                                                                bool]]] = {}
         self.load(list(rules))
 
     def load(self, rules: list[Rule]) -> None:
@@ -853,15 +864,29 @@ class Engine:
             if track.window is not None and id(track.window) not in live:
                 track.window = None
         self._watching.clear()
+        self._entries.clear()
 
     def models_changed(self) -> None:
         """A device's model changed: which rules watch it is looked up anew."""
         self._watching.clear()
+        self._entries.clear()
 
     def restore(self, rule: str, device: str, state: str, since: float) -> None:
         """Take up an alert that was open when the daemon stopped, so the rule resolves it."""
         if rule in self.rules and state == "firing":
             self.tracks[(rule, device)] = Track("firing", since)
+
+    def _prepared(self, device: str, model: str | None) -> list[tuple[Rule, Any, Any, tuple[Judge | None, Judge | None],
+                                                                      bool]]:
+        """The rules watching a device with what judging them needs, looked up once per device and rule set."""
+        key = (device, model)
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = [
+                (rule, *self.compiled[rule.name], self.judges[rule.name],
+                 self.judges[rule.name][0] is not None and (rule.clear is None or self.judges[rule.name][1] is not None))
+                for rule in self.watching(device, model)]
+        return found
 
     def watching(self, device: str, model: str | None) -> list[Rule]:
         key = (device, model)
@@ -875,12 +900,12 @@ class Engine:
         out: list[Transition] = []
         added: set[int] = set()  # the windows this reading went into already (rules share them)
         plain = Subject(values)
-        for rule in self.watching(device, model):
+        for rule, when, clear, judges, fast in self._prepared(device, model):
             track = self.tracks.get((rule.name, device))
             if track is None:
                 track = self.tracks[(rule.name, device)] = Track()
             subject = plain
-            if rule.windowed:
+            if rule.window_seconds or rule.window_readings:  # rule.windowed, without the call
                 if track.window is None:
                     span = (rule.window_seconds, rule.window_readings)
                     track.window = self.windows.get((device, *span))
@@ -890,12 +915,11 @@ class Engine:
                     added.add(id(track.window))
                     track.window.add(at, values)
                 subject = Subject(values, track.window)
-            when, clear = self.compiled[rule.name]
-            judges = self.judges[rule.name]
-            # a condition the engine judges remembers its last answer for the same values (no window): sensors repeat
-            # themselves; a closure answers faster than the key would be made
-            key = None if rule.windowed or (judges[0] is not None and (clear is None or judges[1] is not None)) else \
-                tuple((values.get(s).__class__, values.get(s)) for s in self.symbols[rule.name])
+                key = None
+            else:
+                # a condition the engine judges remembers its last answer for the same values: sensors repeat
+                # themselves; a closure answers faster than the key would be made
+                key = None if fast else tuple((values.get(s).__class__, values.get(s)) for s in self.symbols[rule.name])
             if track.state == "firing":
                 done = (_judged(track, 1, clear, subject, key, judges[1]) if clear is not None
                         else _negate(_judged(track, 0, when, subject, key, judges[0])))
