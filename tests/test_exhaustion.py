@@ -311,9 +311,13 @@ def test_the_conditions_each_reading_is_judged_by_are_bounded_in_total(relay: Re
     relay.add_node("gw1")
     too_big = relay.cli("rules", "apply", "gw1", str(rule_file(tmp_path / "all.toml", range(count))), check=False)
     assert too_big.returncode != 0 and f"at most {MAX_CONDITIONS_TOTAL:,}" in too_big.stderr, too_big.stderr
-    # small rules with big windows: what they keep for each device is bounded too (2,000 such grew a gateway by 250 MB)
+    # small rules with big windows: what they keep for each device is bounded too (2,000 such grew a gateway by 250 MB);
+    # rules with the same window share it, so it counts once
     windows = tmp_path / "windows.toml"
     windows.write_text("".join(f'[[rule]]\nname = "w{i}"\ndevices = ["*"]\nwhen = "avg_t > 0"\nwindow = 1000\n'
+                               for i in range(MAX_WINDOWS_TOTAL // 1000 + 1)))
+    assert cli(tmp_path / "gw3", "rule", "add", str(windows)).returncode == 0
+    windows.write_text("".join(f'[[rule]]\nname = "w{i}"\ndevices = ["*"]\nwhen = "avg_t > 0"\nwindow = {1000 - i}\n'
                                for i in range(MAX_WINDOWS_TOTAL // 1000 + 1)))
     refused = cli(tmp_path / "gw2", "rule", "add", str(windows), check=False)
     assert refused.returncode != 0 and f"at most {MAX_WINDOWS_TOTAL:,}" in refused.stderr, refused.stderr

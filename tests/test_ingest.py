@@ -228,3 +228,33 @@ def test_a_failing_watcher_costs_its_own_view_never_ingest() -> None:
     reading = Reading("d1", 1, 1, 1.7e9, {"t": 1.0})
     Watchers([Broken(), seen]).committed([reading])  # on the commit path: must not raise
     assert seen.readings == [reading]
+
+
+def test_a_board_gone_silent_is_disconnected_after_its_keep_alive(daemon: Daemon) -> None:
+    """A board that loses power sends no FIN: the gateway must notice its silence (1.5x its keep-alive, MQTT-3.1.2-24),
+    close the connection, send its will and show it offline. amqtt 0.12.1 read with the keep-alive as a timeout and
+    then did nothing: such a board stayed online for good."""
+    import socket
+
+    import paho.mqtt.client as mqtt
+
+    from edgetrio.daemon import store
+
+    device_id = "silent-board"
+    password = daemon.add_device(device_id)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+    client.username_pw_set(device_id, password)
+    client.will_set(f"edgetrio/{device_id}/status", json.dumps({"state": "lost"}))
+    client.connect("127.0.0.1", daemon.port, keepalive=1)
+    wait_until(lambda: client.loop(0.05) is not None and client.is_connected())
+    listed = {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}
+    assert listed[device_id]["online"] is True
+    sock = client.socket()  # from here on the board says nothing, not even PINGREQ (no more loop calls)
+    assert isinstance(sock, socket.socket)
+    sock.settimeout(30)
+    assert sock.recv(100) == b""  # the gateway closed it
+    wait_until(lambda: not {d["id"]: d for d in json.loads(daemon.cli("device", "list", "--json").stdout)}[device_id]
+               ["online"])
+    db = store.open_db(daemon.data_dir)
+    wait_until(lambda: any(e["kind"] == "status" and "lost" in json.dumps(e) for e in store.events(db, device_id)))
+    db.close()

@@ -163,6 +163,7 @@ class _ClosingPublishPacket(PublishPacket):
             raise ProtocolViolation(str(exc)) from exc
 
 
+KEEPALIVE_GRACE = 1.5  # a client silent for this many times its keep-alive is disconnected (MQTT-3.1.2-24)
 PACE_QUEUED = 32  # messages read from one connection and not yet handled: past this, stop reading from its socket
 
 
@@ -177,17 +178,23 @@ class _PacedReader(ReaderAdapter):
         self.reader = reader
         self.session = session
         self.handler = handler
+        self.heard = time.monotonic()  # when the client last sent anything (its keep-alive is judged on it)
 
     async def read(self, n: int = -1) -> bytes:
         while self.session.delivered_message_queue.qsize() + getattr(self.handler, "handing", 0) >= PACE_QUEUED:
+            self.heard = time.monotonic()  # it is not silent: its bytes wait for us
             await asyncio.sleep(0.005)
-        return await self.reader.read(n)
+        data = await self.reader.read(n)
+        self.heard = time.monotonic()
+        return data
 
     def feed_eof(self) -> None:
         self.reader.feed_eof()
 
 
 HANDOFF_STAGE, WRITE_STAGE = STAGE_SECONDS.labels("handoff"), STAGE_SECONDS.labels("write")
+
+
 class _GatewayHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with a short path for what devices publish.
 
@@ -209,6 +216,11 @@ class _GatewayHandler(BrokerProtocolHandler):
 
     async def start(self) -> None:
         await super().start()
+        for name in ("_reader_ready", "_reader_stopped"):  # the reader loop looks them up each time it uses them
+            light = LightEvent()
+            if getattr(self, name).is_set():
+                light.set()
+            setattr(self, name, light)
         timer: asyncio.TimerHandle | None = getattr(self, "_keepalive_task", None)
         if timer is not None:  # a broker's write timer does nothing, but costs a timer per packet sent
             timer.cancel()
@@ -298,20 +310,37 @@ def _finished_event(queue: asyncio.Queue[Any]) -> asyncio.Event:
     return event
 
 
-class LightQueue(asyncio.Queue[Any]):
-    """asyncio's Queue whose four deques are made when first used. amqtt keeps four queues per connected client
-    (retained messages, deliveries, subscriptions, unsubscriptions), each four empty deques of about 600 bytes:
-    13 KB a device that devices mostly never use (tracemalloc, 500 devices)."""
+class _Few(list[Any]):
+    """The part of a deque asyncio's Queue and Event use, at a list's size: an empty deque takes about 600 bytes, an
+    empty list 56, and a client's queues hold a waiter or two."""
 
-    _getters = _MadeOnUse(lambda q: deque())
-    _putters = _MadeOnUse(lambda q: deque())
-    _queue = _MadeOnUse(lambda q: deque())
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class LightQueue(asyncio.Queue[Any]):
+    """asyncio's Queue on lists, its `join` event made on first use. amqtt keeps four queues per connected client
+    (retained messages, deliveries, subscriptions, unsubscriptions), each four deques of about 600 bytes: 13 KB a
+    device (tracemalloc, 500 devices), for queues that hold a waiter or two."""
+
     _finished = _MadeOnUse(_finished_event)
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("_getters", "_putters", "_queue", "_finished"):
-            del self.__dict__[name]  # made again when first used
+        self._getters: Any = _Few()
+        self._putters: Any = _Few()
+        self._queue: Any = _Few()
+        del self.__dict__["_finished"]  # made again when first used (join)
+
+
+class LightEvent(asyncio.Event):
+    """asyncio's Event with its waiters in a list (amqtt keeps two per connected client)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: Any = _Few()
 
 
 class _LightSession(Session):
@@ -509,6 +538,7 @@ class GatewayBroker(Broker):
         self._index: dict[str, list[str]] = {}  # filters by their first two levels
         self._index_at = -1  # the subscriptions' keys_changed the index was built at
         self._direct_tasks: set[asyncio.Future[Any]] = set()
+        self._silent_after: dict[BrokerProtocolHandler, tuple[_PacedReader, float]] = {}  # connections with a keep-alive
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -578,8 +608,36 @@ class GatewayBroker(Broker):
 
     async def _handle_client_session(self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
                                      handler: BrokerProtocolHandler, server: Any, listener_name: str) -> None:
-        await super()._handle_client_session(_PacedReader(reader, client_session, handler), writer, client_session,
-                                             handler, server, listener_name)
+        paced = _PacedReader(reader, client_session, handler)
+        # The keep-alive is judged by the sweep below: amqtt reads each packet with a timeout of the keep-alive (a task
+        # and a timer per packet) and then does nothing when it passes, so a board that lost power stayed connected
+        # (and online) for good. With keep_alive 0 amqtt's reader waits plainly.
+        keep_alive, client_session.keep_alive = client_session.keep_alive, 0
+        if keep_alive > 0:
+            self._silent_after[handler] = (paced, keep_alive * KEEPALIVE_GRACE)
+        try:
+            await super()._handle_client_session(paced, writer, client_session, handler, server, listener_name)
+        finally:
+            self._silent_after.pop(handler, None)
+
+    async def start(self) -> None:
+        await super().start()
+        self._spawn(self._sweep_silent())
+
+    async def _sweep_silent(self) -> None:
+        """Close the connections of clients silent for longer than their keep-alive allows (MQTT-3.1.2-24): their will
+        is sent and the device goes offline."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for handler, (paced, limit) in list(self._silent_after.items()):
+                if now - paced.heard > limit:
+                    del self._silent_after[handler]
+                    self.counters["keepalive_expired"] += 1
+                    session = handler.session
+                    log.info("closing client=%s: nothing heard for %.0f s (keep-alive allows %.0f s)",
+                             clip(session.client_id if session else "?"), now - paced.heard, limit)
+                    self._spawn(self._close_connection(handler))
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()

@@ -117,6 +117,8 @@ CHILD: dict[str, Any] = {"start_new_session": True, "preexec_fn": partial(die_wi
 
 def run_demo(data_dir: Path, count: int, duration: float) -> None:
     """Run a relay, a gateway linked to it and virtual boards, printing what arrives where, until Ctrl-C."""
+    # Ctrl-C stops the demo even when whatever started it ignored SIGINT (a script's background job inherits that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     relay_dir = data_dir / "relay"
     data_dir = data_dir / "gateway"
     print(f"edgetrio demo: cloud relay in {relay_dir}/, gateway in {data_dir}/, {count} virtual ESP32s running the "

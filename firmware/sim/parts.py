@@ -65,7 +65,9 @@ class BH1750:
             self.on = False
 
     def read(self, n):
-        count = int(min(environment.value("illuminance", 0.0) * 1.2, 65535)) if self.on else 0
+        # the sensor noise can take a dark room's 0 lx below zero: a real BH1750 counts from 0 (negative counts failed
+        # every read after sunset, so the greenhouse board sent no light at night)
+        count = int(max(0.0, min(environment.value("illuminance", 0.0) * 1.2, 65535))) if self.on else 0
         return bytes([count >> 8, count & 0xFF])[:n]
 
 
