@@ -399,20 +399,29 @@ def _kind(value: Any) -> type:
 
 
 def _symbol(name: str) -> Judge:
-    aggregate = name.partition("_")[0] in AGGREGATES or name == "count"
+    kind, _, resource = name.partition("_")
+    if name == "count" or kind in AGGREGATES:  # as `resolve`: the reading's own value of that name first
+        def aggregate(subject: Subject) -> Any:
+            values = subject.values
+            if name in values:
+                return values[name]
+            window = subject.window
+            if window is not None:
+                if name == "count":
+                    return len(window)
+                series = window.series.get(resource)
+                if series is not None:
+                    found = series.aggregate(kind)
+                    if found is not None:
+                        return found
+            raise _Unjudgeable(name)
+        return aggregate
 
     def value(subject: Subject) -> Any:
         values = subject.values
         if name in values:
-            found = values[name]
-        elif not aggregate:
-            raise _Unjudgeable(name)
-        else:
-            try:
-                found = resolve(subject, name)
-            except Exception as exc:
-                raise _Unjudgeable(name) from exc
-        return found  # its kind is checked where it is compared (truth is the same for the engine's values)
+            return values[name]  # its kind is checked where it is compared (truth is the same for the engine's values)
+        raise _Unjudgeable(name)
     return value
 
 
@@ -817,6 +826,11 @@ class Transition:
     values: dict[str, Any]
 
 
+# a rule watching a device: the rule, its track for the device, its compiled when and clear, their closures, and
+# whether the closures judge both
+Entry = tuple[Rule, Track, Any, Any, tuple[Judge | None, Judge | None], bool]
+
+
 class Engine:
     """The loaded rules and their state per device; `evaluate` turns one reading into the transitions it causes."""
 
@@ -832,8 +846,7 @@ class Engine:
         self.symbols: dict[str, tuple[str, ...]] = {}  # per rule: the symbols its conditions use
         self.tracks: dict[tuple[str, str], Track] = {}
         self._watching: dict[tuple[str, str | None], list[Rule]] = {}
-        self._entries: dict[tuple[str, str | None], list[tuple[Rule, Any, Any, tuple[Judge | None, Judge | None],
-                                                                bool]]] = {}
+        self._entries: dict[tuple[str, str | None], list[Entry]] = {}
         self.load(list(rules))
 
     def load(self, rules: list[Rule]) -> None:
@@ -875,17 +888,22 @@ class Engine:
         """Take up an alert that was open when the daemon stopped, so the rule resolves it."""
         if rule in self.rules and state == "firing":
             self.tracks[(rule, device)] = Track("firing", since)
+            self._entries.clear()
 
-    def _prepared(self, device: str, model: str | None) -> list[tuple[Rule, Any, Any, tuple[Judge | None, Judge | None],
-                                                                      bool]]:
-        """The rules watching a device with what judging them needs, looked up once per device and rule set."""
+    def _prepared(self, device: str, model: str | None) -> list[Entry]:
+        """The rules watching a device with their state for it and what judging them needs, looked up once per device
+        and rule set (forgotten whenever the rules, the models or a track change)."""
         key = (device, model)
         found = self._entries.get(key)
         if found is None:
-            found = self._entries[key] = [
-                (rule, *self.compiled[rule.name], self.judges[rule.name],
-                 self.judges[rule.name][0] is not None and (rule.clear is None or self.judges[rule.name][1] is not None))
-                for rule in self.watching(device, model)]
+            found = self._entries[key] = []
+            for rule in self.watching(device, model):
+                track = self.tracks.get((rule.name, device))
+                if track is None:
+                    track = self.tracks[(rule.name, device)] = Track()
+                judges = self.judges[rule.name]
+                fast = judges[0] is not None and (rule.clear is None or judges[1] is not None)
+                found.append((rule, track, *self.compiled[rule.name], judges, fast))
         return found
 
     def watching(self, device: str, model: str | None) -> list[Rule]:
@@ -900,10 +918,7 @@ class Engine:
         out: list[Transition] = []
         added: set[int] = set()  # the windows this reading went into already (rules share them)
         plain = Subject(values)
-        for rule, when, clear, judges, fast in self._prepared(device, model):
-            track = self.tracks.get((rule.name, device))
-            if track is None:
-                track = self.tracks[(rule.name, device)] = Track()
+        for rule, track, when, clear, judges, fast in self._prepared(device, model):
             subject = plain
             if rule.window_seconds or rule.window_readings:  # rule.windowed, without the call
                 if track.window is None:
