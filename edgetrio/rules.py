@@ -458,8 +458,8 @@ def _equal(left: Any, right: Any) -> bool:
     return kind is KINDS[type(right)] and left == right
 
 
-ORDERED = {t: _ordered(op) for t, op in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
-                                         ("le", operator.le))}
+OPERATORS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+ORDERED = {t: _ordered(op) for t, op in OPERATORS.items()}
 
 
 def _not(operand: Judge) -> Judge:
@@ -478,8 +478,19 @@ def _equality(negate: bool, left: Judge, right: Judge) -> Judge:
     return lambda subject: _equal(left(subject), right(subject)) != negate
 
 
-def _comparison(op: Callable[[Any, Any], bool], left: Judge, right: Judge) -> Judge:
-    return lambda subject: op(left(subject), right(subject))
+def _comparison(kind: str, left: Judge, right: Judge, number: float | None) -> Judge:
+    compare = ORDERED[kind]
+    if number is None:
+        return lambda subject: compare(left(subject), right(subject))
+    # against a number literal (most conditions): a number compares at once, anything else as above
+    raw = OPERATORS[kind]
+
+    def judge(subject: Subject) -> bool:
+        value = left(subject)
+        if (type(value) is float or type(value) is int) and value == value:
+            return raw(value, number)
+        return compare(value, number)
+    return judge
 
 
 def fast_judge(condition: Any) -> Judge | None:
@@ -507,8 +518,10 @@ def fast_judge(condition: Any) -> Judge | None:
                 return _logic(node.type, left, right)
             if node.type in ("eq", "ne"):
                 return _equality(node.type == "ne", left, right)
-            op = ORDERED.get(node.type)
-            return None if op is None else _comparison(op, left, right)
+            if node.type not in ORDERED:
+                return None
+            number = node.right.value if type(node.right) is ast.FloatExpression else None
+            return _comparison(node.type, left, right, None if number is None else float(number))
         return None
 
     return build(condition.statement)
