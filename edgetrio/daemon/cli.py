@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import platform
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -162,6 +165,17 @@ def daemon_settings(args: argparse.Namespace) -> tuple[DaemonConfig, dict[str, s
 
 
 SWITCH_INTERVAL = 0.001  # seconds a thread may hold the interpreter while another waits for it
+M_ARENA_MAX = -8  # glibc's mallopt(3) parameter
+
+
+def one_malloc_arena() -> None:
+    """glibc gives each thread that allocates its own malloc arena (the broker's, the SQLite writer's): their free
+    memory is not shared, and with the interpreter's lock only one runs at a time anyway. One arena: 1.3 MB less with
+    500 devices streaming, latency unchanged (bench_crowd). Before any thread starts; nothing elsewhere than glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
 
 
 @COMMANDS.command("daemon", "run the gateway daemon in the foreground", SETTINGS, JSON)
@@ -175,6 +189,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
         # thread back from its socket or its fsync waits up to 5 ms for the others at each step of a reading's path
         # (bench_crowd, 500 devices at 2,000 msg/s: p99 26-30 ms at 5 ms, 16 ms at 1 ms, 20 ms at 0.5 ms)
         sys.setswitchinterval(SWITCH_INTERVAL)
+        one_malloc_arena()
         trio.run(run, cfg)
     except* (BrokerStartError, DaemonError, ConfigError, VitalFailure) as group:  # out of nested nurseries
         failure = group

@@ -14,9 +14,8 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as mqtt
 import trio
 
 from edgetrio import accounts
@@ -30,6 +29,9 @@ from edgetrio.daemon.topics import CONTROL_REPLY_ROOT, CONTROL_REQUEST, Rejected
 from edgetrio.identity import RegistryError, integration_user
 from edgetrio.models import Model
 from edgetrio.twin import VersionConflict
+
+if TYPE_CHECKING:  # paho is imported where a client is made: the daemon seldom needs one (0.9 MB)
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("edgetrio.control")
 
@@ -53,6 +55,8 @@ class ControlClient:
         self.reply_topic = CONTROL_REPLY_ROOT + self.client_id
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
         self._ready: queue.Queue[str | None] = queue.Queue()
+        import paho.mqtt.client as mqtt
+
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
         client.username_pw_set(username, password)
         client.on_connect = self._on_connect

@@ -18,10 +18,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
 import trio
 from sqlite_utils import Database
 
@@ -30,6 +29,9 @@ from edgetrio.daemon.edgehub import backoff_delays
 from edgetrio.daemon.ingest import Watch
 from edgetrio.daemon.topics import Reading
 from edgetrio.writer import Writer
+
+if TYPE_CHECKING:  # paho is imported where a client is made: the daemon seldom needs one (0.9 MB)
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("edgetrio.export")
 SEND_TIMEOUT = 15.0  # seconds one batch may take to be taken
@@ -124,6 +126,8 @@ class MqttBroker:
         self.client: mqtt.Client | None = None
 
     def _connect(self) -> mqtt.Client:
+        import paho.mqtt.client as mqtt
+
         url = urlsplit(self.sink.url)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgetrio-{self.node}-{self.sink.name}"[:64])
         if url.username:
@@ -148,6 +152,8 @@ class MqttBroker:
         return client
 
     def send(self, readings: list[dict[str, Any]]) -> None:
+        import paho.mqtt.client as mqtt
+
         if self.client is None or not self.client.is_connected():
             self.close()
             self.client = self._connect()
