@@ -61,6 +61,7 @@ test-postgres: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m edgetrio.tools.bench.bench_ingest
+	$(BIN)/python -m edgetrio.tools.bench.bench_crowd
 	$(BIN)/python -m edgetrio.tools.bench.bench_relay
 	$(BIN)/python -m edgetrio.tools.bench.bench_replicas
 	$(BIN)/python -m edgetrio.tools.bench.bench_flood

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +190,61 @@ def test_refused_logins_can_neither_flood_nor_forge_the_log(strict_daemon: Daemo
     log = strict_daemon.log_text()
     assert "\nINFO edgetrio.daemon forged line" not in log and "liar\\nINFO" in log
     assert log.count("connection refused client=liar") == 1  # once a minute for a client id; the rest counted
+
+
+def test_a_topic_that_is_not_utf8_closes_the_connection(daemon: Daemon, device: Any) -> None:
+    """amqtt turned such a topic into str(bytes) and read the payload by that longer text's length: the rest of the
+    packet was parsed as the next ones (PINGREQ unanswered, the connection never closed)."""
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    attacker = raw(daemon)
+    assert attacker.connect(device_id, device_id, password) == 0
+    attacker.publish(f"edgetrio/{device_id}/".encode() + b"\xff\xfe", b"0123456789", qos=1)
+    attacker.ping()
+    assert attacker.closed_by_peer(10)
+
+
+def test_a_subscriber_that_stops_reading_cannot_grow_the_daemon(daemon: Daemon, device: Any) -> None:
+    """A device subscribed to its own topics that floods them and never reads: what it is sent waits for its socket
+    only up to a bound, the rest is dropped and counted (the daemon grew to 3 GB), and its log line of a topic with a
+    newline in it stays one line."""
+    import psutil
+
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    attacker = raw(daemon)
+    attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert attacker.connect(device_id, device_id, password) == 0
+    attacker.subscribe(f"edgetrio/{device_id}/#")
+    assert daemon.proc is not None
+    process = psutil.Process(daemon.proc.pid)
+    before = process.memory_info().rss
+    for _ in range(3000):  # 90 MB the daemon would have kept for it
+        attacker.publish(f"edgetrio/{device_id}/log", b"z" * 30_000)
+    wait_until(lambda: daemon.counters().get("dropped_slow_subscriber", 0) > 0)
+    assert process.memory_info().rss - before < 60 << 20
+    attacker.publish(f"edgetrio/{device_id}/telemetry\nFORGED LINE", b"z" * 70_000)
+    wait_until(lambda: "dropped oversize message" in daemon.log_text())
+    assert not any(line.startswith("FORGED") for line in daemon.log_text().splitlines())
+    attacker.close()
+
+
+def test_a_persistent_session_taken_over_keeps_serving_the_new_connection(daemon: Daemon, device: Any) -> None:
+    """clean_session=false: a second connection with the device's id ends the first; what the daemon sends then
+    (its acks) reaches the new one (the first one's teardown used to mark the shared session disconnected)."""
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    first, second = raw(daemon), raw(daemon)
+    assert first.connect(device_id, device_id, password, clean=False) == 0
+    first.subscribe(f"edgetrio/{device_id}/ack", qos=0)
+    assert first.read(5)[:1] == b"\x90"  # SUBACK
+    assert second.connect(device_id, device_id, password, clean=False) == 0
+    assert first.closed_by_peer(10)
+    second.publish(f"edgetrio/{device_id}/telemetry", telemetry(1, boot=7, t=21.0).encode(), qos=1)
+    reply = b""
+    deadline = time.monotonic() + 20
+    while b"/ack" not in reply and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            reply += second.read(64, timeout=1)
+    assert f"edgetrio/{device_id}/ack".encode() in reply
+    second.close()

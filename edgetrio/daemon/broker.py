@@ -156,11 +156,19 @@ class _ClosingPublishPacket(PublishPacket):
     async def from_stream(cls, reader: ReaderAdapter, fixed_header: MQTTFixedHeader | None = None,
                           variable_header: Any = None) -> _ClosingPublishPacket:
         try:
-            return await super().from_stream(reader, fixed_header, variable_header)
+            packet = await super().from_stream(reader, fixed_header, variable_header)
         except MQTTError as exc:
             protocol_errors["invalid_topic"] += 1
             log.warning("disconnecting a client: %s", clip(str(exc)))
             raise ProtocolViolation(str(exc)) from exc
+        topic = packet.topic_name or ""
+        if topic[:2] in ("b'", 'b"') and topic[-1:] in ("'", '"'):
+            # amqtt turns a topic that is not UTF-8 into str(bytes) and then reads the payload by the longer text's
+            # length, leaving bytes in the stream to be parsed as the next packets (MQTT-1.5.3-1: close it)
+            protocol_errors["invalid_topic"] += 1
+            log.warning("disconnecting a client: a topic that is not UTF-8: %s", clip(topic))
+            raise ProtocolViolation("topic not UTF-8")
+        return packet
 
 
 KEEPALIVE_GRACE = 1.5  # a client silent for this many times its keep-alive is disconnected (MQTT-3.1.2-24)
@@ -181,8 +189,11 @@ class _PacedReader(ReaderAdapter):
         self.heard = time.monotonic()  # when the client last sent anything (its keep-alive is judged on it)
 
     async def read(self, n: int = -1) -> bytes:
-        while self.session.delivered_message_queue.qsize() + getattr(self.handler, "handing", 0) >= PACE_QUEUED:
-            self.heard = time.monotonic()  # it is not silent: its bytes wait for us
+        while (queued := self.session.delivered_message_queue.qsize()) + (
+                handing := getattr(self.handler, "handing", 0)) >= PACE_QUEUED:
+            if queued >= handing:  # the broker is behind, not the client: it is not silent, its bytes wait for us
+                self.heard = time.monotonic()
+            # else its PUBACKs wait for it to read its socket: a client stuck so is judged by its keep-alive
             await asyncio.sleep(0.005)
         data = await self.reader.read(n)
         self.heard = time.monotonic()
@@ -208,6 +219,7 @@ class _GatewayHandler(BrokerProtocolHandler):
 
     gateway: GatewayBroker | None = None
     handing = 0  # PUBLISHes taken and not yet PUBACKed: the paced reader counts them as queued
+    sending = 0  # messages to this client waiting for its socket (in tasks)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -233,7 +245,7 @@ class _GatewayHandler(BrokerProtocolHandler):
                 or publish_packet.data is None or not is_device_user(session.username)):
             return super().handle_publish(publish_packet)
         keep = broker.take_device_publish(session, self, publish_packet.topic_name, publish_packet.data,
-                                          publish_packet.retain_flag)
+                                          publish_packet.retain_flag, qos)
         packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
         self.handing += 1
         return self._acknowledge(packet_id if keep and qos == QOS_1 else None)
@@ -257,6 +269,7 @@ class _GatewayHandler(BrokerProtocolHandler):
         return True
 
 
+MAX_SENDING = 100  # messages to one client that may wait for its socket (mosquitto's max_queued_messages: 1,000)
 WRITE_BUFFER = 64 * 1024  # bytes waiting for a client's socket past which its messages wait (amqtt's drain)
 class SessionState:
     """What amqtt asks of a session's state machine: new -> connected <-> disconnected, `connect`, `disconnect`,
@@ -518,7 +531,7 @@ class GatewayBroker(Broker):
         config: dict[str, Any],
         loop: asyncio.AbstractEventLoop,
         credentials: Credentials,
-        deliver: Callable[[BusEvent], None],
+        deliver: Callable[[BusEvent], bool | None],
         max_payload: int,
         connect_timeout: float = 10.0,
         max_unauthenticated: int = 256,
@@ -597,7 +610,16 @@ class GatewayBroker(Broker):
             await self._delete_session(session.client_id)  # closes a connection it replaces (MQTT-3.1.4-2)
             session.parent = 0
         else:
-            # a persistent session resumes with this connection's will and credentials (checked above)
+            # a persistent session resumes with this connection's will and credentials (checked above); a connection
+            # still on it is ended first, and its teardown awaited: done later, it marked the resumed session
+            # disconnected and the new connection got nothing sent to it
+            if existing[0].transitions.is_connected():
+                self._abort(existing[1])
+                await existing[1].handle_connection_closed()
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(1):
+                        while existing[0].transitions.is_connected():
+                            await asyncio.sleep(0.005)
             kept = existing[0]
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password"):
@@ -637,6 +659,7 @@ class GatewayBroker(Broker):
                     session = handler.session
                     log.info("closing client=%s: nothing heard for %.0f s (keep-alive allows %.0f s)",
                              clip(session.client_id if session else "?"), now - paced.heard, limit)
+                    self._abort(handler)  # at once: a client that stopped reading would hold a graceful close
                     self._spawn(self._close_connection(handler))
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
@@ -645,39 +668,40 @@ class GatewayBroker(Broker):
             topic = message.topic or ""
             if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
                 self.counters["invalid_topic"] += 1
-                log.warning("disconnecting client=%s: invalid publish topic %r", clip(client_session.client_id), topic[:200])
+                log.warning("disconnecting client=%s: invalid publish topic %s", clip(client_session.client_id),
+                            clip(repr(topic)))
                 await self._close_connection(handler)
                 return True
             if message.data is not None and len(message.data) > self.max_payload:
                 self.counters["oversize"] += 1
-                log.warning(
-                    "dropped oversize message client=%s topic=%s bytes=%d limit=%d",
-                    client_session.client_id, topic[:200], len(message.data), self.max_payload,
-                )
+                log.warning("dropped oversize message client=%s topic=%s bytes=%d limit=%d",
+                            clip(client_session.client_id), clip(topic), len(message.data), self.max_payload)
                 return True
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
     def take_device_publish(self, session: Session, handler: BrokerProtocolHandler, topic: str, data: bytes | bytearray,
-                            retain: bool) -> bool:
+                            retain: bool, qos: int = QOS_0) -> bool:
         """A device's PUBLISH on the short path: the checks of amqtt's delivery and the ACL, then the hand-off to trio
-        (and to any client subscribed to it). False if the connection is being closed for it (no PUBACK then)."""
+        (and to any client subscribed to it). False if it is not taken (no PUBACK then): the connection is being closed
+        for it, or ingest refused it."""
         if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
             self.counters["invalid_topic"] += 1
-            log.warning("disconnecting client=%s: invalid publish topic %r", clip(session.client_id), topic[:200])
+            log.warning("disconnecting client=%s: invalid publish topic %s", clip(session.client_id), clip(repr(topic)))
             self._spawn(self._close_connection(handler))
             return False
         if len(data) > self.max_payload:
             self.counters["oversize"] += 1
             log.warning("dropped oversize message client=%s topic=%s bytes=%d limit=%d",
-                        session.client_id, topic[:200], len(data), self.max_payload)
+                        clip(session.client_id), clip(topic), len(data), self.max_payload)
             return True
         if not self.may(session, topic, Action.PUBLISH):
             return True
         if retain and data:
             self.counters["retain_ignored"] += 1
-        self.hand_off(BusEvent("message", session.client_id or "", session.username, topic, bytes(data)))
-        if self._filters_for(topic):  # someone (an admin client) subscribed to it
-            self._spawn(Broker._broadcast_message(self, session, topic, data))
+        if self.hand_off(BusEvent("message", session.client_id or "", session.username, topic, bytes(data))) is False:
+            return False  # refused (ingest is behind, or this client floods it): no PUBACK, the client sends it again
+        if self._filters_for(topic):  # someone subscribed to it (an admin client; the device itself): bounded delivery
+            self.deliver_direct([(topic, bytes(data))], qos)
         return True
 
     def may(self, session: Session, topic: str, action: Action) -> bool:
@@ -699,6 +723,13 @@ class GatewayBroker(Broker):
                                                     clip(session.username), action, clip(topic))
         return allowed
 
+    @staticmethod
+    def _abort(handler: BrokerProtocolHandler) -> None:
+        """Drop a connection's socket now, unsent data and all (a graceful close first waits for the client to read)."""
+        stream = getattr(handler.writer, "_writer", None)
+        if isinstance(stream, asyncio.StreamWriter):
+            stream.transport.abort()
+
     async def _close_connection(self, handler: BrokerProtocolHandler) -> None:
         await handler.handle_connection_closed()
         if handler.writer is not None:  # the waiter alone sometimes left the socket open (seen 1 in 3)
@@ -708,7 +739,7 @@ class GatewayBroker(Broker):
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._direct_tasks.add(task)
-        task.add_done_callback(partial(self._direct_done, None))
+        task.add_done_callback(partial(self._direct_done, None, None))
 
     async def _broadcast_message(
         self, session: Session | None, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
@@ -757,14 +788,24 @@ class GatewayBroker(Broker):
                 if min(qos, sub_qos) == QOS_0 and isinstance(handler, _GatewayHandler) and handler.send_now(topic,
                                                                                                             payload):
                     continue  # written (an ack, most of the time): no task, no wait
+                if isinstance(handler, _GatewayHandler):
+                    if handler.sending >= MAX_SENDING:
+                        # a client that does not read its socket: what it is sent waits in memory, so past a bound
+                        # it is dropped and counted (a subscriber that stopped reading grew the daemon to 3 GB)
+                        self.counters["dropped_slow_subscriber"] += 1
+                        continue
+                    handler.sending += 1
                 task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, min(qos, sub_qos), retain=False))
                 self._direct_tasks.add(task)
-                task.add_done_callback(done)
+                task.add_done_callback(partial(done, handler))
         WRITE_STAGE.observe(time.monotonic() - started)  # those written at once; the others when their task ends
 
-    def _direct_done(self, started: float | None, task: asyncio.Future[Any]) -> None:
+    def _direct_done(self, started: float | None, handler: BrokerProtocolHandler | None,
+                     task: asyncio.Future[Any]) -> None:
         if started is not None:
             WRITE_STAGE.observe(time.monotonic() - started)
+        if isinstance(handler, _GatewayHandler):
+            handler.sending -= 1
         self._direct_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("delivery failed: %s", task.exception())
@@ -826,27 +867,28 @@ class BrokerLink:
         self.counters_extra: Counter[str] = Counter()  # counted by those transports
 
     # -- broker thread side --
-    def deliver(self, event: BusEvent) -> None:
-        """Queue a bus event for trio (the broker thread's side); past the bounds it is refused and counted."""
+    def deliver(self, event: BusEvent) -> bool:
+        """Queue a bus event for trio (the broker thread's side); past the bounds it is refused (False) and counted."""
         size = len(event.payload)
         with self._lock:
             if len(self._pending) >= self.max_pending or self._pending_bytes + size > self.max_pending_bytes:
                 # overload: refuse rather than queue without bound; the device resends what was never acked
                 self.dropped += 1
-                return
+                return False
             if size and self._client_bytes[event.client_id] + size > self.max_device_bytes:
                 self.flood_dropped += 1
                 self._log_flood(event.client_id)
-                return
+                return False
             self._pending_bytes += size
             if size:
                 self._client_bytes[event.client_id] += size
             self._pending.append(event)
             if self._wake_scheduled:
-                return
+                return True
             self._wake_scheduled = True
         with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._wake)
+        return True
 
     def _log_flood(self, client_id: str) -> None:
         now = time.monotonic()

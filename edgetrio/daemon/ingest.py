@@ -278,7 +278,7 @@ class Ingest:
         parsed = parse_topic(event.topic)
         device = parsed[0] if parsed else event.username
         self.refusals.refused(str(device), reason, f"rejected reason={reason} device={device} "
-                              f"topic={event.topic[:200]} detail={detail}", detail=detail)
+                              f"topic={wire.clip(event.topic)} detail={wire.clip(detail, 400)}", detail=detail)
         self._write(partial(self.changes.reject, device=device, reason=reason, detail=detail, payload=event.payload,
                             now=time.time(), registered=device in self.roster))
 
@@ -350,7 +350,7 @@ class Ingest:
         handler = self._by_channel.get(channel)
         if handler is None:
             if is_device_user(event.username):
-                raise Rejected("unknown_channel", f"devices do not publish on {channel!r}")
+                raise Rejected("unknown_channel", f"devices do not publish on {wire.clip(channel, 80)!r}")
             return  # edge -> device traffic (ack, twin/desired, cmd) sent by an admin app
         if device not in self.roster:
             raise Rejected("unknown_device", f"device {device!r} is not registered")

@@ -569,9 +569,9 @@ class RawMQTT:
         self.sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0) if source else None)
 
     def connect(self, client_id: str, username: str | None = None, password: str | None = None,
-                will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30) -> int | None:
+                will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30, clean: bool = True) -> int | None:
         """Send CONNECT; the CONNACK return code (0 accepted), or None if the broker closed the socket instead."""
-        flags, payload = 0x02, _mqtt_str(client_id)
+        flags, payload = 0x02 if clean else 0x00, _mqtt_str(client_id)
         if will is not None:
             topic, message, qos, retain = will
             flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
@@ -587,7 +587,10 @@ class RawMQTT:
         reply = self.read(4)
         return reply[3] if len(reply) == 4 and reply[0] == 0x20 else None
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 0, packet_id: int = 1) -> None:
+        self.sock.sendall(_mqtt_packet(0x82, struct.pack("!H", packet_id) + _mqtt_str(topic_filter) + bytes([qos])))
+
+    def publish(self, topic: str | bytes, payload: bytes, qos: int = 0, packet_id: int = 1) -> None:
         body = _mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
         self.sock.sendall(_mqtt_packet(0x30 | (qos << 1), body))
 
