@@ -19,7 +19,15 @@ amqtt 0.12.1 defects worked around here (see shared/notes/amqtt-under-trio.md):
   address, so one host cannot take every slot); what is refused there is logged once a minute with counts;
 - a connection with a known client id closed the connected session before authentication ran (anyone who knew a
   device id could knock it off), and a will message was not checked against the topic confinement (a device could
-  publish on another's topics after leaving). Both are checked when CONNECT arrives, before any session is touched.
+  publish on another's topics after leaving). Both are checked when CONNECT arrives, before any session is touched;
+- the keep-alive was never enforced (the reader times out, then does nothing): a board that lost power stayed
+  connected and online for good. A sweep closes clients silent past 1.5x their keep-alive;
+- a topic that is not UTF-8 became str(bytes) and the payload was read by that longer text's length (the stream then
+  out of step): the connection is closed;
+- a persistent session taken over while connected was marked disconnected by the old connection's teardown, and the
+  new connection got nothing: the old one is ended and its teardown awaited first;
+- each incoming PUBLISH went through four tasks and two queues (p99 200 ms at 500 devices), and each session kept a
+  state machine and four queues of empty deques (48 KB a device): the short path and the light session below.
 """
 
 from __future__ import annotations
