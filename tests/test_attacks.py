@@ -248,3 +248,15 @@ def test_a_persistent_session_taken_over_keeps_serving_the_new_connection(daemon
             reply += second.read(64, timeout=1)
     assert f"edgetrio/{device_id}/ack".encode() in reply
     second.close()
+
+
+def test_a_publish_with_both_qos_bits_closes_the_connection(daemon: Daemon, device: Any) -> None:
+    """QoS 3 does not exist (MQTT-3.3.1-4: the server closes the connection); amqtt ignored such a packet."""
+    device_id, password, probe = device(subscribe=False)
+    probe.close()
+    attacker = raw(daemon)
+    assert attacker.connect(device_id, device_id, password) == 0
+    attacker.publish(f"edgetrio/{device_id}/telemetry", b"{}", qos=3)
+    attacker.ping()
+    assert attacker.closed_by_peer(10)
+    wait_until(lambda: daemon.counters().get("invalid_qos", 0) >= 1)

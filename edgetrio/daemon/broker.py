@@ -249,6 +249,12 @@ class _GatewayHandler(BrokerProtocolHandler):
     def handle_publish(self, publish_packet: PublishPacket) -> Coroutine[Any, Any, None]:
         session, broker = self.session, self.gateway
         qos = publish_packet.qos
+        if broker is not None and qos not in (QOS_0, QOS_1, QOS_2):  # both QoS bits set: MQTT-3.3.1-4, close it
+            broker.counters["invalid_qos"] += 1
+            log.warning("disconnecting client=%s: a PUBLISH with QoS %s", clip(session.client_id if session else "?"),
+                        qos)
+            broker._abort(self)
+            return broker._close_connection(self)
         if (broker is None or session is None or qos not in (QOS_0, QOS_1) or publish_packet.topic_name is None
                 or publish_packet.data is None or not is_device_user(session.username)):
             return super().handle_publish(publish_packet)
