@@ -390,14 +390,6 @@ class _Unjudgeable(Exception):
 KINDS: dict[type, type] = {int: float, float: float, bool: bool, str: str, type(None): type(None)}  # the engine's
 
 
-def _kind(value: Any) -> type:
-    """The engine's type of a value: numbers are one type (Decimal), bool, str and None their own."""
-    kind = KINDS.get(type(value))
-    if kind is None:
-        raise _EngineNeeded
-    return kind
-
-
 def _symbol(name: str) -> Judge:
     kind, _, resource = name.partition("_")
     if name == "count" or kind in AGGREGATES:  # as `resolve`: the reading's own value of that name first

@@ -111,3 +111,22 @@ def test_fast_judge_answers_as_the_engine_does() -> None:
             subject = rules.Subject(reading, window)
             assert rules.holds(condition, subject, judge) == rules.holds(condition, subject), (text, reading)
     assert fast == len(conditions) - 2  # arithmetic, and a literal with more digits than a float keeps
+
+
+def test_rules_with_the_same_window_share_it_and_take_each_reading_once() -> None:
+    """Two rules with the same window keep one window per device (memory), into which each reading goes once: `count`
+    says 3 after three readings for both, and each device has its own."""
+    from edgetrio import rules
+
+    doc = {"rule": [{"name": "a", "devices": ["*"], "window": "30s", "when": "count >= 3 and avg_t > 1"},
+                    {"name": "b", "devices": ["*"], "window": "30s", "when": "count >= 3 and max_h > 1"}],
+           "schedule": []}
+    engine = rules.Engine(rules.parse_document(doc)[0])
+    fired: list[tuple[str, str]] = []
+    for i in range(3):
+        for device in ("d1", "d2"):
+            fired += [(t.rule.name, t.device) for t in engine.evaluate(device, None, 100.0 + i, {"t": 2.0, "h": 2.0})
+                      if t.state == "firing"]
+    assert sorted(fired) == [("a", "d1"), ("a", "d2"), ("b", "d1"), ("b", "d2")]  # at the third reading, not before
+    assert len(engine.windows) == 2 and all(len(w) == 3 for w in engine.windows.values())
+    assert engine.tracks[("a", "d1")].window is engine.tracks[("b", "d1")].window

@@ -285,6 +285,8 @@ class _GatewayHandler(BrokerProtocolHandler):
 
 MAX_SENDING = 100  # messages to one client that may wait for its socket (mosquitto's max_queued_messages: 1,000)
 WRITE_BUFFER = 64 * 1024  # bytes waiting for a client's socket past which its messages wait (amqtt's drain)
+
+
 class SessionState:
     """What amqtt asks of a session's state machine: new -> connected <-> disconnected, `connect`, `disconnect`,
     `is_connected`, `state`, and an error for a connect while connected (its take-over path catches it).
@@ -676,20 +678,27 @@ class GatewayBroker(Broker):
                     self._abort(handler)  # at once: a client that stopped reading would hold a graceful close
                     self._spawn(self._close_connection(handler))
 
+    def _unfit(self, session: Session, topic: str, data: bytes | bytearray | None) -> str | None:
+        """What must happen to a client's PUBLISH before any other check, counted and logged: "close" its connection
+        (a topic no one may publish to: `$`, wildcards, empty), "drop" it (over max_payload), or None."""
+        if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
+            self.counters["invalid_topic"] += 1
+            log.warning("disconnecting client=%s: invalid publish topic %s", clip(session.client_id), clip(repr(topic)))
+            return "close"
+        if data is not None and len(data) > self.max_payload:
+            self.counters["oversize"] += 1
+            log.warning("dropped oversize message client=%s topic=%s bytes=%d limit=%d",
+                        clip(session.client_id), clip(topic), len(data), self.max_payload)
+            return "drop"
+        return None
+
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
         if message is not None:
-            topic = message.topic or ""
-            if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
-                self.counters["invalid_topic"] += 1
-                log.warning("disconnecting client=%s: invalid publish topic %s", clip(client_session.client_id),
-                            clip(repr(topic)))
+            unfit = self._unfit(client_session, message.topic or "", message.data)
+            if unfit == "close":
                 await self._close_connection(handler)
-                return True
-            if message.data is not None and len(message.data) > self.max_payload:
-                self.counters["oversize"] += 1
-                log.warning("dropped oversize message client=%s topic=%s bytes=%d limit=%d",
-                            clip(client_session.client_id), clip(topic), len(message.data), self.max_payload)
+            if unfit:
                 return True
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
@@ -698,24 +707,21 @@ class GatewayBroker(Broker):
         """A device's PUBLISH on the short path: the checks of amqtt's delivery and the ACL, then the hand-off to trio
         (and to any client subscribed to it). False if it is not taken (no PUBACK then): the connection is being closed
         for it, or ingest refused it."""
-        if not topic or topic.startswith("$") or "#" in topic or "+" in topic:
-            self.counters["invalid_topic"] += 1
-            log.warning("disconnecting client=%s: invalid publish topic %s", clip(session.client_id), clip(repr(topic)))
+        unfit = self._unfit(session, topic, data)
+        if unfit == "close":
             self._spawn(self._close_connection(handler))
             return False
-        if len(data) > self.max_payload:
-            self.counters["oversize"] += 1
-            log.warning("dropped oversize message client=%s topic=%s bytes=%d limit=%d",
-                        clip(session.client_id), clip(topic), len(data), self.max_payload)
+        if unfit:
             return True
         if not self.may(session, topic, Action.PUBLISH):
             return True
         if retain and data:
             self.counters["retain_ignored"] += 1
-        if self.hand_off(BusEvent("message", session.client_id or "", session.username, topic, bytes(data))) is False:
+        payload = bytes(data)
+        if self.hand_off(BusEvent("message", session.client_id or "", session.username, topic, payload)) is False:
             return False  # refused (ingest is behind, or this client floods it): no PUBACK, the client sends it again
         if self._filters_for(topic):  # someone subscribed to it (an admin client; the device itself): bounded delivery
-            self.deliver_direct([(topic, bytes(data))], qos)
+            self.deliver_direct([(topic, payload)], qos)
         return True
 
     def may(self, session: Session, topic: str, action: Action) -> bool:

@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import selectors
 import signal
 import statistics
@@ -38,14 +37,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgetrio.tools.bench.bench_ingest import ROOT, free_port, measure, peak_rss_mb
+from edgetrio.tools.bench.bench_relay import raise_fd_limit, rss_mb
 from edgetrio.tools.demo import wait_for_daemon
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Server:
@@ -214,8 +207,7 @@ def main() -> None:
     servers = args.servers.split(",")
     if "before" in servers and args.before is None:
         parser.error("server 'before' needs --before PATH")
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2,000 devices and the servers' ends of them
+    raise_fd_limit()  # 2,000 devices and the servers' ends of them
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for round_ in range(args.rounds):
         for scenario in args.scenarios.split(","):
